@@ -1,0 +1,189 @@
+"""Configuration of one outcome measure's model: what is measured, the priors,
+the standardisation of raw values, and the variational fit.
+
+All configs are frozen pydantic models so they can be hashed and passed as
+static arguments to jit-compiled functions.
+
+Units. The model works on *standardised* values, so priors mean the same thing
+for every measure::
+
+    y' = (y - outcome_location) / outcome_scale
+    x' = x / exposure_scale
+    t' = (t - time_location) / time_scale
+
+An effect b' in standardised units is ``b' * outcome_scale / exposure_scale``
+in the measure's unit per unit of exposure (``Standardization.effect_to_raw``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MeasureConfig(_Frozen):
+    """One outcome measure: its unit, which direction is better, and the MCID.
+
+    ``direction="lower"`` means a *decrease* in the outcome is a benefit (resting
+    heart rate, HbA1c, PHQ-9); the benefit of an effect b is then -b.
+    """
+
+    name: str
+    unit: str
+    direction: Literal["higher", "lower"] = "higher"
+    mcid: float = Field(ge=0.0, description="minimal clinically important difference, raw units")
+    plausible_range: tuple[float, float] = (-np.inf, np.inf)
+    weight: float = Field(default=1.0, ge=0.0, description="weight in the composite score")
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> MeasureConfig:
+        low, high = self.plausible_range
+        if not low < high:
+            raise ValueError(f"plausible_range must have low < high, got {self.plausible_range}")
+        return self
+
+    @property
+    def benefit_sign(self) -> float:
+        """+1 when higher is better, -1 when lower is better: benefit = sign * effect."""
+        return 1.0 if self.direction == "higher" else -1.0
+
+
+class Standardization(_Frozen):
+    """Affine map from raw (outcome, exposure, time) to the model's units."""
+
+    outcome_location: float = 0.0
+    outcome_scale: float = Field(default=1.0, gt=0.0)
+    exposure_scale: float = Field(default=1.0, gt=0.0)
+    time_location: float = 0.0
+    time_scale: float = Field(default=1.0, gt=0.0)
+
+    @classmethod
+    def from_data(
+        cls, outcome: np.ndarray, exposure: np.ndarray, time: np.ndarray | None = None
+    ) -> Standardization:
+        """Data-derived scaling for offline fits: outcome centred and scaled by its
+        sd, exposure scaled by its largest magnitude (a 0/1 exposure stays 0/1),
+        time centred and scaled by its sd."""
+        outcome = np.asarray(outcome, dtype=float)
+        exposure = np.asarray(exposure, dtype=float)
+        y_sd = float(np.std(outcome))
+        x_max = float(np.max(np.abs(exposure))) if exposure.size else 1.0
+        kwargs: dict[str, float] = {
+            "outcome_location": float(np.mean(outcome)),
+            "outcome_scale": y_sd if y_sd > 0 else 1.0,
+            "exposure_scale": x_max if x_max > 0 else 1.0,
+        }
+        if time is not None:
+            time = np.asarray(time, dtype=float)
+            t_sd = float(np.std(time))
+            kwargs["time_location"] = float(np.mean(time))
+            kwargs["time_scale"] = t_sd if t_sd > 0 else 1.0
+        return cls(**kwargs)
+
+    def apply(
+        self, outcome: np.ndarray, exposure: np.ndarray, time: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw (outcome, exposure, time) to standardised (y', x', t'). The one place
+        this map is written; everything else calls it."""
+        y = (np.asarray(outcome, dtype=float) - self.outcome_location) / self.outcome_scale
+        x = np.asarray(exposure, dtype=float) / self.exposure_scale
+        t = (np.asarray(time, dtype=float) - self.time_location) / self.time_scale
+        return y, x, t
+
+    def effect_to_raw(self, effect: np.ndarray | float) -> np.ndarray | float:
+        """Exposure effect from standardised units to raw units per unit exposure."""
+        return effect * (self.outcome_scale / self.exposure_scale)
+
+    def intercept_to_raw(self, intercept: np.ndarray | float) -> np.ndarray | float:
+        return intercept * self.outcome_scale + self.outcome_location
+
+    def trend_to_raw(self, slope: np.ndarray | float) -> np.ndarray | float:
+        """Time slope from standardised units to raw outcome units per raw time unit."""
+        return slope * (self.outcome_scale / self.time_scale)
+
+
+class PriorConfig(_Frozen):
+    """Weakly informative priors on the hyperparameters θ, in standardised units
+    (outcome sd ≈ 1, so a scale of 1 is "about the spread of the data").
+
+    - population means μ = (intercept, effect) ~ Normal(0, population_mean_sd²)
+    - between-patient scales of (intercept, effect) ~ HalfNormal(patient_scale)
+    - correlation of (intercept, effect) ~ LKJ(lkj_concentration)
+    - between-cohort scale of the effect ~ HalfNormal(cohort_scale)
+    - residual sd σ ~ HalfNormal(residual_scale)
+    - time-trend slope γ ~ Normal(0, trend_sd²)
+    """
+
+    population_mean_sd: float = Field(default=3.0, gt=0.0)
+    patient_scale: float = Field(default=1.0, gt=0.0)
+    lkj_concentration: float = Field(default=2.0, gt=0.0)
+    cohort_scale: float = Field(default=0.5, gt=0.0)
+    residual_scale: float = Field(default=1.0, gt=0.0)
+    trend_sd: float = Field(default=1.0, gt=0.0)
+
+
+class ModelConfig(_Frozen):
+    """Structure of the hierarchical model.
+
+    Local design w = (1, x): patient intercept a_i and exposure effect b_i (the ITE).
+    Population fixed effects z = (t,) when ``time_trend``; none otherwise.
+    ``cohort_level`` adds cohort deviations u_g of the effect (partial pooling
+    across cohorts); switch it off when there is a single cohort, where it is not
+    identified. ``half_life`` (in raw time units) turns on exponential forgetting
+    of old evidence; ``None`` keeps all evidence at full weight.
+    """
+
+    time_trend: bool = True
+    cohort_level: bool = True
+    half_life: float | None = Field(default=None, gt=0.0)
+    priors: PriorConfig = PriorConfig()
+    standardization: Standardization = Standardization()
+
+    @property
+    def local_dim(self) -> int:
+        return 2
+
+    @property
+    def fixed_dim(self) -> int:
+        return 1 if self.time_trend else 0
+
+    @property
+    def stat_dim(self) -> int:
+        """Size of the augmented vector v = (w, z, y)."""
+        return self.local_dim + self.fixed_dim + 1
+
+
+class SVIConfig(_Frozen):
+    """Variational fit of q(θ): a full-rank Gaussian over unconstrained θ.
+
+    A fresh fit runs ``fresh_steps``; a sequential update continues from the
+    previous variational parameters for ``update_steps``. ``num_draws`` fixed
+    draws of θ from q define the patient posteriors (Gaussian mixtures).
+    """
+
+    fresh_steps: int = Field(default=2000, ge=1)
+    update_steps: int = Field(default=200, ge=1)
+    learning_rate: float = Field(default=0.02, gt=0.0)
+    num_particles: int = Field(default=8, ge=1)
+    num_draws: int = Field(default=400, ge=1)
+
+
+class DecisionRule(_Frozen):
+    """Default responder rule of the design.
+
+    responder when P(benefit ≥ MCID) ≥ responder_probability; non-responder when
+    P(benefit > 0) ≤ nonresponder_probability; insufficient data until the patient
+    has ``min_unexposed`` and ``min_exposed`` observations; otherwise uncertain.
+    """
+
+    responder_probability: float = Field(default=0.8, gt=0.0, lt=1.0)
+    nonresponder_probability: float = Field(default=0.2, gt=0.0, lt=1.0)
+    min_unexposed: int = Field(default=3, ge=0)
+    min_exposed: int = Field(default=3, ge=0)
+    version: str = "default-1"

@@ -1,0 +1,174 @@
+"""Per-patient sufficient statistics: the augmented Gram matrices.
+
+For patient i with standardised observations (x_t, t_t, y_t) the augmented
+vector is v_t = (w_t, z_t, y_t) with local design w_t = (1, x_t) and population
+fixed effects z_t = (t_t,) (empty without a time trend). The evidence is
+
+    G_i = Σ_t ω_t v_t v_tᵀ,        ω_t = 2^(-(T_i - time_t) / half_life)
+
+where T_i is the patient's reference time (the latest event time seen) and
+ω_t ≡ 1 without forgetting. G_i determines the Gaussian likelihood of all of
+patient i's observations given its local effects and θ exactly, so nothing else
+about the raw stream is kept (besides plain counts for the decision rule).
+
+Statistics are additive: adding events in any order, one at a time or in
+batches, or merging two partial statistics of the same patient gives the same
+result as the batch computation (up to rounding). Forgetting is order-free too,
+because every weight is taken relative to a reference time and re-based when the
+reference advances: G(T') = 2^(-(T' - T)/half_life) G(T).
+
+These are numpy functions: the stream updates one patient at a time, where a
+jit dispatch would cost more than the O(d²) arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from model.config import ModelConfig
+
+
+class PatientStats(NamedTuple):
+    """Evidence of P patients for one measure (arrays, leading axis = patient).
+
+    gram: (P, d, d) weighted Σ v vᵀ at each patient's reference time.
+    reference_time: (P,) raw time the weights are relative to (−inf: no events).
+    count_exposed / count_unexposed: (P,) unweighted numbers of observations
+        with exposure ≠ 0 and = 0 (the decision rule's minimum-data check).
+    """
+
+    gram: np.ndarray
+    reference_time: np.ndarray
+    count_exposed: np.ndarray
+    count_unexposed: np.ndarray
+
+    @property
+    def num_patients(self) -> int:
+        return int(self.gram.shape[0])
+
+    @property
+    def weighted_count(self) -> np.ndarray:
+        """Σ_t ω_t per patient (the (0, 0) entry, since w_0 = 1)."""
+        return self.gram[:, 0, 0]
+
+
+def empty_stats(num_patients: int, config: ModelConfig) -> PatientStats:
+    """Statistics of patients with no observations yet."""
+    d = config.stat_dim
+    return PatientStats(
+        gram=np.zeros((num_patients, d, d)),
+        reference_time=np.full(num_patients, -np.inf),
+        count_exposed=np.zeros(num_patients, dtype=np.int64),
+        count_unexposed=np.zeros(num_patients, dtype=np.int64),
+    )
+
+
+def augmented_vectors(
+    exposure: np.ndarray, time: np.ndarray, outcome: np.ndarray, config: ModelConfig
+) -> np.ndarray:
+    """Rows v = (1, x', [t'], y') in standardised units, shape (n, d)."""
+    y, x, t = config.standardization.apply(outcome, exposure, time)
+    columns = [np.ones_like(y), x]
+    if config.time_trend:
+        columns.append(t)
+    columns.append(y)
+    return np.stack(columns, axis=-1)
+
+
+def _decay(elapsed: np.ndarray, half_life: float | None) -> np.ndarray:
+    """Weight 2^(-elapsed/half_life) of evidence that is `elapsed` time units old."""
+    if half_life is None:
+        return np.ones_like(elapsed, dtype=float)
+    return np.exp2(-elapsed / half_life)
+
+
+def decay_to(stats: PatientStats, time: np.ndarray | float, config: ModelConfig) -> PatientStats:
+    """Re-base every patient's weights to reference time max(T_i, time).
+
+    Used to compare patients at a common "now" (the population update) and when a
+    newer event arrives. Without forgetting only the reference time changes.
+    """
+    new_reference = np.maximum(stats.reference_time, time)
+    # A patient without events (reference −inf) has a zero Gram matrix: nothing to decay.
+    has_events = np.isfinite(stats.reference_time)
+    elapsed = np.where(
+        has_events, new_reference - np.where(has_events, stats.reference_time, 0.0), 0.0
+    )
+    factor = _decay(elapsed, config.half_life)
+    return stats._replace(
+        gram=stats.gram * factor[:, None, None],
+        reference_time=new_reference,
+    )
+
+
+def add_events(
+    stats: PatientStats,
+    patient: np.ndarray,
+    exposure: np.ndarray,
+    time: np.ndarray,
+    outcome: np.ndarray,
+    config: ModelConfig,
+) -> PatientStats:
+    """Add a batch of observations (raw units) to the statistics. Pure: returns new
+    statistics, the input is not modified.
+
+    ``patient`` holds indices into ``stats``. Events may arrive in any order; late
+    events are weighted by their own event time.
+    """
+    patient = np.asarray(patient, dtype=np.int64)
+    time = np.asarray(time, dtype=float)
+    exposure = np.asarray(exposure, dtype=float)
+    num_patients = stats.num_patients
+    if patient.size and (patient.min() < 0 or patient.max() >= num_patients):
+        raise IndexError(f"patient index out of range 0..{num_patients - 1}")
+
+    latest = np.full(num_patients, -np.inf)
+    np.maximum.at(latest, patient, time)
+    rebased = decay_to(stats, latest, config)
+
+    vectors = augmented_vectors(exposure, time, outcome, config)
+    weights = _decay(rebased.reference_time[patient] - time, config.half_life)
+    d = config.stat_dim
+    outer = (weights[:, None, None] * vectors[:, :, None] * vectors[:, None, :]).reshape(-1, d * d)
+    # Scatter-add by patient: one bincount per Gram entry is far faster than np.add.at.
+    increment = np.stack(
+        [np.bincount(patient, weights=outer[:, k], minlength=num_patients) for k in range(d * d)],
+        axis=-1,
+    ).reshape(num_patients, d, d)
+
+    exposed = exposure != 0
+    return PatientStats(
+        gram=rebased.gram + increment,
+        reference_time=rebased.reference_time,
+        count_exposed=stats.count_exposed + np.bincount(patient[exposed], minlength=num_patients),
+        count_unexposed=stats.count_unexposed
+        + np.bincount(patient[~exposed], minlength=num_patients),
+    )
+
+
+def merge_stats(first: PatientStats, second: PatientStats, config: ModelConfig) -> PatientStats:
+    """Combine two partial statistics of the same patients (e.g. two partitions'
+    deltas): re-base both to the later reference time, then add."""
+    reference = np.maximum(first.reference_time, second.reference_time)
+    a = decay_to(first, reference, config)
+    b = decay_to(second, reference, config)
+    return PatientStats(
+        gram=a.gram + b.gram,
+        reference_time=reference,
+        count_exposed=first.count_exposed + second.count_exposed,
+        count_unexposed=first.count_unexposed + second.count_unexposed,
+    )
+
+
+def stats_from_events(
+    num_patients: int,
+    patient: np.ndarray,
+    exposure: np.ndarray,
+    time: np.ndarray,
+    outcome: np.ndarray,
+    config: ModelConfig,
+) -> PatientStats:
+    """Batch computation of every patient's statistics from all its events."""
+    return add_events(empty_stats(num_patients, config), patient, exposure, time, outcome, config)

@@ -1,0 +1,137 @@
+"""Incremental sufficient statistics equal the batch computation after every update."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.config import ModelConfig, Standardization
+from model.evidence import (
+    add_events,
+    augmented_vectors,
+    decay_to,
+    empty_stats,
+    merge_stats,
+    stats_from_events,
+)
+
+CONFIGS = {
+    "plain": ModelConfig(),
+    "forgetting": ModelConfig(half_life=7.0),
+    "no-trend": ModelConfig(time_trend=False, half_life=3.0),
+}
+
+
+@st.composite
+def event_batches(draw):
+    num_patients = draw(st.integers(1, 5))
+    n = draw(st.integers(1, 25))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    patient = rng.integers(0, num_patients, n)
+    exposure = rng.integers(0, 2, n).astype(float)
+    time = rng.uniform(0.0, 30.0, n)
+    outcome = rng.normal(70.0, 5.0, n)
+    return num_patients, patient, exposure, time, outcome
+
+
+def dense_reference(num_patients, patient, exposure, time, outcome, config):
+    """Batch statistics written from the definition, one patient at a time."""
+    d = config.stat_dim
+    gram = np.zeros((num_patients, d, d))
+    for i in range(num_patients):
+        rows = patient == i
+        if not rows.any():
+            continue
+        v = augmented_vectors(exposure[rows], time[rows], outcome[rows], config)
+        reference = time[rows].max()
+        weights = (
+            np.ones(rows.sum())
+            if config.half_life is None
+            else 0.5 ** ((reference - time[rows]) / config.half_life)
+        )
+        gram[i] = (weights[:, None] * v).T @ v
+    return gram
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@settings(max_examples=40, deadline=None)
+@given(batch=event_batches(), order_seed=st.integers(0, 1000))
+def test_one_event_at_a_time_matches_batch_after_every_update(name, batch, order_seed):
+    config = CONFIGS[name]
+    num_patients, patient, exposure, time, outcome = batch
+    order = np.random.default_rng(order_seed).permutation(len(patient))
+    stats = empty_stats(num_patients, config)
+    for step, k in enumerate(order, start=1):
+        stats = add_events(
+            stats,
+            patient[k : k + 1],
+            exposure[k : k + 1],
+            time[k : k + 1],
+            outcome[k : k + 1],
+            config,
+        )
+        seen = order[:step]
+        expected = dense_reference(
+            num_patients, patient[seen], exposure[seen], time[seen], outcome[seen], config
+        )
+        # Compare at each patient's own reference time (its latest event so far).
+        np.testing.assert_allclose(stats.gram, expected, rtol=1e-10, atol=1e-10)
+    assert stats.count_exposed.sum() + stats.count_unexposed.sum() == len(patient)
+    np.testing.assert_array_equal(
+        stats.count_exposed, np.bincount(patient[exposure != 0], minlength=num_patients)
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@settings(max_examples=40, deadline=None)
+@given(batch=event_batches(), split=st.floats(0.0, 1.0))
+def test_merging_partial_statistics_matches_batch(name, batch, split):
+    config = CONFIGS[name]
+    num_patients, patient, exposure, time, outcome = batch
+    cut = int(split * len(patient))
+    first = stats_from_events(
+        num_patients, patient[:cut], exposure[:cut], time[:cut], outcome[:cut], config
+    )
+    second = stats_from_events(
+        num_patients, patient[cut:], exposure[cut:], time[cut:], outcome[cut:], config
+    )
+    merged = merge_stats(first, second, config)
+    whole = stats_from_events(num_patients, patient, exposure, time, outcome, config)
+    np.testing.assert_allclose(merged.gram, whole.gram, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(merged.reference_time, whole.reference_time)
+
+
+def test_decay_halves_evidence_after_one_half_life():
+    config = ModelConfig(half_life=10.0)
+    stats = stats_from_events(
+        1, np.array([0]), np.array([1.0]), np.array([5.0]), np.array([2.0]), config
+    )
+    later = decay_to(stats, 15.0, config)
+    np.testing.assert_allclose(later.gram, 0.5 * stats.gram)
+    assert later.reference_time[0] == 15.0
+
+
+def test_statistics_are_in_standardised_units():
+    config = ModelConfig(
+        standardization=Standardization(
+            outcome_location=100.0, outcome_scale=10.0, exposure_scale=2.0
+        )
+    )
+    stats = stats_from_events(
+        1, np.array([0]), np.array([2.0]), np.array([0.0]), np.array([120.0]), config
+    )
+    # v = (1, x/2, t, (y-100)/10) = (1, 1, 0, 2)
+    v = np.array([1.0, 1.0, 0.0, 2.0])
+    np.testing.assert_allclose(stats.gram[0], np.outer(v, v))
+
+
+def test_inputs_are_not_mutated_and_bad_index_is_rejected():
+    config = ModelConfig()
+    stats = empty_stats(2, config)
+    before = stats.gram.copy()
+    add_events(stats, np.array([1]), np.array([1.0]), np.array([0.0]), np.array([1.0]), config)
+    np.testing.assert_array_equal(stats.gram, before)
+    with pytest.raises(IndexError, match="patient index"):
+        add_events(stats, np.array([2]), np.array([1.0]), np.array([0.0]), np.array([1.0]), config)
