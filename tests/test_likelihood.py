@@ -15,7 +15,12 @@ from scipy import stats as sps
 
 from model.config import ModelConfig
 from model.evidence import stats_from_events
-from model.likelihood import Hyper, collapsed_loglik, patient_effects_given_theta
+from model.likelihood import (
+    Hyper,
+    cohort_effect_posterior,
+    collapsed_loglik,
+    patient_effects_given_theta,
+)
 
 jax.config.update("jax_enable_x64", True)
 
@@ -104,9 +109,9 @@ def test_collapsed_loglik_equals_dense_marginal(config, seed):
 def test_patient_effect_posterior_equals_dense_conditioning(config, seed):
     cohort, num_cohorts, patient, exposure, time, outcome, theta = random_problem(seed, config)
     stats = stats_from_events(cohort.size, patient, exposure, time, outcome, config)
-    result = patient_effects_given_theta(
-        theta, jnp.asarray(stats.gram), jnp.asarray(cohort), num_cohorts, config
-    )
+    gram = jnp.asarray(stats.gram)
+    u_mean, u_var = cohort_effect_posterior(theta, gram, jnp.asarray(cohort), num_cohorts, config)
+    result = patient_effects_given_theta(theta, gram, u_mean[cohort], u_var[cohort], config)
     y_mean, y_cov, latent_mean, latent_cov, cross = dense_joint(
         cohort, patient, exposure, time, theta, config
     )

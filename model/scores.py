@@ -1,0 +1,215 @@
+"""Patient posteriors as Gaussian mixtures over fixed draws of θ, their exact
+summaries, and the decision rule.
+
+p(b_i | data) = (1/S) Σ_s N(b_i; m_is, v_is) with θ_s ~ q(θ) fixed per population
+version. From the mixture, exactly (up to bisection tolerance for quantiles):
+
+    mean = (1/S) Σ m_s,   var = (1/S) Σ (v_s + m_s²) − mean²
+    P(benefit ≥ MCID) = (1/S) Σ Φ((sign·m_s − MCID)/√v_s)
+    F(q) = (1/S) Σ Φ((q − m_s)/√v_s) = α  (central interval by bisection)
+
+where sign = +1 when higher is better, −1 when lower is better.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import ndtr
+
+from model.config import DecisionRule, MeasureConfig, ModelConfig
+from model.likelihood import Hyper, cohort_effect_posterior, patient_effects_given_theta
+
+PATIENT_BLOCK = 4096
+BISECTION_STEPS = 64
+
+
+class Classification(StrEnum):
+    RESPONDER = "responder"
+    NON_RESPONDER = "non_responder"
+    UNCERTAIN = "uncertain"
+    INSUFFICIENT_DATA = "insufficient_data"
+
+
+class EffectSummary(NamedTuple):
+    """Per-patient posterior summaries of the exposure effect, raw units, shape (P,).
+
+    population_effect / cohort_deviation / individual_deviation decompose ``mean``
+    (mean = population + cohort + individual); ``shrinkage`` in [0, 1] is the
+    weight the estimate puts on the pooled prior rather than the patient's data.
+    """
+
+    mean: np.ndarray
+    sd: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    p_benefit_ge_mcid: np.ndarray
+    p_benefit_gt_0: np.ndarray
+    population_effect: np.ndarray
+    cohort_deviation: np.ndarray
+    individual_deviation: np.ndarray
+    shrinkage: np.ndarray
+
+
+def mixture_quantiles(means: jax.Array, sds: jax.Array, probs: jax.Array) -> jax.Array:
+    """Quantiles of equal-weight Gaussian mixtures by bisection.
+
+    means, sds: (S, P) components; probs: (Q,). Returns (Q, P).
+    """
+    low = jnp.min(means - 12.0 * sds, axis=0)
+    high = jnp.max(means + 12.0 * sds, axis=0)
+    low = jnp.broadcast_to(low, (probs.size, *low.shape))
+    high = jnp.broadcast_to(high, low.shape)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        cdf = jnp.mean(ndtr((mid[:, None, :] - means[None]) / sds[None]), axis=1)
+        below = cdf < probs[:, None]
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    low, high = jax.lax.fori_loop(0, BISECTION_STEPS, step, (low, high))
+    return 0.5 * (low + high)
+
+
+@partial(jax.jit, static_argnames=("config",))
+def _block_summary(
+    draws: Hyper,
+    gram: jax.Array,
+    cohort_mean: jax.Array,
+    cohort_var: jax.Array,
+    mcid_std: jax.Array,
+    sign: jax.Array,
+    probs: jax.Array,
+    config: ModelConfig,
+):
+    """Mixture summaries of one block of patients, standardised units.
+
+    cohort_mean, cohort_var: (S, B) posterior of each patient's cohort deviation
+    under each draw.
+    """
+    comps = jax.vmap(patient_effects_given_theta, in_axes=(0, None, 0, 0, None))(
+        draws, gram, cohort_mean, cohort_var, config
+    )
+    m, v = comps.mean, comps.variance
+    sd_s = jnp.sqrt(v)
+    mean = jnp.mean(m, axis=0)
+    var = jnp.mean(v + m**2, axis=0) - mean**2
+    quantiles = mixture_quantiles(m, sd_s, probs)
+    p_mcid = jnp.mean(ndtr((sign * m - mcid_std) / sd_s), axis=0)
+    p_zero = jnp.mean(ndtr(sign * m / sd_s), axis=0)
+    population = jnp.mean(draws.mu[:, 1])
+    cohort = jnp.mean(comps.cohort_mean, axis=0)
+    return (
+        mean,
+        jnp.sqrt(jnp.maximum(var, 0.0)),
+        quantiles,
+        p_mcid,
+        p_zero,
+        jnp.broadcast_to(population, mean.shape),
+        cohort,
+        jnp.mean(comps.shrinkage, axis=0),
+    )
+
+
+@partial(jax.jit, static_argnames=("num_cohorts", "config"))
+def cohort_posteriors(
+    draws: Hyper, gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """(mean, variance) of every cohort deviation under every draw: (S, G) each.
+    Draws are mapped sequentially so memory stays O(P), not O(S·P)."""
+    return jax.lax.map(
+        lambda theta: cohort_effect_posterior(theta, gram, cohort, num_cohorts, config), draws
+    )
+
+
+def summarize_effects(
+    draws: Hyper,
+    gram: np.ndarray,
+    cohort: np.ndarray,
+    num_cohorts: int,
+    measure: MeasureConfig,
+    config: ModelConfig,
+    *,
+    level: float = 0.9,
+    block: int = PATIENT_BLOCK,
+) -> EffectSummary:
+    """Posterior summaries of every patient's effect (raw units), computed in
+    fixed-size patient blocks so it compiles once and fits in memory at 1M patients."""
+    gram = np.asarray(gram)
+    cohort = np.asarray(cohort, dtype=np.int32)
+    num_patients = gram.shape[0]
+    u_mean, u_var = cohort_posteriors(
+        draws, jnp.asarray(gram), jnp.asarray(cohort), num_cohorts, config
+    )
+    std = config.standardization
+    to_raw = std.effect_to_raw(1.0)
+    mcid_std = jnp.asarray(measure.mcid / to_raw)
+    sign = jnp.asarray(measure.benefit_sign)
+    alpha = (1.0 - level) / 2.0
+    probs = jnp.asarray([alpha, 1.0 - alpha])
+    block = min(block, max(num_patients, 1))
+    parts = []
+    for start in range(0, num_patients, block):
+        stop = min(start + block, num_patients)
+        pad = block - (stop - start)
+        g = np.pad(gram[start:stop], ((0, pad), (0, 0), (0, 0)))
+        c = np.pad(cohort[start:stop], (0, pad))
+        out = _block_summary(
+            draws, jnp.asarray(g), u_mean[:, c], u_var[:, c], mcid_std, sign, probs, config
+        )
+        parts.append([np.asarray(x)[..., : stop - start] for x in out])
+    if not parts:
+        empty = np.zeros(0)
+        return EffectSummary(*([empty] * len(EffectSummary._fields)))
+    mean, sd, quantiles, p_mcid, p_zero, population, cohort_dev, shrinkage = (
+        np.concatenate(col, axis=-1) for col in zip(*parts, strict=True)
+    )
+    return EffectSummary(
+        mean=mean * to_raw,
+        sd=sd * to_raw,
+        lower=quantiles[0] * to_raw,
+        upper=quantiles[1] * to_raw,
+        p_benefit_ge_mcid=p_mcid,
+        p_benefit_gt_0=p_zero,
+        population_effect=population * to_raw,
+        cohort_deviation=cohort_dev * to_raw,
+        individual_deviation=(mean - population - cohort_dev) * to_raw,
+        shrinkage=shrinkage,
+    )
+
+
+def classify(
+    p_benefit_ge_mcid: np.ndarray,
+    p_benefit_gt_0: np.ndarray,
+    count_exposed: np.ndarray,
+    count_unexposed: np.ndarray,
+    rule: DecisionRule,
+) -> np.ndarray:
+    """The design's default rule, vectorised; returns an array of Classification values.
+
+    insufficient data until min_unexposed and min_exposed observations; then
+    responder if P(benefit ≥ MCID) ≥ responder_probability, non-responder if
+    P(benefit > 0) ≤ nonresponder_probability, otherwise uncertain.
+    """
+    enough = (np.asarray(count_exposed) >= rule.min_exposed) & (
+        np.asarray(count_unexposed) >= rule.min_unexposed
+    )
+    return np.select(
+        [
+            ~enough,
+            np.asarray(p_benefit_ge_mcid) >= rule.responder_probability,
+            np.asarray(p_benefit_gt_0) <= rule.nonresponder_probability,
+        ],
+        [
+            Classification.INSUFFICIENT_DATA.value,
+            Classification.RESPONDER.value,
+            Classification.NON_RESPONDER.value,
+        ],
+        default=Classification.UNCERTAIN.value,
+    )
