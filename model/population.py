@@ -211,11 +211,11 @@ class PopulationFitter:
         self.guide = AnchoredMultivariateNormal(
             hyper_model, init_loc_fn=init_to_value(values=_initial_values(config)), init_scale=0.05
         )
-        self._fresh = self._build_svi(self.svi_config.fresh_steps)
-        self._warm = self._build_svi(self.svi_config.update_steps)
+        self._fresh = self._build_svi(self.svi_config.fresh_steps, self.svi_config.num_particles)
+        self._warm = self._build_svi(self.svi_config.update_steps, self.svi_config.update_particles)
         self.trace_count = 0  # incremented at trace time: a recompilation shows here
 
-    def _build_svi(self, steps: int) -> tuple[SVI, Callable]:
+    def _build_svi(self, steps: int, num_particles: int) -> tuple[SVI, Callable]:
         lr = self.svi_config.learning_rate
         decay = FINAL_LEARNING_RATE_RATIO ** (1.0 / max(steps, 1))
 
@@ -226,7 +226,7 @@ class PopulationFitter:
             hyper_model,
             self.guide,
             numpyro.optim.Adam(schedule),
-            Trace_ELBO(num_particles=self.svi_config.num_particles),
+            Trace_ELBO(num_particles=num_particles),
         )
 
         def run_chunk(svi_state: SVIState, gram, cohort, num_cohorts):

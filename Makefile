@@ -1,0 +1,47 @@
+# One entry point for users, developers and CI. Every target builds the project's
+# virtual environment first (Python 3.11), so a fresh clone needs nothing else.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint format bench broker-start broker-stop clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+## demo: start a local Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set), a worker and the simulator
+demo: $(STAMP)
+	$(BIN)/efficacy demo
+
+## test: the whole test suite against a real Apache Kafka broker (started locally unless configured)
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## bench: the accuracy and cost benchmarks (minutes; not part of `make test`)
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.fidelity
+	$(BIN)/python -m benchmarks.population_cost
+
+broker-start: $(STAMP)
+	$(BIN)/python -m streams.broker start
+
+broker-stop: $(STAMP)
+	$(BIN)/python -m streams.broker stop
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
