@@ -60,7 +60,8 @@ class Evidence(NamedTuple):
     num_cohorts: int
 
 
-def _bucket(size: int, minimum: int) -> int:
+def bucket_size(size: int, minimum: int) -> int:
+    """The power of two ≥ size (at least minimum): padded shapes, so few compiles."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(size, 1)))))
 
 
@@ -72,8 +73,8 @@ def pad_evidence(stats: PatientStats, cohort: np.ndarray, num_cohorts: int) -> E
         raise ValueError(f"cohort must have shape ({num_patients},), got {cohort.shape}")
     if num_patients and (cohort.min() < 0 or cohort.max() >= num_cohorts):
         raise ValueError(f"cohort indices must lie in [0, {num_cohorts})")
-    p_pad = _bucket(num_patients, MIN_PATIENT_BUCKET)
-    g_pad = _bucket(num_cohorts, MIN_COHORT_BUCKET)
+    p_pad = bucket_size(num_patients, MIN_PATIENT_BUCKET)
+    g_pad = bucket_size(num_cohorts, MIN_COHORT_BUCKET)
     gram = np.zeros((p_pad, *stats.gram.shape[1:]))
     gram[:num_patients] = stats.gram
     padded_cohort = np.zeros(p_pad, dtype=np.int32)

@@ -24,6 +24,7 @@ from jax.scipy.special import ndtr
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig
 from model.likelihood import Hyper, cohort_effect_posterior, patient_effects_given_theta
+from model.population import bucket_size
 
 PATIENT_BLOCK = 4096
 BISECTION_STEPS = 64
@@ -139,29 +140,68 @@ def summarize_effects(
     level: float = 0.9,
     block: int = PATIENT_BLOCK,
 ) -> EffectSummary:
-    """Posterior summaries of every patient's effect (raw units), computed in
-    fixed-size patient blocks so it compiles once and fits in memory at 1M patients."""
+    """Posterior summaries of every patient's effect (raw units) from all evidence:
+    cohort posteriors from every patient, then each patient's mixture."""
     gram = np.asarray(gram)
     cohort = np.asarray(cohort, dtype=np.int32)
-    num_patients = gram.shape[0]
     u_mean, u_var = cohort_posteriors(
         draws, jnp.asarray(gram), jnp.asarray(cohort), num_cohorts, config
     )
-    std = config.standardization
-    to_raw = std.effect_to_raw(1.0)
+    return summarize_given_cohorts(
+        draws,
+        gram,
+        np.asarray(u_mean)[:, cohort],
+        np.asarray(u_var)[:, cohort],
+        measure,
+        config,
+        level=level,
+        block=block,
+    )
+
+
+def summarize_given_cohorts(
+    draws: Hyper,
+    gram: np.ndarray,
+    cohort_mean: np.ndarray,
+    cohort_var: np.ndarray,
+    measure: MeasureConfig,
+    config: ModelConfig,
+    *,
+    level: float = 0.9,
+    block: int = PATIENT_BLOCK,
+) -> EffectSummary:
+    """Posterior summaries (raw units) of patients whose cohort-deviation posterior
+    under each draw is given: cohort_mean, cohort_var of shape (S, P).
+
+    The streaming worker scores its own patients this way with the cohort
+    posteriors published by the population agent. Patients are processed in
+    fixed-size blocks (padded), so this compiles once per block size and fits in
+    memory at 1M patients; pass a small ``block`` to score a few patients.
+    """
+    gram = np.asarray(gram)
+    num_patients = gram.shape[0]
+    block = min(block, bucket_size(num_patients, 1))
+    to_raw = config.standardization.effect_to_raw(1.0)
     mcid_std = jnp.asarray(measure.mcid / to_raw)
     sign = jnp.asarray(measure.benefit_sign)
     alpha = (1.0 - level) / 2.0
     probs = jnp.asarray([alpha, 1.0 - alpha])
-    block = min(block, max(num_patients, 1))
     parts = []
     for start in range(0, num_patients, block):
         stop = min(start + block, num_patients)
         pad = block - (stop - start)
         g = np.pad(gram[start:stop], ((0, pad), (0, 0), (0, 0)))
-        c = np.pad(cohort[start:stop], (0, pad))
+        c_mean = np.pad(cohort_mean[:, start:stop], ((0, 0), (0, pad)))
+        c_var = np.pad(cohort_var[:, start:stop], ((0, 0), (0, pad)))
         out = _block_summary(
-            draws, jnp.asarray(g), u_mean[:, c], u_var[:, c], mcid_std, sign, probs, config
+            draws,
+            jnp.asarray(g),
+            jnp.asarray(c_mean),
+            jnp.asarray(c_var),
+            mcid_std,
+            sign,
+            probs,
+            config,
         )
         parts.append([np.asarray(x)[..., : stop - start] for x in out])
     if not parts:
