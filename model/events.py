@@ -1,0 +1,56 @@
+"""A programme's observations as flat arrays: the shared input of the offline
+fit, the references and the simulator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Events:
+    """One row per observation, raw units.
+
+    patient: (n,) patient index in [0, P); cohort_of_patient: (P,) cohort index
+    in [0, G) of each patient; time, exposure, outcome: (n,) floats.
+    """
+
+    patient: np.ndarray
+    cohort_of_patient: np.ndarray
+    time: np.ndarray
+    exposure: np.ndarray
+    outcome: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = np.shape(self.patient)[0] if np.ndim(self.patient) == 1 else -1
+        for name in ("patient", "time", "exposure", "outcome"):
+            value = np.asarray(getattr(self, name))
+            if value.ndim != 1 or value.shape[0] != n:
+                raise ValueError(f"Events.{name} must be a 1-d array of length {n}")
+            if name != "patient" and not np.all(np.isfinite(value)):
+                raise ValueError(f"Events.{name} has non-finite values")
+        cohort = np.asarray(self.cohort_of_patient)
+        if cohort.ndim != 1 or (cohort.size and cohort.min() < 0):
+            raise ValueError("Events.cohort_of_patient must be a 1-d array of indices >= 0")
+        if n and (np.min(self.patient) < 0 or np.max(self.patient) >= cohort.size):
+            raise ValueError(f"Events.patient indices must lie in [0, {cohort.size})")
+
+    @property
+    def num_patients(self) -> int:
+        return int(np.asarray(self.cohort_of_patient).size)
+
+    @property
+    def num_cohorts(self) -> int:
+        cohort = np.asarray(self.cohort_of_patient)
+        return int(cohort.max()) + 1 if cohort.size else 0
+
+    def subset(self, rows: np.ndarray) -> Events:
+        """The same patients with only the selected observations."""
+        return Events(
+            self.patient[rows],
+            self.cohort_of_patient,
+            self.time[rows],
+            self.exposure[rows],
+            self.outcome[rows],
+        )

@@ -1,0 +1,215 @@
+"""Offline fit of a whole programme: the engine behind ``efficacy fit``.
+
+Arrays in (model.events.Events), a JSON-ready dict out. Two methods:
+
+- ``svi``: the streaming method run once: collapsed likelihood, full-rank SVI
+  over θ, patient posteriors as mixtures over draws of θ (model.population,
+  model.scores).
+- ``nuts``: the reference, the same model not collapsed, fitted by NUTS
+  (model.reference); slower, for validation and small analyses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from model.config import DecisionRule, MeasureConfig, ModelConfig, Standardization, SVIConfig
+from model.events import Events
+from model.evidence import stats_from_events
+from model.population import PopulationFitter, pad_evidence
+from model.scores import EffectSummary, classify, summarize_effects
+
+Method = Literal["svi", "nuts"]
+SUMMARY_DRAWS = 4000
+
+
+def describe(samples: np.ndarray | None) -> dict[str, float] | None:
+    """mean, sd, 5% and 95% quantiles of posterior samples (None passes through)."""
+    if samples is None:
+        return None
+    samples = np.asarray(samples, dtype=float)
+    return {
+        "mean": float(samples.mean()),
+        "sd": float(samples.std(ddof=1)),
+        "q05": float(np.quantile(samples, 0.05)),
+        "q95": float(np.quantile(samples, 0.95)),
+    }
+
+
+def model_config_for(events: Events, *, time_trend: bool, cohort_level: bool) -> ModelConfig:
+    """Model structure and data-derived standardisation for an offline fit."""
+    std = Standardization.from_data(
+        events.outcome, events.exposure, events.time if time_trend else None
+    )
+    return ModelConfig(time_trend=time_trend, cohort_level=cohort_level, standardization=std)
+
+
+def _population_svi(draws, config: ModelConfig) -> dict[str, np.ndarray | None]:
+    """Population quantities in raw units from draws of θ.
+
+    The intercept is reported at exposure 0 and raw time 0 (undoing the time
+    centring: a(0) = a(t̄) − γ t̄).
+    """
+    std = config.standardization
+    mu = np.asarray(draws.mu)
+    intercept = mu[:, 0]
+    trend = None
+    if config.time_trend:
+        gamma = np.asarray(draws.gamma)[:, 0]
+        intercept = intercept - gamma * std.time_location / std.time_scale
+        trend = std.trend_to_raw(gamma)
+    return {
+        "effect": std.effect_to_raw(mu[:, 1]),
+        "intercept": std.intercept_to_raw(intercept),
+        "sigma": np.asarray(draws.sigma) * std.outcome_scale,
+        "effect_sd_patients": std.effect_to_raw(np.asarray(draws.tau)[:, 1]),
+        "effect_sd_cohorts": (
+            std.effect_to_raw(np.asarray(draws.tau_cohort)) if config.cohort_level else None
+        ),
+        "time_trend": trend,
+    }
+
+
+def _patients_from_samples(
+    effect_samples: np.ndarray, population_effect: np.ndarray, measure: MeasureConfig
+) -> EffectSummary:
+    """Per-patient summaries from posterior samples (S, P) of the effects (NUTS)."""
+    benefit = measure.benefit_sign * effect_samples
+    mean = effect_samples.mean(axis=0)
+    population = np.full_like(mean, population_effect.mean())
+    return EffectSummary(
+        mean=mean,
+        sd=effect_samples.std(axis=0, ddof=1),
+        lower=np.quantile(effect_samples, 0.05, axis=0),
+        upper=np.quantile(effect_samples, 0.95, axis=0),
+        p_benefit_ge_mcid=(benefit >= measure.mcid).mean(axis=0),
+        p_benefit_gt_0=(benefit > 0).mean(axis=0),
+        population_effect=population,
+        cohort_deviation=np.full_like(mean, np.nan),
+        individual_deviation=np.full_like(mean, np.nan),
+        shrinkage=np.full_like(mean, np.nan),
+    )
+
+
+def fit_programme(
+    events: Events,
+    measure: MeasureConfig,
+    *,
+    method: Method = "svi",
+    seed: int = 0,
+    time_trend: bool = True,
+    cohort_level: bool = True,
+    rule: DecisionRule | None = None,
+    svi_config: SVIConfig | None = None,
+    nuts_options: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], EffectSummary]:
+    """Fit the hierarchical model to all events at once.
+
+    Returns the JSON-ready result (population, patients by index, diagnostics)
+    and the per-patient EffectSummary arrays (raw units). Patient and cohort
+    labels are attached by the caller, who knows them.
+    """
+    rule = rule or DecisionRule()
+    say = progress or (lambda _message: None)
+    config = model_config_for(events, time_trend=time_trend, cohort_level=cohort_level)
+    stats = stats_from_events(
+        events.num_patients, events.patient, events.exposure, events.time, events.outcome, config
+    )
+    started = time.perf_counter()
+    diagnostics: dict[str, Any] = {
+        "method": method,
+        "num_patients": events.num_patients,
+        "num_cohorts": events.num_cohorts,
+        "num_observations": int(events.patient.size),
+        "time_trend": time_trend,
+        "cohort_level": cohort_level,
+        "seed": seed,
+    }
+    if method == "svi":
+        svi_config = svi_config or SVIConfig()
+        evidence = pad_evidence(stats, events.cohort_of_patient, events.num_cohorts)
+        fitter = PopulationFitter(config, svi_config)
+        key_init, key_fit, key_draws, key_summary = jax.random.split(jax.random.PRNGKey(seed), 4)
+        state = fitter.init(key_init, evidence)
+
+        def report(done: int, total: int, elbo: float) -> None:
+            if done % 250 == 0 or done == total:
+                say(f"SVI step {done}/{total}  ELBO {elbo:,.2f}")
+
+        state, info = fitter.update(state, evidence, key_fit, progress=report)
+        draws = fitter.draws(state, key_draws)
+        summary = summarize_effects(
+            draws, stats.gram, events.cohort_of_patient, evidence.num_cohorts, measure, config
+        )
+        population = _population_svi(fitter.draws(state, key_summary, SUMMARY_DRAWS), config)
+        diagnostics.update(
+            elbo=info.elbo,
+            elbo_se=info.elbo_se,
+            svi_steps=info.steps,
+            converged=info.converged,
+            num_draws=svi_config.num_draws,
+        )
+    elif method == "nuts":
+        from model.reference import fit_nuts  # heavy; only when asked for
+
+        say("running NUTS on the full (non-collapsed) model")
+        reference = fit_nuts(events, config, seed=seed, **(nuts_options or {}))
+        population = {name: reference.population.get(name) for name in _population_names(config)}
+        summary = _patients_from_samples(reference.patient_effect, population["effect"], measure)
+        diagnostics.update(reference.diagnostics)
+    else:
+        raise ValueError(f"unknown method {method!r}: use 'svi' or 'nuts'")
+    diagnostics["seconds"] = round(time.perf_counter() - started, 3)
+
+    classification = classify(
+        summary.p_benefit_ge_mcid,
+        summary.p_benefit_gt_0,
+        stats.count_exposed,
+        stats.count_unexposed,
+        rule,
+    )
+    patients = [
+        {
+            "effect": {
+                "mean": float(summary.mean[i]),
+                "sd": float(summary.sd[i]),
+                "q05": float(summary.lower[i]),
+                "q95": float(summary.upper[i]),
+            },
+            "p_benefit_ge_mcid": float(summary.p_benefit_ge_mcid[i]),
+            "p_benefit_gt_0": float(summary.p_benefit_gt_0[i]),
+            "classification": str(classification[i]),
+            "observations": int(stats.count_exposed[i] + stats.count_unexposed[i]),
+        }
+        for i in range(events.num_patients)
+    ]
+    result = {
+        "measure": measure.model_dump(mode="json"),
+        "population": {name: describe(value) for name, value in population.items()},
+        "patients": patients,
+        "diagnostics": diagnostics,
+    }
+    return result, summary
+
+
+def _population_names(config: ModelConfig) -> list[str]:
+    names = [
+        "effect",
+        "intercept",
+        "sigma",
+        "effect_sd_patients",
+        "effect_sd_cohorts",
+        "time_trend",
+    ]
+    return [
+        n
+        for n in names
+        if not (n == "effect_sd_cohorts" and not config.cohort_level)
+        and not (n == "time_trend" and not config.time_trend)
+    ]
