@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -144,8 +145,15 @@ async def _metadata_ok(bootstrap: str) -> bool:
 
 
 def broker_answers(bootstrap: str) -> bool:
-    """True when a metadata request to ``bootstrap`` lists at least one broker."""
-    return asyncio.run(_metadata_ok(bootstrap))
+    """True when a metadata request to ``bootstrap`` lists at least one broker.
+    (aiokafka's connection errors while the broker boots are expected: silenced.)"""
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(_metadata_ok(bootstrap))
+    finally:
+        client_log.setLevel(level)
 
 
 SERVER_PROPERTIES = """\

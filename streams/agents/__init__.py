@@ -1,0 +1,1 @@
+"""Faust agents: thin wiring that validates, calls model/, and publishes."""

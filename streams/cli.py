@@ -1,0 +1,73 @@
+"""The ``efficacy`` command: worker, demo, fit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+# The model runs in float64 on CPU unless the user says otherwise; set before jax loads.
+os.environ.setdefault("JAX_ENABLE_X64", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _worker_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loglevel", default="warning", help="debug, info, warning, error")
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    import faust
+
+    from streams.app import create_app
+
+    app, _ = create_app()
+    worker = faust.Worker(app, loglevel=args.loglevel)
+    worker.execute_from_commandline()  # returns on SIGTERM / SIGINT after a clean stop
+    return 0
+
+
+def _demo_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=float, default=60.0, help="stop after this long")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(seconds=args.seconds)
+
+
+def _fit_parser(parser: argparse.ArgumentParser) -> None:
+    from streams.fit_command import configure_parser
+
+    configure_parser(parser)
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from streams.fit_command import run
+
+    return run(args)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = {
+    "worker": ("run a stream-processing worker", _worker_parser, _run_worker),
+    "demo": ("local broker + worker + producer, with live output", _demo_parser, _run_demo),
+    "fit": ("fit a CSV of observations offline and write JSON", _fit_parser, _run_fit),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="efficacy", description="Living Bayesian efficacy scores per patient."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, configure, run) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        configure(sub)
+        sub.set_defaults(run=run)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Small asyncio Kafka helpers for producers and readers outside the worker
+(the demo, the simulator, tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+
+async def produce(
+    bootstrap_servers: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]
+) -> int:
+    """Send (key, value) records to ``topic`` and wait for every ack. Returns the count."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=value, key=key) for key, value in records]
+        await producer.flush()
+        for future in futures:
+            await future
+        return len(futures)
+    finally:
+        await producer.stop()
+
+
+async def read_until(
+    bootstrap_servers: str,
+    topics: list[str],
+    done: Callable[[list[ConsumerRecord]], bool],
+    timeout: float,
+) -> list[ConsumerRecord]:
+    """Read ``topics`` from the beginning until ``done(records)`` or ``timeout`` seconds."""
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        metadata_max_age_ms=1000,
+    )
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not done(records) and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def run(coroutine):
+    """asyncio.run for synchronous callers."""
+    return asyncio.run(coroutine)

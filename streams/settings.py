@@ -1,0 +1,91 @@
+"""Worker configuration from the environment (pydantic-settings).
+
+Every setting reads ``EFFICACY_<NAME>``; the bootstrap servers also read the
+conventional ``KAFKA_BOOTSTRAP_SERVERS``. SASL and SSL settings pass through to
+the Kafka client for real clusters.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EFFICACY_", extra="ignore", populate_by_name=True)
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("EFFICACY_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
+        description="comma-separated host:port list",
+    )
+    app_id: str = "living-efficacy"
+    topic_prefix: str = "efficacy."
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    store_url: str = Field(default="memory://", description="memory:// or rocksdb:// (production)")
+    data_dir: Path = Path(".cache/faust")
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    web_port: int = Field(default=6066, ge=1, le=65535)
+    web_enabled: bool = True
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _credentials_complete(self) -> Settings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs EFFICACY_SASL_USERNAME "
+                "and EFFICACY_SASL_PASSWORD"
+            )
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("EFFICACY_SSL_CERTFILE and EFFICACY_SSL_KEYFILE go together")
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        """Faust's broker URL: kafka:// for every host in the bootstrap list."""
+        return ";".join(f"kafka://{host.strip()}" for host in self.bootstrap_servers.split(","))
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.security_protocol not in ("SSL", "SASL_SSL"):
+            return None
+        context = ssl.create_default_context(
+            cafile=str(self.ssl_cafile) if self.ssl_cafile else None
+        )
+        if self.ssl_certfile and self.ssl_keyfile:
+            context.load_cert_chain(str(self.ssl_certfile), str(self.ssl_keyfile))
+        return context
+
+    def broker_credentials(self):
+        """faust credentials for SASL / SSL, or None for PLAINTEXT."""
+        import faust
+        from faust.types.auth import SASLMechanism
+
+        context = self.ssl_context()
+        if self.security_protocol.startswith("SASL"):
+            assert self.sasl_username and self.sasl_password  # validated above
+            return faust.SASLCredentials(
+                username=self.sasl_username,
+                password=self.sasl_password.get_secret_value(),
+                ssl_context=context,
+                mechanism=SASLMechanism(self.sasl_mechanism),
+            )
+        if context is not None:
+            return faust.SSLCredentials(context)
+        return None

@@ -1,0 +1,64 @@
+"""Run ``efficacy worker`` as a child process (the demo and the tests use this)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+class WorkerProcess:
+    """A worker subprocess with its own environment; a context manager.
+
+    ``env`` adds EFFICACY_* settings to the current environment. Output goes to a
+    log file (``log_path``) so a failing test or demo can show its tail.
+    """
+
+    def __init__(self, env: dict[str, str], loglevel: str = "info") -> None:
+        self.env = {**os.environ, **env}
+        self.loglevel = loglevel
+        self.process: subprocess.Popen[bytes] | None = None
+        handle, name = tempfile.mkstemp(prefix="efficacy-worker-", suffix=".log")
+        os.close(handle)
+        self.log_path = Path(name)
+
+    def __enter__(self) -> WorkerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", self.loglevel],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait for the clean shutdown, SIGKILL if it hangs. Returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,51 @@
+"""Worker settings from the environment."""
+
+from __future__ import annotations
+
+import ssl
+
+import faust
+import pytest
+from pydantic import ValidationError
+
+from streams.settings import Settings
+
+
+def test_defaults_and_prefixed_environment(monkeypatch):
+    monkeypatch.setenv("EFFICACY_TOPIC_PREFIX", "prog-a.")
+    monkeypatch.setenv("EFFICACY_PARTITIONS", "8")
+    settings = Settings()
+    assert settings.topic("scores") == "prog-a.scores"
+    assert settings.partitions == 8
+    assert settings.broker_credentials() is None
+
+
+def test_kafka_bootstrap_servers_alias_and_broker_url(monkeypatch):
+    monkeypatch.delenv("EFFICACY_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "a:9092, b:9093")
+    settings = Settings()
+    assert settings.bootstrap_servers == "a:9092, b:9093"
+    assert settings.broker_url == "kafka://a:9092;kafka://b:9093"
+
+
+def test_sasl_needs_username_and_password(monkeypatch):
+    monkeypatch.setenv("EFFICACY_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(ValidationError, match="EFFICACY_SASL_USERNAME"):
+        Settings()
+    monkeypatch.setenv("EFFICACY_SASL_USERNAME", "svc")
+    monkeypatch.setenv("EFFICACY_SASL_PASSWORD", "s3cret")
+    monkeypatch.setenv("EFFICACY_SASL_MECHANISM", "SCRAM-SHA-512")
+    settings = Settings()
+    assert "s3cret" not in repr(settings)  # SecretStr
+    credentials = settings.broker_credentials()
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert credentials.username == "svc"
+    assert credentials.password == "s3cret"
+    assert str(credentials.mechanism.value) == "SCRAM-SHA-512"
+    assert isinstance(credentials.ssl_context, ssl.SSLContext)
+
+
+def test_invalid_values_are_rejected(monkeypatch):
+    monkeypatch.setenv("EFFICACY_PARTITIONS", "0")
+    with pytest.raises(ValidationError, match="partitions"):
+        Settings()
