@@ -26,6 +26,14 @@ from model.scores import EffectSummary, classify, summarize_effects
 
 Method = Literal["svi", "nuts"]
 SUMMARY_DRAWS = 4000
+POPULATION_NAMES = (
+    "effect",
+    "intercept",
+    "sigma",
+    "effect_sd_patients",
+    "effect_sd_cohorts",
+    "time_trend",
+)
 
 
 def describe(samples: np.ndarray | None) -> dict[str, float] | None:
@@ -160,7 +168,8 @@ def fit_programme(
 
         say("running NUTS on the full (non-collapsed) model")
         reference = fit_nuts(events, config, seed=seed, **(nuts_options or {}))
-        population = {name: reference.population.get(name) for name in _population_names(config)}
+        # Terms the model does not have are reported as None, as the SVI path does.
+        population = {name: reference.population.get(name) for name in POPULATION_NAMES}
         summary = _patients_from_samples(reference.patient_effect, population["effect"], measure)
         diagnostics.update(reference.diagnostics)
     else:
@@ -196,20 +205,3 @@ def fit_programme(
         "diagnostics": diagnostics,
     }
     return result, summary
-
-
-def _population_names(config: ModelConfig) -> list[str]:
-    names = [
-        "effect",
-        "intercept",
-        "sigma",
-        "effect_sd_patients",
-        "effect_sd_cohorts",
-        "time_trend",
-    ]
-    return [
-        n
-        for n in names
-        if not (n == "effect_sd_cohorts" and not config.cohort_level)
-        and not (n == "time_trend" and not config.time_trend)
-    ]

@@ -47,6 +47,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default="higher",
         help="which direction of the outcome is a benefit (default: higher)",
     )
+    parser.add_argument(
+        "--min-exposed", type=int, default=3, help="observations with exposure before a call"
+    )
+    parser.add_argument(
+        "--min-unexposed", type=int, default=3, help="observations without exposure before a call"
+    )
     parser.add_argument("--method", choices=["svi", "nuts"], default="svi")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unit", default="", help="unit of the outcome, for the output")
@@ -127,7 +133,7 @@ def read_table(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.config import MeasureConfig
+    from model.config import DecisionRule, MeasureConfig
     from model.offline import fit_programme
 
     def say(message: str) -> None:
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         time_trend=args.time is not None,
         cohort_level=events.num_cohorts > 1,
+        rule=DecisionRule(min_exposed=args.min_exposed, min_unexposed=args.min_unexposed),
         progress=say,
     )
     for record, patient, cohort in zip(
