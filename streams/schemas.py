@@ -3,30 +3,83 @@ language get them as JSON Schema from ``efficacy schemas --out DIR``.
 
 Every message carries ``schema_version``, ``event_id`` (unique per event; used to
 drop duplicates) and ``event_time`` (when it happened, not when it arrived).
+
+| topic | key | value |
+|---|---|---|
+| enrollments | patient_id | Enrollment or ExposureChange (field ``kind``) |
+| wearables / labs / pros | patient_id | WearableReading / LabResult / PatientReportedOutcome |
+| observations (internal) | patient_id | Observation |
+| deadletter | source key | DeadLetter |
+| population-evidence (internal) | measure/patient_id | PatientEvidence |
+| population-posterior | measure | PopulationPosterior |
+| scores | patient_id | EfficacyScore |
+| alerts | patient_id or measure | Alert |
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_VERSION = 1
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Envelope(BaseModel):
+    """Fields every message carries. Times must carry a timezone (ISO 8601)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: str = Field(min_length=1, max_length=128)
-    event_time: datetime
+    event_time: AwareDatetime
+
+
+PatientId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s/]+$")]
+
+
+# --- enrolments and exposure (topic: enrollments) --------------------------------
+
+
+class Enrollment(Envelope):
+    """A patient joins the programme. ``cohort`` is the level of partial pooling
+    (clinic, cohort or stratum); ``attributes`` are free cohort attributes.
+    ``exposed`` says whether the intervention starts at enrolment."""
+
+    kind: Literal["enrollment"] = "enrollment"
+    patient_id: PatientId
+    cohort: str = Field(min_length=1, max_length=128)
+    arm: str = Field(default="intervention", min_length=1, max_length=64)
+    attributes: dict[str, str] = Field(default_factory=dict)
+    exposed: bool = False
+
+
+class ExposureChange(Envelope):
+    """The intervention starts (``exposure`` > 0, a dose; 1 for on/off) or stops
+    (``exposure`` = 0) at ``event_time``: crossover and withdrawal."""
+
+    kind: Literal["exposure"] = "exposure"
+    patient_id: PatientId
+    exposure: float = Field(ge=0.0, le=1e6)
+
+
+#: The value of an enrollments record: either kind, told apart by ``kind``.
+EnrollmentEvent = Annotated[Enrollment | ExposureChange, Field(discriminator="kind")]
+ENROLLMENT_EVENT = TypeAdapter(EnrollmentEvent)
+
+
+# --- raw observations (topics: wearables, labs, pros) ----------------------------
 
 
 class RawObservation(Envelope):
     """A reading from a producer: wearable, lab or patient-reported outcome."""
 
-    patient_id: str = Field(min_length=1, max_length=128)
+    patient_id: PatientId
     measure: str = Field(min_length=1, max_length=64)
     value: float
     unit: str = Field(min_length=1, max_length=32)
@@ -47,14 +100,25 @@ class PatientReportedOutcome(RawObservation):
     instrument: str | None = None
 
 
+class Origin(BaseModel):
+    """Where a record was first read: its identity for replay detection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topic: str
+    partition: int
+    offset: int
+
+
 class Observation(Envelope):
     """A validated observation in the measure's canonical unit (internal topic)."""
 
-    patient_id: str
+    patient_id: PatientId
     measure: str
     value: float
     unit: str
     source: Literal["wearable", "lab", "pro"]
+    origin: Origin
 
 
 class DeadLetter(BaseModel):
@@ -70,4 +134,143 @@ class DeadLetter(BaseModel):
     offset: int
     key_b64: str | None
     value_b64: str
-    rejected_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    rejected_at: datetime = Field(default_factory=utc_now)
+
+
+# --- internal: patient statistics for the population agent -----------------------
+
+
+class PatientEvidence(BaseModel):
+    """The latest sufficient statistics of one patient for one measure (not a
+    delta: last write wins, so a replay is harmless). Standardised units."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    measure: str
+    patient_id: PatientId
+    cohort: str
+    gram: list[list[float]]
+    reference_time: float
+    count_exposed: int
+    count_unexposed: int
+
+
+# --- outputs --------------------------------------------------------------------
+
+
+class Interval(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: float
+    sd: float
+    lower: float
+    upper: float
+
+
+class MeasureScore(BaseModel):
+    """One measure's posterior of the patient's individual treatment effect, in
+    the measure's unit per unit of exposure, with the decision."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    measure: str
+    unit: str
+    direction: Literal["higher", "lower"]
+    mcid: float
+    effect: Interval
+    level: float = 0.9
+    p_benefit_ge_mcid: float
+    p_benefit_gt_0: float
+    classification: Literal["responder", "non_responder", "uncertain", "insufficient_data"]
+    recommended_action: str | None = None
+    population_effect: float
+    cohort_deviation: float
+    individual_deviation: float
+    shrinkage: float
+    count_exposed: int
+    count_unexposed: int
+    last_event_time: datetime | None
+    population_version: int
+
+
+class CompositeScore(BaseModel):
+    """Weighted mean over measures of the benefit in MCID units,
+    Σ w_m sign_m b_m / MCID_m / Σ w_m (measures treated as independent)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    benefit_in_mcid: Interval
+    measures: list[str]
+
+
+class EfficacyScore(Envelope):
+    """A patient's living efficacy score: every measure scored so far."""
+
+    patient_id: PatientId
+    cohort: str
+    score_version: int
+    decision_rule_version: str
+    measures: list[MeasureScore]
+    composite: CompositeScore | None = None
+
+
+class PopulationPosterior(Envelope):
+    """Versioned population posterior of one measure (compacted topic, key =
+    measure). ``draws`` are fixed draws of θ (standardised units) that define
+    every patient's mixture posterior; ``cohort_mean``/``cohort_var`` (S, G) the
+    posterior of each cohort's effect deviation under each draw."""
+
+    measure: str
+    version: int
+    num_patients: int
+    num_observations: float
+    elbo: float
+    svi_steps: int
+    converged: bool
+    standardization: dict[str, float]
+    draws: dict[str, list]
+    cohorts: list[str]
+    cohort_mean: list[list[float]]
+    cohort_var: list[list[float]]
+    summary: dict[str, Interval]
+    unconstrained_loc: list[float]
+    unconstrained_scale_tril: list[list[float]]
+
+
+class Alert(Envelope):
+    """A responder transition with its recommended action, or a drift alert."""
+
+    kind: Literal["transition", "drift"]
+    severity: Literal["info", "warning", "critical"] = "info"
+    patient_id: PatientId | None = None
+    measure: str
+    message: str
+    previous: str | None = None
+    current: str | None = None
+    recommended_action: str | None = None
+    population_version: int | None = None
+    statistics: dict[str, float] = Field(default_factory=dict)
+
+
+#: The schema of every topic's values, for ``efficacy schemas``.
+TOPIC_SCHEMAS: dict[str, object] = {
+    "enrollments": EnrollmentEvent,
+    "wearables": WearableReading,
+    "labs": LabResult,
+    "pros": PatientReportedOutcome,
+    "observations": Observation,
+    "deadletter": DeadLetter,
+    "population-evidence": PatientEvidence,
+    "population-posterior": PopulationPosterior,
+    "scores": EfficacyScore,
+    "alerts": Alert,
+}
+
+
+def json_schemas() -> dict[str, dict]:
+    """JSON Schema of every topic's values, by topic name."""
+    return {
+        topic: TypeAdapter(schema).json_schema(mode="serialization")
+        for topic, schema in TOPIC_SCHEMAS.items()
+    }
