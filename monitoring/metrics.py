@@ -1,0 +1,251 @@
+"""Every Prometheus metric of the pipeline, in one place.
+
+``create_metrics(registry)`` builds them all on an injected ``CollectorRegistry``
+(no metric touches prometheus_client's global registry), so a test builds a fresh
+set per test and a worker serves exactly its own registry with ``serve_metrics``.
+
+Conventions (https://prometheus.io/docs/practices/naming/): every name starts
+with ``efficacy_``; counters end in ``_total``; durations are in seconds and end
+in ``_seconds``; timestamps end in ``_timestamp_seconds``. Quantities in the
+measure's own unit (effects, sds) carry no unit suffix because the unit differs
+per ``measure``. No metric is ever labelled by patient: label values come from
+small closed sets (sources, reasons, measures, classifications).
+
+Label values used by the pipeline:
+
+- ``source``: the input topic's short name (``enrollments``, ``wearables``,
+  ``labs``, ``pros``).
+- ``reason``: the dead-letter reason code (``schema``, ``unit``, ``implausible``,
+  ``duplicate``, ...); a small closed set chosen by the ingest agent.
+- ``measure``: the outcome measure's configured name.
+- ``classification``: one of ``CLASSIFICATIONS``.
+- ``kind`` (drift alerts): one of ``DRIFT_KINDS``.
+- ``trigger`` (scores published): one of ``SCORE_TRIGGERS``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "efficacy_"
+
+CLASSIFICATIONS: tuple[str, ...] = ("responder", "non_responder", "uncertain", "insufficient_data")
+"""Values of the ``classification`` label (the decision rule's four outcomes)."""
+
+DRIFT_KINDS: tuple[str, ...] = ("posterior_shift", "prior_data_conflict", "window_shift")
+"""Values of the ``kind`` label of ``efficacy_drift_alerts_total``: successive
+population posteriors moved, observations conflict with the posterior predictive,
+the recent-window fit departs from the all-time fit."""
+
+SCORE_TRIGGERS: tuple[str, ...] = ("evidence", "population")
+"""Values of the ``trigger`` label of ``efficacy_scores_published_total``: new
+patient evidence, or a rescore under a new population posterior version."""
+
+# Explicit buckets (seconds). A batch of a few hundred events through the patient
+# agent is milliseconds; an SVI update of a few hundred steps is seconds to minutes;
+# event-to-score spans batching windows (``stream.take(n, within=s)``) and lag.
+BATCH_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+POPULATION_UPDATE_BUCKETS: tuple[float, ...] = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+EVENT_TO_SCORE_BUCKETS: tuple[float, ...] = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
+
+class Metrics(NamedTuple):
+    """The pipeline's metrics; field comments give the exposed name and labels."""
+
+    # Ingest
+    events_accepted: Counter  # efficacy_events_accepted_total{source}
+    events_dead_lettered: Counter  # efficacy_events_dead_lettered_total{source, reason}
+    # Latencies
+    batch_seconds: Histogram  # efficacy_batch_processing_seconds (no labels)
+    population_update_seconds: Histogram  # efficacy_population_update_seconds{measure}
+    event_to_score_seconds: Histogram  # efficacy_event_to_score_seconds (no labels)
+    # Population fit
+    elbo: Gauge  # efficacy_population_elbo{measure}
+    svi_steps: Counter  # efficacy_svi_steps_total{measure}
+    population_version: Gauge  # efficacy_population_posterior_version{measure}
+    patients_in_population: Gauge  # efficacy_population_patients{measure}
+    population_last_update: Gauge  # efficacy_population_last_update_timestamp_seconds{measure}
+    effect_mean: Gauge  # efficacy_population_effect_mean{measure}
+    effect_q05: Gauge  # efficacy_population_effect_q05{measure}
+    effect_q95: Gauge  # efficacy_population_effect_q95{measure}
+    effect_sd_patients: Gauge  # efficacy_population_effect_sd_patients{measure}
+    effect_sd_cohorts: Gauge  # efficacy_population_effect_sd_cohorts{measure}
+    # Drift
+    drift_kl: Gauge  # efficacy_drift_kl_divergence{measure}
+    drift_shift: Gauge  # efficacy_drift_effect_shift_sd_units{measure}
+    drift_window_shift: Gauge  # efficacy_drift_window_shift_sd_units{measure}
+    drift_conflict: Gauge  # efficacy_drift_conflict_statistic{measure}
+    drift_alerts: Counter  # efficacy_drift_alerts_total{measure, kind}
+    # Patients and scores
+    patients_by_classification: Gauge  # efficacy_patients{measure, classification}
+    patients_tracked: Gauge  # efficacy_patients_tracked (no labels)
+    scores_published: Counter  # efficacy_scores_published_total{trigger}
+
+
+def create_metrics(registry: CollectorRegistry) -> Metrics:
+    """Build every metric of the pipeline on ``registry`` (never the global one).
+
+    Raises ``ValueError`` (from prometheus_client) if called twice on the same
+    registry: one registry holds one set.
+    """
+
+    def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(PREFIX + name, doc, labels, registry=registry)
+
+    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(PREFIX + name, doc, labels, registry=registry)
+
+    def histogram(
+        name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
+    ) -> Histogram:
+        return Histogram(PREFIX + name, doc, labels, registry=registry, buckets=buckets)
+
+    m = ("measure",)
+    return Metrics(
+        events_accepted=counter(
+            "events_accepted_total", "Input records validated and forwarded.", ("source",)
+        ),
+        events_dead_lettered=counter(
+            "events_dead_lettered_total",
+            "Input records rejected to the dead-letter topic.",
+            ("source", "reason"),
+        ),
+        batch_seconds=histogram(
+            "batch_processing_seconds",
+            "Wall time to process one batch taken from the patients stream.",
+            BATCH_LATENCY_BUCKETS,
+        ),
+        population_update_seconds=histogram(
+            "population_update_seconds",
+            "Wall time of one sequential SVI update of the population posterior.",
+            POPULATION_UPDATE_BUCKETS,
+            m,
+        ),
+        event_to_score_seconds=histogram(
+            "event_to_score_seconds",
+            "From an observation's event time to the publication of the score it changed.",
+            EVENT_TO_SCORE_BUCKETS,
+        ),
+        elbo=gauge("population_elbo", "ELBO of q(theta) after the latest population update.", m),
+        svi_steps=counter("svi_steps_total", "SVI optimiser steps run by population updates.", m),
+        population_version=gauge(
+            "population_posterior_version", "Version of the latest published q(theta).", m
+        ),
+        patients_in_population=gauge(
+            "population_patients", "Patients whose evidence the latest q(theta) was fitted to.", m
+        ),
+        population_last_update=gauge(
+            "population_last_update_timestamp_seconds",
+            "Unix time of the latest published population posterior.",
+            m,
+        ),
+        effect_mean=gauge(
+            "population_effect_mean", "Posterior mean of the population treatment effect.", m
+        ),
+        effect_q05=gauge(
+            "population_effect_q05", "5% posterior quantile of the population effect.", m
+        ),
+        effect_q95=gauge(
+            "population_effect_q95", "95% posterior quantile of the population effect.", m
+        ),
+        effect_sd_patients=gauge(
+            "population_effect_sd_patients",
+            "Posterior mean of the between-patient sd of the treatment effect.",
+            m,
+        ),
+        effect_sd_cohorts=gauge(
+            "population_effect_sd_cohorts",
+            "Posterior mean of the between-cohort sd of the treatment effect.",
+            m,
+        ),
+        drift_kl=gauge(
+            "drift_kl_divergence",
+            "KL(q_new || q_ref) from the reference posterior (last full rescore), nats.",
+            m,
+        ),
+        drift_shift=gauge(
+            "drift_effect_shift_sd_units",
+            "Population effect move since the reference posterior, in reference posterior sds.",
+            m,
+        ),
+        drift_window_shift=gauge(
+            "drift_window_shift_sd_units",
+            "Recent-window minus all-time population effect, in combined posterior sds.",
+            m,
+        ),
+        drift_conflict=gauge(
+            "drift_conflict_statistic",
+            "Prior-data conflict CUSUM over standardised posterior-predictive residuals.",
+            m,
+        ),
+        drift_alerts=counter(
+            "drift_alerts_total", "Drift alerts published, by detector kind.", ("measure", "kind")
+        ),
+        patients_by_classification=gauge(
+            "patients",
+            "Patients by current classification (this worker's partitions).",
+            ("measure", "classification"),
+        ),
+        patients_tracked=gauge(
+            "patients_tracked", "Patients with state in this worker's partitions."
+        ),
+        scores_published=counter(
+            "scores_published_total", "Efficacy scores published.", ("trigger",)
+        ),
+    )
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> WSGIServer:
+    """Serve ``registry`` at ``http://addr:port/metrics`` from a daemon thread.
+
+    ``port=0`` binds a free port; read it back from ``server.server_port``. Stop
+    with ``server.shutdown(); server.server_close()``. In a container bind
+    ``addr="0.0.0.0"`` so Prometheus can reach it.
+    """
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server
