@@ -1,4 +1,4 @@
-"""The ``efficacy`` command: worker, demo, fit."""
+"""The ``efficacy`` command: worker, demo, fit, simulate, schemas."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 # The model runs in float64 on CPU unless the user says otherwise; set before jax loads.
 os.environ.setdefault("JAX_ENABLE_X64", "1")
@@ -49,10 +50,46 @@ def _run_fit(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _simulate_parser(parser: argparse.ArgumentParser) -> None:
+    from streams.simulate_command import configure_parser
+
+    configure_parser(parser)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from streams.simulate_command import run
+
+    return run(args)
+
+
+def _schemas_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="folder for the schema files")
+
+
+def _run_schemas(args: argparse.Namespace) -> int:
+    """Write ``<out>/<topic>.schema.json`` for every topic and list the files."""
+    import json
+
+    from streams.schemas import json_schemas
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for topic, schema in json_schemas().items():
+        path = args.out / f"{topic}.schema.json"
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = {
     "worker": ("run a stream-processing worker", _worker_parser, _run_worker),
     "demo": ("local broker + worker + producer, with live output", _demo_parser, _run_demo),
     "fit": ("fit a CSV of observations offline and write JSON", _fit_parser, _run_fit),
+    "simulate": (
+        "publish a simulated programme to the source topics; write its ground truth",
+        _simulate_parser,
+        _run_simulate,
+    ),
+    "schemas": ("write the JSON Schema of every topic's values", _schemas_parser, _run_schemas),
 }
 
 
