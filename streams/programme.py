@@ -106,9 +106,12 @@ class Record:
 
     ``topic`` is unprefixed (``Settings.topic`` adds the prefix). ``label`` is
     ``enrollment`` / ``exposure`` / ``valid`` / ``duplicate`` or the bad kind.
-    For readings: ``measure``, ``canonical_value`` (the simulated value in the
-    canonical unit) and ``exposure`` (the simulated exposure) are set; for a
-    bad record ``event_id`` may not be readable from ``value``.
+    ``measure`` is set for readings. ``canonical_value`` (the simulated value in
+    the canonical unit) and ``exposure`` (the simulated exposure) are set
+    exactly for simulated readings: ``valid``, their ``duplicate`` copies, and
+    simulated values outside the plausible range (label ``implausible_value``);
+    injected bad records have None there, and their ``event_id`` may not be
+    readable from ``value``. Enrolment records carry the exposure they set.
     """
 
     topic: str
@@ -673,7 +676,15 @@ def _corrupt(
     value = json.dumps(body).encode()
     if kind == "malformed_json":
         value = value[: len(value) // 2]
-    return replace(template, key=key, value=value, event_id=event_id, label=kind)
+    return replace(
+        template,
+        key=key,
+        value=value,
+        event_id=event_id,
+        label=kind,
+        canonical_value=None,
+        exposure=None,
+    )
 
 
 def topic_schema(topic: str) -> TypeAdapter:
