@@ -91,7 +91,7 @@ EXPECTED_REASON: dict[str, str] = {
     "missing_field": "invalid_schema",
     "unknown_measure": "unknown_measure",
     "unknown_unit": "unknown_unit",
-    "implausible_value": "implausible",
+    "implausible_value": "implausible_value",
     "wrong_key": "key_mismatch",
 }
 UNKNOWN_MEASURE = "not_a_catalogue_measure"

@@ -17,6 +17,7 @@ from streams.programme import (
     SOURCE_TOPIC,
     GroundTruth,
     Record,
+    _honour_exposure,
     build_programme,
     records_digest,
     topic_schema,
@@ -114,8 +115,9 @@ def test_change_count_follows_design(programme):
     )
 
 
-def test_exposure_contract_holds_at_a_change_instant():
-    """A reading whose microsecond equals a change's is nudged to the right side."""
+def test_exposure_from_enrolment_when_there_is_no_baseline():
+    """baseline_fraction 0: the change is at the enrolment instant and governs
+    every reading (a change at a reading's exact event time applies to it)."""
     programme = build_programme(
         ["resting_heart_rate"],
         num_patients=3,
@@ -125,8 +127,27 @@ def test_exposure_contract_holds_at_a_change_instant():
         spec_overrides={"resting_heart_rate": {"baseline_fraction": 0.0}},
     )
     steps = derived_exposure(programme.records["enrollments"])
+    assert all(when == steps[p][0][0] for p in steps for when, _ in steps[p])
     for record in readings(programme):
         assert exposure_at(steps[record.patient_id], record.event_time) == record.exposure == 1.0
+
+
+def test_reading_rounded_onto_a_change_moves_before_it():
+    """simulate compares phases; a reading just before a change that rounds to
+    the change's microsecond must stay unexposed."""
+    change_us = [np.array([1_000])]
+    reading_us = np.array([999, 1_000, 1_000, 1_001])
+    simulated_exposure = np.array([0.0, 0.0, 1.0, 1.0])
+    fixed = _honour_exposure(
+        reading_us, np.zeros(4, dtype=int), simulated_exposure, np.array([0]), change_us,
+        [(0.3, 1.0)],
+    )  # fmt: skip
+    assert fixed.tolist() == [999, 999, 1_000, 1_001]
+    with pytest.raises(RuntimeError):
+        _honour_exposure(
+            np.array([500]), np.zeros(1, dtype=int), np.array([1.0]), np.array([0]), change_us,
+            [(0.3, 1.0)],
+        )  # fmt: skip
 
 
 def test_records_validate_except_injected_bad_ones(programme):

@@ -1,0 +1,118 @@
+"""The measure catalogue: shipped defaults, unit conversions, user files, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.catalogue import DEFAULT_CATALOGUE, Catalogue, CatalogueError, UnknownUnit
+
+ISSUE_MEASURES = {
+    "resting_heart_rate",
+    "daily_steps",
+    "sleep_minutes",
+    "hba1c",
+    "systolic_bp",
+    "ldl_cholesterol",
+    "phq9",
+    "promis_physical_function",
+}
+
+
+def test_shipped_catalogue_loads_with_sensible_entries():
+    catalogue = Catalogue.load()
+    assert set(catalogue.measures) >= ISSUE_MEASURES
+    for spec in catalogue.measures.values():
+        low, high = spec.plausible
+        location, _ = spec.typical
+        assert low < location < high, spec.name
+        assert 0 < spec.mcid < high - low, spec.name
+        assert spec.sources, spec.name
+    assert Catalogue.load(DEFAULT_CATALOGUE) == catalogue
+
+
+@pytest.mark.parametrize(
+    ("measure", "value", "unit", "expected", "tolerance"),
+    [
+        # IFCC/NGSP master equation: 53 mmol/mol = 7.0 %, 48 mmol/mol = 6.5 %
+        ("hba1c", 53.0, "mmol/mol", 7.0, 0.01),
+        ("hba1c", 48.0, "mmol/mol", 6.5, 0.05),
+        # glucose: 7.0 mmol/L = 126 mg/dL (the diabetes threshold in both units)
+        ("fasting_glucose", 7.0, "mmol/L", 126.0, 0.2),
+        # LDL cholesterol: 2.59 mmol/L = 100 mg/dL
+        ("ldl_cholesterol", 2.59, "mmol/L", 100.0, 0.3),
+        # 16 kPa = 120 mmHg
+        ("systolic_bp", 16.0, "kPa", 120.0, 0.1),
+        ("sleep_minutes", 7.5, "h", 450.0, 1e-9),
+        ("daily_steps", 6.5, "ksteps", 6500.0, 1e-9),
+        ("resting_heart_rate", 61.0, "bpm", 61.0, 0.0),
+    ],
+)
+def test_conversions_match_published_values(measure, value, unit, expected, tolerance):
+    spec = Catalogue.load().get(measure)
+    assert spec.to_canonical(value, unit) == pytest.approx(expected, abs=tolerance)
+
+
+def test_unknown_unit_names_the_accepted_units():
+    spec = Catalogue.load().get("hba1c")
+    with pytest.raises(UnknownUnit, match="mmol/mol") as error:
+        spec.to_canonical(7.0, "mg/dL")
+    assert "'mg/dL'" in str(error.value)
+
+
+def test_unknown_measure():
+    with pytest.raises(KeyError):
+        Catalogue.load().get("blood_type")
+
+
+def test_plausibility():
+    spec = Catalogue.load().get("resting_heart_rate")
+    assert spec.plausible_value(60.0)
+    assert not spec.plausible_value(400.0)
+    assert not spec.plausible_value(float("nan"))
+
+
+USER_FILE = """
+[grip_strength]
+unit = "kg"
+direction = "higher"
+mcid = 6.5
+plausible = [0.0, 100.0]
+typical = [30.0, 8.0]
+sources = ["wearable"]
+units = { "lb" = { scale = 0.45359237 } }
+"""
+
+
+def test_a_user_catalogue_file_is_read(tmp_path):
+    path = tmp_path / "my-measures.toml"
+    path.write_text(USER_FILE)
+    catalogue = Catalogue.load(path)
+    assert set(catalogue.measures) == {"grip_strength"}
+    spec = catalogue.get("grip_strength")
+    assert spec.direction == "higher" and spec.sources == ("wearable",)
+    assert spec.to_canonical(100.0, "lb") == pytest.approx(45.359237)
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("[grip_strength\nunit = 'kg'", "not valid TOML"),
+        (USER_FILE.replace("plausible = [0.0, 100.0]", "plausible = [100.0, 0.0]"), "grip"),
+        (USER_FILE.replace('direction = "higher"', 'direction = "up"'), "grip_strength"),
+        (USER_FILE.replace("scale = 0.45359237", "scale = -1.0"), "grip_strength"),
+        ("answer = 42\n", "answer"),
+        ("", "no measures"),
+    ],
+)
+def test_a_broken_file_gives_a_catalogue_error_naming_it(tmp_path, text, names):
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    with pytest.raises(CatalogueError) as error:
+        Catalogue.load(path)
+    assert str(path) in str(error.value)
+    assert names in str(error.value)
+
+
+def test_a_missing_file_gives_a_catalogue_error(tmp_path):
+    with pytest.raises(CatalogueError, match="not found"):
+        Catalogue.load(tmp_path / "absent.toml")
