@@ -690,3 +690,26 @@ def _corrupt(
 def topic_schema(topic: str) -> TypeAdapter:
     """Validator of a topic's values (from ``streams.schemas.TOPIC_SCHEMAS``)."""
     return TypeAdapter(TOPIC_SCHEMAS[topic])
+
+
+def sample_messages() -> dict[str, Record]:
+    """One record of every kind producers publish, from a tiny crossover
+    programme (deterministic): ``enrollment``, ``exposure_start``,
+    ``exposure_stop``, and a reading per source topic (``wearables``, ``labs``,
+    ``pros``). The README's samples are these."""
+    programme = build_programme(
+        ["resting_heart_rate", "hba1c", "phq9"],
+        num_patients=3,
+        num_cohorts=2,
+        design="crossover",
+        seed=7,
+    )
+    enrolment = programme.records["enrollments"]
+    samples = {
+        "enrollment": next(r for r in enrolment if r.label == "enrollment"),
+        "exposure_start": next(r for r in enrolment if r.label == "exposure" and r.exposure),
+        "exposure_stop": next(r for r in enrolment if r.label == "exposure" and not r.exposure),
+    }
+    for topic in ("wearables", "labs", "pros"):
+        samples[topic] = next(r for r in programme.records[topic] if r.label == "valid")
+    return samples

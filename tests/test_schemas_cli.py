@@ -13,7 +13,13 @@ import pytest
 
 from streams.cli import main
 from streams.kafka_io import read_until, run
-from streams.programme import GroundTruth, build_programme, records_digest, topic_schema
+from streams.programme import (
+    GroundTruth,
+    build_programme,
+    records_digest,
+    sample_messages,
+    topic_schema,
+)
 from streams.schemas import TOPIC_SCHEMAS, json_schemas
 from streams.settings import Settings
 
@@ -169,3 +175,15 @@ def test_simulate_publishes_exactly_the_records_of_its_truth(kafka_bootstrap, tm
     readings = [r for r in records if r.topic != settings.topic("enrollments")]
     assert max(r.timestamp for r in enrolments) <= min(r.timestamp for r in readings)
     assert {r.key for r in readings} <= {r.key for r in enrolments}
+
+
+def test_readme_samples_are_the_generated_ones():
+    """README's "Topics and messages" samples equal sample_messages() and validate."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Topics and messages", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```json\n")[1:]]
+    samples = sample_messages()
+    assert [json.loads(b) for b in blocks] == [json.loads(r.value) for r in samples.values()]
+    for record in samples.values():
+        assert f"key `{record.key.decode()}`" in section
+        topic_schema(record.topic).validate_json(record.value)
