@@ -160,6 +160,7 @@ def live_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(RULES_FILE)]
     worker = next(job for job in config["scrape_configs"] if job["job_name"] == "efficacy-worker")
+    worker.pop("dns_sd_configs")  # compose's service discovery -> this test's endpoint
     worker["static_configs"] = [{"targets": [target]}]
     config["scrape_configs"] = [worker]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))

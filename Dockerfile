@@ -1,0 +1,29 @@
+# The living-efficacy worker (and the simulator: same image, other command).
+# Built by docker-compose.yml; `docker build -t living-efficacy .` works alone too.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    JAX_PLATFORMS=cpu \
+    JAX_ENABLE_X64=1
+
+WORKDIR /app
+
+# Install dependencies first (cached while only sources change), then the project.
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY streams ./streams
+COPY monitoring ./monitoring
+RUN pip install .
+
+# Faust's RocksDB tables live on a volume owned by an unprivileged user.
+RUN useradd --system --uid 10001 --home-dir /var/lib/efficacy --create-home efficacy
+USER efficacy
+ENV EFFICACY_DATA_DIR=/var/lib/efficacy
+
+# 9108: Prometheus /metrics (EFFICACY_METRICS_PORT); 6066: faust's web server.
+EXPOSE 9108 6066
+
+CMD ["efficacy", "worker", "--loglevel", "info"]
