@@ -242,3 +242,19 @@ def test_serve_metrics_answers_a_scrape(registry: CollectorRegistry, metrics: Me
     }
     assert samples[("efficacy_population_effect_mean", (("measure", "phq9"),))] == -2.75
     assert samples[("efficacy_events_accepted_total", (("source", "wearables"),))] == 7
+
+
+def test_install_faust_sensor_puts_faust_metrics_on_our_registry(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    import faust
+
+    from monitoring.faust_sensor import install_faust_sensor
+
+    app = faust.App("sensor-test", broker="kafka://127.0.0.1:9", web_enabled=False)
+    install_faust_sensor(app, registry)
+    names = exposed_names(registry)
+    assert "faust_topic_partition_end_offset" in names
+    assert "faust_topic_partition_offset_commited" in names
+    assert "efficacy_events_accepted_total" in names  # one endpoint serves both
+    assert type(app.monitor).__name__ == "PrometheusMonitor"
