@@ -1,17 +1,62 @@
-"""The Faust application, built from Settings (no module-level global state)."""
+"""The Faust application, built from Settings (no module-level global state).
+
+ingest-*     raw topics -> observations (validated, canonical units) | deadletter
+patients     observations -> patients table, scores, alerts, population-evidence
+population   population-evidence -> population table; timer -> population-posterior
+posteriors   population-posterior (all partitions, every worker) -> rescoring
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from dataclasses import dataclass
+
 import faust
 
-from streams.agents import ingest
+from model.config import ModelConfig
+from streams.agents import ingest, patients, population
+from streams.catalogue import Catalogue
+from streams.posterior_feed import PosteriorBook, follow_posteriors
+from streams.schemas import PopulationPosterior
 from streams.settings import Settings
+from streams.telemetry import Telemetry
 from streams.topics import Topics, declare_topics
 
+log = logging.getLogger(__name__)
 
-def create_app(settings: Settings | None = None) -> tuple[faust.App, Topics]:
-    """A configured Faust app with its topics declared and agents registered."""
+
+@dataclass
+class Pipeline:
+    """The app and the services behind its agents (for tests and the CLI)."""
+
+    app: faust.App
+    topics: Topics
+    settings: Settings
+    catalogue: Catalogue
+    telemetry: Telemetry
+    patients: patients.PatientsService
+    population: population.PopulationService
+    posteriors: PosteriorBook
+
+
+def measure_models(catalogue: Catalogue, settings: Settings) -> dict[str, ModelConfig]:
+    """The streaming ModelConfig of every catalogue measure."""
+    origin_days = settings.time_origin.timestamp() / 86400.0
+    return {
+        name: spec.model_config_for(
+            time_origin_days=origin_days,
+            time_scale_days=settings.time_scale_days,
+            half_life_days=settings.half_life_days,
+        )
+        for name, spec in catalogue.measures.items()
+    }
+
+
+def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
+    """A configured Faust app with its topics, tables and agents registered."""
     settings = settings or Settings()
+    catalogue = Catalogue.load(settings.measures_file)
     app = faust.App(
         settings.app_id,
         broker=settings.broker_url,
@@ -24,9 +69,56 @@ def create_app(settings: Settings | None = None) -> tuple[faust.App, Topics]:
         web_port=settings.web_port,
         web_bind="127.0.0.1",
         producer_acks=-1,
+        producer_max_request_size=16 * 1024 * 1024,
+        consumer_max_fetch_size=16 * 1024 * 1024,
         key_serializer="raw",
         value_serializer="raw",
     )
     topics = declare_topics(app, settings)
-    ingest.register(app, topics)
-    return app, topics
+    telemetry = Telemetry(metrics)
+    models = measure_models(catalogue, settings)
+    posteriors = PosteriorBook()
+    patients_service = patients.PatientsService(
+        app, topics, catalogue, models, posteriors, settings, telemetry
+    )
+    population_service = population.PopulationService(
+        app, topics, models, posteriors, settings, telemetry
+    )
+    ingest.register(app, topics, catalogue, settings, telemetry)
+    patients.register(app, patients_service)
+    population.register(app, population_service)
+
+    async def on_new_posterior(message: PopulationPosterior) -> None:
+        count = await patients_service.rescore_all(message.measure)
+        log.info(
+            "posterior %s v%d: rescored, %d scores republished",
+            message.measure,
+            message.version,
+            count,
+        )
+
+    @app.task
+    async def posteriors_feed() -> None:
+        try:
+            await follow_posteriors(settings, posteriors, on_new_posterior)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the population-posterior feed stopped")
+            raise
+
+    return Pipeline(
+        app,
+        topics,
+        settings,
+        catalogue,
+        telemetry,
+        patients_service,
+        population_service,
+        posteriors,
+    )
+
+
+def create_app(settings: Settings | None = None) -> tuple[faust.App, Topics]:
+    pipeline = create_pipeline(settings)
+    return pipeline.app, pipeline.topics

@@ -19,10 +19,25 @@ def _worker_parser(parser: argparse.ArgumentParser) -> None:
 
 def _run_worker(args: argparse.Namespace) -> int:
     import faust
+    from prometheus_client import CollectorRegistry
 
-    from streams.app import create_app
+    from monitoring.faust_sensor import install_faust_sensor
+    from monitoring.metrics import create_metrics, serve_metrics
+    from streams.app import create_pipeline
+    from streams.settings import Settings
 
-    app, _ = create_app()
+    settings = Settings()
+    registry = CollectorRegistry()
+    pipeline = create_pipeline(settings, create_metrics(registry))
+    app = pipeline.app
+    install_faust_sensor(app, registry)
+    if settings.metrics_enabled:
+        server = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
+        print(
+            f"metrics on http://{settings.metrics_addr}:{server.server_port}/metrics",
+            file=sys.stderr,
+            flush=True,
+        )
     worker = faust.Worker(app, loglevel=args.loglevel)
     worker.execute_from_commandline()  # returns on SIGTERM / SIGINT after a clean stop
     return 0

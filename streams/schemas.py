@@ -8,7 +8,7 @@ drop duplicates) and ``event_time`` (when it happened, not when it arrived).
 |---|---|---|
 | enrollments | patient_id | Enrollment or ExposureChange (field ``kind``) |
 | wearables / labs / pros | patient_id | WearableReading / LabResult / PatientReportedOutcome |
-| observations (internal) | patient_id | Observation |
+| observations (internal) | patient_id | Observation or EnrollmentRecord (field ``kind``) |
 | deadletter | source key | DeadLetter |
 | population-evidence (internal) | measure/patient_id | PatientEvidence |
 | population-posterior | measure | PopulationPosterior |
@@ -108,17 +108,40 @@ class Origin(BaseModel):
     topic: str
     partition: int
     offset: int
+    timestamp: float | None = Field(
+        default=None, description="the raw record's Kafka timestamp, seconds since the epoch"
+    )
 
 
 class Observation(Envelope):
     """A validated observation in the measure's canonical unit (internal topic)."""
 
+    kind: Literal["observation"] = "observation"
     patient_id: PatientId
     measure: str
     value: float
     unit: str
     source: Literal["wearable", "lab", "pro"]
     origin: Origin
+
+
+class EnrollmentRecord(BaseModel):
+    """A validated enrolment or exposure event on the internal topic, with its origin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["enrollment_record"] = "enrollment_record"
+    event: EnrollmentEvent
+    origin: Origin
+
+    @property
+    def patient_id(self) -> str:
+        return self.event.patient_id
+
+
+#: The value of an internal observations record: what the patients agent consumes.
+PatientEvent = Annotated[Observation | EnrollmentRecord, Field(discriminator="kind")]
+PATIENT_EVENT = TypeAdapter(PatientEvent)
 
 
 class DeadLetter(BaseModel):
@@ -259,7 +282,7 @@ TOPIC_SCHEMAS: dict[str, object] = {
     "wearables": WearableReading,
     "labs": LabResult,
     "pros": PatientReportedOutcome,
-    "observations": Observation,
+    "observations": PatientEvent,
     "deadletter": DeadLetter,
     "population-evidence": PatientEvidence,
     "population-posterior": PopulationPosterior,

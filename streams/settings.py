@@ -8,6 +8,7 @@ the Kafka client for real clusters.
 from __future__ import annotations
 
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -29,9 +30,39 @@ class Settings(BaseSettings):
     replication_factor: int = Field(default=1, ge=1)
     store_url: str = Field(default="memory://", description="memory:// or rocksdb:// (production)")
     data_dir: Path = Path(".cache/faust")
-    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_port: int = Field(
+        default=9108, ge=0, le=65535, description="Prometheus /metrics port (0: any free port)"
+    )
+    metrics_addr: str = Field(default="127.0.0.1", description="address /metrics binds to")
+    metrics_enabled: bool = True
     web_port: int = Field(default=6066, ge=1, le=65535)
     web_enabled: bool = True
+
+    measures_file: Path | None = Field(
+        default=None, description="measure catalogue (TOML); default: the shipped measures.toml"
+    )
+    time_origin: datetime = Field(
+        default=datetime(2026, 1, 1, tzinfo=UTC),
+        description="programme start: time trends are measured from here",
+    )
+    time_scale_days: float = Field(default=30.0, gt=0.0, description="time-trend prior unit")
+    half_life_days: float | None = Field(
+        default=None, gt=0.0, description="forgetting half-life of evidence (None: keep all)"
+    )
+    batch_size: int = Field(default=1000, ge=1, description="events per patients-agent batch")
+    batch_seconds: float = Field(default=0.1, gt=0.0, description="longest wait to fill a batch")
+    population_interval_seconds: float = Field(
+        default=2.0, gt=0.0, description="how often the population agent considers an update"
+    )
+    population_min_patients: int = Field(
+        default=5, ge=1, description="patients with evidence before the first population fit"
+    )
+    max_future_days: float = Field(
+        default=1.0, ge=0.0, description="readings further in the future are rejected"
+    )
+    max_age_days: float = Field(
+        default=3650.0, gt=0.0, description="readings older than this are rejected"
+    )
 
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"

@@ -12,11 +12,18 @@ SOURCE_TOPICS = ("wearables", "labs", "pros")
 
 
 class Topics(NamedTuple):
+    """Every topic of the pipeline (streams.schemas documents keys and values)."""
+
+    enrollments: faust.TopicT
     wearables: faust.TopicT
     labs: faust.TopicT
     pros: faust.TopicT
     observations: faust.TopicT
     deadletter: faust.TopicT
+    population_evidence: faust.TopicT
+    population_posterior: faust.TopicT
+    scores: faust.TopicT
+    alerts: faust.TopicT
 
     @property
     def sources(self) -> tuple[faust.TopicT, ...]:
@@ -25,14 +32,33 @@ class Topics(NamedTuple):
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:
     """Raw bytes in and out: agents parse and validate themselves, so a malformed
-    record reaches our code (and the dead-letter topic) instead of crashing the stream."""
+    record reaches our code (and the dead-letter topic) instead of crashing the stream.
+    Every topic has ``settings.partitions`` partitions: the patients agent relies on
+    the source and internal topics being co-partitioned by patient id."""
 
-    def topic(name: str) -> faust.TopicT:
+    def topic(field: str) -> faust.TopicT:
+        name = topic_name(field)
         return app.topic(
             settings.topic(name),
             key_serializer="raw",
             value_serializer="raw",
             partitions=settings.partitions,
+            config=TOPIC_CONFIG.get(name),
+            # internal: the worker creates the topic at start-up with these
+            # partitions and settings (not left to broker auto-creation).
+            internal=True,
         )
 
-    return Topics(*(topic(name) for name in Topics._fields))
+    return Topics(*(topic(field) for field in Topics._fields))
+
+
+def topic_name(field: str) -> str:
+    """Topic names use hyphens: population_posterior -> population-posterior."""
+    return field.replace("_", "-")
+
+
+#: Broker-side settings of topics the app creates. The posterior topic keeps the
+#: latest posterior per measure forever (compacted); its messages carry the draws.
+TOPIC_CONFIG: dict[str, dict[str, str]] = {
+    "population-posterior": {"cleanup.policy": "compact", "max.message.bytes": "16777216"},
+}

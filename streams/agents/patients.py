@@ -1,0 +1,296 @@
+"""patients: partitioned by patient. Batches events with ``take_events``, applies
+each to the patient's record in the changelogged ``patients`` table
+(streams.patient_state), rescores the touched patients under the current
+population posterior, publishes scores that changed materially and responder
+transitions, and forwards each touched patient's whole statistics to the
+population agent.
+
+The table's changelog is partitioned by key with Kafka's default partitioner
+(``KeyPartitionedTable``): every record of a patient is keyed by the patient id
+on the internal observations topic, so the changelog partition of a patient
+equals the partition its events arrive on, also when a batch mixes partitions,
+and the rescoring task can update the table outside of stream iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+
+import faust
+from aiokafka.partitioner import DefaultPartitioner
+from pydantic import ValidationError
+
+from model.config import DecisionRule, ModelConfig
+from streams.agents.ingest import dead_letter
+from streams.catalogue import Catalogue
+from streams.patient_state import PatientRecord, apply_event
+from streams.posterior_feed import PosteriorBook
+from streams.schemas import PATIENT_EVENT, Alert, PatientEvidence
+from streams.scoring import changed_materially, efficacy_score, measure_scores, published_of
+from streams.settings import Settings
+from streams.telemetry import Telemetry
+from streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+_PARTITIONER = DefaultPartitioner()
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as in the Java client and
+    aiokafka) gives ``key``: where the patient's events land on every topic."""
+    all_partitions = list(range(partitions))
+    return _PARTITIONER(key, all_partitions, all_partitions)
+
+
+class KeyPartitionedTable(faust.Table):
+    """A table whose changelog partition is the key's partition by Kafka's default
+    partitioner, not the partition of the event being processed. Needed because a
+    batch (``take_events``) mixes partitions and the rescoring task writes outside
+    of stream iteration; faust's own ``use_partitioner`` asks the producer, which
+    has no metadata for a changelog topic it has not yet written to."""
+
+    def partition_for_key(self, key: str) -> int:
+        return key_partition(key.encode(), self.partitions or self.app.conf.topic_partitions)
+
+
+class PatientsService:
+    """The patients agent's logic, bound to its table and topics."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        topics: Topics,
+        catalogue: Catalogue,
+        models: dict[str, ModelConfig],
+        posteriors: PosteriorBook,
+        settings: Settings,
+        telemetry: Telemetry,
+        rule: DecisionRule | None = None,
+    ) -> None:
+        self.app = app
+        self.topics = topics
+        self.catalogue = catalogue
+        self.models = models
+        self.posteriors = posteriors
+        self.settings = settings
+        self.telemetry = telemetry
+        self.rule = rule or DecisionRule()
+        self.weights = {name: spec.weight for name, spec in catalogue.measures.items()}
+        # This worker's latest published call per measure and patient (for the
+        # classification gauges; rebuilt as patients are rescored after a restart).
+        self.calls: dict[str, dict[str, str]] = defaultdict(dict)
+        self.table = app.tables.add(
+            KeyPartitionedTable(
+                app,
+                name="patients",
+                default=None,
+                key_type=str,
+                value_type=bytes,
+                partitions=settings.partitions,
+            )
+        )
+
+    def load(self, patient_id: str) -> PatientRecord | None:
+        raw = self.table.get(patient_id)
+        return PatientRecord.model_validate_json(raw) if raw else None
+
+    def save(self, record: PatientRecord) -> None:
+        self.table[record.patient_id] = record.model_dump_json().encode()
+
+    async def process(self, events: list[faust.EventT]) -> None:
+        """Apply a batch of events, then rescore and publish once per touched patient."""
+        started = time.perf_counter()
+        records: dict[str, PatientRecord] = {}
+        touched: dict[str, set[str]] = defaultdict(set)
+        evidence_changed: set[str] = set()
+        arrival: dict[str, float] = {}  # earliest raw-record timestamp (s) per patient
+        for event in events:
+            try:
+                parsed = PATIENT_EVENT.validate_json(event.value)
+            except ValidationError as error:  # only our own ingest writes here
+                message = event.message
+                letter = dead_letter(
+                    "invalid_internal",
+                    str(error.errors()[0].get("msg")),
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    event.key,
+                    event.value,
+                )
+                await self.topics.deadletter.send(
+                    key=event.key, value=letter.model_dump_json().encode()
+                )
+                self.telemetry.rejected("observations", "invalid_internal")
+                continue
+            patient_id = parsed.patient_id
+            record = records.get(patient_id) or self.load(patient_id)
+            record, outcome = apply_event(record, parsed, self.models)
+            records[patient_id] = record
+            touched[patient_id] |= outcome.touched
+            if outcome.cohort_changed:
+                touched[patient_id] |= set(record.measures)
+            if outcome.touched or outcome.cohort_changed:
+                evidence_changed.add(patient_id)
+                if parsed.origin.timestamp is not None:
+                    arrival.setdefault(patient_id, parsed.origin.timestamp)
+            for rejected, reason, detail in outcome.rejected:
+                origin = rejected.origin
+                letter = dead_letter(
+                    reason,
+                    detail,
+                    origin.topic,
+                    origin.partition,
+                    origin.offset,
+                    event.key,
+                    event.value,
+                )
+                await self.topics.deadletter.send(
+                    key=event.key, value=letter.model_dump_json().encode()
+                )
+                self.telemetry.rejected(origin.topic.rsplit(".", 1)[-1], reason)
+            self.telemetry.replays(outcome.replays)
+        for record in records.values():
+            self.save(record)
+        for patient_id in evidence_changed:
+            await self.forward_evidence(records[patient_id], touched[patient_id])
+        scored = await self.rescore([records[p] for p in touched if touched[p]], "evidence")
+        self.telemetry.tracked(len(self.table))
+        self.telemetry.batch(len(events), time.perf_counter() - started)
+        now = time.time()
+        self.telemetry.event_to_score([now - arrival[p] for p in scored if p in arrival])
+
+    async def forward_evidence(self, record: PatientRecord, measures: set[str]) -> None:
+        """Send the patient's whole statistics of each changed measure to the
+        population agent (partition chosen by measure: one owner per measure)."""
+        if record.cohort is None:
+            return
+        for measure in measures:
+            stats = record.measures.get(measure)
+            if stats is None:
+                continue
+            evidence = PatientEvidence(
+                measure=measure,
+                patient_id=record.patient_id,
+                cohort=record.cohort,
+                gram=stats.gram,
+                reference_time=stats.reference_time,
+                count_exposed=stats.count_exposed,
+                count_unexposed=stats.count_unexposed,
+            )
+            await self.topics.population_evidence.send(
+                key=f"{measure}/{record.patient_id}".encode(),
+                value=evidence.model_dump_json().encode(),
+                partition=measure_partition(measure, self.settings.partitions),
+            )
+
+    async def rescore(
+        self, records: list[PatientRecord], trigger: str, force: bool = False
+    ) -> set[str]:
+        """Score ``records`` under the current posteriors; publish those that
+        changed materially (all when ``force``). ``trigger`` says why ("evidence"
+        or "population"). Returns the published patient ids."""
+        by_measure: dict[str, list[PatientRecord]] = defaultdict(list)
+        for record in records:
+            if record.cohort is None:
+                continue
+            for measure in record.measures:
+                if measure in self.posteriors:
+                    by_measure[measure].append(record)
+        new_scores: dict[str, dict] = defaultdict(dict)
+        for measure, group in by_measure.items():
+            posterior = self.posteriors[measure]
+            scores = measure_scores(
+                posterior,
+                [r.measures[measure] for r in group],
+                [r.cohort for r in group],
+                self.catalogue.get(measure),
+                self.models[measure],
+                self.rule,
+            )
+            for record, score in zip(group, scores, strict=True):
+                new_scores[record.patient_id][measure] = score
+        published: set[str] = set()
+        by_id = {r.patient_id: r for r in records}
+        for patient_id, scores in new_scores.items():
+            record = self.load(patient_id) or by_id[patient_id]
+            material = force or any(
+                changed_materially(record.published.get(m), s) for m, s in scores.items()
+            )
+            if not material:
+                continue
+            for measure, score in scores.items():
+                previous = record.published.get(measure)
+                if previous is not None and previous.classification != score.classification:
+                    await self.transition_alert(record, previous.classification, score)
+                record.published[measure] = published_of(score)
+                self.calls[measure][patient_id] = score.classification
+            self.save(record)
+            message = efficacy_score(record, list(scores.values()), self.weights, self.rule)
+            await self.topics.scores.send(
+                key=patient_id.encode(), value=message.model_dump_json().encode()
+            )
+            published.add(patient_id)
+        self.telemetry.scores_published(len(published), trigger)
+        for measure in by_measure:
+            self.telemetry.classifications(measure, Counter(self.calls[measure].values()))
+        return published
+
+    async def transition_alert(self, record: PatientRecord, previous: str, score) -> None:
+        if score.classification not in ("responder", "non_responder"):
+            return
+        alert = Alert(
+            event_id=f"transition:{record.patient_id}:{score.measure}:"
+            f"{score.population_version}:{score.count_exposed + score.count_unexposed}",
+            event_time=score.last_event_time or datetime.now(UTC),
+            kind="transition",
+            severity="warning" if score.classification == "non_responder" else "info",
+            patient_id=record.patient_id,
+            measure=score.measure,
+            message=f"{score.measure}: {previous} -> {score.classification}",
+            previous=previous,
+            current=score.classification,
+            recommended_action=score.recommended_action,
+            population_version=score.population_version,
+            statistics={
+                "p_benefit_ge_mcid": score.p_benefit_ge_mcid,
+                "p_benefit_gt_0": score.p_benefit_gt_0,
+            },
+        )
+        await self.topics.alerts.send(
+            key=record.patient_id.encode(), value=alert.model_dump_json().encode()
+        )
+
+    async def rescore_all(self, measure: str) -> int:
+        """After a new population posterior: rescore every local patient with
+        evidence on ``measure`` and publish what changed."""
+        records = []
+        for key in list(self.table.keys()):
+            record = self.load(key)
+            if record is not None and measure in record.measures:
+                records.append(record)
+        published = 0
+        for start in range(0, len(records), 4096):
+            published += len(await self.rescore(records[start : start + 4096], "population"))
+        return published
+
+
+def measure_partition(measure: str, partitions: int) -> int:
+    """The population-evidence partition of a measure (stable across processes)."""
+    return zlib.crc32(measure.encode()) % partitions
+
+
+def register(app: faust.App, service: PatientsService) -> None:
+    settings = service.settings
+
+    async def patients(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
+            await service.process(events)
+
+    app.agent(service.topics.observations, name="patients")(patients)

@@ -1,0 +1,130 @@
+"""population: one active owner per measure (the measure's partition of the
+population-evidence topic). Keeps every patient's latest statistics in a
+changelogged table and in arrays (streams.population_book), and on a timer runs
+the warm-started variational update off the event loop whenever there is new
+evidence, publishing the versioned posterior to the compacted
+population-posterior topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import faust
+from faust.types import TP
+
+from model.config import ModelConfig, SVIConfig
+from streams.agents.patients import measure_partition
+from streams.population_book import PopulationBook, PopulationModel
+from streams.posterior_feed import PosteriorBook
+from streams.schemas import PatientEvidence
+from streams.settings import Settings
+from streams.telemetry import Telemetry
+from streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class PopulationService:
+    def __init__(
+        self,
+        app: faust.App,
+        topics: Topics,
+        models: dict[str, ModelConfig],
+        posteriors: PosteriorBook,
+        settings: Settings,
+        telemetry: Telemetry,
+        svi: SVIConfig | None = None,
+    ) -> None:
+        self.app = app
+        self.topics = topics
+        self.models = models
+        self.posteriors = posteriors
+        self.settings = settings
+        self.telemetry = telemetry
+        self.svi = svi or SVIConfig()
+        self.books: dict[str, PopulationBook] = {}
+        self.fits: dict[str, PopulationModel] = {}
+        self._fitting = asyncio.Lock()
+        self.table = app.Table(
+            "population-evidence",
+            default=None,
+            key_type=str,
+            value_type=bytes,
+            partitions=settings.partitions,
+        )
+
+    def book(self, measure: str) -> PopulationBook:
+        if measure not in self.books:
+            self.books[measure] = PopulationBook(measure, self.models[measure])
+        return self.books[measure]
+
+    def take(self, evidence: PatientEvidence) -> None:
+        self.book(evidence.measure).put(evidence)
+
+    def owns(self, measure: str) -> bool:
+        """This worker actively owns the measure's evidence partition."""
+        tp = TP(
+            self.topics.population_evidence.get_topic_name(),
+            measure_partition(measure, self.settings.partitions),
+        )
+        return tp in self.app.assignor.assigned_actives()
+
+    def rebuild_from_table(self) -> None:
+        """After recovery the arrays are empty but the table holds every patient's
+        latest statistics: refill the books from it."""
+        for raw in self.table.values():
+            if raw:
+                self.take(PatientEvidence.model_validate_json(raw))
+
+    async def tick(self) -> None:
+        """Fit every owned measure with new evidence (one fit at a time)."""
+        if self._fitting.locked():
+            return
+        async with self._fitting:
+            if not self.books and len(self.table):
+                self.rebuild_from_table()
+            for measure, book in list(self.books.items()):
+                if book.changes_since_fit == 0 or not self.owns(measure):
+                    continue
+                if book.num_patients < self.settings.population_min_patients:
+                    continue
+                await self.fit(measure, book)
+
+    async def fit(self, measure: str, book: PopulationBook) -> None:
+        model = self.fits.get(measure)
+        if model is None:
+            model = self.fits[measure] = PopulationModel(measure, self.models[measure], self.svi)
+            # A restarted owner continues the version sequence it finds published.
+            model.version = self.posteriors.version(measure)
+        stats, cohort, cohorts = book.snapshot()
+        book.changes_since_fit = 0
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, model.fit, stats, cohort, cohorts)
+        await self.topics.population_posterior.send(
+            key=measure.encode(), value=result.message.model_dump_json().encode()
+        )
+        self.telemetry.population_updated(result)
+        log.info(
+            "population %s v%d: %d patients, effect %.3g, %d steps in %.2f s",
+            measure,
+            result.message.version,
+            result.message.num_patients,
+            result.message.summary["effect"].mean,
+            result.info.steps,
+            result.seconds,
+        )
+
+
+def register(app: faust.App, service: PopulationService) -> None:
+    async def population(stream: faust.StreamT) -> None:
+        # One event at a time: the table's changelog partition is the event's
+        # partition, which is the measure's partition.
+        async for event in stream.events():
+            evidence = PatientEvidence.model_validate_json(event.value)
+            service.table[event.key.decode()] = event.value
+            service.take(evidence)
+
+    app.agent(service.topics.population_evidence, name="population")(population)
+    app.timer(service.settings.population_interval_seconds, name="population-update")(service.tick)

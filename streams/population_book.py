@@ -1,0 +1,160 @@
+"""The population side of one measure: every patient's latest statistics in
+growable arrays, and the warm-started variational update that turns them into a
+versioned PopulationPosterior message (pure: no Kafka).
+
+Evidence messages carry a patient's *whole* current statistics, not a delta:
+the book keeps the last one per patient, so a re-delivered message changes
+nothing and the book can be rebuilt from the compacted table at any time.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import jax
+import numpy as np
+
+from model.config import ModelConfig, SVIConfig
+from model.evidence import PatientStats, decay_to
+from model.offline import SUMMARY_DRAWS, describe, population_quantities
+from model.population import FitState, PopulationFitter, UpdateInfo, pad_evidence
+from model.scores import cohort_posteriors
+from streams.schemas import Interval, PatientEvidence, PopulationPosterior
+from streams.scoring import DRAW_FIELDS
+
+
+class PopulationBook:
+    """Latest statistics of every patient of one measure (standardised units)."""
+
+    def __init__(self, measure: str, model: ModelConfig) -> None:
+        self.measure = measure
+        self.model = model
+        d = model.stat_dim
+        self._rows: dict[str, int] = {}
+        self._gram = np.zeros((64, d, d))
+        self._reference = np.full(64, -np.inf)
+        self._cohort = np.zeros(64, dtype=np.int32)
+        self.cohorts: list[str] = []
+        self._cohort_index: dict[str, int] = {}
+        self.changes_since_fit = 0
+
+    @property
+    def num_patients(self) -> int:
+        return len(self._rows)
+
+    def put(self, evidence: PatientEvidence) -> None:
+        """Record a patient's latest statistics (last write wins)."""
+        row = self._rows.get(evidence.patient_id)
+        if row is None:
+            row = len(self._rows)
+            if row == self._gram.shape[0]:
+                self._grow()
+            self._rows[evidence.patient_id] = row
+        cohort = self._cohort_index.get(evidence.cohort)
+        if cohort is None:
+            cohort = self._cohort_index[evidence.cohort] = len(self.cohorts)
+            self.cohorts.append(evidence.cohort)
+        self._gram[row] = np.asarray(evidence.gram, dtype=float)
+        self._reference[row] = evidence.reference_time
+        self._cohort[row] = cohort
+        self.changes_since_fit += 1
+
+    def _grow(self) -> None:
+        size = 2 * self._gram.shape[0]
+        self._gram = np.concatenate([self._gram, np.zeros_like(self._gram)])
+        self._reference = np.concatenate([self._reference, np.full(size // 2, -np.inf)])
+        self._cohort = np.concatenate([self._cohort, np.zeros(size // 2, dtype=np.int32)])
+
+    def snapshot(self) -> tuple[PatientStats, np.ndarray, list[str]]:
+        """A copy of the statistics at a common reference time (the latest event:
+        with forgetting, everyone's evidence is weighted as of "now"), the cohort
+        index of every patient, and the cohort labels."""
+        n = self.num_patients
+        stats = PatientStats(
+            gram=self._gram[:n].copy(),
+            reference_time=self._reference[:n].copy(),
+            count_exposed=np.zeros(n, dtype=np.int64),
+            count_unexposed=np.zeros(n, dtype=np.int64),
+        )
+        finite = stats.reference_time[np.isfinite(stats.reference_time)]
+        if finite.size:
+            stats = decay_to(stats, float(finite.max()), self.model)
+        return stats, self._cohort[:n].copy(), list(self.cohorts)
+
+
+def _key(measure: str, version: int) -> jax.Array:
+    """Draws are fixed by (measure, version): scores are reproducible."""
+    return jax.random.fold_in(jax.random.PRNGKey(zlib.crc32(measure.encode())), version)
+
+
+@dataclass
+class FitResult:
+    message: PopulationPosterior
+    info: UpdateInfo
+    seconds: float
+
+
+class PopulationModel:
+    """The variational state of one measure; ``fit`` is the sequential update."""
+
+    def __init__(self, measure: str, model: ModelConfig, svi: SVIConfig | None = None) -> None:
+        self.measure = measure
+        self.model = model
+        self.fitter = PopulationFitter(model, svi or SVIConfig())
+        self.state: FitState | None = None
+        self.version = 0
+
+    def fit(self, stats: PatientStats, cohort: np.ndarray, cohorts: list[str]) -> FitResult:
+        """Continue SVI against all evidence (fresh on the first call) and build
+        the next posterior message. Blocking; run it off the event loop."""
+        started = time.perf_counter()
+        evidence = pad_evidence(stats, cohort, max(len(cohorts), 1))
+        version = self.version + 1
+        key = _key(self.measure, version)
+        key_fit, key_draws, key_summary = jax.random.split(key, 3)
+        state = self.state or self.fitter.init(key_fit, evidence)
+        state, info = self.fitter.update(state, evidence, key_fit)
+        draws = self.fitter.draws(state, key_draws)
+        cohort_mean, cohort_var = cohort_posteriors(
+            draws, evidence.gram, evidence.cohort, evidence.num_cohorts, self.model
+        )
+        g = len(cohorts)
+        quantities = population_quantities(
+            self.fitter.draws(state, key_summary, SUMMARY_DRAWS), self.model
+        )
+        summary = {}
+        for name, values in quantities.items():
+            described = describe(values)
+            if described is not None:
+                summary[name] = Interval(
+                    mean=described["mean"],
+                    sd=described["sd"],
+                    lower=described["q05"],
+                    upper=described["q95"],
+                )
+        transform = self.fitter.guide.get_transform(self.fitter.params(state))
+        std = self.model.standardization
+        message = PopulationPosterior(
+            event_id=f"posterior:{self.measure}:{version}",
+            event_time=datetime.now(UTC),
+            measure=self.measure,
+            version=version,
+            num_patients=stats.num_patients,
+            num_observations=float(stats.gram[:, 0, 0].sum()),
+            elbo=info.elbo,
+            svi_steps=info.steps,
+            converged=info.converged,
+            standardization=std.model_dump(),
+            draws={f: np.asarray(getattr(draws, f)).tolist() for f in DRAW_FIELDS},
+            cohorts=cohorts,
+            cohort_mean=np.asarray(cohort_mean)[:, :g].tolist(),
+            cohort_var=np.asarray(cohort_var)[:, :g].tolist(),
+            summary=summary,
+            unconstrained_loc=np.asarray(transform.loc).tolist(),
+            unconstrained_scale_tril=np.asarray(transform.scale_tril).tolist(),
+        )
+        self.state, self.version = state, version
+        return FitResult(message, info, time.perf_counter() - started)

@@ -1,0 +1,109 @@
+"""Every worker's view of the latest population posterior of every measure.
+
+The population-posterior topic is compacted and keyed by measure. Each worker
+reads *all* its partitions from the beginning with a group-less consumer (every
+worker needs every measure's posterior to score its own patients), keeps the
+newest version per measure, and calls back when a newer one arrives so the
+worker's patients are rescored under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import ValidationError
+
+from streams.schemas import PopulationPosterior
+from streams.scoring import MeasurePosterior
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class PosteriorBook:
+    """Latest MeasurePosterior per measure; ``offer`` keeps only newer versions."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, MeasurePosterior] = {}
+        self.messages: dict[str, PopulationPosterior] = {}
+
+    def __contains__(self, measure: str) -> bool:
+        return measure in self._latest
+
+    def __getitem__(self, measure: str) -> MeasurePosterior:
+        return self._latest[measure]
+
+    def version(self, measure: str) -> int:
+        current = self._latest.get(measure)
+        return current.version if current else 0
+
+    def offer(self, message: PopulationPosterior) -> bool:
+        """Take ``message`` if it is newer than what is held; True if taken."""
+        if message.version <= self.version(message.measure):
+            return False
+        self._latest[message.measure] = MeasurePosterior.from_message(message)
+        self.messages[message.measure] = message
+        return True
+
+
+def consumer_options(settings: Settings) -> dict:
+    """aiokafka connection options equivalent to the Faust app's credentials."""
+    options: dict = {"bootstrap_servers": settings.bootstrap_servers}
+    if settings.security_protocol != "PLAINTEXT":
+        options["security_protocol"] = settings.security_protocol
+        options["ssl_context"] = settings.ssl_context()
+    if settings.security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        options["sasl_plain_password"] = (
+            settings.sasl_password.get_secret_value() if settings.sasl_password else None
+        )
+    return options
+
+
+async def follow_posteriors(
+    settings: Settings,
+    book: PosteriorBook,
+    on_new: Callable[[PopulationPosterior], Awaitable[None]],
+    stopping: asyncio.Event | None = None,
+) -> None:
+    """Read the posterior topic forever (until ``stopping``), offering every
+    message to ``book`` and awaiting ``on_new`` for each newer version."""
+    topic = settings.topic("population-posterior")
+    consumer = AIOKafkaConsumer(
+        **consumer_options(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=32 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        partitions = None
+        while partitions is None and not (stopping and stopping.is_set()):
+            await consumer.topics()  # refreshes the cluster metadata
+            found = consumer.partitions_for_topic(topic)
+            partitions = sorted(found) if found else None
+            if partitions is None:
+                await asyncio.sleep(0.5)
+        if partitions is None:
+            return
+        consumer.assign([TopicPartition(topic, p) for p in partitions])
+        await consumer.seek_to_beginning()
+        while not (stopping and stopping.is_set()):
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    try:
+                        message = PopulationPosterior.model_validate_json(record.value)
+                    except ValidationError as error:
+                        log.warning("ignoring an invalid population posterior: %s", error)
+                        continue
+                    if book.offer(message):
+                        await on_new(message)
+    finally:
+        await consumer.stop()

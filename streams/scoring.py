@@ -1,0 +1,229 @@
+"""From a patient's statistics and the current population posterior to the
+published EfficacyScore (pure: arrays and messages in, messages out).
+
+A population posterior message (streams.schemas.PopulationPosterior) carries
+fixed draws θ_s of the hyperparameters and, under each draw, the posterior of
+every cohort's effect deviation computed from all patients. A patient's score is
+the exact Gaussian mixture over those draws (model.scores), so it is a
+deterministic function of the patient's evidence and the posterior version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import DecisionRule, ModelConfig
+from model.likelihood import Hyper
+from model.scores import EffectSummary, classify, summarize_given_cohorts
+from streams.catalogue import MeasureSpec
+from streams.patient_state import MeasureStats, PatientRecord, Published
+from streams.schemas import (
+    CompositeScore,
+    EfficacyScore,
+    Interval,
+    MeasureScore,
+    PopulationPosterior,
+)
+
+LEVEL = 0.9
+Z_LEVEL = 1.6448536269514722  # Φ⁻¹(0.95): the composite's 90% interval
+DEFAULT_PATHWAYS: dict[str, str] = {
+    "non_responder": "alternative_pathway",
+}
+DRAW_FIELDS = ("mu", "tau", "corr_chol", "tau_cohort", "sigma", "gamma")
+
+
+@dataclass(frozen=True)
+class MeasurePosterior:
+    """A published population posterior as arrays, ready to score patients."""
+
+    measure: str
+    version: int
+    draws: Hyper
+    cohort_index: dict[str, int]
+    cohort_mean: np.ndarray  # (S, G)
+    cohort_var: np.ndarray  # (S, G)
+
+    @classmethod
+    def from_message(cls, message: PopulationPosterior) -> MeasurePosterior:
+        draws = Hyper(*(jnp.asarray(np.asarray(message.draws[f])) for f in DRAW_FIELDS))
+        num_draws = draws.mu.shape[0]
+        return cls(
+            measure=message.measure,
+            version=message.version,
+            draws=draws,
+            cohort_index={c: g for g, c in enumerate(message.cohorts)},
+            cohort_mean=np.asarray(message.cohort_mean, dtype=float).reshape(num_draws, -1),
+            cohort_var=np.asarray(message.cohort_var, dtype=float).reshape(num_draws, -1),
+        )
+
+    def cohort_posterior(self, cohorts: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """(S, P) mean and variance of each patient's cohort deviation under each
+        draw; a cohort the population fit has not seen gets its prior N(0, τ_u²)."""
+        num_draws = self.cohort_mean.shape[0]
+        prior_var = np.asarray(self.draws.tau_cohort) ** 2
+        mean = np.zeros((num_draws, len(cohorts)))
+        var = np.repeat(prior_var[:, None], len(cohorts), axis=1)
+        for j, cohort in enumerate(cohorts):
+            g = self.cohort_index.get(cohort) if cohort is not None else None
+            if g is not None:
+                mean[:, j] = self.cohort_mean[:, g]
+                var[:, j] = self.cohort_var[:, g]
+        return mean, var
+
+
+def summarize_patients(
+    posterior: MeasurePosterior,
+    stats: list[MeasureStats],
+    cohorts: list[str | None],
+    spec: MeasureSpec,
+    model: ModelConfig,
+) -> EffectSummary:
+    """Mixture summaries of a batch of patients for one measure (raw units)."""
+    gram = np.stack([np.asarray(s.gram, dtype=float) for s in stats])
+    cohort_mean, cohort_var = posterior.cohort_posterior(cohorts)
+    return summarize_given_cohorts(
+        posterior.draws,
+        gram,
+        cohort_mean,
+        cohort_var,
+        spec.measure_config(),
+        model,
+        level=LEVEL,
+        block=256,
+    )
+
+
+def measure_scores(
+    posterior: MeasurePosterior,
+    stats: list[MeasureStats],
+    cohorts: list[str | None],
+    spec: MeasureSpec,
+    model: ModelConfig,
+    rule: DecisionRule,
+    pathways: dict[str, str] | None = None,
+) -> list[MeasureScore]:
+    """Scores of a batch of patients for one measure, with the decision rule."""
+    pathways = DEFAULT_PATHWAYS if pathways is None else pathways
+    summary = summarize_patients(posterior, stats, cohorts, spec, model)
+    counts_exposed = np.asarray([s.count_exposed for s in stats])
+    counts_unexposed = np.asarray([s.count_unexposed for s in stats])
+    calls = classify(
+        summary.p_benefit_ge_mcid, summary.p_benefit_gt_0, counts_exposed, counts_unexposed, rule
+    )
+    scores = []
+    for i, s in enumerate(stats):
+        call = str(calls[i])
+        scores.append(
+            MeasureScore(
+                measure=spec.name,
+                unit=spec.unit,
+                direction=spec.direction,
+                mcid=spec.mcid,
+                effect=Interval(
+                    mean=float(summary.mean[i]),
+                    sd=float(summary.sd[i]),
+                    lower=float(summary.lower[i]),
+                    upper=float(summary.upper[i]),
+                ),
+                level=LEVEL,
+                p_benefit_ge_mcid=float(summary.p_benefit_ge_mcid[i]),
+                p_benefit_gt_0=float(summary.p_benefit_gt_0[i]),
+                classification=call,
+                recommended_action=pathways.get(call),
+                population_effect=float(summary.population_effect[i]),
+                cohort_deviation=float(summary.cohort_deviation[i]),
+                individual_deviation=float(summary.individual_deviation[i]),
+                shrinkage=float(summary.shrinkage[i]),
+                count_exposed=s.count_exposed,
+                count_unexposed=s.count_unexposed,
+                last_event_time=s.last_event_time,
+                population_version=posterior.version,
+            )
+        )
+    return scores
+
+
+def composite(scores: list[MeasureScore], weights: dict[str, float]) -> CompositeScore | None:
+    """Weighted mean of the benefit in MCID units over measures with enough data:
+    z_m = sign_m b_m / MCID_m, mean Σ w z / Σ w, sd √(Σ w² sd_z²) / Σ w (measures
+    treated as independent), 90% interval mean ± 1.645 sd."""
+    usable = [
+        s
+        for s in scores
+        if s.classification != "insufficient_data" and s.mcid > 0 and weights.get(s.measure, 0) > 0
+    ]
+    if not usable:
+        return None
+    total = sum(weights[s.measure] for s in usable)
+    mean = sum(
+        weights[s.measure] * (1 if s.direction == "higher" else -1) * s.effect.mean / s.mcid
+        for s in usable
+    )
+    var = sum((weights[s.measure] * s.effect.sd / s.mcid) ** 2 for s in usable)
+    mean, sd = mean / total, math.sqrt(var) / total
+    return CompositeScore(
+        benefit_in_mcid=Interval(
+            mean=mean, sd=sd, lower=mean - Z_LEVEL * sd, upper=mean + Z_LEVEL * sd
+        ),
+        measures=[s.measure for s in usable],
+    )
+
+
+def changed_materially(previous: Published | None, score: MeasureScore) -> bool:
+    """Publish when there is no earlier score, the population posterior or the
+    call changed, or the effect moved by ≥ 0.1 posterior sd, its sd by ≥ 5%, or
+    P(benefit ≥ MCID) by ≥ 0.02."""
+    if previous is None:
+        return True
+    sd = max(score.effect.sd, 1e-12)
+    return (
+        previous.population_version != score.population_version
+        or previous.classification != score.classification
+        or abs(score.effect.mean - previous.mean) >= 0.1 * sd
+        or abs(score.effect.sd - previous.sd) >= 0.05 * sd
+        or abs(score.p_benefit_ge_mcid - previous.p_benefit_ge_mcid) >= 0.02
+    )
+
+
+def published_of(score: MeasureScore) -> Published:
+    return Published(
+        population_version=score.population_version,
+        mean=score.effect.mean,
+        sd=score.effect.sd,
+        p_benefit_ge_mcid=score.p_benefit_ge_mcid,
+        classification=score.classification,
+    )
+
+
+def efficacy_score(
+    record: PatientRecord,
+    scores: list[MeasureScore],
+    weights: dict[str, float],
+    rule: DecisionRule,
+) -> EfficacyScore:
+    """The message of a patient's score over every measure scored so far. Its
+    event id is a function of the evidence and posterior versions it rests on, so
+    a re-published identical score has the same id."""
+    scores = sorted(scores, key=lambda s: s.measure)
+    basis = ";".join(
+        f"{s.measure}@{s.population_version}/{s.count_exposed + s.count_unexposed}" for s in scores
+    )
+    last_times = [s.last_event_time for s in scores if s.last_event_time is not None]
+    return EfficacyScore(
+        event_id=f"score:{record.patient_id}:{basis}",
+        event_time=max(last_times) if last_times else datetime.now(UTC),
+        patient_id=record.patient_id,
+        cohort=record.cohort or "",
+        score_version=sum(
+            s.population_version + s.count_exposed + s.count_unexposed for s in scores
+        ),
+        decision_rule_version=rule.version,
+        measures=scores,
+        composite=composite(scores, weights),
+    )

@@ -1,0 +1,100 @@
+"""What the agents report while they work, in one narrow interface.
+
+Agents call these methods; ``Telemetry`` keeps running totals (the demo and the
+tests read them from the worker's log) and forwards to the Prometheus metrics
+of ``monitoring.metrics`` when they are attached. Never a patient id here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from monitoring.metrics import Metrics
+    from streams.population_book import FitResult
+
+log = logging.getLogger(__name__)
+
+
+class Telemetry:
+    """``metrics``: a ``monitoring.metrics.Metrics`` (None: keep totals only)."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+        self.accepted_by_source: Counter[str] = Counter()
+        self.rejected_by_reason: Counter[tuple[str, str]] = Counter()
+        self.replayed = 0
+        self.published = 0
+        self.batches = 0
+
+    def accepted(self, source: str) -> None:
+        self.accepted_by_source[source] += 1
+        if self.metrics is not None:
+            self.metrics.events_accepted.labels(source=source).inc()
+
+    def rejected(self, source: str, reason: str) -> None:
+        self.rejected_by_reason[(source, reason)] += 1
+        if self.metrics is not None:
+            self.metrics.events_dead_lettered.labels(source=source, reason=reason).inc()
+
+    def replays(self, count: int) -> None:
+        self.replayed += count
+
+    def tracked(self, patients: int) -> None:
+        if self.metrics is not None:
+            self.metrics.patients_tracked.set(patients)
+
+    def classifications(self, measure: str, counts: Counter[str]) -> None:
+        """Current number of this worker's patients per classification of ``measure``."""
+        if self.metrics is not None:
+            for classification, count in counts.items():
+                self.metrics.patients_by_classification.labels(
+                    measure=measure, classification=classification
+                ).set(count)
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.batches += 1
+        if self.metrics is not None:
+            self.metrics.batch_seconds.observe(seconds)
+
+    def event_to_score(self, latencies: list[float]) -> None:
+        if self.metrics is not None:
+            for latency in latencies:
+                self.metrics.event_to_score_seconds.observe(max(latency, 0.0))
+
+    def scores_published(self, count: int, trigger: str) -> None:
+        """``trigger``: "evidence" (new patient data) or "population" (new posterior)."""
+        self.published += count
+        if self.metrics is not None and count:
+            self.metrics.scores_published.labels(trigger=trigger).inc(count)
+
+    def population_updated(self, result: FitResult) -> None:
+        message = result.message
+        log.info(
+            "population posterior %s v%d published (%d patients)",
+            message.measure,
+            message.version,
+            message.num_patients,
+        )
+        if self.metrics is None:
+            return
+        m, measure = self.metrics, message.measure
+        m.population_update_seconds.labels(measure=measure).observe(result.seconds)
+        m.elbo.labels(measure=measure).set(message.elbo)
+        m.svi_steps.labels(measure=measure).inc(message.svi_steps)
+        m.population_version.labels(measure=measure).set(message.version)
+        m.patients_in_population.labels(measure=measure).set(message.num_patients)
+        m.population_last_update.labels(measure=measure).set(time.time())
+        effect = message.summary["effect"]
+        m.effect_mean.labels(measure=measure).set(effect.mean)
+        m.effect_q05.labels(measure=measure).set(effect.lower)
+        m.effect_q95.labels(measure=measure).set(effect.upper)
+        for name, gauge in (
+            ("effect_sd_patients", m.effect_sd_patients),
+            ("effect_sd_cohorts", m.effect_sd_cohorts),
+        ):
+            if name in message.summary:
+                gauge.labels(measure=measure).set(message.summary[name].mean)
