@@ -18,10 +18,16 @@ remembered by ``event_id`` with the coordinates of the raw record it came from
 
 Exposure at an observation is read off the patient's timeline at the
 observation's event time (enrolment sets the initial exposure; ExposureChange
-events start, stop or change the dose). Observations that arrive before the
+events start, stop or change the dose). Kafka orders nothing across topics, so
+an exposure change may arrive after readings it governs: each measure keeps the
+raw (time, value) of its recent readings (at least ``RECENT_KEEP``, and all
+within ``REORDER_WINDOW_DAYS`` of the latest) and re-derives their exposure when
+the timeline changes. Older readings are sealed into statistics; an exposure
+change older than sealed evidence is dead-lettered as ``late_exposure_change``.
+The statistics therefore equal the batch computation over the unique events in
+any arrival order within the window. Observations that arrive before the
 patient's enrolment are held (up to ``MAX_PENDING``) and applied when the
 enrolment arrives; beyond that they are dead-lettered as ``not_enrolled``.
-Exposure changes must reach the pipeline before the readings they govern.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.config import ModelConfig
-from model.evidence import PatientStats, add_events, empty_stats
+from model.evidence import PatientStats, empty_stats, merge_stats, stats_from_events
 from streams.schemas import Enrollment, EnrollmentRecord, ExposureChange, Observation, Origin
 
 MAX_PENDING = 1000
+RECENT_KEEP = 64  # readings per measure always kept raw (at least)
+REORDER_WINDOW_DAYS = 14.0  # exposure changes may arrive this late
 SECONDS_PER_DAY = 86400.0
 
 
@@ -51,8 +59,18 @@ def origin_key(origin: Origin) -> str:
 
 
 class MeasureStats(BaseModel):
-    """One measure's sufficient statistics of one patient (model.evidence.PatientStats
-    of a single patient, as JSON)."""
+    """One measure's evidence of one patient.
+
+    ``gram``/``reference_time``/counts: the sufficient statistics of every
+    reading (model.evidence.PatientStats of one patient, as JSON): what scoring
+    and the population agent use. They are the merge of two parts:
+
+    - *sealed*: readings older than ``sealed_until``, folded into statistics for
+      good (their exposure can no longer change);
+    - *recent*: the (time, value) of readings inside the reorder window, kept so
+      that an exposure change arriving after the readings it governs re-derives
+      their exposure exactly.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -61,24 +79,47 @@ class MeasureStats(BaseModel):
     count_exposed: int = 0
     count_unexposed: int = 0
     last_event_time: datetime | None = None
+    sealed_gram: list[list[float]] | None = None
+    sealed_reference_time: float = float("-inf")
+    sealed_count_exposed: int = 0
+    sealed_count_unexposed: int = 0
+    sealed_until: float = float("-inf")
+    recent: list[tuple[float, float]] = Field(default_factory=list)
 
     def as_stats(self) -> PatientStats:
-        return PatientStats(
-            gram=np.asarray(self.gram, dtype=float)[None],
-            reference_time=np.asarray([self.reference_time], dtype=float),
-            count_exposed=np.asarray([self.count_exposed]),
-            count_unexposed=np.asarray([self.count_unexposed]),
+        return _stats(self.gram, self.reference_time, self.count_exposed, self.count_unexposed)
+
+    def sealed_stats(self, model: ModelConfig) -> PatientStats:
+        if self.sealed_gram is None:
+            return empty_stats(1, model)
+        return _stats(
+            self.sealed_gram,
+            self.sealed_reference_time,
+            self.sealed_count_exposed,
+            self.sealed_count_unexposed,
         )
 
-    @classmethod
-    def from_stats(cls, stats: PatientStats, last_event_time: datetime | None) -> MeasureStats:
-        return cls(
-            gram=stats.gram[0].tolist(),
-            reference_time=float(stats.reference_time[0]),
-            count_exposed=int(stats.count_exposed[0]),
-            count_unexposed=int(stats.count_unexposed[0]),
-            last_event_time=last_event_time,
-        )
+    def set_total(self, stats: PatientStats) -> None:
+        self.gram = stats.gram[0].tolist()
+        self.reference_time = float(stats.reference_time[0])
+        self.count_exposed = int(stats.count_exposed[0])
+        self.count_unexposed = int(stats.count_unexposed[0])
+
+    def set_sealed(self, stats: PatientStats, until: float) -> None:
+        self.sealed_gram = stats.gram[0].tolist()
+        self.sealed_reference_time = float(stats.reference_time[0])
+        self.sealed_count_exposed = int(stats.count_exposed[0])
+        self.sealed_count_unexposed = int(stats.count_unexposed[0])
+        self.sealed_until = until
+
+
+def _stats(gram, reference_time: float, exposed: int, unexposed: int) -> PatientStats:
+    return PatientStats(
+        gram=np.asarray(gram, dtype=float)[None],
+        reference_time=np.asarray([reference_time], dtype=float),
+        count_exposed=np.asarray([exposed]),
+        count_unexposed=np.asarray([unexposed]),
+    )
 
 
 class Published(BaseModel):
@@ -149,26 +190,92 @@ def _seen_before(
     return True
 
 
+def _readings_stats(
+    record: PatientRecord, readings: list[tuple[float, float]], model: ModelConfig
+) -> PatientStats:
+    """Statistics of (time, value) readings with exposure from the current timeline."""
+    times = np.asarray([t for t, _ in readings], dtype=float)
+    return stats_from_events(
+        1,
+        np.zeros(times.size, dtype=np.int64),
+        np.asarray([record.exposure_at(t) for t in times]),
+        times,
+        np.asarray([v for _, v in readings], dtype=float),
+        model,
+    )
+
+
+def _rederive(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> None:
+    """Total statistics = sealed + recent readings under the current timeline."""
+    stats.set_total(
+        merge_stats(stats.sealed_stats(model), _readings_stats(record, stats.recent, model), model)
+    )
+
+
+def _seal(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> None:
+    """Fold readings older than the reorder window into the sealed statistics, so
+    a patient's state stays bounded however long they are followed."""
+    if len(stats.recent) <= 2 * RECENT_KEEP:
+        return
+    stats.recent.sort()
+    horizon = max(stats.recent[-RECENT_KEEP][0], stats.recent[-1][0] - REORDER_WINDOW_DAYS)
+    old = [r for r in stats.recent if r[0] < horizon]
+    if not old:
+        return
+    sealed = merge_stats(stats.sealed_stats(model), _readings_stats(record, old, model), model)
+    stats.set_sealed(sealed, max(horizon, stats.sealed_until))
+    stats.recent = [r for r in stats.recent if r[0] >= horizon]
+
+
 def _add_observation(
     record: PatientRecord, observation: Observation, model: ModelConfig, outcome: Outcome
 ) -> None:
     time = days(observation.event_time)
-    current = record.measures.get(observation.measure)
-    stats = current.as_stats() if current else empty_stats(1, model)
-    stats = add_events(
-        stats,
-        np.zeros(1, dtype=np.int64),
-        np.asarray([record.exposure_at(time)]),
-        np.asarray([time]),
-        np.asarray([observation.value]),
-        model,
-    )
-    last = observation.event_time
-    if current and current.last_event_time and current.last_event_time > last:
-        last = current.last_event_time
-    record.measures[observation.measure] = MeasureStats.from_stats(stats, last)
+    stats = record.measures.get(observation.measure)
+    if stats is None:
+        empty = empty_stats(1, model)
+        stats = MeasureStats(gram=empty.gram[0].tolist(), reference_time=float("-inf"))
+        record.measures[observation.measure] = stats
+    reading = _readings_stats(record, [(time, observation.value)], model)
+    stats.set_total(merge_stats(stats.as_stats(), reading, model))
+    if time < stats.sealed_until:  # older than the window: its exposure is final
+        stats.set_sealed(merge_stats(stats.sealed_stats(model), reading, model), stats.sealed_until)
+    else:
+        stats.recent.append((time, observation.value))
+        _seal(record, stats, model)
+    if stats.last_event_time is None or observation.event_time > stats.last_event_time:
+        stats.last_event_time = observation.event_time
     record.seen[observation.event_id] = origin_key(observation.origin)
     outcome.touched.add(observation.measure)
+
+
+def _change_exposure(
+    record: PatientRecord,
+    event: EnrollmentRecord,
+    time: float,
+    exposure: float,
+    models: dict[str, ModelConfig],
+    outcome: Outcome,
+) -> bool:
+    """Insert a timeline entry and re-derive the statistics of readings it governs.
+    Refused (False) when it would change readings already sealed."""
+    for name, stats in record.measures.items():
+        if time < stats.sealed_until:
+            outcome.rejected.append(
+                (
+                    event,
+                    "late_exposure_change",
+                    f"exposure change at day {time:.3f} is older than the sealed evidence "
+                    f"of {name} (reorder window {REORDER_WINDOW_DAYS:g} days)",
+                )
+            )
+            return False
+    bisect.insort(record.timeline, (time, exposure))
+    for name, stats in record.measures.items():
+        if any(t >= time for t, _ in stats.recent):
+            _rederive(record, stats, models[name])
+            outcome.touched.add(name)
+    return True
 
 
 def apply_event(
@@ -191,8 +298,14 @@ def apply_event(
         if _seen_before(record, event.event_id, event.origin, outcome, event):
             return record, outcome
         if not record.enrolled:
-            if any(p.event_id == event.event_id for p in record.pending):
-                outcome.replays += 1
+            held = next((p for p in record.pending if p.event_id == event.event_id), None)
+            if held is not None:
+                if origin_key(held.origin) == origin_key(event.origin):
+                    outcome.replays += 1
+                else:
+                    outcome.rejected.append(
+                        (event, "duplicate", f"event_id {event.event_id!r} is already held")
+                    )
             elif len(record.pending) >= MAX_PENDING:
                 outcome.rejected.append(
                     (event, "not_enrolled", f"no enrolment yet and {MAX_PENDING} readings held")
@@ -207,15 +320,15 @@ def apply_event(
     inner = event.event
     if _seen_before(record, inner.event_id, event.origin, outcome, event):
         return record, outcome
-    record.seen[inner.event_id] = origin_key(event.origin)
     time = days(inner.event_time)
+    exposure = inner.exposure if isinstance(inner, ExposureChange) else float(inner.exposed)
+    if not _change_exposure(record, event, time, exposure, models, outcome):
+        return record, outcome
+    record.seen[inner.event_id] = origin_key(event.origin)
     if isinstance(inner, Enrollment):
         outcome.cohort_changed = record.cohort != inner.cohort
         record.cohort, record.arm, record.enrolled_at = inner.cohort, inner.arm, inner.event_time
-        bisect.insort(record.timeline, (time, 1.0 if inner.exposed else 0.0))
         pending, record.pending = record.pending, []
         for observation in sorted(pending, key=lambda o: o.event_time):
             _add_observation(record, observation, models[observation.measure], outcome)
-    elif isinstance(inner, ExposureChange):
-        bisect.insort(record.timeline, (time, inner.exposure))
     return record, outcome

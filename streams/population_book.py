@@ -25,6 +25,10 @@ from model.scores import cohort_posteriors
 from streams.schemas import Interval, PatientEvidence, PopulationPosterior
 from streams.scoring import DRAW_FIELDS
 
+#: Warm updates of 100 steps (two chunks, so convergence can be judged from the
+#: change of the ELBO between them); everything else as tuned offline.
+STREAMING_SVI = SVIConfig(update_steps=100)
+
 
 class PopulationBook:
     """Latest statistics of every patient of one measure (standardised units)."""
@@ -93,17 +97,24 @@ def _key(measure: str, version: int) -> jax.Array:
 @dataclass
 class FitResult:
     message: PopulationPosterior
-    info: UpdateInfo
+    info: UpdateInfo  # of the last round
     seconds: float
 
 
 class PopulationModel:
     """The variational state of one measure; ``fit`` is the sequential update."""
 
-    def __init__(self, measure: str, model: ModelConfig, svi: SVIConfig | None = None) -> None:
+    def __init__(
+        self,
+        measure: str,
+        model: ModelConfig,
+        svi: SVIConfig | None = None,
+        max_rounds: int = 20,
+    ) -> None:
         self.measure = measure
         self.model = model
-        self.fitter = PopulationFitter(model, svi or SVIConfig())
+        self.fitter = PopulationFitter(model, svi or STREAMING_SVI)
+        self.max_rounds = max_rounds
         self.state: FitState | None = None
         self.version = 0
 
@@ -117,6 +128,16 @@ class PopulationModel:
         key_fit, key_draws, key_summary = jax.random.split(key, 3)
         state = self.state or self.fitter.init(key_fit, evidence)
         state, info = self.fitter.update(state, evidence, key_fit)
+        steps = info.steps
+        # A warm update is bounded, but when much new evidence arrived at once q
+        # has further to go: continue until the ELBO stops moving (or the cap).
+        for round_ in range(self.max_rounds):
+            if info.converged:
+                break
+            state, info = self.fitter.update(
+                state, evidence, jax.random.fold_in(key_fit, round_ + 1)
+            )
+            steps += info.steps
         draws = self.fitter.draws(state, key_draws)
         cohort_mean, cohort_var = cohort_posteriors(
             draws, evidence.gram, evidence.cohort, evidence.num_cohorts, self.model
@@ -145,7 +166,7 @@ class PopulationModel:
             num_patients=stats.num_patients,
             num_observations=float(stats.gram[:, 0, 0].sum()),
             elbo=info.elbo,
-            svi_steps=info.steps,
+            svi_steps=steps,
             converged=info.converged,
             standardization=std.model_dump(),
             draws={f: np.asarray(getattr(draws, f)).tolist() for f in DRAW_FIELDS},

@@ -43,7 +43,7 @@ class PopulationService:
         self.posteriors = posteriors
         self.settings = settings
         self.telemetry = telemetry
-        self.svi = svi or SVIConfig()
+        self.svi = svi
         self.books: dict[str, PopulationBook] = {}
         self.fits: dict[str, PopulationModel] = {}
         self._fitting = asyncio.Lock()
@@ -112,7 +112,7 @@ class PopulationService:
             result.message.version,
             result.message.num_patients,
             result.message.summary["effect"].mean,
-            result.info.steps,
+            result.message.svi_steps,
             result.seconds,
         )
 

@@ -1,0 +1,233 @@
+"""The agents' pure logic without a broker: ingest validation and the patient
+state step, checked against the batch computation over unique events.
+
+The programme (streams.programme) says what every record is: valid, duplicate,
+or a bad record with its expected dead-letter reason, and the exposure the
+simulation used at every reading. The state step must reproduce the batch
+statistics (model.evidence.stats_from_events) of the unique valid readings with
+exactly that exposure, whatever the arrival order, replays and duplicates.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from model.evidence import stats_from_events
+from streams.agents.ingest import Rejected, validate_enrollment, validate_observation
+from streams.app import measure_models
+from streams.catalogue import Catalogue
+from streams.patient_state import RECENT_KEEP, PatientRecord, apply_event, days
+from streams.programme import build_programme
+from streams.schemas import EnrollmentRecord, ExposureChange, Observation, Origin
+from streams.settings import Settings
+
+CATALOGUE = Catalogue.load()
+SETTINGS = Settings(max_age_days=36500.0)
+MODELS = measure_models(CATALOGUE, SETTINGS)
+
+
+def ingest(programme, order):
+    """Validate every record as the ingest agents do; origin = (topic, 0, position)."""
+    accepted, rejected = [], []
+    for position, record in enumerate(order):
+        origin = Origin(topic=record.topic, partition=0, offset=position)
+        try:
+            if record.topic == "enrollments":
+                accepted.append(validate_enrollment(record.key, record.value, origin, SETTINGS))
+            else:
+                accepted.append(
+                    validate_observation(
+                        record.topic, record.key, record.value, origin, CATALOGUE, SETTINGS
+                    )
+                )
+        except Rejected as error:
+            rejected.append((record, error.reason))
+    return accepted, rejected
+
+
+def run_state(events):
+    records: dict[str, PatientRecord] = {}
+    # The dead-letter topic is at-least-once: a replayed duplicate is dead-lettered
+    # again, and its origin (topic, partition, offset) identifies it.
+    rejected: dict[tuple, str] = {}
+    replays = 0
+    for event in events:
+        record, outcome = apply_event(records.get(event.patient_id), event, MODELS)
+        records[event.patient_id] = record
+        for rejected_event, reason, _ in outcome.rejected:
+            origin = rejected_event.origin
+            rejected[(origin.topic, origin.partition, origin.offset)] = reason
+        replays += outcome.replays
+    return records, Counter(rejected.values()), replays
+
+
+def batch_stats(programme, measure, patients):
+    """Statistics of the unique valid readings, from the simulation's own exposure."""
+    valid = [
+        r
+        for r in programme.records[programme.truth.measures[measure].source_topic]
+        if r.label == "valid" and r.measure == measure
+    ]
+    index = {p: i for i, p in enumerate(patients)}
+    return stats_from_events(
+        len(patients),
+        np.array([index[r.patient_id] for r in valid]),
+        np.array([r.exposure for r in valid]),
+        np.array([days(r.event_time) for r in valid]),
+        np.array([r.canonical_value for r in valid]),
+        MODELS[measure],
+    )
+
+
+@pytest.fixture(scope="module")
+def programme():
+    return build_programme(
+        ["resting_heart_rate", "hba1c"],
+        num_patients=40,
+        num_cohorts=4,
+        obs_per_patient=12,
+        design="crossover",
+        seed=5,
+        bad_fraction=0.05,
+        duplicate_fraction=0.05,
+    )
+
+
+def test_ingest_rejects_exactly_the_bad_records_with_their_reasons(programme):
+    order = programme.send_order()
+    accepted, rejected = ingest(programme, order)
+    expected = Counter(b.reason for b in programme.truth.bad_records)
+    assert Counter(reason for _, reason in rejected) == expected
+    assert len(accepted) + len(rejected) == len(order)
+    # Canonical units: every accepted reading carries the simulated canonical value.
+    by_id = {r.event_id: r for r in order if r.label == "valid"}
+    for event in accepted:
+        if isinstance(event, Observation):
+            assert event.value == pytest.approx(by_id[event.event_id].canonical_value, rel=1e-9)
+
+
+@pytest.mark.parametrize("shuffle_seed", [None, 1, 2])
+def test_state_equals_batch_over_unique_events_in_any_order(programme, shuffle_seed):
+    """Duplicates are dead-lettered, replays ignored, early readings held until
+    enrolment, and the statistics equal the batch computation (crossover: the
+    withdrawal period counts as unexposed)."""
+    accepted, _ = ingest(programme, programme.send_order())
+    events = list(accepted)
+    if shuffle_seed is not None:  # readings may now arrive before their enrolment
+        random.Random(shuffle_seed).shuffle(events)
+    replayed = events[: len(events) // 3]  # a restart re-delivers a third of the stream
+    records, reasons, replays = run_state(events + replayed)
+
+    assert reasons == Counter({"duplicate": len(programme.truth.duplicates)})
+    first_arrival: dict[str, Origin] = {}
+    for e in events:
+        event_id = e.event_id if isinstance(e, Observation) else e.event.event_id
+        first_arrival.setdefault(event_id, e.origin)
+    assert replays == sum(
+        1
+        for e in replayed
+        if first_arrival[e.event_id if isinstance(e, Observation) else e.event.event_id] == e.origin
+    )
+    patients = sorted(programme.truth.patients)
+    assert all(records[p].enrolled and not records[p].pending for p in patients)
+    for measure in ("resting_heart_rate", "hba1c"):
+        expected = batch_stats(programme, measure, patients)
+        gram = np.stack([records[p].measures[measure].gram for p in patients])
+        np.testing.assert_allclose(gram, expected.gram, rtol=1e-10, atol=1e-9)
+        exposed = [records[p].measures[measure].count_exposed for p in patients]
+        unexposed = [records[p].measures[measure].count_unexposed for p in patients]
+        np.testing.assert_array_equal(exposed, expected.count_exposed)
+        np.testing.assert_array_equal(unexposed, expected.count_unexposed)
+        # crossover: exposure is on, off (withdrawal), on again
+        assert min(unexposed) > 0 and min(exposed) > 0
+
+
+def test_readings_before_enrolment_are_held_then_applied(programme):
+    accepted, _ = ingest(programme, programme.send_order())
+    patient = sorted(programme.truth.patients)[0]
+    mine = [e for e in accepted if e.patient_id == patient]
+    readings = [e for e in mine if isinstance(e, Observation)]
+    enrolment = [e for e in mine if not isinstance(e, Observation)]
+    record, _, _ = run_state(readings[:3])
+    assert not record[patient].enrolled
+    assert len(record[patient].pending) == 3
+    assert record[patient].measures == {}
+    records, reasons, _ = run_state(readings[:3] + enrolment + readings[3:])
+    assert not records[patient].pending
+    total = sum(s.count_exposed + s.count_unexposed for s in records[patient].measures.values())
+    assert total == len(readings) - reasons["duplicate"]
+
+
+def test_ingest_reasons_for_hand_made_bad_records():
+    origin = Origin(topic="wearables", partition=0, offset=0)
+    good = (
+        b'{"event_id":"e","event_time":"2026-03-01T00:00:00Z","patient_id":"p",'
+        b'"measure":"resting_heart_rate","value":%s,"unit":"%s"}'
+    )
+
+    def reason(source: str, key: bytes | None, value: bytes | None) -> str:
+        with pytest.raises(Rejected) as error:
+            validate_observation(source, key, value, origin, CATALOGUE, SETTINGS)
+        return error.value.reason
+
+    assert reason("wearables", b"p", None) == "empty"
+    assert reason("wearables", b"p", b"x" * 70_000) == "oversized"
+    assert reason("wearables", b"p", b"[1,2") == "malformed_json"
+    assert reason("wearables", b"p", good % (b'"fast"', b"bpm")) == "invalid_schema"
+    assert reason("wearables", b"q", good % (b"60", b"bpm")) == "key_mismatch"
+    assert reason("wearables", None, good % (b"60", b"bpm")) == "key_mismatch"
+    assert reason("wearables", b"p", good % (b"60", b"mmHg")) == "unknown_unit"
+    assert reason("wearables", b"p", good % (b"900", b"bpm")) == "implausible_value"
+    assert reason("labs", b"p", good % (b"60", b"bpm")) == "wrong_source"
+    future = good.replace(b"2026-03-01", b"2999-03-01") % (b"60", b"bpm")
+    assert reason("wearables", b"p", future) == "future_time"
+    ancient = good.replace(b"2026-03-01", b"1900-03-01") % (b"60", b"bpm")
+    assert reason("wearables", b"p", ancient) == "ancient_time"
+    naive = good.replace(b"00:00:00Z", b"00:00:00") % (b"60", b"bpm")
+    assert reason("wearables", b"p", naive) == "invalid_schema"
+    observation = validate_observation(
+        "wearables", b"p", good % (b"61", b"beats/min"), origin, CATALOGUE, SETTINGS
+    )
+    assert observation.value == 61.0 and observation.unit == "bpm"
+
+
+def test_long_follow_up_seals_old_evidence_and_refuses_too_late_exposure_changes():
+    """300 readings over 300 days: old readings are sealed (the state stays
+    bounded) and the statistics still equal the batch computation; an exposure
+    change older than the sealed evidence is dead-lettered, not silently applied."""
+    programme = build_programme(
+        ["resting_heart_rate"], num_patients=3, num_cohorts=1, obs_per_patient=300,
+        time_span=300.0, design="crossover", seed=9, start=datetime(2025, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+    accepted, rejected = ingest(programme, programme.send_order())
+    assert not rejected
+    records, reasons, _ = run_state(accepted)
+    patients = sorted(programme.truth.patients)
+    expected = batch_stats(programme, "resting_heart_rate", patients)
+    for i, patient in enumerate(patients):
+        stats = records[patient].measures["resting_heart_rate"]
+        assert len(stats.recent) <= 2 * RECENT_KEEP
+        assert stats.sealed_until > days(programme.truth.start)
+        np.testing.assert_allclose(stats.gram, expected.gram[i], rtol=1e-10, atol=1e-8)
+    assert not reasons
+
+    patient = patients[0]
+    sealed_until = records[patient].measures["resting_heart_rate"].sealed_until
+    late = ExposureChange(
+        event_id="late-stop",
+        event_time=datetime.fromtimestamp((sealed_until - 1.0) * 86400.0, UTC),
+        patient_id=patient,
+        exposure=0.0,
+    )
+    event = EnrollmentRecord(
+        event=late, origin=Origin(topic="enrollments", partition=0, offset=10**6)
+    )
+    record, outcome = apply_event(records[patient], event, MODELS)
+    assert [reason for _, reason, _ in outcome.rejected] == ["late_exposure_change"]
+    assert record.timeline == records[patient].timeline
+    assert record.measures == records[patient].measures
