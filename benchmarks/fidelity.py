@@ -429,8 +429,11 @@ def sleepstudy(settings: Settings) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller programme, fewer draws")
-    parser.add_argument("--output", default="fidelity", help="results/<OUTPUT>.json")
+    parser.add_argument(
+        "--output", help="results/<OUTPUT>.json (default fidelity, or fidelity_quick with --quick)"
+    )
     args = parser.parse_args(argv)
+    args.output = args.output or ("fidelity_quick" if args.quick else "fidelity")
     settings = QUICK if args.quick else FULL
     results: dict[str, Any] = {
         "benchmark": "fidelity",
