@@ -57,7 +57,7 @@ def model_config_for(events: Events, *, time_trend: bool, cohort_level: bool) ->
     return ModelConfig(time_trend=time_trend, cohort_level=cohort_level, standardization=std)
 
 
-def _population_svi(draws, config: ModelConfig) -> dict[str, np.ndarray | None]:
+def population_quantities(draws, config: ModelConfig) -> dict[str, np.ndarray | None]:
     """Population quantities in raw units from draws of θ.
 
     The intercept is reported at exposure 0 and raw time 0 (undoing the time
@@ -155,7 +155,7 @@ def fit_programme(
         summary = summarize_effects(
             draws, stats.gram, events.cohort_of_patient, evidence.num_cohorts, measure, config
         )
-        population = _population_svi(fitter.draws(state, key_summary, SUMMARY_DRAWS), config)
+        population = population_quantities(fitter.draws(state, key_summary, SUMMARY_DRAWS), config)
         diagnostics.update(
             elbo=info.elbo,
             elbo_se=info.elbo_se,

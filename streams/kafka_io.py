@@ -57,3 +57,42 @@ async def read_until(
 def run(coroutine):
     """asyncio.run for synchronous callers."""
     return asyncio.run(coroutine)
+
+
+async def read_to_end(
+    bootstrap_servers: str, topic: str, timeout: float = 60.0
+) -> list[ConsumerRecord]:
+    """Every record of ``topic`` up to its end offsets as of the call."""
+    from aiokafka import TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        metadata_max_age_ms=1000,
+    )
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    try:
+        deadline = time.monotonic() + timeout
+        partitions = None
+        while not partitions and time.monotonic() < deadline:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                await consumer.topics()
+                await asyncio.sleep(0.2)
+        if not partitions:
+            raise TimeoutError(f"topic {topic} not found within {timeout} s")
+        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        end = await consumer.end_offsets(assigned)
+        while [tp for tp in assigned if await consumer.position(tp) < end[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} to its end took longer than {timeout} s")
+            batch = await consumer.getmany(timeout_ms=500)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    return records

@@ -72,7 +72,9 @@ class MeasureStats(BaseModel):
       their exposure exactly.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # −inf marks "no evidence yet" / "nothing sealed"; the table is internal, so
+    # JSON's Infinity extension is fine here.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     gram: list[list[float]]
     reference_time: float
@@ -138,7 +140,7 @@ class Published(BaseModel):
 class PatientRecord(BaseModel):
     """The value of the patients table (keyed by patient id)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     patient_id: str
     cohort: str | None = None

@@ -79,13 +79,15 @@ async def follow_posteriors(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_bytes=64 * 1024 * 1024,
+        # partitions_for_topic reads the cached metadata: refresh it quickly so a
+        # topic created moments ago is found (the default age is 5 minutes).
+        metadata_max_age_ms=1000,
         max_partition_fetch_bytes=32 * 1024 * 1024,
     )
     await consumer.start()
     try:
         partitions = None
         while partitions is None and not (stopping and stopping.is_set()):
-            await consumer.topics()  # refreshes the cluster metadata
             found = consumer.partitions_for_topic(topic)
             partitions = sorted(found) if found else None
             if partitions is None:

@@ -145,7 +145,15 @@ PATIENT_EVENT = TypeAdapter(PatientEvent)
 
 
 class DeadLetter(BaseModel):
-    """A rejected record: the original bytes, where it came from and why."""
+    """A rejected record: its bytes, where it came from and why.
+
+    ``source_topic``/``partition``/``offset`` always name the raw record as a
+    producer sent it; they identify it (the topic is at-least-once: a record
+    replayed after a crash may be dead-lettered twice). ``value_b64`` is the raw
+    record for rejections at ingest; for rejections after validation
+    (``duplicate``, ``not_enrolled``, ``late_exposure_change``,
+    ``processing_error``) it is the validated internal message, which names the
+    same origin."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -52,13 +52,15 @@ def ingest(programme, order):
 
 def run_state(events):
     records: dict[str, PatientRecord] = {}
+    # Every step goes through the table's JSON form, as in the worker.
+    roundtrip = PatientRecord.model_validate_json
     # The dead-letter topic is at-least-once: a replayed duplicate is dead-lettered
     # again, and its origin (topic, partition, offset) identifies it.
     rejected: dict[tuple, str] = {}
     replays = 0
     for event in events:
         record, outcome = apply_event(records.get(event.patient_id), event, MODELS)
-        records[event.patient_id] = record
+        records[event.patient_id] = roundtrip(record.model_dump_json())
         for rejected_event, reason, _ in outcome.rejected:
             origin = rejected_event.origin
             rejected[(origin.topic, origin.partition, origin.offset)] = reason

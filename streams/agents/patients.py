@@ -130,8 +130,31 @@ class PatientsService:
                 self.telemetry.rejected("observations", "invalid_internal")
                 continue
             patient_id = parsed.patient_id
-            record = records.get(patient_id) or self.load(patient_id)
-            record, outcome = apply_event(record, parsed, self.models)
+            try:
+                record = records.get(patient_id) or self.load(patient_id)
+                record, outcome = apply_event(record, parsed, self.models)
+            except Exception as error:  # a bug must not stop the stream or lose the event
+                origin = parsed.origin
+                log.exception(
+                    "could not apply the event from %s:%d:%d",
+                    origin.topic,
+                    origin.partition,
+                    origin.offset,
+                )
+                letter = dead_letter(
+                    "processing_error",
+                    f"{type(error).__name__}: {error}",
+                    origin.topic,
+                    origin.partition,
+                    origin.offset,
+                    event.key,
+                    event.value,
+                )
+                await self.topics.deadletter.send(
+                    key=event.key, value=letter.model_dump_json().encode()
+                )
+                self.telemetry.rejected(origin.topic.rsplit(".", 1)[-1], "processing_error")
+                continue
             records[patient_id] = record
             touched[patient_id] |= outcome.touched
             if outcome.cohort_changed:

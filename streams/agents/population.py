@@ -90,7 +90,11 @@ class PopulationService:
                     continue
                 if book.num_patients < self.settings.population_min_patients:
                     continue
-                await self.fit(measure, book)
+                try:
+                    await self.fit(measure, book)
+                except Exception:  # keep the agent alive; the next tick retries
+                    log.exception("population update of %s failed", measure)
+                    book.changes_since_fit += 1
 
     async def fit(self, measure: str, book: PopulationBook) -> None:
         model = self.fits.get(measure)
