@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 ## test: the whole test suite against a real Apache Kafka broker (started locally unless configured)
 test: $(STAMP)
+	bash scripts/install-prometheus.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -34,8 +35,8 @@ format: $(STAMP)
 
 ## bench: the accuracy and cost benchmarks (minutes; not part of `make test`)
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.fidelity
-	$(BIN)/python -m benchmarks.population_cost
+	nice -n 10 $(BIN)/python -m benchmarks.fidelity
+	nice -n 10 $(BIN)/python -m benchmarks.population_cost
 
 broker-start: $(STAMP)
 	$(BIN)/python -m streams.broker start
