@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import faust
 
 from model.config import ModelConfig
-from streams.agents import ingest, patients, population
+from streams.agents import drift, ingest, patients, population
 from streams.catalogue import Catalogue
 from streams.posterior_feed import PosteriorBook, follow_posteriors
 from streams.schemas import PopulationPosterior
@@ -87,9 +87,10 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     ingest.register(app, topics, catalogue, settings, telemetry)
     patients.register(app, patients_service)
     population.register(app, population_service)
+    drift.register(app, topics, telemetry)
 
     async def on_new_posterior(message: PopulationPosterior) -> None:
-        count = await patients_service.rescore_all(message.measure)
+        count = await patients_service.rescore_all(message.measure, force=message.rescore)
         log.info(
             "posterior %s v%d: rescored, %d scores republished",
             message.measure,

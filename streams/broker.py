@@ -199,6 +199,12 @@ class LocalKafka:
 
     ``start()`` returns the bootstrap servers; ``stop()`` terminates the broker
     and removes its data. ``version`` and ``startup_seconds`` are set by start.
+
+    A broker restart (fault tests): ``stop(keep_data=True)`` terminates the
+    broker but keeps its folder, and the next ``start()`` runs the same broker
+    again, on the same ports with the same log and metadata (no new format), so
+    clients reconnect to the same bootstrap servers and find their topics,
+    records and committed offsets. ``stop()`` removes the data as usual.
     """
 
     def __init__(
@@ -217,6 +223,7 @@ class LocalKafka:
         self.bootstrap_servers: str | None = None
         self.version: str | None = None
         self.startup_seconds: float | None = None
+        self._ports: tuple[int, int] | None = None  # (broker, controller) of this run_dir
 
     def __enter__(self) -> LocalKafka:
         self.start()
@@ -246,30 +253,43 @@ class LocalKafka:
         started = time.monotonic()
         libs = resolve_jars(self.cache, self.log)
         self.version = kafka_version(libs)
-        port = self.port or free_port()
-        controller_port = free_port()
-        self.run_dir = Path(tempfile.mkdtemp(prefix="kafka-", dir=self.cache))
-        data = self.run_dir / "data"
-        properties = self.run_dir / "server.properties"
-        properties.write_text(
-            SERVER_PROPERTIES.format(port=port, controller_port=controller_port, data=data)
-        )
-        log4j = self.run_dir / "log4j2.properties"
-        log4j.write_text(LOG4J2_PROPERTIES.format(log=self.run_dir / "broker.log"))
+        log4j = None
+        restart = self.run_dir is not None and (self.run_dir / "server.properties").exists()
+        if restart:  # kept by stop(keep_data=True): same ports, same data, no format
+            assert self.run_dir is not None and self._ports is not None
+            port, controller_port = self._ports
+            if port_in_use(port):
+                raise BrokerError(f"port {port} on 127.0.0.1 was taken while the broker was down")
+            properties = self.run_dir / "server.properties"
+            log4j = self.run_dir / "log4j2.properties"
+        else:
+            port = self.port or free_port()
+            controller_port = free_port()
+            self._ports = (port, controller_port)
+            self.run_dir = Path(tempfile.mkdtemp(prefix="kafka-", dir=self.cache))
+            data = self.run_dir / "data"
+            properties = self.run_dir / "server.properties"
+            properties.write_text(
+                SERVER_PROPERTIES.format(port=port, controller_port=controller_port, data=data)
+            )
+            log4j = self.run_dir / "log4j2.properties"
+            log4j.write_text(LOG4J2_PROPERTIES.format(log=self.run_dir / "broker.log"))
         classpath = f"{libs}/*"
         java_opts = [HEAP, f"-Dlog4j2.configurationFile={log4j}", "-Djava.awt.headless=true"]
 
-        self.log("formatting KRaft storage")
-        fmt = subprocess.run(
-            [java, *java_opts, "-cp", classpath, "kafka.tools.StorageTool", "format",
-             "-t", _cluster_id(), "-c", str(properties)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if fmt.returncode != 0:
-            raise BrokerError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+        if not restart:
+            self.log("formatting KRaft storage")
+            fmt = subprocess.run(
+                [java, *java_opts, "-cp", classpath, "kafka.tools.StorageTool", "format",
+                 "-t", _cluster_id(), "-c", str(properties)],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if fmt.returncode != 0:
+                raise BrokerError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
 
-        self.log(f"starting Apache Kafka {self.version} on 127.0.0.1:{port}")
-        stdout = (self.run_dir / "stdout.log").open("wb")
+        self.log(f"{'restarting' if restart else 'starting'} Apache Kafka {self.version} "
+                 f"on 127.0.0.1:{port}")  # fmt: skip
+        stdout = (self.run_dir / "stdout.log").open("ab")
         self.process = subprocess.Popen(
             [java, *java_opts, "-cp", classpath, "kafka.Kafka", str(properties)],
             stdout=stdout,
@@ -278,7 +298,7 @@ class LocalKafka:
             start_new_session=detach,
         )
         stdout.close()
-        if not detach:
+        if not detach and not restart:
             atexit.register(self.stop)
         self.bootstrap_servers = f"127.0.0.1:{port}"
         deadline = started + self.startup_timeout
@@ -299,8 +319,9 @@ class LocalKafka:
         self.stop()
         raise BrokerError(f"Kafka did not answer within {self.startup_timeout:.0f} s:\n{tail}")
 
-    def stop(self) -> None:
-        """Terminate the broker (SIGTERM, then SIGKILL) and remove its data."""
+    def stop(self, keep_data: bool = False) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL) and remove its data, unless
+        ``keep_data``: then the next ``start()`` restarts the same broker."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.terminate()
@@ -309,9 +330,12 @@ class LocalKafka:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+        if keep_data:
+            return
         if self.run_dir is not None and self.run_dir.exists():
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir = None
+        self._ports = None
 
 
 def _cluster_id() -> str:

@@ -267,6 +267,16 @@ class PopulationPosterior(Envelope):
     summary: dict[str, Interval]
     unconstrained_loc: list[float]
     unconstrained_scale_tril: list[list[float]]
+    drift: dict[str, float] = Field(
+        default_factory=dict,
+        description="movement since the reference posterior (monitoring.drift): kl, "
+        "kl_location, shift, shift_z",
+    )
+    drift_detected: bool = False
+    rescore: bool = Field(
+        default=True,
+        description="moved materially: every worker republishes every score under it",
+    )
 
 
 class Alert(Envelope):

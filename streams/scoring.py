@@ -176,15 +176,15 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> Composit
 
 
 def changed_materially(previous: Published | None, score: MeasureScore) -> bool:
-    """Publish when there is no earlier score, the population posterior or the
-    call changed, or the effect moved by ≥ 0.1 posterior sd, its sd by ≥ 5%, or
-    P(benefit ≥ MCID) by ≥ 0.02."""
+    """Publish when there is no earlier score, the call changed, or the effect
+    moved by ≥ 0.1 posterior sd, its sd by ≥ 5%, or P(benefit ≥ MCID) by ≥ 0.02.
+    (A new population version alone does not count: when the population
+    posterior moves materially, every score is republished regardless.)"""
     if previous is None:
         return True
     sd = max(score.effect.sd, 1e-12)
     return (
-        previous.population_version != score.population_version
-        or previous.classification != score.classification
+        previous.classification != score.classification
         or abs(score.effect.mean - previous.mean) >= 0.1 * sd
         or abs(score.effect.sd - previous.sd) >= 0.05 * sd
         or abs(score.p_benefit_ge_mcid - previous.p_benefit_ge_mcid) >= 0.02

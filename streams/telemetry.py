@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from monitoring.metrics import Metrics
     from streams.population_book import FitResult
+    from streams.schemas import PopulationPosterior
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,16 @@ class Telemetry:
         self.published += count
         if self.metrics is not None and count:
             self.metrics.scores_published.labels(trigger=trigger).inc(count)
+
+    def drift(self, message: PopulationPosterior) -> None:
+        """Drift statistics of a new population posterior (and its alert, if any)."""
+        if self.metrics is None or not message.drift:
+            return
+        m, measure = self.metrics, message.measure
+        m.drift_kl.labels(measure=measure).set(message.drift.get("kl", 0.0))
+        m.drift_shift.labels(measure=measure).set(message.drift.get("shift", 0.0))
+        if message.drift_detected:
+            m.drift_alerts.labels(measure=measure, kind="posterior_shift").inc()
 
     def population_updated(self, result: FitResult) -> None:
         message = result.message

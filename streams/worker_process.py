@@ -33,7 +33,8 @@ class WorkerProcess:
         self.stop()
 
     def start(self) -> None:
-        with self.log_path.open("wb") as log:
+        """Start the worker (again, after ``stop``/``kill``: the log is appended to)."""
+        with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "streams.cli", "worker", "--loglevel", self.loglevel],
                 env=self.env,
@@ -57,6 +58,18 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait(timeout=10)
         return self.process.returncode
+
+    def kill(self) -> int | None:
+        """SIGKILL, as a crash: no shutdown, no offset commit, no flush. Returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        return self.process.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():

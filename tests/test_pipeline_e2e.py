@@ -75,18 +75,26 @@ def run(kafka_bootstrap, tmp_path_factory):
     valid_readings = truth.valid_unique_readings
 
     def settled(records) -> bool:
-        """The final posterior covers every valid reading, and every patient has
-        a score under it."""
+        """The final posterior covers every valid reading, and every patient's
+        latest score rests on all of their readings and on the latest posterior
+        that asked for a republication."""
         posteriors = [r for r in records if r.topic == prefix + "population-posterior"]
         if not posteriors:
             return False
         final = json.loads(max(posteriors, key=lambda r: json.loads(r.value)["version"]).value)
         if round(final["num_observations"]) != valid_readings:
             return False
+        # Scores are republished under a new version when it moved materially
+        # (``rescore``); otherwise only scores that changed materially are.
+        rescored = max(json.loads(r.value)["version"] for r in posteriors
+                       if json.loads(r.value)["rescore"])  # fmt: skip
         scores = latest_by_key(r for r in records if r.topic == prefix + "scores")
+        per_patient = truth.measures[MEASURE].spec.obs_per_patient
+        latest = [json.loads(s.value)["measures"][0] for s in scores.values()]
         return len(scores) == len(truth.patients) and all(
-            json.loads(s.value)["measures"][0]["population_version"] == final["version"]
-            for s in scores.values()
+            m["count_exposed"] + m["count_unexposed"] == per_patient
+            and m["population_version"] >= rescored
+            for m in latest
         )
 
     with WorkerProcess(env) as worker:

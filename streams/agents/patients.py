@@ -248,13 +248,18 @@ class PatientsService:
             )
             if not material:
                 continue
+            transitions = []
             for measure, score in scores.items():
                 previous = record.published.get(measure)
                 if previous is not None and previous.classification != score.classification:
-                    await self.transition_alert(record, previous.classification, score)
+                    transitions.append((previous.classification, score))
                 record.published[measure] = published_of(score)
                 self.calls[measure][patient_id] = score.classification
+            # No await between load and save: another task (the agent, or the
+            # rescoring after a new posterior) may save this patient meanwhile.
             self.save(record)
+            for previous_call, score in transitions:
+                await self.transition_alert(record, previous_call, score)
             message = efficacy_score(record, list(scores.values()), self.weights, self.rule)
             await self.topics.scores.send(
                 key=patient_id.encode(), value=message.model_dump_json().encode()
@@ -290,17 +295,31 @@ class PatientsService:
             key=record.patient_id.encode(), value=alert.model_dump_json().encode()
         )
 
-    async def rescore_all(self, measure: str) -> int:
+    def active_partitions(self) -> set[int]:
+        """The observations partitions (= patients-table partitions) this worker
+        actively owns now."""
+        topic = self.topics.observations.get_topic_name()
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
+
+    async def rescore_all(self, measure: str, force: bool = False) -> int:
         """After a new population posterior: rescore every local patient with
-        evidence on ``measure`` and publish what changed."""
+        evidence on ``measure`` and publish what changed materially (everything
+        when ``force``: the posterior itself moved materially)."""
         records = []
+        owned = self.active_partitions()
         for key in list(self.table.keys()):
+            # The local store also holds standby replicas and partitions this
+            # worker owned before a rebalance: rescoring (and saving) those would
+            # overwrite the owner's newer state with a stale copy.
+            if key_partition(key.encode(), self.settings.partitions) not in owned:
+                continue
             record = self.load(key)
             if record is not None and measure in record.measures:
                 records.append(record)
         published = 0
         for start in range(0, len(records), 4096):
-            published += len(await self.rescore(records[start : start + 4096], "population"))
+            batch = records[start : start + 4096]
+            published += len(await self.rescore(batch, "population", force=force))
         return published
 
 

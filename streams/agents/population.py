@@ -12,13 +12,15 @@ import asyncio
 import logging
 
 import faust
+import numpy as np
 from faust.types import TP
 
 from model.config import ModelConfig, SVIConfig
+from monitoring.drift import DriftConfig, PosteriorShiftDetector
 from streams.agents.patients import measure_partition
 from streams.population_book import PopulationBook, PopulationModel
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import PatientEvidence
+from streams.schemas import PatientEvidence, PopulationPosterior
 from streams.settings import Settings
 from streams.telemetry import Telemetry
 from streams.topics import Topics
@@ -36,6 +38,7 @@ class PopulationService:
         settings: Settings,
         telemetry: Telemetry,
         svi: SVIConfig | None = None,
+        drift: DriftConfig | None = None,
     ) -> None:
         self.app = app
         self.topics = topics
@@ -46,6 +49,8 @@ class PopulationService:
         self.svi = svi
         self.books: dict[str, PopulationBook] = {}
         self.fits: dict[str, PopulationModel] = {}
+        self.drift = drift or DriftConfig()
+        self.detectors: dict[str, PosteriorShiftDetector] = {}
         self._fitting = asyncio.Lock()
         self.table = app.Table(
             "population-evidence",
@@ -54,6 +59,11 @@ class PopulationService:
             value_type=bytes,
             partitions=settings.partitions,
         )
+
+    def detector(self, measure: str) -> PosteriorShiftDetector:
+        if measure not in self.detectors:
+            self.detectors[measure] = PosteriorShiftDetector.from_config(self.drift)
+        return self.detectors[measure]
 
     def book(self, measure: str) -> PopulationBook:
         if measure not in self.books:
@@ -106,6 +116,7 @@ class PopulationService:
         book.changes_since_fit = 0
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(None, model.fit, stats, cohort, cohorts)
+        result.message = judge_drift(self.detector(measure), result.message)
         await self.topics.population_posterior.send(
             key=measure.encode(), value=result.message.model_dump_json().encode()
         )
@@ -119,6 +130,30 @@ class PopulationService:
             result.message.svi_steps,
             result.seconds,
         )
+
+
+def judge_drift(
+    detector: PosteriorShiftDetector, message: PopulationPosterior
+) -> PopulationPosterior:
+    """Compare the new posterior with the detector's reference (monitoring.drift)
+    and record the verdict in the message: the drift agent alerts on
+    ``drift_detected``; every worker republishes all scores when ``rescore``."""
+    detector.update(
+        np.asarray(message.unconstrained_loc), np.asarray(message.unconstrained_scale_tril)
+    )
+    return message.model_copy(
+        update={
+            "drift": {
+                "kl": detector.kl,
+                "kl_location": detector.kl_location,
+                "shift": detector.shift,
+                "shift_z": detector.shift_z,
+            },
+            "drift_detected": detector.drift_detected,
+            # The first posteriors (the detector's warm-up) always rescore.
+            "rescore": detector.moved or detector.n_updates <= detector.warmup + 1,
+        }
+    )
 
 
 def register(app: faust.App, service: PopulationService) -> None:
