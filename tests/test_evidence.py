@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from model.config import ModelConfig, Standardization
 from model.evidence import (
     add_events,
+    add_reading,
     augmented_vectors,
     decay_to,
     empty_stats,
@@ -82,6 +83,33 @@ def test_one_event_at_a_time_matches_batch_after_every_update(name, batch, order
     np.testing.assert_array_equal(
         stats.count_exposed, np.bincount(patient[exposure != 0], minlength=num_patients)
     )
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@settings(max_examples=40, deadline=None)
+@given(batch=event_batches(), order_seed=st.integers(0, 1000))
+def test_add_reading_in_plain_python_matches_batch_after_every_update(name, batch, order_seed):
+    """The stream's per-reading step (lists, no numpy) against the definition."""
+    config = CONFIGS[name]
+    num_patients, patient, exposure, time, outcome = batch
+    order = np.random.default_rng(order_seed).permutation(len(patient))
+    empty = empty_stats(1, config)
+    grams = [empty.gram[0].tolist() for _ in range(num_patients)]
+    references = [float("-inf")] * num_patients
+    for step, k in enumerate(order, start=1):
+        i = int(patient[k])
+        given, before = grams[i], [row[:] for row in grams[i]]
+        grams[i], references[i] = add_reading(
+            given, references[i], float(exposure[k]), float(time[k]), float(outcome[k]), config
+        )
+        assert given == before  # the input is left alone
+        seen = order[:step]
+        expected = dense_reference(
+            num_patients, patient[seen], exposure[seen], time[seen], outcome[seen], config
+        )
+        np.testing.assert_allclose(np.array(grams), expected, rtol=1e-10, atol=1e-10)
+    batch_stats = stats_from_events(num_patients, patient, exposure, time, outcome, config)
+    np.testing.assert_array_equal(np.array(references), batch_stats.reference_time)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
