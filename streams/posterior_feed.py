@@ -29,6 +29,9 @@ class PosteriorBook:
     def __init__(self) -> None:
         self._latest: dict[str, MeasurePosterior] = {}
         self.messages: dict[str, PopulationPosterior] = {}
+        # True once the feed has read the topic up to its end as of the start:
+        # before that, a population owner would not know the latest version.
+        self.caught_up = False
 
     def __contains__(self, measure: str) -> bool:
         return measure in self._latest
@@ -94,9 +97,16 @@ async def follow_posteriors(
                 await asyncio.sleep(0.5)
         if partitions is None:
             return
-        consumer.assign([TopicPartition(topic, p) for p in partitions])
+        assigned = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(assigned)
         await consumer.seek_to_beginning()
+        end = await consumer.end_offsets(assigned)
         while not (stopping and stopping.is_set()):
+            if not book.caught_up:
+                positions = [await consumer.position(tp) for tp in assigned]
+                book.caught_up = all(
+                    p >= end[tp] for p, tp in zip(positions, assigned, strict=True)
+                )
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:

@@ -273,6 +273,11 @@ class PopulationPosterior(Envelope):
         "kl_location, shift, shift_z",
     )
     drift_detected: bool = False
+    evidence_digest: str = Field(
+        default="",
+        description="digest of the patients' statistics this version was fitted on: "
+        "the owner does not refit identical evidence (after a restart or a replay)",
+    )
     rescore: bool = Field(
         default=True,
         description="moved materially: every worker republishes every score under it",

@@ -9,7 +9,9 @@ population-posterior topic.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import zlib
 
 import faust
 import numpy as np
@@ -52,6 +54,7 @@ class PopulationService:
         self.drift = drift or DriftConfig()
         self.detectors: dict[str, PosteriorShiftDetector] = {}
         self._fitting = asyncio.Lock()
+        self._owned: set[str] = set()  # measures owned at the last tick
         self.table = app.Table(
             "population-evidence",
             default=None,
@@ -81,20 +84,30 @@ class PopulationService:
         )
         return tp in self.app.assignor.assigned_actives()
 
-    def rebuild_from_table(self) -> None:
-        """After recovery the arrays are empty but the table holds every patient's
-        latest statistics: refill the books from it."""
-        for raw in self.table.values():
-            if raw:
-                self.take(PatientEvidence.model_validate_json(raw))
+    def rebuild_book(self, measure: str) -> None:
+        """Refill the measure's book from the table, which recovery made complete.
+        Needed whenever this worker becomes the measure's owner (start, restart,
+        rebalance): its book is empty, or stale (built while it was not the
+        owner), and the fit state and version of an earlier ownership are stale."""
+        self.books[measure] = book = PopulationBook(measure, self.models[measure])
+        self.fits.pop(measure, None)
+        for key, raw in list(self.table.items()):
+            if raw and key.startswith(f"{measure}/"):
+                book.put(PatientEvidence.model_validate_json(raw))
 
     async def tick(self) -> None:
-        """Fit every owned measure with new evidence (one fit at a time)."""
-        if self._fitting.locked():
+        """Fit every owned measure with new evidence (one fit at a time). Waits
+        for the table's recovery and for the posterior feed to have read what is
+        published (the version to continue and the evidence already fitted)."""
+        if self._fitting.locked() or not self.posteriors.caught_up:
+            return
+        if self.app.tables.recovery.in_recovery:
             return
         async with self._fitting:
-            if not self.books and len(self.table):
-                self.rebuild_from_table()
+            owned = {measure for measure in self.models if self.owns(measure)}
+            for measure in owned - self._owned:
+                self.rebuild_book(measure)
+            self._owned = owned
             for measure, book in list(self.books.items()):
                 if book.changes_since_fit == 0 or not self.owns(measure):
                     continue
@@ -114,8 +127,16 @@ class PopulationService:
             model.version = self.posteriors.version(measure)
         stats, cohort, cohorts = book.snapshot()
         book.changes_since_fit = 0
+        digest = evidence_digest(stats, cohort, cohorts)
+        published = self.posteriors.messages.get(measure)
+        if published is not None and published.evidence_digest == digest:
+            # The latest posterior was fitted on exactly this evidence (a restart,
+            # a rebalance or a replay re-delivered it): refitting would only move
+            # q(θ) by SVI noise and republish every score.
+            return
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(None, model.fit, stats, cohort, cohorts)
+        result.message = result.message.model_copy(update={"evidence_digest": digest})
         result.message = judge_drift(self.detector(measure), result.message)
         await self.topics.population_posterior.send(
             key=measure.encode(), value=result.message.model_dump_json().encode()
@@ -130,6 +151,19 @@ class PopulationService:
             result.message.svi_steps,
             result.seconds,
         )
+
+
+def evidence_digest(stats, cohort: np.ndarray, cohorts: list[str]) -> str:
+    """SHA-256 of the multiset of (statistics, reference time, cohort) rows of a
+    book snapshot: independent of the order patients were put in."""
+    n, d, _ = stats.gram.shape
+    labels = np.array([zlib.crc32(c.encode()) for c in cohorts] or [0], dtype=float)
+    rows = np.ascontiguousarray(
+        np.column_stack([stats.gram.reshape(n, d * d), stats.reference_time, labels[cohort]]),
+        dtype=float,
+    )
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    return hashlib.sha256(np.sort(keys).tobytes()).hexdigest()
 
 
 def judge_drift(
