@@ -128,6 +128,15 @@ class PriorConfig(_Frozen):
     trend_sd: float = Field(default=1.0, gt=0.0)
 
 
+# Fixed between-patient sds of the effect, standardised units (outcome sd ≈ 1).
+# 1e-4 is "zero" against any data: with n observations of residual sd σ the
+# likelihood of b_i has variance ≳ σ²/n ≫ 1e-8, so the prior variance changes the
+# marginal likelihood by a relative 1e-8·n/σ² (kept > 0 so Σ stays invertible).
+# 10 is "no borrowing": ten outcome sds is far wider than any plausible effect.
+COMPLETE_POOLING_EFFECT_SD = 1e-4
+NO_POOLING_EFFECT_SD = 10.0
+
+
 class ModelConfig(_Frozen):
     """Structure of the hierarchical model.
 
@@ -137,13 +146,43 @@ class ModelConfig(_Frozen):
     across cohorts); switch it off when there is a single cohort, where it is not
     identified. ``half_life`` (in raw time units) turns on exponential forgetting
     of old evidence; ``None`` keeps all evidence at full weight.
+
+    ``effect_pooling`` chooses how patients' effects b_i borrow from each other
+    (the intercepts a_i stay partially pooled in every case):
+
+    - ``"partial"`` (default): the between-patient sd τ_b is learned, with the
+      (a, b) correlation (the model of the design);
+    - ``"complete"``: one effect for everyone (up to cohort deviations), τ_b
+      fixed at COMPLETE_POOLING_EFFECT_SD ≈ 0 and (a, b) uncorrelated;
+    - ``"none"``: no borrowing, τ_b fixed at NO_POOLING_EFFECT_SD (a prior on b_i
+      ten times the outcome sd wide) and (a, b) uncorrelated.
+
+    The last two exist to be compared against the first (model.selection).
     """
 
     time_trend: bool = True
     cohort_level: bool = True
     half_life: float | None = Field(default=None, gt=0.0)
+    effect_pooling: Literal["partial", "complete", "none"] = "partial"
     priors: PriorConfig = PriorConfig()
     standardization: Standardization = Standardization()
+
+    @property
+    def fixed_effect_scale(self) -> float | None:
+        """τ_b when effect_pooling fixes it (standardised units), else None."""
+        return {
+            "partial": None,
+            "complete": COMPLETE_POOLING_EFFECT_SD,
+            "none": NO_POOLING_EFFECT_SD,
+        }[self.effect_pooling]
+
+    @property
+    def structure(self) -> ModelConfig:
+        """This config with the default standardisation: all that the fit and the
+        scores of *standardised* evidence depend on. jit-compiled functions take
+        it as their static argument, so measures that differ only in units share
+        one compilation."""
+        return self.model_copy(update={"standardization": Standardization()})
 
     @property
     def local_dim(self) -> int:

@@ -86,8 +86,13 @@ def hyper_model(gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: Mo
     """numpyro model over θ alone: priors (PriorConfig) and the collapsed likelihood."""
     priors = config.priors
     mu = numpyro.sample("mu", dist.Normal(0.0, priors.population_mean_sd).expand([2]).to_event(1))
-    tau = numpyro.sample("tau", dist.HalfNormal(priors.patient_scale).expand([2]).to_event(1))
-    corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(2, priors.lkj_concentration))
+    fixed_scale = config.fixed_effect_scale
+    if fixed_scale is None:
+        tau = numpyro.sample("tau", dist.HalfNormal(priors.patient_scale).expand([2]).to_event(1))
+        corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(2, priors.lkj_concentration))
+    else:  # complete or no pooling of the effect: only the intercept scale is learned
+        tau_a = numpyro.sample("tau_intercept", dist.HalfNormal(priors.patient_scale))
+        tau, corr_chol = _fixed_effect_scale(tau_a, fixed_scale)
     sigma = numpyro.sample("sigma", dist.HalfNormal(priors.residual_scale))
     if config.time_trend:
         gamma = numpyro.sample(
@@ -103,12 +108,25 @@ def hyper_model(gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: Mo
     numpyro.factor("collapsed_loglik", collapsed_loglik(theta, gram, cohort, num_cohorts, config))
 
 
+def _fixed_effect_scale(
+    tau_intercept: jax.Array, effect_scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """τ = (τ_a, fixed τ_b) and an identity correlation factor, any leading axes."""
+    tau = jnp.stack([tau_intercept, jnp.full_like(tau_intercept, effect_scale)], axis=-1)
+    corr_chol = jnp.broadcast_to(jnp.eye(2, dtype=tau.dtype), (*tau_intercept.shape, 2, 2))
+    return tau, corr_chol
+
+
 def hyper_from_sites(sites: dict[str, jax.Array], config: ModelConfig) -> Hyper:
     """Hyper from numpyro sample sites (constrained), with any leading draw axes."""
     batch = sites["mu"].shape[:-1]
     gamma = sites["gamma"] if config.time_trend else jnp.zeros((*batch, 0))
     tau_cohort = sites["tau_cohort"] if config.cohort_level else jnp.zeros(batch)
-    return Hyper(sites["mu"], sites["tau"], sites["L_omega"], tau_cohort, sites["sigma"], gamma)
+    if config.fixed_effect_scale is None:
+        tau, corr_chol = sites["tau"], sites["L_omega"]
+    else:
+        tau, corr_chol = _fixed_effect_scale(sites["tau_intercept"], config.fixed_effect_scale)
+    return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sites["sigma"], gamma)
 
 
 class AnchoredMultivariateNormal(AutoMultivariateNormal):
@@ -190,12 +208,11 @@ class UpdateInfo(NamedTuple):
 
 def _initial_values(config: ModelConfig) -> dict[str, jax.Array]:
     """Start at a plausible point in standardised units (outcome sd ≈ 1)."""
-    values = {
-        "mu": jnp.zeros(2),
-        "tau": jnp.array([0.5, 0.3]),
-        "L_omega": jnp.eye(2),
-        "sigma": jnp.asarray(0.5),
-    }
+    values = {"mu": jnp.zeros(2), "sigma": jnp.asarray(0.5)}
+    if config.fixed_effect_scale is None:
+        values.update(tau=jnp.array([0.5, 0.3]), L_omega=jnp.eye(2))
+    else:
+        values["tau_intercept"] = jnp.asarray(0.5)
     if config.time_trend:
         values["gamma"] = jnp.zeros(config.fixed_dim)
     if config.cohort_level:
