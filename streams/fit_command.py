@@ -57,6 +57,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unit", default="", help="unit of the outcome, for the output")
     parser.add_argument("--output", type=Path, help="JSON file to write (default: standard output)")
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="also compare model structures (complete, no and partial pooling, plus a cohort "
+        "level per cohort column) by K-fold cross-validation over held-out patients",
+    )
+    parser.add_argument(
+        "--cohort-columns",
+        help="comma-separated cohort attributes to try as the cohort level with --select "
+        "(default: the --cohort column, if any)",
+    )
+    parser.add_argument(
+        "--folds", type=int, default=5, help="folds of the cross-validation (--select)"
+    )
 
 
 def _numeric(rows: list[dict[str, str]], column: str, path: Path) -> np.ndarray:
@@ -132,6 +146,67 @@ def read_table(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
     return events, patients, [cohorts[g] for g in cohort_of_patient]
 
 
+def cohort_attributes(args: argparse.Namespace, patients: list[str]) -> dict[str, np.ndarray]:
+    """Cohort index of every patient under each attribute to try with --select:
+    the --cohort-columns (or the --cohort column). A patient must have one value
+    per attribute."""
+    names = (
+        [name.strip() for name in args.cohort_columns.split(",") if name.strip()]
+        if args.cohort_columns
+        else ([args.cohort] if args.cohort else [])
+    )
+    if not names:
+        return {}
+    path: Path = args.input
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [name for name in names if name not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"{path}: missing cohort column(s) {', '.join(map(repr, missing))}")
+        rows = list(reader)
+    patient_labels = _labels(rows, args.patient, path)
+    index = {patient: i for i, patient in enumerate(patients)}
+    result = {}
+    for name in names:
+        labels = _labels(rows, name, path)
+        levels = {level: g for g, level in enumerate(sorted(set(labels)))}
+        cohort = np.full(len(patients), -1, dtype=np.int64)
+        for patient, label in zip(patient_labels, labels, strict=True):
+            i = index[patient]
+            if cohort[i] not in (-1, levels[label]):
+                raise InputError(f"{path}: patient {patient!r} has more than one {name!r}")
+            cohort[i] = levels[label]
+        result[name] = cohort
+    return result
+
+
+def run_selection(
+    args: argparse.Namespace, events: Any, cohorts: dict[str, np.ndarray], say: Any
+) -> dict[str, Any]:
+    """Structure selection (model.selection) on the file's patients; prints the table."""
+    from model.evidence import stats_from_events
+    from model.offline import model_config_for
+    from model.selection import format_table, select_structure
+
+    config = model_config_for(events, time_trend=args.time is not None, cohort_level=False)
+    stats = stats_from_events(
+        events.num_patients, events.patient, events.exposure, events.time, events.outcome, config
+    )
+    say(f"structure selection: {args.folds}-fold cross-validation over patients")
+    selection = select_structure(
+        lambda _config: stats,  # Gram matrices depend only on time trend and scaling
+        config,
+        cohorts,
+        num_folds=args.folds,
+        seed=args.seed,
+        progress=say,
+    )
+    selection.pop("pointwise")
+    table = format_table(selection)
+    print(table, file=sys.stdout if args.output else sys.stderr, flush=True)
+    return selection
+
+
 def run(args: argparse.Namespace) -> int:
     from model.config import DecisionRule, MeasureConfig
     from model.offline import fit_programme
@@ -141,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         events, patients, cohort_of_patient = read_table(args)
+        cohorts = cohort_attributes(args, patients) if args.select else {}
     except InputError as error:
         say(f"efficacy fit: error: {error}")
         return 2
@@ -161,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
         rule=DecisionRule(min_exposed=args.min_exposed, min_unexposed=args.min_unexposed),
         progress=say,
     )
+    if args.select:
+        result["selection"] = run_selection(args, events, cohorts, say)
     for record, patient, cohort in zip(
         result["patients"], patients, cohort_of_patient, strict=True
     ):
