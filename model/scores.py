@@ -145,7 +145,7 @@ def summarize_effects(
     gram = np.asarray(gram)
     cohort = np.asarray(cohort, dtype=np.int32)
     u_mean, u_var = cohort_posteriors(
-        draws, jnp.asarray(gram), jnp.asarray(cohort), num_cohorts, config
+        draws, jnp.asarray(gram), jnp.asarray(cohort), num_cohorts, config.structure
     )
     return summarize_given_cohorts(
         draws,
@@ -201,7 +201,7 @@ def summarize_given_cohorts(
             mcid_std,
             sign,
             probs,
-            config,
+            config.structure,  # units are applied outside: one compile for all measures
         )
         parts.append([np.asarray(x)[..., : stop - start] for x in out])
     if not parts:

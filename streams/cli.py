@@ -44,13 +44,20 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _demo_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seconds", type=float, default=60.0, help="stop after this long")
+    parser.add_argument(
+        "--seconds", type=float, default=300.0, help="stop after this long (default 300)"
+    )
+    parser.add_argument("--patients", type=int, default=200, help="patients to simulate")
+    parser.add_argument("--cohorts", type=int, default=8, help="clinics to simulate")
+    parser.add_argument("--rate", type=float, default=3000.0, help="events per second")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
-    return run_demo(seconds=args.seconds)
+    return run_demo(
+        seconds=args.seconds, patients=args.patients, cohorts=args.cohorts, rate=args.rate
+    )
 
 
 def _fit_parser(parser: argparse.ArgumentParser) -> None:

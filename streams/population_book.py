@@ -20,7 +20,7 @@ import numpy as np
 from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats, decay_to
 from model.offline import SUMMARY_DRAWS, describe, population_quantities
-from model.population import FitState, PopulationFitter, UpdateInfo, pad_evidence
+from model.population import Evidence, FitState, PopulationFitter, UpdateInfo, pad_evidence
 from model.scores import cohort_posteriors
 from streams.schemas import Interval, PatientEvidence, PopulationPosterior
 from streams.scoring import DRAW_FIELDS
@@ -101,6 +101,33 @@ class FitResult:
     seconds: float
 
 
+class FitterPool:
+    """One PopulationFitter per model *structure*, shared by every measure.
+
+    The fit works on standardised Gram matrices, so the standardisation (which
+    differs per measure) plays no part in it: measures with the same structure
+    and priors share one fitter, hence one compilation per padded shape instead
+    of one per measure. The initial variational state depends on the structure
+    only, so ``svi.init`` (slow: numpyro traces the model eagerly) runs once.
+    """
+
+    def __init__(self, svi: SVIConfig | None = None) -> None:
+        self.svi = svi or STREAMING_SVI
+        self._fitters: dict[ModelConfig, PopulationFitter] = {}
+        self._initial: dict[int, FitState] = {}
+
+    def fitter(self, model: ModelConfig) -> PopulationFitter:
+        structure = model.structure
+        if structure not in self._fitters:
+            self._fitters[structure] = PopulationFitter(structure, self.svi)
+        return self._fitters[structure]
+
+    def initial_state(self, fitter: PopulationFitter, evidence: Evidence) -> FitState:
+        if id(fitter) not in self._initial:
+            self._initial[id(fitter)] = fitter.init(jax.random.PRNGKey(0), evidence)
+        return self._initial[id(fitter)]
+
+
 class PopulationModel:
     """The variational state of one measure; ``fit`` is the sequential update."""
 
@@ -110,10 +137,12 @@ class PopulationModel:
         model: ModelConfig,
         svi: SVIConfig | None = None,
         max_rounds: int = 20,
+        pool: FitterPool | None = None,
     ) -> None:
         self.measure = measure
         self.model = model
-        self.fitter = PopulationFitter(model, svi or STREAMING_SVI)
+        self.pool = pool or FitterPool(svi)
+        self.fitter = self.pool.fitter(model)
         self.max_rounds = max_rounds
         self.state: FitState | None = None
         self.version = 0
@@ -126,7 +155,7 @@ class PopulationModel:
         version = self.version + 1
         key = _key(self.measure, version)
         key_fit, key_draws, key_summary = jax.random.split(key, 3)
-        state = self.state or self.fitter.init(key_fit, evidence)
+        state = self.state or self.pool.initial_state(self.fitter, evidence)
         state, info = self.fitter.update(state, evidence, key_fit)
         steps = info.steps
         # A warm update is bounded, but when much new evidence arrived at once q
@@ -140,7 +169,7 @@ class PopulationModel:
             steps += info.steps
         draws = self.fitter.draws(state, key_draws)
         cohort_mean, cohort_var = cohort_posteriors(
-            draws, evidence.gram, evidence.cohort, evidence.num_cohorts, self.model
+            draws, evidence.gram, evidence.cohort, evidence.num_cohorts, self.model.structure
         )
         g = len(cohorts)
         quantities = population_quantities(

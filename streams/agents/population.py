@@ -20,7 +20,7 @@ from faust.types import TP
 from model.config import ModelConfig, SVIConfig
 from monitoring.drift import DriftConfig, PosteriorShiftDetector
 from streams.agents.patients import measure_partition
-from streams.population_book import PopulationBook, PopulationModel
+from streams.population_book import FitterPool, PopulationBook, PopulationModel
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import PatientEvidence, PopulationPosterior
 from streams.settings import Settings
@@ -49,6 +49,7 @@ class PopulationService:
         self.settings = settings
         self.telemetry = telemetry
         self.svi = svi
+        self.fitters = FitterPool(svi)  # shared by all measures: one compile per shape
         self.books: dict[str, PopulationBook] = {}
         self.fits: dict[str, PopulationModel] = {}
         self.drift = drift or DriftConfig()
@@ -122,7 +123,9 @@ class PopulationService:
     async def fit(self, measure: str, book: PopulationBook) -> None:
         model = self.fits.get(measure)
         if model is None:
-            model = self.fits[measure] = PopulationModel(measure, self.models[measure], self.svi)
+            model = self.fits[measure] = PopulationModel(
+                measure, self.models[measure], pool=self.fitters
+            )
             # A restarted owner continues the version sequence it finds published.
             model.version = self.posteriors.version(measure)
         stats, cohort, cohorts = book.snapshot()
