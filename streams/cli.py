@@ -1,4 +1,4 @@
-"""The ``efficacy`` command: worker, demo, fit, simulate, schemas."""
+"""The ``efficacy`` command: worker, demo, fit, simulate, schemas, oc."""
 
 from __future__ import annotations
 
@@ -84,6 +84,18 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _oc_parser(parser: argparse.ArgumentParser) -> None:
+    from streams.oc_command import configure_parser
+
+    configure_parser(parser)
+
+
+def _run_oc(args: argparse.Namespace) -> int:
+    from streams.oc_command import run
+
+    return run(args)
+
+
 def _schemas_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the schema files")
 
@@ -112,6 +124,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         _run_simulate,
     ),
     "schemas": ("write the JSON Schema of every topic's values", _schemas_parser, _run_schemas),
+    "oc": (
+        "operating characteristics of the responder calls by simulation (table, JSON, PNG)",
+        _oc_parser,
+        _run_oc,
+    ),
 }
 
 
