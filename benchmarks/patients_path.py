@@ -1,0 +1,258 @@
+"""The patients agent's per-batch work without Kafka: where a worker's time goes.
+
+    python -m benchmarks.patients_path               # -> results/patients_path.json
+    python -m benchmarks.patients_path --cprofile /tmp/patients.prof
+
+Replays what ``PatientsService.process`` does for each batch of the internal
+observations topic (streams/agents/patients.py), stage by stage and with the same
+functions, on a simulated programme already validated by the ingest functions:
+
+- ``parse``: ``PATIENT_EVENT.validate_json`` of each message;
+- ``load``: ``PatientRecord.model_validate_json`` of the touched patients' table values;
+- ``apply``: ``apply_event`` per event (streams.patient_state);
+- ``save``: ``model_dump_json`` of each touched record;
+- ``evidence``: the ``PatientEvidence`` message of each touched patient;
+- ``score``: ``measure_scores`` of the touched patients (JAX mixture summaries);
+- ``publish``: material-change test, ``efficacy_score`` and its JSON, record saved again.
+
+and the ingest agent's ``validate_observation`` + ``Observation`` JSON (``ingest``).
+Kafka's own costs (consumer, producer, faust's stream machinery, changelog) are
+not here: benchmarks/throughput.py measures the whole worker. The population
+posterior is a cheap fit (100 steps): its quality does not change the cost.
+Timing: CPU seconds of this process (``time.process_time``: on shared cores wall
+time measures the other jobs too; XLA's threads count), median over ``--repeats``
+passes, each pass on fresh state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import machine, median, say, write_json
+
+MEASURE = "resting_heart_rate"
+
+
+def prepare(patients: int, obs: int):
+    from model.config import SVIConfig
+    from model.evidence import stats_from_events
+    from streams.agents.ingest import validate_enrollment, validate_observation
+    from streams.app import measure_models
+    from streams.catalogue import Catalogue
+    from streams.patient_state import days
+    from streams.population_book import PopulationModel
+    from streams.posterior_feed import PosteriorBook
+    from streams.programme import build_programme
+    from streams.schemas import Origin
+    from streams.settings import Settings
+
+    catalogue = Catalogue.load()
+    settings = Settings(max_age_days=36500.0)
+    models = measure_models(catalogue, settings)
+    programme = build_programme([MEASURE], num_patients=patients, num_cohorts=20,
+                                obs_per_patient=obs, seed=3)  # fmt: skip
+    raw = programme.send_order()
+    started = time.process_time()
+    messages = []
+    for offset, record in enumerate(raw):
+        origin = Origin(topic=record.topic, partition=0, offset=offset, timestamp=0.0)
+        if record.topic == "enrollments":
+            event = validate_enrollment(record.key, record.value, origin, settings)
+        else:
+            event = validate_observation(
+                record.topic, record.key, record.value, origin, catalogue, settings
+            )
+        messages.append(event.model_dump_json().encode())
+    ingest_seconds = time.process_time() - started
+
+    valid = [r for r in raw if r.label == "valid"]
+    ids = sorted(programme.truth.patients)
+    index = {p: i for i, p in enumerate(ids)}
+    stats = stats_from_events(
+        len(ids),
+        np.array([index[r.patient_id] for r in valid]),
+        np.array([r.exposure for r in valid]),
+        np.array([days(r.event_time) for r in valid]),
+        np.array([r.canonical_value for r in valid]),
+        models[MEASURE],
+    )
+    cohorts = sorted({p.cohort for p in programme.truth.patients.values()})
+    where = {c: g for g, c in enumerate(cohorts)}
+    cohort = np.array([where[programme.truth.patients[p].cohort] for p in ids], dtype=np.int32)
+    svi = SVIConfig(fresh_steps=100, update_steps=50)
+    fit = PopulationModel(MEASURE, models[MEASURE], svi, max_rounds=0).fit(stats, cohort, cohorts)
+    book = PosteriorBook()
+    book.offer(fit.message)
+    return catalogue, models, book, messages, ingest_seconds
+
+
+def one_pass(catalogue, models, book, messages, batch_size: int) -> dict[str, float]:
+    from model.config import DecisionRule
+    from streams.patient_state import PatientRecord, apply_event
+    from streams.schemas import PATIENT_EVENT, PatientEvidence
+    from streams.scoring import changed_materially, efficacy_score, measure_scores, published_of
+
+    rule = DecisionRule()
+    weights = {name: spec.weight for name, spec in catalogue.measures.items()}
+    spec = catalogue.get(MEASURE)
+    table: dict[str, bytes] = {}
+    seconds: dict[str, float] = defaultdict(float)
+    clock = time.process_time  # CPU time: the machine is shared, wall time is not ours
+    for start in range(0, len(messages), batch_size):
+        records: dict[str, PatientRecord] = {}
+        touched: dict[str, set[str]] = defaultdict(set)
+        for value in messages[start : start + batch_size]:
+            t0 = clock()
+            event = PATIENT_EVENT.validate_json(value)
+            t1 = clock()
+            record = records.get(event.patient_id)
+            if record is None:
+                raw = table.get(event.patient_id)
+                record = PatientRecord.model_validate_json(raw) if raw else None
+            t2 = clock()
+            record, outcome = apply_event(record, event, models)
+            t3 = clock()
+            seconds["parse"] += t1 - t0
+            seconds["load"] += t2 - t1
+            seconds["apply"] += t3 - t2
+            records[event.patient_id] = record
+            touched[event.patient_id] |= outcome.touched
+            if outcome.cohort_changed:
+                touched[event.patient_id] |= set(record.measures)
+        t0 = clock()
+        for record in records.values():
+            table[record.patient_id] = record.model_dump_json().encode()
+        t1 = clock()
+        for patient_id, measures in touched.items():
+            record = records[patient_id]
+            if record.cohort is None:
+                continue
+            for measure in measures:
+                stats = record.measures[measure]
+                PatientEvidence(
+                    measure=measure,
+                    patient_id=patient_id,
+                    cohort=record.cohort,
+                    gram=stats.gram,
+                    reference_time=stats.reference_time,
+                    count_exposed=stats.count_exposed,
+                    count_unexposed=stats.count_unexposed,
+                ).model_dump_json().encode()
+        t2 = clock()
+        group = [records[p] for p in touched if touched[p] and records[p].cohort is not None]
+        group = [r for r in group if MEASURE in r.measures]
+        scores = (
+            measure_scores(
+                book[MEASURE],
+                [r.measures[MEASURE] for r in group],
+                [r.cohort for r in group],
+                spec,
+                models[MEASURE],
+                rule,
+            )
+            if group
+            else []
+        )
+        t3 = clock()
+        for record, score in zip(group, scores, strict=True):
+            if not changed_materially(record.published.get(MEASURE), score):
+                continue
+            record.published[MEASURE] = published_of(score)
+            table[record.patient_id] = record.model_dump_json().encode()
+            efficacy_score(record, [score], weights, rule).model_dump_json().encode()
+        t4 = clock()
+        seconds["save"] += t1 - t0
+        seconds["evidence"] += t2 - t1
+        seconds["score"] += t3 - t2
+        seconds["publish"] += t4 - t3
+    return dict(seconds)
+
+
+def bisection_error(steps: int, draws: int = 400, patients: int = 2000) -> dict:
+    """Set model.scores.BISECTION_STEPS and report how far the 5% and 95% mixture
+    quantiles move against the default 64 steps, in units of each mixture's sd,
+    on random mixtures shaped like the scores' (400 draws)."""
+    import jax.numpy as jnp
+
+    import model.scores as scores
+
+    rng = np.random.default_rng(0)
+    means = rng.normal(0.0, 1.0, patients)[None] + rng.normal(0.0, 0.3, (draws, patients))
+    sds = rng.uniform(0.2, 1.0, (draws, patients))
+    probs = jnp.asarray([0.05, 0.95])
+    default = scores.BISECTION_STEPS
+    reference = np.asarray(scores.mixture_quantiles(jnp.asarray(means), jnp.asarray(sds), probs))
+    scores.BISECTION_STEPS = steps
+    trial = np.asarray(scores.mixture_quantiles(jnp.asarray(means), jnp.asarray(sds), probs))
+    mixture_sd = np.sqrt(np.mean(sds**2 + means**2, axis=0) - np.mean(means, axis=0) ** 2)
+    error = np.abs(trial - reference) / mixture_sd
+    return {"steps": steps, "default_steps": default, "max_error_in_sd": float(error.max())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, default=2000)
+    parser.add_argument("--obs-per-patient", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cprofile", type=Path, default=None, help="write pstats of one pass")
+    parser.add_argument("--output", default="patients_path")
+    parser.add_argument(
+        "--bisection-steps",
+        type=int,
+        default=None,
+        help="experiment: override model.scores.BISECTION_STEPS (64) before anything compiles",
+    )
+    args = parser.parse_args(argv)
+    where = machine()
+    bisection = None
+    if args.bisection_steps is not None:
+        bisection = bisection_error(args.bisection_steps)
+        say(f"bisection {args.bisection_steps} steps: {bisection}")
+    say("preparing: programme, ingest, a cheap population fit (JAX compile)")
+    catalogue, models, book, messages, ingest_seconds = prepare(args.patients, args.obs_per_patient)
+    one_pass(catalogue, models, book, messages, args.batch_size)  # compile, warm caches
+    passes = []
+    for repeat in range(args.repeats):
+        seconds = one_pass(catalogue, models, book, messages, args.batch_size)
+        passes.append(seconds)
+        total = sum(seconds.values())
+        say(f"pass {repeat}: {len(messages) / total:,.0f} events/s "
+            + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))  # fmt: skip
+    stages = {k: median([p[k] for p in passes]) for k in passes[0]}
+    total = median([sum(p.values()) for p in passes])
+    if args.cprofile:
+        profiler = cProfile.Profile(time.process_time)
+        profiler.enable()
+        one_pass(catalogue, models, book, messages, args.batch_size)
+        profiler.disable()
+        profiler.dump_stats(str(args.cprofile))
+        say(f"cProfile of one pass in {args.cprofile}")
+    result = {
+        "events": len(messages),
+        "patients_agent_events_per_s": len(messages) / total,
+        "patients_agent_seconds": total,
+        "stage_seconds": stages,
+        "stage_fraction": {k: v / total for k, v in stages.items()},
+        "stage_us_per_event": {k: 1e6 * v / len(messages) for k, v in stages.items()},
+        "ingest_events_per_s": len(messages) / ingest_seconds,
+        "passes": passes,
+        "bisection": bisection,
+        "parameters": vars(args) | {"cprofile": str(args.cprofile)},
+        "machine": where,
+    }
+    path = write_json(args.output, result)
+    say(f"patients agent {result['patients_agent_events_per_s']:,.0f} events/s; "
+        f"ingest {result['ingest_events_per_s']:,.0f} events/s; wrote {path}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
