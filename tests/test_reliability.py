@@ -405,21 +405,39 @@ def test_broker_restart_mid_stream_resumes_with_the_same_invariant(tmp_path):
 # --- 3. replay from the beginning -----------------------------------------------------
 
 
+async def all_partitions(consumer, topics: list[str], timeout: float = 30.0) -> list:
+    """Every partition of ``topics``, waiting for the consumer's metadata to list
+    them (``partitions_for_topic`` reads cached metadata, refreshed in the
+    background every ``metadata_max_age_ms``)."""
+    from aiokafka import TopicPartition
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {t: consumer.partitions_for_topic(t) for t in topics}
+        if all(found.values()):
+            return [TopicPartition(t, p) for t in topics for p in sorted(found[t])]
+        if time.monotonic() > deadline:
+            missing = [t for t, ps in found.items() if not ps]
+            raise TimeoutError(f"no partitions found for {missing}")
+        await consumer.topics()
+        await asyncio.sleep(0.5)
+
+
 async def reset_group_offsets(bootstrap: str, group: str, topics: list[str]) -> int:
     """Commit offset 0 for every partition of ``topics`` in ``group`` (which must
     have no live member). Returns the number of partitions reset."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import OffsetAndMetadata
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        metadata_max_age_ms=500,
     )
     await consumer.start()
     try:
-        await consumer.topics()
-        partitions = [
-            TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()
-        ]
+        partitions = await all_partitions(consumer, topics)
         consumer.assign(partitions)
         await consumer.commit({tp: OffsetAndMetadata(0, "") for tp in partitions})
         return len(partitions)
@@ -429,19 +447,16 @@ async def reset_group_offsets(bootstrap: str, group: str, topics: list[str]) -> 
 
 async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
     """Records of ``topics`` not yet committed by ``group``."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, metadata_max_age_ms=500)
     await admin.start()
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
-        await consumer.topics()
-        partitions = [
-            TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()
-        ]
+        partitions = await all_partitions(consumer, topics)
         end = await consumer.end_offsets(partitions)
         return sum(end[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import zlib
 
 import faust
@@ -137,8 +138,7 @@ class PopulationService:
             # a rebalance or a replay re-delivered it): refitting would only move
             # q(θ) by SVI noise and republish every score.
             return
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(None, model.fit, stats, cohort, cohorts)
+        result = await in_daemon_thread(model.fit, stats, cohort, cohorts)
         result.message = result.message.model_copy(update={"evidence_digest": digest})
         result.message = judge_drift(self.detector(measure), result.message)
         await self.topics.population_posterior.send(
@@ -154,6 +154,34 @@ class PopulationService:
             result.message.svi_steps,
             result.seconds,
         )
+
+
+async def in_daemon_thread(function, *args):
+    """Run a blocking call off the event loop in a daemon thread: a worker told to
+    stop does not wait for a fit in progress (nothing durable is lost; the new
+    owner refits), as it would for the default executor's threads."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = function(*args)
+        except BaseException as error:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(_settle, future, None, error)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=target, name="population-fit", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def evidence_digest(stats, cohort: np.ndarray, cohorts: list[str]) -> str:
