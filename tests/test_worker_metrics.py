@@ -1,0 +1,137 @@
+"""A real Prometheus scrapes a running worker during a simulated run (issue 5).
+
+The worker serves /metrics on its configured port; Prometheus (Debian's package,
+on loopback, the repo's scrape config and rules) scrapes it every second while a
+programme with bad and duplicate records streams through. Checked against the
+programme's ground truth: the counters Prometheus holds at the end, the
+population gauges, that no series carries a patient id, and that the dashboards'
+queries return series from a real worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+
+import pytest
+from monitoring_files import (
+    DASHBOARDS,
+    concrete,
+    dashboard_exprs,
+    load_dashboard,
+    query,
+    running_prometheus,
+)
+from monitoring_files import free_port as free_tcp_port
+
+from streams.kafka_io import read_until
+from streams.programme import build_programme
+from streams.settings import Settings
+from streams.simulate_command import publish
+from streams.worker_process import WorkerProcess
+
+pytestmark = pytest.mark.kafka
+MEASURES = ["resting_heart_rate", "hba1c"]
+PATIENTS = 60
+
+# Series a stationary, healthy run cannot have: nothing drifted, no recent-window
+# fit exists yet, and the posterior-predictive conflict detector is not wired in.
+ONLY_AFTER_DRIFT = ("efficacy_drift_alerts_total", "window_shift", "conflict")
+
+
+def value(base: str, expr: str) -> float:
+    result = query(base, expr)["data"]["result"]
+    assert result, f"no series for {expr}"
+    return sum(float(r["value"][1]) for r in result)
+
+
+def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
+    run_id = uuid.uuid4().hex[:8]
+    prefix = f"metrics-{run_id}."
+    port = free_tcp_port()
+    env = {
+        "EFFICACY_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "EFFICACY_TOPIC_PREFIX": prefix,
+        "EFFICACY_APP_ID": f"metrics-{run_id}",
+        "EFFICACY_PARTITIONS": "2",
+        "EFFICACY_WEB_ENABLED": "false",
+        "EFFICACY_METRICS_PORT": str(port),
+        "EFFICACY_DATA_DIR": str(tmp_path / "faust"),
+    }
+    settings = Settings(bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, partitions=2)
+    programme = build_programme(
+        MEASURES, num_patients=PATIENTS, num_cohorts=3, obs_per_patient=12, seed=31,
+        bad_fraction=0.03, duplicate_fraction=0.03,
+    )  # fmt: skip
+    truth = programme.truth
+
+    def settled(records) -> bool:
+        posteriors = {}
+        for r in records:
+            if r.topic == prefix + "population-posterior":
+                message = json.loads(r.value)
+                posteriors[message["measure"]] = message["num_observations"]
+        scores = {r.key for r in records if r.topic == prefix + "scores"}
+        return (
+            len(scores) == PATIENTS
+            and set(posteriors) == set(MEASURES)
+            and round(sum(posteriors.values())) == truth.valid_unique_readings
+        )
+
+    with WorkerProcess(env) as worker, running_prometheus([f"127.0.0.1:{port}"], tmp_path) as base:
+        asyncio.run(publish(programme, settings))
+        records = asyncio.run(
+            read_until(
+                kafka_bootstrap,
+                [prefix + "population-posterior", prefix + "scores"],
+                done=settled,
+                timeout=400,
+            )
+        )
+        assert settled(records), worker.log_tail()
+        time.sleep(4.0)  # a few more scrapes after the last update
+
+        assert value(base, 'up{job="efficacy-worker"}') == 1
+        accepted = value(base, "efficacy_events_accepted_total")
+        # ingest accepts duplicates (they are recognised downstream, by patient)
+        expected_accepted = (
+            truth.enrollment_events + truth.valid_unique_readings + len(truth.duplicates)
+        )
+        assert accepted == expected_accepted
+        reasons = Counter(b.reason for b in truth.bad_records)
+        reasons["duplicate"] += len(truth.duplicates)
+        for reason, count in reasons.items():
+            got = value(base, f'sum(efficacy_events_dead_lettered_total{{reason="{reason}"}})')
+            assert got == count, reason
+        assert value(base, "efficacy_patients_tracked") == PATIENTS
+        for measure in MEASURES:
+            effect = truth.measures[measure].population_effect
+            low = value(base, f'efficacy_population_effect_q05{{measure="{measure}"}}')
+            high = value(base, f'efficacy_population_effect_q95{{measure="{measure}"}}')
+            width = high - low
+            assert low - width <= effect <= high + width, (measure, low, high, effect)
+            calls = value(base, f'sum(efficacy_patients{{measure="{measure}"}})')
+            assert calls == PATIENTS
+        assert value(base, "sum(efficacy_scores_published_total)") >= PATIENTS
+
+        # No series of the worker's carries a patient id in any label.
+        series = query(base, '{job="efficacy-worker"}')["data"]["result"]
+        labels = {v for s in series for v in s["metric"].values()}
+        patients = set(truth.patients)
+        assert not labels & patients
+        assert not any(p in v for v in labels for p in patients)
+
+        empty = []
+        for path in DASHBOARDS:
+            for expr in dashboard_exprs(load_dashboard(path)):
+                answer = query(base, concrete(expr))
+                assert answer["status"] == "success", f"{expr!r}: {answer.get('error')}"
+                if not answer["data"]["result"] and not any(m in expr for m in ONLY_AFTER_DRIFT):
+                    empty.append(f"{path.stem}: {expr}")
+        assert not empty, "dashboard queries with no series from a real worker:\n" + "\n".join(
+            empty
+        )
+        assert worker.stop() == 0, worker.log_tail()
