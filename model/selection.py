@@ -147,6 +147,28 @@ def heldout_loglik(
     return jax.lax.map(one, draws)
 
 
+FitterCache = dict[tuple[ModelConfig, SVIConfig], tuple[PopulationFitter, Callable]]
+
+
+def _compiled(
+    config: ModelConfig, svi_config: SVIConfig, cache: FitterCache | None
+) -> tuple[PopulationFitter, Callable]:
+    """A PopulationFitter and a jitted sampler of its q(θ) (eager sampling costs
+    seconds per fold), from ``cache`` when it holds them for this configuration."""
+    if cache is not None and (config, svi_config) in cache:
+        return cache[config, svi_config]
+    fitter = PopulationFitter(config, svi_config)
+
+    @jax.jit
+    def draw(params: dict[str, jax.Array], key: jax.Array) -> Hyper:
+        sites = fitter.guide.sample_posterior(key, params, sample_shape=(svi_config.num_draws,))
+        return hyper_from_sites(sites, config)
+
+    if cache is not None:
+        cache[config, svi_config] = (fitter, draw)
+    return fitter, draw
+
+
 def _subset(stats: PatientStats, rows: np.ndarray) -> PatientStats:
     return PatientStats(*(np.asarray(field)[rows] for field in stats))
 
@@ -164,6 +186,7 @@ def cross_validate(
     *,
     seed: int = 0,
     svi_config: SVIConfig = SELECTION_SVI,
+    fitters: FitterCache | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Pointwise elpd_i (raw-outcome log density) of every patient held out in its fold.
@@ -171,7 +194,8 @@ def cross_validate(
     ``stats`` must be computed with ``structure.config`` (same standardisation
     for all structures). ``cohort``: (P,) cohort index under the structure's
     attribute (ignored without a cohort level). One PopulationFitter per
-    structure, so its SVI step compiles once for all folds of the same padded size.
+    structure, so its SVI step compiles once for all folds of the same padded size;
+    pass a ``fitters`` dict to reuse the compiled fitters across calls.
     """
     config = structure.config
     num_patients = stats.num_patients
@@ -179,14 +203,7 @@ def cross_validate(
         cohort = np.zeros(num_patients, dtype=np.int64)
     cohort = np.asarray(cohort, dtype=np.int64)
     num_cohorts = int(cohort.max()) + 1
-    fitter = PopulationFitter(config, svi_config)
-
-    @jax.jit
-    def draw(params: dict[str, jax.Array], key: jax.Array) -> Hyper:
-        # fitter.draws, compiled once per structure (eager sampling costs seconds)
-        sites = fitter.guide.sample_posterior(key, params, sample_shape=(svi_config.num_draws,))
-        return hyper_from_sites(sites, config)
-
+    fitter, draw = _compiled(config, svi_config, fitters)
     elpd = np.empty(num_patients)
     keys = jax.random.split(jax.random.PRNGKey(seed), int(folds.max()) + 1)
     for fold in range(int(folds.max()) + 1):
@@ -276,6 +293,7 @@ def select_structure(
     seed: int = 0,
     svi_config: SVIConfig = SELECTION_SVI,
     only: Sequence[str] | None = None,
+    fitters: FitterCache | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compare every candidate structure by K-fold CV over patients.
@@ -285,7 +303,8 @@ def select_structure(
     return the same statistics every time). cohorts: attribute name → (P,)
     cohort index of every patient; attributes with a single level are skipped
     (a cohort level is not identified there). ``only``: compare just these
-    structure names (default: all candidates).
+    structure names (default: all candidates). ``fitters``: a dict that keeps
+    compiled fitters across calls (see cross_validate).
 
     Returns a JSON-ready dict: ``table`` (compare, best first), ``best``,
     ``choice`` (choose), ``num_folds``, ``num_patients``, ``seed``, the
@@ -310,7 +329,14 @@ def select_structure(
             progress(f"structure {number + 1}/{len(structures)}: {structure.name}")
         cohort = usable.get(structure.cohort_attribute) if structure.cohort_attribute else None
         pointwise[structure.name] = cross_validate(
-            structure, stats, cohort, folds, seed=seed, svi_config=svi_config, progress=progress
+            structure,
+            stats,
+            cohort,
+            folds,
+            seed=seed,
+            svi_config=svi_config,
+            fitters=fitters,
+            progress=progress,
         )
     table = compare(pointwise)
     assert folds is not None
