@@ -128,7 +128,9 @@ def operating_characteristics(
 ) -> dict[str, Any]:
     """Simulate, fit and classify ``replicates`` programmes per entry of
     ``obs_per_patient``; return a JSON-ready dict with the settings and one row
-    per observation count holding each rate's ``rate``, ``se`` and eligible ``n``."""
+    per observation count holding each rate's ``rate``, ``se``, eligible ``n`` and
+    ``per_replicate`` [hits, eligible] (replicate r has the same true effects in
+    every row, so rows can be compared pairwise)."""
     rule = rule or DecisionRule()
     svi_config = svi_config or SVIConfig()
     say = progress or (lambda _message: None)
@@ -182,7 +184,7 @@ def operating_characteristics(
         for name, values in counts.items():
             hits, totals = np.array(values).T
             rate, se, eligible = rate_with_se(hits, totals)
-            row[name] = {"rate": rate, "se": se, "n": eligible}
+            row[name] = {"rate": rate, "se": se, "n": eligible, "per_replicate": values}
         rows.append(row)
     return {
         "truth": spec.model_dump(mode="json"),
@@ -223,6 +225,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Any) -> None:
     """PNG of the rates against observations per patient, with ±2 se bars."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -243,6 +246,7 @@ def plot(result: dict[str, Any], path: Any) -> None:
     ax.set_xscale("log")
     ax.set_xticks(obs)
     ax.set_xticklabels([str(o) for o in obs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("observations per patient")
     ax.set_ylabel("rate")
@@ -252,7 +256,7 @@ def plot(result: dict[str, Any], path: Any) -> None:
         fontsize=9,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
