@@ -1,7 +1,8 @@
 """Throughput and latency of one worker on a real Kafka broker (issue 6).
 
-    python -m benchmarks.throughput            # ~4 min -> results/throughput.json
+    python -m benchmarks.throughput            # ~10 min idle, ~35 on 2 loaded cores -> results/throughput.json
     python -m benchmarks.throughput --quick    # smaller, -> results/throughput_quick.json
+    python -m benchmarks.throughput --cprofile-worker /tmp/w.prof   # + a profiled extra repeat
     python -m benchmarks.throughput --py-spy /tmp/pyspy/bin/py-spy   # + a profile of the worker
 
 What is measured, in one run (one broker, one ``efficacy worker`` subprocess with
