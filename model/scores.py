@@ -27,7 +27,7 @@ from model.likelihood import Hyper, cohort_effect_posterior, patient_effects_giv
 from model.population import bucket_size
 
 PATIENT_BLOCK = 4096
-BISECTION_STEPS = 64
+BISECTION_STEPS = 32  # interval ends to 24 sd · 2⁻³² ≈ 6e-9 sd: far below any use
 
 
 class Classification(StrEnum):
