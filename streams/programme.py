@@ -41,8 +41,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
+from model.config import ModelConfig
+from model.evidence import PatientStats, stats_from_events
 from model.simulate import ProgrammeSpec, Simulated, exposure_schedule, simulate
 from streams.catalogue import Catalogue, MeasureSpec, Source
+from streams.patient_state import days
 from streams.schemas import (
     TOPIC_SCHEMAS,
     Enrollment,
@@ -228,6 +231,26 @@ class Programme:
         position = {id(r): i for rs in self.records.values() for i, r in enumerate(rs)}
         readings.sort(key=lambda r: (r.event_time, position[id(r)]))
         return [*self.records.get("enrollments", []), *readings]
+
+    def expected_statistics(
+        self, measure: str, model: ModelConfig, patients: Sequence[str] | None = None
+    ) -> PatientStats:
+        """The batch computation over the unique valid readings of ``measure``
+        with the simulated exposure: what the pipeline's patient statistics must
+        equal, whatever the arrival order, replays and duplicates. Rows follow
+        ``patients`` (default: every patient id, sorted)."""
+        patients = sorted(self.truth.patients) if patients is None else list(patients)
+        index = {p: i for i, p in enumerate(patients)}
+        topic = self.truth.measures[measure].source_topic
+        valid = [r for r in self.records[topic] if r.label == "valid" and r.measure == measure]
+        return stats_from_events(
+            len(patients),
+            np.array([index[r.patient_id] for r in valid], dtype=np.int64),
+            np.array([r.exposure for r in valid]),
+            np.array([days(r.event_time) for r in valid]),
+            np.array([r.canonical_value for r in valid]),
+            model,
+        )
 
 
 def records_digest(records: Iterable[tuple[bytes | None, bytes]]) -> str:

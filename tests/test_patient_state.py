@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from model.evidence import stats_from_events
 from streams.agents.ingest import Rejected, validate_enrollment, validate_observation
 from streams.app import measure_models
 from streams.catalogue import Catalogue
@@ -66,24 +65,6 @@ def run_state(events):
             rejected[(origin.topic, origin.partition, origin.offset)] = reason
         replays += outcome.replays
     return records, Counter(rejected.values()), replays
-
-
-def batch_stats(programme, measure, patients):
-    """Statistics of the unique valid readings, from the simulation's own exposure."""
-    valid = [
-        r
-        for r in programme.records[programme.truth.measures[measure].source_topic]
-        if r.label == "valid" and r.measure == measure
-    ]
-    index = {p: i for i, p in enumerate(patients)}
-    return stats_from_events(
-        len(patients),
-        np.array([index[r.patient_id] for r in valid]),
-        np.array([r.exposure for r in valid]),
-        np.array([days(r.event_time) for r in valid]),
-        np.array([r.canonical_value for r in valid]),
-        MODELS[measure],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +119,7 @@ def test_state_equals_batch_over_unique_events_in_any_order(programme, shuffle_s
     patients = sorted(programme.truth.patients)
     assert all(records[p].enrolled and not records[p].pending for p in patients)
     for measure in ("resting_heart_rate", "hba1c"):
-        expected = batch_stats(programme, measure, patients)
+        expected = programme.expected_statistics(measure, MODELS[measure], patients)
         gram = np.stack([records[p].measures[measure].gram for p in patients])
         np.testing.assert_allclose(gram, expected.gram, rtol=1e-10, atol=1e-9)
         exposed = [records[p].measures[measure].count_exposed for p in patients]
@@ -210,7 +191,9 @@ def test_long_follow_up_seals_old_evidence_and_refuses_too_late_exposure_changes
     assert not rejected
     records, reasons, _ = run_state(accepted)
     patients = sorted(programme.truth.patients)
-    expected = batch_stats(programme, "resting_heart_rate", patients)
+    expected = programme.expected_statistics(
+        "resting_heart_rate", MODELS["resting_heart_rate"], patients
+    )
     for i, patient in enumerate(patients):
         stats = records[patient].measures["resting_heart_rate"]
         assert len(stats.recent) <= 2 * RECENT_KEEP

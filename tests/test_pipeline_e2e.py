@@ -29,11 +29,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from model.evidence import stats_from_events
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.kafka_io import read_to_end, read_until
-from streams.patient_state import PatientRecord, days
+from streams.patient_state import PatientRecord
 from streams.programme import build_programme
 from streams.settings import Settings
 from streams.simulate_command import publish
@@ -164,16 +163,7 @@ def test_statistics_equal_the_batch_computation_over_unique_events(run):
     }
     patients = sorted(programme.truth.patients)
     assert set(state) == set(patients), sorted(state)[:5]
-    valid = [r for r in programme.records["wearables"] if r.label == "valid"]
-    index = {p: i for i, p in enumerate(patients)}
-    expected = stats_from_events(
-        len(patients),
-        np.array([index[r.patient_id] for r in valid]),
-        np.array([r.exposure for r in valid]),
-        np.array([days(r.event_time) for r in valid]),
-        np.array([r.canonical_value for r in valid]),
-        models[MEASURE],
-    )
+    expected = programme.expected_statistics(MEASURE, models[MEASURE], patients)
     gram = np.stack([state[p].measures[MEASURE].gram for p in patients])
     np.testing.assert_allclose(gram, expected.gram, rtol=1e-9, atol=1e-8)
     unexposed = np.array([state[p].measures[MEASURE].count_unexposed for p in patients])

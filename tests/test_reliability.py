@@ -35,11 +35,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.evidence import stats_from_events
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.kafka_io import read_to_end, read_until
-from streams.patient_state import PatientRecord, days
+from streams.patient_state import PatientRecord
 from streams.programme import Programme, build_programme
 from streams.settings import Settings
 from streams.simulate_command import publish
@@ -214,16 +213,7 @@ def batch_statistics(run: Run):
     """The batch computation over the unique valid readings with the simulated exposure."""
     models = measure_models(Catalogue.load(), Settings())
     patients = sorted(run.truth.patients)
-    index = {p: i for i, p in enumerate(patients)}
-    valid = [r for r in run.programme.records["wearables"] if r.label == "valid"]
-    expected = stats_from_events(
-        len(patients),
-        np.array([index[r.patient_id] for r in valid]),
-        np.array([r.exposure for r in valid]),
-        np.array([days(r.event_time) for r in valid]),
-        np.array([r.canonical_value for r in valid]),
-        models[MEASURE],
-    )
+    expected = run.programme.expected_statistics(MEASURE, models[MEASURE], patients)
     return patients, expected
 
 

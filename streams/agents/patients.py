@@ -115,19 +115,12 @@ class PatientsService:
                 parsed = PATIENT_EVENT.validate_json(event.value)
             except ValidationError as error:  # only our own ingest writes here
                 message = event.message
-                letter = dead_letter(
+                await self.reject(
+                    event,
                     "invalid_internal",
                     str(error.errors()[0].get("msg")),
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                    event.key,
-                    event.value,
+                    (message.topic, message.partition, message.offset),
                 )
-                await self.topics.deadletter.send(
-                    key=event.key, value=letter.model_dump_json().encode()
-                )
-                self.telemetry.rejected("observations", "invalid_internal")
                 continue
             patient_id = parsed.patient_id
             try:
@@ -141,19 +134,12 @@ class PatientsService:
                     origin.partition,
                     origin.offset,
                 )
-                letter = dead_letter(
+                await self.reject(
+                    event,
                     "processing_error",
                     f"{type(error).__name__}: {error}",
-                    origin.topic,
-                    origin.partition,
-                    origin.offset,
-                    event.key,
-                    event.value,
+                    (origin.topic, origin.partition, origin.offset),
                 )
-                await self.topics.deadletter.send(
-                    key=event.key, value=letter.model_dump_json().encode()
-                )
-                self.telemetry.rejected(origin.topic.rsplit(".", 1)[-1], "processing_error")
                 continue
             records[patient_id] = record
             touched[patient_id] |= outcome.touched
@@ -165,19 +151,9 @@ class PatientsService:
                     arrival.setdefault(patient_id, parsed.origin.timestamp)
             for rejected, reason, detail in outcome.rejected:
                 origin = rejected.origin
-                letter = dead_letter(
-                    reason,
-                    detail,
-                    origin.topic,
-                    origin.partition,
-                    origin.offset,
-                    event.key,
-                    event.value,
+                await self.reject(
+                    event, reason, detail, (origin.topic, origin.partition, origin.offset)
                 )
-                await self.topics.deadletter.send(
-                    key=event.key, value=letter.model_dump_json().encode()
-                )
-                self.telemetry.rejected(origin.topic.rsplit(".", 1)[-1], reason)
             self.telemetry.replays(outcome.replays)
         for record in records.values():
             self.save(record)
@@ -188,6 +164,16 @@ class PatientsService:
         self.telemetry.batch(len(events), time.perf_counter() - started)
         now = time.time()
         self.telemetry.event_to_score([now - arrival[p] for p in scored if p in arrival])
+
+    async def reject(
+        self, event: faust.EventT, reason: str, detail: str, origin: tuple[str, int, int]
+    ) -> None:
+        """Dead-letter an internal record: ``origin`` names the raw record it came
+        from (topic, partition, offset); the value is the internal message."""
+        topic, partition, offset = origin
+        letter = dead_letter(reason, detail, topic, partition, offset, event.key, event.value)
+        await self.topics.deadletter.send(key=event.key, value=letter.model_dump_json().encode())
+        self.telemetry.rejected(topic.rsplit(".", 1)[-1], reason)
 
     async def forward_evidence(self, record: PatientRecord, measures: set[str]) -> None:
         """Send the patient's whole statistics of each changed measure to the
