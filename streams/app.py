@@ -82,7 +82,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         app, topics, catalogue, models, posteriors, settings, telemetry
     )
     population_service = population.PopulationService(
-        app, topics, models, posteriors, settings, telemetry
+        app, topics, models, posteriors, settings, telemetry, drift=settings.drift
     )
     ingest.register(app, topics, catalogue, settings, telemetry)
     patients.register(app, patients_service)

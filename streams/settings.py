@@ -15,9 +15,16 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from monitoring.drift import DriftConfig
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EFFICACY_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="EFFICACY_",
+        extra="ignore",
+        populate_by_name=True,
+        env_nested_delimiter="__",
+    )
 
     bootstrap_servers: str = Field(
         default="127.0.0.1:9092",
@@ -56,6 +63,10 @@ class Settings(BaseSettings):
     )
     population_min_patients: int = Field(
         default=5, ge=1, description="patients with evidence before the first population fit"
+    )
+    drift: DriftConfig = Field(
+        default_factory=DriftConfig,
+        description="drift thresholds, e.g. EFFICACY_DRIFT__SHIFT_THRESHOLD=3.5",
     )
     max_future_days: float = Field(
         default=1.0, ge=0.0, description="readings further in the future are rejected"

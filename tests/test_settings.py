@@ -49,3 +49,14 @@ def test_invalid_values_are_rejected(monkeypatch):
     monkeypatch.setenv("EFFICACY_PARTITIONS", "0")
     with pytest.raises(ValidationError, match="partitions"):
         Settings()
+
+
+def test_drift_thresholds_from_the_environment(monkeypatch):
+    monkeypatch.setenv("EFFICACY_DRIFT__SHIFT_THRESHOLD", "5.5")
+    monkeypatch.setenv("EFFICACY_DRIFT__KL_THRESHOLD", "20")
+    settings = Settings()
+    assert settings.drift.shift_threshold == 5.5
+    assert settings.drift.kl_threshold == 20.0
+    monkeypatch.setenv("EFFICACY_DRIFT__SHIFT_THRESHOLD", "-1")
+    with pytest.raises(ValidationError, match="shift_threshold"):
+        Settings()
