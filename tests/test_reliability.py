@@ -333,7 +333,7 @@ def test_sigkilled_worker_loses_nothing_and_counts_nothing_twice(
             time.sleep(2.0)
             victim.start()
         publisher.finish()
-        _, records = wait_settled(run, timeout=300)
+        _, records = wait_settled(run, timeout=600)
         recovered = time.monotonic() - killed_at
         survivors = [first, victim] if restart else [first]
         for worker in survivors:
@@ -380,7 +380,7 @@ def test_broker_restart_mid_stream_resumes_with_the_same_invariant(tmp_path):
             kafka.start()
             print(f"broker down for {time.monotonic() - down:.1f} s")
             asyncio.run(publish(after, run.settings))
-            _, records = wait_settled(run, timeout=300)
+            _, records = wait_settled(run, timeout=600)
             print(f"settled {time.monotonic() - down:.1f} s after the broker stopped")
             assert worker.alive(), worker.log_tail()
             assert settled_reader(run)(records), worker.log_tail()
@@ -467,7 +467,7 @@ def test_replay_from_the_beginning_leaves_every_posterior_unchanged(kafka_bootst
         worker.start()
         wait_for_log(worker, r"\[\^Worker\]: Ready")
         asyncio.run(publish(run.programme, run.settings))
-        _, records = wait_settled(run, timeout=300)
+        _, records = wait_settled(run, timeout=600)
         assert settled_reader(run)(records), worker.log_tail()
         time.sleep(5.0)  # the last rescoring after the final posterior
         assert worker.stop() == 0, worker.log_tail()
