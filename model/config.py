@@ -226,10 +226,36 @@ class DecisionRule(_Frozen):
     responder when P(benefit ≥ MCID) ≥ responder_probability; non-responder when
     P(benefit > 0) ≤ nonresponder_probability; insufficient data until the patient
     has ``min_unexposed`` and ``min_exposed`` observations; otherwise uncertain.
+
+    Hysteresis (when the previous call is known, as in the stream): a responder
+    stays a responder while P(benefit ≥ MCID) ≥ responder_leave_probability, a
+    non-responder stays one while P(benefit > 0) ≤ nonresponder_leave_probability,
+    so a patient near a threshold does not flip on noise. Set the leave
+    probabilities equal to the enter ones for the plain rule.
     """
 
     responder_probability: float = Field(default=0.8, gt=0.0, lt=1.0)
     nonresponder_probability: float = Field(default=0.2, gt=0.0, lt=1.0)
+    responder_leave_probability: float = Field(
+        default=0.7,
+        gt=0.0,
+        lt=1.0,
+        description="a responder stays one while P(benefit ≥ MCID) ≥ this (hysteresis)",
+    )
+    nonresponder_leave_probability: float = Field(
+        default=0.3,
+        gt=0.0,
+        lt=1.0,
+        description="a non-responder stays one while P(benefit > 0) ≤ this (hysteresis)",
+    )
     min_unexposed: int = Field(default=3, ge=0)
     min_exposed: int = Field(default=3, ge=0)
-    version: str = "default-1"
+    version: str = "default-2"
+
+    @model_validator(mode="after")
+    def _hysteresis_ordered(self) -> DecisionRule:
+        if self.responder_leave_probability > self.responder_probability:
+            raise ValueError("responder_leave_probability must be <= responder_probability")
+        if self.nonresponder_leave_probability < self.nonresponder_probability:
+            raise ValueError("nonresponder_leave_probability must be >= nonresponder_probability")
+        return self

@@ -27,7 +27,7 @@ from model.likelihood import Hyper, cohort_effect_posterior, patient_effects_giv
 from model.population import bucket_size
 
 PATIENT_BLOCK = 4096
-BISECTION_STEPS = 32  # interval ends to 24 sd · 2⁻³² ≈ 6e-9 sd: far below any use
+BISECTION_STEPS = 36  # interval ends to (range of ±12 sd) · 2⁻³⁶ < 1e-9: far below any use
 
 
 class Classification(StrEnum):
@@ -230,24 +230,43 @@ def classify(
     count_exposed: np.ndarray,
     count_unexposed: np.ndarray,
     rule: DecisionRule,
+    previous: np.ndarray | None = None,
 ) -> np.ndarray:
     """The design's default rule, vectorised; returns an array of Classification values.
 
     insufficient data until min_unexposed and min_exposed observations; then
     responder if P(benefit ≥ MCID) ≥ responder_probability, non-responder if
-    P(benefit > 0) ≤ nonresponder_probability, otherwise uncertain.
+    P(benefit > 0) ≤ nonresponder_probability, otherwise uncertain. With the
+    ``previous`` calls, hysteresis: a responder stays one while P(benefit ≥ MCID)
+    ≥ responder_leave_probability, a non-responder while P(benefit > 0) ≤
+    nonresponder_leave_probability (DecisionRule).
     """
+    p_mcid = np.asarray(p_benefit_ge_mcid)
+    p_zero = np.asarray(p_benefit_gt_0)
     enough = (np.asarray(count_exposed) >= rule.min_exposed) & (
         np.asarray(count_unexposed) >= rule.min_unexposed
+    )
+    if previous is None:
+        previous = np.full(p_mcid.shape, "", dtype=object)
+    previous = np.asarray(previous, dtype=object)
+    stays_responder = (previous == Classification.RESPONDER.value) & (
+        p_mcid >= rule.responder_leave_probability
+    )
+    stays_nonresponder = (previous == Classification.NON_RESPONDER.value) & (
+        p_zero <= rule.nonresponder_leave_probability
     )
     return np.select(
         [
             ~enough,
-            np.asarray(p_benefit_ge_mcid) >= rule.responder_probability,
-            np.asarray(p_benefit_gt_0) <= rule.nonresponder_probability,
+            stays_responder,
+            stays_nonresponder,
+            p_mcid >= rule.responder_probability,
+            p_zero <= rule.nonresponder_probability,
         ],
         [
             Classification.INSUFFICIENT_DATA.value,
+            Classification.RESPONDER.value,
+            Classification.NON_RESPONDER.value,
             Classification.RESPONDER.value,
             Classification.NON_RESPONDER.value,
         ],

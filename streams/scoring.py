@@ -32,9 +32,6 @@ from streams.schemas import (
 
 LEVEL = 0.9
 Z_LEVEL = 1.6448536269514722  # Φ⁻¹(0.95): the composite's 90% interval
-DEFAULT_PATHWAYS: dict[str, str] = {
-    "non_responder": "alternative_pathway",
-}
 DRAW_FIELDS = ("mu", "tau", "corr_chol", "tau_cohort", "sigma", "gamma")
 
 
@@ -107,14 +104,22 @@ def measure_scores(
     model: ModelConfig,
     rule: DecisionRule,
     pathways: dict[str, str] | None = None,
+    previous: list[str | None] | None = None,
 ) -> list[MeasureScore]:
-    """Scores of a batch of patients for one measure, with the decision rule."""
-    pathways = DEFAULT_PATHWAYS if pathways is None else pathways
+    """Scores of a batch of patients for one measure, with the decision rule
+    (with hysteresis against each patient's ``previous`` published call) and the
+    recommended action of each call from ``pathways`` (Settings.pathways)."""
+    pathways = pathways or {}
     summary = summarize_patients(posterior, stats, cohorts, spec, model)
     counts_exposed = np.asarray([s.count_exposed for s in stats])
     counts_unexposed = np.asarray([s.count_unexposed for s in stats])
     calls = classify(
-        summary.p_benefit_ge_mcid, summary.p_benefit_gt_0, counts_exposed, counts_unexposed, rule
+        summary.p_benefit_ge_mcid,
+        summary.p_benefit_gt_0,
+        counts_exposed,
+        counts_unexposed,
+        rule,
+        previous=None if previous is None else np.asarray(previous, dtype=object),
     )
     scores = []
     for i, s in enumerate(stats):

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     population_min_patients: int = Field(
         default=5, ge=1, description="patients with evidence before the first population fit"
     )
+    pathways: dict[str, str] = Field(
+        default_factory=lambda: {"non_responder": "alternative_pathway"},
+        description="recommended action per call, as JSON, e.g. "
+        '{"non_responder": "clinical_escalation"}',
+    )
     drift: DriftConfig = Field(
         default_factory=DriftConfig,
         description="drift thresholds, e.g. EFFICACY_DRIFT__SHIFT_THRESHOLD=3.5",

@@ -60,3 +60,11 @@ def test_drift_thresholds_from_the_environment(monkeypatch):
     monkeypatch.setenv("EFFICACY_DRIFT__SHIFT_THRESHOLD", "-1")
     with pytest.raises(ValidationError, match="shift_threshold"):
         Settings()
+
+
+def test_pathway_table_from_the_environment(monkeypatch):
+    assert Settings().pathways == {"non_responder": "alternative_pathway"}
+    monkeypatch.setenv(
+        "EFFICACY_PATHWAYS", '{"non_responder": "clinical_escalation", "uncertain": "review"}'
+    )
+    assert Settings().pathways["non_responder"] == "clinical_escalation"

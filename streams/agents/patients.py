@@ -222,6 +222,11 @@ class PatientsService:
                 self.catalogue.get(measure),
                 self.models[measure],
                 self.rule,
+                pathways=self.settings.pathways,
+                previous=[
+                    r.published[measure].classification if measure in r.published else None
+                    for r in group
+                ],
             )
             for record, score in zip(group, scores, strict=True):
                 new_scores[record.patient_id][measure] = score
