@@ -27,6 +27,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     from streams.settings import Settings
 
     settings = Settings()
+    # faust creates only the last level of its data directory
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     registry = CollectorRegistry()
     pipeline = create_pipeline(settings, create_metrics(registry))
     app = pipeline.app
