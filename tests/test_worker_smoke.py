@@ -23,7 +23,7 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
         "EFFICACY_APP_ID": f"smoke-{uuid.uuid4().hex[:8]}",
         "EFFICACY_PARTITIONS": "2",
         "EFFICACY_WEB_ENABLED": "false",
-        "EFFICACY_DATA_DIR": str(tmp_path / "faust"),
+        "EFFICACY_DATA_DIR": str(tmp_path / "not" / "yet" / "there"),  # created by the worker
     }
     reading = {
         "event_id": "e-1",
