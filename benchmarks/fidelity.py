@@ -32,7 +32,7 @@ from model.reference import ReferenceFit, fit_naive_advi, fit_nuts
 from model.scores import EffectSummary, summarize_effects
 from model.simulate import ProgrammeSpec, Simulated, simulate
 
-SLEEPSTUDY = Path(__file__).resolve().parents[2] / "shared" / "data" / "sleepstudy"
+SLEEPSTUDY = Path(__file__).resolve().parents[1] / "tests" / "data" / "sleepstudy"
 RHR = MeasureConfig(name="resting_heart_rate", unit="bpm", direction="lower", mcid=2.0)
 REACTION = MeasureConfig(name="reaction_time", unit="ms", direction="lower", mcid=5.0)
 # lme4 REML fit of lmer(Reaction ~ Days + (Days | Subject)), from the data set's README.md.

@@ -26,7 +26,7 @@ from model.reference import fit_nuts
 from model.scores import summarize_effects
 from model.simulate import ProgrammeSpec, simulate
 
-SLEEPSTUDY = Path(__file__).resolve().parents[2] / "shared" / "data" / "sleepstudy"
+SLEEPSTUDY = Path(__file__).resolve().parent / "data" / "sleepstudy"  # a copy of ../shared/data
 RHR = MeasureConfig(name="resting_heart_rate", unit="bpm", direction="lower", mcid=2.0)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SLEEPSTUDY = REPO.parent / "shared" / "data" / "sleepstudy" / "sleepstudy.csv"
+SLEEPSTUDY = REPO / "tests" / "data" / "sleepstudy" / "sleepstudy.csv"
 BASE = ["--patient", "Subject", "--exposure", "Days", "--outcome", "Reaction"]
 
 

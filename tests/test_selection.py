@@ -37,7 +37,7 @@ from model.selection import (
 from model.simulate import ProgrammeSpec, simulate
 
 REPO = Path(__file__).resolve().parent.parent
-SLEEPSTUDY = REPO.parent / "shared" / "data" / "sleepstudy" / "sleepstudy.csv"
+SLEEPSTUDY = REPO / "tests" / "data" / "sleepstudy" / "sleepstudy.csv"
 SLEEP_ARGS = ["--patient", "Subject", "--exposure", "Days", "--outcome", "Reaction"]
 SLEEP_ARGS += ["--direction", "lower", "--mcid", "5", "--min-unexposed", "1"]
 
