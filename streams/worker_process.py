@@ -46,8 +46,9 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait for the clean shutdown, SIGKILL if it hangs. Returns the exit code."""
+    def stop(self, timeout: float = 120.0) -> int | None:
+        """SIGTERM, wait for the clean shutdown (which lets a population fit in
+        progress finish), SIGKILL if it hangs. Returns the exit code."""
         if self.process is None:
             return None
         if self.process.poll() is None:

@@ -110,6 +110,7 @@ class PatientsService:
         touched: dict[str, set[str]] = defaultdict(set)
         evidence_changed: set[str] = set()
         arrival: dict[str, float] = {}  # earliest raw-record timestamp (s) per patient
+        replayed: set[str] = set()
         for event in events:
             try:
                 parsed = PATIENT_EVENT.validate_json(event.value)
@@ -155,10 +156,21 @@ class PatientsService:
                     event, reason, detail, (origin.topic, origin.partition, origin.offset)
                 )
             self.telemetry.replays(outcome.replays)
+            if outcome.replays:
+                replayed.add(patient_id)
         for record in records.values():
             self.save(record)
         for patient_id in evidence_changed:
             await self.forward_evidence(records[patient_id], touched[patient_id])
+        # A replay means a worker stopped between applying events and committing
+        # their offsets: the state's changelog may have been written while the
+        # evidence forward or the score it caused was lost. Both are idempotent
+        # (last write wins), so send them again rather than risk losing them.
+        replayed -= evidence_changed
+        for patient_id in replayed:
+            await self.forward_evidence(records[patient_id], set(records[patient_id].measures))
+        if replayed:
+            await self.rescore([records[p] for p in replayed], "evidence", force=True)
         scored = await self.rescore([records[p] for p in touched if touched[p]], "evidence")
         self.telemetry.tracked(len(self.table))
         self.telemetry.batch(len(events), time.perf_counter() - started)

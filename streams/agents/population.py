@@ -138,7 +138,7 @@ class PopulationService:
             # a rebalance or a replay re-delivered it): refitting would only move
             # q(θ) by SVI noise and republish every score.
             return
-        result = await in_daemon_thread(model.fit, stats, cohort, cohorts)
+        result = await in_thread(model.fit, stats, cohort, cohorts)
         result.message = result.message.model_copy(update={"evidence_digest": digest})
         result.message = judge_drift(self.detector(measure), result.message)
         await self.topics.population_posterior.send(
@@ -156,10 +156,9 @@ class PopulationService:
         )
 
 
-async def in_daemon_thread(function, *args):
-    """Run a blocking call off the event loop in a daemon thread: a worker told to
-    stop does not wait for a fit in progress (nothing durable is lost; the new
-    owner refits), as it would for the default executor's threads."""
+async def in_thread(function, *args):
+    """Run a blocking call off the event loop in its own thread (one fit at a
+    time, so no pool is needed)."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
@@ -171,7 +170,9 @@ async def in_daemon_thread(function, *args):
         else:
             loop.call_soon_threadsafe(_settle, future, result, None)
 
-    threading.Thread(target=target, name="population-fit", daemon=True).start()
+    # Not a daemon: a daemon thread still inside XLA when the interpreter tears
+    # down aborts the process; a worker told to stop finishes the fit first.
+    threading.Thread(target=target, name="population-fit", daemon=False).start()
     return await future
 
 
