@@ -42,11 +42,9 @@ MEASURE = "resting_heart_rate"
 
 def prepare(patients: int, obs: int):
     from model.config import SVIConfig
-    from model.evidence import stats_from_events
     from streams.agents.ingest import validate_enrollment, validate_observation
     from streams.app import measure_models
     from streams.catalogue import Catalogue
-    from streams.patient_state import days
     from streams.population_book import PopulationModel
     from streams.posterior_feed import PosteriorBook
     from streams.programme import build_programme
@@ -72,17 +70,8 @@ def prepare(patients: int, obs: int):
         messages.append(event.model_dump_json().encode())
     ingest_seconds = time.process_time() - started
 
-    valid = [r for r in raw if r.label == "valid"]
     ids = sorted(programme.truth.patients)
-    index = {p: i for i, p in enumerate(ids)}
-    stats = stats_from_events(
-        len(ids),
-        np.array([index[r.patient_id] for r in valid]),
-        np.array([r.exposure for r in valid]),
-        np.array([days(r.event_time) for r in valid]),
-        np.array([r.canonical_value for r in valid]),
-        models[MEASURE],
-    )
+    stats = programme.expected_statistics(MEASURE, models[MEASURE], ids)
     cohorts = sorted({p.cohort for p in programme.truth.patients.values()})
     where = {c: g for g, c in enumerate(cohorts)}
     cohort = np.array([where[programme.truth.patients[p].cohort] for p in ids], dtype=np.int32)
