@@ -146,6 +146,9 @@ class ModelConfig(_Frozen):
     across cohorts); switch it off when there is a single cohort, where it is not
     identified. ``half_life`` (in raw time units) turns on exponential forgetting
     of old evidence; ``None`` keeps all evidence at full weight.
+    ``recent_half_life`` (raw time units) is the fast forgetting of the
+    recent-window statistics that drift monitoring fits against the all-time
+    ones (``recent_window``); ``None``: no recent window.
 
     ``effect_pooling`` chooses how patients' effects b_i borrow from each other
     (the intercepts a_i stay partially pooled in every case):
@@ -163,6 +166,7 @@ class ModelConfig(_Frozen):
     time_trend: bool = True
     cohort_level: bool = True
     half_life: float | None = Field(default=None, gt=0.0)
+    recent_half_life: float | None = Field(default=None, gt=0.0)
     effect_pooling: Literal["partial", "complete", "none"] = "partial"
     priors: PriorConfig = PriorConfig()
     standardization: Standardization = Standardization()
@@ -178,11 +182,28 @@ class ModelConfig(_Frozen):
 
     @property
     def structure(self) -> ModelConfig:
-        """This config with the default standardisation: all that the fit and the
-        scores of *standardised* evidence depend on. jit-compiled functions take
-        it as their static argument, so measures that differ only in units share
-        one compilation."""
-        return self.model_copy(update={"standardization": Standardization()})
+        """This config with the default standardisation and no forgetting: all
+        that the fit and the scores of *standardised* evidence depend on
+        (forgetting acts on the evidence, model.evidence, before either).
+        jit-compiled functions take it as their static argument, so measures that
+        differ only in units or half-lives share one compilation."""
+        return self.model_copy(
+            update={
+                "standardization": Standardization(),
+                "half_life": None,
+                "recent_half_life": None,
+            }
+        )
+
+    @property
+    def recent_window(self) -> ModelConfig | None:
+        """The config of the recent-window statistics: forgetting at
+        ``recent_half_life`` (None without a recent window)."""
+        if self.recent_half_life is None:
+            return None
+        return self.model_copy(
+            update={"half_life": self.recent_half_life, "recent_half_life": None}
+        )
 
     @property
     def local_dim(self) -> int:

@@ -398,24 +398,45 @@ class WindowShiftDetector:
     """Recent-window fit of the effect against the all-time fit.
 
     ``update(recent, all_time)`` with the two effect summaries after each
-    population update; ``drift_detected`` when |window_shift| > threshold.
+    population update. ``statistic`` is ``window_shift``. ``drift_detected`` on
+    the update where |statistic| first exceeds ``threshold`` (an alert); the
+    detector then disarms until |statistic| falls below ``rearm`` (half the
+    threshold by default), so one lasting departure raises one alert rather than
+    one per population update. The first ``warmup`` updates only set the level.
     """
 
-    def __init__(self, threshold: float = _DEFAULTS.window_shift_threshold) -> None:
-        if threshold <= 0:
-            raise ValueError("threshold must be positive")
+    def __init__(
+        self,
+        threshold: float = _DEFAULTS.window_shift_threshold,
+        *,
+        rearm: float | None = None,
+        warmup: int = _DEFAULTS.posterior_warmup,
+    ) -> None:
+        rearm = threshold / 2.0 if rearm is None else rearm
+        if threshold <= 0 or not 0 <= rearm <= threshold or warmup < 0:
+            raise ValueError("need threshold > 0, 0 <= rearm <= threshold and warmup >= 0")
         self.threshold = threshold
+        self.rearm = rearm
+        self.warmup = warmup
         self.statistic = 0.0
+        self.n_updates = 0
+        self._armed = True
         self._drift_detected = False
 
     @classmethod
     def from_config(cls, config: DriftConfig) -> WindowShiftDetector:
-        return cls(config.window_shift_threshold)
+        return cls(config.window_shift_threshold, warmup=config.posterior_warmup)
 
     @property
     def drift_detected(self) -> bool:
         return self._drift_detected
 
     def update(self, recent: GaussianSummary, all_time: GaussianSummary) -> None:
+        self.n_updates += 1
         self.statistic = window_shift(recent, all_time)
-        self._drift_detected = abs(self.statistic) > self.threshold
+        beyond = abs(self.statistic) > self.threshold
+        self._drift_detected = beyond and self._armed and self.n_updates > self.warmup
+        if self._drift_detected:
+            self._armed = False
+        elif abs(self.statistic) < self.rearm:
+            self._armed = True

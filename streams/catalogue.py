@@ -89,7 +89,12 @@ class MeasureSpec(BaseModel):
         )
 
     def model_config_for(
-        self, *, time_origin_days: float, time_scale_days: float, half_life_days: float | None
+        self,
+        *,
+        time_origin_days: float,
+        time_scale_days: float,
+        half_life_days: float | None,
+        recent_half_life_days: float | None = None,
     ) -> ModelConfig:
         """The streaming model of this measure. Time is in days since the Unix
         epoch (UTC), shifted to the programme's origin and scaled so that the time
@@ -101,6 +106,7 @@ class MeasureSpec(BaseModel):
             time_trend=True,
             cohort_level=True,
             half_life=half_life_days,
+            recent_half_life=recent_half_life_days,
             standardization=Standardization(
                 outcome_location=location,
                 outcome_scale=scale,

@@ -20,9 +20,11 @@ Exposure at an observation is read off the patient's timeline at the
 observation's event time (enrolment sets the initial exposure; ExposureChange
 events start, stop or change the dose). Kafka orders nothing across topics, so
 an exposure change may arrive after readings it governs: each measure keeps the
-raw (time, value) of its recent readings (at least ``RECENT_KEEP``, and all
-within ``REORDER_WINDOW_DAYS`` of the latest) and re-derives their exposure when
-the timeline changes. Older readings are sealed into statistics; an exposure
+raw (time, value) of its recent readings and re-derives their exposure when
+the timeline changes. Once more than 2·``RECENT_KEEP`` are held, the readings
+older than the ``RECENT_KEEP``-th newest *or* more than ``REORDER_WINDOW_DAYS``
+before the latest are sealed into statistics (state stays bounded however dense
+the readings: the window is the shorter of the two). An exposure
 change older than sealed evidence is dead-lettered as ``late_exposure_change``.
 The statistics therefore equal the batch computation over the unique events in
 any arrival order within the window. Observations that arrive before the
@@ -43,6 +45,7 @@ from model.config import ModelConfig
 from model.evidence import (
     PatientStats,
     add_reading,
+    decay_to,
     empty_stats,
     merge_stats,
     stats_from_events,
@@ -93,6 +96,10 @@ class MeasureStats(BaseModel):
     sealed_count_unexposed: int = 0
     sealed_until: float = float("-inf")
     recent: list[tuple[float, float]] = Field(default_factory=list)
+    # The sealed readings' statistics under the recent-window forgetting
+    # (ModelConfig.recent_window), kept only when the model has one.
+    sealed_window_gram: list[list[float]] | None = None
+    sealed_window_reference_time: float = float("-inf")
 
     def as_stats(self) -> PatientStats:
         return _stats(self.gram, self.reference_time, self.count_exposed, self.count_unexposed)
@@ -106,6 +113,11 @@ class MeasureStats(BaseModel):
             self.sealed_count_exposed,
             self.sealed_count_unexposed,
         )
+
+    def sealed_window_stats(self, window: ModelConfig) -> PatientStats:
+        if self.sealed_window_gram is None:
+            return empty_stats(1, window)
+        return _stats(self.sealed_window_gram, self.sealed_window_reference_time, 0, 0)
 
     def set_total(self, stats: PatientStats) -> None:
         self.gram = stats.gram[0].tolist()
@@ -220,6 +232,22 @@ def _rederive(record: PatientRecord, stats: MeasureStats, model: ModelConfig) ->
     )
 
 
+def recent_window_stats(
+    record: PatientRecord, stats: MeasureStats, model: ModelConfig
+) -> PatientStats | None:
+    """The measure's statistics under the recent-window forgetting
+    (ModelConfig.recent_window: weights 2^(-age / recent_half_life)), at the
+    same reference time as the all-time statistics; None without a window.
+    Exactly the batch computation with that half-life, like the totals."""
+    window = model.recent_window
+    if window is None:
+        return None
+    total = merge_stats(
+        stats.sealed_window_stats(window), _readings_stats(record, stats.recent, window), window
+    )
+    return decay_to(total, stats.reference_time, window)
+
+
 def _seal(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> None:
     """Fold readings older than the reorder window into the sealed statistics, so
     a patient's state stays bounded however long they are followed."""
@@ -232,6 +260,13 @@ def _seal(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> Non
         return
     sealed = merge_stats(stats.sealed_stats(model), _readings_stats(record, old, model), model)
     stats.set_sealed(sealed, max(horizon, stats.sealed_until))
+    window = model.recent_window
+    if window is not None:
+        sealed = merge_stats(
+            stats.sealed_window_stats(window), _readings_stats(record, old, window), window
+        )
+        stats.sealed_window_gram = sealed.gram[0].tolist()
+        stats.sealed_window_reference_time = float(sealed.reference_time[0])
     stats.recent = [r for r in stats.recent if r[0] >= horizon]
 
 
@@ -258,6 +293,16 @@ def _add_observation(
         )
         stats.sealed_count_exposed += exposed
         stats.sealed_count_unexposed += not exposed
+        window = model.recent_window
+        if window is not None:
+            stats.sealed_window_gram, stats.sealed_window_reference_time = add_reading(
+                stats.sealed_window_gram or empty_stats(1, window).gram[0].tolist(),
+                stats.sealed_window_reference_time,
+                exposure,
+                time,
+                observation.value,
+                window,
+            )
     else:
         stats.recent.append((time, observation.value))
         _seal(record, stats, model)

@@ -39,6 +39,7 @@ class PopulationBook:
         d = model.stat_dim
         self._rows: dict[str, int] = {}
         self._gram = np.zeros((64, d, d))
+        self._recent = np.zeros((64, d, d))  # recent-window statistics (zeros: none)
         self._reference = np.full(64, -np.inf)
         self._cohort = np.zeros(64, dtype=np.int32)
         self.cohorts: list[str] = []
@@ -62,6 +63,7 @@ class PopulationBook:
             cohort = self._cohort_index[evidence.cohort] = len(self.cohorts)
             self.cohorts.append(evidence.cohort)
         self._gram[row] = np.asarray(evidence.gram, dtype=float)
+        self._recent[row] = 0.0 if evidence.recent_gram is None else evidence.recent_gram
         self._reference[row] = evidence.reference_time
         self._cohort[row] = cohort
         self.changes_since_fit += 1
@@ -69,6 +71,7 @@ class PopulationBook:
     def _grow(self) -> None:
         size = 2 * self._gram.shape[0]
         self._gram = np.concatenate([self._gram, np.zeros_like(self._gram)])
+        self._recent = np.concatenate([self._recent, np.zeros_like(self._recent)])
         self._reference = np.concatenate([self._reference, np.full(size // 2, -np.inf)])
         self._cohort = np.concatenate([self._cohort, np.zeros(size // 2, dtype=np.int32)])
 
@@ -83,10 +86,29 @@ class PopulationBook:
             count_exposed=np.zeros(n, dtype=np.int64),
             count_unexposed=np.zeros(n, dtype=np.int64),
         )
-        finite = stats.reference_time[np.isfinite(stats.reference_time)]
-        if finite.size:
-            stats = decay_to(stats, float(finite.max()), self.model)
-        return stats, self._cohort[:n].copy(), list(self.cohorts)
+        return self._at_now(stats, self.model), self._cohort[:n].copy(), list(self.cohorts)
+
+    def recent_snapshot(self) -> PatientStats | None:
+        """The recent-window statistics (ModelConfig.recent_window) of every
+        patient, rows as in ``snapshot``, at the same common reference time;
+        None when the model has no recent window."""
+        window = self.model.recent_window
+        if window is None:
+            return None
+        n = self.num_patients
+        stats = PatientStats(
+            gram=self._recent[:n].copy(),
+            reference_time=self._reference[:n].copy(),
+            count_exposed=np.zeros(n, dtype=np.int64),
+            count_unexposed=np.zeros(n, dtype=np.int64),
+        )
+        return self._at_now(stats, window)
+
+    def _at_now(self, stats: PatientStats, model: ModelConfig) -> PatientStats:
+        """Re-base every patient's weights to the latest event time of all."""
+        finite = self._reference[: self.num_patients]
+        finite = finite[np.isfinite(finite)]
+        return decay_to(stats, float(finite.max()), model) if finite.size else stats
 
 
 def _key(measure: str, version: int) -> jax.Array:

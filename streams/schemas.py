@@ -185,6 +185,11 @@ class PatientEvidence(BaseModel):
     reference_time: float
     count_exposed: int
     count_unexposed: int
+    recent_gram: list[list[float]] | None = Field(
+        default=None,
+        description="the statistics under the recent-window forgetting (fast half-life), at "
+        "the same reference time; drift monitoring fits them against the all-time ones",
+    )
 
 
 # --- outputs --------------------------------------------------------------------
@@ -270,9 +275,13 @@ class PopulationPosterior(Envelope):
     drift: dict[str, float] = Field(
         default_factory=dict,
         description="movement since the reference posterior (monitoring.drift): kl, "
-        "kl_location, shift, shift_z",
+        "kl_location, shift, shift_z; with a recent-window fit also window_shift, "
+        "recent_effect_mean and recent_effect_sd",
     )
     drift_detected: bool = False
+    drift_kinds: list[Literal["posterior_shift", "window_shift"]] = Field(
+        default_factory=list, description="the detectors that raised ``drift_detected``"
+    )
     evidence_digest: str = Field(
         default="",
         description="digest of the patients' statistics this version was fitted on: "
@@ -285,9 +294,12 @@ class PopulationPosterior(Envelope):
 
 
 class Alert(Envelope):
-    """A responder transition with its recommended action, or a drift alert."""
+    """A responder transition with its recommended action, a drift alert
+    (posterior shift or recent-window departure, ``statistics`` says which), or
+    a prior-data conflict (incoming readings keep falling outside their
+    posterior predictive; per measure, never per patient)."""
 
-    kind: Literal["transition", "drift"]
+    kind: Literal["transition", "drift", "prior_data_conflict"]
     severity: Literal["info", "warning", "critical"] = "info"
     patient_id: PatientId | None = None
     measure: str

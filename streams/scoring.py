@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import DecisionRule, ModelConfig
+from model.evidence import PatientStats, decay_to
 from model.likelihood import Hyper
+from model.predictive import predictive_residuals
 from model.scores import EffectSummary, classify, summarize_given_cohorts
 from streams.catalogue import MeasureSpec
-from streams.patient_state import MeasureStats, PatientRecord, Published
+from streams.patient_state import MeasureStats, PatientRecord, Published, days
 from streams.schemas import (
     CompositeScore,
     EfficacyScore,
@@ -152,6 +154,71 @@ def measure_scores(
             )
         )
     return scores
+
+
+@dataclass(frozen=True)
+class PendingReading:
+    """A reading about to be applied, with its patient's evidence before it."""
+
+    gram: list[list[float]] | None  # None: the patient's first reading of the measure
+    reference_time: float
+    cohort: str | None
+    exposure: float
+    time: float  # days
+    value: float
+    origin: str  # "topic:partition:offset" of the raw record
+
+
+def pending_reading(
+    record: PatientRecord, measure: str, event_time: datetime, value: float, origin: str
+) -> PendingReading:
+    """Capture the patient's evidence of ``measure`` just before a reading."""
+    stats = record.measures.get(measure)
+    time = days(event_time)
+    return PendingReading(
+        gram=None if stats is None else stats.gram,
+        reference_time=float("-inf") if stats is None else stats.reference_time,
+        cohort=record.cohort,
+        exposure=record.exposure_at(time),
+        time=time,
+        value=value,
+        origin=origin,
+    )
+
+
+def reading_residuals(
+    posterior: MeasurePosterior, readings: list[PendingReading], model: ModelConfig
+) -> np.ndarray:
+    """Standardised posterior-predictive residual of each reading given its
+    patient's evidence before it (model.predictive), evidence weighted as of the
+    reading's time: N(0, 1) while the population posterior describes the data."""
+    d = model.stat_dim
+    gram = np.stack(
+        [np.zeros((d, d)) if r.gram is None else np.asarray(r.gram, dtype=float) for r in readings]
+    )
+    times = np.asarray([r.time for r in readings])
+    count = len(readings)
+    before = decay_to(
+        PatientStats(
+            gram=gram,
+            reference_time=np.asarray([r.reference_time for r in readings]),
+            count_exposed=np.zeros(count, dtype=np.int64),
+            count_unexposed=np.zeros(count, dtype=np.int64),
+        ),
+        times,
+        model,
+    )
+    cohort_mean, cohort_var = posterior.cohort_posterior([r.cohort for r in readings])
+    return predictive_residuals(
+        posterior.draws,
+        before.gram,
+        cohort_mean,
+        cohort_var,
+        np.asarray([r.exposure for r in readings]),
+        times,
+        np.asarray([r.value for r in readings]),
+        model,
+    )
 
 
 def composite(scores: list[MeasureScore], weights: dict[str, float]) -> CompositeScore | None:

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     half_life_days: float | None = Field(
         default=None, gt=0.0, description="forgetting half-life of evidence (None: keep all)"
     )
+    recent_half_life_days: float | None = Field(
+        default=7.0,
+        gt=0.0,
+        description="fast forgetting of the recent-window fit that drift monitoring compares "
+        "with the all-time fit (None: no recent-window fit)",
+    )
     batch_size: int = Field(default=1000, ge=1, description="events per patients-agent batch")
     batch_seconds: float = Field(default=0.1, gt=0.0, description="longest wait to fill a batch")
     population_interval_seconds: float = Field(

@@ -79,8 +79,18 @@ class Telemetry:
         m, measure = self.metrics, message.measure
         m.drift_kl.labels(measure=measure).set(message.drift.get("kl", 0.0))
         m.drift_shift.labels(measure=measure).set(message.drift.get("shift", 0.0))
-        if message.drift_detected:
-            m.drift_alerts.labels(measure=measure, kind="posterior_shift").inc()
+        if "window_shift" in message.drift:
+            m.drift_window_shift.labels(measure=measure).set(message.drift["window_shift"])
+        for kind in message.drift_kinds:
+            m.drift_alerts.labels(measure=measure, kind=kind).inc()
+
+    def conflict(self, measure: str, statistic: float, detected: bool) -> None:
+        """The prior-data conflict CUSUM of this worker's readings of a measure."""
+        if self.metrics is None:
+            return
+        self.metrics.drift_conflict.labels(measure=measure).set(statistic)
+        if detected:
+            self.metrics.drift_alerts.labels(measure=measure, kind="prior_data_conflict").inc()
 
     def population_updated(self, result: FitResult) -> None:
         message = result.message

@@ -364,3 +364,19 @@ def test_window_shift_is_quiet_on_stationary_streams() -> None:
     2 alarms."""
     alarms = sum(len(_window_run(seed, 4000, None, 0.0)) for seed in range(200, 220))
     assert alarms <= 2, f"{alarms} false alarms"
+
+
+def test_window_shift_alerts_once_per_departure_and_rearms() -> None:
+    """A lasting departure raises one alert, not one per update; after the
+    statistic falls below the re-arm level a new departure alerts again."""
+    det = WindowShiftDetector(threshold=3.0, warmup=1)
+    all_time = GaussianSummary(0.0, 1.0)
+    means = [5.0, 0.0, 5.0, 5.0, 4.0, 2.0, 5.0, 1.0, 5.0]  # combined sd sqrt(2)
+    alerts = []
+    for mean in means:
+        det.update(GaussianSummary(mean, 1.0), all_time)
+        alerts.append(det.drift_detected)
+    # Update 1 is warm-up (5/√2 = 3.5 sd, no alert); 3 alerts; 4 and 5 stay
+    # beyond the threshold, disarmed; 6 at 2/√2 = 1.41 < 1.5 re-arms; 7 alerts;
+    # 8 re-arms (0.71); 9 alerts.
+    assert alerts == [False, False, True, False, False, False, True, False, True]

@@ -20,7 +20,13 @@ import pytest
 from streams.agents.ingest import Rejected, validate_enrollment, validate_observation
 from streams.app import measure_models
 from streams.catalogue import Catalogue
-from streams.patient_state import RECENT_KEEP, PatientRecord, apply_event, days
+from streams.patient_state import (
+    RECENT_KEEP,
+    PatientRecord,
+    apply_event,
+    days,
+    recent_window_stats,
+)
 from streams.programme import build_programme
 from streams.schemas import EnrollmentRecord, ExposureChange, Observation, Origin
 from streams.settings import Settings
@@ -128,6 +134,25 @@ def test_state_equals_batch_over_unique_events_in_any_order(programme, shuffle_s
         np.testing.assert_array_equal(unexposed, expected.count_unexposed)
         # crossover: exposure is on, off (withdrawal), on again
         assert min(unexposed) > 0 and min(exposed) > 0
+        assert_recent_window_is_batch(records, patients, measure, programme)
+
+
+def assert_recent_window_is_batch(records, patients, measure, programme):
+    """The recent-window statistics (fast forgetting) equal the batch computation
+    with the recent half-life over the same unique readings."""
+    window = MODELS[measure].recent_window
+    assert window is not None and window.half_life == SETTINGS.recent_half_life_days
+    expected = programme.expected_statistics(measure, window, patients)
+    gram = np.stack(
+        [
+            recent_window_stats(records[p], records[p].measures[measure], MODELS[measure]).gram[0]
+            for p in patients
+        ]
+    )
+    np.testing.assert_allclose(gram, expected.gram, rtol=1e-9, atol=1e-9)
+    # Fast forgetting: the recent window weighs less than all readings.
+    all_time = np.stack([records[p].measures[measure].gram for p in patients])
+    assert np.all(gram[:, 0, 0] < all_time[:, 0, 0])
 
 
 def test_readings_before_enrolment_are_held_then_applied(programme):
@@ -200,6 +225,7 @@ def test_long_follow_up_seals_old_evidence_and_refuses_too_late_exposure_changes
         assert stats.sealed_until > days(programme.truth.start)
         np.testing.assert_allclose(stats.gram, expected.gram[i], rtol=1e-10, atol=1e-8)
     assert not reasons
+    assert_recent_window_is_batch(records, patients, "resting_heart_rate", programme)
 
     patient = patients[0]
     sealed_until = records[patient].measures["resting_heart_rate"].sealed_until

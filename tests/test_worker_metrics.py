@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 from monitoring_files import (
@@ -27,7 +28,7 @@ from monitoring_files import (
 )
 from monitoring_files import free_port as free_tcp_port
 
-from streams.kafka_io import read_until
+from streams.kafka_io import produce, read_until
 from streams.programme import build_programme
 from streams.settings import Settings
 from streams.simulate_command import publish
@@ -37,9 +38,34 @@ pytestmark = pytest.mark.kafka
 MEASURES = ["resting_heart_rate", "hba1c"]
 PATIENTS = 60
 
-# Series a stationary, healthy run cannot have: nothing drifted, no recent-window
-# fit exists yet, and the posterior-predictive conflict detector is not wired in.
-ONLY_AFTER_DRIFT = ("efficacy_drift_alerts_total", "window_shift", "conflict")
+# Series a stationary, healthy run cannot have: nothing drifted. The run ends
+# with readings shifted far from their predictive, after which every dashboard
+# query, drift alerts included, must return series.
+ONLY_AFTER_DRIFT = ("efficacy_drift_alerts_total",)
+SHIFT = 25.0  # bpm: ~6 residual sds of resting heart rate
+
+
+def shifted_readings(programme, measure: str, per_patient: int = 4):
+    """Each patient's last valid reading of ``measure`` re-sent ``per_patient``
+    times, hours later and SHIFT canonical units higher (new event ids): readings
+    that conflict with the posterior predictive, as a broken device would send."""
+    last = {}
+    for record in programme.send_order():
+        if record.label == "valid" and record.measure == measure:
+            last[record.patient_id] = record
+    records = []
+    for record in last.values():
+        raw = json.loads(record.value)
+        per_unit = raw["value"] / record.canonical_value  # raw units per canonical unit
+        for k in range(per_patient):
+            moved = dict(
+                raw,
+                event_id=f"{raw['event_id']}-shifted-{k}",
+                event_time=(record.event_time + timedelta(hours=k + 1)).isoformat(),
+                value=raw["value"] + SHIFT * per_unit,
+            )
+            records.append((record.topic, record.key, json.dumps(moved).encode()))
+    return records
 
 
 def value(base: str, expr: str) -> float:
@@ -123,6 +149,36 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
         patients = set(truth.patients)
         assert not labels & patients
         assert not any(p in v for v in labels for p in patients)
+
+        # A broken device: readings far above their predictive raise a prior-data
+        # conflict alert (no patient named), and its series reaches Prometheus.
+        shifted = shifted_readings(programme, "resting_heart_rate")
+        for topic in {t for t, _, _ in shifted}:
+            asyncio.run(
+                produce(
+                    kafka_bootstrap,
+                    settings.topic(topic),
+                    [(k, v) for t, k, v in shifted if t == topic],
+                )
+            )
+        alerts = asyncio.run(
+            read_until(
+                kafka_bootstrap,
+                [prefix + "alerts"],
+                done=lambda rs: any(b"prior_data_conflict" in r.value for r in rs),
+                timeout=120,
+            )
+        )
+        conflicts = [json.loads(r.value) for r in alerts if b"prior_data_conflict" in r.value]
+        assert conflicts, worker.log_tail()
+        assert conflicts[0]["measure"] == "resting_heart_rate"
+        assert conflicts[0]["patient_id"] is None
+        assert conflicts[0]["statistics"]["direction"] == 1.0  # readings run above
+        time.sleep(4.0)
+        kind = 'efficacy_drift_alerts_total{kind="prior_data_conflict"}'
+        assert value(base, f"sum({kind})") >= 1
+        assert value(base, 'efficacy_drift_conflict_statistic{measure="resting_heart_rate"}') >= 0
+        assert value(base, "count(efficacy_drift_window_shift_sd_units)") == len(MEASURES)
 
         empty = []
         for path in DASHBOARDS:

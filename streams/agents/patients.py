@@ -3,7 +3,8 @@ each to the patient's record in the changelogged ``patients`` table
 (streams.patient_state), rescores the touched patients under the current
 population posterior, publishes scores that changed materially and responder
 transitions, and forwards each touched patient's whole statistics to the
-population agent.
+population agent. Every reading is also scored against its posterior
+predictive (model.predictive) for the prior-data conflict detector.
 
 The table's changelog is partitioned by key with Kafka's default partitioner
 (``KeyPartitionedTable``): every record of a patient is keyed by the patient id
@@ -25,12 +26,22 @@ from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
 from model.config import DecisionRule, ModelConfig
+from monitoring.drift import PriorDataConflictDetector
+from streams.agents.drift import conflict_alert
 from streams.agents.ingest import dead_letter
 from streams.catalogue import Catalogue
-from streams.patient_state import PatientRecord, apply_event
+from streams.patient_state import PatientRecord, apply_event, origin_key, recent_window_stats
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import PATIENT_EVENT, Alert, PatientEvidence
-from streams.scoring import changed_materially, efficacy_score, measure_scores, published_of
+from streams.schemas import PATIENT_EVENT, Alert, Observation, PatientEvidence
+from streams.scoring import (
+    PendingReading,
+    changed_materially,
+    efficacy_score,
+    measure_scores,
+    pending_reading,
+    published_of,
+    reading_residuals,
+)
 from streams.settings import Settings
 from streams.telemetry import Telemetry
 from streams.topics import Topics
@@ -85,6 +96,7 @@ class PatientsService:
         # This worker's latest published call per measure and patient (for the
         # classification gauges; rebuilt as patients are rescored after a restart).
         self.calls: dict[str, dict[str, str]] = defaultdict(dict)
+        self.conflicts: dict[str, PriorDataConflictDetector] = {}  # per measure
         self.table = app.tables.add(
             KeyPartitionedTable(
                 app,
@@ -111,6 +123,7 @@ class PatientsService:
         evidence_changed: set[str] = set()
         arrival: dict[str, float] = {}  # earliest raw-record timestamp (s) per patient
         replayed: set[str] = set()
+        readings: dict[str, list[PendingReading]] = defaultdict(list)  # for conflict checks
         for event in events:
             try:
                 parsed = PATIENT_EVENT.validate_json(event.value)
@@ -125,8 +138,9 @@ class PatientsService:
                 continue
             patient_id = parsed.patient_id
             try:
-                record = records.get(patient_id) or self.load(patient_id)
-                record, outcome = apply_event(record, parsed, self.models)
+                before = records.get(patient_id) or self.load(patient_id)
+                reading = self.pending(before, parsed)
+                record, outcome = apply_event(before, parsed, self.models)
             except Exception as error:  # a bug must not stop the stream or lose the event
                 origin = parsed.origin
                 log.exception(
@@ -143,6 +157,8 @@ class PatientsService:
                 )
                 continue
             records[patient_id] = record
+            if reading is not None and parsed.measure in outcome.touched:
+                readings[parsed.measure].append(reading)
             touched[patient_id] |= outcome.touched
             if outcome.cohort_changed:
                 touched[patient_id] |= set(record.measures)
@@ -172,10 +188,47 @@ class PatientsService:
         if replayed:
             await self.rescore([records[p] for p in replayed], "evidence", force=True)
         scored = await self.rescore([records[p] for p in touched if touched[p]], "evidence")
+        await self.check_conflict(readings)
         self.telemetry.tracked(len(self.table))
         self.telemetry.batch(len(events), time.perf_counter() - started)
         now = time.time()
         self.telemetry.event_to_score([now - arrival[p] for p in scored if p in arrival])
+
+    def pending(self, record: PatientRecord | None, event) -> PendingReading | None:
+        """The reading ``event`` with its patient's evidence before it, when a
+        prior-data conflict check applies (an enrolled patient, a posterior)."""
+        if not isinstance(event, Observation) or record is None or not record.enrolled:
+            return None
+        if event.measure not in self.posteriors:
+            return None
+        return pending_reading(
+            record, event.measure, event.event_time, event.value, origin_key(event.origin)
+        )
+
+    async def check_conflict(self, readings: dict[str, list[PendingReading]]) -> None:
+        """Feed the batch's standardised posterior-predictive residuals to each
+        measure's prior-data conflict detector (monitoring.drift); alert on the
+        alerts topic when it fires. A per-worker CUSUM over its own patients:
+        no patient is named in the alert, the metric or the log."""
+        for measure, batch in readings.items():
+            posterior = self.posteriors[measure]
+            residuals = reading_residuals(posterior, batch, self.models[measure])
+            detector = self.conflicts.get(measure)
+            if detector is None:
+                detector = self.conflicts[measure] = PriorDataConflictDetector.from_config(
+                    self.settings.drift
+                )
+            detected = False
+            for reading, z in zip(batch, residuals, strict=True):
+                detector.update(float(z))
+                if detector.drift_detected:
+                    detected = True
+                    alert = conflict_alert(measure, detector, posterior.version, reading.origin)
+                    log.warning("%s", alert.message)
+                    await self.topics.alerts.send(
+                        key=measure.encode(), value=alert.model_dump_json().encode()
+                    )
+            self.telemetry.conflict(measure, detector.statistic, detected)
 
     async def reject(
         self, event: faust.EventT, reason: str, detail: str, origin: tuple[str, int, int]
@@ -196,6 +249,7 @@ class PatientsService:
             stats = record.measures.get(measure)
             if stats is None:
                 continue
+            recent = recent_window_stats(record, stats, self.models[measure])
             evidence = PatientEvidence(
                 measure=measure,
                 patient_id=record.patient_id,
@@ -204,6 +258,7 @@ class PatientsService:
                 reference_time=stats.reference_time,
                 count_exposed=stats.count_exposed,
                 count_unexposed=stats.count_unexposed,
+                recent_gram=None if recent is None else recent.gram[0].tolist(),
             )
             await self.topics.population_evidence.send(
                 key=f"{measure}/{record.patient_id}".encode(),

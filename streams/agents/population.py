@@ -13,17 +13,24 @@ import hashlib
 import logging
 import threading
 import zlib
+from dataclasses import dataclass
 
 import faust
 import numpy as np
 from faust.types import TP
 
 from model.config import ModelConfig, SVIConfig
-from monitoring.drift import DriftConfig, PosteriorShiftDetector
+from model.evidence import PatientStats
+from monitoring.drift import (
+    DriftConfig,
+    GaussianSummary,
+    PosteriorShiftDetector,
+    WindowShiftDetector,
+)
 from streams.agents.patients import measure_partition
-from streams.population_book import FitterPool, PopulationBook, PopulationModel
+from streams.population_book import FitResult, FitterPool, PopulationBook, PopulationModel
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import PatientEvidence, PopulationPosterior
+from streams.schemas import Interval, PatientEvidence, PopulationPosterior
 from streams.settings import Settings
 from streams.telemetry import Telemetry
 from streams.topics import Topics
@@ -53,8 +60,9 @@ class PopulationService:
         self.fitters = FitterPool(svi)  # shared by all measures: one compile per shape
         self.books: dict[str, PopulationBook] = {}
         self.fits: dict[str, PopulationModel] = {}
+        self.recent_fits: dict[str, PopulationModel] = {}  # recent-window fits
         self.drift = drift or DriftConfig()
-        self.detectors: dict[str, PosteriorShiftDetector] = {}
+        self.detectors: dict[str, DriftDetectors] = {}
         self._fitting = asyncio.Lock()
         self._owned: set[str] = set()  # measures owned at the last tick
         self.table = app.Table(
@@ -65,9 +73,9 @@ class PopulationService:
             partitions=settings.partitions,
         )
 
-    def detector(self, measure: str) -> PosteriorShiftDetector:
+    def detector(self, measure: str) -> DriftDetectors:
         if measure not in self.detectors:
-            self.detectors[measure] = PosteriorShiftDetector.from_config(self.drift)
+            self.detectors[measure] = DriftDetectors.from_config(self.drift)
         return self.detectors[measure]
 
     def book(self, measure: str) -> PopulationBook:
@@ -93,6 +101,7 @@ class PopulationService:
         owner), and the fit state and version of an earlier ownership are stale."""
         self.books[measure] = book = PopulationBook(measure, self.models[measure])
         self.fits.pop(measure, None)
+        self.recent_fits.pop(measure, None)
         for key, raw in list(self.table.items()):
             if raw and key.startswith(f"{measure}/"):
                 book.put(PatientEvidence.model_validate_json(raw))
@@ -138,9 +147,20 @@ class PopulationService:
             # a rebalance or a replay re-delivered it): refitting would only move
             # q(θ) by SVI noise and republish every score.
             return
-        result = await in_thread(model.fit, stats, cohort, cohorts)
+        recent_model, recent_stats = None, book.recent_snapshot()
+        if recent_stats is not None and recent_patients(recent_stats) >= max(
+            self.settings.population_min_patients, 2
+        ):
+            recent_model = self.recent_fits.get(measure)
+            if recent_model is None:
+                recent_model = self.recent_fits[measure] = PopulationModel(
+                    measure, self.models[measure], pool=self.fitters
+                )
+        result, recent = await in_thread(
+            fit_with_window, model, recent_model, stats, recent_stats, cohort, cohorts
+        )
         result.message = result.message.model_copy(update={"evidence_digest": digest})
-        result.message = judge_drift(self.detector(measure), result.message)
+        result.message = judge_drift(self.detector(measure), result.message, recent)
         await self.topics.population_posterior.send(
             key=measure.encode(), value=result.message.model_dump_json().encode()
         )
@@ -198,26 +218,89 @@ def evidence_digest(stats, cohort: np.ndarray, cohorts: list[str]) -> str:
     return hashlib.sha256(np.sort(keys).tobytes()).hexdigest()
 
 
+#: A patient counts towards the recent window with this much weighted evidence
+#: in it (readings at full weight); fewer such patients than the population
+#: agent's minimum and the recent-window fit is skipped.
+RECENT_MIN_WEIGHT = 0.5
+
+
+def recent_patients(stats: PatientStats) -> int:
+    """Patients with at least RECENT_MIN_WEIGHT of evidence in the recent window."""
+    return int(np.sum(stats.weighted_count >= RECENT_MIN_WEIGHT))
+
+
+def fit_with_window(
+    model: PopulationModel,
+    recent_model: PopulationModel | None,
+    stats: PatientStats,
+    recent_stats: PatientStats | None,
+    cohort: np.ndarray,
+    cohorts: list[str],
+) -> tuple[FitResult, Interval | None]:
+    """The all-time update and, when there is a recent-window model, the
+    recent-window update on the fast-forgetting statistics of the same patients
+    (both warm-started, one thread). Returns the all-time result and the recent
+    fit's population effect (raw units)."""
+    result = model.fit(stats, cohort, cohorts)
+    if recent_model is None or recent_stats is None:
+        return result, None
+    recent = recent_model.fit(recent_stats, cohort, cohorts)
+    return result, recent.message.summary.get("effect")
+
+
+@dataclass
+class DriftDetectors:
+    """The population agent's detectors of one measure (monitoring.drift)."""
+
+    shift: PosteriorShiftDetector
+    window: WindowShiftDetector
+
+    @classmethod
+    def from_config(cls, config: DriftConfig) -> DriftDetectors:
+        return cls(
+            PosteriorShiftDetector.from_config(config), WindowShiftDetector.from_config(config)
+        )
+
+
 def judge_drift(
-    detector: PosteriorShiftDetector, message: PopulationPosterior
+    detectors: DriftDetectors, message: PopulationPosterior, recent: Interval | None = None
 ) -> PopulationPosterior:
-    """Compare the new posterior with the detector's reference (monitoring.drift)
-    and record the verdict in the message: the drift agent alerts on
-    ``drift_detected``; every worker republishes all scores when ``rescore``."""
-    detector.update(
+    """Compare the new posterior with the shift detector's reference and, given
+    the recent-window fit's population effect, the recent with the all-time
+    effect (monitoring.drift); record the verdict in the message: the drift
+    agent alerts on ``drift_detected`` (``drift_kinds`` says which detectors);
+    every worker republishes all scores when ``rescore``."""
+    shift = detectors.shift
+    shift.update(
         np.asarray(message.unconstrained_loc), np.asarray(message.unconstrained_scale_tril)
     )
+    kinds = ["posterior_shift"] if shift.drift_detected else []
+    drift = {
+        "kl": shift.kl,
+        "kl_location": shift.kl_location,
+        "shift": shift.shift,
+        "shift_z": shift.shift_z,
+    }
+    effect = message.summary.get("effect")
+    if recent is not None and effect is not None:
+        window = detectors.window
+        window.update(
+            GaussianSummary(recent.mean, recent.sd), GaussianSummary(effect.mean, effect.sd)
+        )
+        drift.update(
+            window_shift=window.statistic,
+            recent_effect_mean=recent.mean,
+            recent_effect_sd=recent.sd,
+        )
+        if window.drift_detected:
+            kinds.append("window_shift")
     return message.model_copy(
         update={
-            "drift": {
-                "kl": detector.kl,
-                "kl_location": detector.kl_location,
-                "shift": detector.shift,
-                "shift_z": detector.shift_z,
-            },
-            "drift_detected": detector.drift_detected,
+            "drift": drift,
+            "drift_detected": bool(kinds),
+            "drift_kinds": kinds,
             # The first posteriors (the detector's warm-up) always rescore.
-            "rescore": detector.moved or detector.n_updates <= detector.warmup + 1,
+            "rescore": shift.moved or shift.n_updates <= shift.warmup + 1,
         }
     )
 
