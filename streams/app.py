@@ -4,6 +4,7 @@ ingest-*     raw topics -> observations (validated, canonical units) | deadlette
 patients     observations -> patients table, scores, alerts, population-evidence
 population   population-evidence -> population table; timer -> population-posterior
 posteriors   population-posterior (all partitions, every worker) -> rescoring
+web          GET /patients/{id}/score, answered by the patient's owner (score_lookup)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import faust
 
 from model.config import ModelConfig
+from streams import score_lookup
 from streams.agents import drift, ingest, patients, population
 from streams.catalogue import Catalogue
 from streams.posterior_feed import PosteriorBook, follow_posteriors
@@ -38,6 +40,7 @@ class Pipeline:
     patients: patients.PatientsService
     population: population.PopulationService
     posteriors: PosteriorBook
+    lookup: score_lookup.ScoreLookup
 
 
 def measure_models(catalogue: Catalogue, settings: Settings) -> dict[str, ModelConfig]:
@@ -68,7 +71,8 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         topic_replication_factor=settings.replication_factor,
         web_enabled=settings.web_enabled,
         web_port=settings.web_port,
-        web_bind="127.0.0.1",
+        web_bind=settings.web_bind,
+        web_host=settings.advertised_web_host,
         producer_acks=-1,
         producer_max_request_size=16 * 1024 * 1024,
         consumer_max_fetch_size=16 * 1024 * 1024,
@@ -89,6 +93,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     patients.register(app, patients_service)
     population.register(app, population_service)
     drift.register(app, topics, telemetry)
+    lookup = score_lookup.register(app, patients_service)
 
     async def on_new_posterior(message: PopulationPosterior) -> None:
         count = await patients_service.rescore_all(message.measure, force=message.rescore)
@@ -118,6 +123,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         patients_service,
         population_service,
         posteriors,
+        lookup,
     )
 
 

@@ -5,7 +5,8 @@
 ``record`` is what the patients table stores (JSON): enrolment and cohort, the
 exposure timeline, the sufficient statistics of every measure (model.evidence,
 standardised units), the identities of the events already applied, observations
-held until enrolment, and what was last published.
+held until enrolment, and what was last published (the latest score message
+itself too).
 
 Idempotency does not rest on Kafka transactions. Every applied event is
 remembered by ``event_id`` with the coordinates of the raw record it came from
@@ -169,6 +170,11 @@ class PatientRecord(BaseModel):
     pending: list[Observation] = Field(default_factory=list)
     measures: dict[str, MeasureStats] = Field(default_factory=dict)
     published: dict[str, Published] = Field(default_factory=dict)
+    # The EfficacyScore last sent to the scores topic, as the exact JSON sent (a
+    # string, not the model: this record serialises NaN/inf as constants, the
+    # score as null, so a nested model would not read back). Served over HTTP
+    # by streams.score_lookup; None until the patient's first score.
+    published_score: str | None = None
 
     @property
     def enrolled(self) -> bool:

@@ -7,6 +7,7 @@ the Kafka client for real clusters.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,8 +43,19 @@ class Settings(BaseSettings):
     )
     metrics_addr: str = Field(default="127.0.0.1", description="address /metrics binds to")
     metrics_enabled: bool = True
-    web_port: int = Field(default=6066, ge=1, le=65535)
+    web_port: int = Field(
+        default=6066, ge=1, le=65535, description="faust's web server (score lookup) port"
+    )
     web_enabled: bool = True
+    web_bind: str = Field(
+        default="127.0.0.1", description="address the web server binds to (0.0.0.0: every one)"
+    )
+    web_host: str | None = Field(
+        default=None,
+        description="host name other workers reach this worker's web server at (faust's "
+        "canonical URL, used to forward score lookups); default: the bind address, or "
+        "the machine's host name when binding to every address",
+    )
 
     measures_file: Path | None = Field(
         default=None, description="measure catalogue (TOML); default: the shipped measures.toml"
@@ -111,6 +123,16 @@ class Settings(BaseSettings):
     def broker_url(self) -> str:
         """Faust's broker URL: kafka:// for every host in the bootstrap list."""
         return ";".join(f"kafka://{host.strip()}" for host in self.bootstrap_servers.split(","))
+
+    @property
+    def advertised_web_host(self) -> str:
+        """The host in this worker's canonical URL: the group's other members
+        forward score lookups there, so it must reach the bound address."""
+        if self.web_host:
+            return self.web_host
+        if self.web_bind in ("", "0.0.0.0", "::"):
+            return socket.gethostname()
+        return self.web_bind
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

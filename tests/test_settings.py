@@ -68,3 +68,14 @@ def test_pathway_table_from_the_environment(monkeypatch):
         "EFFICACY_PATHWAYS", '{"non_responder": "clinical_escalation", "uncertain": "review"}'
     )
     assert Settings().pathways["non_responder"] == "clinical_escalation"
+
+
+def test_advertised_web_host_reaches_the_bound_address(monkeypatch):
+    import socket
+
+    monkeypatch.setenv("EFFICACY_WEB_PORT", "6070")
+    assert Settings().advertised_web_host == "127.0.0.1"  # loopback by default
+    assert Settings(web_bind="10.0.0.5").advertised_web_host == "10.0.0.5"
+    assert Settings(web_bind="0.0.0.0").advertised_web_host == socket.gethostname()
+    assert Settings(web_bind="0.0.0.0", web_host="worker-1").advertised_web_host == "worker-1"
+    assert Settings().web_port == 6070

@@ -313,14 +313,15 @@ class PatientsService:
                     transitions.append((previous.classification, score))
                 record.published[measure] = published_of(score)
                 self.calls[measure][patient_id] = score.classification
+            message = efficacy_score(record, list(scores.values()), self.weights, self.rule)
+            record.published_score = message.model_dump_json()
             # No await between load and save: another task (the agent, or the
             # rescoring after a new posterior) may save this patient meanwhile.
             self.save(record)
             for previous_call, score in transitions:
                 await self.transition_alert(record, previous_call, score)
-            message = efficacy_score(record, list(scores.values()), self.weights, self.rule)
             await self.topics.scores.send(
-                key=patient_id.encode(), value=message.model_dump_json().encode()
+                key=patient_id.encode(), value=record.published_score.encode()
             )
             published.add(patient_id)
         self.telemetry.scores_published(len(published), trigger)
