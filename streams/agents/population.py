@@ -138,6 +138,8 @@ class PopulationService:
         owned = {measure for measure in self.models if self.owns(measure)}
         for measure in owned - self._owned:
             self.rebuild_book(measure)
+            # The first structure selection comes one interval after ownership starts.
+            self._last_selection[measure] = (time.monotonic(), "")
         self._owned = owned
         for measure, book in list(self.books.items()):
             if book.changes_since_fit == 0 or not self.owns(measure):
@@ -186,8 +188,8 @@ class PopulationService:
 
     def selection_due(self, measure: str) -> bool:
         """An owned measure (its book rebuilt by a tick) with enough patients and a
-        published posterior (the first update comes first), whose last selection
-        started at least ``selection_interval_seconds`` ago."""
+        published posterior, whose last selection started (or, before the first,
+        whose ownership started) at least ``selection_interval_seconds`` ago."""
         book = self.books.get(measure)
         if measure not in self._owned or book is None:
             return False
@@ -254,15 +256,20 @@ class PopulationService:
                 if not await in_thread(run.step):
                     break
         message = run.message()
-        topic = self.topics.structure_selection
-        if not self._selection_topic_declared:
-            # Nobody subscribes to it, so faust would not create it: declare it
-            # (compacted) instead of leaving it to broker auto-creation.
-            await topic.maybe_declare()
-            self._selection_topic_declared = True
-        await topic.send(key=measure.encode(), value=message.model_dump_json().encode())
+        await self.declare_selection_topic()
+        await self.topics.structure_selection.send(
+            key=measure.encode(), value=message.model_dump_json().encode()
+        )
         self.telemetry.selection_published(message)
         return message
+
+    async def declare_selection_topic(self) -> None:
+        """Create the structure-selection topic (compacted) if it does not exist.
+        No agent subscribes to it, so faust would not, and broker auto-creation
+        would make it without compaction."""
+        if not self._selection_topic_declared:
+            await self.topics.structure_selection.maybe_declare()
+            self._selection_topic_declared = True
 
 
 async def in_thread(function, *args):
@@ -347,3 +354,5 @@ def register(app: faust.App, service: PopulationService) -> None:
         app.timer(service.settings.population_interval_seconds, name="structure-selection")(
             service.select_tick
         )
+        # At start-up, before any reader can make the broker auto-create it.
+        app.task(service.declare_selection_topic)
