@@ -21,8 +21,7 @@ Label values used by the pipeline:
 - ``classification``: one of ``CLASSIFICATIONS``.
 - ``kind`` (drift alerts): one of ``DRIFT_KINDS``.
 - ``trigger`` (scores published): one of ``SCORE_TRIGGERS``.
-- ``structure`` (structure selection): a candidate pooling structure, one of
-  ``complete``, ``none``, ``partial``, ``partial+cohort`` (model.selection).
+- ``structure`` (structure selection): one of ``STRUCTURES``.
 """
 
 from __future__ import annotations
@@ -45,6 +44,10 @@ the recent-window fit departs from the all-time fit."""
 SCORE_TRIGGERS: tuple[str, ...] = ("evidence", "population")
 """Values of the ``trigger`` label of ``efficacy_scores_published_total``: new
 patient evidence, or a rescore under a new population posterior version."""
+
+STRUCTURES: tuple[str, ...] = ("complete", "none", "partial", "partial+cohort")
+"""Values of the ``structure`` label: the streaming structure selection's
+candidates (model.selection.candidate_structures with the cohort attribute)."""
 
 # Explicit buckets (seconds). A batch of a few hundred events through the patient
 # agent is milliseconds; an SVI update of a few hundred steps is seconds to minutes;

@@ -41,7 +41,7 @@ from model.selection import (
     select_structure,
 )
 from model.simulate import ProgrammeSpec, simulate
-from monitoring.metrics import create_metrics
+from monitoring.metrics import STRUCTURES, create_metrics
 from streams.agents.population import PopulationService
 from streams.catalogue import Catalogue
 from streams.population_book import PopulationBook, StructureSelectionRun
@@ -344,7 +344,7 @@ def test_population_agent_selects_the_cohort_structure_and_publishes_it():
     message, interleaved = asyncio.run(select_while_an_update_waits())
     assert interleaved
     rows = {row.structure: row for row in message.structures}
-    assert set(rows) == {"complete", "none", "partial", "partial+cohort"}
+    assert set(rows) == {"complete", "none", "partial", "partial+cohort"} == set(STRUCTURES)
     assert message.current_structure == "partial+cohort"
     assert message.best == "partial+cohort" and message.choice == "partial+cohort"
     assert -rows["partial"].elpd_diff > 2.0 * rows["partial"].diff_se, message.structures
