@@ -44,7 +44,7 @@ against it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -57,7 +57,13 @@ from pydantic import BaseModel, ConfigDict
 from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats
 from model.likelihood import Hyper, cohort_effect_posterior, patient_terms
-from model.population import PopulationFitter, bucket_size, hyper_from_sites, pad_evidence
+from model.population import (
+    PopulationFitter,
+    UpdateInfo,
+    bucket_size,
+    hyper_from_sites,
+    pad_evidence,
+)
 
 # SVI settings for the K fits of every structure: fewer particles than a
 # production fit (the CV criterion averages over S draws and n patients, so the
@@ -154,7 +160,11 @@ def _compiled(
     config: ModelConfig, svi_config: SVIConfig, cache: FitterCache | None
 ) -> tuple[PopulationFitter, Callable]:
     """A PopulationFitter and a jitted sampler of its q(θ) (eager sampling costs
-    seconds per fold), from ``cache`` when it holds them for this configuration."""
+    seconds per fold), from ``cache`` when it holds them for this configuration.
+
+    Keyed by ``config.structure``: the fit sees standardised statistics only, so
+    measures that differ only in units share one compilation."""
+    config = config.structure
     if cache is not None and (config, svi_config) in cache:
         return cache[config, svi_config]
     fitter = PopulationFitter(config, svi_config)
@@ -178,6 +188,56 @@ def _padded(array: np.ndarray, size: int) -> np.ndarray:
     return np.pad(array, pad)
 
 
+def cross_validate_folds(
+    structure: Structure,
+    stats: PatientStats,
+    cohort: np.ndarray | None,
+    folds: np.ndarray,
+    *,
+    seed: int = 0,
+    svi_config: SVIConfig = SELECTION_SVI,
+    fitters: FitterCache | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, UpdateInfo]]:
+    """cross_validate one fold at a time: a generator whose every step is one SVI
+    fit, yielding (fold, held-out rows, their raw-outcome elpd_i, the fit's info).
+
+    A caller that must not hold the CPU for all K fits at once (the streaming
+    population agent) advances it step by step; ``cross_validate`` runs it out.
+    """
+    config = structure.config
+    num_patients = stats.num_patients
+    if cohort is None or not config.cohort_level:
+        cohort = np.zeros(num_patients, dtype=np.int64)
+    cohort = np.asarray(cohort, dtype=np.int64)
+    num_cohorts = int(cohort.max()) + 1
+    fitter, draw = _compiled(config, svi_config, fitters)
+    num_folds = int(folds.max()) + 1
+    keys = jax.random.split(jax.random.PRNGKey(seed), num_folds)
+    # standardised → raw outcome density: y' = (y − loc)/scale for n_i (weighted) rows
+    shift = stats.gram[:, 0, 0] * np.log(config.standardization.outcome_scale)
+    for fold in range(num_folds):
+        test = np.flatnonzero(folds == fold)
+        train = np.flatnonzero(folds != fold)
+        evidence = pad_evidence(_subset(stats, train), cohort[train], num_cohorts)
+        key_init, key_fit, key_draws = jax.random.split(keys[fold], 3)
+        state = fitter.init(key_init, evidence)
+        state, info = fitter.update(state, evidence, key_fit)
+        draws = draw(fitter.params(state), key_draws)
+        size = bucket_size(test.size, 8)
+        loglik = heldout_loglik(
+            draws,
+            evidence.gram,
+            evidence.cohort,
+            jnp.asarray(_padded(stats.gram[test], size)),
+            jnp.asarray(_padded(cohort[test], size)),
+            evidence.num_cohorts,
+            config.structure,
+        )
+        loglik = np.asarray(loglik)[:, : test.size]
+        elpd = np.asarray(logsumexp(loglik, axis=0)) - np.log(loglik.shape[0])
+        yield fold, test, elpd - shift[test], info
+
+
 def cross_validate(
     structure: Structure,
     stats: PatientStats,
@@ -197,43 +257,18 @@ def cross_validate(
     structure, so its SVI step compiles once for all folds of the same padded size;
     pass a ``fitters`` dict to reuse the compiled fitters across calls.
     """
-    config = structure.config
-    num_patients = stats.num_patients
-    if cohort is None or not config.cohort_level:
-        cohort = np.zeros(num_patients, dtype=np.int64)
-    cohort = np.asarray(cohort, dtype=np.int64)
-    num_cohorts = int(cohort.max()) + 1
-    fitter, draw = _compiled(config, svi_config, fitters)
-    elpd = np.empty(num_patients)
-    keys = jax.random.split(jax.random.PRNGKey(seed), int(folds.max()) + 1)
-    for fold in range(int(folds.max()) + 1):
-        test = np.flatnonzero(folds == fold)
-        train = np.flatnonzero(folds != fold)
-        evidence = pad_evidence(_subset(stats, train), cohort[train], num_cohorts)
-        key_init, key_fit, key_draws = jax.random.split(keys[fold], 3)
-        state = fitter.init(key_init, evidence)
-        state, info = fitter.update(state, evidence, key_fit)
-        draws = draw(fitter.params(state), key_draws)
-        size = bucket_size(test.size, 8)
-        loglik = heldout_loglik(
-            draws,
-            evidence.gram,
-            evidence.cohort,
-            jnp.asarray(_padded(stats.gram[test], size)),
-            jnp.asarray(_padded(cohort[test], size)),
-            evidence.num_cohorts,
-            config,
-        )
-        loglik = np.asarray(loglik)[:, : test.size]
-        elpd[test] = np.asarray(logsumexp(loglik, axis=0)) - np.log(loglik.shape[0])
+    elpd = np.empty(stats.num_patients)
+    num_folds = int(folds.max()) + 1
+    for fold, test, values, info in cross_validate_folds(
+        structure, stats, cohort, folds, seed=seed, svi_config=svi_config, fitters=fitters
+    ):
+        elpd[test] = values
         if progress is not None:
             progress(
-                f"  {structure.name}: fold {fold + 1}/{int(folds.max()) + 1}, "
-                f"ELBO {info.elbo:,.1f}, held-out elpd {elpd[test].sum():,.1f}"
+                f"  {structure.name}: fold {fold + 1}/{num_folds}, "
+                f"ELBO {info.elbo:,.1f}, held-out elpd {values.sum():,.1f}"
             )
-    # standardised → raw outcome density: y' = (y − loc)/scale for n_i (weighted) rows
-    n_i = stats.gram[:, 0, 0]
-    return elpd - n_i * np.log(config.standardization.outcome_scale)
+    return elpd
 
 
 def compare(pointwise: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ Label values used by the pipeline:
 - ``classification``: one of ``CLASSIFICATIONS``.
 - ``kind`` (drift alerts): one of ``DRIFT_KINDS``.
 - ``trigger`` (scores published): one of ``SCORE_TRIGGERS``.
+- ``structure`` (structure selection): one of ``STRUCTURES``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ the recent-window fit departs from the all-time fit."""
 SCORE_TRIGGERS: tuple[str, ...] = ("evidence", "population")
 """Values of the ``trigger`` label of ``efficacy_scores_published_total``: new
 patient evidence, or a rescore under a new population posterior version."""
+
+STRUCTURES: tuple[str, ...] = ("complete", "none", "partial", "partial+cohort")
+"""Values of the ``structure`` label: the streaming structure selection's
+candidates (model.selection.candidate_structures with the cohort attribute)."""
 
 # Explicit buckets (seconds). A batch of a few hundred events through the patient
 # agent is milliseconds; an SVI update of a few hundred steps is seconds to minutes;
@@ -76,6 +81,21 @@ POPULATION_UPDATE_BUCKETS: tuple[float, ...] = (
     120.0,
     300.0,
     600.0,
+)
+# A structure selection is K folds x 4 structures of SVI fits, plus compiling
+# them after a start: seconds on a small programme, minutes on a large one.
+SELECTION_BUCKETS: tuple[float, ...] = (
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1200.0,
+    3600.0,
 )
 EVENT_TO_SCORE_BUCKETS: tuple[float, ...] = (
     0.01,
@@ -125,6 +145,13 @@ class Metrics(NamedTuple):
     patients_by_classification: Gauge  # efficacy_patients{measure, classification}
     patients_tracked: Gauge  # efficacy_patients_tracked (no labels)
     scores_published: Counter  # efficacy_scores_published_total{trigger}
+    # Structure selection (advisory: the pipeline keeps its structure)
+    selection_elpd_diff: Gauge  # efficacy_selection_elpd_diff{measure, structure}
+    selection_elpd_diff_se: Gauge  # efficacy_selection_elpd_diff_se{measure, structure}
+    selection_chosen: Gauge  # efficacy_selection_chosen{measure, structure}
+    selection_seconds: Histogram  # efficacy_selection_seconds{measure}
+    selection_last_run: Gauge  # efficacy_selection_last_run_timestamp_seconds{measure}
+    selection_failures: Counter  # efficacy_selection_failures_total{measure}
 
 
 def create_metrics(registry: CollectorRegistry) -> Metrics:
@@ -236,6 +263,36 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
         ),
         scores_published=counter(
             "scores_published_total", "Efficacy scores published.", ("trigger",)
+        ),
+        selection_elpd_diff=gauge(
+            "selection_elpd_diff",
+            "Cross-validated elpd of a structure minus the best structure's (<= 0), "
+            "latest structure selection.",
+            ("measure", "structure"),
+        ),
+        selection_elpd_diff_se=gauge(
+            "selection_elpd_diff_se",
+            "Standard error of efficacy_selection_elpd_diff (paired over held-out patients).",
+            ("measure", "structure"),
+        ),
+        selection_chosen=gauge(
+            "selection_chosen",
+            "1 for the structure the latest selection chose, 0 for the other candidates.",
+            ("measure", "structure"),
+        ),
+        selection_seconds=histogram(
+            "selection_seconds",
+            "Compute time of one structure selection (all folds and structures).",
+            SELECTION_BUCKETS,
+            m,
+        ),
+        selection_last_run=gauge(
+            "selection_last_run_timestamp_seconds",
+            "Unix time of the latest published structure selection.",
+            m,
+        ),
+        selection_failures=counter(
+            "selection_failures_total", "Structure selections that failed.", m
         ),
     )
 

@@ -1,6 +1,7 @@
 """The population side of one measure: every patient's latest statistics in
-growable arrays, and the warm-started variational update that turns them into a
-versioned PopulationPosterior message (pure: no Kafka).
+growable arrays, the warm-started variational update that turns them into a
+versioned PopulationPosterior message, and the structure selection that compares
+pooling structures on them (pure: no Kafka).
 
 Evidence messages carry a patient's *whole* current statistics, not a delta:
 the book keeps the last one per patient, so a re-delivered message changes
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,7 +24,22 @@ from model.evidence import PatientStats, decay_to
 from model.offline import SUMMARY_DRAWS, describe, population_quantities
 from model.population import Evidence, FitState, PopulationFitter, UpdateInfo, pad_evidence
 from model.scores import cohort_posteriors
-from streams.schemas import Interval, PatientEvidence, PopulationPosterior
+from model.selection import (
+    SELECTION_SVI,
+    FitterCache,
+    candidate_structures,
+    choose,
+    compare,
+    cross_validate_folds,
+    patient_folds,
+)
+from streams.schemas import (
+    Interval,
+    PatientEvidence,
+    PopulationPosterior,
+    StructureScore,
+    StructureSelection,
+)
 from streams.scoring import DRAW_FIELDS
 
 #: Warm updates of 100 steps (two chunks, so convergence can be judged from the
@@ -230,3 +247,121 @@ class PopulationModel:
         )
         self.state, self.version = state, version
         return FitResult(message, info, time.perf_counter() - started)
+
+
+#: The cohort attribute of streamed evidence: the enrolment's ``cohort`` label
+#: (the only one the evidence carries), so the cohort structure is ``partial+cohort``.
+COHORT_ATTRIBUTE = "cohort"
+
+
+def structure_name(model: ModelConfig) -> str:
+    """A model's structure under the selection's names (complete, none, partial,
+    partial+cohort)."""
+    name = model.effect_pooling
+    return f"{name}+{COHORT_ATTRIBUTE}" if model.cohort_level else name
+
+
+class StructureSelectionRun:
+    """One structure selection of one measure (model.selection) on a snapshot of
+    its book: complete, none and partial pooling, and partial pooling with a
+    cohort level when the patients come from at least two cohorts, compared by
+    K-fold cross-validation over patients.
+
+    ``step()`` runs the next SVI fit (one fold of one structure; blocking), so the
+    agent can let population updates in between; ``run()`` runs them all. The
+    fits see standardised statistics only, so ``fitters`` (compiled fitters) can
+    be shared by every measure.
+    """
+
+    def __init__(
+        self,
+        measure: str,
+        model: ModelConfig,
+        snapshot: tuple[PatientStats, np.ndarray, list[str]],
+        *,
+        num_folds: int = 5,
+        seed: int = 0,
+        svi: SVIConfig = SELECTION_SVI,
+        fitters: FitterCache | None = None,
+        posterior_version: int = 0,
+        evidence_digest: str = "",
+    ) -> None:
+        stats, cohort, _labels = snapshot
+        self.measure = measure
+        self.model = model
+        self.stats = stats
+        self.cohort = np.asarray(cohort)
+        self.num_cohorts = int(np.unique(self.cohort).size)
+        # A cohort level is not identified with a single cohort (as select_structure).
+        attributes = [COHORT_ATTRIBUTE] if self.num_cohorts >= 2 else []
+        self.skipped = [] if attributes else [COHORT_ATTRIBUTE]
+        self.structures = candidate_structures(model, attributes)
+        self.seed = seed
+        self.svi = svi
+        self.fitters = fitters
+        self.folds = patient_folds(stats.num_patients, num_folds, seed)
+        self.posterior_version = posterior_version
+        self.evidence_digest = evidence_digest
+        self.pointwise = {s.name: np.full(stats.num_patients, np.nan) for s in self.structures}
+        self.seconds = 0.0  # compute time of the steps run so far
+        self._steps = self._fits()
+
+    @property
+    def num_folds(self) -> int:
+        return int(self.folds.max()) + 1
+
+    def _fits(self) -> Iterator[None]:
+        for structure in self.structures:
+            cohort = self.cohort if structure.cohort_attribute else None
+            for _fold, test, elpd, _info in cross_validate_folds(
+                structure,
+                self.stats,
+                cohort,
+                self.folds,
+                seed=self.seed,
+                svi_config=self.svi,
+                fitters=self.fitters,
+            ):
+                self.pointwise[structure.name][test] = elpd
+                yield
+
+    def step(self) -> bool:
+        """Run the next fit (blocking; off the event loop). False once all have run."""
+        started = time.perf_counter()
+        try:
+            next(self._steps)
+        except StopIteration:
+            return False
+        finally:
+            self.seconds += time.perf_counter() - started
+        return True
+
+    def run(self) -> StructureSelection:
+        while self.step():
+            pass
+        return self.message()
+
+    def message(self) -> StructureSelection:
+        """The published record; every step must have run."""
+        if any(np.isnan(values).any() for values in self.pointwise.values()):
+            raise RuntimeError("the structure selection has not run every fold")
+        table = compare(self.pointwise)
+        return StructureSelection(
+            event_id=f"selection:{self.measure}:v{self.posterior_version}:"
+            f"{self.evidence_digest[:16]}",
+            event_time=datetime.now(UTC),
+            measure=self.measure,
+            current_structure=structure_name(self.model),
+            choice=choose(self.pointwise),
+            best=table[0]["structure"],
+            structures=[StructureScore(**row) for row in table],
+            num_patients=self.stats.num_patients,
+            num_cohorts=self.num_cohorts,
+            num_folds=self.num_folds,
+            seed=self.seed,
+            svi_steps=self.svi.fresh_steps,
+            skipped_attributes=self.skipped,
+            posterior_version=self.posterior_version,
+            evidence_digest=self.evidence_digest,
+            seconds=self.seconds,
+        )

@@ -14,6 +14,7 @@ drop duplicates) and ``event_time`` (when it happened, not when it arrived).
 | population-posterior | measure | PopulationPosterior |
 | scores | patient_id | EfficacyScore |
 | alerts | patient_id or measure | Alert |
+| structure-selection | measure | StructureSelection |
 """
 
 from __future__ import annotations
@@ -311,6 +312,53 @@ class Alert(Envelope):
     statistics: dict[str, float] = Field(default_factory=dict)
 
 
+class StructureScore(BaseModel):
+    """One candidate structure's cross-validated predictive density (raw outcome,
+    summed over held-out patients) and its difference to the best structure."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    structure: str = Field(description="complete, none, partial or partial+cohort")
+    elpd: float = Field(description="total elpd over held-out patients")
+    elpd_se: float = Field(description="standard error of elpd, sqrt(n var(elpd_i))")
+    elpd_diff: float = Field(description="elpd minus the best structure's elpd (<= 0)")
+    diff_se: float = Field(description="standard error of elpd_diff, sqrt(n var(d_i))")
+
+
+class StructureSelection(Envelope):
+    """Which pooling structure one measure's evidence supports (model.selection),
+    computed periodically by the measure's population owner (compacted topic, key
+    = measure). Advisory: the pipeline keeps scoring with ``current_structure``;
+    an operator decides whether to change it."""
+
+    measure: str
+    current_structure: str = Field(description="the structure the pipeline scores with")
+    choice: str = Field(
+        description="partial pooling unless another structure beats it by more than "
+        "2 standard errors of the paired difference (model.selection.choose)"
+    )
+    best: str = Field(description="the structure with the highest elpd")
+    structures: list[StructureScore] = Field(description="best first")
+    num_patients: int
+    num_cohorts: int
+    num_folds: int
+    seed: int
+    svi_steps: int = Field(description="SVI steps of every fold's fit")
+    skipped_attributes: list[str] = Field(
+        default_factory=list,
+        description="cohort attributes with a single level (no cohort level to compare)",
+    )
+    posterior_version: int = Field(
+        description="the latest population posterior version when the statistics were taken"
+    )
+    evidence_digest: str = Field(
+        description="digest of the patients' statistics compared (as PopulationPosterior's)"
+    )
+    seconds: float = Field(
+        description="compute time of the selection's fits (waits for population updates excluded)"
+    )
+
+
 #: The schema of every topic's values, for ``efficacy schemas``.
 TOPIC_SCHEMAS: dict[str, object] = {
     "enrollments": EnrollmentEvent,
@@ -323,6 +371,7 @@ TOPIC_SCHEMAS: dict[str, object] = {
     "population-posterior": PopulationPosterior,
     "scores": EfficacyScore,
     "alerts": Alert,
+    "structure-selection": StructureSelection,
 }
 
 

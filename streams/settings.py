@@ -82,6 +82,18 @@ class Settings(BaseSettings):
     population_min_patients: int = Field(
         default=5, ge=1, description="patients with evidence before the first population fit"
     )
+    selection_interval_seconds: float = Field(
+        default=3600.0,
+        ge=0.0,
+        description="structure selection of every owned measure at most this often, when its "
+        "evidence changed (0: never)",
+    )
+    selection_min_patients: int = Field(
+        default=30, ge=4, description="patients with evidence before the first structure selection"
+    )
+    selection_folds: int = Field(
+        default=5, ge=2, le=20, description="folds of the selection's cross-validation"
+    )
     pathways: dict[str, str] = Field(
         default_factory=lambda: {"non_responder": "alternative_pathway"},
         description="recommended action per call, as JSON, e.g. "

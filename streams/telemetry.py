@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from monitoring.metrics import Metrics
     from streams.population_book import FitResult
-    from streams.schemas import PopulationPosterior
+    from streams.schemas import PopulationPosterior, StructureSelection
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ class Telemetry:
         self.replayed = 0
         self.published = 0
         self.batches = 0
+        self.selections = 0
+        self._structures: dict[str, set[str]] = {}  # compared by the latest selection
 
     def accepted(self, source: str) -> None:
         self.accepted_by_source[source] += 1
@@ -119,3 +121,38 @@ class Telemetry:
         ):
             if name in message.summary:
                 gauge.labels(measure=measure).set(message.summary[name].mean)
+
+    def selection_published(self, message: StructureSelection) -> None:
+        """The latest structure selection of a measure: per structure its elpd
+        difference to the best and that difference's se, and which was chosen.
+        Structures of an earlier selection that this one did not compare (a
+        cohort level needs two cohorts) lose their series."""
+        self.selections += 1
+        log.info(
+            "structure selection %s: choice %s, best %s (%d patients, %d folds, %.1f s)",
+            message.measure,
+            message.choice,
+            message.best,
+            message.num_patients,
+            message.num_folds,
+            message.seconds,
+        )
+        if self.metrics is None:
+            return
+        m, measure = self.metrics, message.measure
+        compared = {row.structure for row in message.structures}
+        for stale in self._structures.get(measure, set()) - compared:
+            for gauge in (m.selection_elpd_diff, m.selection_elpd_diff_se, m.selection_chosen):
+                gauge.remove(measure, stale)
+        self._structures[measure] = compared
+        for row in message.structures:
+            labels = {"measure": measure, "structure": row.structure}
+            m.selection_elpd_diff.labels(**labels).set(row.elpd_diff)
+            m.selection_elpd_diff_se.labels(**labels).set(row.diff_se)
+            m.selection_chosen.labels(**labels).set(1.0 if row.structure == message.choice else 0.0)
+        m.selection_seconds.labels(measure=measure).observe(message.seconds)
+        m.selection_last_run.labels(measure=measure).set(time.time())
+
+    def selection_failed(self, measure: str) -> None:
+        if self.metrics is not None:
+            self.metrics.selection_failures.labels(measure=measure).inc()

@@ -24,6 +24,7 @@ class Topics(NamedTuple):
     population_posterior: faust.TopicT
     scores: faust.TopicT
     alerts: faust.TopicT
+    structure_selection: faust.TopicT
 
     @property
     def sources(self) -> tuple[faust.TopicT, ...]:
@@ -59,6 +60,8 @@ def topic_name(field: str) -> str:
 
 #: Broker-side settings of topics the app creates. The posterior topic keeps the
 #: latest posterior per measure forever (compacted); its messages carry the draws.
+#: The structure-selection topic keeps the latest selection per measure.
 TOPIC_CONFIG: dict[str, dict[str, str]] = {
     "population-posterior": {"cleanup.policy": "compact", "max.message.bytes": "16777216"},
+    "structure-selection": {"cleanup.policy": "compact"},
 }

@@ -53,6 +53,12 @@ EXPECTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "efficacy_patients_tracked": (Gauge, ()),
     "efficacy_population_posterior_version": (Gauge, ("measure",)),
     "efficacy_scores_published": (Counter, ("trigger",)),
+    "efficacy_selection_elpd_diff": (Gauge, ("measure", "structure")),
+    "efficacy_selection_elpd_diff_se": (Gauge, ("measure", "structure")),
+    "efficacy_selection_chosen": (Gauge, ("measure", "structure")),
+    "efficacy_selection_seconds": (Histogram, ("measure",)),
+    "efficacy_selection_last_run_timestamp_seconds": (Gauge, ("measure",)),
+    "efficacy_selection_failures": (Counter, ("measure",)),
 }
 
 
@@ -105,14 +111,15 @@ def test_prometheus_naming_conventions(registry: CollectorRegistry, metrics: Met
 def test_no_label_identifies_a_patient(registry: CollectorRegistry, metrics: Metrics) -> None:
     labels = {label for metric in metrics for label in metric._labelnames}
     assert labels, "no labelled metric at all"
-    assert labels <= {"source", "reason", "measure", "classification", "kind", "trigger"}
+    allowed = {"source", "reason", "measure", "classification", "kind", "trigger", "structure"}
+    assert labels <= allowed
     for label in labels:
         assert not re.search(r"patient|subject|person|user|_id$|^id$", label), label
 
 
 def test_histograms_have_explicit_buckets(metrics: Metrics) -> None:
     histograms = [m for m in metrics if isinstance(m, Histogram)]
-    assert len(histograms) == 3
+    assert len(histograms) == 4
     for histogram in histograms:
         buckets = histogram._upper_bounds
         assert tuple(buckets[:-1]) != Histogram.DEFAULT_BUCKETS[:-1], histogram._name

@@ -42,6 +42,7 @@ from monitoring.metrics import (
     CLASSIFICATIONS,
     DRIFT_KINDS,
     SCORE_TRIGGERS,
+    STRUCTURES,
     create_metrics,
     serve_metrics,
 )
@@ -101,6 +102,7 @@ def _populate(registry: CollectorRegistry) -> None:
         "classification": CLASSIFICATIONS,
         "kind": DRIFT_KINDS,
         "trigger": SCORE_TRIGGERS,
+        "structure": STRUCTURES,
     }
     for metric in metrics:
         names = metric._labelnames

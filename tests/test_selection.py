@@ -1,4 +1,6 @@
-"""Structure selection by K-fold CV over held-out patients (model.selection).
+"""Structure selection by K-fold CV over held-out patients (model.selection),
+offline and as the population agent runs it (PopulationService.select, without a
+broker; the real-broker run is in tests/test_worker_metrics.py).
 
 The statistical tests use simulated programmes with fixed seeds. Each compares
 only the two structures it is about (every structure costs one SVI compile).
@@ -6,15 +8,19 @@ only the two structures it is about (every structure costs one SVI compile).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import faust
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from model.config import (
     COMPLETE_POOLING_EFFECT_SD,
@@ -35,6 +41,14 @@ from model.selection import (
     select_structure,
 )
 from model.simulate import ProgrammeSpec, simulate
+from monitoring.metrics import STRUCTURES, create_metrics
+from streams.agents.population import PopulationService
+from streams.catalogue import Catalogue
+from streams.population_book import PopulationBook, StructureSelectionRun
+from streams.posterior_feed import PosteriorBook
+from streams.schemas import PatientEvidence, StructureSelection
+from streams.settings import Settings
+from streams.telemetry import Telemetry
 
 REPO = Path(__file__).resolve().parent.parent
 SLEEPSTUDY = REPO / "tests" / "data" / "sleepstudy" / "sleepstudy.csv"
@@ -246,3 +260,149 @@ def test_fit_select_on_sleepstudy(tmp_path):
     assert {row["structure"] for row in selection["table"]} == {"complete", "none", "partial"}
     assert selection["best"] == "partial" and selection["choice"] == "partial"
     assert "diff se" in result.stdout and "partial" in result.stdout
+
+
+# ------------------------------------------- as the population agent runs it
+
+STREAM_MEASURE = "resting_heart_rate"
+STREAM_MODEL = (
+    Catalogue.load()
+    .get(STREAM_MEASURE)
+    .model_config_for(time_origin_days=0.0, time_scale_days=30.0, half_life_days=None)
+)
+
+
+class FakeTopic:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bytes]] = []
+        self.declared = 0
+
+    async def maybe_declare(self) -> None:
+        self.declared += 1
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        self.sent.append((key, value))
+
+
+def _evidence(seed: int, **spec) -> list[PatientEvidence]:
+    events = simulate(ProgrammeSpec(**spec), seed).events
+    stats = stats_from_events(
+        events.num_patients, events.patient, events.exposure, events.time, events.outcome,
+        STREAM_MODEL,
+    )  # fmt: skip
+    return [
+        PatientEvidence(
+            measure=STREAM_MEASURE,
+            patient_id=f"patient-{i:03d}",
+            cohort=f"clinic-{events.cohort_of_patient[i]:02d}",
+            gram=stats.gram[i].tolist(),
+            reference_time=float(stats.reference_time[i]),
+            count_exposed=int(stats.count_exposed[i]),
+            count_unexposed=int(stats.count_unexposed[i]),
+        )
+        for i in range(events.num_patients)
+    ]
+
+
+def _service() -> tuple[PopulationService, CollectorRegistry]:
+    """The population agent's service on an app that never starts (no broker)."""
+    app = faust.App("selection-test", broker="kafka://127.0.0.1:9", web_enabled=False)
+    registry = CollectorRegistry()
+    service = PopulationService(
+        app,
+        SimpleNamespace(structure_selection=FakeTopic()),  # type: ignore[arg-type]
+        {STREAM_MEASURE: STREAM_MODEL},
+        PosteriorBook(),
+        Settings(selection_folds=4),
+        Telemetry(create_metrics(registry)),
+    )
+    service.owns = lambda measure: True  # type: ignore[method-assign]
+    # The statistical tests' compiled fitters: the same structures and padded shapes
+    # (160 patients in 4 folds, 8 cohorts), so only complete pooling compiles here.
+    service.selection_fitters = FITTERS
+    return service, registry
+
+
+def test_population_agent_selects_the_cohort_structure_and_publishes_it():
+    """PopulationService.select on a book of a programme with cohort effects (as
+    test_cohort_structure_wins_with_cohort_effects, all four structures): the
+    cohort structure is chosen, published on the topic and exposed as metrics, and
+    a population update waiting meanwhile gets the fit lock after one fold."""
+    service, registry = _service()
+    for evidence in _evidence(11, obs_per_patient=10, cohort_effect_sd=4.0, **COMMON):
+        service.take(evidence)
+    topic = service.topics.structure_selection
+
+    async def select_while_an_update_waits():
+        selection = asyncio.create_task(service.select(STREAM_MEASURE))
+        await asyncio.sleep(0.05)
+        assert service._fitting.locked()  # the selection's first fit
+        async with service._fitting:  # as PopulationService.tick waits for it
+            update_ran_mid_selection = not topic.sent
+        return await selection, update_ran_mid_selection
+
+    message, interleaved = asyncio.run(select_while_an_update_waits())
+    assert interleaved
+    rows = {row.structure: row for row in message.structures}
+    assert set(rows) == {"complete", "none", "partial", "partial+cohort"} == set(STRUCTURES)
+    assert message.current_structure == "partial+cohort"
+    assert message.best == "partial+cohort" and message.choice == "partial+cohort"
+    assert -rows["partial"].elpd_diff > 2.0 * rows["partial"].diff_se, message.structures
+    assert rows["partial+cohort"].elpd_diff == 0.0 and rows["partial+cohort"].diff_se == 0.0
+    assert (message.num_patients, message.num_cohorts, message.num_folds) == (160, 8, 4)
+    assert len(message.evidence_digest) == 64
+
+    assert topic.declared == 1 and len(topic.sent) == 1
+    key, value = topic.sent[0]
+    assert key == STREAM_MEASURE.encode()
+    assert StructureSelection.model_validate_json(value) == message
+
+    get = registry.get_sample_value
+    for name, row in rows.items():
+        labels = {"measure": STREAM_MEASURE, "structure": name}
+        assert get("efficacy_selection_elpd_diff", labels) == row.elpd_diff
+        assert get("efficacy_selection_elpd_diff_se", labels) == row.diff_se
+        assert get("efficacy_selection_chosen", labels) == (name == "partial+cohort")
+    assert get("efficacy_selection_seconds_count", {"measure": STREAM_MEASURE}) == 1
+
+    # The same evidence again: nothing new to compare, nothing published.
+    assert asyncio.run(service.select(STREAM_MEASURE)) is None
+    assert len(topic.sent) == 1
+
+
+def test_a_single_cohort_has_no_cohort_structure_and_its_series_go():
+    """One cohort: a cohort level is not identified, so three structures are
+    compared; the gauges of an earlier selection's cohort structure are removed
+    rather than left stale."""
+    evidence = _evidence(12, obs_per_patient=6, **{**COMMON, "num_patients": 12, "num_cohorts": 1})
+    book = PopulationBook(STREAM_MEASURE, STREAM_MODEL)
+    for record in evidence:
+        book.put(record)
+    run = StructureSelectionRun(STREAM_MEASURE, STREAM_MODEL, book.snapshot(), num_folds=3)
+    assert [s.name for s in run.structures] == ["complete", "none", "partial"]
+    assert run.skipped == ["cohort"] and run.num_folds == 3
+
+    registry = CollectorRegistry()
+    telemetry = Telemetry(create_metrics(registry))
+
+    def published(structures: list[str], choice: str) -> StructureSelection:
+        rows = [
+            {"structure": s, "elpd": -1.0, "elpd_se": 1.0, "elpd_diff": 0.0, "diff_se": 0.0}
+            for s in structures
+        ]
+        return StructureSelection(
+            event_id="selection:test", event_time="2026-01-01T00:00:00Z",
+            measure=STREAM_MEASURE, current_structure="partial+cohort", choice=choice,
+            best=choice, structures=rows, num_patients=12, num_cohorts=1, num_folds=3,
+            seed=0, svi_steps=600, posterior_version=1, evidence_digest="x", seconds=1.0,
+        )  # fmt: skip
+
+    telemetry.selection_published(published(["partial+cohort", "partial", "none"], "partial"))
+    telemetry.selection_published(published(["partial", "none"], "none"))
+    get = registry.get_sample_value
+    labels = {"measure": STREAM_MEASURE}
+    assert get("efficacy_selection_chosen", {**labels, "structure": "partial+cohort"}) is None
+    assert get("efficacy_selection_elpd_diff", {**labels, "structure": "partial+cohort"}) is None
+    assert get("efficacy_selection_chosen", {**labels, "structure": "none"}) == 1
+    assert get("efficacy_selection_chosen", {**labels, "structure": "partial"}) == 0
+    assert get("efficacy_selection_seconds_count", labels) == 2

@@ -5,7 +5,9 @@ on loopback, the repo's scrape config and rules) scrapes it every second while a
 programme with bad and duplicate records streams through. Checked against the
 programme's ground truth: the counters Prometheus holds at the end, the
 population gauges, that no series carries a patient id, and that the dashboards'
-queries return series from a real worker.
+queries return series from a real worker. The worker also runs the periodic
+structure selection (a short interval, 3 folds): its records on the compacted
+structure-selection topic and its gauges.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from monitoring_files import free_port as free_tcp_port
 
 from streams.kafka_io import produce, read_until
 from streams.programme import build_programme
+from streams.schemas import StructureSelection
 from streams.settings import Settings
 from streams.simulate_command import publish
 from streams.worker_process import WorkerProcess
@@ -86,6 +89,8 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
         "EFFICACY_WEB_ENABLED": "false",
         "EFFICACY_METRICS_PORT": str(port),
         "EFFICACY_DATA_DIR": str(tmp_path / "faust"),
+        "EFFICACY_SELECTION_INTERVAL_SECONDS": "20",
+        "EFFICACY_SELECTION_FOLDS": "3",
     }
     settings = Settings(bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, partitions=2)
     programme = build_programme(
@@ -118,6 +123,22 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
             )
         )
         assert settled(records), worker.log_tail()
+
+        def selected(records) -> bool:
+            return {json.loads(r.value)["measure"] for r in records} == set(MEASURES)
+
+        topic = prefix + "structure-selection"
+        records = asyncio.run(read_until(kafka_bootstrap, [topic], done=selected, timeout=300))
+        assert selected(records), worker.log_tail()
+        assert asyncio.run(topic_config(kafka_bootstrap, topic))["cleanup.policy"] == "compact"
+        for record in records:
+            selection = StructureSelection.model_validate_json(record.value)
+            assert record.key == selection.measure.encode()
+            assert selection.current_structure == "partial+cohort"
+            structures = {row.structure for row in selection.structures}
+            assert structures == {"complete", "none", "partial", "partial+cohort"}
+            assert selection.choice in structures and selection.posterior_version >= 1
+            assert selection.num_folds == 3 and selection.num_cohorts == 3
         time.sleep(4.0)  # a few more scrapes after the last update
 
         assert value(base, 'up{job="efficacy-worker"}') == 1
@@ -142,6 +163,12 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
             calls = value(base, f'sum(efficacy_patients{{measure="{measure}"}})')
             assert calls == PATIENTS
         assert value(base, "sum(efficacy_scores_published_total)") >= PATIENTS
+        for measure in MEASURES:
+            assert value(base, f'sum(efficacy_selection_chosen{{measure="{measure}"}})') == 1
+            diffs = query(base, f'efficacy_selection_elpd_diff{{measure="{measure}"}}')
+            assert len(diffs["data"]["result"]) == 4
+            assert max(float(r["value"][1]) for r in diffs["data"]["result"]) == 0.0
+            assert value(base, f'efficacy_selection_seconds_count{{measure="{measure}"}}') >= 1
 
         # No series of the worker's carries a patient id in any label.
         series = query(base, '{job="efficacy-worker"}')["data"]["result"]
@@ -191,3 +218,18 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
             empty
         )
         assert worker.stop() == 0, worker.log_tail()
+
+
+async def topic_config(bootstrap: str, topic: str) -> dict[str, str]:
+    """The broker's configuration of ``topic``."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    [(_code, _message, _type, _name, entries)] = response.resources
+    return {entry[0]: entry[1] for entry in entries}

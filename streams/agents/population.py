@@ -4,6 +4,13 @@ changelogged table and in arrays (streams.population_book), and on a timer runs
 the warm-started variational update off the event loop whenever there is new
 evidence, publishing the versioned posterior to the compacted
 population-posterior topic.
+
+Periodically (``selection_interval_seconds``) it also runs a structure selection
+of every owned measure whose evidence changed (streams.population_book.
+StructureSelectionRun) and publishes it to the compacted structure-selection
+topic. Advisory: the pipeline keeps scoring with the measure's configured
+structure. Its SVI fits take the same lock as the population update, one fit at
+a time, so an update waits for at most one fold's fit, never for a whole selection.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -21,6 +29,7 @@ from faust.types import TP
 
 from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats
+from model.selection import FitterCache
 from monitoring.drift import (
     DriftConfig,
     GaussianSummary,
@@ -28,9 +37,15 @@ from monitoring.drift import (
     WindowShiftDetector,
 )
 from streams.agents.patients import measure_partition
-from streams.population_book import FitResult, FitterPool, PopulationBook, PopulationModel
+from streams.population_book import (
+    FitResult,
+    FitterPool,
+    PopulationBook,
+    PopulationModel,
+    StructureSelectionRun,
+)
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import Interval, PatientEvidence, PopulationPosterior
+from streams.schemas import Interval, PatientEvidence, PopulationPosterior, StructureSelection
 from streams.settings import Settings
 from streams.telemetry import Telemetry
 from streams.topics import Topics
@@ -63,8 +78,16 @@ class PopulationService:
         self.recent_fits: dict[str, PopulationModel] = {}  # recent-window fits
         self.drift = drift or DriftConfig()
         self.detectors: dict[str, DriftDetectors] = {}
+        # Held by every SVI fit (population updates and each selection fold): one
+        # fit at a time. asyncio.Lock is FIFO, so a waiting update goes before the
+        # selection's next fold.
         self._fitting = asyncio.Lock()
+        self._ticking = False
         self._owned: set[str] = set()  # measures owned at the last tick
+        self.selection_fitters: FitterCache = {}  # compiled, shared by all measures
+        self._last_selection: dict[str, tuple[float, str]] = {}  # (monotonic start, digest)
+        self._selecting = False
+        self._selection_topic_declared = False
         self.table = app.Table(
             "population-evidence",
             default=None,
@@ -110,25 +133,34 @@ class PopulationService:
         """Fit every owned measure with new evidence (one fit at a time). Waits
         for the table's recovery and for the posterior feed to have read what is
         published (the version to continue and the evidence already fitted)."""
-        if self._fitting.locked() or not self.posteriors.caught_up:
+        if self._ticking or not self.posteriors.caught_up:
             return
         if self.app.tables.recovery.in_recovery:
             return
-        async with self._fitting:
-            owned = {measure for measure in self.models if self.owns(measure)}
-            for measure in owned - self._owned:
-                self.rebuild_book(measure)
-            self._owned = owned
-            for measure, book in list(self.books.items()):
-                if book.changes_since_fit == 0 or not self.owns(measure):
-                    continue
-                if book.num_patients < self.settings.population_min_patients:
-                    continue
-                try:
-                    await self.fit(measure, book)
-                except Exception:  # keep the agent alive; the next tick retries
-                    log.exception("population update of %s failed", measure)
-                    book.changes_since_fit += 1
+        self._ticking = True
+        try:
+            async with self._fitting:  # waits for at most one selection fold
+                await self._tick()
+        finally:
+            self._ticking = False
+
+    async def _tick(self) -> None:
+        owned = {measure for measure in self.models if self.owns(measure)}
+        for measure in owned - self._owned:
+            self.rebuild_book(measure)
+            # The first structure selection comes one interval after ownership starts.
+            self._last_selection[measure] = (time.monotonic(), "")
+        self._owned = owned
+        for measure, book in list(self.books.items()):
+            if book.changes_since_fit == 0 or not self.owns(measure):
+                continue
+            if book.num_patients < self.settings.population_min_patients:
+                continue
+            try:
+                await self.fit(measure, book)
+            except Exception:  # keep the agent alive; the next tick retries
+                log.exception("population update of %s failed", measure)
+                book.changes_since_fit += 1
 
     async def fit(self, measure: str, book: PopulationBook) -> None:
         model = self.fits.get(measure)
@@ -174,6 +206,91 @@ class PopulationService:
             result.message.svi_steps,
             result.seconds,
         )
+
+    def selection_due(self, measure: str) -> bool:
+        """An owned measure (its book rebuilt by a tick) with enough patients and a
+        published posterior, whose last selection started (or, before the first,
+        whose ownership started) at least ``selection_interval_seconds`` ago."""
+        book = self.books.get(measure)
+        if measure not in self._owned or book is None:
+            return False
+        if book.num_patients < self.settings.selection_min_patients:
+            return False
+        if self.posteriors.version(measure) < 1:
+            return False
+        last = self._last_selection.get(measure)
+        if (
+            last is not None
+            and time.monotonic() - last[0] < self.settings.selection_interval_seconds
+        ):
+            return False
+        return self.owns(measure)
+
+    async def select_tick(self) -> None:
+        """Structure selection of every owned measure that is due (one at a time)."""
+        if self._selecting or not self.posteriors.caught_up:
+            return
+        if self.app.tables.recovery.in_recovery:
+            return
+        self._selecting = True
+        try:
+            for measure in sorted(self._owned):
+                if not self.selection_due(measure):
+                    continue
+                try:
+                    await self.select(measure)
+                except Exception:  # keep the agent alive; retried after an interval
+                    log.exception("structure selection of %s failed", measure)
+                    self.telemetry.selection_failed(measure)
+        finally:
+            self._selecting = False
+
+    async def select(self, measure: str) -> StructureSelection | None:
+        """Compare the structures on the measure's current evidence and publish the
+        result; None when the evidence is what the last selection compared, or the
+        worker lost the measure meanwhile. Each fold's fit runs off the event loop
+        under the fit lock. The first selection after a start also compiles every
+        structure's fit (tens of seconds per structure on 2 cores), and a population
+        update waits for that compile; later folds take about a second each for a
+        few hundred patients."""
+        started = time.monotonic()
+        snapshot = self.book(measure).snapshot()
+        digest = evidence_digest(*snapshot)
+        last = self._last_selection.get(measure)
+        self._last_selection[measure] = (started, digest)  # a failure waits an interval too
+        if last is not None and last[1] == digest:
+            return None
+        run = StructureSelectionRun(
+            measure,
+            self.models[measure],
+            snapshot,
+            num_folds=self.settings.selection_folds,
+            fitters=self.selection_fitters,
+            posterior_version=self.posteriors.version(measure),
+            evidence_digest=digest,
+        )
+        while True:
+            async with self._fitting:
+                if not self.owns(measure):
+                    log.info("structure selection of %s abandoned: no longer its owner", measure)
+                    return None
+                if not await in_thread(run.step):
+                    break
+        message = run.message()
+        await self.declare_selection_topic()
+        await self.topics.structure_selection.send(
+            key=measure.encode(), value=message.model_dump_json().encode()
+        )
+        self.telemetry.selection_published(message)
+        return message
+
+    async def declare_selection_topic(self) -> None:
+        """Create the structure-selection topic (compacted) if it does not exist.
+        No agent subscribes to it, so faust would not, and broker auto-creation
+        would make it without compaction."""
+        if not self._selection_topic_declared:
+            await self.topics.structure_selection.maybe_declare()
+            self._selection_topic_declared = True
 
 
 async def in_thread(function, *args):
@@ -316,3 +433,10 @@ def register(app: faust.App, service: PopulationService) -> None:
 
     app.agent(service.topics.population_evidence, name="population")(population)
     app.timer(service.settings.population_interval_seconds, name="population-update")(service.tick)
+    if service.settings.selection_interval_seconds > 0:
+        # Checked as often as updates; each measure runs when due (selection_due).
+        app.timer(service.settings.population_interval_seconds, name="structure-selection")(
+            service.select_tick
+        )
+        # At start-up, before any reader can make the broker auto-create it.
+        app.task(service.declare_selection_topic)
