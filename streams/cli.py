@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Callable
@@ -25,10 +26,14 @@ def _run_worker(args: argparse.Namespace) -> int:
     from monitoring.metrics import create_metrics, serve_metrics
     from streams.app import create_pipeline
     from streams.settings import Settings
+    from streams.topics import ensure_topics
 
     settings = Settings()
     # faust creates only the last level of its data directory
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    created = asyncio.run(ensure_topics(settings))
+    if created:
+        print(f"created topics: {', '.join(created)}", file=sys.stderr, flush=True)
     registry = CollectorRegistry()
     pipeline = create_pipeline(settings, create_metrics(registry))
     app = pipeline.app

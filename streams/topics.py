@@ -45,12 +45,53 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
             value_serializer="raw",
             partitions=settings.partitions,
             config=TOPIC_CONFIG.get(name),
-            # internal: the worker creates the topic at start-up with these
-            # partitions and settings (not left to broker auto-creation).
+            # internal: faust declares the topics it reads with these partitions
+            # and settings; ensure_topics creates all of them before a worker starts.
             internal=True,
         )
 
     return Topics(*(topic(field) for field in Topics._fields))
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create every pipeline topic that does not exist yet, with the pipeline's
+    partitions, replication and TOPIC_CONFIG; returns the names created.
+
+    The worker calls this before it starts. Faust itself creates only the topics
+    its agents and tables read, and only once it runs: a producer (or an agent
+    writing scores, alerts or dead letters) that comes first would make the
+    broker auto-create the topic with its defaults (one partition, no
+    compaction), and a source topic with fewer partitions than the observations
+    topic breaks the co-partitioning by patient."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    from streams.posterior_feed import consumer_options
+
+    admin = AIOKafkaAdminClient(**consumer_options(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(
+                name=settings.topic(topic_name(field)),
+                num_partitions=settings.partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=TOPIC_CONFIG.get(topic_name(field), {}),
+            )
+            for field in Topics._fields
+        ]
+        missing = [topic for topic in wanted if topic.name not in existing]
+        created = []
+        for topic in missing:  # one at a time: another worker may create it meanwhile
+            try:
+                await admin.create_topics([topic])
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        await admin.close()
 
 
 def topic_name(field: str) -> str:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+#: Faust's log line once the worker has joined its group and recovered.
+READY = r"\[\^Worker\]: Ready"
 
 
 class WorkerProcess:
@@ -68,6 +73,18 @@ class WorkerProcess:
             self.process.kill()
             self.process.wait(timeout=10)
         return self.process.returncode
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 120.0) -> None:
+        """Wait until ``pattern`` (a regex) occurs ``count`` times in the log, e.g.
+        ``READY`` once the worker is consuming. Raises RuntimeError if the worker
+        exits and TimeoutError after ``timeout`` seconds, with the log's tail."""
+        deadline = time.monotonic() + timeout
+        while len(re.findall(pattern, self.log_text())) < count:
+            if not self.alive():
+                raise RuntimeError(f"the worker exited:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {pattern!r} in the worker's log:\n{self.log_tail()}")
+            time.sleep(0.2)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 import time
 import uuid
@@ -42,7 +41,7 @@ from streams.patient_state import PatientRecord
 from streams.programme import Programme, build_programme
 from streams.settings import Settings
 from streams.simulate_command import publish
-from streams.worker_process import WorkerProcess
+from streams.worker_process import READY, WorkerProcess
 
 pytestmark = pytest.mark.kafka
 MEASURE = "resting_heart_rate"
@@ -149,15 +148,6 @@ class Publisher(threading.Thread):
         self.join(timeout)
         assert not self.is_alive(), "publishing did not finish"
         assert self.error is None, repr(self.error)
-
-
-def wait_for_log(worker: WorkerProcess, pattern: str, count: int = 1, timeout: float = 120.0):
-    """Wait until ``pattern`` (a regex) occurs ``count`` times in the worker's log."""
-    deadline = time.monotonic() + timeout
-    while len(re.findall(pattern, worker.log_text())) < count:
-        assert worker.alive(), worker.log_tail()
-        assert time.monotonic() < deadline, f"no {pattern!r} in the log:\n{worker.log_tail()}"
-        time.sleep(0.2)
 
 
 def latest_by_key(records):
@@ -320,10 +310,10 @@ def test_sigkilled_worker_loses_nothing_and_counts_nothing_twice(
     second = WorkerProcess(run.env(tmp_path / "b"))
     try:
         first.start()
-        wait_for_log(first, r"\[\^Worker\]: Ready")
+        first.wait_for_log(READY)
         second.start()
-        wait_for_log(second, r"\[\^Worker\]: Ready")
-        wait_for_log(first, r"Successfully synced group .* with generation \d+", count=2)
+        second.wait_for_log(READY)
+        first.wait_for_log(r"Successfully synced group .* with generation \d+", count=2)
         # both members hold partitions before the first record is sent
         publisher = Publisher(run.programme, run.settings, rate=500)
         publisher.start()
@@ -374,7 +364,7 @@ def test_broker_restart_mid_stream_resumes_with_the_same_invariant(tmp_path):
         run = Run(bootstrap, "brokerrestart", small_programme(seed=24, patients=60))
         before, after = split_programme(run.programme, 0.5)
         with WorkerProcess(run.env(tmp_path / "w")) as worker:
-            wait_for_log(worker, r"\[\^Worker\]: Ready")
+            worker.wait_for_log(READY)
             asyncio.run(publish(before, run.settings))
             time.sleep(1.0)  # the worker is busy with the first half
             down = time.monotonic()
@@ -468,7 +458,7 @@ def test_replay_from_the_beginning_leaves_every_posterior_unchanged(kafka_bootst
     worker = WorkerProcess(run.env(tmp_path / "w"))
     try:
         worker.start()
-        wait_for_log(worker, r"\[\^Worker\]: Ready")
+        worker.wait_for_log(READY)
         asyncio.run(publish(run.programme, run.settings))
         _, records = wait_settled(run, timeout=600)
         assert settled_reader(run)(records), worker.log_tail()
@@ -693,7 +683,7 @@ def test_fuzzed_bad_records_are_all_accounted_for_and_never_crash_the_worker(
     run = Run(kafka_bootstrap, "fuzz", small_programme(seed=26, patients=5))
     asyncio.run(ensure_topics(run.settings, list(SOURCES)))
     with WorkerProcess(run.env(tmp_path / "w")) as worker:
-        wait_for_log(worker, r"\[\^Worker\]: Ready")
+        worker.wait_for_log(READY)
         enrolled = asyncio.run(produce_with_origins(kafka_bootstrap, run.prefix, enrolments))
         origins = asyncio.run(produce_with_origins(kafka_bootstrap, run.prefix, records))
         kind_of = dict(zip(origins, (kind for kind, *_ in records), strict=True))

@@ -10,9 +10,23 @@ import uuid
 import pytest
 
 from streams.kafka_io import produce, read_until, run
-from streams.worker_process import WorkerProcess
+from streams.worker_process import READY, WorkerProcess
 
 pytestmark = pytest.mark.kafka
+CREATED_BY_WORKER = ("wearables", "scores", "alerts", "deadletter", "structure-selection")
+
+
+async def topic_partitions(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    """Partition count of each topic, as the broker describes it (0: no such topic)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+        return {d["topic"]: len(d["partitions"]) for d in described}
+    finally:
+        await admin.close()
 
 
 def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap, tmp_path):
@@ -34,6 +48,7 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
         "unit": "bpm",
     }
     with WorkerProcess(env) as worker:
+        worker.wait_for_log(READY)  # its topics exist: none is auto-created by our producer
         run(
             produce(
                 kafka_bootstrap,
@@ -50,6 +65,10 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
             )
         )
         assert worker.alive(), worker.log_tail()
+        # Source topics and those the worker only writes are created by it with the pipeline's
+        # partitions, not auto-created by the broker with one.
+        partitions = run(topic_partitions(kafka_bootstrap, [prefix + t for t in CREATED_BY_WORKER]))
+        assert partitions == {prefix + t: 2 for t in CREATED_BY_WORKER}, partitions
         exit_code = worker.stop()
     by_topic = {r.topic.removeprefix(prefix): r for r in records}
     assert set(by_topic) == {"observations", "deadletter"}, worker.log_tail()

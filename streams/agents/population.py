@@ -87,7 +87,6 @@ class PopulationService:
         self.selection_fitters: FitterCache = {}  # compiled, shared by all measures
         self._last_selection: dict[str, tuple[float, str]] = {}  # (monotonic start, digest)
         self._selecting = False
-        self._selection_topic_declared = False
         self.table = app.Table(
             "population-evidence",
             default=None,
@@ -277,20 +276,11 @@ class PopulationService:
                 if not await in_thread(run.step):
                     break
         message = run.message()
-        await self.declare_selection_topic()
         await self.topics.structure_selection.send(
             key=measure.encode(), value=message.model_dump_json().encode()
         )
         self.telemetry.selection_published(message)
         return message
-
-    async def declare_selection_topic(self) -> None:
-        """Create the structure-selection topic (compacted) if it does not exist.
-        No agent subscribes to it, so faust would not, and broker auto-creation
-        would make it without compaction."""
-        if not self._selection_topic_declared:
-            await self.topics.structure_selection.maybe_declare()
-            self._selection_topic_declared = True
 
 
 async def in_thread(function, *args):
@@ -438,5 +428,3 @@ def register(app: faust.App, service: PopulationService) -> None:
         app.timer(service.settings.population_interval_seconds, name="structure-selection")(
             service.select_tick
         )
-        # At start-up, before any reader can make the broker auto-create it.
-        app.task(service.declare_selection_topic)
