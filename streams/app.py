@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import faust
 
 from model.config import ModelConfig
-from streams import score_lookup
+from streams import consumer_seek, score_lookup
 from streams.agents import drift, ingest, patients, population
 from streams.catalogue import Catalogue
 from streams.posterior_feed import PosteriorBook, follow_posteriors
@@ -60,6 +60,7 @@ def measure_models(catalogue: Catalogue, settings: Settings) -> dict[str, ModelC
 def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     """A configured Faust app with its topics, tables and agents registered."""
     settings = settings or Settings()
+    consumer_seek.install()  # no records skipped after a rebalance (see the module)
     catalogue = Catalogue.load(settings.measures_file)
     app = faust.App(
         settings.app_id,
