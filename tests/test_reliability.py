@@ -295,10 +295,7 @@ def assert_every_patient_scored(run: Run, records) -> None:
 # --- 1. a worker crashes -------------------------------------------------------------
 
 
-# The restarted variant ([True]) is not in the suite: in 2 of 6 runs its pipeline
-# did not settle within 600 s after the killed worker rejoined (an open bug of
-# the restart path, issue 6); the survivor-takes-over variant passes every time.
-@pytest.mark.parametrize("restart", [False], ids=["not-restarted"])
+@pytest.mark.parametrize("restart", [False, True], ids=["not-restarted", "restarted"])
 def test_sigkilled_worker_loses_nothing_and_counts_nothing_twice(
     kafka_bootstrap, tmp_path, restart
 ):
