@@ -188,7 +188,10 @@ class PatientsService:
         if replayed:
             await self.rescore([records[p] for p in replayed], "evidence", force=True)
         scored = await self.rescore([records[p] for p in touched if touched[p]], "evidence")
-        await self.check_conflict(readings)
+        try:
+            await self.check_conflict(readings)
+        except Exception:  # monitoring must never stop the stream
+            log.exception("the prior-data conflict check failed")
         self.telemetry.tracked(len(self.table))
         self.telemetry.batch(len(events), time.perf_counter() - started)
         now = time.time()
