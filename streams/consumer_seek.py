@@ -23,7 +23,10 @@ partitions are left alone: faust positions those itself during recovery.
 
 from __future__ import annotations
 
+import contextlib
+
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError
 
 _ORIGINAL = AIOKafkaConsumer.seek_to_committed
 
@@ -34,9 +37,12 @@ def _needs_reset(partition: TopicPartition, committed: int | None) -> bool:
 
 async def _seek_to_committed(self: AIOKafkaConsumer, *partitions: TopicPartition):
     committed = await _ORIGINAL(self, *partitions)
-    reset = [tp for tp, offset in committed.items() if _needs_reset(tp, offset)]
+    assigned = self.assignment()  # a rebalance may have revoked some meanwhile
+    reset = [tp for tp, offset in committed.items() if _needs_reset(tp, offset) and tp in assigned]
     if reset:
-        await self.seek_to_beginning(*reset)
+        # Revoked during the seek: the next assignment seeks again.
+        with contextlib.suppress(IllegalStateError):
+            await self.seek_to_beginning(*reset)
     return committed
 
 

@@ -98,9 +98,15 @@ class MeasureStats(BaseModel):
     sealed_until: float = float("-inf")
     recent: list[tuple[float, float]] = Field(default_factory=list)
     # The sealed readings' statistics under the recent-window forgetting
-    # (ModelConfig.recent_window), kept only when the model has one.
+    # (ModelConfig.recent_window), kept only when the model has one, with the
+    # half-life they use. Readings sealed before ``sealed_window_missing_until``
+    # are missing from them (a record from before the window existed, or one
+    # whose half-life changed): recent_window_stats waits until they weigh
+    # nothing.
     sealed_window_gram: list[list[float]] | None = None
     sealed_window_reference_time: float = float("-inf")
+    sealed_window_half_life: float | None = None
+    sealed_window_missing_until: float = float("-inf")
 
     def as_stats(self) -> PatientStats:
         return _stats(self.gram, self.reference_time, self.count_exposed, self.count_unexposed)
@@ -238,16 +244,47 @@ def _rederive(record: PatientRecord, stats: MeasureStats, model: ModelConfig) ->
     )
 
 
+#: Sealed readings missing from the recent-window statistics are ignored once
+#: they are this many half-lives old (weight < 2^-7 < 1%).
+WINDOW_COMPLETE_HALF_LIVES = 7.0
+
+
+def _window_missing_until(stats: MeasureStats, window: ModelConfig) -> float:
+    """Time before which sealed readings are missing from the window statistics."""
+    if stats.sealed_window_half_life == window.half_life:
+        return stats.sealed_window_missing_until
+    # No window statistics for this half-life yet: everything sealed is missing.
+    return stats.sealed_until if stats.sealed_gram is not None else float("-inf")
+
+
+def _sync_window(stats: MeasureStats, window: ModelConfig) -> None:
+    """Before adding to the sealed window statistics: start them afresh if they
+    were kept for another half-life, or not at all (a record saved before)."""
+    if stats.sealed_window_half_life == window.half_life:
+        return
+    stats.sealed_window_missing_until = _window_missing_until(stats, window)
+    stats.sealed_window_gram = None
+    stats.sealed_window_reference_time = float("-inf")
+    stats.sealed_window_half_life = window.half_life
+
+
 def recent_window_stats(
     record: PatientRecord, stats: MeasureStats, model: ModelConfig
 ) -> PatientStats | None:
     """The measure's statistics under the recent-window forgetting
     (ModelConfig.recent_window: weights 2^(-age / recent_half_life)), at the
-    same reference time as the all-time statistics; None without a window.
-    Exactly the batch computation with that half-life, like the totals."""
+    same reference time as the all-time statistics: exactly the batch
+    computation with that half-life, like the totals. None without a window,
+    and while readings missing from the sealed window statistics (see
+    MeasureStats) are younger than WINDOW_COMPLETE_HALF_LIVES half-lives."""
     window = model.recent_window
     if window is None:
         return None
+    missing_until = _window_missing_until(stats, window)
+    if stats.reference_time - missing_until < WINDOW_COMPLETE_HALF_LIVES * window.half_life:
+        return None
+    if stats.sealed_window_half_life != window.half_life:  # nothing usable sealed
+        return decay_to(_readings_stats(record, stats.recent, window), stats.reference_time, window)
     total = merge_stats(
         stats.sealed_window_stats(window), _readings_stats(record, stats.recent, window), window
     )
@@ -264,9 +301,11 @@ def _seal(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> Non
     old = [r for r in stats.recent if r[0] < horizon]
     if not old:
         return
+    window = model.recent_window
+    if window is not None:
+        _sync_window(stats, window)  # before sealed_until moves
     sealed = merge_stats(stats.sealed_stats(model), _readings_stats(record, old, model), model)
     stats.set_sealed(sealed, max(horizon, stats.sealed_until))
-    window = model.recent_window
     if window is not None:
         sealed = merge_stats(
             stats.sealed_window_stats(window), _readings_stats(record, old, window), window
@@ -301,6 +340,7 @@ def _add_observation(
         stats.sealed_count_unexposed += not exposed
         window = model.recent_window
         if window is not None:
+            _sync_window(stats, window)
             stats.sealed_window_gram, stats.sealed_window_reference_time = add_reading(
                 stats.sealed_window_gram or empty_stats(1, window).gram[0].tolist(),
                 stats.sealed_window_reference_time,

@@ -171,10 +171,14 @@ class PendingReading:
 
 def pending_reading(
     record: PatientRecord, measure: str, event_time: datetime, value: float, origin: str
-) -> PendingReading:
-    """Capture the patient's evidence of ``measure`` just before a reading."""
+) -> PendingReading | None:
+    """Capture the patient's evidence of ``measure`` just before a reading. None
+    for a late reading (older than the patient's latest of the measure): its
+    predictive would be conditioned on later evidence."""
     stats = record.measures.get(measure)
     time = days(event_time)
+    if stats is not None and time < stats.reference_time:
+        return None
     return PendingReading(
         gram=None if stats is None else stats.gram,
         reference_time=float("-inf") if stats is None else stats.reference_time,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import NamedTuple
 
 import faust
@@ -53,6 +54,9 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
     return Topics(*(topic(field) for field in Topics._fields))
 
 
+START_ATTEMPTS = 15  # tries to reach the broker, 2 s apart
+
+
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create every pipeline topic that does not exist yet, with the pipeline's
     partitions, replication and TOPIC_CONFIG; returns the names created.
@@ -64,13 +68,20 @@ async def ensure_topics(settings: Settings) -> list[str]:
     compaction), and a source topic with fewer partitions than the observations
     topic breaks the co-partitioning by patient."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
+    from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
     from streams.posterior_feed import consumer_options
 
     admin = AIOKafkaAdminClient(**consumer_options(settings))
-    await admin.start()
     try:
+        for attempt in range(START_ATTEMPTS):  # the broker may still be starting
+            try:
+                await admin.start()
+                break
+            except KafkaConnectionError:
+                if attempt == START_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(2.0)
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(
@@ -81,14 +92,18 @@ async def ensure_topics(settings: Settings) -> list[str]:
             )
             for field in Topics._fields
         ]
-        missing = [topic for topic in wanted if topic.name not in existing]
         created = []
-        for topic in missing:  # one at a time: another worker may create it meanwhile
-            try:
-                await admin.create_topics([topic])
-                created.append(topic.name)
-            except TopicAlreadyExistsError:
-                pass
+        for topic in wanted:
+            if topic.name in existing:
+                continue
+            # create_topics reports failures per topic in its response, not by raising.
+            response = await admin.create_topics([topic])
+            for name, code, *detail in response.topic_errors:
+                error = for_code(code)
+                if code == 0:
+                    created.append(name)
+                elif error is not TopicAlreadyExistsError:  # another worker made it meanwhile
+                    raise RuntimeError(f"cannot create topic {name}: {error.__name__} {detail}")
         return created
     finally:
         await admin.close()

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 
+from model.evidence import stats_from_events
 from streams.agents.ingest import Rejected, validate_enrollment, validate_observation
 from streams.app import measure_models
 from streams.catalogue import Catalogue
@@ -242,3 +243,48 @@ def test_long_follow_up_seals_old_evidence_and_refuses_too_late_exposure_changes
     assert [reason for _, reason, _ in outcome.rejected] == ["late_exposure_change"]
     assert record.timeline == records[patient].timeline
     assert record.measures == records[patient].measures
+
+
+def test_a_record_saved_without_window_statistics_waits_until_its_gap_weighs_nothing():
+    """A record from before the recent window existed (or whose half-life
+    changed) lacks the window statistics of its sealed readings: no recent-window
+    evidence for it until those readings are 7 half-lives old, then the window
+    statistics equal the batch computation up to their weight (< 2^-7)."""
+    programme = build_programme(
+        ["resting_heart_rate"], num_patients=1, num_cohorts=1, obs_per_patient=300,
+        time_span=300.0, design="crossover", seed=9, start=datetime(2025, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+    accepted, _ = ingest(programme, programme.send_order())
+    records, _, _ = run_state(accepted)
+    (patient,) = programme.truth.patients
+    # A 14-day window: 7 half-lives (98 days) reach past the sealed readings
+    # (sealed_until is 64 readings = 64 days before the latest).
+    models = {m: c.model_copy(update={"recent_half_life": 14.0}) for m, c in MODELS.items()}
+    model = models["resting_heart_rate"]
+    legacy = records[patient].model_copy(deep=True)
+    stats = legacy.measures["resting_heart_rate"]
+    assert stats.sealed_gram is not None
+    stats.sealed_window_gram, stats.sealed_window_half_life = None, None
+    assert recent_window_stats(legacy, stats, model) is None
+
+    # Readings continue daily for 60 more days: the gap is then > 98 days old.
+    last = max(r.event_time for r in accepted if isinstance(r, Observation))
+    record, later = legacy, []
+    for day in range(1, 61):
+        event = Observation(
+            event_id=f"later-{day}", event_time=last + timedelta(days=day), patient_id=patient,
+            measure="resting_heart_rate", value=70.0 + (day % 5), unit="bpm", source="wearable",
+            origin=Origin(topic="wearables", partition=0, offset=10**6 + day),
+        )  # fmt: skip
+        record, _ = apply_event(record, event, models)
+        later.append(event)
+    stats = record.measures["resting_heart_rate"]
+    window = recent_window_stats(record, stats, model)
+    assert window is not None
+    readings = [r for r in accepted if isinstance(r, Observation)] + later
+    times = np.array([days(r.event_time) for r in readings])
+    expected = stats_from_events(
+        1, np.zeros(len(readings), dtype=np.int64), np.array([record.exposure_at(t) for t in times]),
+        times, np.array([r.value for r in readings]), model.recent_window,
+    )  # fmt: skip
+    np.testing.assert_allclose(window.gram[0], expected.gram[0], rtol=2**-7, atol=1e-6)

@@ -139,7 +139,7 @@ class PatientsService:
             patient_id = parsed.patient_id
             try:
                 before = records.get(patient_id) or self.load(patient_id)
-                reading = self.pending(before, parsed)
+                reading = self.pending(before, parsed)  # never raises
                 record, outcome = apply_event(before, parsed, self.models)
             except Exception as error:  # a bug must not stop the stream or lose the event
                 origin = parsed.origin
@@ -199,14 +199,19 @@ class PatientsService:
 
     def pending(self, record: PatientRecord | None, event) -> PendingReading | None:
         """The reading ``event`` with its patient's evidence before it, when a
-        prior-data conflict check applies (an enrolled patient, a posterior)."""
+        prior-data conflict check applies (an enrolled patient, a posterior, a
+        reading not older than the patient's latest)."""
         if not isinstance(event, Observation) or record is None or not record.enrolled:
             return None
         if event.measure not in self.posteriors:
             return None
-        return pending_reading(
-            record, event.measure, event.event_time, event.value, origin_key(event.origin)
-        )
+        try:
+            return pending_reading(
+                record, event.measure, event.event_time, event.value, origin_key(event.origin)
+            )
+        except Exception:  # monitoring must never dead-letter a valid reading
+            log.exception("could not prepare a reading's predictive check")
+            return None
 
     async def check_conflict(self, readings: dict[str, list[PendingReading]]) -> None:
         """Feed the batch's standardised posterior-predictive residuals to each

@@ -124,6 +124,7 @@ class PopulationService:
         self.books[measure] = book = PopulationBook(measure, self.models[measure])
         self.fits.pop(measure, None)
         self.recent_fits.pop(measure, None)
+        self.detectors.pop(measure, None)  # references of an earlier ownership
         for key, raw in list(self.table.items()):
             if raw and key.startswith(f"{measure}/"):
                 book.put(PatientEvidence.model_validate_json(raw))
@@ -351,7 +352,11 @@ def fit_with_window(
     result = model.fit(stats, cohort, cohorts)
     if recent_model is None or recent_stats is None:
         return result, None
-    recent = recent_model.fit(recent_stats, cohort, cohorts)
+    try:
+        recent = recent_model.fit(recent_stats, cohort, cohorts)
+    except Exception:  # drift monitoring must not hold back the posterior
+        log.exception("the recent-window fit of %s failed", model.measure)
+        return result, None
     return result, recent.message.summary.get("effect")
 
 
