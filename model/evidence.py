@@ -67,6 +67,18 @@ def empty_stats(num_patients: int, config: ModelConfig) -> PatientStats:
     )
 
 
+def gram_stats(gram: np.ndarray, reference_time: np.ndarray) -> PatientStats:
+    """Statistics from Gram matrices and reference times alone, with zero counts:
+    all that fits, drift checks and predictive residuals use."""
+    count = np.shape(gram)[0]
+    return PatientStats(
+        gram=np.asarray(gram, dtype=float),
+        reference_time=np.asarray(reference_time, dtype=float),
+        count_exposed=np.zeros(count, dtype=np.int64),
+        count_unexposed=np.zeros(count, dtype=np.int64),
+    )
+
+
 def augmented_vectors(
     exposure: np.ndarray, time: np.ndarray, outcome: np.ndarray, config: ModelConfig
 ) -> np.ndarray:

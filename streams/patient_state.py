@@ -122,7 +122,9 @@ class MeasureStats(BaseModel):
         )
 
     def sealed_window_stats(self, window: ModelConfig) -> PatientStats:
-        if self.sealed_window_gram is None:
+        """The sealed readings' window statistics; empty unless they were kept
+        for ``window``'s half-life."""
+        if self.sealed_window_gram is None or self.sealed_window_half_life != window.half_life:
             return empty_stats(1, window)
         return _stats(self.sealed_window_gram, self.sealed_window_reference_time, 0, 0)
 
@@ -283,8 +285,6 @@ def recent_window_stats(
     missing_until = _window_missing_until(stats, window)
     if stats.reference_time - missing_until < WINDOW_COMPLETE_HALF_LIVES * window.half_life:
         return None
-    if stats.sealed_window_half_life != window.half_life:  # nothing usable sealed
-        return decay_to(_readings_stats(record, stats.recent, window), stats.reference_time, window)
     total = merge_stats(
         stats.sealed_window_stats(window), _readings_stats(record, stats.recent, window), window
     )

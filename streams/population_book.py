@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig, SVIConfig
-from model.evidence import PatientStats, decay_to
+from model.evidence import PatientStats, decay_to, gram_stats
 from model.offline import SUMMARY_DRAWS, describe, population_quantities
 from model.population import Evidence, FitState, PopulationFitter, UpdateInfo, pad_evidence
 from model.scores import cohort_posteriors
@@ -97,13 +97,8 @@ class PopulationBook:
         with forgetting, everyone's evidence is weighted as of "now"), the cohort
         index of every patient, and the cohort labels."""
         n = self.num_patients
-        stats = PatientStats(
-            gram=self._gram[:n].copy(),
-            reference_time=self._reference[:n].copy(),
-            count_exposed=np.zeros(n, dtype=np.int64),
-            count_unexposed=np.zeros(n, dtype=np.int64),
-        )
-        return self._at_now(stats, self.model), self._cohort[:n].copy(), list(self.cohorts)
+        stats = self._at_now(self._gram[:n], self.model)
+        return stats, self._cohort[:n].copy(), list(self.cohorts)
 
     def recent_snapshot(self) -> PatientStats | None:
         """The recent-window statistics (ModelConfig.recent_window) of every
@@ -112,19 +107,14 @@ class PopulationBook:
         window = self.model.recent_window
         if window is None:
             return None
-        n = self.num_patients
-        stats = PatientStats(
-            gram=self._recent[:n].copy(),
-            reference_time=self._reference[:n].copy(),
-            count_exposed=np.zeros(n, dtype=np.int64),
-            count_unexposed=np.zeros(n, dtype=np.int64),
-        )
-        return self._at_now(stats, window)
+        return self._at_now(self._recent[: self.num_patients], window)
 
-    def _at_now(self, stats: PatientStats, model: ModelConfig) -> PatientStats:
-        """Re-base every patient's weights to the latest event time of all."""
-        finite = self._reference[: self.num_patients]
-        finite = finite[np.isfinite(finite)]
+    def _at_now(self, gram: np.ndarray, model: ModelConfig) -> PatientStats:
+        """A copy of ``gram`` (rows of the book) with every patient's weights
+        re-based under ``model``'s forgetting to the latest event time of all."""
+        reference = self._reference[: self.num_patients]
+        stats = gram_stats(gram.copy(), reference.copy())
+        finite = reference[np.isfinite(reference)]
         return decay_to(stats, float(finite.max()), model) if finite.size else stats
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import DecisionRule, ModelConfig
-from model.evidence import PatientStats, decay_to
+from model.evidence import decay_to, gram_stats
 from model.likelihood import Hyper
 from model.predictive import predictive_residuals
 from model.scores import EffectSummary, classify, summarize_given_cohorts
@@ -201,17 +201,7 @@ def reading_residuals(
         [np.zeros((d, d)) if r.gram is None else np.asarray(r.gram, dtype=float) for r in readings]
     )
     times = np.asarray([r.time for r in readings])
-    count = len(readings)
-    before = decay_to(
-        PatientStats(
-            gram=gram,
-            reference_time=np.asarray([r.reference_time for r in readings]),
-            count_exposed=np.zeros(count, dtype=np.int64),
-            count_unexposed=np.zeros(count, dtype=np.int64),
-        ),
-        times,
-        model,
-    )
+    before = decay_to(gram_stats(gram, [r.reference_time for r in readings]), times, model)
     cohort_mean, cohort_var = posterior.cohort_posterior([r.cohort for r in readings])
     return predictive_residuals(
         posterior.draws,

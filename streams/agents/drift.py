@@ -3,7 +3,8 @@
 The population agent compares each new posterior with its detector's reference
 (monitoring.drift.PosteriorShiftDetector: KL divergence of q(θ), shift of the
 population effect in posterior-sd units) and its recent-window fit with the
-all-time fit (WindowShiftDetector), and records the verdict in the message. This agent, one owner per partition of the compacted
+all-time fit (WindowShiftDetector), and records the verdict in the message.
+This agent, one owner per partition of the compacted
 population-posterior topic, exports those statistics as metrics and turns a
 detected drift into an alert on the alerts topic (keyed by measure). Workers
 republish every score when a posterior says ``rescore`` (streams.app).

@@ -129,13 +129,16 @@ class PopulationService:
             if raw and key.startswith(f"{measure}/"):
                 book.put(PatientEvidence.model_validate_json(raw))
 
+    def ready(self) -> bool:
+        """The table is recovered and the posterior feed has read what is
+        published (the version to continue, the evidence already fitted)."""
+        return self.posteriors.caught_up and not self.app.tables.recovery.in_recovery
+
     async def tick(self) -> None:
         """Fit every owned measure with new evidence (one fit at a time). Waits
         for the table's recovery and for the posterior feed to have read what is
         published (the version to continue and the evidence already fitted)."""
-        if self._ticking or not self.posteriors.caught_up:
-            return
-        if self.app.tables.recovery.in_recovery:
+        if self._ticking or not self.ready():
             return
         self._ticking = True
         try:
@@ -228,9 +231,7 @@ class PopulationService:
 
     async def select_tick(self) -> None:
         """Structure selection of every owned measure that is due (one at a time)."""
-        if self._selecting or not self.posteriors.caught_up:
-            return
-        if self.app.tables.recovery.in_recovery:
+        if self._selecting or not self.ready():
             return
         self._selecting = True
         try:
