@@ -89,7 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--latency-obs-per-patient", type=int, default=10)
     add("--partitions", type=int, default=4)
     add("--quick", action="store_true", help="1000 patients, 2 repeats, 20 s latency")
-    add("--py-spy", default=None, help="py-spy executable: profile the worker in repeat 1")
+    add("--py-spy", default=None, help="py-spy executable: profile the worker in one phase")
+    add(
+        "--py-spy-phase",
+        choices=("throughput", "latency"),
+        default="throughput",
+        help="the phase --py-spy profiles: throughput repeat 1, or the latency phase",
+    )
     add("--profile-out", type=Path, default=Path(tempfile.gettempdir()) / "throughput-pyspy.txt")
     add(
         "--cprofile-worker",
@@ -560,7 +566,7 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
             spy = None
             if profiling:
                 os.kill(worker.process.pid, signal.SIGRTMIN + 1)
-            if args.py_spy and repeat == 0:
+            if args.py_spy and args.py_spy_phase == "throughput" and repeat == 0:
                 expected_s = args.patients * args.obs_per_patient / 400.0
                 spy = start_py_spy(args.py_spy, worker.process.pid, args.profile_out, expected_s)
             phase = await throughput_phase(
@@ -577,7 +583,14 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
         rate = median([r["events_per_s_steady_10_90"] for r in repeats])
         quiet = await wait_until_quiet(worker.process.pid)
         say(f"latency at half the sustained rate (worker quiet after {quiet:.0f} s)")
+        spy = None
+        if args.py_spy and args.py_spy_phase == "latency":
+            spy = start_py_spy(
+                args.py_spy, worker.process.pid, args.profile_out, args.latency_seconds
+            )
         latency = await latency_phase(bootstrap, prefix, prod, collector, rate / 2, args)
+        if spy is not None:
+            spy.wait(timeout=60)
         assert worker.alive(), worker.log_tail()
         worker_log = worker.log_tail(20)
     await collector.stop()

@@ -60,6 +60,11 @@ class Evidence(NamedTuple):
     num_cohorts: int
 
 
+#: The smallest padded batch of per-patient scoring and predictive work: batches
+#: of 1-8 share one compiled shape (a compile costs ~1 s, the padding ~µs).
+SMALL_BUCKET = 8
+
+
 def bucket_size(size: int, minimum: int) -> int:
     """The power of two ≥ size (at least minimum): padded shapes, so few compiles."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(size, 1)))))

@@ -33,7 +33,7 @@ from jax.scipy.special import ndtr, ndtri
 
 from model.config import ModelConfig
 from model.likelihood import Hyper, patient_terms
-from model.population import bucket_size
+from model.population import SMALL_BUCKET, bucket_size
 
 PIT_CLIP = 1e-12  # keeps Φ⁻¹ finite for readings far in a tail (|z| ≤ 7)
 
@@ -98,7 +98,7 @@ def predictive_residuals(
         np.asarray(time, dtype=float),
     )
     fixed = t[:, None] if config.time_trend else np.zeros((count, 0))
-    size = bucket_size(count, 1)
+    size = bucket_size(count, SMALL_BUCKET)
     pad = size - count
 
     def padded(array: np.ndarray, axis: int = 0) -> jax.Array:

@@ -24,7 +24,7 @@ from jax.scipy.special import ndtr
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig
 from model.likelihood import Hyper, cohort_effect_posterior, patient_effects_given_theta
-from model.population import bucket_size
+from model.population import SMALL_BUCKET, bucket_size
 
 PATIENT_BLOCK = 4096
 BISECTION_STEPS = 36  # interval ends to (range of ±12 sd) · 2⁻³⁶ < 1e-9: far below any use
@@ -180,7 +180,7 @@ def summarize_given_cohorts(
     """
     gram = np.asarray(gram)
     num_patients = gram.shape[0]
-    block = min(block, bucket_size(num_patients, 1))
+    block = min(block, bucket_size(num_patients, SMALL_BUCKET))
     to_raw = config.standardization.effect_to_raw(1.0)
     mcid_std = jnp.asarray(measure.mcid / to_raw)
     sign = jnp.asarray(measure.benefit_sign)

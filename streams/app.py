@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import faust
@@ -18,9 +19,11 @@ import faust
 from model.config import ModelConfig
 from streams import consumer_seek, score_lookup
 from streams.agents import drift, ingest, patients, population
+from streams.agents.population import in_thread
 from streams.catalogue import Catalogue
 from streams.posterior_feed import PosteriorBook, follow_posteriors
 from streams.schemas import PopulationPosterior
+from streams.scoring import compile_scoring
 from streams.settings import Settings
 from streams.telemetry import Telemetry
 from streams.topics import Topics, declare_topics
@@ -96,7 +99,28 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     drift.register(app, topics, telemetry)
     lookup = score_lookup.register(app, patients_service)
 
+    compiled: set = set()  # (structure, number of draws) whose scoring shapes are compiled
+
+    async def compile_ahead(measure: str) -> None:
+        """Compile the scoring shapes of a measure's first posterior off the event
+        loop, unless a measure of the same structure already did."""
+        model, posterior = models.get(measure), posteriors[measure]
+        shapes = (model.structure if model else None, int(posterior.draws.mu.shape[0]))
+        if model is None or shapes in compiled:
+            return
+        compiled.add(shapes)
+        started = time.perf_counter()
+        try:
+            spec = catalogue.get(measure)
+            runs = await in_thread(compile_scoring, posterior, spec, model, settings.batch_size)
+        except Exception:  # the agent compiles what it needs on first use instead
+            log.exception("could not compile scoring for %s ahead of use", measure)
+            return
+        seconds = time.perf_counter() - started
+        log.info("compiled scoring for %s: %d shapes in %.1f s", measure, runs, seconds)
+
     async def on_new_posterior(message: PopulationPosterior) -> None:
+        await compile_ahead(message.measure)
         count = await patients_service.rescore_all(message.measure, force=message.rescore)
         log.info(
             "posterior %s v%d: rescored, %d scores republished",

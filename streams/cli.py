@@ -29,6 +29,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     from streams.topics import ensure_topics
 
     settings = Settings()
+    if settings.compilation_cache_dir is not None:
+        use_compilation_cache(settings.compilation_cache_dir)
     # faust creates only the last level of its data directory
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     created = asyncio.run(ensure_topics(settings))
@@ -48,6 +50,22 @@ def _run_worker(args: argparse.Namespace) -> int:
     worker = faust.Worker(app, loglevel=args.loglevel)
     worker.execute_from_commandline()  # returns on SIGTERM / SIGINT after a clean stop
     return 0
+
+
+#: Bound on the compilation cache. Setting one also makes JAX lock the cache
+#: directory (filelock), so workers sharing it never read a half-written entry.
+COMPILATION_CACHE_BYTES = 2 * 1024**3
+
+
+def use_compilation_cache(directory: Path) -> None:
+    """Keep compiled XLA executables in ``directory`` across processes. Every
+    compile of a second or more (a scoring shape, a population fit) is stored."""
+    import jax
+
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory.resolve()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
 
 
 def _demo_parser(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from model.config import DecisionRule, ModelConfig
 from model.evidence import decay_to, gram_stats
 from model.likelihood import Hyper
+from model.population import SMALL_BUCKET, bucket_size
 from model.predictive import predictive_residuals
 from model.scores import EffectSummary, classify, summarize_given_cohorts
 from streams.catalogue import MeasureSpec
@@ -33,6 +34,7 @@ from streams.schemas import (
 )
 
 LEVEL = 0.9
+SCORING_BLOCK = 256  # patients per compiled scoring call (model.scores blocks)
 Z_LEVEL = 1.6448536269514722  # Φ⁻¹(0.95): the composite's 90% interval
 DRAW_FIELDS = ("mu", "tau", "corr_chol", "tau_cohort", "sigma", "gamma")
 
@@ -94,8 +96,36 @@ def summarize_patients(
         spec.measure_config(),
         model,
         level=LEVEL,
-        block=256,
+        block=SCORING_BLOCK,
     )
+
+
+def compile_scoring(
+    posterior: MeasurePosterior, spec: MeasureSpec, model: ModelConfig, max_readings: int
+) -> int:
+    """Compile every padded shape that scoring and the predictive residuals use
+    for batches of up to ``max_readings`` readings, by running both on empty
+    evidence. Blocking (about a second per shape on two cores): run it off the
+    event loop. Otherwise each new batch size compiles on the patients agent's
+    first batch of that size and holds up the stream meanwhile. Returns the
+    number of shapes run."""
+    d = model.stat_dim
+    empty = MeasureStats(gram=np.zeros((d, d)).tolist(), reference_time=0.0)
+    cohort = next(iter(posterior.cohort_index), None)
+    runs = 0
+    for size in _bucket_sizes(SCORING_BLOCK):
+        summarize_patients(posterior, [empty] * size, [cohort] * size, spec, model)
+        runs += 1
+    reading = PendingReading(None, float("-inf"), cohort, 0.0, 0.0, 0.0, "")
+    for size in _bucket_sizes(bucket_size(max_readings, SMALL_BUCKET)):
+        reading_residuals(posterior, [reading] * size, model)
+        runs += 1
+    return runs
+
+
+def _bucket_sizes(largest: int) -> list[int]:
+    """The padded batch sizes up to ``largest`` (model.population.bucket_size)."""
+    return [SMALL_BUCKET << k for k in range(64) if SMALL_BUCKET << k <= largest]
 
 
 def measure_scores(

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     replication_factor: int = Field(default=1, ge=1)
     store_url: str = Field(default="memory://", description="memory:// or rocksdb:// (production)")
     data_dir: Path = Path(".cache/faust")
+    compilation_cache_dir: Path | None = Field(
+        default=Path(".cache/jax"),
+        description="JAX's persistent compilation cache, shared by the workers of a host: a "
+        "restarted worker loads its compiled scoring and fits instead of compiling them "
+        "again (None: compile in every process)",
+    )
     metrics_port: int = Field(
         default=9108, ge=0, le=65535, description="Prometheus /metrics port (0: any free port)"
     )
