@@ -164,25 +164,70 @@ def one_pass(catalogue, models, book, messages, batch_size: int) -> dict[str, fl
     return dict(seconds)
 
 
-def bisection_error(steps: int, draws: int = 400, patients: int = 2000) -> dict:
-    """Set model.scores.BISECTION_STEPS and report how far the 5% and 95% mixture
-    quantiles move against the default 64 steps, in units of each mixture's sd,
-    on random mixtures shaped like the scores' (400 draws)."""
+def bisection_quantiles(means, sds, probs, steps: int):
+    """The quantile method scoring used until stop 11 (the baseline): bisection
+    of the mixture CDF on every component's ±12 sd, ``steps`` halvings."""
+    import jax
+    import jax.numpy as jnp
+    from jax.scipy.special import ndtr
+
+    low = jnp.min(means - 12.0 * sds, axis=0)
+    high = jnp.max(means + 12.0 * sds, axis=0)
+    low = jnp.broadcast_to(low, (probs.size, *low.shape))
+    high = jnp.broadcast_to(high, low.shape)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        cdf = jnp.mean(ndtr((mid[:, None, :] - means[None]) / sds[None]), axis=1)
+        below = cdf < probs[:, None]
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    low, high = jax.lax.fori_loop(0, steps, step, (low, high))
+    return 0.5 * (low + high)
+
+
+def quantile_comparison(draws: int = 400, patients: int = 2048, repeats: int = 5) -> dict:
+    """model.scores.mixture_quantiles (safeguarded Newton) against bisection with
+    36 steps (the old default) and 60 steps (the reference), on random mixtures
+    shaped like the scores' (400 draws): CPU seconds per patient (median over
+    ``repeats``, after compiling) and the largest difference in mixture sds."""
+    from functools import partial
+
+    import jax
     import jax.numpy as jnp
 
-    import model.scores as scores
+    from model.scores import mixture_quantiles
 
     rng = np.random.default_rng(0)
-    means = rng.normal(0.0, 1.0, patients)[None] + rng.normal(0.0, 0.3, (draws, patients))
-    sds = rng.uniform(0.2, 1.0, (draws, patients))
+    centre = rng.normal(0.0, 1.0, patients)[None]
+    spread = rng.choice([0.05, 0.3, 2.0], patients)[None]  # narrow, typical, multimodal
+    means = jnp.asarray(centre + spread * rng.normal(size=(draws, patients)))
+    sds = jnp.asarray(rng.uniform(0.2, 1.0, (draws, patients)))
     probs = jnp.asarray([0.05, 0.95])
-    default = scores.BISECTION_STEPS
-    reference = np.asarray(scores.mixture_quantiles(jnp.asarray(means), jnp.asarray(sds), probs))
-    scores.BISECTION_STEPS = steps
-    trial = np.asarray(scores.mixture_quantiles(jnp.asarray(means), jnp.asarray(sds), probs))
+    methods = {
+        "newton": jax.jit(mixture_quantiles),
+        "bisection_36": jax.jit(partial(bisection_quantiles, steps=36)),
+        "bisection_60": jax.jit(partial(bisection_quantiles, steps=60)),
+    }
+    out: dict = {"draws": draws, "patients": patients}
+    values = {}
+    for name, method in methods.items():
+        values[name] = np.asarray(method(means, sds, probs))  # compile
+        times = []
+        for _ in range(repeats):
+            started = time.process_time()
+            method(means, sds, probs).block_until_ready()
+            times.append(time.process_time() - started)
+        out[f"{name}_cpu_ms_per_patient"] = 1e3 * median(times) / patients
     mixture_sd = np.sqrt(np.mean(sds**2 + means**2, axis=0) - np.mean(means, axis=0) ** 2)
-    error = np.abs(trial - reference) / mixture_sd
-    return {"steps": steps, "default_steps": default, "max_error_in_sd": float(error.max())}
+    for name in ("newton", "bisection_36"):
+        error = np.abs(values[name] - values["bisection_60"]) / np.asarray(mixture_sd)
+        out[f"{name}_max_error_in_sd"] = float(error.max())
+    out["speedup_newton_vs_bisection_36"] = (
+        out["bisection_36_cpu_ms_per_patient"] / out["newton_cpu_ms_per_patient"]
+    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,17 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cprofile", type=Path, default=None, help="write pstats of one pass")
     parser.add_argument("--output", default="patients_path")
     parser.add_argument(
-        "--bisection-steps",
-        type=int,
-        default=None,
-        help="experiment: override model.scores.BISECTION_STEPS (64) before anything compiles",
+        "--quantiles-only",
+        action="store_true",
+        help="only compare the quantile methods (Newton against bisection)",
     )
     args = parser.parse_args(argv)
     where = machine()
-    bisection = None
-    if args.bisection_steps is not None:
-        bisection = bisection_error(args.bisection_steps)
-        say(f"bisection {args.bisection_steps} steps: {bisection}")
+    quantiles = quantile_comparison()
+    say(f"mixture quantiles: {quantiles}")
+    if args.quantiles_only:
+        path = write_json("quantiles", {"quantiles": quantiles, "machine": where})
+        say(f"wrote {path}")
+        return 0
     say("preparing: programme, ingest, a cheap population fit (JAX compile)")
     catalogue, models, book, messages, ingest_seconds = prepare(args.patients, args.obs_per_patient)
     one_pass(catalogue, models, book, messages, args.batch_size)  # compile, warm caches
@@ -233,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage_us_per_event": {k: 1e6 * v / len(messages) for k, v in stages.items()},
         "ingest_events_per_s": len(messages) / ingest_seconds,
         "passes": passes,
-        "bisection": bisection,
+        "quantiles": quantiles,
         "parameters": vars(args) | {"cprofile": str(args.cprofile)},
         "machine": where,
     }

@@ -30,6 +30,41 @@ def test_mixture_quantiles_match_root_finding_on_the_mixture_cdf():
             assert got[p_index, j] == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.parametrize("shape", ["narrow", "typical", "bimodal", "far_apart"])
+def test_mixture_quantiles_converge_on_hard_mixtures(shape):
+    """Safeguarded Newton against root finding on 400-component mixtures shaped
+    like the scores' (narrow and typical), with two far modes (Newton alone
+    would jump out of the bracket between them) and with components 40 sds
+    apart (densities underflow between them), at central and extreme levels."""
+    rng = np.random.default_rng(["narrow", "typical", "bimodal", "far_apart"].index(shape))
+    draws, mixtures = 400, 40
+    if shape == "narrow":
+        means = rng.normal(0.0, 0.01, (draws, mixtures))
+        sds = rng.uniform(0.9, 1.0, (draws, mixtures))
+    elif shape == "typical":
+        means = rng.normal(0.0, 0.3, (draws, mixtures))
+        sds = rng.uniform(0.2, 1.0, (draws, mixtures))
+    elif shape == "bimodal":
+        means = rng.choice([-3.0, 3.0], (draws, mixtures)) + rng.normal(0.0, 0.1, (draws, mixtures))
+        sds = rng.uniform(0.1, 0.5, (draws, mixtures))
+    else:
+        means = rng.choice([-20.0, 20.0], (draws, mixtures), p=[0.3, 0.7])
+        sds = np.full((draws, mixtures), 0.5)
+    probs = np.array([0.001, 0.05, 0.3, 0.5, 0.95, 0.999])
+    got = np.asarray(mixture_quantiles(jnp.asarray(means), jnp.asarray(sds), jnp.asarray(probs)))
+    for j in range(mixtures):
+        for p_index, p in enumerate(probs):
+
+            def excess(q, j=j, p=p):
+                return sps.norm.cdf(q, means[:, j], sds[:, j]).mean() - p
+
+            expected = optimize.brentq(excess, -60, 60, xtol=1e-13, rtol=1e-15)
+            # F is flat between far modes: compare where F crosses p, not q itself.
+            assert got[p_index, j] == pytest.approx(expected, abs=1e-9) or (
+                abs(excess(got[p_index, j])) < 1e-12
+            ), (shape, j, p)
+
+
 def _draws(num_draws: int, rng: np.random.Generator) -> Hyper:
     """A few θ draws around a fixed point (as from a narrow q)."""
     return Hyper(
