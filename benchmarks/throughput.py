@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--warm-patients", type=int, default=300)
     add("--latency-seconds", type=float, default=40.0)
     add("--latency-obs-per-patient", type=int, default=10)
+    add(
+        "--latency-rate",
+        type=float,
+        default=100.0,
+        help="readings/s of the latency phase when --repeats is 0 (no throughput phase)",
+    )
     add("--partitions", type=int, default=4)
     add("--quick", action="store_true", help="1000 patients, 2 repeats, 20 s latency")
     add("--py-spy", default=None, help="py-spy executable: profile the worker in one phase")
@@ -404,6 +410,9 @@ async def latency_phase(bootstrap, prefix, prod, collector, rate: float, args) -
             unpublished += 1
     score_lat = np.array(to_score)
     ev_lat = np.array(to_evidence)
+    # Processed latency over the phase, by tenth of the readings in send order:
+    # growing means a backlog (the worker is slower than the rate), flat a delay.
+    tenths = [float(np.median(part)) for part in np.array_split(ev_lat, 10) if part.size]
     result = {
         "target_rate": rate,
         "achieved_send_rate": len(readings) / send_seconds,
@@ -418,11 +427,13 @@ async def latency_phase(bootstrap, prefix, prod, collector, rate: float, args) -
         "max_latency_s": float(score_lat.max()),
         "processed_p50_latency_s": float(np.quantile(ev_lat, 0.5)),
         "processed_p99_latency_s": float(np.quantile(ev_lat, 0.99)),
+        "processed_median_latency_by_tenth_s": tenths,
     }
     say(
         f"  latency at {rate:,.0f}/s: p50 {result['p50_latency_s']:.3f} s, "
         f"p99 {result['p99_latency_s']:.3f} s ({score_lat.size} readings with their own score, "
-        f"{unpublished} without)"
+        f"{unpublished} without); processed median by tenth of the phase: "
+        + " ".join(f"{t:.2f}" for t in tenths)
     )
     return result
 
@@ -580,7 +591,10 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
             if spy is not None:
                 spy.terminate()
                 spy.wait(timeout=30)
-        rate = median([r["events_per_s_steady_10_90"] for r in repeats])
+        if repeats:
+            rate = median([r["events_per_s_steady_10_90"] for r in repeats])
+        else:  # --repeats 0: a latency run at --latency-rate readings/s
+            rate = 2 * args.latency_rate
         quiet = await wait_until_quiet(worker.process.pid)
         say(f"latency at half the sustained rate (worker quiet after {quiet:.0f} s)")
         spy = None
@@ -609,8 +623,12 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
 
     result.update(
         events_per_s=rate,
-        events_per_s_overall=median([r["events_per_s_overall"] for r in repeats]),
-        records_per_worker_cpu_s=median([r["records_per_worker_cpu_s"] for r in repeats]),
+        events_per_s_overall=median([r["events_per_s_overall"] for r in repeats])
+        if repeats
+        else None,
+        records_per_worker_cpu_s=median([r["records_per_worker_cpu_s"] for r in repeats])
+        if repeats
+        else None,
         raw_consume_events_per_s=median(plain),
         raw_consume_validate_events_per_s=median(validated),
         ratio_to_raw_consume=rate / median(plain),
@@ -660,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if kafka is not None:
             kafka.stop()
-    path = write_json("throughput_quick" if args.quick else "throughput", result)
+    name = "throughput_quick" if args.quick else "throughput"
+    path = write_json(name if args.repeats else "throughput_latency", result)
     say(f"wrote {path}")
     return 0
 
