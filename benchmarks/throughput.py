@@ -588,8 +588,8 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
                 profiled = phase
             else:
                 repeats.append(phase)
-            if spy is not None:
-                spy.terminate()
+            if spy is not None:  # py-spy writes its output on SIGINT, not on SIGTERM
+                spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=30)
         if repeats:
             rate = median([r["events_per_s_steady_10_90"] for r in repeats])

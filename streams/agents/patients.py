@@ -19,6 +19,8 @@ import logging
 import time
 import zlib
 from collections import Counter, defaultdict
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import faust
@@ -32,7 +34,7 @@ from streams.agents.ingest import dead_letter
 from streams.catalogue import Catalogue
 from streams.patient_state import PatientRecord, apply_event, origin_key, recent_window_stats
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import PATIENT_EVENT, Alert, Observation, PatientEvidence
+from streams.schemas import PATIENT_EVENT, Alert, MeasureScore, Observation, PatientEvidence
 from streams.scoring import (
     PendingReading,
     changed_materially,
@@ -116,7 +118,13 @@ class PatientsService:
         self.table[record.patient_id] = record.model_dump_json().encode()
 
     async def process(self, events: list[faust.EventT]) -> None:
-        """Apply a batch of events, then rescore and publish once per touched patient."""
+        """Apply a batch of events, rescore once per touched patient, save each
+        touched record once, then send what the batch caused (dead letters,
+        evidence, scores, alerts).
+
+        Everything up to the saves runs without an await, so the rescoring after
+        a new posterior (``rescore_all``, another task) never sees or writes a
+        record this batch has loaded but not yet saved."""
         started = time.perf_counter()
         records: dict[str, PatientRecord] = {}
         touched: dict[str, set[str]] = defaultdict(set)
@@ -124,16 +132,19 @@ class PatientsService:
         arrival: dict[str, float] = {}  # earliest raw-record timestamp (s) per patient
         replayed: set[str] = set()
         readings: dict[str, list[PendingReading]] = defaultdict(list)  # for conflict checks
+        rejections: list[tuple[faust.EventT, str, str, tuple[str, int, int]]] = []
         for event in events:
             try:
                 parsed = PATIENT_EVENT.validate_json(event.value)
             except ValidationError as error:  # only our own ingest writes here
                 message = event.message
-                await self.reject(
-                    event,
-                    "invalid_internal",
-                    str(error.errors()[0].get("msg")),
-                    (message.topic, message.partition, message.offset),
+                rejections.append(
+                    (
+                        event,
+                        "invalid_internal",
+                        str(error.errors()[0].get("msg")),
+                        (message.topic, message.partition, message.offset),
+                    )
                 )
                 continue
             patient_id = parsed.patient_id
@@ -149,11 +160,13 @@ class PatientsService:
                     origin.partition,
                     origin.offset,
                 )
-                await self.reject(
-                    event,
-                    "processing_error",
-                    f"{type(error).__name__}: {error}",
-                    (origin.topic, origin.partition, origin.offset),
+                rejections.append(
+                    (
+                        event,
+                        "processing_error",
+                        f"{type(error).__name__}: {error}",
+                        (origin.topic, origin.partition, origin.offset),
+                    )
                 )
                 continue
             records[patient_id] = record
@@ -168,26 +181,31 @@ class PatientsService:
                     arrival.setdefault(patient_id, parsed.origin.timestamp)
             for rejected, reason, detail in outcome.rejected:
                 origin = rejected.origin
-                await self.reject(
-                    event, reason, detail, (origin.topic, origin.partition, origin.offset)
+                rejections.append(
+                    (event, reason, detail, (origin.topic, origin.partition, origin.offset))
                 )
             self.telemetry.replays(outcome.replays)
             if outcome.replays:
                 replayed.add(patient_id)
-        for record in records.values():
-            self.save(record)
-        for patient_id in evidence_changed:
-            await self.forward_evidence(records[patient_id], touched[patient_id])
         # A replay means a worker stopped between applying events and committing
         # their offsets: the state's changelog may have been written while the
         # evidence forward or the score it caused was lost. Both are idempotent
         # (last write wins), so send them again rather than risk losing them.
-        replayed -= evidence_changed
-        for patient_id in replayed:
+        to_score = [records[p] for p in records if touched[p] or p in replayed]
+        try:
+            publications = self.score(to_score, forced=replayed)
+        except Exception:  # the evidence is saved and forwarded all the same
+            log.exception("scoring a batch of %d patients failed", len(to_score))
+            publications = []
+        for record in records.values():
+            self.save(record)
+        for rejection in rejections:
+            await self.reject(*rejection)
+        for patient_id in evidence_changed:
+            await self.forward_evidence(records[patient_id], touched[patient_id])
+        for patient_id in replayed - evidence_changed:
             await self.forward_evidence(records[patient_id], set(records[patient_id].measures))
-        if replayed:
-            await self.rescore([records[p] for p in replayed], "evidence", force=True)
-        scored = await self.rescore([records[p] for p in touched if touched[p]], "evidence")
+        scored = await self.publish(publications, "evidence")
         try:
             await self.check_conflict(readings)
         except Exception:  # monitoring must never stop the stream
@@ -274,12 +292,14 @@ class PatientsService:
                 partition=measure_partition(measure, self.settings.partitions),
             )
 
-    async def rescore(
-        self, records: list[PatientRecord], trigger: str, force: bool = False
-    ) -> set[str]:
-        """Score ``records`` under the current posteriors; publish those that
-        changed materially (all when ``force``). ``trigger`` says why ("evidence"
-        or "population"). Returns the published patient ids."""
+    def score(
+        self, records: list[PatientRecord], forced: Collection[str] = ()
+    ) -> list[Publication]:
+        """Score ``records`` (every measure with a posterior) under the current
+        posteriors and, for those whose score changed materially (or whose id is
+        in ``forced``), record the new score in the record: ``published`` and
+        ``published_score``. The records are modified in place, not saved;
+        returns what to send."""
         by_measure: dict[str, list[PatientRecord]] = defaultdict(list)
         for record in records:
             if record.cohort is None:
@@ -305,11 +325,11 @@ class PatientsService:
             )
             for record, score in zip(group, scores, strict=True):
                 new_scores[record.patient_id][measure] = score
-        published: set[str] = set()
         by_id = {r.patient_id: r for r in records}
+        publications = []
         for patient_id, scores in new_scores.items():
-            record = self.load(patient_id) or by_id[patient_id]
-            material = force or any(
+            record = by_id[patient_id]
+            material = patient_id in forced or any(
                 changed_materially(record.published.get(m), s) for m, s in scores.items()
             )
             if not material:
@@ -323,19 +343,24 @@ class PatientsService:
                 self.calls[measure][patient_id] = score.classification
             message = efficacy_score(record, list(scores.values()), self.weights, self.rule)
             record.published_score = message.model_dump_json()
-            # No await between load and save: another task (the agent, or the
-            # rescoring after a new posterior) may save this patient meanwhile.
-            self.save(record)
-            for previous_call, score in transitions:
-                await self.transition_alert(record, previous_call, score)
-            await self.topics.scores.send(
-                key=patient_id.encode(), value=record.published_score.encode()
-            )
-            published.add(patient_id)
-        self.telemetry.scores_published(len(published), trigger)
+            publications.append(Publication(record, transitions))
         for measure in by_measure:
             self.telemetry.classifications(measure, Counter(self.calls[measure].values()))
-        return published
+        return publications
+
+    async def publish(self, publications: list[Publication], trigger: str) -> set[str]:
+        """Send the scores (and responder transitions) of ``score``, whose records
+        are saved; ``trigger`` says why ("evidence" or "population"). Returns the
+        published patient ids."""
+        for publication in publications:
+            record = publication.record
+            for previous_call, score in publication.transitions:
+                await self.transition_alert(record, previous_call, score)
+            await self.topics.scores.send(
+                key=record.patient_id.encode(), value=record.published_score.encode()
+            )
+        self.telemetry.scores_published(len(publications), trigger)
+        return {publication.record.patient_id for publication in publications}
 
     async def transition_alert(self, record: PatientRecord, previous: str, score) -> None:
         if score.classification not in ("responder", "non_responder"):
@@ -371,23 +396,43 @@ class PatientsService:
     async def rescore_all(self, measure: str, force: bool = False) -> int:
         """After a new population posterior: rescore every local patient with
         evidence on ``measure`` and publish what changed materially (everything
-        when ``force``: the posterior itself moved materially)."""
-        records = []
+        when ``force``: the posterior itself moved materially). In chunks of
+        RESCORE_CHUNK patients, each loaded, scored and saved without an await
+        (a batch of the agent may have saved a patient since the keys were
+        listed), so memory stays bounded by a chunk however many patients."""
         owned = self.active_partitions()
-        for key in list(self.table.keys()):
-            # The local store also holds standby replicas and partitions this
-            # worker owned before a rebalance: rescoring (and saving) those would
-            # overwrite the owner's newer state with a stale copy.
-            if key_partition(key.encode(), self.settings.partitions) not in owned:
-                continue
-            record = self.load(key)
-            if record is not None and measure in record.measures:
-                records.append(record)
+        # The local store also holds standby replicas and partitions this worker
+        # owned before a rebalance: rescoring (and saving) those would overwrite
+        # the owner's newer state with a stale copy.
+        keys = [
+            key
+            for key in list(self.table.keys())
+            if key_partition(key.encode(), self.settings.partitions) in owned
+        ]
         published = 0
-        for start in range(0, len(records), 4096):
-            batch = records[start : start + 4096]
-            published += len(await self.rescore(batch, "population", force=force))
+        for start in range(0, len(keys), RESCORE_CHUNK):
+            chunk = []
+            for key in keys[start : start + RESCORE_CHUNK]:
+                record = self.load(key)
+                if record is not None and measure in record.measures:
+                    chunk.append(record)
+            publications = self.score(chunk, forced={r.patient_id for r in chunk} if force else ())
+            for publication in publications:
+                self.save(publication.record)
+            published += len(await self.publish(publications, "population"))
         return published
+
+
+@dataclass
+class Publication:
+    """A score to send: the record holding it (``published_score``) and the
+    responder transitions it makes, (previous call, new MeasureScore)."""
+
+    record: PatientRecord
+    transitions: list[tuple[str, MeasureScore]]
+
+
+RESCORE_CHUNK = 4096  # patients loaded and scored at a time after a new posterior
 
 
 def measure_partition(measure: str, partitions: int) -> int:
