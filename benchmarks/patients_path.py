@@ -3,19 +3,18 @@
     python -m benchmarks.patients_path               # -> results/patients_path.json
     python -m benchmarks.patients_path --cprofile /tmp/patients.prof
 
-Replays what ``PatientsService.process`` does for each batch of the internal
-observations topic (streams/agents/patients.py), stage by stage and with the same
-functions, on a simulated programme already validated by the ingest functions:
+Replays what ``PatientsService.process`` does for each batch of raw records
+(streams/agents/patients.py), stage by stage and with the same functions, on a
+simulated programme:
 
-- ``parse``: ``PATIENT_EVENT.validate_json`` of each message;
+- ``parse``: ``validate_record`` of each raw record (streams.validation);
 - ``load``: ``PatientRecord.model_validate_json`` of the touched patients' table values;
 - ``apply``: ``apply_event`` per event (streams.patient_state);
 - ``save``: ``model_dump_json`` of each touched record;
-- ``evidence``: the ``PatientEvidence`` message of each touched patient;
+- ``evidence``: the ``EvidenceBatch`` message of the touched patients;
 - ``score``: ``measure_scores`` of the touched patients (JAX mixture summaries);
 - ``publish``: material-change test, ``efficacy_score`` and its JSON, record saved again.
 
-and the ingest agent's ``validate_observation`` + ``Observation`` JSON (``ingest``).
 Kafka's own costs (consumer, producer, faust's stream machinery, changelog) are
 not here: benchmarks/throughput.py measures the whole worker. The population
 posterior is a cheap fit (100 steps): its quality does not change the cost.
@@ -42,7 +41,6 @@ MEASURE = "resting_heart_rate"
 
 def prepare(patients: int, obs: int):
     from model.config import SVIConfig
-    from streams.agents.ingest import validate_enrollment, validate_observation
     from streams.app import measure_models
     from streams.catalogue import Catalogue
     from streams.population_book import PopulationModel
@@ -57,19 +55,12 @@ def prepare(patients: int, obs: int):
     programme = build_programme([MEASURE], num_patients=patients, num_cohorts=20,
                                 obs_per_patient=obs, seed=3)  # fmt: skip
     raw = programme.send_order()
-    started = time.process_time()
-    messages = []
-    for offset, record in enumerate(raw):
-        origin = Origin(topic=record.topic, partition=0, offset=offset, timestamp=0.0)
-        if record.topic == "enrollments":
-            event = validate_enrollment(record.key, record.value, origin, settings)
-        else:
-            event = validate_observation(
-                record.topic, record.key, record.value, origin, catalogue, settings
-            )
-        messages.append(event.model_dump_json().encode())
-    ingest_seconds = time.process_time() - started
-
+    messages = [
+        (record.topic, record.key, record.value, Origin(topic=record.topic, partition=0,
+                                                        offset=offset, timestamp=0.0))
+        for offset, record in enumerate(raw)
+    ]  # fmt: skip
+    settings_and_catalogue = (settings, catalogue)
     ids = sorted(programme.truth.patients)
     stats = programme.expected_statistics(MEASURE, models[MEASURE], ids)
     cohorts = sorted({p.cohort for p in programme.truth.patients.values()})
@@ -79,13 +70,16 @@ def prepare(patients: int, obs: int):
     fit = PopulationModel(MEASURE, models[MEASURE], svi, max_rounds=0).fit(stats, cohort, cohorts)
     book = PosteriorBook()
     book.offer(fit.message)
-    return catalogue, models, book, messages, ingest_seconds
+    return settings_and_catalogue, models, book, messages
 
 
-def one_pass(catalogue, models, book, messages, batch_size: int) -> dict[str, float]:
+def one_pass(settings_and_catalogue, models, book, messages, batch_size: int) -> dict[str, float]:
     from model.config import DecisionRule
     from streams.patient_state import PatientRecord, apply_event
-    from streams.schemas import PATIENT_EVENT, PatientEvidence
+    from streams.schemas import EvidenceBatch, PatientEvidence
+    from streams.validation import validate_record
+
+    settings, catalogue = settings_and_catalogue
     from streams.scoring import changed_materially, efficacy_score, measure_scores, published_of
 
     rule = DecisionRule()
@@ -97,9 +91,9 @@ def one_pass(catalogue, models, book, messages, batch_size: int) -> dict[str, fl
     for start in range(0, len(messages), batch_size):
         records: dict[str, PatientRecord] = {}
         touched: dict[str, set[str]] = defaultdict(set)
-        for value in messages[start : start + batch_size]:
+        for topic, key, value, origin in messages[start : start + batch_size]:
             t0 = clock()
-            event = PATIENT_EVENT.validate_json(value)
+            event = validate_record(topic, key, value, origin, catalogue, settings)
             t1 = clock()
             record = records.get(event.patient_id)
             if record is None:
@@ -119,21 +113,26 @@ def one_pass(catalogue, models, book, messages, batch_size: int) -> dict[str, fl
         for record in records.values():
             table[record.patient_id] = record.model_dump_json().encode()
         t1 = clock()
+        items = []
         for patient_id, measures in touched.items():
             record = records[patient_id]
             if record.cohort is None:
                 continue
             for measure in measures:
                 stats = record.measures[measure]
-                PatientEvidence(
-                    measure=measure,
-                    patient_id=patient_id,
-                    cohort=record.cohort,
-                    gram=stats.gram,
-                    reference_time=stats.reference_time,
-                    count_exposed=stats.count_exposed,
-                    count_unexposed=stats.count_unexposed,
-                ).model_dump_json().encode()
+                items.append(
+                    PatientEvidence(
+                        measure=measure,
+                        patient_id=patient_id,
+                        cohort=record.cohort,
+                        gram=stats.gram,
+                        reference_time=stats.reference_time,
+                        count_exposed=stats.count_exposed,
+                        count_unexposed=stats.count_unexposed,
+                    )
+                )
+        if items:
+            EvidenceBatch(measure=MEASURE, items=items).model_dump_json().encode()
         t2 = clock()
         group = [records[p] for p in touched if touched[p] and records[p].cohort is not None]
         group = [r for r in group if MEASURE in r.measures]
@@ -251,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         path = write_json("quantiles", {"quantiles": quantiles, "machine": where})
         say(f"wrote {path}")
         return 0
-    say("preparing: programme, ingest, a cheap population fit (JAX compile)")
-    catalogue, models, book, messages, ingest_seconds = prepare(args.patients, args.obs_per_patient)
+    say("preparing: programme, a cheap population fit (JAX compile)")
+    catalogue, models, book, messages = prepare(args.patients, args.obs_per_patient)
     one_pass(catalogue, models, book, messages, args.batch_size)  # compile, warm caches
     passes = []
     for repeat in range(args.repeats):
@@ -277,15 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         "stage_seconds": stages,
         "stage_fraction": {k: v / total for k, v in stages.items()},
         "stage_us_per_event": {k: 1e6 * v / len(messages) for k, v in stages.items()},
-        "ingest_events_per_s": len(messages) / ingest_seconds,
         "passes": passes,
         "quantiles": quantiles,
         "parameters": vars(args) | {"cprofile": str(args.cprofile)},
         "machine": where,
     }
     path = write_json(args.output, result)
-    say(f"patients agent {result['patients_agent_events_per_s']:,.0f} events/s; "
-        f"ingest {result['ingest_events_per_s']:,.0f} events/s; wrote {path}")  # fmt: skip
+    say(f"patients agent {result['patients_agent_events_per_s']:,.0f} events/s; wrote {path}")
     return 0
 
 

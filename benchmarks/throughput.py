@@ -69,7 +69,6 @@ TOPICS = (
     "wearables",
     "labs",
     "pros",
-    "observations",
     "deadletter",
     "population-evidence",
     "population-posterior",
@@ -270,11 +269,12 @@ class Collector:
                             m["count_exposed"] + m["count_unexposed"] for m in value["measures"]
                         )
                         self.scores[value["patient_id"]].append((ts, count))
-                    else:
-                        count = value["count_exposed"] + value["count_unexposed"]
-                        patient = value["patient_id"]
-                        self.evidence[patient].append((ts, count))
-                        self.latest[patient] = max(self.latest.get(patient, 0), count)
+                    else:  # an EvidenceBatch: the touched patients of one batch
+                        for item in value["items"]:
+                            count = item["count_exposed"] + item["count_unexposed"]
+                            patient = item["patient_id"]
+                            self.evidence[patient].append((ts, count))
+                            self.latest[patient] = max(self.latest.get(patient, 0), count)
 
     def complete(self, expected: dict[str, int]) -> bool:
         return all(self.latest.get(p, 0) >= n for p, n in expected.items())

@@ -1,7 +1,7 @@
 """The Faust application, built from Settings (no module-level global state).
 
-ingest-*     raw topics -> observations (validated, canonical units) | deadletter
-patients     observations -> patients table, scores, alerts, population-evidence
+patients     raw topics -> validation (deadletter), patients table, scores, alerts,
+             population-evidence
 population   population-evidence -> population table; timer -> population-posterior
 posteriors   population-posterior (all partitions, every worker) -> rescoring
 web          GET /patients/{id}/score, answered by the patient's owner (score_lookup)
@@ -18,7 +18,7 @@ import faust
 
 from model.config import ModelConfig
 from streams import consumer_seek, score_lookup
-from streams.agents import drift, ingest, patients, population
+from streams.agents import drift, patients, population
 from streams.agents.population import in_thread
 from streams.catalogue import Catalogue
 from streams.posterior_feed import PosteriorBook, follow_posteriors
@@ -78,6 +78,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         web_bind=settings.web_bind,
         web_host=settings.advertised_web_host,
         producer_acks=-1,
+        producer_linger_ms=settings.producer_linger_ms,
         producer_max_request_size=16 * 1024 * 1024,
         consumer_max_fetch_size=16 * 1024 * 1024,
         key_serializer="raw",
@@ -93,7 +94,6 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     population_service = population.PopulationService(
         app, topics, models, posteriors, settings, telemetry, drift=settings.drift
     )
-    ingest.register(app, topics, catalogue, settings, telemetry)
     patients.register(app, patients_service)
     population.register(app, population_service)
     drift.register(app, topics, telemetry)

@@ -8,9 +8,8 @@ drop duplicates) and ``event_time`` (when it happened, not when it arrived).
 |---|---|---|
 | enrollments | patient_id | Enrollment or ExposureChange (field ``kind``) |
 | wearables / labs / pros | patient_id | WearableReading / LabResult / PatientReportedOutcome |
-| observations (internal) | patient_id | Observation or EnrollmentRecord (field ``kind``) |
 | deadletter | source key | DeadLetter |
-| population-evidence (internal) | measure/patient_id | PatientEvidence |
+| population-evidence (internal) | measure | EvidenceBatch (PatientEvidence of many patients) |
 | population-posterior | measure | PopulationPosterior |
 | scores | patient_id | EfficacyScore |
 | alerts | patient_id or measure | Alert |
@@ -115,7 +114,8 @@ class Origin(BaseModel):
 
 
 class Observation(Envelope):
-    """A validated observation in the measure's canonical unit (internal topic)."""
+    """A validated observation in the measure's canonical unit, with its origin
+    (what the patients agent applies; held in a patient's record until enrolment)."""
 
     kind: Literal["observation"] = "observation"
     patient_id: PatientId
@@ -127,7 +127,7 @@ class Observation(Envelope):
 
 
 class EnrollmentRecord(BaseModel):
-    """A validated enrolment or exposure event on the internal topic, with its origin."""
+    """A validated enrolment or exposure event with its origin."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -138,11 +138,6 @@ class EnrollmentRecord(BaseModel):
     @property
     def patient_id(self) -> str:
         return self.event.patient_id
-
-
-#: The value of an internal observations record: what the patients agent consumes.
-PatientEvent = Annotated[Observation | EnrollmentRecord, Field(discriminator="kind")]
-PATIENT_EVENT = TypeAdapter(PatientEvent)
 
 
 class DeadLetter(BaseModel):
@@ -191,6 +186,17 @@ class PatientEvidence(BaseModel):
         description="the statistics under the recent-window forgetting (fast half-life), at "
         "the same reference time; drift monitoring fits them against the all-time ones",
     )
+
+
+class EvidenceBatch(BaseModel):
+    """The statistics of the patients of one measure that one batch of the
+    patients agent changed: one message instead of one per patient."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    measure: str
+    items: list[PatientEvidence]
 
 
 # --- outputs --------------------------------------------------------------------
@@ -365,9 +371,8 @@ TOPIC_SCHEMAS: dict[str, object] = {
     "wearables": WearableReading,
     "labs": LabResult,
     "pros": PatientReportedOutcome,
-    "observations": PatientEvent,
     "deadletter": DeadLetter,
-    "population-evidence": PatientEvidence,
+    "population-evidence": EvidenceBatch,
     "population-posterior": PopulationPosterior,
     "scores": EfficacyScore,
     "alerts": Alert,

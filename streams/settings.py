@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(default=1000, ge=1, description="events per patients-agent batch")
     batch_seconds: float = Field(default=0.1, gt=0.0, description="longest wait to fill a batch")
+    producer_linger_ms: int = Field(
+        default=5,
+        ge=0,
+        description="how long the worker's producer waits to fill a request: faust's default "
+        "of 0 sends a produce request per message (measured: ~28% of the worker's CPU in "
+        "socket writes); adds at most this much latency",
+    )
     population_interval_seconds: float = Field(
         default=2.0, gt=0.0, description="how often the population agent considers an update"
     )
@@ -154,6 +161,10 @@ class Settings(BaseSettings):
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
+
+    def source_of(self, topic: str) -> str:
+        """A topic's name without the prefix: the source label of its records."""
+        return topic.removeprefix(self.topic_prefix)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.security_protocol not in ("SSL", "SASL_SSL"):

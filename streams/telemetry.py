@@ -33,10 +33,10 @@ class Telemetry:
         self.selections = 0
         self._structures: dict[str, set[str]] = {}  # compared by the latest selection
 
-    def accepted(self, source: str) -> None:
-        self.accepted_by_source[source] += 1
+    def accepted(self, source: str, count: int = 1) -> None:
+        self.accepted_by_source[source] += count
         if self.metrics is not None:
-            self.metrics.events_accepted.labels(source=source).inc()
+            self.metrics.events_accepted.labels(source=source).inc(count)
 
     def rejected(self, source: str, reason: str) -> None:
         self.rejected_by_reason[(source, reason)] += 1

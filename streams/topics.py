@@ -19,7 +19,6 @@ class Topics(NamedTuple):
     wearables: faust.TopicT
     labs: faust.TopicT
     pros: faust.TopicT
-    observations: faust.TopicT
     deadletter: faust.TopicT
     population_evidence: faust.TopicT
     population_posterior: faust.TopicT
@@ -31,12 +30,17 @@ class Topics(NamedTuple):
     def sources(self) -> tuple[faust.TopicT, ...]:
         return (self.wearables, self.labs, self.pros)
 
+    @property
+    def raw(self) -> tuple[faust.TopicT, ...]:
+        """What producers write and the patients agent reads: enrolments and readings."""
+        return (self.enrollments, *self.sources)
+
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:
     """Raw bytes in and out: agents parse and validate themselves, so a malformed
     record reaches our code (and the dead-letter topic) instead of crashing the stream.
     Every topic has ``settings.partitions`` partitions: the patients agent relies on
-    the source and internal topics being co-partitioned by patient id."""
+    the raw topics and its table's changelog being co-partitioned by patient id."""
 
     def topic(field: str) -> faust.TopicT:
         name = topic_name(field)
@@ -65,8 +69,8 @@ async def ensure_topics(settings: Settings) -> list[str]:
     its agents and tables read, and only once it runs: a producer (or an agent
     writing scores, alerts or dead letters) that comes first would make the
     broker auto-create the topic with its defaults (one partition, no
-    compaction), and a source topic with fewer partitions than the observations
-    topic breaks the co-partitioning by patient."""
+    compaction), and a raw topic with fewer partitions than the others breaks
+    the co-partitioning by patient."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
@@ -116,8 +120,11 @@ def topic_name(field: str) -> str:
 
 #: Broker-side settings of topics the app creates. The posterior topic keeps the
 #: latest posterior per measure forever (compacted); its messages carry the draws.
-#: The structure-selection topic keeps the latest selection per measure.
+#: The structure-selection topic keeps the latest selection per measure. Evidence
+#: messages carry many patients' statistics each.
 TOPIC_CONFIG: dict[str, dict[str, str]] = {
     "population-posterior": {"cleanup.policy": "compact", "max.message.bytes": "16777216"},
     "structure-selection": {"cleanup.policy": "compact"},
+    # One message carries the statistics of up to EVIDENCE_CHUNK patients.
+    "population-evidence": {"max.message.bytes": "16777216"},
 }

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from model.evidence import stats_from_events
-from streams.agents.ingest import Rejected, validate_enrollment, validate_observation
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.patient_state import (
@@ -31,6 +30,7 @@ from streams.patient_state import (
 from streams.programme import build_programme
 from streams.schemas import EnrollmentRecord, ExposureChange, Observation, Origin
 from streams.settings import Settings
+from streams.validation import Rejected, validate_enrollment, validate_observation
 
 CATALOGUE = Catalogue.load()
 SETTINGS = Settings(max_age_days=36500.0)

@@ -450,7 +450,7 @@ def test_replay_from_the_beginning_leaves_every_posterior_unchanged(kafka_bootst
     new worker replays everything: statistics, population posteriors and scores
     are unchanged (replays are recognised by event id and origin)."""
     run = Run(kafka_bootstrap, "replay", small_programme(seed=25, patients=60))
-    topics = [run.prefix + t for t in (*SOURCES, "observations", "population-evidence")]
+    topics = [run.prefix + t for t in (*SOURCES, "population-evidence")]
     outputs = [run.prefix + "population-posterior", run.prefix + "scores"]
     worker = WorkerProcess(run.env(tmp_path / "w"))
     try:

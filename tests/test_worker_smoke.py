@@ -1,5 +1,6 @@
-"""The project's worker as a real subprocess against the real broker: a record in,
-the worker's output record out; a malformed record lands on the dead-letter topic."""
+"""The project's worker as a real subprocess against the real broker: an enrolment
+and a reading in, the patient's statistics out (population-evidence); a malformed
+record lands on the dead-letter topic with its original bytes."""
 
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
         "EFFICACY_WEB_ENABLED": "false",
         "EFFICACY_DATA_DIR": str(tmp_path / "not" / "yet" / "there"),  # created by the worker
     }
+    enrolment = {
+        "kind": "enrollment",
+        "event_id": "e-0",
+        "event_time": "2026-11-19T08:00:00Z",
+        "patient_id": "p-1",
+        "cohort": "clinic-a",
+    }
     reading = {
         "event_id": "e-1",
         "event_time": "2026-11-20T08:00:00Z",
@@ -51,6 +59,11 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
         worker.wait_for_log(READY)  # its topics exist: none is auto-created by our producer
         run(
             produce(
+                kafka_bootstrap, prefix + "enrollments", [(b"p-1", json.dumps(enrolment).encode())]
+            )
+        )
+        run(
+            produce(
                 kafka_bootstrap,
                 prefix + "wearables",
                 [(b"p-1", json.dumps(reading).encode()), (b"p-2", b"{not json")],
@@ -59,7 +72,7 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
         records = run(
             read_until(
                 kafka_bootstrap,
-                [prefix + "observations", prefix + "deadletter"],
+                [prefix + "population-evidence", prefix + "deadletter"],
                 done=lambda rs: len(rs) >= 2,
                 timeout=90,
             )
@@ -71,13 +84,17 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
         assert partitions == {prefix + t: 2 for t in CREATED_BY_WORKER}, partitions
         exit_code = worker.stop()
     by_topic = {r.topic.removeprefix(prefix): r for r in records}
-    assert set(by_topic) == {"observations", "deadletter"}, worker.log_tail()
+    assert set(by_topic) == {"population-evidence", "deadletter"}, worker.log_tail()
 
-    observation = json.loads(by_topic["observations"].value)
-    assert by_topic["observations"].key == b"p-1"
-    assert observation["event_id"] == "e-1"
-    assert observation["value"] == 64.0
-    assert observation["source"] == "wearable"
+    # The enrolment may be applied in the reading's batch or in one before it (an
+    # evidence message without readings is not sent): the last message has both.
+    evidence = [r for r in records if r.topic == prefix + "population-evidence"]
+    batch = json.loads(evidence[-1].value)
+    assert evidence[-1].key == b"resting_heart_rate"
+    assert batch["measure"] == "resting_heart_rate"
+    [item] = batch["items"]
+    assert (item["patient_id"], item["cohort"]) == ("p-1", "clinic-a")
+    assert (item["count_unexposed"], item["count_exposed"]) == (1, 0)
 
     letter = json.loads(by_topic["deadletter"].value)
     assert letter["reason"] == "malformed_json"

@@ -1,16 +1,25 @@
-"""patients: partitioned by patient. Batches events with ``take_events``, applies
-each to the patient's record in the changelogged ``patients`` table
-(streams.patient_state), rescores the touched patients under the current
-population posterior, publishes scores that changed materially and responder
-transitions, and forwards each touched patient's whole statistics to the
-population agent. Every reading is also scored against its posterior
-predictive (model.predictive) for the prior-data conflict detector.
+"""patients: partitioned by patient. Reads the raw topics (enrollments,
+wearables, labs, pros) itself in batches (``take_events``), validates each
+record (streams.validation) and dead-letters the bad ones with their original
+bytes, applies the rest to the patient's record in the changelogged
+``patients`` table (streams.patient_state), rescores the touched patients under
+the current population posterior, publishes scores that changed materially and
+responder transitions, and forwards the touched patients' whole statistics to
+the population agent, one message per measure and batch. Every reading is also
+scored against its posterior predictive (model.predictive) for the prior-data
+conflict detector.
+
+Validation runs here, not in an agent of its own that forwards to an internal
+topic: that hop cost a produce and a consume per record and left this agent
+batches of a few dozen events (benchmarks/README.md, section 6).
 
 The table's changelog is partitioned by key with Kafka's default partitioner
-(``KeyPartitionedTable``): every record of a patient is keyed by the patient id
-on the internal observations topic, so the changelog partition of a patient
-equals the partition its events arrive on, also when a batch mixes partitions,
+(``KeyPartitionedTable``): producers key every raw record by the patient id
+(validation checks it), so the changelog partition of a patient equals the
+partition its events arrive on, also when a batch mixes partitions and topics,
 and the rescoring task can update the table outside of stream iteration.
+Faust's assignor gives one worker the same partition of every topic with the
+same partition count, so a patient's raw topics and table partition move together.
 """
 
 from __future__ import annotations
@@ -25,16 +34,22 @@ from datetime import UTC, datetime
 
 import faust
 from aiokafka.partitioner import DefaultPartitioner
-from pydantic import ValidationError
 
 from model.config import DecisionRule, ModelConfig
 from monitoring.drift import PriorDataConflictDetector
 from streams.agents.drift import conflict_alert
-from streams.agents.ingest import dead_letter
 from streams.catalogue import Catalogue
 from streams.patient_state import PatientRecord, apply_event, origin_key, recent_window_stats
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import PATIENT_EVENT, Alert, MeasureScore, Observation, PatientEvidence
+from streams.schemas import (
+    Alert,
+    EnrollmentRecord,
+    EvidenceBatch,
+    MeasureScore,
+    Observation,
+    Origin,
+    PatientEvidence,
+)
 from streams.scoring import (
     PendingReading,
     changed_materially,
@@ -45,8 +60,10 @@ from streams.scoring import (
     reading_residuals,
 )
 from streams.settings import Settings
+from streams.stores import PartitionedByKey
 from streams.telemetry import Telemetry
 from streams.topics import Topics
+from streams.validation import Rejected, dead_letter, validate_record
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +78,13 @@ def key_partition(key: bytes, partitions: int) -> int:
     return _PARTITIONER(key, all_partitions, all_partitions)
 
 
-class KeyPartitionedTable(faust.Table):
-    """A table whose changelog partition is the key's partition by Kafka's default
-    partitioner, not the partition of the event being processed. Needed because a
-    batch (``take_events``) mixes partitions and the rescoring task writes outside
-    of stream iteration; faust's own ``use_partitioner`` asks the producer, which
-    has no metadata for a changelog topic it has not yet written to."""
+class KeyPartitionedTable(PartitionedByKey):
+    """A table whose changelog partition (and RocksDB database) is the key's
+    partition by Kafka's default partitioner, not the partition of the event
+    being processed: a batch (``take_events``) mixes partitions and the
+    rescoring task writes outside of stream iteration (streams.stores). Faust's
+    own ``use_partitioner`` asks the producer, which has no metadata for a
+    changelog topic it has not yet written to."""
 
     def partition_for_key(self, key: str) -> int:
         return key_partition(key.encode(), self.partitions or self.app.conf.topic_partitions)
@@ -117,6 +135,46 @@ class PatientsService:
     def save(self, record: PatientRecord) -> None:
         self.table[record.patient_id] = record.model_dump_json().encode()
 
+    def validate(
+        self,
+        events: list[faust.EventT],
+        rejections: list[tuple[faust.EventT, str, str, tuple[str, int, int]]],
+    ) -> list[tuple[faust.EventT, Observation | EnrollmentRecord]]:
+        """The valid raw records of a batch as the events to apply; the others
+        go to ``rejections`` (dead-lettered with their original bytes)."""
+        now = datetime.now(UTC)
+        valid = []
+        accepted: Counter[str] = Counter()
+        for event in events:
+            message = event.message
+            source = self.settings.source_of(message.topic)
+            origin = Origin(
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                timestamp=message.timestamp,
+            )
+            try:
+                parsed = validate_record(
+                    source, event.key, event.value, origin, self.catalogue, self.settings, now
+                )
+            except Rejected as rejected:
+                log.debug("rejected %s:%s: %s", message.topic, message.offset, rejected)
+                rejections.append(
+                    (
+                        event,
+                        rejected.reason,
+                        rejected.detail,
+                        (message.topic, message.partition, message.offset),
+                    )
+                )
+                continue
+            accepted[source] += 1
+            valid.append((event, parsed))
+        for source, count in accepted.items():
+            self.telemetry.accepted(source, count)
+        return valid
+
     async def process(self, events: list[faust.EventT]) -> None:
         """Apply a batch of events, rescore once per touched patient, save each
         touched record once, then send what the batch caused (dead letters,
@@ -133,20 +191,7 @@ class PatientsService:
         replayed: set[str] = set()
         readings: dict[str, list[PendingReading]] = defaultdict(list)  # for conflict checks
         rejections: list[tuple[faust.EventT, str, str, tuple[str, int, int]]] = []
-        for event in events:
-            try:
-                parsed = PATIENT_EVENT.validate_json(event.value)
-            except ValidationError as error:  # only our own ingest writes here
-                message = event.message
-                rejections.append(
-                    (
-                        event,
-                        "invalid_internal",
-                        str(error.errors()[0].get("msg")),
-                        (message.topic, message.partition, message.offset),
-                    )
-                )
-                continue
+        for event, parsed in self.validate(events, rejections):
             patient_id = parsed.patient_id
             try:
                 before = records.get(patient_id) or self.load(patient_id)
@@ -201,10 +246,11 @@ class PatientsService:
             self.save(record)
         for rejection in rejections:
             await self.reject(*rejection)
-        for patient_id in evidence_changed:
-            await self.forward_evidence(records[patient_id], touched[patient_id])
+        # A replayed patient's evidence is re-sent for every measure (see above).
+        forwards = {p: touched[p] for p in evidence_changed}
         for patient_id in replayed - evidence_changed:
-            await self.forward_evidence(records[patient_id], set(records[patient_id].measures))
+            forwards[patient_id] = set(records[patient_id].measures)
+        await self.forward_evidence([(records[p], measures) for p, measures in forwards.items()])
         scored = await self.publish(publications, "evidence")
         try:
             await self.check_conflict(readings)
@@ -259,38 +305,46 @@ class PatientsService:
     async def reject(
         self, event: faust.EventT, reason: str, detail: str, origin: tuple[str, int, int]
     ) -> None:
-        """Dead-letter an internal record: ``origin`` names the raw record it came
-        from (topic, partition, offset); the value is the internal message."""
+        """Dead-letter a raw record (its original key and bytes) with the reason;
+        ``origin`` is where it was read (topic, partition, offset)."""
         topic, partition, offset = origin
         letter = dead_letter(reason, detail, topic, partition, offset, event.key, event.value)
         await self.topics.deadletter.send(key=event.key, value=letter.model_dump_json().encode())
-        self.telemetry.rejected(topic.rsplit(".", 1)[-1], reason)
+        self.telemetry.rejected(self.settings.source_of(topic), reason)
 
-    async def forward_evidence(self, record: PatientRecord, measures: set[str]) -> None:
-        """Send the patient's whole statistics of each changed measure to the
-        population agent (partition chosen by measure: one owner per measure)."""
-        if record.cohort is None:
-            return
-        for measure in measures:
-            stats = record.measures.get(measure)
-            if stats is None:
+    async def forward_evidence(self, changes: list[tuple[PatientRecord, set[str]]]) -> None:
+        """Send the whole statistics of each (patient, changed measures) to the
+        population agent: per measure, one EvidenceBatch of up to EVIDENCE_CHUNK
+        patients, on the measure's partition (one owner per measure)."""
+        by_measure: dict[str, list[PatientEvidence]] = defaultdict(list)
+        for record, measures in changes:
+            if record.cohort is None:
                 continue
-            recent = recent_window_stats(record, stats, self.models[measure])
-            evidence = PatientEvidence(
-                measure=measure,
-                patient_id=record.patient_id,
-                cohort=record.cohort,
-                gram=stats.gram,
-                reference_time=stats.reference_time,
-                count_exposed=stats.count_exposed,
-                count_unexposed=stats.count_unexposed,
-                recent_gram=None if recent is None else recent.gram[0].tolist(),
-            )
-            await self.topics.population_evidence.send(
-                key=f"{measure}/{record.patient_id}".encode(),
-                value=evidence.model_dump_json().encode(),
-                partition=measure_partition(measure, self.settings.partitions),
-            )
+            for measure in measures:
+                stats = record.measures.get(measure)
+                if stats is None:
+                    continue
+                recent = recent_window_stats(record, stats, self.models[measure])
+                by_measure[measure].append(
+                    PatientEvidence(
+                        measure=measure,
+                        patient_id=record.patient_id,
+                        cohort=record.cohort,
+                        gram=stats.gram,
+                        reference_time=stats.reference_time,
+                        count_exposed=stats.count_exposed,
+                        count_unexposed=stats.count_unexposed,
+                        recent_gram=None if recent is None else recent.gram[0].tolist(),
+                    )
+                )
+        for measure, items in by_measure.items():
+            for start in range(0, len(items), EVIDENCE_CHUNK):
+                batch = EvidenceBatch(measure=measure, items=items[start : start + EVIDENCE_CHUNK])
+                await self.topics.population_evidence.send(
+                    key=measure.encode(),
+                    value=batch.model_dump_json().encode(),
+                    partition=measure_partition(measure, self.settings.partitions),
+                )
 
     def score(
         self, records: list[PatientRecord], forced: Collection[str] = ()
@@ -388,9 +442,9 @@ class PatientsService:
         )
 
     def active_partitions(self) -> set[int]:
-        """The observations partitions (= patients-table partitions) this worker
-        actively owns now."""
-        topic = self.topics.observations.get_topic_name()
+        """The patient partitions (of the raw topics and the patients table) this
+        worker actively owns now."""
+        topic = self.topics.wearables.get_topic_name()
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
 
     async def rescore_all(self, measure: str, force: bool = False) -> int:
@@ -433,6 +487,7 @@ class Publication:
 
 
 RESCORE_CHUNK = 4096  # patients loaded and scored at a time after a new posterior
+EVIDENCE_CHUNK = 1000  # patients per EvidenceBatch message (~0.5 MB of JSON at most)
 
 
 def measure_partition(measure: str, partitions: int) -> int:
@@ -442,9 +497,16 @@ def measure_partition(measure: str, partitions: int) -> int:
 
 def register(app: faust.App, service: PatientsService) -> None:
     settings = service.settings
+    raw = app.topic(
+        *(topic.get_topic_name() for topic in service.topics.raw),
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        internal=True,
+    )
 
     async def patients(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
             await service.process(events)
 
-    app.agent(service.topics.observations, name="patients")(patients)
+    app.agent(raw, name="patients")(patients)

@@ -45,12 +45,29 @@ from streams.population_book import (
     StructureSelectionRun,
 )
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import Interval, PatientEvidence, PopulationPosterior, StructureSelection
+from streams.schemas import (
+    EvidenceBatch,
+    Interval,
+    PatientEvidence,
+    PopulationPosterior,
+    StructureSelection,
+)
 from streams.settings import Settings
+from streams.stores import PartitionedByKey
 from streams.telemetry import Telemetry
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+class MeasurePartitionedTable(PartitionedByKey):
+    """A table keyed ``measure/patient`` whose changelog partition (and RocksDB
+    database) is the measure's partition of the population-evidence topic,
+    whatever event is being processed (streams.stores)."""
+
+    def partition_for_key(self, key: str) -> int:
+        measure = key.partition("/")[0]
+        return measure_partition(measure, self.partitions or self.app.conf.topic_partitions)
 
 
 class PopulationService:
@@ -87,12 +104,15 @@ class PopulationService:
         self.selection_fitters: FitterCache = {}  # compiled, shared by all measures
         self._last_selection: dict[str, tuple[float, str]] = {}  # (monotonic start, digest)
         self._selecting = False
-        self.table = app.Table(
-            "population-evidence",
-            default=None,
-            key_type=str,
-            value_type=bytes,
-            partitions=settings.partitions,
+        self.table = app.tables.add(
+            MeasurePartitionedTable(
+                app,
+                name="population-evidence",
+                default=None,
+                key_type=str,
+                value_type=bytes,
+                partitions=settings.partitions,
+            )
         )
 
     def detector(self, measure: str) -> DriftDetectors:
@@ -105,8 +125,16 @@ class PopulationService:
             self.books[measure] = PopulationBook(measure, self.models[measure])
         return self.books[measure]
 
-    def take(self, evidence: PatientEvidence) -> None:
-        self.book(evidence.measure).put(evidence)
+    def take(self, batch: EvidenceBatch) -> None:
+        """Keep each patient's latest statistics: in the table (keyed
+        ``measure/patient``, so the changelog compacts to one entry per
+        patient) and in the measure's book."""
+        book = self.book(batch.measure)
+        for evidence in batch.items:
+            self.table[f"{evidence.measure}/{evidence.patient_id}"] = (
+                evidence.model_dump_json().encode()
+            )
+            book.put(evidence)
 
     def owns(self, measure: str) -> bool:
         """This worker actively owns the measure's evidence partition."""
@@ -420,12 +448,11 @@ def judge_drift(
 
 def register(app: faust.App, service: PopulationService) -> None:
     async def population(stream: faust.StreamT) -> None:
-        # One event at a time: the table's changelog partition is the event's
-        # partition, which is the measure's partition.
-        async for event in stream.events():
-            evidence = PatientEvidence.model_validate_json(event.value)
-            service.table[event.key.decode()] = event.value
-            service.take(evidence)
+        async for events in stream.take_events(
+            service.settings.batch_size, within=service.settings.batch_seconds
+        ):
+            for event in events:
+                service.take(EvidenceBatch.model_validate_json(event.value))
 
     app.agent(service.topics.population_evidence, name="population")(population)
     app.timer(service.settings.population_interval_seconds, name="population-update")(service.tick)

@@ -1,23 +1,20 @@
-"""ingest: validate raw records, normalise units, check plausibility, forward
-them keyed by patient to the internal observations topic; dead-letter the rest.
+"""Validation of raw records: schema, key, time bounds, known measure and unit,
+conversion to the measure's canonical unit, plausibility.
 
-A bad record never stops the stream and is never dropped silently: it goes to
-the dead-letter topic with its original bytes, origin (topic, partition,
-offset) and the reason. Duplicates by event id are recognised downstream, where
-the patient's state lives (streams.patient_state).
-
-The validation itself is the pure function ``validate_record``; the agents only
-call it and publish.
+The patients agent (streams.agents.patients) consumes the raw topics itself and
+calls ``validate_record`` on every record: a valid one becomes an Observation or
+EnrollmentRecord with its origin (topic, partition, offset, timestamp), a bad
+one raises Rejected with a reason, and the agent dead-letters it with its
+original bytes. Duplicates by event id are recognised where the patient's
+state lives (streams.patient_state). Pure: no Kafka here.
 """
 
 from __future__ import annotations
 
 import base64
-import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-import faust
 from pydantic import ValidationError
 
 from streams.catalogue import Catalogue, UnknownMeasure, UnknownUnit
@@ -33,10 +30,6 @@ from streams.schemas import (
     WearableReading,
 )
 from streams.settings import Settings
-from streams.telemetry import Telemetry
-from streams.topics import Topics
-
-log = logging.getLogger(__name__)
 
 SCHEMA_OF_SOURCE: dict[str, type[RawObservation]] = {
     "wearables": WearableReading,
@@ -140,6 +133,26 @@ def validate_enrollment(
     return EnrollmentRecord(event=event, origin=origin)
 
 
+#: The raw topics the patients agent reads: validated by ``validate_record``.
+RAW_SOURCES = ("enrollments", *SCHEMA_OF_SOURCE)
+
+
+def validate_record(
+    source: str,
+    key: bytes | None,
+    value: bytes | None,
+    origin: Origin,
+    catalogue: Catalogue,
+    settings: Settings,
+    now: datetime | None = None,
+) -> Observation | EnrollmentRecord:
+    """A raw record of source topic ``source`` (one of RAW_SOURCES, without the
+    prefix) as the validated event the patients agent applies; or Rejected."""
+    if source == "enrollments":
+        return validate_enrollment(key, value, origin, settings, now)
+    return validate_observation(source, key, value, origin, catalogue, settings, now)
+
+
 def dead_letter(
     reason: str,
     detail: str,
@@ -158,59 +171,3 @@ def dead_letter(
         key_b64=base64.b64encode(key).decode() if key is not None else None,
         value_b64=base64.b64encode(value or b"").decode(),
     )
-
-
-def register(
-    app: faust.App, topics: Topics, catalogue: Catalogue, settings: Settings, telemetry: Telemetry
-) -> None:
-    """One ingest agent per source topic, and one for enrolments."""
-    for source in ("wearables", "labs", "pros", "enrollments"):
-        _register_source(app, topics, source, catalogue, settings, telemetry)
-
-
-def _register_source(
-    app: faust.App,
-    topics: Topics,
-    source: str,
-    catalogue: Catalogue,
-    settings: Settings,
-    telemetry: Telemetry,
-) -> None:
-    topic = getattr(topics, source)
-
-    async def ingest(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            message = event.message
-            origin = Origin(
-                topic=message.topic,
-                partition=message.partition,
-                offset=message.offset,
-                timestamp=message.timestamp,
-            )
-            try:
-                if source == "enrollments":
-                    record = validate_enrollment(event.key, event.value, origin, settings)
-                else:
-                    record = validate_observation(
-                        source, event.key, event.value, origin, catalogue, settings
-                    )
-            except Rejected as rejected:
-                letter = dead_letter(
-                    rejected.reason,
-                    rejected.detail,
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                    event.key,
-                    event.value,
-                )
-                log.debug("dead-lettered %s:%s: %s", message.topic, message.offset, rejected)
-                telemetry.rejected(source, rejected.reason)
-                await topics.deadletter.send(key=event.key, value=letter.model_dump_json().encode())
-                continue
-            telemetry.accepted(source)
-            await topics.observations.send(
-                key=record.patient_id.encode(), value=record.model_dump_json().encode()
-            )
-
-    app.agent(topic, name=f"ingest-{source}")(ingest)

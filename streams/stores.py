@@ -1,0 +1,72 @@
+"""Tables whose changelog partition, and RocksDB partition database, follow the
+key and not the event being processed.
+
+Faust assumes a table is written only while an agent processes an event of the
+key's own partition: the changelog partition defaults to the current event's,
+and the RocksDB store puts and gets a key in the database of the current event's
+partition (``faust.stores.rocksdb.Store._set`` asserts there is an event). Our
+agents break that assumption on purpose: a ``take_events`` batch mixes
+partitions (and, for the patients agent, topics), and the rescoring after a new
+population posterior writes from a task, outside of any stream. With the stock
+store a record would be saved in another partition's database, read back as
+missing by a batch whose last event came from another partition, or not saved
+at all (AssertionError outside a stream).
+
+``PartitionedByKey`` tables compute the partition of every key themselves
+(``partition_for_key``) and use it for both the changelog and the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+from faust.stores import rocksdb
+from yarl import URL
+
+
+class PartitionedByKey(faust.Table):
+    """A table that knows the partition of each of its keys: subclasses define
+    ``partition_for_key(key) -> int``, used for the changelog and the store."""
+
+    def _new_store_by_url(self, url: str | URL) -> Any:
+        if URL(str(url)).scheme != "rocksdb":
+            return super()._new_store_by_url(url)
+        return KeyPartitionedRocksDB(
+            url,
+            self.app,
+            self,
+            table_name=self.name,
+            key_type=self.key_type,
+            key_serializer=self.key_serializer,
+            value_serializer=self.value_serializer,
+            value_type=self.value_type,
+            loop=self.loop,
+            options=self.options,
+        )
+
+
+class KeyPartitionedRocksDB(rocksdb.Store):
+    """faust's RocksDB store, with each key in its own partition's database
+    (``table.partition_for_key``) instead of the current event's."""
+
+    table: PartitionedByKey
+
+    def _partition(self, key: bytes) -> int:
+        """The partition of a key as the store holds it (serialised)."""
+        return self.table.partition_for_key(self._decode_key(key))
+
+    def _set(self, key: bytes, value: bytes | None) -> None:
+        partition = self._partition(key)
+        self._key_index[key] = partition
+        self._db_for_partition(partition).put(key, value)
+
+    def _get(self, key: bytes) -> bytes | None:
+        partition = self._partition(key)
+        value = self._db_for_partition(partition).get(key)
+        if value is not None:
+            self._key_index[key] = partition
+        return value
+
+    def _contains(self, key: bytes) -> bool:
+        return self._get(key) is not None
