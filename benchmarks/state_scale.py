@@ -49,13 +49,13 @@ def rss_mb() -> float:
 
 def record_sizes(readings_per_measure: list[int], patients: int = 20) -> dict:
     """JSON size of PatientRecords built by apply_event (median over patients)."""
-    from streams.agents.ingest import validate_enrollment, validate_observation
     from streams.app import measure_models
     from streams.catalogue import Catalogue
     from streams.patient_state import PatientRecord, apply_event
     from streams.programme import build_programme
     from streams.schemas import Origin
     from streams.settings import Settings
+    from streams.validation import validate_enrollment, validate_observation
 
     catalogue = Catalogue.load()
     settings = Settings(max_age_days=36500.0)
