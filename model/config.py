@@ -17,6 +17,7 @@ in the measure's unit per unit of exposure (``Standardization.effect_to_raw``).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
@@ -201,9 +202,7 @@ class ModelConfig(_Frozen):
         ``recent_half_life`` (None without a recent window)."""
         if self.recent_half_life is None:
             return None
-        return self.model_copy(
-            update={"half_life": self.recent_half_life, "recent_half_life": None}
-        )
+        return _recent_window(self)
 
     @property
     def local_dim(self) -> int:
@@ -280,3 +279,12 @@ class DecisionRule(_Frozen):
         if self.nonresponder_leave_probability < self.nonresponder_probability:
             raise ValueError("nonresponder_leave_probability must be >= nonresponder_probability")
         return self
+
+
+@functools.lru_cache(maxsize=256)
+def _recent_window(config: ModelConfig) -> ModelConfig:
+    """ModelConfig.recent_window, made once per (frozen, hashable) config: the
+    patients agent asks for it for every touched patient and measure."""
+    return config.model_copy(
+        update={"half_life": config.recent_half_life, "recent_half_life": None}
+    )
