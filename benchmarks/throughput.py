@@ -23,6 +23,7 @@ What is measured, in one run (one broker, one ``efficacy worker`` subprocess wit
    timestamps of those records. ``events_per_s`` is the steady rate between 10% and
    90% of readings processed (median over repeats); ``events_per_s_overall`` counts
    every produced record from the first send to the last score or evidence record.
+   Evidence records are EvidenceBatch messages: every patient a batch touched.
 3. Latency, at half the median sustained rate: fresh patients are enrolled, then
    their readings are sent paced at that rate for ``--latency-seconds``. For a
    reading that is the patient's k-th, the latency is from the producer's send call
@@ -36,8 +37,11 @@ What is measured, in one run (one broker, one ``efficacy worker`` subprocess wit
    which every batch emits) cover every reading.
 4. Ceiling (worker stopped): a plain aiokafka consumer reads every record of the
    raw topics written in this run and parses each value with ``json.loads``
-   (``raw_consume_events_per_s``), and, separately, with the ingest's pydantic
-   schema (``raw_consume_validate_events_per_s``); median over repeats.
+   (``raw_consume_events_per_s``), and, separately, with the validation's pydantic
+   schema (``raw_consume_validate_events_per_s``); median over repeats. Then a bare
+   faust agent (benchmarks.faust_ceiling: ``take_events`` + ``json.loads``) reads
+   the same records (``faust_consume_events_per_s``): the ceiling of any faust
+   worker, whatever it does per record.
 
 Uses the broker named by ``KAFKA_BOOTSTRAP_SERVERS`` or starts a local one.
 Broker, worker and this process share the machine's cores (say so when quoting).
@@ -51,6 +55,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -484,6 +489,22 @@ async def raw_consume(bootstrap: str, prefix: str, validate: bool) -> tuple[int,
         await consumer.stop()
 
 
+def faust_consume(bootstrap: str, prefix: str, partitions: int, records: int) -> dict:
+    """benchmarks.faust_ceiling in a subprocess on the raw topics of this run
+    (``records``: how many they hold)."""
+    topics = ",".join(prefix + t for t in ("enrollments", "wearables"))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.faust_ceiling", "--bootstrap", bootstrap,
+         "--topics", topics, "--expect", str(records), "--partitions", str(partitions)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    # faust's worker sends what the agent prints to its log (stderr)
+    found = re.findall(r'\{"events": .*\}', done.stdout + done.stderr)
+    if not found:
+        raise RuntimeError(f"faust ceiling run failed: {done.stderr[-2000:]}")
+    return json.loads(found[-1])
+
+
 async def wait_until_quiet(pid: int, limit: float = 300.0) -> float:
     """Wait until the worker uses < 20% of a core (the population agent may still
     be consuming the evidence of the last phase). Returns the seconds waited."""
@@ -620,6 +641,10 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
     say(
         f"  json.loads {median(plain):,.0f}/s, pydantic {median(validated):,.0f}/s ({count} records)"
     )
+    say("ceiling: a bare faust agent (take_events + json.loads) on the same raw topics")
+    faust_runs = [faust_consume(bootstrap, prefix, args.partitions, count) for _ in range(3)]
+    faust_rate = median([r["events_per_s"] for r in faust_runs])
+    say(f"  faust agent {faust_rate:,.0f}/s")
 
     result.update(
         events_per_s=rate,
@@ -632,6 +657,9 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
         raw_consume_events_per_s=median(plain),
         raw_consume_validate_events_per_s=median(validated),
         ratio_to_raw_consume=rate / median(plain),
+        faust_consume_events_per_s=faust_rate,
+        ratio_to_faust_consume=rate / faust_rate,
+        faust_consume_repeats=faust_runs,
         p50_latency_s=latency["p50_latency_s"],
         p99_latency_s=latency["p99_latency_s"],
         goal={"events_per_s": 50000, "p99_latency_s": 1.0},
