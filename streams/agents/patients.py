@@ -37,6 +37,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from model.config import DecisionRule, ModelConfig
 from monitoring.drift import PriorDataConflictDetector
+from streams import stall_watch
 from streams.agents.drift import conflict_alert
 from streams.catalogue import Catalogue
 from streams.patient_state import PatientRecord, apply_event, origin_key, recent_window_stats
@@ -510,3 +511,7 @@ def register(app: faust.App, service: PatientsService) -> None:
             await service.process(events)
 
     app.agent(raw, name="patients")(patients)
+    stall_watch.install(app, raw.topics, STALL_WATCH_SECONDS)
+
+
+STALL_WATCH_SECONDS = 10.0  # how often streams.stall_watch checks the raw partitions
