@@ -96,11 +96,12 @@ def one_pass(settings_and_catalogue, models, book, messages, batch_size: int) ->
             event = validate_record(topic, key, value, origin, catalogue, settings)
             t1 = clock()
             record = records.get(event.patient_id)
-            if record is None:
+            fresh = record is None
+            if fresh:
                 raw = table.get(event.patient_id)
                 record = PatientRecord.model_validate_json(raw) if raw else None
             t2 = clock()
-            record, outcome = apply_event(record, event, models)
+            record, outcome = apply_event(record, event, models, copy=not fresh)
             t3 = clock()
             seconds["parse"] += t1 - t0
             seconds["load"] += t2 - t1

@@ -421,13 +421,21 @@ def apply_event(
     record: PatientRecord | None,
     event: Observation | EnrollmentRecord,
     models: dict[str, ModelConfig],
+    *,
+    copy: bool = True,
 ) -> tuple[PatientRecord, Outcome]:
     """Apply one event to a patient's record (a copy; the input is not modified).
 
     ``models``: the ModelConfig of every measure in the catalogue (observations
-    were validated against it by ingest, so the measure is known).
+    were validated against it, so the measure is known). ``copy=False`` hands
+    ``record`` over: it is modified in place and returned, and is in an undefined
+    state if this raises (for a record the caller has just parsed and drops on
+    an error; the copy was a third of this function's cost).
     """
-    record = _copy(record) if record is not None else PatientRecord(patient_id=event.patient_id)
+    if record is None:
+        record = PatientRecord(patient_id=event.patient_id)
+    elif copy:
+        record = _copy(record)
     outcome = Outcome()
     if isinstance(event, Observation):
         if _seen_before(record, event.event_id, event.origin, outcome, event):

@@ -288,3 +288,26 @@ def test_a_record_saved_without_window_statistics_waits_until_its_gap_weighs_not
         times, np.array([r.value for r in readings]), model.recent_window,
     )  # fmt: skip
     np.testing.assert_allclose(window.gram[0], expected.gram[0], rtol=2**-7, atol=1e-6)
+
+
+def test_handing_the_record_over_gives_the_same_state_and_copying_leaves_it_alone(programme):
+    """apply_event(copy=False), as the agent uses it on a record it has just
+    parsed, modifies and returns that record and ends in the same state as the
+    copying path, which never modifies its input."""
+    accepted, _ = ingest(programme, programme.send_order())
+    copied: dict[str, PatientRecord] = {}
+    handed: dict[str, PatientRecord] = {}
+    for event in accepted:
+        patient = event.patient_id
+        before = copied.get(patient)
+        frozen = None if before is None else before.model_dump_json()
+        copied[patient], _ = apply_event(before, event, MODELS)
+        if before is not None:
+            assert before.model_dump_json() == frozen  # the input is untouched
+        current = handed.get(patient)
+        handed[patient], _ = apply_event(current, event, MODELS, copy=False)
+        if current is not None:
+            assert handed[patient] is current
+    assert {p: r.model_dump_json() for p, r in handed.items()} == {
+        p: r.model_dump_json() for p, r in copied.items()
+    }

@@ -195,9 +195,14 @@ class PatientsService:
         for event, parsed in self.validate(events, rejections):
             patient_id = parsed.patient_id
             try:
-                before = records.get(patient_id) or self.load(patient_id)
+                before = records.get(patient_id)
+                fresh = before is None  # parsed just now: nobody else holds it
+                if fresh:
+                    before = self.load(patient_id)
                 reading = self.pending(before, parsed)  # never raises
-                record, outcome = apply_event(before, parsed, self.models)
+                # A failing event leaves a fresh record half-applied: it is not
+                # kept (the next event of the patient loads it again).
+                record, outcome = apply_event(before, parsed, self.models, copy=not fresh)
             except Exception as error:  # a bug must not stop the stream or lose the event
                 origin = parsed.origin
                 log.exception(
