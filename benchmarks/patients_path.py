@@ -75,8 +75,8 @@ def prepare(patients: int, obs: int):
 
 def one_pass(settings_and_catalogue, models, book, messages, batch_size: int) -> dict[str, float]:
     from model.config import DecisionRule
-    from streams.patient_state import PatientRecord, apply_event
-    from streams.schemas import EvidenceBatch, PatientEvidence
+    from streams.patient_state import PatientRecord, apply_event, patient_evidence
+    from streams.schemas import EvidenceBatch
     from streams.validation import validate_record
 
     settings, catalogue = settings_and_catalogue
@@ -114,24 +114,12 @@ def one_pass(settings_and_catalogue, models, book, messages, batch_size: int) ->
         for record in records.values():
             table[record.patient_id] = record.model_dump_json().encode()
         t1 = clock()
-        items = []
-        for patient_id, measures in touched.items():
-            record = records[patient_id]
-            if record.cohort is None:
-                continue
-            for measure in measures:
-                stats = record.measures[measure]
-                items.append(
-                    PatientEvidence(
-                        measure=measure,
-                        patient_id=patient_id,
-                        cohort=record.cohort,
-                        gram=stats.gram,
-                        reference_time=stats.reference_time,
-                        count_exposed=stats.count_exposed,
-                        count_unexposed=stats.count_unexposed,
-                    )
-                )
+        items = [
+            evidence
+            for patient_id, measures in touched.items()
+            for measure in measures
+            if (evidence := patient_evidence(records[patient_id], measure, models[measure]))
+        ]
         if items:
             EvidenceBatch(measure=MEASURE, items=items).model_dump_json().encode()
         t2 = clock()

@@ -50,7 +50,14 @@ from model.evidence import (
     merge_stats,
     stats_from_events,
 )
-from streams.schemas import Enrollment, EnrollmentRecord, ExposureChange, Observation, Origin
+from streams.schemas import (
+    Enrollment,
+    EnrollmentRecord,
+    ExposureChange,
+    Observation,
+    Origin,
+    PatientEvidence,
+)
 
 MAX_PENDING = 1000
 RECENT_KEEP = 64  # readings per measure always kept raw (at least)
@@ -301,6 +308,28 @@ def recent_window_stats(
         factor = 2.0 ** (-(stats.reference_time - reference) / window.half_life)
         gram = [[g * factor for g in row] for row in gram]
     return _stats(gram, max(reference, stats.reference_time), exposed, unexposed)
+
+
+def patient_evidence(
+    record: PatientRecord, measure: str, model: ModelConfig
+) -> PatientEvidence | None:
+    """What the population agent keeps of a patient's measure: the whole
+    statistics, all-time and recent-window. None before enrolment (no cohort)
+    or without readings of the measure."""
+    stats = record.measures.get(measure)
+    if record.cohort is None or stats is None:
+        return None
+    recent = recent_window_stats(record, stats, model)
+    return PatientEvidence(
+        measure=measure,
+        patient_id=record.patient_id,
+        cohort=record.cohort,
+        gram=stats.gram,
+        reference_time=stats.reference_time,
+        count_exposed=stats.count_exposed,
+        count_unexposed=stats.count_unexposed,
+        recent_gram=None if recent is None else recent.gram[0].tolist(),
+    )
 
 
 def _seal(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> None:

@@ -18,7 +18,7 @@ at all (AssertionError outside a stream).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import faust
 from faust.stores import rocksdb
@@ -28,6 +28,15 @@ from yarl import URL
 class PartitionedByKey(faust.Table):
     """A table that knows the partition of each of its keys: subclasses define
     ``partition_for_key(key) -> int``, used for the changelog and the store."""
+
+    @classmethod
+    def register(cls, app: faust.App, name: str, partitions: int) -> Self:
+        """A table of ``cls`` on ``app``: string keys, bytes values (the agents
+        serialise their pydantic records themselves), no default."""
+        table = cls(
+            app, name=name, default=None, key_type=str, value_type=bytes, partitions=partitions
+        )
+        return app.tables.add(table)
 
     def _new_store_by_url(self, url: str | URL) -> Any:
         if URL(str(url)).scheme != "rocksdb":

@@ -40,7 +40,7 @@ from monitoring.drift import PriorDataConflictDetector
 from streams import stall_watch
 from streams.agents.drift import conflict_alert
 from streams.catalogue import Catalogue
-from streams.patient_state import PatientRecord, apply_event, origin_key, recent_window_stats
+from streams.patient_state import PatientRecord, apply_event, origin_key, patient_evidence
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import (
     Alert,
@@ -118,16 +118,7 @@ class PatientsService:
         # classification gauges; rebuilt as patients are rescored after a restart).
         self.calls: dict[str, dict[str, str]] = defaultdict(dict)
         self.conflicts: dict[str, PriorDataConflictDetector] = {}  # per measure
-        self.table = app.tables.add(
-            KeyPartitionedTable(
-                app,
-                name="patients",
-                default=None,
-                key_type=str,
-                value_type=bytes,
-                partitions=settings.partitions,
-            )
-        )
+        self.table = KeyPartitionedTable.register(app, "patients", settings.partitions)
 
     def load(self, patient_id: str) -> PatientRecord | None:
         raw = self.table.get(patient_id)
@@ -324,25 +315,10 @@ class PatientsService:
         patients, on the measure's partition (one owner per measure)."""
         by_measure: dict[str, list[PatientEvidence]] = defaultdict(list)
         for record, measures in changes:
-            if record.cohort is None:
-                continue
             for measure in measures:
-                stats = record.measures.get(measure)
-                if stats is None:
-                    continue
-                recent = recent_window_stats(record, stats, self.models[measure])
-                by_measure[measure].append(
-                    PatientEvidence(
-                        measure=measure,
-                        patient_id=record.patient_id,
-                        cohort=record.cohort,
-                        gram=stats.gram,
-                        reference_time=stats.reference_time,
-                        count_exposed=stats.count_exposed,
-                        count_unexposed=stats.count_unexposed,
-                        recent_gram=None if recent is None else recent.gram[0].tolist(),
-                    )
-                )
+                evidence = patient_evidence(record, measure, self.models[measure])
+                if evidence is not None:
+                    by_measure[measure].append(evidence)
         for measure, items in by_measure.items():
             for start in range(0, len(items), EVIDENCE_CHUNK):
                 batch = EvidenceBatch(measure=measure, items=items[start : start + EVIDENCE_CHUNK])

@@ -104,15 +104,8 @@ class PopulationService:
         self.selection_fitters: FitterCache = {}  # compiled, shared by all measures
         self._last_selection: dict[str, tuple[float, str]] = {}  # (monotonic start, digest)
         self._selecting = False
-        self.table = app.tables.add(
-            MeasurePartitionedTable(
-                app,
-                name="population-evidence",
-                default=None,
-                key_type=str,
-                value_type=bytes,
-                partitions=settings.partitions,
-            )
+        self.table = MeasurePartitionedTable.register(
+            app, "population-evidence", settings.partitions
         )
 
     def detector(self, measure: str) -> DriftDetectors:
