@@ -46,7 +46,7 @@ from streams.agents.population import PopulationService
 from streams.catalogue import Catalogue
 from streams.population_book import PopulationBook, StructureSelectionRun
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import PatientEvidence, StructureSelection
+from streams.schemas import EvidenceBatch, PatientEvidence, StructureSelection
 from streams.settings import Settings
 from streams.telemetry import Telemetry
 
@@ -325,8 +325,8 @@ def test_population_agent_selects_the_cohort_structure_and_publishes_it():
     cohort structure is chosen, published on the topic and exposed as metrics, and
     a population update waiting meanwhile gets the fit lock after one fold."""
     service, registry = _service()
-    for evidence in _evidence(11, obs_per_patient=10, cohort_effect_sd=4.0, **COMMON):
-        service.take(evidence)
+    evidence = _evidence(11, obs_per_patient=10, cohort_effect_sd=4.0, **COMMON)
+    service.take(EvidenceBatch(measure=STREAM_MEASURE, items=evidence))
     topic = service.topics.structure_selection
 
     async def select_while_an_update_waits():
