@@ -732,6 +732,109 @@ def check_store(data_dir: Path, patients: int, written: dict[int, str]) -> dict:
     }
 
 
+def probe_patients_agent(bootstrap: str, store: str = "rocksdb://") -> dict:
+    """Push a small simulated programme (40 patients × 3 measures × 5 readings)
+    through the raw topics to an unpatched worker with ``store`` and no population
+    fit, and report what the patients table holds afterwards against the
+    observations' committed offsets. With rocksdb:// the patients agent's
+    ``save`` (inside a ``take_events`` batch, where faust sets no current event)
+    fails faust's ``assert event is not None`` in ``Store._set``."""
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from streams.programme import build_programme
+    from streams.settings import Settings
+    from streams.topics import ensure_topics
+    from streams.worker_process import READY, WorkerProcess
+
+    run = uuid.uuid4().hex[:6]
+    prefix, app_id = f"probe-{run}.", f"probe-{run}"
+    data = Path(tempfile.mkdtemp(prefix="state-scale-probe-"))
+    env = {
+        "EFFICACY_BOOTSTRAP_SERVERS": bootstrap,
+        "EFFICACY_TOPIC_PREFIX": prefix,
+        "EFFICACY_APP_ID": app_id,
+        "EFFICACY_PARTITIONS": "4",
+        "EFFICACY_STORE_URL": store,
+        "EFFICACY_WEB_ENABLED": "false",
+        "EFFICACY_METRICS_PORT": "0",
+        "EFFICACY_DATA_DIR": str(data),
+        "EFFICACY_POPULATION_MIN_PATIENTS": "100000",  # no posterior, no rescoring
+        "EFFICACY_SELECTION_INTERVAL_SECONDS": "0",
+    }
+    patients = 40
+    programme = build_programme(
+        MEASURES, num_patients=patients, num_cohorts=4, obs_per_patient=5, seed=3
+    )
+    records = programme.send_order()
+    settings = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, partitions=4)
+    asyncio.run(ensure_topics(settings))
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            for record in records:
+                await producer.send_and_wait(prefix + record.topic, record.value, key=record.key)
+        finally:
+            await producer.stop()
+
+    async def offsets() -> dict:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(app_id)
+        finally:
+            await admin.close()
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(f"{prefix}observations", p) for p in range(4)]
+            end = await consumer.end_offsets(tps)
+            written = {}  # messages the patients agent wrote, per topic
+            for name, topic in (
+                ("patients_changelog_messages", f"{app_id}-patients-changelog"),
+                ("population_evidence_messages", f"{prefix}population-evidence"),
+                ("scores_messages", f"{prefix}scores"),
+            ):
+                parts = [TopicPartition(topic, p) for p in range(4)]
+                written[name] = sum((await consumer.end_offsets(parts)).values())
+        finally:
+            await consumer.stop()
+        return {
+            **written,
+            "observations_end": sum(end.values()),
+            "observations_committed": sum(committed[tp].offset for tp in tps if committed.get(tp)),
+        }
+
+    say(f"probe: {len(records)} records through an unpatched worker with {store}")
+    with WorkerProcess(env) as worker:
+        worker.wait_for_log(READY, timeout=300)
+        asyncio.run(send())
+        time.sleep(60)
+        alive = worker.alive()
+        text = worker.log_text()
+    out = {
+        "store": store,
+        "records_sent": len(records),
+        "patients_sent": patients,
+        "worker_alive_after_60_s": alive,
+        "agent_crashes_logged": text.count("Crashed reason=AssertionError"),
+        "assertion": "faust/stores/rocksdb.py Store._set: assert event is not None"
+        if "assert event is not None" in text
+        else None,
+        **asyncio.run(offsets()),
+        "rocksdb_store_after_stop": check_store(data, patients, {})
+        if store.startswith("rocksdb")
+        else None,
+    }
+    shutil.rmtree(data, ignore_errors=True)
+    say(f"  probe: {out}")
+    return out
+
+
 def kafka_topic_bytes(kafka, topics: list[str]) -> dict[str, int]:
     """Bytes on the local broker's disk per topic (all partitions); {} for a
     configured broker."""
@@ -744,6 +847,20 @@ def kafka_topic_bytes(kafka, topics: list[str]) -> dict[str, int]:
         )
         for topic in topics
     }
+
+
+def with_broker(function):
+    """``function(bootstrap)`` on KAFKA_BOOTSTRAP_SERVERS, or on a local broker."""
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if bootstrap:
+        return function(bootstrap)
+    from streams.broker import LocalKafka
+
+    kafka = LocalKafka(log=say)
+    try:
+        return function(kafka.start())
+    finally:
+        kafka.stop()
 
 
 def end_to_end(args) -> dict:
@@ -889,9 +1006,26 @@ def main(argv: list[str] | None = None) -> int:
         help="after the first fits, this fraction of patients sends new evidence (warm update)",
     )
     end.add_argument("--worker-without-rescoring", action="store_true", help=argparse.SUPPRESS)
+    end.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="only the probe of the unpatched patients agent with rocksdb:// (and memory://), "
+        "merged into results/<out>.json",
+    )
     args = parser.parse_args(argv)
     if args.worker_without_rescoring:
         return worker_without_rescoring()
+    if args.probe_only:
+        path = RESULTS / f"{args.out}.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        result["patients_agent_probe"] = with_broker(
+            lambda bootstrap: [
+                probe_patients_agent(bootstrap, s) for s in ("rocksdb://", "memory://")
+            ]
+        )
+        write_json(args.out, result)
+        say(f"wrote {path}")
+        return 0
     if args.end_to_end:
         result = end_to_end(args)
         path = write_json(args.out, result)
