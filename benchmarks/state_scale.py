@@ -24,14 +24,18 @@ The population update time at 1M patients is in results/population_cost.json
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, say, write_json
@@ -47,8 +51,9 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def record_sizes(readings_per_measure: list[int], patients: int = 20) -> dict:
-    """JSON size of PatientRecords built by apply_event (median over patients)."""
+def simulated_records(patients: int, readings: int, seed: int) -> dict:
+    """PatientRecords (3 measures) built by the real ``apply_event`` from a
+    simulated programme's validated events, keyed by patient id."""
     from streams.app import measure_models
     from streams.catalogue import Catalogue
     from streams.patient_state import PatientRecord, apply_event
@@ -60,23 +65,27 @@ def record_sizes(readings_per_measure: list[int], patients: int = 20) -> dict:
     catalogue = Catalogue.load()
     settings = Settings(max_age_days=36500.0)
     models = measure_models(catalogue, settings)
+    programme = build_programme(
+        MEASURES, num_patients=patients, num_cohorts=5, obs_per_patient=readings, seed=seed,
+        time_span=max(90.0, readings / 2.0),
+    )  # fmt: skip
+    records: dict[str, PatientRecord] = {}
+    for offset, raw in enumerate(programme.send_order()):
+        origin = Origin(topic=f"efficacy.{raw.topic}", partition=offset % 4, offset=offset)
+        if raw.topic == "enrollments":
+            event = validate_enrollment(raw.key, raw.value, origin, settings)
+        else:
+            event = validate_observation(raw.topic, raw.key, raw.value, origin, catalogue, settings)
+        record, _ = apply_event(records.get(event.patient_id), event, models)
+        records[event.patient_id] = record
+    return records
+
+
+def record_sizes(readings_per_measure: list[int], patients: int = 20) -> dict:
+    """JSON size of PatientRecords built by apply_event (median over patients)."""
     out = {}
     for n in readings_per_measure:
-        programme = build_programme(
-            MEASURES, num_patients=patients, num_cohorts=5, obs_per_patient=n, seed=5,
-            time_span=max(90.0, n / 2.0),
-        )  # fmt: skip
-        records: dict[str, PatientRecord] = {}
-        for offset, raw in enumerate(programme.send_order()):
-            origin = Origin(topic=f"efficacy.{raw.topic}", partition=offset % 4, offset=offset)
-            if raw.topic == "enrollments":
-                event = validate_enrollment(raw.key, raw.value, origin, settings)
-            else:
-                event = validate_observation(
-                    raw.topic, raw.key, raw.value, origin, catalogue, settings
-                )
-            record, _ = apply_event(records.get(event.patient_id), event, models)
-            records[event.patient_id] = record
+        records = simulated_records(patients, n, seed=5)
         sizes = [len(r.model_dump_json()) for r in records.values()]
         one = statistics.median_low(sizes)
         sample = next(r for r in records.values() if len(r.model_dump_json()) == one)
@@ -184,12 +193,810 @@ def parse_rates(sample_json: str, repeats: int = 20000) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- end to end
+#
+# python -m benchmarks.state_scale --end-to-end --patients 1000000
+#
+# The worker's state is written straight into the changelog topics it recovers
+# from (pushing events through the pipeline at ~200 records per CPU-second would
+# take days at 1M patients); then a real ``efficacy worker`` with the RocksDB
+# store recovers it, fits the population, and is restarted twice.
+
+
+@dataclass
+class Template:
+    """A PatientRecord built by apply_event, and the PatientEvidence the patients
+    agent forwards for each of its measures, as plain JSON values to clone."""
+
+    record: str  # PatientRecord JSON
+    evidence: dict[str, str]  # measure -> PatientEvidence JSON
+
+
+def make_templates(count: int, readings: int, seed: int = 7) -> list[Template]:
+    """``count`` enrolled patients of a simulated programme (3 measures,
+    ``readings`` per measure), through the real validation and ``apply_event``;
+    their evidence as ``PatientsService.forward_evidence`` builds it."""
+    from streams.app import measure_models
+    from streams.catalogue import Catalogue
+    from streams.patient_state import recent_window_stats
+    from streams.schemas import PatientEvidence
+    from streams.settings import Settings
+
+    models = measure_models(Catalogue.load(), Settings())
+    templates = []
+    for record in simulated_records(count, readings, seed).values():
+        assert record.cohort is not None and set(record.measures) == set(MEASURES)
+        evidence = {}
+        for measure, stats in record.measures.items():
+            recent = recent_window_stats(record, stats, models[measure])
+            evidence[measure] = PatientEvidence(
+                measure=measure,
+                patient_id=record.patient_id,
+                cohort=record.cohort,
+                gram=stats.gram,
+                reference_time=stats.reference_time,
+                count_exposed=stats.count_exposed,
+                count_unexposed=stats.count_unexposed,
+                recent_gram=None if recent is None else recent.gram[0].tolist(),
+            ).model_dump_json()
+        templates.append(Template(record.model_dump_json(), evidence))
+    return templates
+
+
+def transform_gram(gram: list[list[float]] | None, a: float, b: float) -> list | None:
+    """The Gram matrix of the same readings with y -> a·y + b (standardised units):
+    G' = T G Tᵀ for the linear map T of (1, x.., y) -> (1, x.., a·y + b). Still a
+    valid (PSD) statistic, counts unchanged, but every float different."""
+    if gram is None:
+        return None
+    d = len(gram)
+    y = d - 1
+    out = [row[:] for row in gram]
+    for j in range(y):
+        out[y][j] = out[j][y] = a * gram[y][j] + b * gram[0][j]
+    out[y][y] = a * a * gram[y][y] + 2 * a * b * gram[y][0] + b * b * gram[0][0]
+    return out
+
+
+class Cloner:
+    """New patients from the templates: new id, cohort, event ids and origins in
+    the idempotency index, and statistics perturbed (y -> a·y + b per patient, the
+    recent raw readings scaled), so RocksDB and Kafka see realistic bytes."""
+
+    def __init__(self, templates: list[Template], cohorts: int, partitions: int, seed: int):
+        self.templates = [
+            (t.record, {m: json.loads(e) for m, e in t.evidence.items()}) for t in templates
+        ]
+        self.cohorts = cohorts
+        self.partitions = partitions
+        self.rng = random.Random(seed)
+        self.offsets = [0] * partitions  # next offset per source partition
+
+    def clone(self, index: int) -> tuple[str, int, str, dict[str, str]]:
+        """(patient id, its partition, record JSON, measure -> evidence JSON)."""
+        from streams.agents.patients import key_partition
+
+        record, evidence = self.templates[index % len(self.templates)]
+        record = json.loads(record)  # a fresh copy
+        patient_id = f"patient-{index:07d}"
+        partition = key_partition(patient_id.encode(), self.partitions)
+        cohort = f"clinic-{self.rng.randrange(self.cohorts):03d}"
+        a = self.rng.lognormvariate(0.0, 0.15)
+        b = self.rng.gauss(0.0, 0.3)
+        record["patient_id"], record["cohort"] = patient_id, cohort
+        start = self.offsets[partition]
+        seen = {}
+        for j, (event_id, origin) in enumerate(record["seen"].items()):
+            topic = origin.split(":", 1)[0]
+            seen[f"{event_id.rsplit('-', 1)[0]}-{index:07d}{j:04d}"] = (
+                f"{topic}:{partition}:{start + 7 * j}"
+            )
+        self.offsets[partition] = start + 7 * len(seen)
+        record["seen"] = seen
+        for stats in record["measures"].values():
+            for name in ("gram", "sealed_gram", "sealed_window_gram"):
+                stats[name] = transform_gram(stats.get(name), a, b)
+            stats["recent"] = [[t, v * (1.0 + 0.05 * (a - 1.0))] for t, v in stats["recent"]]
+        values = {}
+        for measure, template in evidence.items():
+            value = dict(template, patient_id=patient_id, cohort=cohort)
+            value["gram"] = transform_gram(template["gram"], a, b)
+            value["recent_gram"] = transform_gram(template.get("recent_gram"), a, b)
+            values[measure] = dumps(value)
+        return patient_id, partition, dumps(record), values
+
+
+def dumps(value) -> str:
+    """Compact JSON as pydantic writes it (the same bytes for a template)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+async def produce_state(
+    bootstrap: str,
+    app_id: str,
+    partitions: int,
+    cloner: Cloner,
+    patients: int,
+    probe: set[int],
+    written: dict[int, str],
+) -> dict:
+    """Write ``patients`` patients into the changelog topics of the worker's two
+    tables: ``{app_id}-patients-changelog`` (key: the patient id as JSON, faust's
+    serializer for ``key_type=str``; value: the record bytes; partition: murmur2
+    of the raw id, KeyPartitionedTable) and ``{app_id}-population-evidence-
+    changelog`` (key ``"measure/patient id"`` as JSON; partition: the measure's,
+    measure_partition, which the population agent's table inherits from the
+    population-evidence event)."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from streams.agents.patients import measure_partition
+
+    patients_topic = f"{app_id}-patients-changelog"
+    evidence_topic = f"{app_id}-population-evidence-changelog"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:  # as faust declares a table's changelog: the table's partitions, compacted
+        await admin.create_topics(
+            [
+                NewTopic(name, partitions, 1, topic_configs={"cleanup.policy": "compact"})
+                for name in (patients_topic, evidence_topic)
+            ]
+        )
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks=1,
+        linger_ms=50,
+        max_batch_size=1024 * 1024,
+        max_request_size=8 * 1024 * 1024,
+        compression_type=None,
+    )
+    await producer.start()
+    measure_partitions = {m: measure_partition(m, partitions) for m in MEASURES}
+    record_bytes = evidence_bytes = 0
+    started = last = time.perf_counter()
+    pending = []
+    try:
+        for index in range(patients):
+            patient_id, partition, record, evidence = cloner.clone(index)
+            if index in probe:
+                written[index] = record
+            value = record.encode()
+            record_bytes += len(value)
+            pending.append(
+                await producer.send(
+                    patients_topic, value, key=dumps(patient_id).encode(), partition=partition
+                )
+            )
+            for measure, text in evidence.items():
+                value = text.encode()
+                evidence_bytes += len(value)
+                pending.append(
+                    await producer.send(
+                        evidence_topic,
+                        value,
+                        key=dumps(f"{measure}/{patient_id}").encode(),
+                        partition=measure_partitions[measure],
+                    )
+                )
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending = []
+            now = time.perf_counter()
+            if now - last > 10.0:
+                last = now
+                rate = (index + 1) / (now - started)
+                say(
+                    f"  produced {index + 1:,} patients ({record_bytes / 1e9:.2f} GB records, "
+                    f"{evidence_bytes / 1e9:.2f} GB evidence), {rate:,.0f} patients/s"
+                )
+        await asyncio.gather(*pending)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    seconds = time.perf_counter() - started
+    return {
+        "patients_topic": patients_topic,
+        "evidence_topic": evidence_topic,
+        "patients": patients,
+        "evidence_records": patients * len(MEASURES),
+        "record_bytes": record_bytes,
+        "evidence_bytes": evidence_bytes,
+        "record_bytes_mean": record_bytes / patients,
+        "evidence_bytes_mean": evidence_bytes / (patients * len(MEASURES)),
+        "seconds": seconds,
+        "patients_per_s": patients / seconds,
+        "evidence_partitions": measure_partitions,
+    }
+
+
+async def send_evidence_updates(
+    bootstrap: str, prefix: str, partitions: int, cloner: Cloner, indices: list[int]
+) -> dict:
+    """New statistics for the patients ``indices`` on the population-evidence
+    topic, as the patients agent forwards them (EvidenceBatch messages of up to
+    EVIDENCE_CHUNK patients, keyed by measure, on the measure's partition): the
+    population agent's next tick is a warm update."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.agents.patients import EVIDENCE_CHUNK, measure_partition
+    from streams.schemas import EvidenceBatch, PatientEvidence
+
+    by_measure: dict[str, list[PatientEvidence]] = {}
+    for index in indices:
+        _, _, _, evidence = cloner.clone(index)  # new a, b: new statistics
+        for measure, text in evidence.items():
+            by_measure.setdefault(measure, []).append(PatientEvidence.model_validate_json(text))
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks=1, linger_ms=20, max_request_size=16 * 1024 * 1024
+    )
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        pending = []
+        for measure, items in by_measure.items():
+            for start in range(0, len(items), EVIDENCE_CHUNK):
+                batch = EvidenceBatch(measure=measure, items=items[start : start + EVIDENCE_CHUNK])
+                pending.append(
+                    await producer.send(
+                        f"{prefix}population-evidence",
+                        batch.model_dump_json().encode(),
+                        key=measure.encode(),
+                        partition=measure_partition(measure, partitions),
+                    )
+                )
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return {
+        "patients": len(indices),
+        "messages": len(pending),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+#: Worker log lines the phases time (regexes; the first occurrence counts).
+MARKS = {
+    "restoring": r"Restoring state from changelog topics",
+    "done_reading": r"Done reading from changelog topics",
+    "recovery_complete": r"Recovery complete",
+    "ready": r"\[\^Worker\]: Ready",
+}
+FIT = re.compile(r"population (\S+) v(\d+): (\d+) patients, effect \S+, (\d+) steps in ([\d.]+) s")
+RESCORED = re.compile(r"posterior (\S+) v(\d+): rescored, (\d+) scores republished")
+
+
+def proc_status(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (MB) of a process, and its CPU seconds (user + system)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        out["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def scrape(log_text: str) -> dict[str, float]:
+    """The worker's Prometheus metrics (address from its log), as name{labels} -> value."""
+    import urllib.request
+
+    match = re.search(r"metrics on (http://\S+/metrics)", log_text)
+    if not match:
+        return {}
+    try:
+        with urllib.request.urlopen(match.group(1), timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("efficacy_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+def worker_process(env: dict[str, str]):
+    from streams.worker_process import WorkerProcess
+
+    return WorkerProcess(env)
+
+
+def run_worker_phase(
+    name: str, env: dict[str, str], data_dir: Path, *, wait_fits: bool, args, update=None
+) -> dict:
+    """Start a worker on ``data_dir``, time its recovery from its log, sample its
+    memory, wait for every measure's population update (``wait_fits``), then call
+    ``update`` (new evidence) and wait for every measure's next, warm update, wait
+    ``--observe`` seconds more, then stop it cleanly (SIGTERM) and measure the
+    data dir. A worker that exits by itself is reported (``crashed``)."""
+    worker = worker_process({**env, "EFFICACY_DATA_DIR": str(data_dir)})
+    say(f"{name}: starting a worker on {data_dir} (log {worker.log_path})")
+    started = time.monotonic()
+    worker.start()
+    pid = worker.process.pid
+    marks: dict[str, dict] = {}
+    fits: dict[str, dict] = {}
+    rescored: dict[str, dict] = {}
+    samples = []
+    observe_until = None
+    crashed = False
+    updated = None
+    first_versions: dict[str, int] = {}
+    deadline = started + args.timeout
+    last_say = started
+    try:
+        while True:
+            now = time.monotonic()
+            status = proc_status(pid)
+            if status:
+                samples.append({"t": round(now - started, 1), **status})
+            text = worker.log_text()
+            for mark, pattern in MARKS.items():
+                if mark not in marks and re.search(pattern, text):
+                    marks[mark] = {"seconds": now - started, **status}
+                    say(
+                        f"  {mark} after {now - started:.1f} s, RSS {status.get('VmRSS', 0):.0f} MB"
+                    )
+            for match in FIT.finditer(text):
+                measure = match.group(1)
+                key = f"{measure} v{match.group(2)}"
+                if key not in fits:
+                    fits[key] = {
+                        "measure": measure,
+                        "version": int(match.group(2)),
+                        "patients": int(match.group(3)),
+                        "steps": int(match.group(4)),
+                        "fit_seconds_logged": float(match.group(5)),
+                        "seen_at_seconds": now - started,
+                        **status,
+                    }
+                    say(f"  population fit {key}: {fits[key]}")
+            for match in RESCORED.finditer(text):
+                key = f"{match.group(1)} v{match.group(2)}"
+                if key not in rescored:
+                    rescored[key] = {
+                        "scores": int(match.group(3)),
+                        "seen_at_seconds": now - started,
+                    }
+                    say(f"  rescored {key}: {rescored[key]}")
+            if not worker.alive():
+                crashed = True
+                say(f"{name}: the worker exited by itself:\n{worker.log_tail(15)}")
+                break
+            fitted_measures = {f["measure"] for f in fits.values()}
+            fitted = not wait_fits or fitted_measures == set(MEASURES)
+            if fitted and wait_fits and update is not None:
+                if updated is None:
+                    say(f"  {name}: new evidence for the warm update")
+                    updated = {"sent_at_seconds": time.monotonic() - started, **update()}
+                    first_versions = {f["measure"]: f["version"] for f in fits.values()}
+                later = {
+                    f["measure"]
+                    for f in fits.values()
+                    if f["version"] > first_versions[f["measure"]]
+                }
+                fitted = later == set(MEASURES)
+            if "ready" in marks and observe_until is None and fitted:
+                observe_until = now + args.observe
+            if observe_until is not None and now >= observe_until:
+                break
+            if now > deadline:
+                say(f"{name}: timeout after {args.timeout:.0f} s; stopping")
+                break
+            if now - last_say > 30:
+                last_say = now
+                say(f"  {name}: {now - started:.0f} s, {status}")
+            time.sleep(0.5)
+        metrics = {} if crashed else scrape(worker.log_text())
+        final = {} if crashed else proc_status(pid)
+        say(f"{name}: stopping (SIGTERM); {final}")
+        stop_started = time.monotonic()
+        code = worker.stop(timeout=300)
+        stop_seconds = time.monotonic() - stop_started
+    finally:
+        if worker.alive():
+            worker.kill()
+    log_text = worker.log_text()
+    errors = [line for line in log_text.splitlines() if "[ERROR]" in line or "Traceback" in line]
+    peak = max(samples, key=lambda s: s.get("VmRSS", 0)) if samples else {}
+    result = {
+        "name": name,
+        "marks": marks,
+        "recovery_seconds": marks.get("recovery_complete", {}).get("seconds"),
+        "ready_seconds": marks.get("ready", {}).get("seconds"),
+        "crashed": crashed,
+        "log_tail_if_crashed": worker.log_tail(60) if crashed else None,
+        "population_fits": fits,
+        "evidence_update": updated,
+        "rescored": rescored,
+        "rss_mb_at_ready": marks.get("ready", {}).get("VmRSS"),
+        "rss_mb_end": final.get("VmRSS"),
+        "hwm_mb_end": final.get("VmHWM") or (samples[-1].get("VmHWM") if samples else None),
+        "rss_mb_peak_sampled": peak.get("VmRSS"),
+        "cpu_seconds_end": final.get("cpu_s"),
+        "stop_seconds": stop_seconds,
+        "exit_code": code,
+        "data_dir_bytes": folder_bytes(data_dir),
+        "metrics": {
+            k: v
+            for k, v in metrics.items()
+            if k.startswith(
+                (
+                    "efficacy_scores_published_total",
+                    "efficacy_population_update_seconds_sum",
+                    "efficacy_population_update_seconds_count",
+                    "efficacy_population_patients",
+                    "efficacy_population_posterior_version",
+                    "efficacy_patients_tracked",
+                )
+            )
+        },
+        "log_errors": errors[:20],
+        "log_path": str(worker.log_path),
+        "rss_samples": samples[:: max(1, len(samples) // 200)],
+    }
+    say(
+        f"{name}: recovery {result['recovery_seconds']} s, ready {result['ready_seconds']} s, "
+        f"RSS {result['rss_mb_end']} MB (HWM {result['hwm_mb_end']}), "
+        f"data dir {result['data_dir_bytes'] / 1e9:.2f} GB, stop {stop_seconds:.1f} s, exit {code}"
+    )
+    return result
+
+
+OFFSET_KEY = b"__faust\x00offset__"  # faust's persisted changelog offset, in every partition db
+
+
+def check_store(data_dir: Path, patients: int, written: dict[int, str]) -> dict:
+    """Open the stopped worker's RocksDB partitions read-only: count the keys of both
+    tables and compare a sample of patients' statistics with what was written."""
+    from faust.stores.rocksdb import RocksDBOptions
+
+    options = RocksDBOptions(use_rocksdict=True)
+    counts = {}
+    found = {}
+    wanted = {dumps(f"patient-{i:07d}").encode(): i for i in written}
+    for table in ("patients", "population-evidence"):
+        total = 0
+        for path in sorted(data_dir.rglob(f"{table}-*.db")):
+            if not path.name[len(table) + 1 : -3].isdigit():
+                continue
+            db = options.open(path, read_only=True)
+            try:
+                total += sum(1 for key in db.keys() if key != OFFSET_KEY)  # noqa: SIM118
+                if table == "patients":
+                    for key in wanted:
+                        value = db.get(key)
+                        if value is not None:
+                            found[wanted[key]] = value
+            finally:
+                db.close()
+        counts[table] = total
+    mismatched = 0
+    for i, value in found.items():
+        record = json.loads(value)
+        if record["measures"] != json.loads(written[i])["measures"]:
+            mismatched += 1
+    return {
+        "patients_keys": counts["patients"],
+        "evidence_keys": counts["population-evidence"],
+        "patients_expected": patients,
+        "evidence_expected": patients * len(MEASURES),
+        "probe": len(written),
+        "probe_found": len(found),
+        "probe_statistics_differ": mismatched,
+    }
+
+
+def probe_patients_agent(bootstrap: str, store: str = "rocksdb://") -> dict:
+    """Push a small simulated programme (40 patients × 3 measures × 5 readings)
+    through the raw topics to a worker with ``store`` and no population fit, and
+    report what the patients table holds afterwards against the raw topics'
+    committed offsets. Before streams/stores.py, with rocksdb:// the patients
+    agent's ``save`` (inside a ``take_events`` batch, where faust sets no current
+    event) failed faust's ``assert event is not None`` in ``Store._set``, the batch
+    was acked anyway and the table stayed empty."""
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from streams.programme import build_programme
+    from streams.settings import Settings
+    from streams.topics import ensure_topics
+    from streams.worker_process import READY, WorkerProcess
+
+    run = uuid.uuid4().hex[:6]
+    prefix, app_id = f"probe-{run}.", f"probe-{run}"
+    data = Path(tempfile.mkdtemp(prefix="state-scale-probe-"))
+    env = {
+        "EFFICACY_BOOTSTRAP_SERVERS": bootstrap,
+        "EFFICACY_TOPIC_PREFIX": prefix,
+        "EFFICACY_APP_ID": app_id,
+        "EFFICACY_PARTITIONS": "4",
+        "EFFICACY_STORE_URL": store,
+        "EFFICACY_WEB_ENABLED": "false",
+        "EFFICACY_METRICS_PORT": "0",
+        "EFFICACY_DATA_DIR": str(data),
+        "EFFICACY_POPULATION_MIN_PATIENTS": "100000",  # no posterior, no rescoring
+        "EFFICACY_SELECTION_INTERVAL_SECONDS": "0",
+    }
+    patients = 40
+    programme = build_programme(
+        MEASURES, num_patients=patients, num_cohorts=4, obs_per_patient=5, seed=3
+    )
+    records = programme.send_order()
+    settings = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, partitions=4)
+    asyncio.run(ensure_topics(settings))
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            for record in records:
+                await producer.send_and_wait(prefix + record.topic, record.value, key=record.key)
+        finally:
+            await producer.stop()
+
+    async def offsets() -> dict:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(app_id)
+        finally:
+            await admin.close()
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+            tps = [
+                TopicPartition(f"{prefix}{topic}", p)
+                for topic in ("enrollments", "wearables", "labs", "pros")
+                for p in range(4)
+            ]
+            end = await consumer.end_offsets(tps)
+            written = {}  # messages the patients agent wrote, per topic
+            for name, topic in (
+                ("patients_changelog_messages", f"{app_id}-patients-changelog"),
+                ("population_evidence_messages", f"{prefix}population-evidence"),
+                ("scores_messages", f"{prefix}scores"),
+            ):
+                parts = [TopicPartition(topic, p) for p in range(4)]
+                written[name] = sum((await consumer.end_offsets(parts)).values())
+        finally:
+            await consumer.stop()
+        return {
+            **written,
+            "raw_end": sum(end.values()),
+            "raw_committed": sum(committed[tp].offset for tp in tps if committed.get(tp)),
+        }
+
+    say(f"probe: {len(records)} records through a worker with {store}")
+    with WorkerProcess(env) as worker:
+        worker.wait_for_log(READY, timeout=300)
+        asyncio.run(send())
+        time.sleep(60)
+        alive = worker.alive()
+        text = worker.log_text()
+    out = {
+        "store": store,
+        "records_sent": len(records),
+        "patients_sent": patients,
+        "worker_alive_after_60_s": alive,
+        "agent_crashes_logged": text.count("Crashed reason=AssertionError"),
+        "assertion": "faust/stores/rocksdb.py Store._set: assert event is not None"
+        if "assert event is not None" in text
+        else None,
+        **asyncio.run(offsets()),
+        "rocksdb_store_after_stop": check_store(data, patients, {})
+        if store.startswith("rocksdb")
+        else None,
+    }
+    shutil.rmtree(data, ignore_errors=True)
+    say(f"  probe: {out}")
+    return out
+
+
+def kafka_topic_bytes(kafka, topics: list[str]) -> dict[str, int]:
+    """Bytes on the local broker's disk per topic (all partitions); {} for a
+    configured broker."""
+    if kafka is None or kafka.run_dir is None:
+        return {}
+    data = kafka.run_dir / "data"
+    return {
+        topic: sum(
+            folder_bytes(p) for p in data.glob(f"{topic}-*") if p.name.rsplit("-", 1)[1].isdigit()
+        )
+        for topic in topics
+    }
+
+
+def with_broker(function):
+    """``function(bootstrap)`` on KAFKA_BOOTSTRAP_SERVERS, or on a local broker."""
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if bootstrap:
+        return function(bootstrap)
+    from streams.broker import LocalKafka
+
+    kafka = LocalKafka(log=say)
+    try:
+        return function(kafka.start())
+    finally:
+        kafka.stop()
+
+
+def end_to_end(args) -> dict:
+    """Changelogs of ``args.patients`` patients × 3 measures, then a worker: first
+    start on an empty data dir, restart on the same data dir, restart on a deleted
+    one."""
+    import uuid
+
+    from streams.settings import Settings
+    from streams.topics import ensure_topics
+
+    where = machine()
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    kafka = None
+    if not bootstrap:
+        from streams.broker import LocalKafka
+
+        kafka = LocalKafka(log=say)
+        bootstrap = kafka.start()
+    run_id = uuid.uuid4().hex[:8]
+    app_id = f"ss-{run_id}"
+    prefix = f"ss-{run_id}."
+    root = Path(args.data_root or tempfile.mkdtemp(prefix="state-scale-e2e-"))
+    root.mkdir(parents=True, exist_ok=True)
+    data_dir = root / "data"
+    env = {
+        "EFFICACY_BOOTSTRAP_SERVERS": bootstrap,
+        "EFFICACY_TOPIC_PREFIX": prefix,
+        "EFFICACY_APP_ID": app_id,
+        "EFFICACY_PARTITIONS": str(args.partitions),
+        "EFFICACY_STORE_URL": "rocksdb://",
+        "EFFICACY_WEB_ENABLED": "false",
+        "EFFICACY_METRICS_PORT": "0",
+        "EFFICACY_POPULATION_INTERVAL_SECONDS": str(args.population_interval),
+        "EFFICACY_SELECTION_INTERVAL_SECONDS": "0",
+    }
+    result: dict = {
+        "parameters": {
+            "patients": args.patients,
+            "measures": MEASURES,
+            "readings_per_measure": args.readings_per_measure,
+            "templates": args.templates,
+            "cohorts": args.cohorts,
+            "partitions": args.partitions,
+            "population_interval_seconds": args.population_interval,
+            "observe_seconds": args.observe,
+            "store": "rocksdb://",
+            "broker": "configured" if kafka is None else "local",
+            "producer": "aiokafka, acks=1, linger 50 ms, 1 MB batches, no compression",
+        },
+        "machine": where,
+    }
+    try:
+        settings = Settings(
+            bootstrap_servers=bootstrap, topic_prefix=prefix, partitions=args.partitions
+        )
+        asyncio.run(ensure_topics(settings))
+        say(
+            f"templates: {args.templates} patients × 3 measures × {args.readings_per_measure} readings (apply_event)"
+        )
+        templates = make_templates(args.templates, args.readings_per_measure)
+        cloner = Cloner(templates, args.cohorts, args.partitions, seed=11)
+        probe = set(random.Random(3).sample(range(args.patients), min(200, args.patients)))
+        written: dict[int, str] = {}
+        say(f"writing {args.patients:,} patients into the changelogs of app {app_id}")
+        produced = asyncio.run(
+            produce_state(bootstrap, app_id, args.partitions, cloner, args.patients, probe, written)
+        )
+        say(
+            f"  {produced['seconds']:.0f} s, {produced['record_bytes_mean']:,.0f} bytes per record, "
+            f"{produced['evidence_bytes_mean']:,.0f} per evidence"
+        )
+        result["produced"] = produced
+        topics = [produced["patients_topic"], produced["evidence_topic"]]
+        result["broker_bytes_after_produce"] = kafka_topic_bytes(kafka, topics)
+        phases = {}
+        changed = random.Random(5).sample(
+            range(args.patients), max(1, int(args.update_fraction * args.patients))
+        )
+
+        def update() -> dict:
+            return asyncio.run(
+                send_evidence_updates(bootstrap, prefix, args.partitions, cloner, changed)
+            )
+
+        phases["first_start"] = run_worker_phase(
+            "first start (empty data dir)", env, data_dir, wait_fits=True, args=args, update=update
+        )
+        phases["first_start"]["store"] = check_store(data_dir, args.patients, written)
+        say(f"  store: {phases['first_start']['store']}")
+        result["phases"] = phases
+        write_json(args.out, result)
+        phases["same_host_restart"] = run_worker_phase(
+            "restart on the same data dir", env, data_dir, wait_fits=False, args=args
+        )
+        phases["same_host_restart"]["store"] = check_store(data_dir, args.patients, written)
+        say(f"  store: {phases['same_host_restart']['store']}")
+        write_json(args.out, result)
+        if not args.skip_fresh_host:
+            shutil.rmtree(data_dir)
+            phases["fresh_host_restart"] = run_worker_phase(
+                "restart on a deleted data dir", env, data_dir, wait_fits=False, args=args
+            )
+            phases["fresh_host_restart"]["store"] = check_store(data_dir, args.patients, written)
+            say(f"  store: {phases['fresh_host_restart']['store']}")
+        result["broker_bytes_end"] = kafka_topic_bytes(kafka, topics)
+    finally:
+        if kafka is not None:
+            kafka.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=200_000, help="records written to RocksDB")
     parser.add_argument("--readings", default="10,30,100,300", help="readings per measure")
     parser.add_argument("--target-patients", type=int, default=1_000_000)
+    end = parser.add_argument_group("end to end (--end-to-end)")
+    end.add_argument("--end-to-end", action="store_true", help="changelogs + a real worker")
+    end.add_argument("--patients", type=int, default=20_000)
+    end.add_argument("--readings-per-measure", type=int, default=30)
+    end.add_argument("--templates", type=int, default=64, help="patients built by apply_event")
+    end.add_argument("--cohorts", type=int, default=20)
+    end.add_argument("--partitions", type=int, default=4)
+    end.add_argument("--population-interval", type=float, default=5.0, help="seconds")
+    end.add_argument("--observe", type=float, default=60.0, help="seconds after ready (and fits)")
+    end.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker phase")
+    end.add_argument("--skip-fresh-host", action="store_true")
+    end.add_argument("--data-root", help="folder for the worker's data dir (default: a temp dir)")
+    end.add_argument("--keep", action="store_true", help="keep the data dir")
+    end.add_argument("--out", default="state_scale_e2e", help="results/<out>.json")
+    end.add_argument(
+        "--update-fraction",
+        type=float,
+        default=0.01,
+        help="after the first fits, this fraction of patients sends new evidence (warm update)",
+    )
+    end.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="only the probe of the patients agent with rocksdb:// (and memory://), "
+        "merged into results/<out>.json",
+    )
     args = parser.parse_args(argv)
+    if args.probe_only:
+        path = RESULTS / f"{args.out}.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        result["patients_agent_probe"] = with_broker(
+            lambda bootstrap: [
+                probe_patients_agent(bootstrap, s) for s in ("rocksdb://", "memory://")
+            ]
+        )
+        write_json(args.out, result)
+        say(f"wrote {path}")
+        return 0
+    if args.end_to_end:
+        result = end_to_end(args)
+        path = write_json(args.out, result)
+        say(f"wrote {path}")
+        return 0
     where = machine()
     readings = [int(x) for x in args.readings.split(",")]
     say("record sizes (apply_event on a 3-measure programme)")
