@@ -339,10 +339,15 @@ class LocalKafka:
 
 
 def _cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding, and
+    never starting with "-" (the storage tool would read it as an option and fail:
+    one start in 64 did; Kafka's own Uuid.randomUuid draws again the same way)."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster.startswith("-"):
+            return cluster
 
 
 # --- command line: detached broker with its state in <cache>/run/broker.json -----------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import subprocess
@@ -43,6 +44,20 @@ def test_broker_answers_metadata_and_round_trips_a_record(kafka_bootstrap):
         return message.value
 
     assert asyncio.run(round_trip()) == b"ping"
+
+
+def test_cluster_ids_never_start_with_a_dash(monkeypatch):
+    """Kafka's storage tool reads a cluster id starting with "-" as an option and
+    the broker never starts (1 start in 64). Draws are forced onto such ids first."""
+    import base64
+
+    dash_first = base64.urlsafe_b64decode("-" + "A" * 21 + "==")  # 16 bytes, "-" first
+    real = uuid.uuid4
+    draws = itertools.chain([uuid.UUID(bytes=dash_first)] * 3, iter(real, None))
+    monkeypatch.setattr(broker.uuid, "uuid4", lambda: next(draws))
+    ids = [broker._cluster_id() for _ in range(200)]
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 22 for i in ids)
 
 
 def test_missing_java_is_a_clear_error(monkeypatch, tmp_path):
