@@ -30,7 +30,10 @@ async def topic_partitions(bootstrap: str, topics: list[str]) -> dict[str, int]:
         await admin.close()
 
 
-def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap, tmp_path):
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap, tmp_path, store):
+    """With either store (rocksdb:// is production's; faust's stock RocksDB store
+    lost the patients agent's saves, streams/stores.py)."""
     prefix = f"smoke-{uuid.uuid4().hex[:8]}."
     env = {
         "EFFICACY_BOOTSTRAP_SERVERS": kafka_bootstrap,
@@ -39,6 +42,7 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
         "EFFICACY_PARTITIONS": "2",
         "EFFICACY_WEB_ENABLED": "false",
         "EFFICACY_DATA_DIR": str(tmp_path / "not" / "yet" / "there"),  # created by the worker
+        "EFFICACY_STORE_URL": store,
     }
     enrolment = {
         "kind": "enrollment",
