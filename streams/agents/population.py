@@ -119,15 +119,19 @@ class PopulationService:
         return self.books[measure]
 
     def take(self, batch: EvidenceBatch) -> None:
-        """Keep each patient's latest statistics: in the table (keyed
-        ``measure/patient``, so the changelog compacts to one entry per
-        patient) and in the measure's book."""
+        """Each patient's latest statistics into the measure's book."""
         book = self.book(batch.measure)
+        for evidence in batch.items:
+            book.put(evidence)
+
+    def keep(self, batch: EvidenceBatch) -> None:
+        """Each patient's latest statistics into the table (keyed
+        ``measure/patient``: the changelog compacts to one entry per patient),
+        from which a new owner rebuilds the book."""
         for evidence in batch.items:
             self.table[f"{evidence.measure}/{evidence.patient_id}"] = (
                 evidence.model_dump_json().encode()
             )
-            book.put(evidence)
 
     def owns(self, measure: str) -> bool:
         """This worker actively owns the measure's evidence partition."""
@@ -445,7 +449,9 @@ def register(app: faust.App, service: PopulationService) -> None:
             service.settings.batch_size, within=service.settings.batch_seconds
         ):
             for event in events:
-                service.take(EvidenceBatch.model_validate_json(event.value))
+                batch = EvidenceBatch.model_validate_json(event.value)
+                service.keep(batch)
+                service.take(batch)
 
     app.agent(service.topics.population_evidence, name="population")(population)
     app.timer(service.settings.population_interval_seconds, name="population-update")(service.tick)
