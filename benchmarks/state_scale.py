@@ -215,30 +215,20 @@ class Template:
 def make_templates(count: int, readings: int, seed: int = 7) -> list[Template]:
     """``count`` enrolled patients of a simulated programme (3 measures,
     ``readings`` per measure), through the real validation and ``apply_event``;
-    their evidence as ``PatientsService.forward_evidence`` builds it."""
+    their evidence as the patients agent forwards it (``patient_evidence``)."""
     from streams.app import measure_models
     from streams.catalogue import Catalogue
-    from streams.patient_state import recent_window_stats
-    from streams.schemas import PatientEvidence
+    from streams.patient_state import patient_evidence
     from streams.settings import Settings
 
     models = measure_models(Catalogue.load(), Settings())
     templates = []
     for record in simulated_records(count, readings, seed).values():
         assert record.cohort is not None and set(record.measures) == set(MEASURES)
-        evidence = {}
-        for measure, stats in record.measures.items():
-            recent = recent_window_stats(record, stats, models[measure])
-            evidence[measure] = PatientEvidence(
-                measure=measure,
-                patient_id=record.patient_id,
-                cohort=record.cohort,
-                gram=stats.gram,
-                reference_time=stats.reference_time,
-                count_exposed=stats.count_exposed,
-                count_unexposed=stats.count_unexposed,
-                recent_gram=None if recent is None else recent.gram[0].tolist(),
-            ).model_dump_json()
+        evidence = {
+            measure: patient_evidence(record, measure, models[measure]).model_dump_json()
+            for measure in record.measures
+        }
         templates.append(Template(record.model_dump_json(), evidence))
     return templates
 
