@@ -127,12 +127,17 @@ class MeasureStats(BaseModel):
             self.sealed_count_unexposed,
         )
 
-    def sealed_window_stats(self, window: ModelConfig) -> PatientStats:
-        """The sealed readings' window statistics; empty unless they were kept
-        for ``window``'s half-life."""
+    def sealed_window(self, window: ModelConfig) -> tuple[list[list[float]], float]:
+        """The sealed readings' window statistics as (gram, reference time);
+        empty (zeros, −inf) unless they were kept for ``window``'s half-life."""
         if self.sealed_window_gram is None or self.sealed_window_half_life != window.half_life:
-            return empty_stats(1, window)
-        return _stats(self.sealed_window_gram, self.sealed_window_reference_time, 0, 0)
+            return empty_stats(1, window).gram[0].tolist(), float("-inf")
+        return self.sealed_window_gram, self.sealed_window_reference_time
+
+    def sealed_window_stats(self, window: ModelConfig) -> PatientStats:
+        """``sealed_window`` as PatientStats."""
+        gram, reference = self.sealed_window(window)
+        return _stats(gram, reference, 0, 0)
 
     def set_total(self, stats: PatientStats) -> None:
         self.gram = stats.gram[0].tolist()
@@ -294,10 +299,7 @@ def recent_window_stats(
     # Plain Python floats, one reading at a time (model.evidence.add_reading): for
     # the few dozen readings of a window, numpy's per-call overhead cost ~10x more.
     # Runs for every touched patient and measure of every batch.
-    if stats.sealed_window_gram is None or stats.sealed_window_half_life != window.half_life:
-        gram, reference = empty_stats(1, window).gram[0].tolist(), float("-inf")
-    else:
-        gram, reference = stats.sealed_window_gram, stats.sealed_window_reference_time
+    gram, reference = stats.sealed_window(window)
     exposed = unexposed = 0
     for time, value in stats.recent:
         exposure = record.exposure_at(time)

@@ -85,9 +85,9 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(
         default=5,
         ge=0,
-        description="how long the worker's producer waits to fill a request: faust's default "
-        "of 0 sends a produce request per message (measured: ~28% of the worker's CPU in "
-        "socket writes); adds at most this much latency",
+        description="how long the worker's producer waits to fill a request (faust's default "
+        "0 sends one as soon as a message is ready; no measurable change on loopback, "
+        "fewer requests on a real network); adds at most this much latency",
     )
     population_interval_seconds: float = Field(
         default=2.0, gt=0.0, description="how often the population agent considers an update"

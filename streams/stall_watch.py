@@ -57,7 +57,6 @@ class StallWatch:
         self.app = app
         self.topics = set(topics)
         self._previous: dict[TP, tuple[int, int]] = {}
-        self.resumed = 0
 
     async def check(self) -> list[TP]:
         """One check; returns the partitions resumed."""
@@ -87,7 +86,6 @@ class StallWatch:
             resumed.append(tp)
         for tp in resumed:
             del self._previous[tp]
-        self.resumed += len(resumed)
         return resumed
 
 

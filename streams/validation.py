@@ -133,10 +133,6 @@ def validate_enrollment(
     return EnrollmentRecord(event=event, origin=origin)
 
 
-#: The raw topics the patients agent reads: validated by ``validate_record``.
-RAW_SOURCES = ("enrollments", *SCHEMA_OF_SOURCE)
-
-
 def validate_record(
     source: str,
     key: bytes | None,
@@ -146,8 +142,9 @@ def validate_record(
     settings: Settings,
     now: datetime | None = None,
 ) -> Observation | EnrollmentRecord:
-    """A raw record of source topic ``source`` (one of RAW_SOURCES, without the
-    prefix) as the validated event the patients agent applies; or Rejected."""
+    """A raw record of source topic ``source`` (``enrollments`` or a key of
+    SCHEMA_OF_SOURCE: streams.topics.Topics.raw without the prefix) as the
+    validated event the patients agent applies; or Rejected."""
     if source == "enrollments":
         return validate_enrollment(key, value, origin, settings, now)
     return validate_observation(source, key, value, origin, catalogue, settings, now)
