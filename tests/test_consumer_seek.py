@@ -5,6 +5,7 @@ get those records again when the partition has no committed offset."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -29,8 +30,9 @@ async def refetched_after_seek(bootstrap: str, topic: str, group: str) -> tuple[
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, 0)])
-        first = []
+        first, deadline = [], time.monotonic() + 60
         while len(first) < 5:
+            assert time.monotonic() < deadline, f"fetched only {first} in 60 s"
             for records in (await consumer.getmany(timeout_ms=1000)).values():
                 first += [r.offset for r in records]
         committed = await consumer.seek_to_committed()
