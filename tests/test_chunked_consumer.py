@@ -1,0 +1,184 @@
+"""streams.chunked_consumer on the real broker: one faust event per fetched
+partition chunk, acknowledged through faust's own commit.
+
+- every record is delivered exactly once, in offset order per partition, and
+  the group's committed offsets reach the end of every partition;
+- a chunk that is never acked holds the commit of its partition at its first
+  offset (the gap of its earlier offsets does not make them committable), while
+  the other partitions commit what was processed; a worker of the same group
+  started after a kill resumes from the committed offsets (its first chunk of a
+  partition commits although earlier offsets were committed by another member:
+  faust alone would wait for them forever) and commits to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from streams.kafka_io import produce
+
+pytestmark = pytest.mark.kafka
+APP = Path(__file__).resolve().parent / "chunk_reader_app.py"
+PARTITIONS, RECORDS = 4, 20_000
+
+
+async def committed_offsets(bootstrap: str, group: str) -> dict[int, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items()}
+
+
+def poll(condition: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_the_faust_and_aiokafka_versions_are_the_pinned_ones():
+    """ChunkedConsumer overrides faust internals: a new faust must be checked first."""
+    import tomllib
+
+    import aiokafka
+    import faust
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pins = dict(d.split("==") for d in project["project"]["dependencies"] if "==" in d)
+    assert faust.__version__ == pins["faust-streaming[rocksdict]"]
+    assert aiokafka.__version__ == pins["aiokafka"]
+
+
+def read_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.fixture(scope="module")
+def topic(kafka_bootstrap) -> tuple[str, dict[int, int]]:
+    """A topic of RECORDS keyed records over PARTITIONS partitions; its end offsets."""
+    name = f"chunked-{uuid.uuid4().hex[:8]}"
+
+    async def create_and_fill() -> dict[int, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
+        finally:
+            await admin.close()
+        records = [(b"key-%d" % (i % 997), b"%d" % i) for i in range(RECORDS)]
+        await produce(kafka_bootstrap, name, records)
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        await consumer.start()
+        try:
+            parts = [TopicPartition(name, p) for p in range(PARTITIONS)]
+            ends = await consumer.end_offsets(parts)
+        finally:
+            await consumer.stop()
+        return {tp.partition: offset for tp, offset in ends.items()}
+
+    ends = asyncio.run(create_and_fill())
+    assert sum(ends.values()) == RECORDS
+    return name, ends
+
+
+def start_reader(
+    bootstrap: str, topic: str, out: Path, *hold: int, group: str | None = None
+) -> tuple[str, subprocess.Popen]:
+    group = group or f"chunked-reader-{uuid.uuid4().hex[:8]}"
+    args = [sys.executable, str(APP), bootstrap, group, topic, str(out), *map(str, hold)]
+    log = out.with_suffix(".log").open("wb")
+    return group, subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_every_record_once_in_order_and_committed_to_the_end(kafka_bootstrap, topic, tmp_path):
+    name, ends = topic
+    out = tmp_path / "offsets.jsonl"
+    group, reader = start_reader(kafka_bootstrap, name, out)
+    try:
+        poll(lambda: sum(len(c["offsets"]) for c in read_lines(out)) >= RECORDS, 180, "delivery")
+        committed = poll(
+            lambda: (c := asyncio.run(committed_offsets(kafka_bootstrap, group))) == ends and c,
+            60,
+            f"committed offsets {ends}",
+        )
+        assert committed == ends
+    finally:
+        reader.kill()
+        reader.wait()
+    chunks = read_lines(out)
+    assert sum(len(c["offsets"]) for c in chunks) == RECORDS  # nothing delivered twice
+    assert len(chunks) < RECORDS / 10, "records were not delivered by chunk"
+    values = set()
+    for partition, end in ends.items():
+        offsets = [o for c in chunks if c["partition"] == partition for o in c["offsets"]]
+        assert offsets == list(range(end)), f"partition {partition} out of order or incomplete"
+    for chunk in chunks:
+        values.update(chunk["values"])
+    assert values == {str(i) for i in range(RECORDS)}
+
+
+def test_an_unacked_chunk_holds_its_partition_commit_and_a_restart_resumes(
+    kafka_bootstrap, topic, tmp_path
+):
+    name, ends = topic
+    out = tmp_path / "offsets.jsonl"
+    group, reader = start_reader(kafka_bootstrap, name, out, RECORDS // 4)
+    try:
+        held = poll(lambda: [c for c in read_lines(out) if c.get("held")], 180, "the held chunk")
+        (held,) = held
+        done = [c for c in read_lines(out) if not c.get("held")]
+        processed = {}
+        for chunk in done:
+            processed[chunk["partition"]] = max(chunk["offsets"]) + 1
+        # Every partition commits what was processed (faust commits on its timer
+        # while the agent is blocked); the held chunk's partition stops at it.
+        expected = {**processed, held["partition"]: held["offsets"][0]}
+        expected = {p: o for p, o in expected.items() if o > 0}
+        committed = poll(
+            lambda: (c := asyncio.run(committed_offsets(kafka_bootstrap, group))) == expected and c,
+            60,
+            f"committed offsets {expected}",
+        )
+        assert committed.get(held["partition"], 0) == held["offsets"][0]
+        assert len(held["offsets"]) > 1  # the held chunk's gap covered later offsets
+    finally:
+        reader.kill()
+        reader.wait()
+
+    resumed = tmp_path / "resumed.jsonl"
+    _, reader = start_reader(kafka_bootstrap, name, resumed, group=group)
+    try:
+        poll(
+            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)) == ends,
+            180,
+            f"committed offsets {ends} after the restart",
+        )
+    finally:
+        reader.kill()
+        reader.wait()
+    again = read_lines(resumed)
+    for partition, end in ends.items():
+        start = committed.get(partition, 0)
+        offsets = [o for c in again if c["partition"] == partition for o in c["offsets"]]
+        assert offsets == list(range(start, end)), f"partition {partition} after the restart"
