@@ -30,15 +30,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--batch-seconds", type=float, default=0.1)
+    parser.add_argument(
+        "--chunked",
+        action="store_true",
+        help="one event per fetched partition chunk (streams.chunked_consumer)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import faust
+    from streams.chunked_consumer import ChunkedApp
 
     args = parse_args(argv)
     tag = uuid.uuid4().hex[:8]
-    app = faust.App(
+    topics = args.topics.split(",")
+    app = ChunkedApp(
         f"faust-ceiling-{tag}",
         broker=f"kafka://{args.bootstrap}",
         store="memory://",
@@ -49,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         consumer_max_fetch_size=16 * 1024 * 1024,
         consumer_auto_offset_reset="earliest",
         datadir=f"/tmp/faust-ceiling-{tag}",
+        chunked_topics=topics if args.chunked else (),
     )
-    topic = app.topic(*args.topics.split(","))
+    topic = app.topic(*topics)
     state = {"events": 0, "started": None, "cpu": None}
 
     @app.agent(topic)
@@ -59,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             if state["started"] is None:
                 state["started"], state["cpu"] = time.perf_counter(), time.process_time()
             for event in events:
-                json.loads(event.value)
-            state["events"] += len(events)
+                if args.chunked:
+                    for value in event.value.values:
+                        json.loads(value)
+                    state["events"] += len(event.value)
+                else:
+                    json.loads(event.value)
+                    state["events"] += 1
             if state["events"] >= args.expect:
                 seconds = time.perf_counter() - state["started"]
                 result = {
