@@ -41,7 +41,9 @@ What is measured, in one run (one broker, one ``efficacy worker`` subprocess wit
    schema (``raw_consume_validate_events_per_s``); median over repeats. Then a bare
    faust agent (benchmarks.faust_ceiling: ``take_events`` + ``json.loads``) reads
    the same records (``faust_consume_events_per_s``): the ceiling of any faust
-   worker, whatever it does per record.
+   worker that takes records one by one, whatever it does per record; and the
+   same agent on streams.chunked_consumer, one event per fetched partition chunk
+   (``faust_chunked_consume_events_per_s``), runs paired with it.
 
 Uses the broker named by ``KAFKA_BOOTSTRAP_SERVERS`` or starts a local one.
 Broker, worker and this process share the machine's cores (say so when quoting).
@@ -489,13 +491,16 @@ async def raw_consume(bootstrap: str, prefix: str, validate: bool) -> tuple[int,
         await consumer.stop()
 
 
-def faust_consume(bootstrap: str, prefix: str, partitions: int, records: int) -> dict:
+def faust_consume(
+    bootstrap: str, prefix: str, partitions: int, records: int, chunked: bool = False
+) -> dict:
     """benchmarks.faust_ceiling in a subprocess on the raw topics of this run
-    (``records``: how many they hold)."""
+    (``records``: how many they hold); ``chunked``: by partition chunk."""
     topics = ",".join(prefix + t for t in ("enrollments", "wearables"))
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.faust_ceiling", "--bootstrap", bootstrap,
-         "--topics", topics, "--expect", str(records), "--partitions", str(partitions)],
+         "--topics", topics, "--expect", str(records), "--partitions", str(partitions),
+         *(["--chunked"] if chunked else [])],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     # faust's worker sends what the agent prints to its log (stderr)
@@ -642,9 +647,13 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
         f"  json.loads {median(plain):,.0f}/s, pydantic {median(validated):,.0f}/s ({count} records)"
     )
     say("ceiling: a bare faust agent (take_events + json.loads) on the same raw topics")
-    faust_runs = [faust_consume(bootstrap, prefix, args.partitions, count) for _ in range(3)]
+    faust_runs, chunked_runs = [], []
+    for _ in range(3):  # paired: stock and chunked delivery alternate
+        faust_runs.append(faust_consume(bootstrap, prefix, args.partitions, count))
+        chunked_runs.append(faust_consume(bootstrap, prefix, args.partitions, count, True))
     faust_rate = median([r["events_per_s"] for r in faust_runs])
-    say(f"  faust agent {faust_rate:,.0f}/s")
+    chunked_rate = median([r["events_per_s"] for r in chunked_runs])
+    say(f"  faust agent {faust_rate:,.0f}/s; by partition chunk {chunked_rate:,.0f}/s")
 
     result.update(
         events_per_s=rate,
@@ -660,6 +669,8 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
         faust_consume_events_per_s=faust_rate,
         ratio_to_faust_consume=rate / faust_rate,
         faust_consume_repeats=faust_runs,
+        faust_chunked_consume_events_per_s=chunked_rate,
+        faust_chunked_consume_repeats=chunked_runs,
         p50_latency_s=latency["p50_latency_s"],
         p99_latency_s=latency["p99_latency_s"],
         goal={"events_per_s": 50000, "p99_latency_s": 1.0},
