@@ -21,6 +21,7 @@ from streams import consumer_seek, score_lookup
 from streams.agents import drift, patients, population
 from streams.agents.population import in_thread
 from streams.catalogue import Catalogue
+from streams.chunked_consumer import ChunkedApp
 from streams.posterior_feed import PosteriorBook, follow_posteriors
 from streams.schemas import PopulationPosterior
 from streams.scoring import compile_scoring
@@ -65,7 +66,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     settings = settings or Settings()
     consumer_seek.install()  # no records skipped after a rebalance (see the module)
     catalogue = Catalogue.load(settings.measures_file)
-    app = faust.App(
+    app = ChunkedApp(
         settings.app_id,
         broker=settings.broker_url,
         broker_credentials=settings.broker_credentials(),
@@ -85,6 +86,8 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         value_serializer="raw",
     )
     topics = declare_topics(app, settings)
+    # The patients agent takes the raw topics by fetched partition chunk.
+    app.chunked_topics = frozenset(topic.get_topic_name() for topic in topics.raw)
     telemetry = Telemetry(metrics)
     models = measure_models(catalogue, settings)
     posteriors = PosteriorBook()

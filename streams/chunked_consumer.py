@@ -47,6 +47,44 @@ class Chunk(NamedTuple):
     def __len__(self) -> int:  # faust's sensors size a message by its value
         return len(self.offsets)
 
+    def records(self) -> list[ChunkRecord]:
+        """The chunk's records, each with the event interface the agents read."""
+        topic, partition = self.topic, self.partition
+        return [
+            ChunkRecord(key, value, topic, partition, offset, stamp)
+            for key, value, offset, stamp in zip(
+                self.keys, self.values, self.offsets, self.timestamps, strict=True
+            )
+        ]
+
+
+class ChunkRecord:
+    """One record of a Chunk, read like a faust event: ``key``, ``value`` and
+    ``message`` (itself: ``topic``, ``partition``, ``offset``, ``timestamp``)."""
+
+    __slots__ = ("key", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp: float | None,
+    ) -> None:
+        self.key, self.value = key, value
+        self.topic, self.partition, self.offset, self.timestamp = (
+            topic,
+            partition,
+            offset,
+            timestamp,
+        )
+
+    @property
+    def message(self) -> ChunkRecord:
+        return self
+
 
 def chunk_of(tp: TP, records: Iterable[Any]) -> Chunk:
     """A Chunk of aiokafka ConsumerRecords of partition ``tp``."""

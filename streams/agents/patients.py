@@ -1,5 +1,6 @@
 """patients: partitioned by patient. Reads the raw topics (enrollments,
-wearables, labs, pros) itself in batches (``take_events``), validates each
+wearables, labs, pros) itself, one event per fetched partition chunk
+(streams.chunked_consumer), in batches of records, validates each
 record (streams.validation) and dead-letters the bad ones with their original
 bytes, applies the rest to the patient's record in the changelogged
 ``patients`` table (streams.patient_state), rescores the touched patients under
@@ -40,6 +41,7 @@ from monitoring.drift import PriorDataConflictDetector
 from streams import stall_watch
 from streams.agents.drift import conflict_alert
 from streams.catalogue import Catalogue
+from streams.chunked_consumer import ChunkRecord
 from streams.patient_state import PatientRecord, apply_event, origin_key, patient_evidence
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import (
@@ -129,9 +131,9 @@ class PatientsService:
 
     def validate(
         self,
-        events: list[faust.EventT],
-        rejections: list[tuple[faust.EventT, str, str, tuple[str, int, int]]],
-    ) -> list[tuple[faust.EventT, Observation | EnrollmentRecord]]:
+        events: list[ChunkRecord],
+        rejections: list[tuple[ChunkRecord, str, str, tuple[str, int, int]]],
+    ) -> list[tuple[ChunkRecord, Observation | EnrollmentRecord]]:
         """The valid raw records of a batch as the events to apply; the others
         go to ``rejections`` (dead-lettered with their original bytes)."""
         now = datetime.now(UTC)
@@ -167,7 +169,7 @@ class PatientsService:
             self.telemetry.accepted(source, count)
         return valid
 
-    async def process(self, events: list[faust.EventT]) -> None:
+    async def process(self, events: list[ChunkRecord]) -> None:
         """Apply a batch of events, rescore once per touched patient, save each
         touched record once, then send what the batch caused (dead letters,
         evidence, scores, alerts).
@@ -182,7 +184,7 @@ class PatientsService:
         arrival: dict[str, float] = {}  # earliest raw-record timestamp (s) per patient
         replayed: set[str] = set()
         readings: dict[str, list[PendingReading]] = defaultdict(list)  # for conflict checks
-        rejections: list[tuple[faust.EventT, str, str, tuple[str, int, int]]] = []
+        rejections: list[tuple[ChunkRecord, str, str, tuple[str, int, int]]] = []
         for event, parsed in self.validate(events, rejections):
             patient_id = parsed.patient_id
             try:
@@ -300,7 +302,7 @@ class PatientsService:
             self.telemetry.conflict(measure, detector.statistic, detected)
 
     async def reject(
-        self, event: faust.EventT, reason: str, detail: str, origin: tuple[str, int, int]
+        self, event: ChunkRecord, reason: str, detail: str, origin: tuple[str, int, int]
     ) -> None:
         """Dead-letter a raw record (its original key and bytes) with the reason;
         ``origin`` is where it was read (topic, partition, offset)."""
@@ -487,9 +489,16 @@ def register(app: faust.App, service: PatientsService) -> None:
         internal=True,
     )
 
+    # One event per fetched partition chunk (streams.chunked_consumer): a batch
+    # takes at most one chunk of every raw partition, and is processed in steps of
+    # at most ``batch_size`` records.
+    chunks_per_batch = len(service.topics.raw) * settings.partitions
+
     async def patients(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_seconds):
-            await service.process(events)
+        async for events in stream.take_events(chunks_per_batch, within=settings.batch_seconds):
+            records = [record for event in events for record in event.value.records()]
+            for start in range(0, len(records), settings.batch_size):
+                await service.process(records[start : start + settings.batch_size])
 
     app.agent(raw, name="patients")(patients)
     stall_watch.install(app, raw.topics, STALL_WATCH_SECONDS)
