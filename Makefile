@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench broker-start broker-stop clean
+.PHONY: demo test mutations lint format bench broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -24,6 +24,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+## mutations: apply each deliberately wrong implementation (tests/mutations/) and check its tests fail
+mutations: $(STAMP)
+	$(BIN)/python scripts/mutations.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
