@@ -147,10 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     source = args.source.resolve()
     say(f"efficacy fit of sleepstudy from {source}, {args.repeats} runs per mode")
+    described = machine()  # the load average before the runs
     with tempfile.TemporaryDirectory(prefix="fit-start-") as workdir:
         measured = measure(source, args.repeats, Path(workdir))
     payload = {
-        "machine": machine(),
+        "machine": described,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "source": str(source),
         "command": " ".join(["python -m streams.cli", *FIT_ARGS, "--output", "OUT"]),
