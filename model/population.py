@@ -17,24 +17,38 @@ stochastic-gradient noise floor.
 Compilation: evidence is padded to power-of-two patient and cohort counts
 (padding contributes exactly zero to the likelihood), and steps run in fixed
 chunks under ``lax.scan``, so the step function compiles once per padded shape.
+Nothing runs eagerly: the initial state, each chunk (re-anchoring included) and
+the draws from q are one jitted call each, so a fit is a handful of XLA
+compilations (which JAX's persistent cache keeps across processes), not hundreds
+of one-operation ones.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro.distributions.transforms import LowerCholeskyAffine, biject_to
-from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoMultivariateNormal
+from numpyro import handlers
+from numpyro.distributions.constraints import Constraint
+from numpyro.distributions.transforms import LowerCholeskyAffine, UnpackTransform, biject_to
+from numpyro.infer import SVI
+from numpyro.infer.autoguide import (
+    AutoMultivariateNormal,
+    _ravel_dict,
+    _ravel_dict_with_shape_dict,
+    _unravel_dict,
+)
+from numpyro.infer.elbo import ELBO
 from numpyro.infer.initialization import init_to_value
 from numpyro.infer.svi import SVIState
+from numpyro.infer.util import compute_log_probs
 
 from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats
@@ -134,6 +148,13 @@ def hyper_from_sites(sites: dict[str, jax.Array], config: ModelConfig) -> Hyper:
     return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sites["sigma"], gamma)
 
 
+class SiteSupport(NamedTuple):
+    """What the guide reads of a latent site's distribution: support and event dim."""
+
+    support: Constraint
+    event_dim: int
+
+
 class AnchoredMultivariateNormal(AutoMultivariateNormal):
     """Full-rank Gaussian guide over unconstrained θ, whitened by an anchor.
 
@@ -143,7 +164,80 @@ class AnchoredMultivariateNormal(AutoMultivariateNormal):
     sd whatever the amount of data: with 100k patients the posterior of θ is ~100×
     narrower than with 10, and an un-whitened guide would either crawl or jitter.
     ``PopulationFitter`` folds (z_loc, Z) into the anchor after every chunk.
+
+    The guide learns the model's latent sites without running the model on values
+    (``_setup_prototype``) and constrains draws with each site's bijection
+    (``_unpack_and_constrain``), so nothing about it is eager and it may first be
+    called while ``jit`` traces.
     """
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        """The latent sites of the model, their supports and the unconstrained
+        initial point, read from an abstract trace of the model.
+
+        numpyro's own setup (``initialize_model``) runs the model eagerly and
+        differentiates its potential energy at the initial point: some 390 XLA
+        compilations of one operation each, 12 s of every ``efficacy fit`` on two
+        cores. Here the model is traced by ``jax.eval_shape`` (shapes and supports;
+        nothing computed, nothing compiled) and the initial point is
+        ``init_loc_fn``'s value of each site (``init_to_value``: every latent site
+        needs one) mapped to unconstrained space. The attributes set are those
+        numpyro's AutoContinuous setup sets and its ``__call__`` reads;
+        tests/test_population.py checks they equal numpyro's own.
+        """
+        sites: dict[str, tuple[SiteSupport, Any]] = {}
+
+        def structure() -> None:
+            model_trace = handlers.trace(handlers.seed(self.model, rng_seed=0)).get_trace(
+                *args, **kwargs
+            )
+            for name, site in model_trace.items():
+                if site["type"] != "sample" or site["is_observed"]:
+                    continue
+                if site["cond_indep_stack"]:
+                    raise ValueError(f"{name!r} is in a plate: no local latent sites here")
+                value = self.init_loc_fn(site)
+                if isinstance(value, jax.core.Tracer):
+                    raise ValueError(f"init_loc_fn must give {name!r} a value (init_to_value)")
+                sites[name] = (SiteSupport(site["fn"].support, site["fn"].event_dim), value)
+
+        with handlers.block():  # hide the model's sites from the caller's handlers
+            jax.eval_shape(structure)
+
+        names = list(sites)  # in the model's order, which fixes the latent vector's layout
+
+        @jax.jit
+        def unconstrained(values: list[Any]) -> tuple[list[jax.Array], jax.Array]:
+            locs = [
+                biject_to(sites[n][0].support).inv(v) for n, v in zip(names, values, strict=True)
+            ]
+            return locs, _ravel_dict(dict(zip(names, locs, strict=True)))[0]
+
+        # One compiled call, concrete even while jit traces the guide's first call.
+        # (Lists, not dicts, through jit: a dict comes back with its keys sorted.)
+        with jax.ensure_compile_time_eval():
+            locs, self._init_latent = unconstrained([sites[name][1] for name in names])
+        self._init_locs = dict(zip(names, locs, strict=True))
+        shape_dict = {name: jnp.shape(loc) for name, loc in self._init_locs.items()}
+        self._unpack_latent = UnpackTransform(
+            partial(_unravel_dict, shape_dict=shape_dict), _ravel_dict_with_shape_dict
+        )
+        self.latent_dim = int(self._init_latent.size)
+        self.prototype_trace = {
+            name: {"name": name, "type": "sample", "is_observed": False, "fn": site}
+            for name, (site, _) in sites.items()
+        }
+
+    def _unpack_and_constrain(
+        self, latent_sample: jax.Array, params: dict[str, jax.Array]
+    ) -> dict[str, jax.Array]:
+        """Every latent site's constrained value: its support's bijection of the
+        unpacked latent, any leading sample axes. (numpyro's runs the whole model,
+        the likelihood of all evidence included, once per draw to do the same.)"""
+        return {
+            name: biject_to(self.prototype_trace[name]["fn"].support)(value)
+            for name, value in self._unpack_latent(latent_sample).items()
+        }
 
     def _get_posterior(self) -> dist.MultivariateNormal:
         loc, scale_tril = self._compose(
@@ -190,6 +284,43 @@ class AnchoredMultivariateNormal(AutoMultivariateNormal):
         }
 
 
+class OrderedTraceELBO(ELBO):
+    """numpyro's Trace_ELBO, its per-site terms computed and summed in a fixed order.
+
+    numpyro's builds them in the order of a Python set of site names, which follows
+    the process's string-hash seed: each process traced a differently ordered
+    program, so JAX's persistent compilation cache never found an earlier run's SVI
+    step, and the sum's rounding differed in the last bits from run to run. The
+    arithmetic is numpyro's (``compute_log_probs`` of the seeded guide and of the
+    model replayed on its trace; keys split as Trace_ELBO splits them), with the
+    sites in sorted order and without its model-guide validation warnings.
+    """
+
+    def loss_with_mutable_state(
+        self, rng_key: jax.Array, param_map: dict[str, jax.Array], model, guide, *args, **kwargs
+    ) -> dict[str, Any]:
+        def particle_elbo(key: jax.Array) -> jax.Array:
+            model_seed, guide_seed = jax.random.split(key)
+            guide_lp, guide_trace = compute_log_probs(
+                handlers.seed(guide, guide_seed), args, kwargs, param_map
+            )
+            replayed = handlers.replay(handlers.seed(model, model_seed), guide_trace)
+            model_lp, _ = compute_log_probs(replayed, args, kwargs, param_map)
+            zero = jnp.array(0.0)
+            terms = (
+                model_lp.get(name, zero) - guide_lp.get(name, zero)
+                for name in sorted(set(model_lp) | set(guide_lp))
+            )
+            return sum(terms, start=zero)
+
+        if self.num_particles == 1:
+            elbo = particle_elbo(rng_key)
+        else:
+            keys = jax.random.split(rng_key, self.num_particles)
+            elbo = jnp.mean(jax.vmap(particle_elbo)(keys))
+        return {"loss": -elbo, "mutable_state": None}
+
+
 class FitState(NamedTuple):
     """Carried state of the sequential fit: numpyro's SVIState plus counters."""
 
@@ -211,22 +342,30 @@ class UpdateInfo(NamedTuple):
     losses: np.ndarray
 
 
-def _initial_values(config: ModelConfig) -> dict[str, jax.Array]:
-    """Start at a plausible point in standardised units (outcome sd ≈ 1)."""
-    values = {"mu": jnp.zeros(2), "sigma": jnp.asarray(0.5)}
+def _initial_values(config: ModelConfig) -> dict[str, np.ndarray]:
+    """Start at a plausible point in standardised units (outcome sd ≈ 1). NumPy,
+    not jax arrays: building these eagerly would compile each one."""
+    values = {"mu": np.zeros(2), "sigma": np.asarray(0.5)}
     if config.fixed_effect_scale is None:
-        values.update(tau=jnp.array([0.5, 0.3]), L_omega=jnp.eye(2))
+        values.update(tau=np.array([0.5, 0.3]), L_omega=np.eye(2))
     else:
-        values["tau_intercept"] = jnp.asarray(0.5)
+        values["tau_intercept"] = np.asarray(0.5)
     if config.time_trend:
-        values["gamma"] = jnp.zeros(config.fixed_dim)
+        values["gamma"] = np.zeros(config.fixed_dim)
     if config.cohort_level:
-        values["tau_cohort"] = jnp.asarray(0.1)
+        values["tau_cohort"] = np.asarray(0.1)
     return values
 
 
 class PopulationFitter:
-    """Static configuration of the variational fit; all state is in FitState."""
+    """Static configuration of the variational fit; all state is in FitState.
+
+    Every computation is one jitted call: ``init`` (the initial variational
+    parameters), each chunk of ``update`` (re-anchoring and CHUNK_STEPS steps) and
+    ``draws``. A fitter compiles each once per padded evidence shape (and draw
+    count); ``trace_count`` counts the traces of the chunk, so a test can see a
+    recompilation.
+    """
 
     def __init__(self, config: ModelConfig, svi_config: SVIConfig | None = None) -> None:
         self.config = config
@@ -236,6 +375,9 @@ class PopulationFitter:
         )
         self._fresh = self._build_svi(self.svi_config.fresh_steps, self.svi_config.num_particles)
         self._warm = self._build_svi(self.svi_config.update_steps, self.svi_config.update_particles)
+        self._init_state = jax.jit(self._initial_svi_state, static_argnums=3)
+        self._draws = jax.jit(self._sample_draws, static_argnums=2)
+        self._params = jax.jit(lambda svi_state: self._warm[0].get_params(svi_state))
         self.trace_count = 0  # incremented at trace time: a recompilation shows here
 
     def _build_svi(self, steps: int, num_particles: int) -> tuple[SVI, Callable]:
@@ -249,11 +391,12 @@ class PopulationFitter:
             hyper_model,
             self.guide,
             numpyro.optim.Adam(schedule),
-            Trace_ELBO(num_particles=num_particles),
+            OrderedTraceELBO(num_particles=num_particles),
         )
 
-        def run_chunk(svi_state: SVIState, gram, cohort, num_cohorts):
+        def run_chunk(svi_state: SVIState, restart_schedule, gram, cohort, num_cohorts):
             self.trace_count += 1
+            svi_state = self._reanchor(svi, svi_state, restart_schedule)
             # One patients-last copy of the evidence per chunk: inside the steps each
             # Gram entry is then a contiguous row, so the likelihood's loops over
             # patients read 1/d² of the memory a strided (P, d, d) slice touches.
@@ -266,15 +409,20 @@ class PopulationFitter:
 
             return jax.lax.scan(body, svi_state, None, length=CHUNK_STEPS)
 
-        return svi, jax.jit(run_chunk, static_argnums=3)
+        return svi, jax.jit(run_chunk, static_argnums=4)
+
+    def _initial_svi_state(self, rng_key, gram, cohort, num_cohorts) -> SVIState:
+        fresh, warm = self._fresh[0], self._warm[0]
+        svi_state = fresh.init(rng_key, gram, cohort, num_cohorts, self.config)
+        # Both SVI objects (fresh and warm schedules) share the guide, hence its
+        # params and their constraints: the warm one takes the fresh one's map to
+        # constrained space instead of tracing the model a second time.
+        warm.constrain_fn = fresh.constrain_fn
+        return svi_state
 
     def init(self, rng_key: jax.Array, evidence: Evidence) -> FitState:
         """Variational parameters at their initial values; no steps taken yet."""
-        args = (evidence.gram, evidence.cohort, evidence.num_cohorts, self.config)
-        # Both SVI objects (fresh and warm schedules) must see the model once to
-        # set up their constraint transforms; they share the guide and its params.
-        self._warm[0].init(rng_key, *args)
-        svi_state = self._fresh[0].init(rng_key, *args)
+        svi_state = self._init_state(rng_key, evidence.gram, evidence.cohort, evidence.num_cohorts)
         return FitState(svi_state, 0, 0)
 
     def update(
@@ -295,16 +443,15 @@ class PopulationFitter:
         ``progress(done, total, elbo)`` is called after every chunk.
         """
         fresh = state.total_steps == 0
-        svi, run_chunk = self._fresh if fresh else self._warm
+        _, run_chunk = self._fresh if fresh else self._warm
         if steps is None:
             steps = self.svi_config.fresh_steps if fresh else self.svi_config.update_steps
         num_chunks = max(1, math.ceil(steps / CHUNK_STEPS))
         svi_state = state.svi_state._replace(rng_key=rng_key)
         chunk_losses = []
         for done in range(num_chunks):
-            svi_state = self._reanchor(svi, svi_state, restart_schedule=done == 0)
             svi_state, losses = run_chunk(
-                svi_state, evidence.gram, evidence.cohort, evidence.num_cohorts
+                svi_state, done == 0, evidence.gram, evidence.cohort, evidence.num_cohorts
             )
             losses = np.asarray(losses)
             chunk_losses.append(losses)
@@ -327,24 +474,27 @@ class PopulationFitter:
         )
         return FitState(svi_state, state.total_steps + info.steps, state.version + 1), info
 
-    def _reanchor(self, svi: SVI, svi_state: SVIState, *, restart_schedule: bool) -> SVIState:
-        """Fold the trained part of the guide into its anchor; reset Adam's moments."""
+    def _reanchor(self, svi: SVI, svi_state: SVIState, restart_schedule: jax.Array) -> SVIState:
+        """Fold the trained part of the guide into its anchor; reset Adam's moments
+        (and the step count of the learning-rate schedule when ``restart_schedule``)."""
         step, _ = svi_state.optim_state
         step_init, optim_state = svi.optim.init(self.guide.reanchored(svi.get_params(svi_state)))
         return SVIState(
-            (step_init if restart_schedule else step, optim_state),
+            (jnp.where(restart_schedule, step_init, step), optim_state),
             svi_state.mutable_state,
             svi_state.rng_key,
         )
 
     def params(self, state: FitState) -> dict[str, jax.Array]:
         """Constrained variational parameters (loc, scale_tril) of the guide."""
-        svi, _ = self._warm
-        return svi.get_params(state.svi_state)
+        return self._params(state.svi_state)
+
+    def _sample_draws(self, svi_state: SVIState, rng_key: jax.Array, num_draws: int) -> Hyper:
+        params = self._warm[0].get_params(svi_state)
+        sites = self.guide.sample_posterior(rng_key, params, sample_shape=(num_draws,))
+        return hyper_from_sites(sites, self.config)
 
     def draws(self, state: FitState, rng_key: jax.Array, num_draws: int | None = None) -> Hyper:
         """``num_draws`` draws of θ from q, with a leading draw axis. Fixed by the key:
         derive the key from the population version so scores are reproducible."""
-        num_draws = num_draws or self.svi_config.num_draws
-        sites = self.guide.sample_posterior(rng_key, self.params(state), sample_shape=(num_draws,))
-        return hyper_from_sites(sites, self.config)
+        return self._draws(state.svi_state, rng_key, num_draws or self.svi_config.num_draws)

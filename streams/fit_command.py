@@ -71,6 +71,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--folds", type=int, default=5, help="folds of the cross-validation (--select)"
     )
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--compilation-cache",
+        type=Path,
+        metavar="DIR",
+        help="JAX's persistent compilation cache, where a fit finds what earlier ones "
+        "compiled (default: $EFFICACY_COMPILATION_CACHE_DIR if set, else "
+        "$XDG_CACHE_HOME/living-efficacy/jax)",
+    )
+    cache.add_argument(
+        "--no-compilation-cache",
+        action="store_true",
+        help="compile everything in this process, read and write no cache",
+    )
 
 
 def _numeric(rows: list[dict[str, str]], column: str, path: Path) -> np.ndarray:
@@ -208,6 +222,12 @@ def run_selection(
 
 
 def run(args: argparse.Namespace) -> int:
+    from streams.compilation_cache import directory_from_env, enable_compilation_cache
+
+    # Before anything compiles: JAX decides at its first compilation.
+    if not args.no_compilation_cache:
+        enable_compilation_cache(args.compilation_cache or directory_from_env())
+
     from model.config import DecisionRule, MeasureConfig
     from model.offline import fit_programme
 

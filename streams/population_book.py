@@ -137,7 +137,7 @@ class FitterPool:
     differs per measure) plays no part in it: measures with the same structure
     and priors share one fitter, hence one compilation per padded shape instead
     of one per measure. The initial variational state depends on the structure
-    only, so ``svi.init`` (slow: numpyro traces the model eagerly) runs once.
+    only, so it is built once per fitter.
     """
 
     def __init__(self, svi: SVIConfig | None = None) -> None:

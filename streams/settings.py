@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitoring.drift import DriftConfig
+from streams.compilation_cache import default_directory, parse_directory
 
 
 class Settings(BaseSettings):
@@ -39,10 +40,11 @@ class Settings(BaseSettings):
     store_url: str = Field(default="memory://", description="memory:// or rocksdb:// (production)")
     data_dir: Path = Path(".cache/faust")
     compilation_cache_dir: Path | None = Field(
-        default=Path(".cache/jax"),
+        default_factory=default_directory,
         description="JAX's persistent compilation cache, shared by the workers of a host: a "
         "restarted worker loads its compiled scoring and fits instead of compiling them "
-        "again (None: compile in every process)",
+        "again. Default $XDG_CACHE_HOME/living-efficacy/jax; empty or 'none': compile in "
+        "every process; a directory that is not writable is logged and skipped",
     )
     metrics_port: int = Field(
         default=9108, ge=0, le=65535, description="Prometheus /metrics port (0: any free port)"
@@ -130,6 +132,11 @@ class Settings(BaseSettings):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+
+    @field_validator("compilation_cache_dir", mode="before")
+    @classmethod
+    def _cache_off(cls, value: object) -> object:
+        return parse_directory(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _credentials_complete(self) -> Settings:

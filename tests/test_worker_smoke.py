@@ -43,7 +43,11 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
         "EFFICACY_WEB_ENABLED": "false",
         "EFFICACY_DATA_DIR": str(tmp_path / "not" / "yet" / "there"),  # created by the worker
         "EFFICACY_STORE_URL": store,
+        "EFFICACY_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
     }
+    if store == "memory://":  # a cache location that cannot be created: logged, not fatal
+        (tmp_path / "a-file").write_text("")
+        env["EFFICACY_COMPILATION_CACHE_DIR"] = str(tmp_path / "a-file" / "jax")
     enrolment = {
         "kind": "enrollment",
         "event_id": "e-0",
@@ -106,3 +110,5 @@ def test_worker_round_trips_a_reading_and_dead_letters_a_bad_one(kafka_bootstrap
     assert letter["offset"] >= 0 and letter["partition"] >= 0
     assert base64.b64decode(letter["value_b64"]) == b"{not json"
     assert exit_code == 0, worker.log_tail()
+    if store == "memory://":
+        assert "compilation cache off" in worker.log_path.read_text(), worker.log_tail()
