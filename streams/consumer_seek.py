@@ -19,6 +19,17 @@ default) means for a partition without a committed offset. Events processed
 before without a commit are then delivered again; the pipeline recognises
 replays (streams.patient_state), so nothing is counted twice. Changelog
 partitions are left alone: faust positions those itself during recovery.
+
+A second loss, on partitions that *have* a committed offset: records fetched
+before a rebalance and reaching the stream after it carry the old consumer
+generation; faust's stream skips them, to be fetched again after the seek, but
+acks them "so that the lag does not grow". The ack moves the committed offset
+past records that were never processed, and the seek then starts after them.
+tests/test_scale_out.py saw it on the real broker: a third worker joining
+mid-stream left 1 and 19 readings of the partitions the old members kept
+unprocessed, for good. ``install`` also wraps ``Consumer.ack`` so that a
+message of an earlier generation is not acknowledged: it is delivered again
+after the seek and recognised as a replay if it had been applied.
 """
 
 from __future__ import annotations
@@ -27,8 +38,10 @@ import contextlib
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
+from faust.transport.consumer import Consumer
 
 _ORIGINAL = AIOKafkaConsumer.seek_to_committed
+_ORIGINAL_ACK = Consumer.ack
 
 
 def _needs_reset(partition: TopicPartition, committed: int | None) -> bool:
@@ -46,10 +59,20 @@ async def _seek_to_committed(self: AIOKafkaConsumer, *partitions: TopicPartition
     return committed
 
 
+def _ack(self: Consumer, message) -> bool:
+    """Consumer.ack, except for a message fetched in an earlier consumer
+    generation (before the latest rebalance): not acknowledged, so the offset
+    commit cannot pass it; faust fetches it again from the committed offset."""
+    if message.generation_id != self.app.consumer_generation_id:
+        return False
+    return _ORIGINAL_ACK(self, message)
+
+
 def install() -> None:
-    """Patch AIOKafkaConsumer.seek_to_committed (idempotent)."""
+    """Patch AIOKafkaConsumer.seek_to_committed and faust's Consumer.ack (idempotent)."""
     AIOKafkaConsumer.seek_to_committed = _seek_to_committed
+    Consumer.ack = _ack  # type: ignore[method-assign]
 
 
 def installed() -> bool:
-    return AIOKafkaConsumer.seek_to_committed is _seek_to_committed
+    return AIOKafkaConsumer.seek_to_committed is _seek_to_committed and Consumer.ack is _ack

@@ -145,11 +145,10 @@ class DeadLetter(BaseModel):
 
     ``source_topic``/``partition``/``offset`` always name the raw record as a
     producer sent it; they identify it (the topic is at-least-once: a record
-    replayed after a crash may be dead-lettered twice). ``value_b64`` is the raw
-    record for rejections at ingest; for rejections after validation
-    (``duplicate``, ``not_enrolled``, ``late_exposure_change``,
-    ``processing_error``) it is the validated internal message, which names the
-    same origin."""
+    replayed after a crash may be dead-lettered twice). ``key_b64`` and
+    ``value_b64`` are the raw record's key and bytes as the producer sent them,
+    for rejections at ingest and after validation (``duplicate``,
+    ``not_enrolled``, ``late_exposure_change``, ``processing_error``) alike."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

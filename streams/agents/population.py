@@ -219,6 +219,12 @@ class PopulationService:
         result, recent = await in_thread(
             fit_with_window, model, recent_model, stats, recent_stats, cohort, cohorts
         )
+        if not self.owns(measure):
+            # A rebalance moved the measure during the fit (a first fit compiles
+            # for tens of seconds): its new owner numbers the versions now, and
+            # publishing this one would give two posteriors the same version.
+            log.info("population update of %s dropped: no longer its owner", measure)
+            return
         result.message = result.message.model_copy(update={"evidence_digest": digest})
         result.message = judge_drift(self.detector(measure), result.message, recent)
         await self.topics.population_posterior.send(
