@@ -184,33 +184,41 @@ def test_cusum_detects_a_one_sd_conflict_within_a_bounded_delay() -> None:
     """z ~ N(0, 1) for 500 observations, then N(1, 1). Defaults k = 0.5, h = 10.
 
     Siegmund's approximation of the delay from a zero start is b/(δ − k) with
-    b = h + 1.166: 22.3 observations. Every one of 30 seeds must alarm within twice
-    that, and the mean delay must be within [0.5, 1.25] of it (a positive head
-    start at the change only shortens it)."""
+    b = h + 1.166: 22.3 observations, with sd ≈ sqrt(b·σ²/(δ − k)³) ≈ 9.4 (the
+    first passage of a drift-½ walk: inverse Gaussian). Every one of 200 seeds must
+    alarm within three times that: the inverse-Gaussian tail beyond 3× is 0.15%
+    per seed, 0.3 expected over 200 (beyond 2×, the old bound, it is 2.8% per
+    seed: 6 expected; measured max 45 = 2.0×). The mean delay must be within
+    [0.5, 1.25] of it (a positive head start at the change only shortens it;
+    measured 18.6): the mean of 200 has Monte Carlo sd ≈ 0.67, ≈ 3% of the
+    expected delay, so the band is about Siegmund's approximation, not noise, and
+    a detector 25% slower than expected fails by > 8 MC sds."""
     config = DriftConfig()
     expected = (config.conflict_threshold + 1.166) / (1.0 - config.conflict_allowance)
     delays = []
-    for seed in range(30):
+    for seed in range(200):
         z = np.random.default_rng(seed).normal(size=700)
         z[500:] += 1.0
         alarm = _first_alarm(PriorDataConflictDetector.from_config(config), z)
         assert alarm is not None and alarm >= 500, f"seed {seed}: alarm at {alarm}"
         delays.append(alarm - 500 + 1)
-    assert max(delays) <= 2 * expected, delays
+    assert max(delays) <= 3 * expected, delays
     assert 0.5 * expected <= np.mean(delays) <= 1.25 * expected, (np.mean(delays), expected)
 
 
 def test_cusum_false_alarms_on_stationary_streams_are_rare() -> None:
-    """20 seeds × 2 000 N(0, 1) residuals. In-control run length per side ≈
-    (e^{2kb} − 2kb − 1)/(2k²) ≈ 1.4·10⁵ (Siegmund), so about 40 000·2/1.4·10⁵ ≈ 0.6
-    alarms are expected in all; more than 3 has Poisson probability < 0.5%."""
+    """100 seeds × 4 000 N(0, 1) residuals. In-control run length per side ≈
+    (e^{2kb} − 2kb − 1)/(2k²) ≈ 1.4·10⁵ (Siegmund), so about 400 000·2/1.4·10⁵ ≈ 5.7
+    alarms are expected in all (a rate of 1.4·10⁻⁵ per observation); more than 14
+    has Poisson probability 0.1%. A detector at 3× the claimed rate (17 expected)
+    passes with probability 27%, at 5× (29) with < 0.1%."""
     alarms = 0
-    for seed in range(100, 120):
+    for seed in range(100, 200):
         det = PriorDataConflictDetector()
-        for value in np.random.default_rng(seed).normal(size=2000):
+        for value in np.random.default_rng(seed).normal(size=4000):
             det.update(float(value))
             alarms += det.drift_detected
-    assert alarms <= 3, f"{alarms} false alarms in 40 000 stationary observations"
+    assert alarms <= 14, f"{alarms} false alarms in 400 000 stationary observations"
 
 
 def test_cusum_detects_conflicts_below_the_prediction() -> None:
@@ -266,16 +274,20 @@ def test_posterior_shift_detects_a_changed_effect_within_a_bounded_delay() -> No
     ≈ (δ/2)·sqrt(100 k) = 5·sqrt(k) (the effect's innovation sd per observation is 2σ
     for a balanced 0/1 design), so a 3.5 threshold is expected at k = 1. An older
     reference (refreshed only by alerts or a 1-nat move) dilutes the innovation
-    with pre-change data; bound: every one of 10 seeds within 5 updates (500
-    observations), the mean within 3."""
+    with pre-change data (a reference from update r < 20 sees the post-change
+    estimate move by only δ·100k/(100·(20 + k))), so delays of 2-4 updates are
+    typical. Bound: every one of 200 seeds within 5 updates (500 observations),
+    the mean within 3. Measured: mean 2.66, per-seed sd 0.95, so the mean's Monte
+    Carlo sd over 200 seeds is 0.07 and the bound sits 5 MC sds above it: a
+    detector 15% slower fails (with 10 seeds the MC sd was 0.3)."""
     delays = []
-    for seed in range(10):
+    for seed in range(200):
         det = PosteriorShiftDetector.from_config(DriftConfig(effect_index=1))
         alerts, _ = _alerts(det, conjugate_posteriors(seed, 30, 100, change_at=20, delta=1.0))
         assert alerts and alerts[0] >= 20, f"seed {seed}: alerts {alerts}"
         delays.append(alerts[0] - 20 + 1)
     assert max(delays) <= 5, delays
-    assert np.mean(delays) <= 3, delays
+    assert np.mean(delays) <= 3, np.mean(delays)
 
 
 def test_posterior_shift_is_quiet_on_stationary_streams() -> None:
@@ -287,6 +299,44 @@ def test_posterior_shift_is_quiet_on_stationary_streams() -> None:
         found, _ = _alerts(PosteriorShiftDetector(), conjugate_posteriors(seed, 40, 100, None, 0.0))
         alerts += len(found)
     assert alerts <= 2, f"{alerts} false alerts in 760 stationary comparisons"
+
+
+def regression_posteriors(
+    seed: int, updates: int, batch: int, dim: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Exact posteriors of a stationary dim-coefficient regression y = Xβ + N(0, 1)
+    (intercept and dim − 1 standard-normal covariates, prior N(0, 10² I)) after
+    each batch: what an exact sequential update of a d-dimensional q(θ) publishes."""
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(scale=0.5, size=dim)
+    precision, h = np.eye(dim) / 100.0, np.zeros(dim)
+    for _ in range(updates):
+        design = np.column_stack([np.ones(batch), rng.normal(size=(batch, dim - 1))])
+        y = design @ beta + rng.normal(size=batch)
+        precision += design.T @ design
+        h += design.T @ y
+        cov = np.linalg.inv(precision)
+        yield cov @ h, np.linalg.cholesky(cov)
+
+
+def test_posterior_shift_false_alarm_rate_in_eight_dimensions() -> None:
+    """The DriftConfig claim at the population model's size (d = 8: μ, τ, the
+    correlation, σ, τ_u, γ): under stationarity and exact Bayes the mean move
+    since the reference is N(0, Σ_ref − Σ_new), so ½ Mahalanobis² exceeds 12 nats
+    with probability ≤ P(χ²_8 > 24) = 0.23% and |shift_z| > 3.5 with 0.05%: at most
+    0.28% of comparisons alert. 50 seeds × 40 updates (2 of warm-up) = 1 900
+    comparisons: ≤ 5.3 alerts expected; more than 13 has Poisson(5.3) probability
+    0.1%. A 3% false-alarm rate (57 expected) cannot pass; 1% (19) passes with
+    probability 8%."""
+    alerts = comparisons = 0
+    config = DriftConfig()
+    for seed in range(2000, 2050):
+        det = PosteriorShiftDetector.from_config(config)
+        found, _ = _alerts(det, regression_posteriors(seed, 40, 100, dim=8))
+        alerts += len(found)
+        comparisons += 40 - config.posterior_warmup
+    assert comparisons == 1900
+    assert alerts <= 13, f"{alerts} false alerts in {comparisons} stationary comparisons"
 
 
 def test_posterior_shift_reference_semantics() -> None:
@@ -347,23 +397,36 @@ def test_window_shift_detects_a_changed_effect_within_the_window() -> None:
     j ≈ 280, with the mean delay below the window (400). Once the window is all
     post-change (j ≥ 400) the statistic's mean is ≈ 4.3 with sd ≤ 0.9, so one
     window's worth of misses has probability ≈ 7%; the window renews every 400
-    observations and two such misses in a row (< 0.5%) bound the delay at 800."""
-    delays = []
-    for seed in range(10):
+    observations and two such misses in a row (< 0.5%) bound the delay at 800.
+    Over 100 seeds a delay past 800 has probability < 1/200 per seed, and the mean
+    delay (per-seed sd ≤ 150 observations: the delay lies in [0, 800]) has Monte
+    Carlo sd ≤ 15: a mean within 350 (the expected ≈ 280 plus 4.5 MC sds;
+    measured 295) is the claim, not noise."""
+    delays, false_alarms = [], 0
+    for seed in range(100):
         alarms = _window_run(seed, 5000, change_at=4000, delta=0.5)
-        assert alarms and alarms[0] > 4000, f"seed {seed}: alarms {alarms[:5]}"
-        delays.append(alarms[0] - 4000)
+        after = [t for t in alarms if t > 4000]
+        assert after, f"seed {seed}: alarms {alarms[:5]}"
+        false_alarms += len(alarms) - len(after)
+        delays.append(after[0] - 4000)
     assert max(delays) <= 800, delays
-    assert np.mean(delays) <= 400, delays
+    assert np.mean(delays) <= 350, np.mean(delays)
+    # 100 seeds × 65 pre-change comparisons at ≤ 1e-3 each (the stationary test
+    # below): ≤ 6.5 expected, more than 14 has Poisson probability 0.4%.
+    assert false_alarms <= 14, false_alarms
 
 
 def test_window_shift_is_quiet_on_stationary_streams() -> None:
     """Nested fits: the difference has sd sqrt(v_w − v_all) < the combined sd, so the
     statistic's sd is below 1 (≈ 0.9 at 4 000 observations); |z| > 3 then has
-    probability < 1e-3 per update. 20 seeds × 65 strongly correlated updates: at most
-    2 alarms."""
-    alarms = sum(len(_window_run(seed, 4000, None, 0.0)) for seed in range(200, 220))
-    assert alarms <= 2, f"{alarms} false alarms"
+    probability ≤ 1e-3 per update. 200 seeds × 65 updates = 13 000 comparisons;
+    an alert needs an exceedance, so ≤ 13 alerts are expected (fewer: successive
+    updates share most of their window, and one departure alerts once). More
+    than 25 has Poisson(13) probability 0.1%; a 3% false-alarm rate (390 expected
+    exceedances, ≥ 49 alerts even if every departure lasted the 8 updates a window
+    takes to renew) cannot pass."""
+    alarms = sum(len(_window_run(seed, 4000, None, 0.0)) for seed in range(200, 400))
+    assert alarms <= 25, f"{alarms} false alarms in 13 000 stationary comparisons"
 
 
 def test_window_shift_alerts_once_per_departure_and_rearms() -> None:

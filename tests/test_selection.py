@@ -228,6 +228,41 @@ def test_no_pooling_loses_to_partial_pooling_on_sparse_data():
     assert -rows["none"]["elpd_diff"] > 2.0 * rows["none"]["diff_se"], result["table"]
 
 
+@pytest.mark.slow
+def test_selection_error_rates_over_seeds():
+    """How often ``choose`` picks the wrong structure, over seeds (issue 19 item 5).
+
+    - No cohort effects, 20 seeds: the cohort level nests partial pooling
+      (τ_u → 0), so its expected held-out gain is ≤ 0, and choose needs a lead
+      beyond 2 se of the paired difference: P(z > 2) ≤ 2.3% per seed for an
+      approximately normal z. ≤ 0.46 wrong choices expected; 3 or more has
+      binomial probability 1.0%. Choosing the best total without the margin
+      would take the cohort level whenever its elpd is the larger (measured: 5
+      of 20 seeds; at a 25% rate, 3 or more of 20 has probability 91%).
+    - Cohort effects sd 4 bpm, 10 seeds: the lead is many se (seed 11 above), so
+      a miss in any seed is a failure of power, not chance: 0 allowed.
+    """
+    wrong = []
+    larger = 0
+    for seed in range(300, 320):
+        result, _ = _selection(
+            seed, ["partial", "partial+clinic"], obs_per_patient=10, cohort_effect_sd=0.0, **COMMON
+        )
+        larger += result["best"] == "partial+clinic"
+        if result["choice"] != "partial":
+            wrong.append(seed)
+    print(f"no cohort effects: cohort level had the larger elpd in {larger} of 20 seeds")
+    assert len(wrong) <= 2, f"cohort level chosen without cohort effects in seeds {wrong}"
+    missed = []
+    for seed in range(400, 410):
+        result, _ = _selection(
+            seed, ["partial", "partial+clinic"], obs_per_patient=10, cohort_effect_sd=4.0, **COMMON
+        )
+        if result["choice"] != "partial+clinic":
+            missed.append(seed)
+    assert not missed, f"cohort level not chosen with cohort effects in seeds {missed}"
+
+
 def _fit_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "streams.cli", "fit", *args],
