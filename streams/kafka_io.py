@@ -96,3 +96,50 @@ async def read_to_end(
     finally:
         await consumer.stop()
     return records
+
+
+async def all_partitions(consumer: AIOKafkaConsumer, topics: list[str], timeout: float = 30.0):
+    """Every partition of ``topics`` (TopicPartitions), waiting for the consumer's
+    metadata to list them (``partitions_for_topic`` reads cached metadata,
+    refreshed in the background every ``metadata_max_age_ms``)."""
+    from aiokafka import TopicPartition
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {t: consumer.partitions_for_topic(t) for t in topics}
+        if all(found.values()):
+            return [TopicPartition(t, p) for t in topics for p in sorted(found[t])]
+        if time.monotonic() > deadline:
+            missing = [t for t, ps in found.items() if not ps]
+            raise TimeoutError(f"no partitions found for {missing}")
+        await consumer.topics()
+        await asyncio.sleep(0.5)
+
+
+async def group_lag(bootstrap_servers: str, group: str, topics: list[str]) -> int:
+    """Records of ``topics`` not yet committed by consumer group ``group`` (0: the
+    group has committed every partition up to its end offset)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, metadata_max_age_ms=500)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        partitions = await all_partitions(consumer, topics)
+        end = await consumer.end_offsets(partitions)
+        return sum(end[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def end_offsets(bootstrap_servers: str, topics: list[str]) -> dict:
+    """The end offset of every partition of ``topics`` now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, metadata_max_age_ms=500)
+    await consumer.start()
+    try:
+        return await consumer.end_offsets(await all_partitions(consumer, topics))
+    finally:
+        await consumer.stop()

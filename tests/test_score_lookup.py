@@ -20,11 +20,12 @@ from types import SimpleNamespace
 
 import pytest
 from faust.web import View
+from settling import poll
 from yarl import URL
 
 from streams.agents.patients import key_partition
 from streams.app import create_pipeline
-from streams.kafka_io import read_until
+from streams.kafka_io import read_to_end, read_until
 from streams.programme import build_programme
 from streams.score_lookup import FORWARDED_BY, SERVED_BY
 from streams.settings import Settings
@@ -65,20 +66,24 @@ def wait_until_both_own_partitions(
         if key_partition(candidate.encode(), PARTITIONS) == len(probes):
             probes.append(candidate)
         n += 1
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ask() -> list:
         for worker in workers:
             assert worker.alive(), worker.log_tail()
         try:
-            answers = [get(f"{base}/patients/{p}/score") for p in probes for base in bases]
+            return [get(f"{base}/patients/{p}/score") for p in probes for base in bases]
         except OSError:  # a web server is not up yet
-            answers = []
-        if answers and all(status == 404 for status, _, _ in answers):
-            served_by = {headers[SERVED_BY].rstrip("/") for _, headers, _ in answers}
-            if served_by == set(bases):
-                return
-        assert time.monotonic() < deadline, f"no group of two: {answers}"
-        time.sleep(0.5)
+            return []
+
+    def formed(answers) -> bool:
+        return (
+            bool(answers)
+            and all(status == 404 for status, _, _ in answers)
+            and {headers[SERVED_BY].rstrip("/") for _, headers, _ in answers} == set(bases)
+        )
+
+    answers = poll(ask, formed, timeout=timeout, interval=0.5)
+    assert formed(answers), f"no group of two: {answers}"
 
 
 def latest_scores(records, topic: str) -> dict[str, bytes]:
@@ -207,19 +212,17 @@ def test_score_lookup_answers_from_either_worker(kafka_bootstrap, tmp_path):
         # Every patient from both workers. A score may still be republished
         # after the check above (a last rescoring): compare with the topic's
         # latest again until they agree.
-        deadline = time.monotonic() + 30
-        while True:
-            expected = latest_scores(records, scores_topic)
+        def lookups():
+            expected = latest_scores(
+                asyncio.run(read_to_end(kafka_bootstrap, scores_topic)), scores_topic
+            )
             answers = {(p, base): get(f"{base}/patients/{p}/score") for p in patients
                        for base in bases}  # fmt: skip
             wrong = [k for k, (status, _, body) in answers.items()
                      if status != 200 or json.loads(body) != json.loads(expected[k[0]])]  # fmt: skip
-            if not wrong or time.monotonic() > deadline:
-                break
-            time.sleep(2.0)
-            records = asyncio.run(
-                read_until(kafka_bootstrap, [scores_topic], lambda rs: False, timeout=3)
-            )
+            return answers, wrong
+
+        answers, wrong = poll(lookups, lambda result: not result[1], timeout=30, interval=2.0)
         if wrong:
             status, _, body = answers[wrong[0]]
             pytest.fail(f"{len(wrong)} wrong answers, e.g. {wrong[0]}: {status} {body[:300]!r}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections import Counter
 from datetime import timedelta
@@ -29,6 +28,7 @@ from monitoring_files import (
     running_prometheus,
 )
 from monitoring_files import free_port as free_tcp_port
+from settling import poll
 
 from streams.kafka_io import produce, read_until
 from streams.programme import build_programme
@@ -75,6 +75,12 @@ def value(base: str, expr: str) -> float:
     result = query(base, expr)["data"]["result"]
     assert result, f"no series for {expr}"
     return sum(float(r["value"][1]) for r in result)
+
+
+def values(base: str, exprs: list[str]) -> list[float | None]:
+    """The value of each query (None: no series yet)."""
+    results = [query(base, expr)["data"]["result"] for expr in exprs]
+    return [sum(float(r["value"][1]) for r in rs) if rs else None for rs in results]
 
 
 def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
@@ -139,17 +145,24 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
             assert structures == {"complete", "none", "partial", "partial+cohort"}
             assert selection.choice in structures and selection.posterior_version >= 1
             assert selection.num_folds == 3 and selection.num_cohorts == 3
-        time.sleep(4.0)  # a few more scrapes after the last update
-
-        assert value(base, 'up{job="efficacy-worker"}') == 1
-        accepted = value(base, "efficacy_events_accepted_total")
         # ingest accepts duplicates (they are recognised downstream, by patient)
         expected_accepted = (
             truth.enrollment_events + truth.valid_unique_readings + len(truth.duplicates)
         )
-        assert accepted == expected_accepted
         reasons = Counter(b.reason for b in truth.bad_records)
         reasons["duplicate"] += len(truth.duplicates)
+        # Prometheus holds the final counts once a scrape after the last update
+        # happened: poll the exact values (asserted one by one below).
+        exprs = ["efficacy_events_accepted_total", "efficacy_patients_tracked"] + [
+            f'sum(efficacy_events_dead_lettered_total{{reason="{reason}"}})' for reason in reasons
+        ]
+        expected = [expected_accepted, PATIENTS, *reasons.values()]
+        scraped = poll(lambda: values(base, exprs), lambda v: v == expected, timeout=60)
+        print(f"scraped {dict(zip(exprs, scraped, strict=True))}")
+
+        assert value(base, 'up{job="efficacy-worker"}') == 1
+        accepted = value(base, "efficacy_events_accepted_total")
+        assert accepted == expected_accepted
         for reason, count in reasons.items():
             got = value(base, f'sum(efficacy_events_dead_lettered_total{{reason="{reason}"}})')
             assert got == count, reason
@@ -201,8 +214,8 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
         assert conflicts[0]["measure"] == "resting_heart_rate"
         assert conflicts[0]["patient_id"] is None
         assert conflicts[0]["statistics"]["direction"] == 1.0  # readings run above
-        time.sleep(4.0)
         kind = 'efficacy_drift_alerts_total{kind="prior_data_conflict"}'
+        poll(lambda: values(base, [f"sum({kind})"])[0] or 0, lambda n: n >= 1, timeout=60)
         assert value(base, f"sum({kind})") >= 1
         assert value(base, 'efficacy_drift_conflict_statistic{measure="resting_heart_rate"}') >= 0
         assert value(base, "count(efficacy_drift_window_shift_sd_units)") == len(MEASURES)
