@@ -17,14 +17,13 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from settling import poll
 
 from streams.kafka_io import produce
 
@@ -41,16 +40,6 @@ async def committed_offsets(bootstrap: str, group: str) -> dict[int, int]:
     finally:
         await admin.close()
     return {tp.partition: meta.offset for tp, meta in offsets.items()}
-
-
-def poll(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_the_faust_and_aiokafka_versions_are_the_pinned_ones():
@@ -116,11 +105,16 @@ def test_every_record_once_in_order_and_committed_to_the_end(kafka_bootstrap, to
     out = tmp_path / "offsets.jsonl"
     group, reader = start_reader(kafka_bootstrap, name, out)
     try:
-        poll(lambda: sum(len(c["offsets"]) for c in read_lines(out)) >= RECORDS, 180, "delivery")
+        delivered = poll(
+            lambda: sum(len(c["offsets"]) for c in read_lines(out)),
+            lambda n: n >= RECORDS,
+            timeout=180,
+        )
+        assert delivered >= RECORDS, f"{delivered} of {RECORDS} records delivered in 180 s"
         committed = poll(
-            lambda: (c := asyncio.run(committed_offsets(kafka_bootstrap, group))) == ends and c,
-            60,
-            f"committed offsets {ends}",
+            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)),
+            lambda c: c == ends,
+            timeout=60,
         )
         assert committed == ends
     finally:
@@ -145,7 +139,8 @@ def test_an_unacked_chunk_holds_its_partition_commit_and_a_restart_resumes(
     out = tmp_path / "offsets.jsonl"
     group, reader = start_reader(kafka_bootstrap, name, out, RECORDS // 4)
     try:
-        held = poll(lambda: [c for c in read_lines(out) if c.get("held")], 180, "the held chunk")
+        held = poll(lambda: [c for c in read_lines(out) if c.get("held")], timeout=180)
+        assert held, "no chunk was held in 180 s"
         (held,) = held
         done = [c for c in read_lines(out) if not c.get("held")]
         processed = {}
@@ -156,10 +151,11 @@ def test_an_unacked_chunk_holds_its_partition_commit_and_a_restart_resumes(
         expected = {**processed, held["partition"]: held["offsets"][0]}
         expected = {p: o for p, o in expected.items() if o > 0}
         committed = poll(
-            lambda: (c := asyncio.run(committed_offsets(kafka_bootstrap, group))) == expected and c,
-            60,
-            f"committed offsets {expected}",
+            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)),
+            lambda c: c == expected,
+            timeout=60,
         )
+        assert committed == expected
         assert committed.get(held["partition"], 0) == held["offsets"][0]
         assert len(held["offsets"]) > 1  # the held chunk's gap covered later offsets
     finally:
@@ -169,11 +165,12 @@ def test_an_unacked_chunk_holds_its_partition_commit_and_a_restart_resumes(
     resumed = tmp_path / "resumed.jsonl"
     _, reader = start_reader(kafka_bootstrap, name, resumed, group=group)
     try:
-        poll(
-            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)) == ends,
-            180,
-            f"committed offsets {ends} after the restart",
+        resumed_commit = poll(
+            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)),
+            lambda c: c == ends,
+            timeout=180,
         )
+        assert resumed_commit == ends, "the restarted reader did not commit to the end"
     finally:
         reader.kill()
         reader.wait()

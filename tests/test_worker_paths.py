@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 import uuid
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
@@ -45,7 +44,7 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
-from test_reliability import latest_by_key
+from settling import latest_by_key, poll
 
 from model.evidence import stats_from_events
 from streams.app import measure_models
@@ -114,17 +113,6 @@ def patient_states(bootstrap: str, app_id: str) -> dict[str, PatientRecord]:
         for key, record in latest_by_key(changelog).items()
         if record.value  # faust JSON-encodes the keys
     }
-
-
-def poll(condition, timeout: float, what: str, interval: float = 1.0):
-    """``condition()`` until it returns something truthy (returned) or the timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            assert value, f"timed out after {timeout:.0f} s waiting for {what}"
-            return value
-        time.sleep(interval)
 
 
 def reading(patient: str, event_id: str, day: float, value: float) -> bytes:
@@ -222,7 +210,7 @@ def run(kafka_bootstrap, tmp_path_factory):
             state = patient_states(kafka_bootstrap, app_id).get(LATE)
             return state is not None and len(state.timeline) == 2
 
-        poll(enrolled, 120, "the late patient's enrolment")
+        assert poll(enrolled, timeout=120), "the late patient was not enrolled in 120 s"
         asyncio.run(produce(kafka_bootstrap, wearables, [
             (LATE.encode(), reading(LATE, f"late-{i}", day, value))
             for i, (day, _, value) in enumerate(late)
@@ -234,9 +222,8 @@ def run(kafka_bootstrap, tmp_path_factory):
             ready = stats and stats.count_exposed + stats.count_unexposed == count
             return state if ready else None
 
-        out["late_sealed"] = poll(
-            lambda: late_state(LATE_READINGS), 120, "the late patient's readings"
-        )
+        out["late_sealed"] = poll(lambda: late_state(LATE_READINGS), timeout=120)
+        assert out["late_sealed"], "the late patient's readings were not applied in 120 s"
         value = 420 + 30 * rng.normal()
         late.append((LATE_DAY, 0.0, value))
         out["late_readings"] = late
