@@ -5,14 +5,13 @@ its changelog) move to the newcomer while the others keep processing.
 
 Afterwards nothing is lost or counted twice: every patient's statistics (the
 latest changelog record per patient) equal the batch computation over the
-unique valid events, and every patient's latest score counts all its readings
-under the latest posterior that asked for a rescore, or a later one.
+unique valid events, and the run settles as tests/settling.py defines it (every
+patient's latest score counts all its readings and was computed under the last
+posterior, up to the worker's materiality thresholds).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import re
 import time
 from types import SimpleNamespace
@@ -23,13 +22,12 @@ from test_reliability import (
     MEASURE,
     Publisher,
     Run,
-    latest_by_key,
     patient_states,
     statistics_mismatch,
+    wait_settled,
 )
 
 from streams import consumer_seek
-from streams.kafka_io import read_until
 from streams.programme import build_programme
 from streams.worker_process import READY, WorkerProcess
 
@@ -48,31 +46,6 @@ def assigned(worker: WorkerProcess, topic: str) -> str:
         rf"\|[ \t]*{re.escape(topic)}[ \t]*\|[ \t]*([^|\n]*?)[ \t]*\|", worker.log_text()
     )
     return rows[-1] if rows else ""
-
-
-def settled_reader(run: Run):
-    """done() for read_until: every patient's latest score counts all its
-    readings and rests on the latest posterior that asked for a rescore."""
-    prefix, truth = run.prefix, run.truth
-
-    def settled(records) -> bool:
-        posteriors = [json.loads(r.value) for r in records
-                      if r.topic == prefix + "population-posterior"]  # fmt: skip
-        rescore = max((p["version"] for p in posteriors if p["rescore"]), default=None)
-        if rescore is None:
-            return False
-        scores = latest_by_key(r for r in records if r.topic == prefix + "scores")
-        if len(scores) != len(truth.patients):
-            return False
-        for key, record in scores.items():
-            (measure,) = json.loads(record.value)["measures"]
-            readings = measure["count_exposed"] + measure["count_unexposed"]
-            expected = truth.patients[key.decode()].valid_unique_readings[MEASURE]
-            if readings != expected or measure["population_version"] < rescore:
-                return False
-        return True
-
-    return settled
 
 
 def test_a_third_worker_joining_mid_stream_loses_nothing_and_counts_nothing_twice(
@@ -107,17 +80,9 @@ def test_a_third_worker_joining_mid_stream_loses_nothing_and_counts_nothing_twic
         third.wait_for_log(READY, timeout=180)
         publisher.finish()
         assert joined_at < publisher.total, "the third worker joined after the stream ended"
-        records = asyncio.run(
-            read_until(
-                kafka_bootstrap,
-                [run.prefix + "population-posterior", run.prefix + "scores"],
-                done=settled_reader(run),
-                timeout=420,
-            )
-        )
+        wait_settled(run, timeout=420)  # tests/settling.py: under the last posterior
         for worker in workers:
             assert worker.alive(), worker.log_tail()
-        assert settled_reader(run)(records), first.log_tail()
         # The newcomer took over raw partitions (with their patients' state).
         owned = {
             name: assigned(w, run.prefix + "wearables")

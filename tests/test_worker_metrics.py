@@ -153,10 +153,15 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
         reasons["duplicate"] += len(truth.duplicates)
         # Prometheus holds the final counts once a scrape after the last update
         # happened: poll the exact values (asserted one by one below).
-        exprs = ["efficacy_events_accepted_total", "efficacy_patients_tracked"] + [
-            f'sum(efficacy_events_dead_lettered_total{{reason="{reason}"}})' for reason in reasons
+        # The selection gauges are set as the selection record is sent: the record
+        # read above can reach the test before a scrape sees them.
+        exprs = [
+            "efficacy_events_accepted_total",
+            "efficacy_patients_tracked",
+            *(f'sum(efficacy_events_dead_lettered_total{{reason="{r}"}})' for r in reasons),
+            *(f'sum(efficacy_selection_chosen{{measure="{m}"}})' for m in MEASURES),
         ]
-        expected = [expected_accepted, PATIENTS, *reasons.values()]
+        expected = [expected_accepted, PATIENTS, *reasons.values(), *(1.0 for _ in MEASURES)]
         scraped = poll(lambda: values(base, exprs), lambda v: v == expected, timeout=60)
         print(f"scraped {dict(zip(exprs, scraped, strict=True))}")
 
