@@ -3,17 +3,19 @@
     python -m benchmarks.patients_path               # -> results/patients_path.json
     python -m benchmarks.patients_path --cprofile /tmp/patients.prof
 
-Replays what ``PatientsService.process`` does for each batch of raw records
-(streams/agents/patients.py), stage by stage and with the same functions, on a
-simulated programme:
+Runs the agent's own step (streams.patient_step.process_batch: what
+``PatientsService.process`` calls for each batch of raw records) over a
+simulated programme, with a dict as the table and a posterior present, and
+reports the CPU time of each of its stages (``STAGES``):
 
 - ``parse``: ``validate_record`` of each raw record (streams.validation);
-- ``load``: ``PatientRecord.model_validate_json`` of the touched patients' table values;
-- ``apply``: ``apply_event`` per event (streams.patient_state);
-- ``save``: ``model_dump_json`` of each touched record;
-- ``evidence``: the ``EvidenceBatch`` message of the touched patients;
-- ``score``: ``measure_scores`` of the touched patients (JAX mixture summaries);
-- ``publish``: material-change test, ``efficacy_score`` and its JSON, record saved again.
+- ``load``: ``PatientRecord.model_validate_json`` of the batch's patients' states;
+- ``apply``: ``apply_event`` per event (streams.patient_state), with the
+  readings' prior-data conflict inputs;
+- ``score``: ``measure_scores`` of the touched patients (JAX mixture summaries)
+  and their score messages;
+- ``evidence``: the ``EvidenceBatch`` messages of the touched patients;
+- ``save``: ``model_dump_json`` of each changed state.
 
 Kafka's own costs (consumer, producer, faust's stream machinery, changelog) are
 not here: benchmarks/throughput.py measures the whole worker. The population
@@ -29,7 +31,7 @@ import argparse
 import cProfile
 import sys
 import time
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,30 +39,37 @@ import numpy as np
 from benchmarks.common import machine, median, say, write_json
 
 MEASURE = "resting_heart_rate"
+PARTITIONS = 4
 
 
 def prepare(patients: int, obs: int):
+    """The step's context (with a posterior) and the programme's raw records as
+    a worker reads them (on their key's partition, per-partition offsets)."""
     from model.config import SVIConfig
+    from streams.agents.patients import key_partition
     from streams.app import measure_models
     from streams.catalogue import Catalogue
+    from streams.chunked_consumer import ChunkRecord
+    from streams.patient_step import StepContext
     from streams.population_book import PopulationModel
     from streams.posterior_feed import PosteriorBook
     from streams.programme import build_programme
-    from streams.schemas import Origin
     from streams.settings import Settings
 
     catalogue = Catalogue.load()
-    settings = Settings(max_age_days=36500.0)
+    settings = Settings(max_age_days=36500.0, partitions=PARTITIONS)
     models = measure_models(catalogue, settings)
     programme = build_programme([MEASURE], num_patients=patients, num_cohorts=20,
                                 obs_per_patient=obs, seed=3)  # fmt: skip
-    raw = programme.send_order()
-    messages = [
-        (record.topic, record.key, record.value, Origin(topic=record.topic, partition=0,
-                                                        offset=offset, timestamp=0.0))
-        for offset, record in enumerate(raw)
-    ]  # fmt: skip
-    settings_and_catalogue = (settings, catalogue)
+    offsets: Counter[tuple[str, int]] = Counter()
+    records = []
+    for record in programme.send_order():
+        topic = settings.topic(record.topic)
+        partition = key_partition(record.key, PARTITIONS) if record.key else 0
+        offset = offsets[(topic, partition)]
+        offsets[(topic, partition)] += 1
+        stamp = record.event_time.timestamp()
+        records.append(ChunkRecord(record.key, record.value, topic, partition, offset, stamp))
     ids = sorted(programme.truth.patients)
     stats = programme.expected_statistics(MEASURE, models[MEASURE], ids)
     cohorts = sorted({p.cohort for p in programme.truth.patients.values()})
@@ -70,86 +79,21 @@ def prepare(patients: int, obs: int):
     fit = PopulationModel(MEASURE, models[MEASURE], svi, max_rounds=0).fit(stats, cohort, cohorts)
     book = PosteriorBook()
     book.offer(fit.message)
-    return settings_and_catalogue, models, book, messages
+    return StepContext(catalogue, models, book, settings), records
 
 
-def one_pass(settings_and_catalogue, models, book, messages, batch_size: int) -> dict[str, float]:
-    from model.config import DecisionRule
-    from streams.patient_state import PatientRecord, apply_event, patient_evidence
-    from streams.schemas import EvidenceBatch
-    from streams.validation import validate_record
+def one_pass(context, records, batch_size: int) -> dict[str, float]:
+    """CPU seconds per stage of one pass over ``records`` on an empty table."""
+    from streams.patient_step import STAGES, batch_keys, process_batch
 
-    settings, catalogue = settings_and_catalogue
-    from streams.scoring import changed_materially, efficacy_score, measure_scores, published_of
-
-    rule = DecisionRule()
-    weights = {name: spec.weight for name, spec in catalogue.measures.items()}
-    spec = catalogue.get(MEASURE)
     table: dict[str, bytes] = {}
-    seconds: dict[str, float] = defaultdict(float)
-    clock = time.process_time  # CPU time: the machine is shared, wall time is not ours
-    for start in range(0, len(messages), batch_size):
-        records: dict[str, PatientRecord] = {}
-        touched: dict[str, set[str]] = defaultdict(set)
-        for topic, key, value, origin in messages[start : start + batch_size]:
-            t0 = clock()
-            event = validate_record(topic, key, value, origin, catalogue, settings)
-            t1 = clock()
-            record = records.get(event.patient_id)
-            fresh = record is None
-            if fresh:
-                raw = table.get(event.patient_id)
-                record = PatientRecord.model_validate_json(raw) if raw else None
-            t2 = clock()
-            record, outcome = apply_event(record, event, models, copy=not fresh)
-            t3 = clock()
-            seconds["parse"] += t1 - t0
-            seconds["load"] += t2 - t1
-            seconds["apply"] += t3 - t2
-            records[event.patient_id] = record
-            touched[event.patient_id] |= outcome.touched
-            if outcome.cohort_changed:
-                touched[event.patient_id] |= set(record.measures)
-        t0 = clock()
-        for record in records.values():
-            table[record.patient_id] = record.model_dump_json().encode()
-        t1 = clock()
-        items = [
-            evidence
-            for patient_id, measures in touched.items()
-            for measure in measures
-            if (evidence := patient_evidence(records[patient_id], measure, models[measure]))
-        ]
-        if items:
-            EvidenceBatch(measure=MEASURE, items=items).model_dump_json().encode()
-        t2 = clock()
-        group = [records[p] for p in touched if touched[p] and records[p].cohort is not None]
-        group = [r for r in group if MEASURE in r.measures]
-        scores = (
-            measure_scores(
-                book[MEASURE],
-                [r.measures[MEASURE] for r in group],
-                [r.cohort for r in group],
-                spec,
-                models[MEASURE],
-                rule,
-            )
-            if group
-            else []
-        )
-        t3 = clock()
-        for record, score in zip(group, scores, strict=True):
-            if not changed_materially(record.published.get(MEASURE), score):
-                continue
-            record.published[MEASURE] = published_of(score)
-            table[record.patient_id] = record.model_dump_json().encode()
-            efficacy_score(record, [score], weights, rule).model_dump_json().encode()
-        t4 = clock()
-        seconds["save"] += t1 - t0
-        seconds["evidence"] += t2 - t1
-        seconds["score"] += t3 - t2
-        seconds["publish"] += t4 - t3
-    return dict(seconds)
+    times = dict.fromkeys(STAGES, 0.0)
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        states = {key: table.get(key) for key in batch_keys(batch)}
+        saves, _ = process_batch(states, batch, context, times=times)
+        table.update(saves)
+    return times
 
 
 def bisection_quantiles(means, sds, probs, steps: int):
@@ -240,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"wrote {path}")
         return 0
     say("preparing: programme, a cheap population fit (JAX compile)")
-    catalogue, models, book, messages = prepare(args.patients, args.obs_per_patient)
-    one_pass(catalogue, models, book, messages, args.batch_size)  # compile, warm caches
+    context, messages = prepare(args.patients, args.obs_per_patient)
+    one_pass(context, messages, args.batch_size)  # compile, warm caches
     passes = []
     for repeat in range(args.repeats):
-        seconds = one_pass(catalogue, models, book, messages, args.batch_size)
+        seconds = one_pass(context, messages, args.batch_size)
         passes.append(seconds)
         total = sum(seconds.values())
         say(f"pass {repeat}: {len(messages) / total:,.0f} events/s "
@@ -254,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cprofile:
         profiler = cProfile.Profile(time.process_time)
         profiler.enable()
-        one_pass(catalogue, models, book, messages, args.batch_size)
+        one_pass(context, messages, args.batch_size)
         profiler.disable()
         profiler.dump_stats(str(args.cprofile))
         say(f"cProfile of one pass in {args.cprofile}")

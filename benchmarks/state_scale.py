@@ -320,7 +320,7 @@ async def produce_state(
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    from streams.agents.patients import measure_partition
+    from streams.patient_step import measure_partition
 
     patients_topic = f"{app_id}-patients-changelog"
     evidence_topic = f"{app_id}-population-evidence-changelog"
@@ -411,7 +411,7 @@ async def send_evidence_updates(
     population agent's next tick is a warm update."""
     from aiokafka import AIOKafkaProducer
 
-    from streams.agents.patients import EVIDENCE_CHUNK, measure_partition
+    from streams.patient_step import EVIDENCE_CHUNK, measure_partition
     from streams.schemas import EvidenceBatch, PatientEvidence
 
     by_measure: dict[str, list[PatientEvidence]] = {}

@@ -38,10 +38,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.events_accepted.labels(source=source).inc(count)
 
-    def rejected(self, source: str, reason: str) -> None:
-        self.rejected_by_reason[(source, reason)] += 1
+    def rejected(self, source: str, reason: str, count: int = 1) -> None:
+        self.rejected_by_reason[(source, reason)] += count
         if self.metrics is not None:
-            self.metrics.events_dead_lettered.labels(source=source, reason=reason).inc()
+            self.metrics.events_dead_lettered.labels(source=source, reason=reason).inc(count)
 
     def replays(self, count: int) -> None:
         self.replayed += count

@@ -36,7 +36,7 @@ from monitoring.drift import (
     PosteriorShiftDetector,
     WindowShiftDetector,
 )
-from streams.agents.patients import measure_partition
+from streams.patient_step import measure_partition
 from streams.population_book import (
     FitResult,
     FitterPool,

@@ -1,0 +1,246 @@
+"""The patients agent's pure steps (streams.patient_step), without Kafka or faust.
+
+A simulated programme's raw records (bad records and duplicates included) go
+through ``process_batch`` in batches, with a dict as the table. Judged against
+the simulation's ground truth and an independent path: the statistics against
+the batch computation over the unique valid readings
+(``Programme.expected_statistics``), every dead letter against the injected bad
+records and duplicates, a forced ``rescore`` against ``measure_scores`` on the
+batch statistics.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from settling import Settling
+from test_reliability import statistics_mismatch
+
+import streams.patient_step as patient_step
+from streams.agents.patients import key_partition
+from streams.app import measure_models
+from streams.catalogue import Catalogue
+from streams.chunked_consumer import ChunkRecord
+from streams.patient_state import PatientRecord
+from streams.patient_step import StepContext, batch_keys, process_batch, rescore
+from streams.posterior_feed import PosteriorBook
+from streams.programme import build_programme
+from streams.scoring import measure_scores
+from streams.settings import Settings
+
+MEASURE = "resting_heart_rate"  # the measure statistics_mismatch checks
+PARTITIONS = 4
+# The simulated readings are dated around now; no reading is too old to accept.
+SETTINGS = Settings(max_age_days=36500.0, partitions=PARTITIONS)
+
+
+@pytest.fixture(scope="module")
+def programme():
+    return build_programme(
+        [MEASURE], num_patients=40, num_cohorts=4, obs_per_patient=12, design="crossover",
+        seed=17, bad_fraction=0.05, duplicate_fraction=0.05,
+    )  # fmt: skip
+
+
+def context(posteriors: PosteriorBook | None = None) -> StepContext:
+    catalogue = Catalogue.load()
+    models = measure_models(catalogue, SETTINGS)
+    return StepContext(catalogue, models, posteriors or PosteriorBook(), SETTINGS)
+
+
+def raw_records(programme) -> list[ChunkRecord]:
+    """The programme's records as a worker reads them: on their key's partition,
+    with per-partition offsets and timestamps in seconds."""
+    offsets: Counter[tuple[str, int]] = Counter()
+    records = []
+    for record in programme.send_order():
+        topic = SETTINGS.topic(record.topic)
+        partition = key_partition(record.key, PARTITIONS) if record.key else 0
+        offset = offsets[(topic, partition)]
+        offsets[(topic, partition)] += 1
+        stamp = record.event_time.timestamp()
+        records.append(ChunkRecord(record.key, record.value, topic, partition, offset, stamp))
+    return records
+
+
+def run_batches(states: dict, records, ctx: StepContext, batch_size: int) -> list:
+    """Every record through process_batch, ``batch_size`` at a time; the table
+    ``states`` is updated in place. Returns each batch's outputs."""
+    outputs = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        saves, out = process_batch({k: states.get(k) for k in batch_keys(batch)}, batch, ctx)
+        states.update(saves)
+        outputs.append(out)
+    return outputs
+
+
+def parsed(states: dict) -> dict[str, PatientRecord]:
+    return {k: PatientRecord.model_validate_json(v) for k, v in states.items()}
+
+
+def as_run(programme) -> SimpleNamespace:
+    return SimpleNamespace(programme=programme, truth=programme.truth)
+
+
+@pytest.mark.parametrize("batch_size", [1, 37, 100_000])
+def test_statistics_equal_the_batch_computation_whatever_the_batch_size(programme, batch_size):
+    states: dict[str, bytes] = {}
+    outputs = run_batches(states, raw_records(programme), context(), batch_size)
+    assert statistics_mismatch(as_run(programme), parsed(states)) is None
+    truth = programme.truth
+    accepted = sum(sum(o.accepted.values()) for o in outputs)
+    # duplicates pass validation; the patient's state recognises them
+    assert accepted == truth.enrollment_events + truth.valid_unique_readings + len(truth.duplicates)
+    assert not any(o.scores for o in outputs)  # no posterior yet: nothing to score
+
+
+def test_every_bad_record_and_duplicate_is_dead_lettered_with_its_bytes_and_origin(programme):
+    records = raw_records(programme)
+    outputs = run_batches({}, records, context(), 50)
+    letters = [json.loads(m.value) for o in outputs for m in o.dead_letters]
+    truth = programme.truth
+    expected = Counter(b.reason for b in truth.bad_records)
+    expected["duplicate"] += len(truth.duplicates)
+    assert Counter(letter["reason"] for letter in letters) == expected
+    counted = Counter()
+    for o in outputs:
+        counted.update(o.rejected)
+    assert sum(counted.values()) == len(letters)
+    at = {(r.topic, r.partition, r.offset): r for r in records}
+    duplicate_ids = {d.event_id for d in truth.duplicates}
+    for letter in letters:
+        original = at[(letter["source_topic"], letter["partition"], letter["offset"])]
+        assert base64.b64decode(letter["value_b64"]) == original.value
+        if letter["reason"] == "duplicate":
+            assert json.loads(original.value)["event_id"] in duplicate_ids
+
+
+def test_a_replayed_batch_changes_no_statistics_and_resends_its_evidence(programme):
+    records = raw_records(programme)
+    states: dict[str, bytes] = {}
+    ctx = context()
+    run_batches(states, records, ctx, 200)
+    last = records[-200:]  # delivered again after a crash before its offsets were committed
+    saves, outputs = process_batch({k: states.get(k) for k in batch_keys(last)}, last, ctx)
+    states.update(saves)
+    assert statistics_mismatch(as_run(programme), parsed(states)) is None
+    assert outputs.replays > 0 and not outputs.accepted.keys() - {"wearables", "labs", "pros"}
+    # every patient with a valid reading in the replayed batch has its evidence re-sent
+    valid_readers = {r.patient_id for r in programme.send_order()[-200:] if r.label == "valid"}
+    forwarded = {
+        item["patient_id"]
+        for message in outputs.evidence
+        for item in json.loads(message.value)["items"]
+    }
+    assert valid_readers and valid_readers <= forwarded
+
+
+@pytest.mark.parametrize("batch_size", [1, 25])  # 1: the failing record is always fresh
+def test_an_event_whose_application_fails_is_dead_lettered_and_the_patient_continues(
+    programme, monkeypatch, batch_size
+):
+    """A bug while applying one event: that event is dead-lettered as
+    processing_error, the half-applied record is dropped and the patient
+    continues from its state before it; every other reading counts."""
+    records = raw_records(programme)
+    victim = next(
+        r for r in records[len(records) // 2 :]
+        if r.topic.endswith("wearables") and r.value and b'"value"' in r.value
+    )  # fmt: skip
+    victim_id = json.loads(victim.value)["event_id"]
+    apply_event = patient_step.apply_event
+
+    def failing(record, event, models, *, copy=True):
+        record, outcome = apply_event(record, event, models, copy=copy)  # mutates when not copy
+        if getattr(event, "event_id", None) == victim_id:
+            raise RuntimeError("injected failure after the record was changed")
+        return record, outcome
+
+    monkeypatch.setattr(patient_step, "apply_event", failing)
+    states: dict[str, bytes] = {}
+    outputs = run_batches(states, records, context(), batch_size)
+    errors = [json.loads(m.value) for o in outputs for m in o.dead_letters
+              if json.loads(m.value)["reason"] == "processing_error"]  # fmt: skip
+    assert [(e["source_topic"], e["offset"]) for e in errors] == [(victim.topic, victim.offset)]
+    patient = victim.key.decode()
+    counts = parsed(states)[patient].measures[MEASURE]
+    expected = programme.truth.patients[patient].valid_unique_readings[MEASURE]
+    assert counts.count_exposed + counts.count_unexposed == expected - 1
+    # nobody else lost or gained a reading
+    others = {k: v for k, v in parsed(states).items() if k != patient}
+    for key, record in others.items():
+        stats = record.measures[MEASURE]
+        assert (
+            stats.count_exposed + stats.count_unexposed
+            == programme.truth.patients[key].valid_unique_readings[MEASURE]
+        )
+
+
+@pytest.mark.slow
+def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statistics_score(
+    programme,
+):
+    """With a posterior: every batch republishes the score of each patient whose
+    evidence it changed (so a patient's latest score counts all its readings);
+    a forced rescore publishes every patient's score as measure_scores gives it
+    on the batch statistics (the independent path); an unforced rescore right
+    after publishes nothing."""
+    from model.config import SVIConfig
+    from streams.population_book import PopulationModel
+
+    ctx = context()
+    records = raw_records(programme)
+    half = len(records) // 2
+    states: dict[str, bytes] = {}
+    run_batches(states, records[:half], ctx, 100)
+    ids = sorted(programme.truth.patients)
+    model = ctx.models[MEASURE]
+    stats = programme.expected_statistics(MEASURE, model, ids)
+    cohorts = sorted({programme.truth.patients[p].cohort for p in ids})
+    index = np.array([cohorts.index(programme.truth.patients[p].cohort) for p in ids], np.int32)
+    svi = SVIConfig(fresh_steps=200, update_steps=50)
+    fit = PopulationModel(MEASURE, model, svi, max_rounds=0).fit(stats, index, cohorts)
+    ctx.posteriors.offer(fit.message)
+
+    latest = {}
+    for outputs in run_batches(states, records[half:], ctx, 50):
+        latest.update({m.key.decode(): json.loads(m.value) for m in outputs.scores})
+    late_readers = {r.patient_id for r in programme.send_order()[half:] if r.label == "valid"}
+    assert late_readers and late_readers <= set(latest)
+    for patient in late_readers:
+        (measure,) = latest[patient]["measures"]
+        assert (
+            measure["count_exposed"] + measure["count_unexposed"]
+            == (programme.truth.patients[patient].valid_unique_readings[MEASURE])
+        ), patient
+
+    saves, outputs = rescore(states, MEASURE, ctx, force=True)
+    assert set(saves) == set(ids) == set(outputs.scored_patients())
+    published = {m.key.decode(): json.loads(m.value) for m in outputs.scores}
+    expected = measure_scores(
+        ctx.posteriors[MEASURE],
+        Settling(programme, "", MEASURE).statistics(),
+        [programme.truth.patients[p].cohort for p in ids],
+        ctx.catalogue.get(MEASURE),
+        model,
+        ctx.rule,
+        previous=[json.loads(states[p])["published"][MEASURE]["classification"] for p in ids],
+    )
+    for patient, score in zip(ids, expected, strict=True):
+        (measure,) = published[patient]["measures"]
+        assert (
+            measure["count_exposed"] + measure["count_unexposed"]
+            == (programme.truth.patients[patient].valid_unique_readings[MEASURE])
+        )
+        assert measure["population_version"] == fit.message.version
+        assert abs(measure["effect"]["mean"] - score.effect.mean) <= 1e-6 * score.effect.sd
+        assert abs(measure["effect"]["sd"] - score.effect.sd) <= 1e-6 * score.effect.sd
+    states.update(saves)
+    again, outputs = rescore(states, MEASURE, ctx)
+    assert not again and not outputs.scores
