@@ -45,8 +45,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from model.config import ModelConfig
 from model.evidence import (
     PatientStats,
+    add_events,
     add_reading,
+    decay_to,
     empty_stats,
+    gram_stats,
     merge_stats,
     stats_from_events,
 )
@@ -290,26 +293,74 @@ def recent_window_stats(
     computation with that half-life, like the totals. None without a window,
     and while readings missing from the sealed window statistics (see
     MeasureStats) are younger than WINDOW_COMPLETE_HALF_LIVES half-lives."""
+    (window,) = recent_window_stats_many([(record, stats)], model)
+    return window
+
+
+def recent_window_stats_many(
+    items: list[tuple[PatientRecord, MeasureStats]], model: ModelConfig
+) -> list[PatientStats | None]:
+    """``recent_window_stats`` of many (record, measure statistics) at once: the
+    sealed window statistics plus every recent reading with its exposure
+    (model.evidence.add_events, one array computation for all of them),
+    re-based to each patient's all-time reference time."""
     window = model.recent_window
     if window is None:
-        return None
-    missing_until = _window_missing_until(stats, window)
-    if stats.reference_time - missing_until < WINDOW_COMPLETE_HALF_LIVES * window.half_life:
-        return None
-    # Plain Python floats, one reading at a time (model.evidence.add_reading): for
-    # the few dozen readings of a window, numpy's per-call overhead cost ~10x more.
-    # Runs for every touched patient and measure of every batch.
-    gram, reference = stats.sealed_window(window)
-    exposed = unexposed = 0
-    for time, value in stats.recent:
-        exposure = record.exposure_at(time)
-        gram, reference = add_reading(gram, reference, exposure, time, value, window)
-        exposed += exposure != 0
-        unexposed += exposure == 0
-    if reference > float("-inf") and stats.reference_time > reference:
-        factor = 2.0 ** (-(stats.reference_time - reference) / window.half_life)
-        gram = [[g * factor for g in row] for row in gram]
-    return _stats(gram, max(reference, stats.reference_time), exposed, unexposed)
+        return [None] * len(items)
+    complete = [
+        k
+        for k, (_, stats) in enumerate(items)
+        if not stats.reference_time - _window_missing_until(stats, window)
+        < WINDOW_COMPLETE_HALF_LIVES * window.half_life
+    ]
+    out: list[PatientStats | None] = [None] * len(items)
+    if not complete:
+        return out
+    grams, references, totals = [], [], []
+    patient: list[int] = []
+    exposure: list[float] = []
+    times: list[float] = []
+    values: list[float] = []
+    for index, k in enumerate(complete):
+        record, stats = items[k]
+        gram, reference = stats.sealed_window(window)
+        grams.append(gram)
+        references.append(reference)
+        totals.append(stats.reference_time)
+        recent = stats.recent
+        patient.extend([index] * len(recent))
+        times.extend(t for t, _ in recent)
+        values.extend(v for _, v in recent)
+        exposure.extend(_exposures(record, recent))
+    sealed = gram_stats(np.asarray(grams, dtype=float), np.asarray(references, dtype=float))
+    added = add_events(
+        sealed,
+        np.asarray(patient, dtype=np.int64),
+        np.asarray(exposure, dtype=float),
+        np.asarray(times, dtype=float),
+        np.asarray(values, dtype=float),
+        window,
+    )
+    rebased = decay_to(added, np.asarray(totals, dtype=float), window)
+    for index, k in enumerate(complete):
+        out[k] = PatientStats(
+            gram=rebased.gram[index : index + 1],
+            reference_time=rebased.reference_time[index : index + 1],
+            count_exposed=rebased.count_exposed[index : index + 1],
+            count_unexposed=rebased.count_unexposed[index : index + 1],
+        )
+    return out
+
+
+def _exposures(record: PatientRecord, readings: list[tuple[float, float]]) -> list[float]:
+    """The exposure in force at each reading's time (PatientRecord.exposure_at)."""
+    timeline = record.timeline
+    if not timeline:
+        return [0.0] * len(readings)
+    if len(timeline) == 1:
+        start, level = timeline[0]
+        return [level if t >= start else 0.0 for t, _ in readings]
+    return [record.exposure_at(t) for t, _ in readings]
 
 
 def patient_evidence(
@@ -318,20 +369,34 @@ def patient_evidence(
     """What the population agent keeps of a patient's measure: the whole
     statistics, all-time and recent-window. None before enrolment (no cohort)
     or without readings of the measure."""
-    stats = record.measures.get(measure)
-    if record.cohort is None or stats is None:
-        return None
-    recent = recent_window_stats(record, stats, model)
-    return PatientEvidence(
-        measure=measure,
-        patient_id=record.patient_id,
-        cohort=record.cohort,
-        gram=stats.gram,
-        reference_time=stats.reference_time,
-        count_exposed=stats.count_exposed,
-        count_unexposed=stats.count_unexposed,
-        recent_gram=None if recent is None else recent.gram[0].tolist(),
-    )
+    evidence = measure_evidence([record], measure, model)
+    return evidence[0] if evidence else None
+
+
+def measure_evidence(
+    records: list[PatientRecord], measure: str, model: ModelConfig
+) -> list[PatientEvidence]:
+    """``patient_evidence`` of every record that has one, in order (the
+    recent-window statistics of all of them in one computation)."""
+    items = [
+        (record, record.measures[measure])
+        for record in records
+        if record.cohort is not None and measure in record.measures
+    ]
+    windows = recent_window_stats_many(items, model)
+    return [
+        PatientEvidence(
+            measure=measure,
+            patient_id=record.patient_id,
+            cohort=record.cohort,
+            gram=stats.gram,
+            reference_time=stats.reference_time,
+            count_exposed=stats.count_exposed,
+            count_unexposed=stats.count_unexposed,
+            recent_gram=None if recent is None else recent.gram[0].tolist(),
+        )
+        for (record, stats), recent in zip(items, windows, strict=True)
+    ]
 
 
 def _seal(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> None:

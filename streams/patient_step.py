@@ -31,7 +31,7 @@ from typing import Protocol
 
 from model.config import DecisionRule, ModelConfig
 from streams.catalogue import Catalogue
-from streams.patient_state import PatientRecord, apply_event, origin_key, patient_evidence
+from streams.patient_state import PatientRecord, apply_event, measure_evidence, origin_key
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import (
     Alert,
@@ -40,7 +40,6 @@ from streams.schemas import (
     MeasureScore,
     Observation,
     Origin,
-    PatientEvidence,
 )
 from streams.scoring import (
     PendingReading,
@@ -376,14 +375,13 @@ def _evidence(
     """The whole statistics of each (patient, changed measures) for the
     population agent: per measure, EvidenceBatch messages of up to EVIDENCE_CHUNK
     patients, on the measure's partition (one owner per measure)."""
-    by_measure: dict[str, list[PatientEvidence]] = defaultdict(list)
+    by_measure: dict[str, list[PatientRecord]] = defaultdict(list)
     for record, measures in changes:
         for measure in measures:
-            evidence = patient_evidence(record, measure, context.models[measure])
-            if evidence is not None:
-                by_measure[measure].append(evidence)
+            by_measure[measure].append(record)
     partitions = context.settings.partitions
-    for measure, items in by_measure.items():
+    for measure, records in by_measure.items():
+        items = measure_evidence(records, measure, context.models[measure])
         for start in range(0, len(items), EVIDENCE_CHUNK):
             batch = EvidenceBatch(measure=measure, items=items[start : start + EVIDENCE_CHUNK])
             outputs.evidence.append(
