@@ -425,6 +425,40 @@ class PopulationFitter:
         svi_state = self._init_state(rng_key, evidence.gram, evidence.cohort, evidence.num_cohorts)
         return FitState(svi_state, 0, 0)
 
+    def resume(
+        self,
+        initial: FitState,
+        loc: jax.Array,
+        scale_tril: jax.Array,
+        *,
+        total_steps: int,
+        version: int,
+    ) -> FitState:
+        """A fit state whose q is N(loc, scale_tril scale_trilᵀ) over the
+        unconstrained θ (as published: PopulationPosterior.unconstrained_loc and
+        unconstrained_scale_tril), so the next ``update`` is a warm one from there:
+        a worker that takes over a measure continues the last posterior instead
+        of a cold ``fresh_steps`` fit. ``initial``: this fitter's ``init`` state
+        (its guide set up). Raises ValueError when the published q has another
+        dimension than this fitter's guide (another model structure)."""
+        loc = jnp.asarray(loc, dtype=float)
+        scale_tril = jnp.asarray(scale_tril, dtype=float)
+        dim = self.guide.latent_dim
+        if loc.shape != (dim,) or scale_tril.shape != (dim, dim):
+            raise ValueError(
+                f"a published q of dimension {loc.shape} cannot continue a fit of dimension {dim}"
+            )
+        p = self.guide.prefix
+        unconstrained = {
+            f"{p}_anchor_loc": loc,
+            f"{p}_anchor_scale_tril": scale_tril,
+            f"{p}_loc": jnp.zeros(dim),
+            f"{p}_scale_tril": biject_to(self.guide.scale_tril_constraint).inv(jnp.identity(dim)),
+        }
+        optim_state = self._warm[0].optim.init(unconstrained)
+        svi_state = initial.svi_state._replace(optim_state=optim_state)
+        return FitState(svi_state, max(total_steps, 1), version)
+
     def update(
         self,
         state: FitState,

@@ -10,6 +10,7 @@ nothing and the book can be rebuilt from the compacted table at any time.
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ from streams.schemas import (
     StructureSelection,
 )
 from streams.scoring import DRAW_FIELDS
+
+log = logging.getLogger(__name__)
 
 #: Warm updates of 100 steps (two chunks, so convergence can be judged from the
 #: change of the ELBO between them); everything else as tuned offline.
@@ -175,6 +178,33 @@ class PopulationModel:
         self.max_rounds = max_rounds
         self.state: FitState | None = None
         self.version = 0
+        self.resume_from: PopulationPosterior | None = None
+
+    def continue_from(self, message: PopulationPosterior) -> None:
+        """Continue the sequence of ``message`` (the measure's last published
+        posterior): its version numbering and, on the first fit, its q (a warm
+        update from there instead of a cold fit; a cold fit when the published q
+        belongs to another model structure)."""
+        self.version = message.version
+        if self.state is None:
+            self.resume_from = message
+
+    def _first_state(self, evidence: Evidence) -> FitState:
+        initial = self.pool.initial_state(self.fitter, evidence)
+        message, self.resume_from = self.resume_from, None
+        if message is None:
+            return initial
+        try:
+            return self.fitter.resume(
+                initial,
+                np.asarray(message.unconstrained_loc),
+                np.asarray(message.unconstrained_scale_tril),
+                total_steps=message.svi_steps,
+                version=message.version,
+            )
+        except ValueError as error:  # another structure: a cold fit
+            log.info("population %s: cold fit (%s)", self.measure, error)
+            return initial
 
     def fit(self, stats: PatientStats, cohort: np.ndarray, cohorts: list[str]) -> FitResult:
         """Continue SVI against all evidence (fresh on the first call) and build
@@ -184,7 +214,7 @@ class PopulationModel:
         version = self.version + 1
         key = _key(self.measure, version)
         key_fit, key_draws, key_summary = jax.random.split(key, 3)
-        state = self.state or self.pool.initial_state(self.fitter, evidence)
+        state = self.state or self._first_state(evidence)
         state, info = self.fitter.update(state, evidence, key_fit)
         steps = info.steps
         # A warm update is bounded, but when much new evidence arrived at once q

@@ -149,3 +149,57 @@ def test_ordered_elbo_equals_numpyros_trace_elbo():
         for seed in range(3):
             ours, numpyros = losses(jax.random.PRNGKey(seed), params)
             assert float(ours) == pytest.approx(float(numpyros), rel=1e-12)
+
+
+def test_a_new_fitter_resumes_from_the_published_q():
+    """What a worker that takes over a measure does: a new fitter (another
+    process, a vanishing learning rate so it cannot move) resumes from the q a
+    converged fit published (its unconstrained loc and scale_tril): its first,
+    warm, update has the converged fit's ELBO; a cold start has a far worse one."""
+    config = ModelConfig(standardization=Standardization(time_scale=10.0))
+    cohort, patient, exposure, time, outcome = small_programme(40, seed=2)
+    stats = stats_from_events(40, patient, exposure, time, outcome, config)
+    evidence = pad_evidence(stats, cohort, 3)
+    fitter = PopulationFitter(config, SVIConfig(fresh_steps=1500, update_steps=50, num_particles=4))
+    state, fresh = fitter.update(
+        fitter.init(jax.random.PRNGKey(0), evidence), evidence, jax.random.PRNGKey(1)
+    )
+    published = fitter.guide.get_transform(fitter.params(state))
+    frozen = PopulationFitter(
+        config, SVIConfig(fresh_steps=1500, update_steps=50, num_particles=4, learning_rate=1e-9)
+    )
+    initial = frozen.init(jax.random.PRNGKey(0), evidence)
+    resumed = frozen.resume(
+        initial, np.asarray(published.loc), np.asarray(published.scale_tril),
+        total_steps=fresh.steps, version=7,
+    )  # fmt: skip
+    after, warm = frozen.update(resumed, evidence, jax.random.PRNGKey(2))
+    assert warm.steps == 50  # the warm schedule, not a fresh fit's 1500 steps
+    assert after.version == 8
+    assert abs(warm.elbo - fresh.elbo) < 4 * (warm.elbo_se + fresh.elbo_se)
+    _, cold = frozen.update(initial._replace(total_steps=1), evidence, jax.random.PRNGKey(2))
+    assert cold.elbo < warm.elbo - 10.0
+    with pytest.raises(ValueError, match="dimension"):
+        frozen.resume(initial, np.zeros(3), np.eye(3), total_steps=1, version=1)
+
+
+def test_a_new_owner_continues_the_published_posterior_warm():
+    """streams.population_book.PopulationModel.continue_from: the first fit of a
+    new owner takes warm updates from the published q (far fewer steps than a
+    fresh fit) and lands where the publisher's converged fit was: the effect
+    within a quarter of its posterior sd (SVI noise), the sd within 20%."""
+    from streams.population_book import PopulationModel
+
+    config = ModelConfig(standardization=Standardization(time_scale=10.0))
+    cohort, patient, exposure, time, outcome = small_programme(40, seed=3)
+    stats = stats_from_events(40, patient, exposure, time, outcome, config)
+    cohorts = ["a", "b", "c"]
+    first = PopulationModel("m", config).fit(stats, cohort, cohorts).message
+    owner = PopulationModel("m", config)  # the worker's defaults
+    owner.continue_from(first)
+    second = owner.fit(stats, cohort, cohorts).message
+    assert second.version == first.version + 1
+    assert second.svi_steps <= 500 < first.svi_steps
+    a, b = first.summary["effect"], second.summary["effect"]
+    assert abs(a.mean - b.mean) <= 0.25 * a.sd
+    assert 0.8 <= b.sd / a.sd <= 1.25

@@ -196,8 +196,11 @@ class PopulationService:
             model = self.fits[measure] = PopulationModel(
                 measure, self.models[measure], pool=self.fitters
             )
-            # A restarted owner continues the version sequence it finds published.
-            model.version = self.posteriors.version(measure)
+            # A new owner (a start, a restart, a rebalance) continues what it finds
+            # published: the version sequence and, warm, the variational fit.
+            published = self.posteriors.messages.get(measure)
+            if published is not None:
+                model.continue_from(published)
         stats, cohort, cohorts = book.snapshot()
         book.changes_since_fit = 0
         digest = evidence_digest(stats, cohort, cohorts)
