@@ -31,7 +31,6 @@ import argparse
 import cProfile
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +45,8 @@ def prepare(patients: int, obs: int):
     """The step's context (with a posterior) and the programme's raw records as
     a worker reads them (on their key's partition, per-partition offsets)."""
     from model.config import SVIConfig
-    from streams.agents.patients import key_partition
     from streams.app import measure_models
     from streams.catalogue import Catalogue
-    from streams.chunked_consumer import ChunkRecord
     from streams.patient_step import StepContext
     from streams.population_book import PopulationModel
     from streams.posterior_feed import PosteriorBook
@@ -61,15 +58,7 @@ def prepare(patients: int, obs: int):
     models = measure_models(catalogue, settings)
     programme = build_programme([MEASURE], num_patients=patients, num_cohorts=20,
                                 obs_per_patient=obs, seed=3)  # fmt: skip
-    offsets: Counter[tuple[str, int]] = Counter()
-    records = []
-    for record in programme.send_order():
-        topic = settings.topic(record.topic)
-        partition = key_partition(record.key, PARTITIONS) if record.key else 0
-        offset = offsets[(topic, partition)]
-        offsets[(topic, partition)] += 1
-        stamp = record.event_time.timestamp()
-        records.append(ChunkRecord(record.key, record.value, topic, partition, offset, stamp))
+    records = programme.as_read(settings.topic_prefix, PARTITIONS)
     ids = sorted(programme.truth.patients)
     stats = programme.expected_statistics(MEASURE, models[MEASURE], ids)
     cohorts = sorted({p.cohort for p in programme.truth.patients.values()})

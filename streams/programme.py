@@ -36,7 +36,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, TypeAdapter
@@ -55,6 +55,9 @@ from streams.schemas import (
     RawObservation,
     WearableReading,
 )
+
+if TYPE_CHECKING:
+    from streams.chunked_consumer import ChunkRecord
 
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
 MICROS_PER_DAY = 86_400_000_000
@@ -231,6 +234,25 @@ class Programme:
         position = {id(r): i for rs in self.records.values() for i, r in enumerate(rs)}
         readings.sort(key=lambda r: (r.event_time, position[id(r)]))
         return [*self.records.get("enrollments", []), *readings]
+
+    def as_read(self, topic_prefix: str, partitions: int) -> list[ChunkRecord]:
+        """The send order as a worker reads it (streams.patient_step.RawRecord):
+        prefixed topics, each keyed record on its key's partition (Kafka's
+        murmur2 partitioner), per-partition offsets, the event time as the
+        record timestamp (seconds)."""
+        from streams.agents.patients import key_partition
+        from streams.chunked_consumer import ChunkRecord
+
+        offsets: dict[tuple[str, int], int] = {}
+        records = []
+        for record in self.send_order():
+            topic = topic_prefix + record.topic
+            partition = key_partition(record.key, partitions) if record.key else 0
+            offset = offsets.get((topic, partition), 0)
+            offsets[(topic, partition)] = offset + 1
+            stamp = record.event_time.timestamp()
+            records.append(ChunkRecord(record.key, record.value, topic, partition, offset, stamp))
+        return records
 
     def expected_statistics(
         self, measure: str, model: ModelConfig, patients: Sequence[str] | None = None

@@ -14,15 +14,26 @@ at all (AssertionError outside a stream).
 
 ``PartitionedByKey`` tables compute the partition of every key themselves
 (``partition_for_key``) and use it for both the changelog and the store.
+
+``write_many`` is their write path: every key set in the store at once and its
+changelog record handed straight to the producer, returning the delivery
+futures for the caller to await before the events that caused the writes are
+acknowledged. faust's own path (``table[key] = value``) costs ~150 µs a key in
+its per-message buffer and only logs a failed changelog delivery.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from typing import Any, Self
 
 import faust
 from faust.stores import rocksdb
+from faust.types import TP
 from yarl import URL
+
+from streams.output import Producer
 
 
 class PartitionedByKey(faust.Table):
@@ -37,6 +48,44 @@ class PartitionedByKey(faust.Table):
             app, name=name, default=None, key_type=str, value_type=bytes, partitions=partitions
         )
         return app.tables.add(table)
+
+    async def write_many(self, items: Mapping[str, bytes], producer: Producer) -> list:
+        """Set every key of ``items`` in the local store and send its changelog
+        record (keyed and serialised as faust's own path does) through
+        ``producer``. Returns the delivery futures; each marks its offset as
+        persisted in the store when it completes (what faust's changelog
+        callback does, so a restart replays only the changelog past it)."""
+        # Every key in the store before the first await: another task that reads
+        # one of them afterwards sees the new value.
+        for key, value in items.items():
+            self.data[key] = value
+        topic = self.changelog_topic
+        name = topic.get_topic_name()
+        futures = []
+        # One writer's records at a time, in the order their values were set
+        # (asyncio.Lock is FIFO), so a key's last changelog record is its value.
+        async with self._changelog_order:
+            for key, value in items.items():
+                raw_key, _ = topic.prepare_key(key, self.key_serializer)
+                raw_value, _ = topic.prepare_value(value, self.value_serializer)
+                partition = self.partition_for_key(key)
+                future = await producer.send(name, raw_key, raw_value, partition)
+                future.add_done_callback(self._persisted)
+                futures.append(future)
+        return futures
+
+    @property
+    def _changelog_order(self) -> asyncio.Lock:
+        lock = self.__dict__.get("_changelog_lock")
+        if lock is None:
+            lock = self.__dict__["_changelog_lock"] = asyncio.Lock()
+        return lock
+
+    def _persisted(self, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return  # the caller's await of the future raises
+        metadata = future.result()
+        self.data.set_persisted_offset(TP(metadata.topic, metadata.partition), metadata.offset)
 
     def _new_store_by_url(self, url: str | URL) -> Any:
         if URL(str(url)).scheme != "rocksdb":

@@ -22,10 +22,8 @@ from settling import Settling
 from test_reliability import statistics_mismatch
 
 import streams.patient_step as patient_step
-from streams.agents.patients import key_partition
 from streams.app import measure_models
 from streams.catalogue import Catalogue
-from streams.chunked_consumer import ChunkRecord
 from streams.patient_state import PatientRecord
 from streams.patient_step import StepContext, batch_keys, process_batch, rescore
 from streams.posterior_feed import PosteriorBook
@@ -53,19 +51,8 @@ def context(posteriors: PosteriorBook | None = None) -> StepContext:
     return StepContext(catalogue, models, posteriors or PosteriorBook(), SETTINGS)
 
 
-def raw_records(programme) -> list[ChunkRecord]:
-    """The programme's records as a worker reads them: on their key's partition,
-    with per-partition offsets and timestamps in seconds."""
-    offsets: Counter[tuple[str, int]] = Counter()
-    records = []
-    for record in programme.send_order():
-        topic = SETTINGS.topic(record.topic)
-        partition = key_partition(record.key, PARTITIONS) if record.key else 0
-        offset = offsets[(topic, partition)]
-        offsets[(topic, partition)] += 1
-        stamp = record.event_time.timestamp()
-        records.append(ChunkRecord(record.key, record.value, topic, partition, offset, stamp))
-    return records
+def raw_records(programme) -> list:
+    return programme.as_read(SETTINGS.topic_prefix, PARTITIONS)
 
 
 def run_batches(states: dict, records, ctx: StepContext, batch_size: int) -> list:

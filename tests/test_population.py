@@ -55,9 +55,10 @@ def test_updates_compile_once_per_padded_shape():
     assert state.version == 3
 
 
-def test_warm_update_starts_where_the_last_one_stopped():
-    """With a vanishing learning rate the update cannot move, so its ELBO must equal
-    the converged fit's ELBO: the state really carries the variational parameters."""
+def converged_and_frozen(seed: int):
+    """A converged fresh fit of a small programme (evidence, fitter, state,
+    UpdateInfo) and a second fitter of the same model whose learning rate is so
+    small that an update cannot move q."""
     config = ModelConfig(standardization=Standardization(time_scale=10.0))
     cohort, patient, exposure, time, outcome = small_programme(40, seed=1)
     stats = stats_from_events(40, patient, exposure, time, outcome, config)
@@ -69,6 +70,13 @@ def test_warm_update_starts_where_the_last_one_stopped():
     frozen = PopulationFitter(
         config, SVIConfig(fresh_steps=1500, update_steps=50, num_particles=4, learning_rate=1e-9)
     )
+    return evidence, fitter, state, fresh, frozen
+
+
+def test_warm_update_starts_where_the_last_one_stopped():
+    """With a vanishing learning rate the update cannot move, so its ELBO must equal
+    the converged fit's ELBO: the state really carries the variational parameters."""
+    evidence, _, state, fresh, frozen = converged_and_frozen(seed=1)
     frozen.init(jax.random.PRNGKey(0), evidence)
     _, warm = frozen.update(state, evidence, jax.random.PRNGKey(2))
     assert abs(warm.elbo - fresh.elbo) < 4 * (warm.elbo_se + fresh.elbo_se)
@@ -156,18 +164,8 @@ def test_a_new_fitter_resumes_from_the_published_q():
     process, a vanishing learning rate so it cannot move) resumes from the q a
     converged fit published (its unconstrained loc and scale_tril): its first,
     warm, update has the converged fit's ELBO; a cold start has a far worse one."""
-    config = ModelConfig(standardization=Standardization(time_scale=10.0))
-    cohort, patient, exposure, time, outcome = small_programme(40, seed=2)
-    stats = stats_from_events(40, patient, exposure, time, outcome, config)
-    evidence = pad_evidence(stats, cohort, 3)
-    fitter = PopulationFitter(config, SVIConfig(fresh_steps=1500, update_steps=50, num_particles=4))
-    state, fresh = fitter.update(
-        fitter.init(jax.random.PRNGKey(0), evidence), evidence, jax.random.PRNGKey(1)
-    )
+    evidence, fitter, state, fresh, frozen = converged_and_frozen(seed=2)
     published = fitter.guide.get_transform(fitter.params(state))
-    frozen = PopulationFitter(
-        config, SVIConfig(fresh_steps=1500, update_steps=50, num_particles=4, learning_rate=1e-9)
-    )
     initial = frozen.init(jax.random.PRNGKey(0), evidence)
     resumed = frozen.resume(
         initial, np.asarray(published.loc), np.asarray(published.scale_tril),

@@ -38,6 +38,7 @@ from streams import stall_watch
 from streams.agents.drift import conflict_alert
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
+from streams.output import DeliveryFailed, Producer, delivered
 from streams.patient_state import PatientRecord
 from streams.patient_step import (
     StepContext,
@@ -103,6 +104,7 @@ class PatientsService:
         self.calls: dict[str, dict[str, str]] = defaultdict(dict)
         self.conflicts: dict[str, PriorDataConflictDetector] = {}  # per measure
         self.table = KeyPartitionedTable.register(app, "patients", settings.partitions)
+        self.producer = Producer(app)
 
     def load(self, patient_id: str) -> PatientRecord | None:
         raw = self.table.get(patient_id)
@@ -118,9 +120,7 @@ class PatientsService:
         table = self.table
         states = {key: table.get(key) for key in batch_keys(events)}
         saves, outputs = process_batch(states, events, self.context)
-        for key, value in saves.items():
-            table[key] = value
-        await self.send(outputs, "evidence")
+        await self.write(saves, outputs, "evidence")
         try:
             await self.check_conflict(outputs.readings)
         except Exception:  # monitoring must never stop the stream
@@ -136,21 +136,32 @@ class PatientsService:
         telemetry.event_to_score([now - arrival[p] for p in outputs.scored_patients()
                                   if p in arrival])  # fmt: skip
 
-    async def send(self, outputs: StepOutputs, trigger: str) -> None:
-        """Send what a step caused (dead letters, evidence, transition alerts,
-        scores) and count it; ``trigger`` says why scores were published
-        ("evidence" or "population")."""
-        topics = self.topics
-        for message in outputs.dead_letters:
-            await topics.deadletter.send(key=message.key, value=message.value)
-        for message in outputs.evidence:
-            await topics.population_evidence.send(
-                key=message.key, value=message.value, partition=message.partition
-            )
-        for message in outputs.alerts:
-            await topics.alerts.send(key=message.key, value=message.value)
-        for message in outputs.scores:
-            await topics.scores.send(key=message.key, value=message.value)
+    async def write(self, saves: dict[str, bytes], outputs: StepOutputs, trigger: str) -> None:
+        """Save a step's new states (streams.stores.PartitionedByKey.write_many)
+        and send what it caused (dead letters, evidence, transition alerts,
+        scores), then wait until all of it is in Kafka. A failed delivery stops
+        the worker before the events that caused it are acknowledged, so their
+        offsets are never committed past state or output that was lost.
+        ``trigger`` says why scores were published ("evidence" or "population")."""
+        producer, topics = self.producer, self.topics
+        futures = await self.table.write_many(saves, producer)
+        for topic, messages in (
+            (topics.deadletter, outputs.dead_letters),
+            (topics.population_evidence, outputs.evidence),
+            (topics.alerts, outputs.alerts),
+            (topics.scores, outputs.scores),
+        ):
+            name = topic.get_topic_name()
+            for message in messages:
+                futures.append(
+                    await producer.send(name, message.key, message.value, message.partition)
+                )
+        try:
+            await delivered(futures)
+        except DeliveryFailed as error:
+            log.critical("stopping the worker: %s", error)
+            await self.app.crash(error)
+            raise
         for (source, reason), count in outputs.rejected.items():
             self.telemetry.rejected(source, reason, count)
         self.telemetry.scores_published(len(outputs.scores), trigger)
@@ -179,8 +190,10 @@ class PatientsService:
                     detected = True
                     alert = conflict_alert(measure, detector, posterior.version, reading.origin)
                     log.warning("%s", alert.message)
-                    await self.topics.alerts.send(
-                        key=measure.encode(), value=alert.model_dump_json().encode()
+                    await self.producer.send(
+                        self.topics.alerts.get_topic_name(),
+                        measure.encode(),
+                        alert.model_dump_json().encode(),
                     )
             self.telemetry.conflict(measure, detector.statistic, detected)
 
@@ -211,9 +224,7 @@ class PatientsService:
         for start in range(0, len(keys), RESCORE_CHUNK):
             states = {key: self.table.get(key) for key in keys[start : start + RESCORE_CHUNK]}
             saves, outputs = rescore(states, measure, self.context, force)
-            for key, value in saves.items():
-                self.table[key] = value
-            await self.send(outputs, "population")
+            await self.write(saves, outputs, "population")
             published += len(outputs.scores)
         return published
 
