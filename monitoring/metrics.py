@@ -124,6 +124,7 @@ class Metrics(NamedTuple):
     batch_seconds: Histogram  # efficacy_batch_processing_seconds (no labels)
     population_update_seconds: Histogram  # efficacy_population_update_seconds{measure}
     event_to_score_seconds: Histogram  # efficacy_event_to_score_seconds (no labels)
+    event_loop_lag_seconds: Histogram  # efficacy_event_loop_lag_seconds (no labels)
     # Population fit
     elbo: Gauge  # efficacy_population_elbo{measure}
     svi_steps: Counter  # efficacy_svi_steps_total{measure}
@@ -185,6 +186,12 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
         batch_seconds=histogram(
             "batch_processing_seconds",
             "Wall time to process one batch taken from the patients stream.",
+            BATCH_LATENCY_BUCKETS,
+        ),
+        event_loop_lag_seconds=histogram(
+            "event_loop_lag_seconds",
+            "How late the worker's event loop ran a timer (streams.loop_lag): blocking work "
+            "on the loop delays every agent, heartbeat and commit by this much.",
             BATCH_LATENCY_BUCKETS,
         ),
         population_update_seconds=histogram(

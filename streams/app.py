@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import faust
 
 from model.config import ModelConfig
-from streams import consumer_seek, score_lookup
+from streams import consumer_seek, loop_lag, score_lookup
 from streams.agents import drift, patients, population
 from streams.agents.population import in_thread
 from streams.catalogue import Catalogue
@@ -80,6 +80,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         web_host=settings.advertised_web_host,
         producer_acks=-1,
         producer_linger_ms=settings.producer_linger_ms,
+        producer_request_timeout=settings.producer_request_timeout_seconds,
         producer_max_request_size=16 * 1024 * 1024,
         consumer_max_fetch_size=16 * 1024 * 1024,
         key_serializer="raw",
@@ -89,6 +90,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     # The patients agent takes the raw topics by fetched partition chunk.
     app.chunked_topics = frozenset(topic.get_topic_name() for topic in topics.raw)
     telemetry = Telemetry(metrics)
+    loop_lag.install(app, telemetry)
     models = measure_models(catalogue, settings)
     posteriors = PosteriorBook()
     patients_service = patients.PatientsService(

@@ -13,9 +13,16 @@ caused the records are acknowledged (and their offsets committed).
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Iterable
+from typing import NoReturn
 
 import faust
+
+log = logging.getLogger(__name__)
+
+EXIT_DELIVERY_FAILED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
 
 
 class DeliveryFailed(RuntimeError):
@@ -52,3 +59,13 @@ async def delivered(futures: Iterable[asyncio.Future]) -> None:
         raise DeliveryFailed(
             f"{len(errors)} of {len(futures)} records not delivered: {errors[0]!r}"
         ) from errors[0]
+
+
+def stop_now(error: DeliveryFailed) -> NoReturn:
+    """Exit at once, without the clean shutdown's offset commit: records the
+    worker produced were lost, and the events that caused them must be read
+    again by the next worker. (A delivery that waits on an unreachable broker
+    does not fail: the worker waits with it, and commits nothing past it.)"""
+    log.critical("stopping the worker: %s", error)
+    logging.shutdown()  # flush the log before the hard exit
+    os._exit(EXIT_DELIVERY_FAILED)

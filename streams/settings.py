@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         "0 sends one as soon as a message is ready; no measurable change on loopback, "
         "fewer requests on a real network); adds at most this much latency",
     )
+    producer_request_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0.0,
+        description="how long a produce request may wait for the broker's acknowledgement "
+        "(Kafka's default delivery timeout; faust's is 1200 s): a request that times out "
+        "fails its records, and the worker stops before the offsets of the events that "
+        "caused them are committed",
+    )
     population_interval_seconds: float = Field(
         default=2.0, gt=0.0, description="how often the population agent considers an update"
     )

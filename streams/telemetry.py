@@ -31,6 +31,7 @@ class Telemetry:
         self.published = 0
         self.batches = 0
         self.selections = 0
+        self.max_loop_lag = 0.0
         self._structures: dict[str, set[str]] = {}  # compared by the latest selection
 
     def accepted(self, source: str, count: int = 1) -> None:
@@ -67,6 +68,11 @@ class Telemetry:
         if self.metrics is not None:
             for latency in latencies:
                 self.metrics.event_to_score_seconds.observe(max(latency, 0.0))
+
+    def loop_lag(self, seconds: float) -> None:
+        self.max_loop_lag = max(self.max_loop_lag, seconds)
+        if self.metrics is not None:
+            self.metrics.event_loop_lag_seconds.observe(max(seconds, 0.0))
 
     def scores_published(self, count: int, trigger: str) -> None:
         """``trigger``: "evidence" (new patient data) or "population" (new posterior)."""

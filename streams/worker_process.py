@@ -65,6 +65,16 @@ class WorkerProcess:
                 self.process.wait(timeout=10)
         return self.process.returncode
 
+    def wait(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the worker to exit by itself; its
+        exit code, or None while it still runs."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def kill(self) -> int | None:
         """SIGKILL, as a crash: no shutdown, no offset commit, no flush. Returns the exit code."""
         if self.process is None:

@@ -119,7 +119,7 @@ def test_no_label_identifies_a_patient(registry: CollectorRegistry, metrics: Met
 
 def test_histograms_have_explicit_buckets(metrics: Metrics) -> None:
     histograms = [m for m in metrics if isinstance(m, Histogram)]
-    assert len(histograms) == 4
+    assert len(histograms) == 5
     for histogram in histograms:
         buckets = histogram._upper_bounds
         assert tuple(buckets[:-1]) != Histogram.DEFAULT_BUCKETS[:-1], histogram._name

@@ -391,6 +391,57 @@ def test_broker_restart_mid_stream_resumes_with_the_same_invariant(tmp_path):
         kafka.stop()
 
 
+def test_a_worker_killed_with_writes_waiting_on_a_stopped_broker_loses_nothing(tmp_path):
+    """The worker awaits the delivery of every state and output record of a
+    batch before the batch's events are acknowledged (streams/output.py). A
+    dedicated broker stops while the worker still has fetched records to
+    process: its writes wait, the worker waits with them (it neither skips
+    the batch nor commits past it), and is then killed with writes undelivered.
+    With the broker back, a new worker on the same data resumes from the
+    committed offsets: nothing lost and nothing counted twice. One record per
+    batch, so the worker is mid-way through its fetched records when the
+    broker stops."""
+    from streams.broker import LocalKafka
+
+    kafka = LocalKafka(log=lambda m: print(f"[kafka] {m}", flush=True))
+    bootstrap = kafka.start()
+    try:
+        run = Run(bootstrap, "deliverywait", small_programme(seed=26, patients=300))
+        first = WorkerProcess(run.env(tmp_path / "w", EFFICACY_BATCH_SIZE="1"))
+        try:
+            # The worker creates the topics; the whole programme then waits for it.
+            first.start()
+            first.wait_for_log(READY)
+            assert first.stop() == 0, first.log_tail()
+            asyncio.run(publish(run.programme, run.settings))
+            first.start()
+            # Mid-stream: some of the state written, far from all (one changelog
+            # record per record, one record per batch).
+            changelog = [f"{run.app_id}-patients-changelog"]
+            written = poll(
+                lambda: sum(asyncio.run(end_offsets(bootstrap, changelog)).values()),
+                lambda written: written >= 500,
+                timeout=300,
+                interval=0.2,
+            )
+            sent = sum(len(rs) for rs in run.programme.records.values())
+            assert 500 <= written < sent / 2, f"{written} state writes of {sent} records"
+            kafka.stop(keep_data=True)
+            print(f"broker stopped after {written} state writes for {sent} records")
+            assert first.wait(timeout=10.0) is None, first.log_tail()  # waits, alive
+        finally:
+            first.kill()
+        kafka.start()
+        with WorkerProcess(run.env(tmp_path / "w")) as second:
+            wait_settled(run, timeout=600)
+            assert second.alive(), second.log_tail()
+            assert_statistics_equal_batch(run)
+            assert_every_record_accounted_for(run)
+            assert second.stop() == 0, second.log_tail()
+    finally:
+        kafka.stop()
+
+
 # --- 3. replay from the beginning -----------------------------------------------------
 
 

@@ -38,7 +38,7 @@ from streams import stall_watch
 from streams.agents.drift import conflict_alert
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
-from streams.output import DeliveryFailed, Producer, delivered
+from streams.output import DeliveryFailed, Producer, delivered, stop_now
 from streams.patient_state import PatientRecord
 from streams.patient_step import (
     StepContext,
@@ -159,9 +159,7 @@ class PatientsService:
         try:
             await delivered(futures)
         except DeliveryFailed as error:
-            log.critical("stopping the worker: %s", error)
-            await self.app.crash(error)
-            raise
+            stop_now(error)
         for (source, reason), count in outputs.rejected.items():
             self.telemetry.rejected(source, reason, count)
         self.telemetry.scores_published(len(outputs.scores), trigger)
