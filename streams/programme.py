@@ -741,7 +741,7 @@ def sample_messages() -> dict[str, Record]:
     """One record of every kind producers publish, from a tiny crossover
     programme (deterministic): ``enrollment``, ``exposure_start``,
     ``exposure_stop``, and a reading per source topic (``wearables``, ``labs``,
-    ``pros``). The README's samples are these."""
+    ``pros``). docs/topics.md shows these."""
     programme = build_programme(
         ["resting_heart_rate", "hba1c", "phq9"],
         num_patients=3,

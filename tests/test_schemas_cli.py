@@ -177,10 +177,10 @@ def test_simulate_publishes_exactly_the_records_of_its_truth(kafka_bootstrap, tm
     assert {r.key for r in readings} <= {r.key for r in enrolments}
 
 
-def test_readme_samples_are_the_generated_ones():
-    """README's "Topics and messages" samples equal sample_messages() and validate."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Topics and messages", 1)[1].split("\n## ", 1)[0]
+def test_documented_samples_are_the_generated_ones():
+    """docs/topics.md's samples equal sample_messages() and validate."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "topics.md").read_text()
+    section = page.split("# Topics and messages", 1)[1].split("\n## ", 1)[0]
     blocks = [b.split("```", 1)[0] for b in section.split("```json\n")[1:]]
     samples = sample_messages()
     assert [json.loads(b) for b in blocks] == [json.loads(r.value) for r in samples.values()]
