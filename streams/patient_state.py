@@ -134,7 +134,8 @@ class MeasureStats(BaseModel):
         """The sealed readings' window statistics as (gram, reference time);
         empty (zeros, −inf) unless they were kept for ``window``'s half-life."""
         if self.sealed_window_gram is None or self.sealed_window_half_life != window.half_life:
-            return empty_stats(1, window).gram[0].tolist(), float("-inf")
+            d = window.stat_dim
+            return [[0.0] * d for _ in range(d)], float("-inf")
         return self.sealed_window_gram, self.sealed_window_reference_time
 
     def sealed_window_stats(self, window: ModelConfig) -> PatientStats:
@@ -360,7 +361,9 @@ def _exposures(record: PatientRecord, readings: list[tuple[float, float]]) -> li
     if len(timeline) == 1:
         start, level = timeline[0]
         return [level if t >= start else 0.0 for t, _ in readings]
-    return [record.exposure_at(t) for t, _ in readings]
+    starts = [start for start, _ in timeline]
+    levels = [0.0, *(level for _, level in timeline)]
+    return [levels[bisect.bisect_right(starts, t)] for t, _ in readings]
 
 
 def patient_evidence(
