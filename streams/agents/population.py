@@ -36,6 +36,7 @@ from monitoring.drift import (
     PosteriorShiftDetector,
     WindowShiftDetector,
 )
+from streams.output import DeliveryFailed, Producer, delivered, stop_now
 from streams.patient_step import measure_partition
 from streams.population_book import (
     FitResult,
@@ -107,6 +108,7 @@ class PopulationService:
         self.table = MeasurePartitionedTable.register(
             app, "population-evidence", settings.partitions
         )
+        self.producer = Producer(app)
 
     def detector(self, measure: str) -> DriftDetectors:
         if measure not in self.detectors:
@@ -124,14 +126,19 @@ class PopulationService:
         for evidence in batch.items:
             book.put(evidence)
 
-    def keep(self, batch: EvidenceBatch) -> None:
+    async def keep(self, batch: EvidenceBatch) -> None:
         """Each patient's latest statistics into the table (keyed
         ``measure/patient``: the changelog compacts to one entry per patient),
-        from which a new owner rebuilds the book."""
-        for evidence in batch.items:
-            self.table[f"{evidence.measure}/{evidence.patient_id}"] = (
-                evidence.model_dump_json().encode()
-            )
+        from which a new owner rebuilds the book; delivered before the batch is
+        acknowledged (streams.stores.PartitionedByKey.write_many)."""
+        items = {
+            f"{evidence.measure}/{evidence.patient_id}": evidence.model_dump_json().encode()
+            for evidence in batch.items
+        }
+        try:
+            await delivered(await self.table.write_many(items, self.producer))
+        except DeliveryFailed as error:
+            stop_now(error)
 
     def owns(self, measure: str) -> bool:
         """This worker actively owns the measure's evidence partition."""
@@ -459,7 +466,7 @@ def register(app: faust.App, service: PopulationService) -> None:
         ):
             for event in events:
                 batch = EvidenceBatch.model_validate_json(event.value)
-                service.keep(batch)
+                await service.keep(batch)
                 service.take(batch)
 
     app.agent(service.topics.population_evidence, name="population")(population)
