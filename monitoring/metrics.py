@@ -14,7 +14,7 @@ small closed sets (sources, reasons, measures, classifications).
 Label values used by the pipeline:
 
 - ``source``: the input topic's short name (``enrollments``, ``wearables``,
-  ``labs``, ``pros``).
+  ``labs``, ``pros``, ``fhir-observations``, ``omh-datapoints``).
 - ``reason``: the dead-letter reason code (``schema``, ``unit``, ``implausible``,
   ``duplicate``, ...); a small closed set chosen by the ingest agent.
 - ``measure``: the outcome measure's configured name.

@@ -5,6 +5,7 @@ patients     raw topics -> validation (deadletter), patients table, scores, aler
 population   population-evidence -> population table; timer -> population-posterior
 posteriors   population-posterior (all partitions, every worker) -> rescoring
 web          GET /patients/{id}/score, answered by the patient's owner (score_lookup)
+interop      fhir-observations, omh-datapoints -> readings on the source topics (deadletter)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import faust
 
 from model.config import ModelConfig
 from streams import consumer_seek, loop_lag, score_lookup
-from streams.agents import drift, patients, population
+from streams.agents import drift, interop, patients, population
 from streams.agents.population import in_thread
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkedApp
@@ -102,6 +103,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     patients.register(app, patients_service)
     population.register(app, population_service)
     drift.register(app, topics, telemetry)
+    interop.register(app, topics, catalogue, settings, telemetry)
     lookup = score_lookup.register(app, patients_service)
 
     compiled: set = set()  # (structure, number of draws) whose scoring shapes are compiled

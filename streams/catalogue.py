@@ -4,11 +4,18 @@ of benefit, MCID and standardisation of every outcome measure.
 Shipped as ``streams/measures.toml``; users point ``EFFICACY_MEASURES_FILE`` at
 their own file with the same layout. A value in an accepted unit converts to
 the canonical unit as ``canonical = value * scale + offset``.
+
+Interoperable inputs (streams.interop) find their measure by code: ``loinc``
+lists the LOINC codes of a measure (FHIR Observations and their components),
+``omh`` the Open mHealth quantities (``namespace:schema#property``, optionally
+``?field=value|value`` conditions, streams.interop.open_mhealth), and ``ucum``
+maps UCUM unit codes to the measure's unit names.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -19,6 +26,8 @@ from model.config import MeasureConfig, ModelConfig, Standardization
 
 DEFAULT_CATALOGUE = Path(__file__).with_name("measures.toml")
 Source = Literal["wearable", "lab", "pro"]
+LOINC_CODE = re.compile(r"^[0-9]{1,7}-[0-9]$")
+OMH_CODE = re.compile(r"^[a-z0-9-]+:[a-z0-9-]+#[a-z0-9_]+(\?[^?]+)?$")
 
 
 class CatalogueError(ValueError):
@@ -54,6 +63,9 @@ class MeasureSpec(BaseModel):
     typical: tuple[float, float]
     sources: tuple[Source, ...] = ("wearable", "lab", "pro")
     units: dict[str, UnitConversion] = Field(default_factory=dict)
+    loinc: tuple[str, ...] = ()
+    omh: tuple[str, ...] = ()
+    ucum: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> MeasureSpec:
@@ -62,16 +74,32 @@ class MeasureSpec(BaseModel):
             raise ValueError(f"plausible must be [low, high] with low < high, got {self.plausible}")
         if self.typical[1] <= 0:
             raise ValueError("typical scale must be > 0")
+        for code in self.loinc:
+            if not LOINC_CODE.match(code):
+                raise ValueError(f"loinc: {code!r} is not a LOINC code (like 8867-4)")
+        for code in self.omh:
+            if not OMH_CODE.match(code):
+                raise ValueError(f"omh: {code!r} is not namespace:schema#property[?conditions]")
+        for spelling, unit in self.ucum.items():
+            if unit != self.unit and unit not in self.units:
+                raise ValueError(f"ucum: {spelling!r} maps to {unit!r}, not a unit of {self.name}")
         return self
+
+    def resolve_unit(self, unit: str) -> str:
+        """The measure's name of ``unit`` (itself, or the unit a UCUM code in
+        ``ucum`` stands for); UnknownUnit for a unit it does not accept."""
+        unit = self.ucum.get(unit, unit)
+        if unit != self.unit and unit not in self.units:
+            accepted = ", ".join([self.unit, *self.units, *self.ucum])
+            raise UnknownUnit(f"{self.name} accepts units {accepted}, not {unit!r}")
+        return unit
 
     def to_canonical(self, value: float, unit: str) -> float:
         """The value in the canonical unit; UnknownUnit for a unit not listed."""
+        unit = self.resolve_unit(unit)
         if unit == self.unit:
             return value
-        conversion = self.units.get(unit)
-        if conversion is None:
-            accepted = ", ".join([self.unit, *self.units])
-            raise UnknownUnit(f"{self.name} accepts units {accepted}, not {unit!r}")
+        conversion = self.units[unit]
         return value * conversion.scale + conversion.offset
 
     def plausible_value(self, value: float) -> bool:
@@ -122,11 +150,37 @@ class Catalogue(BaseModel):
 
     measures: dict[str, MeasureSpec]
 
+    @model_validator(mode="after")
+    def _codes_unique(self) -> Catalogue:
+        owner: dict[str, str] = {}
+        for spec in self.measures.values():
+            for code in spec.loinc:
+                if owner.setdefault(code, spec.name) != spec.name:
+                    raise ValueError(f"LOINC {code} is listed by {owner[code]} and {spec.name}")
+        return self
+
     def get(self, name: str) -> MeasureSpec:
         try:
             return self.measures[name]
         except KeyError:
             raise UnknownMeasure(name) from None
+
+    def by_loinc(self, code: str) -> MeasureSpec | None:
+        """The measure a LOINC code stands for, or None."""
+        for spec in self.measures.values():
+            if code in spec.loinc:
+                return spec
+        return None
+
+    def omh_codes(self, schema: str) -> list[tuple[MeasureSpec, str]]:
+        """(measure, code) of every ``omh`` code of Open mHealth schema
+        ``namespace:name`` (the part of the code before ``#``)."""
+        return [
+            (spec, code)
+            for spec in self.measures.values()
+            for code in spec.omh
+            if code.split("#", 1)[0] == schema
+        ]
 
     @classmethod
     def load(cls, path: Path | None = None) -> Catalogue:
@@ -148,4 +202,7 @@ class Catalogue(BaseModel):
                 raise CatalogueError(f"{path}: [{name}]: {error}") from None
         if not measures:
             raise CatalogueError(f"{path}: no measures defined")
-        return cls(measures=measures)
+        try:
+            return cls(measures=measures)
+        except ValidationError as error:
+            raise CatalogueError(f"{path}: {error}") from None

@@ -8,6 +8,8 @@ drop duplicates) and ``event_time`` (when it happened, not when it arrived).
 |---|---|---|
 | enrollments | patient_id | Enrollment or ExposureChange (field ``kind``) |
 | wearables / labs / pros | patient_id | WearableReading / LabResult / PatientReportedOutcome |
+| fhir-observations | any | a FHIR R4 Observation or Bundle (streams.interop.fhir) |
+| omh-datapoints | any | an Open mHealth data point (streams.interop.open_mhealth) |
 | deadletter | source key | DeadLetter |
 | population-evidence (internal) | measure | EvidenceBatch (PatientEvidence of many patients) |
 | population-posterior | measure | PopulationPosterior |

@@ -25,6 +25,8 @@ class Topics(NamedTuple):
     scores: faust.TopicT
     alerts: faust.TopicT
     structure_selection: faust.TopicT
+    fhir_observations: faust.TopicT
+    omh_datapoints: faust.TopicT
 
     @property
     def sources(self) -> tuple[faust.TopicT, ...]:
@@ -34,6 +36,11 @@ class Topics(NamedTuple):
     def raw(self) -> tuple[faust.TopicT, ...]:
         """What producers write and the patients agent reads: enrolments and readings."""
         return (self.enrollments, *self.sources)
+
+    @property
+    def interop(self) -> tuple[faust.TopicT, ...]:
+        """FHIR Observations and Open mHealth data points (streams.agents.interop)."""
+        return (self.fhir_observations, self.omh_datapoints)
 
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from streams.catalogue import DEFAULT_CATALOGUE, Catalogue, CatalogueError, UnknownUnit
@@ -116,3 +118,40 @@ def test_a_broken_file_gives_a_catalogue_error_naming_it(tmp_path, text, names):
 def test_a_missing_file_gives_a_catalogue_error(tmp_path):
     with pytest.raises(CatalogueError, match="not found"):
         Catalogue.load(tmp_path / "absent.toml")
+
+
+def test_interoperable_codes_of_the_shipped_catalogue():
+    """Codes a FHIR or Open mHealth record is mapped by (docs/ingest.md)."""
+    from streams.interop.open_mhealth import conditions
+
+    catalogue = Catalogue.load()
+    assert catalogue.by_loinc("8480-6").name == "systolic_bp"
+    assert catalogue.by_loinc("4548-4").name == "hba1c"
+    assert catalogue.by_loinc("8462-4") is None  # diastolic: no measure
+    assert [spec.name for spec, _ in catalogue.omh_codes("omh:blood-pressure")] == ["systolic_bp"]
+    for spec in catalogue.measures.values():
+        for code in spec.omh:
+            for field, values in conditions(code).items():
+                assert field and all(values), (spec.name, code)
+    # UCUM spellings are aliases of the measure's units, converted like them
+    assert catalogue.get("systolic_bp").to_canonical(107.0, "mm[Hg]") == 107.0
+    assert catalogue.get("resting_heart_rate").resolve_unit("/min") == "bpm"
+    assert catalogue.get("phq9").resolve_unit("{score}") == "score"
+    with pytest.raises(UnknownUnit):
+        catalogue.get("resting_heart_rate").resolve_unit("mm[Hg]")
+
+
+def test_a_loinc_code_listed_by_two_measures_is_refused(tmp_path):
+    shipped = Path(DEFAULT_CATALOGUE).read_text()
+    path = tmp_path / "measures.toml"
+    path.write_text(shipped.replace('loinc = ["44261-6"]', 'loinc = ["8867-4"]'))
+    with pytest.raises(CatalogueError, match="8867-4"):
+        Catalogue.load(path)
+
+
+def test_a_ucum_alias_must_name_a_unit_of_the_measure(tmp_path):
+    shipped = Path(DEFAULT_CATALOGUE).read_text()
+    path = tmp_path / "measures.toml"
+    path.write_text(shipped.replace('"mm[Hg]" = "mmHg"', '"mm[Hg]" = "torr"'))
+    with pytest.raises(CatalogueError, match="torr"):
+        Catalogue.load(path)
