@@ -61,6 +61,9 @@ from streams.topics import Topics
 log = logging.getLogger(__name__)
 
 
+REBUILD_CHUNK = 2000  # table values parsed between yields to the event loop (~40 ms)
+
+
 class MeasurePartitionedTable(PartitionedByKey):
     """A table keyed ``measure/patient`` whose changelog partition (and RocksDB
     database) is the measure's partition of the population-evidence topic,
@@ -102,6 +105,7 @@ class PopulationService:
         self._fitting = asyncio.Lock()
         self._ticking = False
         self._owned: set[str] = set()  # measures owned at the last tick
+        self._rebuilding: dict[str, list[EvidenceBatch]] = {}  # batches taken meanwhile
         self.selection_fitters: FitterCache = {}  # compiled, shared by all measures
         self._last_selection: dict[str, tuple[float, str]] = {}  # (monotonic start, digest)
         self._selecting = False
@@ -121,7 +125,12 @@ class PopulationService:
         return self.books[measure]
 
     def take(self, batch: EvidenceBatch) -> None:
-        """Each patient's latest statistics into the measure's book."""
+        """Each patient's latest statistics into the measure's book (after the
+        book's rebuild, while one runs)."""
+        pending = self._rebuilding.get(batch.measure)
+        if pending is not None:
+            pending.append(batch)
+            return
         book = self.book(batch.measure)
         for evidence in batch.items:
             book.put(evidence)
@@ -148,18 +157,38 @@ class PopulationService:
         )
         return tp in self.app.assignor.assigned_actives()
 
-    def rebuild_book(self, measure: str) -> None:
+    async def rebuild_book(self, measure: str) -> None:
         """Refill the measure's book from the table, which recovery made complete.
         Needed whenever this worker becomes the measure's owner (start, restart,
         rebalance): its book is empty, or stale (built while it was not the
-        owner), and the fit state and version of an earlier ownership are stale."""
-        self.books[measure] = book = PopulationBook(measure, self.models[measure])
+        owner), and the fit state and version of an earlier ownership are stale.
+
+        Without blocking the event loop (at 1M patients the parse takes tens of
+        seconds): the keys are listed first and the values parsed REBUILD_CHUNK at
+        a time, yielding between chunks. Evidence batches that arrive meanwhile
+        are applied after, in order: the agent writes the table before it takes
+        a batch, so a patient's last pending batch is never older than the table
+        value read for it."""
         self.fits.pop(measure, None)
         self.recent_fits.pop(measure, None)
         self.detectors.pop(measure, None)  # references of an earlier ownership
-        for key, raw in list(self.table.items()):
-            if raw and key.startswith(f"{measure}/"):
-                book.put(PatientEvidence.model_validate_json(raw))
+        book = PopulationBook(measure, self.models[measure])
+        self._rebuilding[measure] = pending = []
+        try:
+            prefix = f"{measure}/"
+            keys = [key for key in list(self.table.keys()) if key.startswith(prefix)]
+            for start in range(0, len(keys), REBUILD_CHUNK):
+                for key in keys[start : start + REBUILD_CHUNK]:
+                    raw = self.table.get(key)
+                    if raw:
+                        book.put(PatientEvidence.model_validate_json(raw))
+                await asyncio.sleep(0)
+            for batch in pending:
+                for evidence in batch.items:
+                    book.put(evidence)
+        finally:
+            del self._rebuilding[measure]
+        self.books[measure] = book
 
     def ready(self) -> bool:
         """The table is recovered and the posterior feed has read what is
@@ -182,7 +211,7 @@ class PopulationService:
     async def _tick(self) -> None:
         owned = {measure for measure in self.models if self.owns(measure)}
         for measure in owned - self._owned:
-            self.rebuild_book(measure)
+            await self.rebuild_book(measure)
             # The first structure selection comes one interval after ownership starts.
             self._last_selection[measure] = (time.monotonic(), "")
         self._owned = owned
