@@ -38,9 +38,9 @@ A worker that skips the rescoring after a new posterior leaves scores computed
 under an early posterior (or none, for patients whose readings all arrived
 before the first posterior) and never settles. So that such a run fails in
 about a minute rather than at the read's timeout, ``Settling`` also stops the
-read once the final posterior is there, the scores are complete in number and
-nothing new arrived on the read topics for ``idle_seconds``; ``problems`` then
-says what is not settled.
+read once the final posterior covers every reading and nothing new arrived on
+the read topics for ``idle_seconds``; ``problems`` then says what is not
+settled.
 """
 
 from __future__ import annotations
@@ -253,15 +253,19 @@ class Settling:
             self._seen, self._last_change = len(records), now
             cheap = self._cheap_settled(records)
             return cheap and not self.problems(records)
-        if now - self._last_change >= self.idle_seconds and self._cheap_settled(records):
+        if now - self._last_change >= self.idle_seconds and self._evidence_complete(records):
             self.gave_up = True  # quiet with the evidence complete: problems() says why
             return True
         return False
 
-    def _cheap_settled(self, records) -> bool:
-        """Conditions 1 and 2 in number only (before the recomputation)."""
+    def _evidence_complete(self, records) -> bool:
+        """Condition 1: the last posterior was fitted on every valid reading."""
         final = self.final_posterior(records)
         valid = self.truth.measures[self.measure].valid_unique_readings
-        if final is None or round(final["num_observations"]) != valid:
-            return False
-        return len(self.latest_scores(records)) == len(self.patients)
+        return final is not None and round(final["num_observations"]) == valid
+
+    def _cheap_settled(self, records) -> bool:
+        """Conditions 1 and 2 in number only (before the recomputation)."""
+        return self._evidence_complete(records) and (
+            len(self.latest_scores(records)) == len(self.patients)
+        )
