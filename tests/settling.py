@@ -37,7 +37,7 @@ A run over a simulated programme has *settled* (``Settling``) when
 A worker that skips the rescoring after a new posterior leaves scores computed
 under an early posterior (or none, for patients whose readings all arrived
 before the first posterior) and never settles. So that such a run fails in
-about a minute rather than at the read's timeout, ``Settling`` also stops the
+a minute or two rather than at the read's timeout, ``Settling`` also stops the
 read once the final posterior covers every reading and nothing new arrived on
 the read topics for ``idle_seconds``; ``problems`` then says what is not
 settled.
@@ -103,7 +103,7 @@ class Settling:
         programme: Programme,
         prefix: str,
         measure: str,
-        idle_seconds: float = 60.0,
+        idle_seconds: float = 90.0,
     ) -> None:
         self.programme = programme
         self.truth = programme.truth
