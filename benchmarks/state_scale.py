@@ -264,7 +264,7 @@ class Cloner:
 
     def clone(self, index: int) -> tuple[str, int, str, dict[str, str]]:
         """(patient id, its partition, record JSON, measure -> evidence JSON)."""
-        from streams.agents.patients import key_partition
+        from streams.partitioning import key_partition
 
         record, evidence = self.templates[index % len(self.templates)]
         record = json.loads(record)  # a fresh copy
@@ -320,7 +320,7 @@ async def produce_state(
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    from streams.patient_step import measure_partition
+    from streams.partitioning import measure_partition
 
     patients_topic = f"{app_id}-patients-changelog"
     evidence_topic = f"{app_id}-population-evidence-changelog"
@@ -411,7 +411,8 @@ async def send_evidence_updates(
     population agent's next tick is a warm update."""
     from aiokafka import AIOKafkaProducer
 
-    from streams.patient_step import EVIDENCE_CHUNK, measure_partition
+    from streams.partitioning import measure_partition
+    from streams.patient_step import EVIDENCE_CHUNK
     from streams.schemas import EvidenceBatch, PatientEvidence
 
     by_measure: dict[str, list[PatientEvidence]] = {}

@@ -120,6 +120,7 @@ class Metrics(NamedTuple):
     # Ingest
     events_accepted: Counter  # efficacy_events_accepted_total{source}
     events_dead_lettered: Counter  # efficacy_events_dead_lettered_total{source, reason}
+    events_rerouted: Counter  # efficacy_events_rerouted_total{source}
     # Latencies
     batch_seconds: Histogram  # efficacy_batch_processing_seconds (no labels)
     population_update_seconds: Histogram  # efficacy_population_update_seconds{measure}
@@ -182,6 +183,12 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             "events_dead_lettered_total",
             "Input records rejected to the dead-letter topic.",
             ("source", "reason"),
+        ),
+        events_rerouted=counter(
+            "events_rerouted_total",
+            "Input records that arrived on another partition than their key's (a producer "
+            "without Kafka's murmur2 partitioner) and were sent on to their key's partition.",
+            ("source",),
         ),
         batch_seconds=histogram(
             "batch_processing_seconds",

@@ -12,13 +12,23 @@ from aiokafka.structs import ConsumerRecord
 
 
 async def produce(
-    bootstrap_servers: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]
+    bootstrap_servers: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes]],
+    partition_of: Callable[[bytes | None], int] | None = None,
 ) -> int:
-    """Send (key, value) records to ``topic`` and wait for every ack. Returns the count."""
+    """Send (key, value) records to ``topic`` and wait for every ack. Returns the
+    count. ``partition_of(key)``: the partition of each record (default: the
+    producer's murmur2 partitioner), e.g. to act as a producer with another one."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
     await producer.start()
     try:
-        futures = [await producer.send(topic, value=value, key=key) for key, value in records]
+        futures = [
+            await producer.send(
+                topic, value=value, key=key, partition=partition_of(key) if partition_of else None
+            )
+            for key, value in records
+        ]
         await producer.flush()
         for future in futures:
             await future

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Protocol
 
 from model.config import DecisionRule, ModelConfig
 from streams.catalogue import Catalogue
+from streams.partitioning import key_partition, measure_partition
 from streams.patient_state import PatientRecord, apply_event, measure_evidence, origin_key
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import (
@@ -96,10 +96,13 @@ class Message:
 class StepOutputs:
     """Everything a step causes besides the new table values.
 
-    Records to send, per topic role: ``dead_letters``, ``evidence``
+    Records to send, per topic role: ``dead_letters``, ``reroutes`` (keyed raw
+    records that arrived on another partition than their key's, sent unchanged
+    to their key's partition of the same topic), ``evidence``
     (population-evidence, on the measure's partition), ``scores`` and ``alerts``
     (responder transitions; conflict alerts come from the conflict check). Metric
-    deltas: ``accepted`` (per source), ``rejected`` (per (source, reason)),
+    deltas: ``accepted`` and ``rerouted`` (per source), ``rejected`` (per
+    (source, reason)),
     ``replays``; ``calls`` (per measure, the published call of each patient
     scored, for the classification gauges); ``arrival`` (the earliest raw-record
     timestamp, in seconds, of each patient whose evidence changed, for the
@@ -107,10 +110,12 @@ class StepOutputs:
     readings for the prior-data conflict check, in arrival order)."""
 
     dead_letters: list[Message] = field(default_factory=list)
+    reroutes: list[tuple[str, Message]] = field(default_factory=list)  # (topic, record)
     evidence: list[Message] = field(default_factory=list)
     scores: list[Message] = field(default_factory=list)
     alerts: list[Message] = field(default_factory=list)
     accepted: Counter[str] = field(default_factory=Counter)
+    rerouted: Counter[str] = field(default_factory=Counter)  # per source
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
     replays: int = 0
     calls: dict[str, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
@@ -211,10 +216,19 @@ def _validate(
     events: Sequence[RawRecord], context: StepContext, now: datetime, outputs: StepOutputs
 ) -> list[Validated]:
     """The valid records of a batch as (record, source, origin, event); the
-    others are dead-lettered (streams.validation)."""
+    others are dead-lettered (streams.validation), or re-routed when they are on
+    another partition than their key's (streams.partitioning)."""
     valid = []
+    partitions = context.settings.partitions
     for event in events:
         source = context.settings.source_of(event.topic)
+        if event.key and (right := key_partition(event.key, partitions)) != event.partition:
+            # A producer whose partitioner is not Kafka's murmur2 (librdkafka's
+            # default): the key's partition belongs to the worker that owns the
+            # patient, possibly another one.
+            outputs.reroutes.append((event.topic, Message(event.key, event.value, right)))
+            outputs.rerouted[source] += 1
+            continue
         origin = Origin(
             topic=event.topic, partition=event.partition, offset=event.offset,
             timestamp=event.timestamp,
@@ -478,8 +492,3 @@ def transition_alert(patient_id: str, previous: str, score: MeasureScore) -> Ale
             "p_benefit_gt_0": score.p_benefit_gt_0,
         },
     )
-
-
-def measure_partition(measure: str, partitions: int) -> int:
-    """The population-evidence partition of a measure (stable across processes)."""
-    return zlib.crc32(measure.encode()) % partitions

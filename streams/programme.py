@@ -240,8 +240,8 @@ class Programme:
         prefixed topics, each keyed record on its key's partition (Kafka's
         murmur2 partitioner), per-partition offsets, the event time as the
         record timestamp (seconds)."""
-        from streams.agents.patients import key_partition
         from streams.chunked_consumer import ChunkRecord
+        from streams.partitioning import key_partition
 
         offsets: dict[tuple[str, int], int] = {}
         records = []

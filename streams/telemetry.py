@@ -27,6 +27,7 @@ class Telemetry:
         self.metrics = metrics
         self.accepted_by_source: Counter[str] = Counter()
         self.rejected_by_reason: Counter[tuple[str, str]] = Counter()
+        self.rerouted_by_source: Counter[str] = Counter()
         self.replayed = 0
         self.published = 0
         self.batches = 0
@@ -43,6 +44,13 @@ class Telemetry:
         self.rejected_by_reason[(source, reason)] += count
         if self.metrics is not None:
             self.metrics.events_dead_lettered.labels(source=source, reason=reason).inc(count)
+
+    def rerouted(self, source: str, count: int) -> None:
+        """Records that arrived on another partition than their key's (a producer
+        without Kafka's murmur2 partitioner), sent on to their key's partition."""
+        self.rerouted_by_source[source] += count
+        if self.metrics is not None:
+            self.metrics.events_rerouted.labels(source=source).inc(count)
 
     def replays(self, count: int) -> None:
         self.replayed += count

@@ -132,6 +132,9 @@ def topic_name(field: str) -> str:
 TOPIC_CONFIG: dict[str, dict[str, str]] = {
     "population-posterior": {"cleanup.policy": "compact", "max.message.bytes": "16777216"},
     "structure-selection": {"cleanup.policy": "compact"},
+    # The latest score per patient is the current state: a new consumer reads it
+    # without replaying every score ever published.
+    "scores": {"cleanup.policy": "compact"},
     # One message carries the statistics of up to EVIDENCE_CHUNK patients.
     "population-evidence": {"max.message.bytes": "16777216"},
 }

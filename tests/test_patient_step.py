@@ -24,6 +24,8 @@ from test_reliability import statistics_mismatch
 import streams.patient_step as patient_step
 from streams.app import measure_models
 from streams.catalogue import Catalogue
+from streams.chunked_consumer import ChunkRecord
+from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
 from streams.patient_step import StepContext, batch_keys, process_batch, rescore
 from streams.posterior_feed import PosteriorBook
@@ -231,3 +233,28 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
     states.update(saves)
     again, outputs = rescore(states, MEASURE, ctx)
     assert not again and not outputs.scores
+
+
+def test_a_record_on_another_partition_than_its_keys_is_rerouted_not_applied(programme):
+    """A producer with librdkafka's default partitioner puts records elsewhere
+    than murmur2(key): each keyed record that arrives on the wrong partition is
+    sent on, unchanged, to its key's partition of the same topic (where the
+    patient's owner reads it) and counted; read there, it counts once."""
+    records = programme.as_read(SETTINGS.topic_prefix, PARTITIONS)
+    misplaced = [
+        ChunkRecord(r.key, r.value, r.topic, (r.partition + 1) % PARTITIONS, r.offset, r.timestamp)
+        if r.key and i % 7 == 0 else r
+        for i, r in enumerate(records)
+    ]  # fmt: skip
+    moved = sum(1 for a, b in zip(records, misplaced, strict=True) if a.partition != b.partition)
+    states: dict[str, bytes] = {}
+    outputs = run_batches(states, misplaced, context(), 50)
+    reroutes = [(topic, m) for o in outputs for topic, m in o.reroutes]
+    assert len(reroutes) == sum(sum(o.rerouted.values()) for o in outputs) == moved
+    for _, message in reroutes:
+        assert message.partition == key_partition(message.key, PARTITIONS)
+    # the owner of the right partition reads them (new offsets there)
+    again = [ChunkRecord(m.key, m.value, topic, m.partition, 10_000 + i, None)
+             for i, (topic, m) in enumerate(reroutes)]  # fmt: skip
+    run_batches(states, again, context(), 50)
+    assert statistics_mismatch(as_run(programme), parsed(states)) is None

@@ -23,9 +23,9 @@ from faust.web import View
 from settling import poll
 from yarl import URL
 
-from streams.agents.patients import key_partition
 from streams.app import create_pipeline
 from streams.kafka_io import read_to_end, read_until
+from streams.partitioning import key_partition
 from streams.programme import build_programme
 from streams.score_lookup import FORWARDED_BY, SERVED_BY
 from streams.settings import Settings

@@ -12,9 +12,8 @@ from types import SimpleNamespace
 import pytest
 from faust.streams import _current_event
 
-from streams.agents.patients import key_partition
 from streams.app import create_pipeline
-from streams.patient_step import measure_partition
+from streams.partitioning import key_partition, measure_partition
 from streams.settings import Settings
 from streams.stores import KeyPartitionedRocksDB
 

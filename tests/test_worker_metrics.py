@@ -136,7 +136,9 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
         topic = prefix + "structure-selection"
         records = asyncio.run(read_until(kafka_bootstrap, [topic], done=selected, timeout=300))
         assert selected(records), worker.log_tail()
-        assert asyncio.run(topic_config(kafka_bootstrap, topic))["cleanup.policy"] == "compact"
+        for compacted in (topic, prefix + "scores"):
+            config = asyncio.run(topic_config(kafka_bootstrap, compacted))
+            assert config["cleanup.policy"] == "compact", compacted
         for record in records:
             selection = StructureSelection.model_validate_json(record.value)
             assert record.key == selection.measure.encode()

@@ -30,7 +30,6 @@ import time
 from collections import Counter, defaultdict
 
 import faust
-from aiokafka.partitioner import DefaultPartitioner
 
 from model.config import DecisionRule, ModelConfig
 from monitoring.drift import PriorDataConflictDetector
@@ -39,6 +38,7 @@ from streams.agents.drift import conflict_alert
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
 from streams.output import DeliveryFailed, Producer, delivered, stop_now
+from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
 from streams.patient_step import (
     StepContext,
@@ -55,16 +55,6 @@ from streams.telemetry import Telemetry
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
-
-
-_PARTITIONER = DefaultPartitioner()
-
-
-def key_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (murmur2, as in the Java client and
-    aiokafka) gives ``key``: where the patient's events land on every topic."""
-    all_partitions = list(range(partitions))
-    return _PARTITIONER(key, all_partitions, all_partitions)
 
 
 class KeyPartitionedTable(PartitionedByKey):
@@ -145,6 +135,10 @@ class PatientsService:
         ``trigger`` says why scores were published ("evidence" or "population")."""
         producer, topics = self.producer, self.topics
         futures = await self.table.write_many(saves, producer)
+        for topic, message in outputs.reroutes:
+            futures.append(
+                await producer.send(topic, message.key, message.value, message.partition)
+            )
         for topic, messages in (
             (topics.deadletter, outputs.dead_letters),
             (topics.population_evidence, outputs.evidence),
@@ -162,6 +156,8 @@ class PatientsService:
             stop_now(error)
         for (source, reason), count in outputs.rejected.items():
             self.telemetry.rejected(source, reason, count)
+        for source, count in outputs.rerouted.items():
+            self.telemetry.rerouted(source, count)
         self.telemetry.scores_published(len(outputs.scores), trigger)
         for measure, calls in outputs.calls.items():
             self.calls[measure].update(calls)

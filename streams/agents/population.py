@@ -37,7 +37,7 @@ from monitoring.drift import (
     WindowShiftDetector,
 )
 from streams.output import DeliveryFailed, Producer, delivered, stop_now
-from streams.patient_step import measure_partition
+from streams.partitioning import measure_partition
 from streams.population_book import (
     FitResult,
     FitterPool,
