@@ -149,12 +149,28 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         _run_simulate,
     ),
     "schemas": ("write the JSON Schema of every topic's values", _schemas_parser, _run_schemas),
+    "scores": (
+        "print the current score of every patient (filters; --follow for new ones)",
+        lambda parser: _read_command().scores_parser(parser),
+        lambda args: _read_command().run_scores(args),
+    ),
+    "alerts": (
+        "print the alerts: responder transitions, drift, prior-data conflicts (--follow)",
+        lambda parser: _read_command().alerts_parser(parser),
+        lambda args: _read_command().run_alerts(args),
+    ),
     "oc": (
         "operating characteristics of the responder calls by simulation (table, JSON, PNG)",
         _oc_parser,
         _run_oc,
     ),
 }
+
+
+def _read_command():
+    from streams import read_command
+
+    return read_command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,7 +210,7 @@ def run_demo(
             "to read them while a broker runs:\n"
             "  python -m streams.broker start          # prints the bootstrap servers\n"
             "  KAFKA_BOOTSTRAP_SERVERS=<that> efficacy demo   # and, in another shell,\n"
-            "  kafka-console-consumer --bootstrap-server <that> "
-            f"--topic {settings.topic('scores')} --from-beginning"
+            "  KAFKA_BOOTSTRAP_SERVERS=<that> efficacy scores --call non_responder\n"
+            "  KAFKA_BOOTSTRAP_SERVERS=<that> efficacy alerts --follow"
         )
     return 0 if summary.scores else 1
