@@ -6,6 +6,7 @@ and asserts there is one; both tests fail with it."""
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from types import SimpleNamespace
 
@@ -22,6 +23,10 @@ PARTITIONS = 4
 
 @pytest.fixture()
 def pipeline(tmp_path):
+    # faust's table writes outside a stream need the thread's current event loop;
+    # an earlier test's asyncio.run() leaves none set.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     settings = Settings(
         store_url="rocksdb://",
         data_dir=tmp_path,
@@ -30,7 +35,9 @@ def pipeline(tmp_path):
         metrics_enabled=False,
         compilation_cache_dir=None,
     )
-    return create_pipeline(settings)
+    yield create_pipeline(settings)
+    asyncio.set_event_loop(None)
+    loop.close()
 
 
 class _Event:
