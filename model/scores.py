@@ -30,6 +30,11 @@ PATIENT_BLOCK = 4096
 QUANTILE_STEP_TOLERANCE = 1e-5  # of the smallest component sd: leaves ~1e-10 of it
 QUANTILE_MAX_STEPS = 100  # bisection alone from the ±12 sd bracket settles in about 25
 INV_SQRT_2PI = 0.3989422804014327
+#: Scores evaluate the mixture's CDF (interval ends, probabilities of benefit)
+#: in float32: 5-7x faster than float64 on CPU, and its error (< 1e-6 in a
+#: probability, in sds for a quantile; tests/test_scores.py) is four orders
+#: below the Monte Carlo error of a mixture over a few hundred draws of θ.
+MIXTURE_DTYPE = jnp.float32
 
 
 class Classification(StrEnum):
@@ -97,7 +102,8 @@ def mixture_quantiles(means: jax.Array, sds: jax.Array, probs: jax.Array) -> jax
         - (2.0 * z**3 - 5.0 * z) * skew**2 / 36.0
     )
     start = jnp.clip(mean + cornish_fisher * sd, low, high)
-    tolerance = QUANTILE_STEP_TOLERANCE * jnp.min(sds, axis=0)  # F's curvature scale
+    resolution = 8.0 * jnp.finfo(means.dtype).eps * (jnp.abs(mean) + sd)  # of q itself
+    tolerance = jnp.maximum(QUANTILE_STEP_TOLERANCE * jnp.min(sds, axis=0), resolution)
     target = probs[:, None]
 
     def step(state):
@@ -141,20 +147,23 @@ def _block_summary(
         draws, gram, cohort_mean, cohort_var, config
     )
     m, v = comps.mean, comps.variance
-    sd_s = jnp.sqrt(v)
     mean = jnp.mean(m, axis=0)
     var = jnp.mean(v + m**2, axis=0) - mean**2
-    quantiles = mixture_quantiles(m, sd_s, probs)
-    p_mcid = jnp.mean(ndtr((sign * m - mcid_std) / sd_s), axis=0)
-    p_zero = jnp.mean(ndtr(sign * m / sd_s), axis=0)
+    # The mixture's CDF in MIXTURE_DTYPE (see there); moments stay in float64.
+    m_low = m.astype(MIXTURE_DTYPE)
+    sd_low = jnp.sqrt(v).astype(MIXTURE_DTYPE)
+    quantiles = mixture_quantiles(m_low, sd_low, probs.astype(MIXTURE_DTYPE)).astype(m.dtype)
+    sign_low = sign.astype(MIXTURE_DTYPE)
+    p_mcid = jnp.mean(ndtr((sign_low * m_low - mcid_std.astype(MIXTURE_DTYPE)) / sd_low), axis=0)
+    p_zero = jnp.mean(ndtr(sign_low * m_low / sd_low), axis=0)
     population = jnp.mean(draws.mu[:, 1])
     cohort = jnp.mean(comps.cohort_mean, axis=0)
     return (
         mean,
         jnp.sqrt(jnp.maximum(var, 0.0)),
         quantiles,
-        p_mcid,
-        p_zero,
+        p_mcid.astype(m.dtype),
+        p_zero.astype(m.dtype),
         jnp.broadcast_to(population, mean.shape),
         cohort,
         jnp.mean(comps.shrinkage, axis=0),
