@@ -27,7 +27,7 @@ from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
-from streams.patient_step import StepContext, batch_keys, process_batch, rescore
+from streams.patient_step import RecordCache, StepContext, batch_keys, process_batch, rescore
 from streams.posterior_feed import PosteriorBook
 from streams.programme import build_programme
 from streams.scoring import measure_scores
@@ -57,13 +57,16 @@ def raw_records(programme) -> list:
     return programme.as_read(SETTINGS.topic_prefix, PARTITIONS)
 
 
-def run_batches(states: dict, records, ctx: StepContext, batch_size: int) -> list:
+def run_batches(
+    states: dict, records, ctx: StepContext, batch_size: int, cache: RecordCache | None = None
+) -> list:
     """Every record through process_batch, ``batch_size`` at a time; the table
     ``states`` is updated in place. Returns each batch's outputs."""
     outputs = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        saves, out = process_batch({k: states.get(k) for k in batch_keys(batch)}, batch, ctx)
+        keys = batch_keys(batch)
+        saves, out = process_batch({k: states.get(k) for k in keys}, batch, ctx, cache=cache)
         states.update(saves)
         outputs.append(out)
     return outputs
@@ -172,6 +175,66 @@ def test_an_event_whose_application_fails_is_dead_lettered_and_the_patient_conti
 
 
 @pytest.mark.slow
+def posterior_of(programme, ctx: StepContext):
+    """A cheap population fit on the programme's complete statistics, offered
+    to ``ctx``'s posterior book; returns the fit."""
+    from model.config import SVIConfig
+    from streams.population_book import PopulationModel
+
+    ids = sorted(programme.truth.patients)
+    model = ctx.models[MEASURE]
+    stats = programme.expected_statistics(MEASURE, model, ids)
+    cohorts = sorted({programme.truth.patients[p].cohort for p in ids})
+    index = np.array([cohorts.index(programme.truth.patients[p].cohort) for p in ids], np.int32)
+    svi = SVIConfig(fresh_steps=200, update_steps=50)
+    fit = PopulationModel(MEASURE, model, svi, max_rounds=0).fit(stats, index, cohorts)
+    ctx.posteriors.offer(fit.message)
+    return fit
+
+
+def _letter(message) -> dict:
+    """A dead letter without the moment it was written."""
+    letter = json.loads(message.value)
+    del letter["rejected_at"]
+    return letter
+
+
+@pytest.mark.parametrize("capacity", [3, 10_000])
+def test_the_record_cache_changes_no_table_value_and_no_output(programme, capacity):
+    """The same batches with and without a RecordCache (evicting, or holding
+    everyone) give byte-identical table values and outputs, also when a
+    patient's table value is replaced between batches by another writer (a
+    restored changelog: the cached record must not be used) and across a
+    rescore."""
+    records = raw_records(programme)
+    ctx = context()
+    posterior_of(programme, ctx)
+    cache = RecordCache(capacity)
+    plain: dict[str, bytes] = {}
+    cached: dict[str, bytes] = {}
+    third = len(records) // 3
+    run_batches(plain, records[:third], ctx, 40)
+    run_batches(cached, records[:third], ctx, 40, cache)
+    assert cached == plain
+    early = dict(plain)
+    run_batches(plain, records[third : 2 * third], ctx, 40)
+    run_batches(cached, records[third : 2 * third], ctx, 40, cache)
+    assert cached == plain and len(cache) <= capacity
+    for patient in sorted(plain)[:5]:  # another worker's older copy restored
+        plain[patient] = cached[patient] = early[patient]
+    plain_out = run_batches(plain, records[2 * third :], ctx, 40)
+    cached_out = run_batches(cached, records[2 * third :], ctx, 40, cache)
+    assert cached == plain
+    for a, b in zip(plain_out, cached_out, strict=True):
+        assert (a.scores, a.evidence, a.alerts) == (b.scores, b.evidence, b.alerts)
+        assert [_letter(m) for m in a.dead_letters] == [_letter(m) for m in b.dead_letters]
+    assert rescore(plain, MEASURE, ctx, force=True) == rescore(
+        cached, MEASURE, ctx, force=True, cache=cache
+    )
+    if capacity > len(plain):
+        assert cache.hits > 0
+
+
 def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statistics_score(
     programme,
 ):

@@ -41,6 +41,7 @@ from streams.output import DeliveryFailed, Producer, delivered, stop_now
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
 from streams.patient_step import (
+    RecordCache,
     StepContext,
     StepOutputs,
     batch_keys,
@@ -95,6 +96,7 @@ class PatientsService:
         self.conflicts: dict[str, PriorDataConflictDetector] = {}  # per measure
         self.table = KeyPartitionedTable.register(app, "patients", settings.partitions)
         self.producer = Producer(app)
+        self.cache = RecordCache(settings.state_cache_patients)
 
     def load(self, patient_id: str) -> PatientRecord | None:
         raw = self.table.get(patient_id)
@@ -109,7 +111,7 @@ class PatientsService:
         started = time.perf_counter()
         table = self.table
         states = {key: table.get(key) for key in batch_keys(events)}
-        saves, outputs = process_batch(states, events, self.context)
+        saves, outputs = process_batch(states, events, self.context, cache=self.cache)
         await self.write(saves, outputs, "evidence")
         try:
             await self.check_conflict(outputs.readings)
@@ -217,7 +219,7 @@ class PatientsService:
         published = 0
         for start in range(0, len(keys), RESCORE_CHUNK):
             states = {key: self.table.get(key) for key in keys[start : start + RESCORE_CHUNK]}
-            saves, outputs = rescore(states, measure, self.context, force)
+            saves, outputs = rescore(states, measure, self.context, force, cache=self.cache)
             await self.write(saves, outputs, "population")
             published += len(outputs.scores)
         return published
