@@ -88,7 +88,8 @@ class Settings(BaseSettings):
         default=20_000,
         ge=0,
         description="parsed patient records the patients agent keeps between batches "
-        "(5 KB each at 10 readings, 33 KB at 200: the event ids seen; 0: parse every record from the table on every batch)",
+        "(5 KB each at 10 readings, 33 KB at 200: the event ids seen; 0: parse every record "
+        "from the table on every batch)",
     )
     producer_linger_ms: int = Field(
         default=5,
