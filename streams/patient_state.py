@@ -116,6 +116,14 @@ class MeasureStats(BaseModel):
     sealed_window_reference_time: float = float("-inf")
     sealed_window_half_life: float | None = None
     sealed_window_missing_until: float = float("-inf")
+    # The window statistics of every reading (the sealed window statistics plus
+    # the recent readings), kept up to date reading by reading for
+    # ``window_half_life`` so that the evidence sent on every batch does not
+    # recompute them from the recent readings (up to 2·RECENT_KEEP a patient).
+    # None: not kept (a record saved before, or another half-life).
+    window_gram: list[list[float]] | None = None
+    window_reference_time: float = float("-inf")
+    window_half_life: float | None = None
 
     def as_stats(self) -> PatientStats:
         return _stats(self.gram, self.reference_time, self.count_exposed, self.count_unexposed)
@@ -255,9 +263,42 @@ def _readings_stats(
 
 
 def _rederive(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> None:
-    """Total statistics = sealed + recent readings under the current timeline."""
+    """Total statistics = sealed + recent readings under the current timeline
+    (and the same for the window statistics)."""
     stats.set_total(
         merge_stats(stats.sealed_stats(model), _readings_stats(record, stats.recent, model), model)
+    )
+    if model.recent_window is not None:
+        _refresh_window(record, stats, model.recent_window)
+
+
+def _refresh_window(record: PatientRecord, stats: MeasureStats, window: ModelConfig) -> None:
+    """The window statistics of every reading from their parts: the sealed
+    window statistics plus the recent readings under the current timeline."""
+    total = merge_stats(
+        stats.sealed_window_stats(window), _readings_stats(record, stats.recent, window), window
+    )
+    stats.window_gram = total.gram[0].tolist()
+    stats.window_reference_time = float(total.reference_time[0])
+    stats.window_half_life = window.half_life
+
+
+def _add_to_window(
+    record: PatientRecord,
+    stats: MeasureStats,
+    window: ModelConfig,
+    exposure: float,
+    time: float,
+    value: float,
+) -> None:
+    """After a reading was added to the sealed or recent part: the window
+    statistics plus that reading, or all of them from their parts when they
+    were not kept for this half-life."""
+    if stats.window_half_life != window.half_life or stats.window_gram is None:
+        _refresh_window(record, stats, window)
+        return
+    stats.window_gram, stats.window_reference_time = add_reading(
+        stats.window_gram, stats.window_reference_time, exposure, time, value, window
     )
 
 
@@ -324,24 +365,29 @@ def recent_window_stats_many(
     values: list[float] = []
     for index, k in enumerate(complete):
         record, stats = items[k]
+        totals.append(stats.reference_time)
+        if stats.window_half_life == window.half_life and stats.window_gram is not None:
+            grams.append(stats.window_gram)  # kept reading by reading
+            references.append(stats.window_reference_time)
+            continue
         gram, reference = stats.sealed_window(window)
         grams.append(gram)
         references.append(reference)
-        totals.append(stats.reference_time)
         recent = stats.recent
         patient.extend([index] * len(recent))
         times.extend(t for t, _ in recent)
         values.extend(v for _, v in recent)
         exposure.extend(_exposures(record, recent))
-    sealed = gram_stats(np.asarray(grams, dtype=float), np.asarray(references, dtype=float))
-    added = add_events(
-        sealed,
-        np.asarray(patient, dtype=np.int64),
-        np.asarray(exposure, dtype=float),
-        np.asarray(times, dtype=float),
-        np.asarray(values, dtype=float),
-        window,
-    )
+    added = gram_stats(np.asarray(grams, dtype=float), np.asarray(references, dtype=float))
+    if patient:
+        added = add_events(
+            added,
+            np.asarray(patient, dtype=np.int64),
+            np.asarray(exposure, dtype=float),
+            np.asarray(times, dtype=float),
+            np.asarray(values, dtype=float),
+            window,
+        )
     rebased = decay_to(added, np.asarray(totals, dtype=float), window)
     for index, k in enumerate(complete):
         out[k] = PatientStats(
@@ -432,8 +478,10 @@ def _add_observation(
     time = days(observation.event_time)
     stats = record.measures.get(observation.measure)
     if stats is None:
-        empty = empty_stats(1, model)
-        stats = MeasureStats(gram=empty.gram[0].tolist(), reference_time=float("-inf"))
+        empty = empty_stats(1, model).gram[0].tolist()
+        stats = MeasureStats(gram=empty, reference_time=float("-inf"))
+        if model.recent_window is not None:  # kept from the first reading on
+            stats.window_gram, stats.window_half_life = empty, model.recent_window.half_life
         record.measures[observation.measure] = stats
     exposure = record.exposure_at(time)
     stats.gram, stats.reference_time = add_reading(
@@ -463,6 +511,8 @@ def _add_observation(
     else:
         stats.recent.append((time, observation.value))
         _seal(record, stats, model)
+    if model.recent_window is not None:
+        _add_to_window(record, stats, model.recent_window, exposure, time, observation.value)
     if stats.last_event_time is None or observation.event_time > stats.last_event_time:
         stats.last_event_time = observation.event_time
     record.seen[observation.event_id] = origin_key(observation.origin)

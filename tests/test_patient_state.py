@@ -156,6 +156,35 @@ def assert_recent_window_is_batch(records, patients, measure, programme):
     assert np.all(gram[:, 0, 0] < all_time[:, 0, 0])
 
 
+def test_the_window_statistics_kept_reading_by_reading_equal_their_parts_after_every_event(
+    programme,
+):
+    """The window statistics a record keeps up to date (MeasureStats.window_gram)
+    equal, after every event (readings before and after their enrolment, exposure
+    changes arriving late, sealing), the window statistics computed afresh from
+    the sealed window statistics and the recent readings (river's check of an
+    incremental statistic against its batch computation)."""
+    accepted, _ = ingest(programme, programme.send_order())
+    events = list(accepted)
+    random.Random(5).shuffle(events)  # exposure changes arrive after their readings
+    records: dict[str, PatientRecord] = {}
+    checked = 0
+    for event in events:
+        record, _ = apply_event(records.get(event.patient_id), event, MODELS)
+        records[event.patient_id] = record
+        for measure, stats in record.measures.items():
+            model = MODELS[measure]
+            kept = recent_window_stats(record, stats, model)
+            afresh = stats.model_copy(update={"window_gram": None, "window_half_life": None})
+            expected = recent_window_stats(record, afresh, model)
+            assert (kept is None) == (expected is None)
+            if kept is not None:
+                assert stats.window_gram is not None
+                np.testing.assert_allclose(kept.gram, expected.gram, rtol=1e-9, atol=1e-12)
+                checked += 1
+    assert checked > len(events) // 2
+
+
 def test_readings_before_enrolment_are_held_then_applied(programme):
     accepted, _ = ingest(programme, programme.send_order())
     patient = sorted(programme.truth.patients)[0]
