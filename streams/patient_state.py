@@ -434,7 +434,7 @@ def measure_evidence(
     ]
     windows = recent_window_stats_many(items, model)
     return [
-        PatientEvidence(
+        PatientEvidence.model_construct(
             measure=measure,
             patient_id=record.patient_id,
             cohort=record.cohort,

@@ -40,6 +40,7 @@ from streams.schemas import (
     MeasureScore,
     Observation,
     Origin,
+    bounded_event_id,
 )
 from streams.scoring import (
     PendingReading,
@@ -462,7 +463,9 @@ def _evidence(
     for measure, records in by_measure.items():
         items = measure_evidence(records, measure, context.models[measure])
         for start in range(0, len(items), EVIDENCE_CHUNK):
-            batch = EvidenceBatch(measure=measure, items=items[start : start + EVIDENCE_CHUNK])
+            batch = EvidenceBatch.model_construct(
+                measure=measure, items=items[start : start + EVIDENCE_CHUNK]
+            )
             outputs.evidence.append(
                 Message(
                     measure.encode(),
@@ -540,8 +543,11 @@ def transition_alert(patient_id: str, previous: str, score: MeasureScore) -> Ale
     if score.classification not in ("responder", "non_responder"):
         return None
     return Alert(
-        event_id=f"transition:{patient_id}:{score.measure}:"
-        f"{score.population_version}:{score.count_exposed + score.count_unexposed}",
+        event_id=bounded_event_id(
+            "transition",
+            f"{patient_id}:{score.measure}:{score.population_version}:"
+            f"{score.count_exposed + score.count_unexposed}",
+        ),
         event_time=score.last_event_time or datetime.now(UTC),
         kind="transition",
         severity="warning" if score.classification == "non_responder" else "info",

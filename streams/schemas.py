@@ -20,12 +20,14 @@ drop duplicates) and ``event_time`` (when it happened, not when it arrived).
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_VERSION = 1
+MAX_EVENT_ID = 128
 
 
 def utc_now() -> datetime:
@@ -38,11 +40,21 @@ class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    event_id: str = Field(min_length=1, max_length=128)
+    event_id: str = Field(min_length=1, max_length=MAX_EVENT_ID)
     event_time: AwareDatetime
 
 
 PatientId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s/]+$")]
+
+
+def bounded_event_id(kind: str, identity: str) -> str:
+    """``kind:identity`` as an event id, or ``kind:`` and the SHA-256 of the
+    identity when that would be longer than MAX_EVENT_ID (a long patient id with
+    several measures): the same identity always gives the same id."""
+    event_id = f"{kind}:{identity}"
+    if len(event_id) <= MAX_EVENT_ID:
+        return event_id
+    return f"{kind}:sha256:{hashlib.sha256(identity.encode()).hexdigest()}"
 
 
 # --- enrolments and exposure (topic: enrollments) --------------------------------

@@ -31,6 +31,7 @@ from streams.schemas import (
     Interval,
     MeasureScore,
     PopulationPosterior,
+    bounded_event_id,
 )
 
 LEVEL = 0.9
@@ -157,12 +158,12 @@ def measure_scores(
     for i, s in enumerate(stats):
         call = str(calls[i])
         scores.append(
-            MeasureScore(
+            MeasureScore.model_construct(
                 measure=spec.name,
                 unit=spec.unit,
                 direction=spec.direction,
                 mcid=spec.mcid,
-                effect=Interval(
+                effect=Interval.model_construct(
                     mean=float(summary.mean[i]),
                     sd=float(summary.sd[i]),
                     lower=float(summary.lower[i]),
@@ -263,8 +264,8 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> Composit
     )
     var = sum((weights[s.measure] * s.effect.sd / s.mcid) ** 2 for s in usable)
     mean, sd = mean / total, math.sqrt(var) / total
-    return CompositeScore(
-        benefit_in_mcid=Interval(
+    return CompositeScore.model_construct(
+        benefit_in_mcid=Interval.model_construct(
             mean=mean, sd=sd, lower=mean - Z_LEVEL * sd, upper=mean + Z_LEVEL * sd
         ),
         measures=[s.measure for s in usable],
@@ -288,7 +289,7 @@ def changed_materially(previous: Published | None, score: MeasureScore) -> bool:
 
 
 def published_of(score: MeasureScore) -> Published:
-    return Published(
+    return Published.model_construct(
         population_version=score.population_version,
         mean=score.effect.mean,
         sd=score.effect.sd,
@@ -311,8 +312,8 @@ def efficacy_score(
         f"{s.measure}@{s.population_version}/{s.count_exposed + s.count_unexposed}" for s in scores
     )
     last_times = [s.last_event_time for s in scores if s.last_event_time is not None]
-    return EfficacyScore(
-        event_id=f"score:{record.patient_id}:{basis}",
+    return EfficacyScore.model_construct(
+        event_id=bounded_event_id("score", f"{record.patient_id}:{basis}"),
         event_time=max(last_times) if last_times else datetime.now(UTC),
         patient_id=record.patient_id,
         cohort=record.cohort or "",

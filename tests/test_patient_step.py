@@ -27,10 +27,18 @@ from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
-from streams.patient_step import RecordCache, StepContext, batch_keys, process_batch, rescore
+from streams.patient_step import (
+    RecordCache,
+    StepContext,
+    batch_keys,
+    process_batch,
+    rescore,
+    transition_alert,
+)
 from streams.posterior_feed import PosteriorBook
 from streams.programme import build_programme
-from streams.scoring import measure_scores
+from streams.schemas import Alert, EfficacyScore
+from streams.scoring import efficacy_score, measure_scores
 from streams.settings import Settings
 
 MEASURE = "resting_heart_rate"  # the measure statistics_mismatch checks
@@ -293,9 +301,21 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
         assert measure["population_version"] == fit.message.version
         assert abs(measure["effect"]["mean"] - score.effect.mean) <= 1e-6 * score.effect.sd
         assert abs(measure["effect"]["sd"] - score.effect.sd) <= 1e-6 * score.effect.sd
+    for message in outputs.scores:  # built without validation: check them here
+        EfficacyScore.model_validate_json(message.value)
     states.update(saves)
     again, outputs = rescore(states, MEASURE, ctx)
     assert not again and not outputs.scores
+
+    # The longest patient id the schema allows still gives valid, stable event ids.
+    longest = PatientRecord(patient_id="p" * 128, cohort="c")
+    message = efficacy_score(longest, expected[:1], ctx.weights, ctx.rule)
+    EfficacyScore.model_validate_json(message.model_dump_json())
+    assert message.event_id == efficacy_score(longest, expected[:1], ctx.weights,
+                                              ctx.rule).event_id  # fmt: skip
+    other = expected[0].model_copy(update={"classification": "non_responder"})
+    alert = transition_alert("p" * 128, "uncertain", other)
+    Alert.model_validate_json(alert.model_dump_json())
 
 
 def test_a_record_on_another_partition_than_its_keys_is_rerouted_not_applied(programme):
