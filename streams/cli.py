@@ -1,4 +1,4 @@
-"""The ``efficacy`` command: worker, demo, fit, simulate, schemas, oc."""
+"""The ``efficacy`` command: worker, demo, fit, simulate, schemas, scores, alerts, report, oc."""
 
 from __future__ import annotations
 
@@ -159,6 +159,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         lambda parser: _read_command().alerts_parser(parser),
         lambda args: _read_command().run_alerts(args),
     ),
+    "report": (
+        "write a self-contained HTML report of an `efficacy fit` result or of the topics",
+        lambda parser: _report_command().configure_parser(parser),
+        lambda args: _report_command().run(args),
+    ),
     "oc": (
         "operating characteristics of the responder calls by simulation (table, JSON, PNG)",
         _oc_parser,
@@ -171,6 +176,12 @@ def _read_command():
     from streams import read_command
 
     return read_command
+
+
+def _report_command():
+    from cli import report
+
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
