@@ -441,7 +441,7 @@ def report_from_records(
 
     catalogue = Catalogue.load(settings.measures_file)
     # Readings as the worker takes them (canonical unit, plausible), whatever their age.
-    lenient = settings.model_copy(update={"max_age_days": 1e6, "max_future_days": 1e6})
+    lenient = settings.model_copy(update={"max_age_days": 36500.0, "max_future_days": 36500.0})
     readings: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
     exposure_events: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
     for source in ("enrollments", "wearables", "labs", "pros"):
