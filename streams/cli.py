@@ -123,16 +123,24 @@ def _run_oc(args: argparse.Namespace) -> int:
 
 def _schemas_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the schema files")
+    parser.epilog = (
+        "Measure names and units come from the measure catalogue "
+        "(EFFICACY_MEASURES_FILE, default streams/measures.toml). "
+        "Example: efficacy schemas --out schemas/"
+    )
 
 
 def _run_schemas(args: argparse.Namespace) -> int:
     """Write ``<out>/<topic>.schema.json`` for every topic and list the files."""
     import json
 
+    from streams.catalogue import Catalogue
     from streams.schemas import json_schemas
+    from streams.settings import Settings
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for topic, schema in json_schemas().items():
+    catalogue = Catalogue.load(Settings().measures_file)
+    for topic, schema in json_schemas(catalogue).items():
         path = args.out / f"{topic}.schema.json"
         path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
         print(f"wrote {path}")
