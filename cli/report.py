@@ -742,7 +742,7 @@ def patient_svg(panel: PatientPanel, measure: MeasureReport, axis: str) -> str:
                 f"{_esc(_time_label(start, axis))} to {_esc(_time_label(end, axis))}</title></rect>"
             )
         path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in panel.readings)
-        body.append(f'<polyline class="trace" points="{path}"/>')
+        body.append(f'<polyline class="trace" fill="none" points="{path}"/>')
         for t, v in panel.readings:
             body.append(
                 f'<circle class="reading" cx="{x(t):.1f}" cy="{y(v):.1f}" r="2.5">'
@@ -820,13 +820,13 @@ def calls_svg(calls: list[tuple[float, dict[str, int]]], axis: str) -> str:
             points.append(f"{x(t):.1f},{y(counts[call]):.1f}")
             previous = counts[call]
         body.append(
-            f'<polyline class="call-line {call}" points="{" ".join(points)}" '
+            f'<polyline class="call-line {call}" fill="none" points="{" ".join(points)}" '
             f'stroke="{CALL_COLOURS[call]}"><title>{call}: {calls[-1][1][call]} now</title>'
             "</polyline>"
-            f'<text x="{width - 124}" y="{top + 14 + 16 * i}" fill="{CALL_COLOURS[call]}" '
+            f'<text x="{width - 124}" y="{top + 14 + 16 * i}" style="fill: {CALL_COLOURS[call]}" '
             f'class="label">{call.replace("_", " ")} {calls[-1][1][call]}</text>'
         )
-    body += _axis_y(y, 56, nice_ticks(0, most, 4))
+    body += _axis_y(y, 56, [t for t in nice_ticks(0, most, 4) if float(t).is_integer()])
     if axis == "date":
         span = max(x.high - x.low, 1e-9)
         ticks = [x.low + span * i / 4 for i in range(1, 4)]
@@ -850,12 +850,17 @@ def drift_svg(points: list[DriftPoint]) -> str:
     for i, name in enumerate(series):
         mine = [(p.version, p.statistics[name]) for p in points if name in p.statistics]
         body.append(
-            f'<polyline class="drift-line {name}" stroke="{colours[name]}" points="'
+            f'<polyline class="drift-line {name}" fill="none" stroke="{colours[name]}" points="'
             + " ".join(f"{x(v):.1f},{y(s):.1f}" for v, s in mine)
             + '"/>'
-            f'<text x="{width - 112}" y="{top + 14 + 16 * i}" fill="{colours[name]}" '
+            f'<text x="{width - 112}" y="{top + 14 + 16 * i}" style="fill: {colours[name]}" '
             f'class="label">{name}</text>'
         )
+        body += [
+            f'<circle class="drift-point {name}" cx="{x(v):.1f}" cy="{y(s):.1f}" r="3" '
+            f'fill="{colours[name]}"><title>version {v}: {name} {number(s)}</title></circle>'
+            for v, s in mine
+        ]
     for p in points:
         if p.detected:
             body.append(
@@ -863,7 +868,12 @@ def drift_svg(points: list[DriftPoint]) -> str:
                 f"<title>version {p.version}: drift ({', '.join(p.kinds)})</title></circle>"
             )
     body += _axis_y(y, left, nice_ticks(y.low, y.high, 4))
-    ticks = [v for v in nice_ticks(x.low, x.high, 6) if float(v).is_integer()]
+    versions = [p.version for p in points]
+    ticks = [
+        v
+        for v in nice_ticks(x.low, x.high, 6)
+        if float(v).is_integer() and min(versions) <= v <= max(versions)
+    ]
     body += _axis_x(x, height - bottom, ticks, lambda v: f"v{int(v)}")
     return _svg("drift", width, height, "drift statistics by posterior version", body)
 
@@ -914,7 +924,7 @@ def _measure_html(measure: MeasureReport, axis: str) -> str:
         f'<section class="measure" id="measure-{_esc(measure.name)}">',
         f"<h2>{_esc(measure.name)}</h2>",
         f'<p class="note">unit {_esc(unit or "none given")}; {benefit} is better; MCID '
-        f"{number(measure.mcid)}; intervals are 90% credible intervals.</p>",
+        f"{measure.mcid:g}; intervals are 90% credible intervals.</p>",
         "<h3>Population effect</h3>",
     ]
     if measure.population:
@@ -969,8 +979,8 @@ def _measure_html(measure: MeasureReport, axis: str) -> str:
                 + "</table>"
             )
             parts.append(
-                f'<p class="note">{len(measure.drift)} posterior versions on the topic (it is '
-                "compacted: older versions thin out); "
+                f'<p class="note">{len(measure.drift)} posterior version(s) on the topic (it '
+                "is compacted: older versions thin out); "
                 f"{sum(p.detected for p in measure.drift)} flagged drift.</p>"
             )
         else:
