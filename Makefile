@@ -21,6 +21,7 @@ demo: $(STAMP)
 ## test: the whole test suite against a real Apache Kafka broker (started locally unless configured)
 test: $(STAMP)
 	bash scripts/install-prometheus.sh
+	bash scripts/install-chromium.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

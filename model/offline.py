@@ -22,7 +22,13 @@ from model.config import DecisionRule, MeasureConfig, ModelConfig, Standardizati
 from model.events import Events
 from model.evidence import stats_from_events
 from model.population import PopulationFitter, pad_evidence
-from model.scores import EffectSummary, classify, summarize_effects
+from model.scores import (
+    EffectSummary,
+    classify,
+    cohort_posteriors,
+    mixture_quantiles,
+    summarize_effects,
+)
 
 Method = Literal["svi", "nuts"]
 SUMMARY_DRAWS = 4000
@@ -47,6 +53,38 @@ def describe(samples: np.ndarray | None) -> dict[str, float] | None:
         "q05": float(np.quantile(samples, 0.05)),
         "q95": float(np.quantile(samples, 0.95)),
     }
+
+
+COHORT_PROBS = np.array([0.05, 0.95])
+_mixture_quantiles = jax.jit(mixture_quantiles)
+
+
+def cohort_effects(
+    effect: np.ndarray, cohort_mean: np.ndarray, cohort_var: np.ndarray, std: Standardization
+) -> list[dict[str, float]]:
+    """Every cohort's effect (the population effect plus the cohort's deviation)
+    in raw units: under draw s of θ it is N(effect[s] + cohort_mean[s, g],
+    cohort_var[s, g]) in standardised units, so its posterior is that mixture:
+    exact mean and sd, 5% and 95% quantiles by model.scores.mixture_quantiles.
+    effect (S,), cohort_mean and cohort_var (S, G); one dict per cohort."""
+    means = np.asarray(effect, dtype=float)[:, None] + np.asarray(cohort_mean, dtype=float)
+    variances = np.maximum(np.asarray(cohort_var, dtype=float), 1e-24)
+    sds = np.sqrt(variances)
+    quantiles = np.asarray(
+        _mixture_quantiles(jax.numpy.asarray(means), jax.numpy.asarray(sds), COHORT_PROBS)
+    )
+    mean = means.mean(axis=0)
+    sd = np.sqrt(np.mean(variances + (means - mean) ** 2, axis=0))
+    scale = float(std.effect_to_raw(1.0))  # > 0: quantiles map to quantiles
+    return [
+        {
+            "mean": float(mean[g] * scale),
+            "sd": float(sd[g] * scale),
+            "q05": float(quantiles[0, g] * scale),
+            "q95": float(quantiles[1, g] * scale),
+        }
+        for g in range(means.shape[1])
+    ]
 
 
 def model_config_for(events: Events, *, time_trend: bool, cohort_level: bool) -> ModelConfig:
@@ -124,6 +162,7 @@ def fit_programme(
     labels are attached by the caller, who knows them.
     """
     rule = rule or DecisionRule()
+    cohorts: list[dict[str, float]] = []
     say = progress or (lambda _message: None)
     config = model_config_for(events, time_trend=time_trend, cohort_level=cohort_level)
     stats = stats_from_events(
@@ -156,6 +195,20 @@ def fit_programme(
             draws, stats.gram, events.cohort_of_patient, evidence.num_cohorts, measure, config
         )
         population = population_quantities(fitter.draws(state, key_summary, SUMMARY_DRAWS), config)
+        if cohort_level:
+            u_mean, u_var = cohort_posteriors(
+                draws,
+                jax.numpy.asarray(stats.gram),
+                jax.numpy.asarray(events.cohort_of_patient, dtype=np.int32),
+                evidence.num_cohorts,
+                config.structure,
+            )
+            cohorts = cohort_effects(
+                np.asarray(draws.mu)[:, 1],
+                np.asarray(u_mean)[:, : events.num_cohorts],
+                np.asarray(u_var)[:, : events.num_cohorts],
+                config.standardization,
+            )
         diagnostics.update(
             elbo=info.elbo,
             elbo_se=info.elbo_se,
@@ -204,4 +257,6 @@ def fit_programme(
         "patients": patients,
         "diagnostics": diagnostics,
     }
+    if cohorts:  # by cohort index; the caller attaches the labels
+        result["cohorts"] = [{"cohort": str(g), "effect": c} for g, c in enumerate(cohorts)]
     return result, summary

@@ -1,4 +1,4 @@
-"""The ``efficacy`` command: worker, demo, fit, simulate, schemas, oc."""
+"""The ``efficacy`` command: worker, demo, fit, simulate, schemas, scores, alerts, report, oc."""
 
 from __future__ import annotations
 
@@ -123,16 +123,24 @@ def _run_oc(args: argparse.Namespace) -> int:
 
 def _schemas_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the schema files")
+    parser.epilog = (
+        "Measure names and units come from the measure catalogue "
+        "(EFFICACY_MEASURES_FILE, default streams/measures.toml). "
+        "Example: efficacy schemas --out schemas/"
+    )
 
 
 def _run_schemas(args: argparse.Namespace) -> int:
     """Write ``<out>/<topic>.schema.json`` for every topic and list the files."""
     import json
 
+    from streams.catalogue import Catalogue
     from streams.schemas import json_schemas
+    from streams.settings import Settings
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for topic, schema in json_schemas().items():
+    catalogue = Catalogue.load(Settings().measures_file)
+    for topic, schema in json_schemas(catalogue).items():
         path = args.out / f"{topic}.schema.json"
         path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
         print(f"wrote {path}")
@@ -159,6 +167,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         lambda parser: _read_command().alerts_parser(parser),
         lambda args: _read_command().run_alerts(args),
     ),
+    "report": (
+        "write a self-contained HTML report of an `efficacy fit` result or of the topics",
+        lambda parser: _report_command().configure_parser(parser),
+        lambda args: _report_command().run(args),
+    ),
     "oc": (
         "operating characteristics of the responder calls by simulation (table, JSON, PNG)",
         _oc_parser,
@@ -171,6 +184,12 @@ def _read_command():
     from streams import read_command
 
     return read_command
+
+
+def _report_command():
+    from cli import report
+
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -268,6 +268,9 @@ def run(args: argparse.Namespace) -> int:
         {"patient_id": r.pop("patient_id"), "cohort": r.pop("cohort"), **r}
         for r in result["patients"]
     ]
+    if "cohorts" in result:  # by index from the fit (a cohort level: more than one cohort)
+        for record, cohort in zip(result["cohorts"], sorted(set(cohort_of_patient)), strict=True):
+            record["cohort"] = cohort
     text = json.dumps(result, indent=2)
     if args.output:
         args.output.write_text(text + "\n")

@@ -21,10 +21,15 @@ drop duplicates) and ``event_time`` (when it happened, not when it arrived).
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
+if TYPE_CHECKING:
+    from streams.catalogue import Catalogue
 
 SCHEMA_VERSION = 1
 MAX_EVENT_ID = 128
@@ -39,12 +44,29 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    event_id: str = Field(min_length=1, max_length=MAX_EVENT_ID)
-    event_time: AwareDatetime
+    schema_version: Literal[1] = Field(
+        default=SCHEMA_VERSION, description="version of the message layout (1)"
+    )
+    event_id: str = Field(
+        min_length=1,
+        max_length=MAX_EVENT_ID,
+        description="unique id of the event: a record with an id already seen is a "
+        "duplicate and dropped",
+    )
+    event_time: AwareDatetime = Field(
+        description="when it happened (not when it was sent), ISO 8601 with a time zone"
+    )
 
 
-PatientId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s/]+$")]
+PatientId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^\s/]+$",
+        description="the patient's pseudonymous id (no spaces or slashes); the record key",
+    ),
+]
 
 
 def bounded_event_id(kind: str, identity: str) -> str:
@@ -65,21 +87,35 @@ class Enrollment(Envelope):
     (clinic, cohort or stratum); ``attributes`` are free cohort attributes.
     ``exposed`` says whether the intervention starts at enrolment."""
 
-    kind: Literal["enrollment"] = "enrollment"
+    kind: Literal["enrollment"] = Field(default="enrollment", description="an enrolment")
     patient_id: PatientId
-    cohort: str = Field(min_length=1, max_length=128)
-    arm: str = Field(default="intervention", min_length=1, max_length=64)
-    attributes: dict[str, str] = Field(default_factory=dict)
-    exposed: bool = False
+    cohort: str = Field(
+        min_length=1,
+        max_length=128,
+        description="the level of partial pooling: clinic, cohort or stratum",
+    )
+    arm: str = Field(
+        default="intervention", min_length=1, max_length=64, description="the trial arm"
+    )
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="free cohort attributes, name to value"
+    )
+    exposed: bool = Field(
+        default=False, description="whether the intervention (exposure 1) starts at enrolment"
+    )
 
 
 class ExposureChange(Envelope):
     """The intervention starts (``exposure`` > 0, a dose; 1 for on/off) or stops
     (``exposure`` = 0) at ``event_time``: crossover and withdrawal."""
 
-    kind: Literal["exposure"] = "exposure"
+    kind: Literal["exposure"] = Field(default="exposure", description="an exposure change")
     patient_id: PatientId
-    exposure: float = Field(ge=0.0, le=1e6)
+    exposure: float = Field(
+        ge=0.0,
+        le=1e6,
+        description="the exposure from event_time on: a dose (1 for on/off), 0 stops it",
+    )
 
 
 #: The value of an enrollments record: either kind, told apart by ``kind``.
@@ -94,24 +130,40 @@ class RawObservation(Envelope):
     """A reading from a producer: wearable, lab or patient-reported outcome."""
 
     patient_id: PatientId
-    measure: str = Field(min_length=1, max_length=64)
-    value: float
-    unit: str = Field(min_length=1, max_length=32)
+    measure: str = Field(
+        min_length=1,
+        max_length=64,
+        description="a measure of the measure catalogue (streams/measures.toml or "
+        "EFFICACY_MEASURES_FILE) that this source may carry",
+    )
+    value: float = Field(description="the reading, in ``unit``")
+    unit: str = Field(
+        min_length=1,
+        max_length=32,
+        description="the measure's canonical unit, one of its other units (converted on "
+        "arrival) or a UCUM spelling of either that the catalogue lists",
+    )
 
 
 class WearableReading(RawObservation):
-    source: Literal["wearable"] = "wearable"
-    device: str | None = None
+    """A reading from a wearable device (topic wearables)."""
+
+    source: Literal["wearable"] = Field(default="wearable", description="a wearable")
+    device: str | None = Field(default=None, description="the device, free text")
 
 
 class LabResult(RawObservation):
-    source: Literal["lab"] = "lab"
-    laboratory: str | None = None
+    """A laboratory result (topic labs)."""
+
+    source: Literal["lab"] = Field(default="lab", description="a laboratory")
+    laboratory: str | None = Field(default=None, description="the laboratory, free text")
 
 
 class PatientReportedOutcome(RawObservation):
-    source: Literal["pro"] = "pro"
-    instrument: str | None = None
+    """A patient-reported outcome (topic pros)."""
+
+    source: Literal["pro"] = Field(default="pro", description="a patient-reported outcome")
+    instrument: str | None = Field(default=None, description="the app or questionnaire, free text")
 
 
 class Origin(BaseModel):
@@ -166,15 +218,22 @@ class DeadLetter(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    reason: str
-    detail: str
-    source_topic: str
-    partition: int
-    offset: int
-    key_b64: str | None
-    value_b64: str
-    rejected_at: datetime = Field(default_factory=utc_now)
+    schema_version: Literal[1] = Field(
+        default=SCHEMA_VERSION, description="version of the message layout (1)"
+    )
+    reason: str = Field(
+        description="why, as a short code (unknown_measure, invalid_schema, duplicate, ...: "
+        "docs/ingest.md)"
+    )
+    detail: str = Field(description="what was wrong, in words")
+    source_topic: str = Field(description="the topic the raw record was read from")
+    partition: int = Field(description="its partition")
+    offset: int = Field(description="its offset")
+    key_b64: str | None = Field(description="its key, base64 (null: no key)")
+    value_b64: str = Field(description="its value as the producer sent it, base64")
+    rejected_at: datetime = Field(
+        default_factory=utc_now, description="when the worker rejected it"
+    )
 
 
 # --- internal: patient statistics for the population agent -----------------------
@@ -186,14 +245,21 @@ class PatientEvidence(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    measure: str
+    schema_version: Literal[1] = Field(
+        default=SCHEMA_VERSION, description="version of the message layout (1)"
+    )
+    measure: str = Field(description="the measure")
     patient_id: PatientId
-    cohort: str
-    gram: list[list[float]]
-    reference_time: float
-    count_exposed: int
-    count_unexposed: int
+    cohort: str = Field(description="the patient's cohort")
+    gram: list[list[float]] = Field(
+        description="sufficient statistics: the Gram matrix of the design columns and the "
+        "outcome, standardised, under the long forgetting"
+    )
+    reference_time: float = Field(
+        description="the time (standardised) the forgetting weights are relative to"
+    )
+    count_exposed: int = Field(description="readings with exposure > 0")
+    count_unexposed: int = Field(description="readings without exposure")
     recent_gram: list[list[float]] | None = Field(
         default=None,
         description="the statistics under the recent-window forgetting (fast half-life), at "
@@ -207,21 +273,26 @@ class EvidenceBatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    measure: str
-    items: list[PatientEvidence]
+    schema_version: Literal[1] = Field(
+        default=SCHEMA_VERSION, description="version of the message layout (1)"
+    )
+    measure: str = Field(description="the measure of every item")
+    items: list[PatientEvidence] = Field(description="one per patient the batch changed")
 
 
 # --- outputs --------------------------------------------------------------------
 
 
 class Interval(BaseModel):
+    """A posterior summary: mean, sd and a credible interval (90% unless a
+    ``level`` next to it says otherwise)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mean: float
-    sd: float
-    lower: float
-    upper: float
+    mean: float = Field(description="posterior mean")
+    sd: float = Field(description="posterior standard deviation")
+    lower: float = Field(description="lower end of the credible interval")
+    upper: float = Field(description="upper end of the credible interval")
 
 
 class MeasureScore(BaseModel):
@@ -230,24 +301,41 @@ class MeasureScore(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    measure: str
-    unit: str
-    direction: Literal["higher", "lower"]
-    mcid: float
-    effect: Interval
-    level: float = 0.9
-    p_benefit_ge_mcid: float
-    p_benefit_gt_0: float
-    classification: Literal["responder", "non_responder", "uncertain", "insufficient_data"]
-    recommended_action: str | None = None
-    population_effect: float
-    cohort_deviation: float
-    individual_deviation: float
-    shrinkage: float
-    count_exposed: int
-    count_unexposed: int
-    last_event_time: datetime | None
-    population_version: int
+    measure: str = Field(description="the measure")
+    unit: str = Field(description="the measure's canonical unit")
+    direction: Literal["higher", "lower"] = Field(
+        description="which direction of the measure is a benefit"
+    )
+    mcid: float = Field(description="minimal clinically important difference, in ``unit``")
+    effect: Interval = Field(
+        description="posterior of the patient's treatment effect, ``unit`` per unit of exposure"
+    )
+    level: float = Field(default=0.9, description="credible level of ``effect``'s interval")
+    p_benefit_ge_mcid: float = Field(
+        description="posterior probability of a benefit of at least the MCID"
+    )
+    p_benefit_gt_0: float = Field(description="posterior probability of any benefit")
+    classification: Literal["responder", "non_responder", "uncertain", "insufficient_data"] = Field(
+        description="the decision rule's call"
+    )
+    recommended_action: str | None = Field(
+        default=None, description="the care pathway's action for the call, if any"
+    )
+    population_effect: float = Field(
+        description="the population part of the effect's mean (mean = population + cohort "
+        "+ individual)"
+    )
+    cohort_deviation: float = Field(description="the cohort's part of the effect's mean")
+    individual_deviation: float = Field(description="the patient's own part of the effect's mean")
+    shrinkage: float = Field(
+        description="weight of the pooled prior against the patient's own data, 0 to 1"
+    )
+    count_exposed: int = Field(description="readings with exposure > 0")
+    count_unexposed: int = Field(description="readings without exposure")
+    last_event_time: datetime | None = Field(description="time of the latest reading")
+    population_version: int = Field(
+        description="version of the population posterior the score was computed under"
+    )
 
 
 class CompositeScore(BaseModel):
@@ -256,19 +344,21 @@ class CompositeScore(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    benefit_in_mcid: Interval
-    measures: list[str]
+    benefit_in_mcid: Interval = Field(description="the weighted benefit, in MCID units")
+    measures: list[str] = Field(description="the measures it combines")
 
 
 class EfficacyScore(Envelope):
     """A patient's living efficacy score: every measure scored so far."""
 
     patient_id: PatientId
-    cohort: str
-    score_version: int
-    decision_rule_version: str
-    measures: list[MeasureScore]
-    composite: CompositeScore | None = None
+    cohort: str = Field(description="the patient's cohort")
+    score_version: int = Field(description="increases with every new score of the patient")
+    decision_rule_version: str = Field(description="version of the decision rule applied")
+    measures: list[MeasureScore] = Field(description="one per measure scored so far")
+    composite: CompositeScore | None = Field(
+        default=None, description="the weighted benefit over measures (with two or more)"
+    )
 
 
 class PopulationPosterior(Envelope):
@@ -277,28 +367,45 @@ class PopulationPosterior(Envelope):
     every patient's mixture posterior; ``cohort_mean``/``cohort_var`` (S, G) the
     posterior of each cohort's effect deviation under each draw."""
 
-    measure: str
-    version: int
-    num_patients: int
-    num_observations: float
-    elbo: float
-    svi_steps: int
-    converged: bool
-    standardization: dict[str, float]
-    draws: dict[str, list]
-    cohorts: list[str]
-    cohort_mean: list[list[float]]
-    cohort_var: list[list[float]]
-    summary: dict[str, Interval]
-    unconstrained_loc: list[float]
-    unconstrained_scale_tril: list[list[float]]
+    measure: str = Field(description="the measure")
+    version: int = Field(description="increases with every posterior of the measure")
+    num_patients: int = Field(description="patients in the fit")
+    num_observations: float = Field(description="readings in the fit (weighted by the forgetting)")
+    elbo: float = Field(description="the fit's evidence lower bound")
+    svi_steps: int = Field(description="SVI steps of the fit")
+    converged: bool = Field(description="whether the ELBO settled")
+    standardization: dict[str, float] = Field(
+        description="the fixed standardisation of outcome, exposure and time (model.config)"
+    )
+    draws: dict[str, list] = Field(
+        description="fixed draws of the hyperparameters θ by name, standardised units"
+    )
+    cohorts: list[str] = Field(description="the cohorts, in the order of cohort_mean's columns")
+    cohort_mean: list[list[float]] = Field(
+        description="posterior mean of each cohort's effect deviation under each draw (S, G)"
+    )
+    cohort_var: list[list[float]] = Field(
+        description="posterior variance of each cohort's effect deviation under each draw (S, G)"
+    )
+    summary: dict[str, Interval] = Field(
+        description="population quantities in raw units: effect, intercept, sigma, "
+        "effect_sd_patients, effect_sd_cohorts, time_trend (90% intervals)"
+    )
+    unconstrained_loc: list[float] = Field(
+        description="the variational posterior's location (unconstrained θ)"
+    )
+    unconstrained_scale_tril: list[list[float]] = Field(
+        description="the variational posterior's scale (Cholesky factor)"
+    )
     drift: dict[str, float] = Field(
         default_factory=dict,
         description="movement since the reference posterior (monitoring.drift): kl, "
         "kl_location, shift, shift_z; with a recent-window fit also window_shift, "
         "recent_effect_mean and recent_effect_sd",
     )
-    drift_detected: bool = False
+    drift_detected: bool = Field(
+        default=False, description="a drift detector fired on this version"
+    )
     drift_kinds: list[Literal["posterior_shift", "window_shift"]] = Field(
         default_factory=list, description="the detectors that raised ``drift_detected``"
     )
@@ -319,16 +426,29 @@ class Alert(Envelope):
     a prior-data conflict (incoming readings keep falling outside their
     posterior predictive; per measure, never per patient)."""
 
-    kind: Literal["transition", "drift", "prior_data_conflict"]
-    severity: Literal["info", "warning", "critical"] = "info"
-    patient_id: PatientId | None = None
-    measure: str
-    message: str
-    previous: str | None = None
-    current: str | None = None
-    recommended_action: str | None = None
-    population_version: int | None = None
-    statistics: dict[str, float] = Field(default_factory=dict)
+    kind: Literal["transition", "drift", "prior_data_conflict"] = Field(
+        description="a responder transition, a drift of the population posterior, or a "
+        "prior-data conflict"
+    )
+    severity: Literal["info", "warning", "critical"] = Field(
+        default="info", description="how urgent"
+    )
+    patient_id: PatientId | None = Field(
+        default=None, description="the patient of a transition (null for the others)"
+    )
+    measure: str = Field(description="the measure")
+    message: str = Field(description="what happened, in words")
+    previous: str | None = Field(default=None, description="a transition's previous call")
+    current: str | None = Field(default=None, description="a transition's new call")
+    recommended_action: str | None = Field(
+        default=None, description="the care pathway's action for the new call, if any"
+    )
+    population_version: int | None = Field(
+        default=None, description="the population posterior version concerned"
+    )
+    statistics: dict[str, float] = Field(
+        default_factory=dict, description="the detector's statistics (drift, conflicts)"
+    )
 
 
 class StructureScore(BaseModel):
@@ -350,7 +470,7 @@ class StructureSelection(Envelope):
     = measure). Advisory: the pipeline keeps scoring with ``current_structure``;
     an operator decides whether to change it."""
 
-    measure: str
+    measure: str = Field(description="the measure")
     current_structure: str = Field(description="the structure the pipeline scores with")
     choice: str = Field(
         description="partial pooling unless another structure beats it by more than "
@@ -358,10 +478,10 @@ class StructureSelection(Envelope):
     )
     best: str = Field(description="the structure with the highest elpd")
     structures: list[StructureScore] = Field(description="best first")
-    num_patients: int
-    num_cohorts: int
-    num_folds: int
-    seed: int
+    num_patients: int = Field(description="patients compared")
+    num_cohorts: int = Field(description="cohorts among them")
+    num_folds: int = Field(description="folds of the cross-validation")
+    seed: int = Field(description="seed of the folds and fits")
     svi_steps: int = Field(description="SVI steps of every fold's fit")
     skipped_attributes: list[str] = Field(
         default_factory=list,
@@ -393,9 +513,61 @@ TOPIC_SCHEMAS: dict[str, object] = {
 }
 
 
-def json_schemas() -> dict[str, dict]:
-    """JSON Schema of every topic's values, by topic name."""
-    return {
-        topic: TypeAdapter(schema).json_schema(mode="serialization")
-        for topic, schema in TOPIC_SCHEMAS.items()
-    }
+#: Where the exported schemas say they come from: ``$id`` is ``SCHEMA_ID.format(topic=...)``.
+SCHEMA_ID = "urn:living-efficacy:schema:{topic}:v1"
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+EXAMPLES_FILE = Path(__file__).with_name("schema_examples.json")
+SOURCE_OF_TOPIC = {"wearables": "wearable", "labs": "lab", "pros": "pro"}
+
+
+def json_schemas(catalogue: Catalogue | None = None) -> dict[str, dict]:
+    """JSON Schema of every topic's values, by topic name: the pydantic models'
+    schemas with ``$id``, the catalogue's measure names and units as enums
+    (``catalogue``, default the shipped one) and examples
+    (``schema_examples.json``)."""
+    from streams.catalogue import Catalogue
+
+    catalogue = catalogue or Catalogue.load()
+    examples = json.loads(EXAMPLES_FILE.read_text())
+    schemas = {}
+    for topic, model in TOPIC_SCHEMAS.items():
+        schema = TypeAdapter(model).json_schema(mode="serialization")
+        _constrain_measures(schema, catalogue, SOURCE_OF_TOPIC.get(topic))
+        schemas[topic] = {
+            "$schema": JSON_SCHEMA_DIALECT,
+            "$id": SCHEMA_ID.format(topic=topic),
+            **schema,
+            "examples": examples[topic],
+        }
+    return schemas
+
+
+def _constrain_measures(schema: dict, catalogue: Catalogue, source: str | None) -> None:
+    """Enums of measure names and units wherever a schema (or one of its
+    ``$defs``) has them. A reading (``source``) takes the measures of that
+    source and each measure's accepted units (canonical, alternatives, UCUM
+    spellings; ``allOf`` ties the unit to the measure); outputs carry canonical
+    units."""
+    specs = [
+        spec for spec in catalogue.measures.values() if source is None or source in spec.sources
+    ]
+    names = [spec.name for spec in specs]
+    for node in [schema, *schema.get("$defs", {}).values()]:
+        properties = node.get("properties", {})
+        if "measure" in properties and properties["measure"].get("type") == "string":
+            properties["measure"]["enum"] = names
+        if properties.get("measures", {}).get("items", {}).get("type") == "string":
+            properties["measures"]["items"]["enum"] = names
+        if "unit" in properties and "measure" in properties:
+            if source is None:
+                properties["unit"]["enum"] = sorted({spec.unit for spec in specs})
+                continue
+            accepted = {spec.name: [spec.unit, *spec.units, *spec.ucum] for spec in specs}
+            properties["unit"]["enum"] = sorted({u for units in accepted.values() for u in units})
+            node["allOf"] = [
+                {
+                    "if": {"properties": {"measure": {"const": name}}, "required": ["measure"]},
+                    "then": {"properties": {"unit": {"enum": units}}},
+                }
+                for name, units in accepted.items()
+            ]

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import jsonschema
 import pytest
+from pydantic import TypeAdapter
 
+from streams.app import measure_models
+from streams.catalogue import Catalogue
 from streams.cli import main
 from streams.kafka_io import read_until, run
+from streams.patient_state import apply_event, patient_evidence
 from streams.programme import (
     GroundTruth,
     build_programme,
@@ -20,8 +27,9 @@ from streams.programme import (
     sample_messages,
     topic_schema,
 )
-from streams.schemas import TOPIC_SCHEMAS, json_schemas
+from streams.schemas import TOPIC_SCHEMAS, Origin, json_schemas
 from streams.settings import Settings
+from streams.validation import Rejected, validate_record
 
 JSON_TYPES = {
     "object": dict,
@@ -187,3 +195,155 @@ def test_documented_samples_are_the_generated_ones():
     for record in samples.values():
         assert f"key `{record.key.decode()}`" in section
         topic_schema(record.topic).validate_json(record.value)
+
+
+# --- the contract other languages keep: ids, descriptions, enums, examples -------------
+
+
+def described_properties(node, where: str):
+    """(path, property schema) of every property of every object schema in ``node``
+    (not the examples, nor ``allOf``'s conditions on fields defined elsewhere)."""
+    if isinstance(node, dict):
+        for name, value in node.get("properties", {}).items():
+            yield f"{where}.{name}", value
+        for key, value in node.items():
+            if key not in ("examples", "allOf"):
+                yield from described_properties(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from described_properties(value, f"{where}[{i}]")
+
+
+def test_every_field_of_every_exported_schema_is_described_and_the_schemas_have_ids():
+    schemas = json_schemas()
+    ids = set()
+    for topic, schema in schemas.items():
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert topic in schema["$id"] and ":" in schema["$id"]  # a URI naming its topic
+        ids.add(schema["$id"])
+        fields = list(described_properties(schema, topic))
+        assert fields, topic
+        undescribed = [path for path, value in fields if not value.get("description", "").strip()]
+        assert not undescribed, undescribed
+    assert len(ids) == len(schemas)
+
+
+def validator(schema: dict) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def problems(schema: dict, instance) -> list[str]:
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator(schema).iter_errors(instance)
+    ]
+
+
+def test_the_examples_validate_against_their_schema_and_the_worker_takes_them():
+    for topic, schema in json_schemas().items():
+        assert schema["examples"], topic
+        for example in schema["examples"]:
+            assert problems(schema, example) == [], (topic, example)
+            TypeAdapter(TOPIC_SCHEMAS[topic]).validate_python(example)  # pydantic agrees
+
+
+def test_measures_and_units_are_enums_of_the_catalogue():
+    catalogue = Catalogue.load()
+    schemas = json_schemas(catalogue)
+    wearables, labs = schemas["wearables"], schemas["labs"]
+    assert set(wearables["properties"]["measure"]["enum"]) == {
+        s.name for s in catalogue.measures.values() if "wearable" in s.sources
+    }
+    assert "/min" in wearables["properties"]["unit"]["enum"]
+    reading = next(e for e in labs["examples"] if e["measure"] == "hba1c")
+    # every unit a lab measure accepts, in its UCUM spelling too, and only those
+    for spec in catalogue.measures.values():
+        if "lab" not in spec.sources:
+            assert problems(labs, {**reading, "measure": spec.name})
+            continue
+        for unit in [spec.unit, *spec.units, *spec.ucum]:
+            assert problems(labs, {**reading, "measure": spec.name, "unit": unit}) == []
+    assert problems(labs, {**reading, "unit": "mm[Hg]"})  # a unit of another measure
+    assert problems(labs, {**reading, "unit": "percent"})
+    assert problems(labs, {**reading, "measure": "blood_ketones"})
+    score = schemas["scores"]["examples"][0]
+    measure_score = score["measures"][0]
+    assert problems(schemas["scores"], {**score, "measures": [{**measure_score, "unit": "/min"}]})
+    # a catalogue of one's own gives its own enums
+    own = Catalogue(measures={"phq9": catalogue.get("phq9")})
+    pros = json_schemas(own)["pros"]
+    assert pros["properties"]["measure"]["enum"] == ["phq9"]
+    assert sorted(pros["properties"]["unit"]["enum"]) == sorted(["score", "points", "{score}"])
+
+
+def test_the_documented_samples_validate_against_the_exported_schemas():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "topics.md").read_text()
+    section = page.split("# Topics and messages", 1)[1].split("\n## ", 1)[0]
+    blocks = [json.loads(b.split("```", 1)[0]) for b in section.split("```json\n")[1:]]
+    topics = [line.split("`")[1] for line in section.splitlines() if ", key `" in line]
+    assert len(blocks) == len(topics) >= 6
+    schemas = json_schemas()
+    for topic, block in zip(topics, blocks, strict=True):
+        assert problems(schemas[topic], block) == [], (topic, block)
+
+
+def test_a_reading_in_a_ucum_unit_gives_the_statistics_of_the_native_unit():
+    """The same readings sent with our unit names and with their UCUM spellings
+    are accepted alike and give the patient the same statistics."""
+    catalogue = Catalogue.load()
+    settings = Settings(max_age_days=36500.0)
+    models = measure_models(catalogue, settings)
+    cases = [
+        ("wearables", "resting_heart_rate", "bpm", "/min"),
+        ("labs", "systolic_bp", "mmHg", "mm[Hg]"),
+        ("labs", "hba1c", "%", "%"),
+        ("labs", "fasting_glucose", "mg/dL", "mg/dL"),
+        ("pros", "phq9", "score", "{score}"),
+    ]
+    start = datetime(2026, 1, 5, 8, tzinfo=UTC)
+    rng = random.Random(3)
+    checked = 0
+    for topic, measure, native, ucum in cases:
+        spec = catalogue.get(measure)
+        source = spec.sources[0] if topic != "pros" else "pro"
+        location, scale = spec.typical
+        values = [location + scale * rng.uniform(-1, 1) for _ in range(20)]
+        evidence = {}
+        for patient, unit in ((f"native-{measure}", native), (f"ucum-{measure}", ucum)):
+            records = [
+                ("enrollments", {"kind": "enrollment", "patient_id": patient, "cohort": "c-1"},
+                 start),
+                ("enrollments", {"kind": "exposure", "patient_id": patient, "exposure": 1.0},
+                 start + timedelta(days=10, hours=1)),
+            ] + [
+                (topic, {"patient_id": patient, "measure": measure, "value": value,
+                         "unit": unit, "source": source}, start + timedelta(days=day, hours=2))
+                for day, value in enumerate(values)
+            ]  # fmt: skip
+            state = None
+            for offset, (source_topic, body, when) in enumerate(records):
+                value = json.dumps({"schema_version": 1, "event_id": f"{patient}-{offset}",
+                                    "event_time": when.isoformat(), **body}).encode()  # fmt: skip
+                origin = Origin(topic=source_topic, partition=0, offset=offset)
+                event = validate_record(
+                    source_topic, patient.encode(), value, origin, catalogue, settings
+                )
+                state, outcome = apply_event(state, event, models)
+                assert not outcome.rejected, outcome.rejected
+            evidence[unit] = patient_evidence(state, measure, models[measure])
+        native_evidence, ucum_evidence = evidence[native], evidence[ucum]
+        assert native_evidence.count_exposed + native_evidence.count_unexposed == len(values)
+        assert native_evidence.count_exposed > 0 and native_evidence.count_unexposed > 0
+        for name in ("gram", "recent_gram", "reference_time", "count_exposed",
+                     "count_unexposed"):  # fmt: skip
+            assert getattr(ucum_evidence, name) == getattr(native_evidence, name), (measure, name)
+        checked += 1
+    assert checked == len(cases)
+    # and a unit that is no spelling of the measure's is refused
+    body = {"schema_version": 1, "event_id": "x", "event_time": start.isoformat(),
+            "patient_id": "p", "measure": "systolic_bp", "value": 120.0, "unit": "/min",
+            "source": "lab"}  # fmt: skip
+    with pytest.raises(Rejected, match="unknown_unit"):
+        validate_record("labs", b"p", json.dumps(body).encode(),
+                        Origin(topic="labs", partition=0, offset=0), catalogue, settings)  # fmt: skip
