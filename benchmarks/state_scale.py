@@ -98,7 +98,7 @@ def record_sizes(readings_per_measure: list[int], patients: int = 20) -> dict:
         }
         out[str(n)] = {
             "readings_per_measure": n,
-            "events_per_patient": len(sample.seen),
+            "event_ids_kept": len(sample.seen),
             "record_bytes_median": one,
             "record_bytes_max": max(sizes),
             "bytes_by_part": parts,
@@ -284,7 +284,7 @@ class Cloner:
         self.offsets[partition] = start + 7 * len(seen)
         record["seen"] = seen
         for stats in record["measures"].values():
-            for name in ("gram", "sealed_gram", "sealed_window_gram"):
+            for name in ("gram", "sealed_gram", "sealed_window_gram", "window_gram"):
                 stats[name] = transform_gram(stats.get(name), a, b)
             stats["recent"] = [[t, v * (1.0 + 0.05 * (a - 1.0))] for t, v in stats["recent"]]
         values = {}

@@ -8,14 +8,21 @@ standardised units), the identities of the events already applied, observations
 held until enrolment, and what was last published (the latest score message
 itself too).
 
-Idempotency does not rest on Kafka transactions. Every applied event is
-remembered by ``event_id`` with the coordinates of the raw record it came from
-(topic, partition, offset):
+Idempotency does not rest on Kafka transactions. The latest ``SEEN_KEEP``
+applied events are remembered by ``event_id`` with the coordinates of the raw
+record each came from (topic, partition, offset):
 
 - the same event id from the same origin is a *replay* (a worker restarted
-  before committing its offsets, or the consumer group was reset): ignored;
+  before committing its offsets): ignored;
 - the same event id from another origin is a *duplicate* sent by a producer:
   dead-lettered with reason ``duplicate``, never counted twice.
+
+An event id forgotten to keep the state bounded leaves its offset behind: per
+topic partition, the highest offset of a forgotten event (``forgotten``). Kafka
+delivers a partition in order, so a record at or below it was read before (a
+consumer group reset to old offsets, a backfill into a worker with state) and
+is a replay too, however old. What is lost is only the recognition of a
+producer duplicate sent after ``SEEN_KEEP`` newer events of the same patient.
 
 Exposure at an observation is read off the patient's timeline at the
 observation's event time (enrolment sets the initial exposure; ExposureChange
@@ -63,6 +70,7 @@ from streams.schemas import (
 )
 
 MAX_PENDING = 1000
+SEEN_KEEP = 256  # event ids per patient remembered for duplicate detection
 RECENT_KEEP = 64  # readings per measure always kept raw (at least)
 REORDER_WINDOW_DAYS = 14.0  # exposure changes may arrive this late
 SECONDS_PER_DAY = 86400.0
@@ -197,7 +205,8 @@ class PatientRecord(BaseModel):
     arm: str | None = None
     enrolled_at: datetime | None = None
     timeline: list[tuple[float, float]] = Field(default_factory=list)
-    seen: dict[str, str] = Field(default_factory=dict)
+    seen: dict[str, str] = Field(default_factory=dict)  # event id -> origin, oldest first
+    forgotten: dict[str, int] = Field(default_factory=dict)  # "topic:partition" -> offset
     pending: list[Observation] = Field(default_factory=list)
     measures: dict[str, MeasureStats] = Field(default_factory=dict)
     published: dict[str, Published] = Field(default_factory=dict)
@@ -237,6 +246,9 @@ def _seen_before(
     """True when the event must not be applied (replay or duplicate); records it."""
     previous = record.seen.get(event_id)
     if previous is None:
+        if origin.offset <= record.forgotten.get(f"{origin.topic}:{origin.partition}", -1):
+            outcome.replays += 1  # read again long after: its id is no longer kept
+            return True
         return False
     if previous == origin_key(origin):
         outcome.replays += 1
@@ -245,6 +257,18 @@ def _seen_before(
             (event, "duplicate", f"event_id {event_id!r} was already applied from {previous}")
         )
     return True
+
+
+def _remember(record: PatientRecord, event_id: str, origin: Origin) -> None:
+    """Remember an applied event; beyond SEEN_KEEP, forget the oldest, keeping
+    its offset (the module's docstring)."""
+    seen = record.seen
+    seen[event_id] = origin_key(origin)
+    while len(seen) > SEEN_KEEP:
+        oldest = seen.pop(next(iter(seen)))
+        partition, offset = oldest.rsplit(":", 1)
+        if int(offset) > record.forgotten.get(partition, -1):
+            record.forgotten[partition] = int(offset)
 
 
 def _readings_stats(
@@ -515,7 +539,7 @@ def _add_observation(
         _add_to_window(record, stats, model.recent_window, exposure, time, observation.value)
     if stats.last_event_time is None or observation.event_time > stats.last_event_time:
         stats.last_event_time = observation.event_time
-    record.seen[observation.event_id] = origin_key(observation.origin)
+    _remember(record, observation.event_id, observation.origin)
     outcome.touched.add(observation.measure)
 
 
@@ -556,6 +580,7 @@ def _copy(record: PatientRecord) -> PatientRecord:
         update={
             "timeline": list(record.timeline),
             "seen": dict(record.seen),
+            "forgotten": dict(record.forgotten),
             "pending": list(record.pending),
             "measures": {
                 name: stats.model_copy(update={"recent": list(stats.recent)})
@@ -616,7 +641,7 @@ def apply_event(
     exposure = inner.exposure if isinstance(inner, ExposureChange) else float(inner.exposed)
     if not _change_exposure(record, event, time, exposure, models, outcome):
         return record, outcome
-    record.seen[inner.event_id] = origin_key(event.origin)
+    _remember(record, inner.event_id, event.origin)
     if isinstance(inner, Enrollment):
         outcome.cohort_changed = record.cohort != inner.cohort
         record.cohort, record.arm, record.enrolled_at = inner.cohort, inner.arm, inner.event_time

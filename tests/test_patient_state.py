@@ -22,13 +22,14 @@ from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.patient_state import (
     RECENT_KEEP,
+    SEEN_KEEP,
     PatientRecord,
     apply_event,
     days,
     recent_window_stats,
 )
 from streams.programme import build_programme
-from streams.schemas import EnrollmentRecord, ExposureChange, Observation, Origin
+from streams.schemas import Enrollment, EnrollmentRecord, ExposureChange, Observation, Origin
 from streams.settings import Settings
 from streams.validation import Rejected, validate_enrollment, validate_observation
 
@@ -340,3 +341,53 @@ def test_handing_the_record_over_gives_the_same_state_and_copying_leaves_it_alon
     assert {p: r.model_dump_json() for p, r in handed.items()} == {
         p: r.model_dump_json() for p, r in copied.items()
     }
+
+
+def test_the_event_ids_kept_are_bounded_and_an_offset_reset_is_still_a_replay():
+    """A patient followed for 4·SEEN_KEEP readings keeps SEEN_KEEP event ids;
+    reading the whole partition again from offset 0 (a consumer-group reset, a
+    backfill into a worker with state) changes nothing, every event a replay; a
+    producer duplicate of a recent event (another origin) is dead-lettered; one
+    of an event whose id was forgotten is applied (the documented limit)."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    enrolment = EnrollmentRecord(
+        event=Enrollment(event_id="enrol", event_time=start, patient_id="p", cohort="c"),
+        origin=Origin(topic="enrollments", partition=0, offset=0),
+    )
+    readings = [
+        Observation(
+            event_id=f"r{k}",
+            event_time=start + timedelta(hours=k + 1),
+            patient_id="p",
+            measure="resting_heart_rate",
+            value=60.0 + k % 7,
+            unit="bpm",
+            source="wearable",
+            origin=Origin(topic="wearables", partition=2, offset=k),
+        )
+        for k in range(4 * SEEN_KEEP)
+    ]
+    record, _ = apply_event(None, enrolment, MODELS)
+    for reading in readings:
+        record, outcome = apply_event(record, reading, MODELS)
+        assert outcome.touched and not outcome.replays
+    record = PatientRecord.model_validate_json(record.model_dump_json())  # as stored
+    assert len(record.seen) == SEEN_KEEP
+    assert record.forgotten == {"enrollments:0": 0, "wearables:2": 3 * SEEN_KEEP - 1}
+    before = record.measures["resting_heart_rate"].model_dump()
+
+    replays = 0
+    for event in [enrolment, *readings]:
+        record, outcome = apply_event(record, event, MODELS)
+        assert not outcome.touched and not outcome.rejected
+        replays += outcome.replays
+    assert replays == 1 + len(readings)
+    assert record.measures["resting_heart_rate"].model_dump() == before
+
+    elsewhere = Origin(topic="wearables", partition=2, offset=10 * SEEN_KEEP)
+    recent = readings[-1].model_copy(update={"origin": elsewhere})
+    record, outcome = apply_event(record, recent, MODELS)
+    assert [reason for _, reason, _ in outcome.rejected] == ["duplicate"]
+    old = readings[0].model_copy(update={"origin": elsewhere})
+    record, outcome = apply_event(record, old, MODELS)
+    assert outcome.touched == {"resting_heart_rate"} and not outcome.rejected
