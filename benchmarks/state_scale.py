@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, say, write_json
@@ -65,9 +66,10 @@ def simulated_records(patients: int, readings: int, seed: int) -> dict:
     catalogue = Catalogue.load()
     settings = Settings(max_age_days=36500.0)
     models = measure_models(catalogue, settings)
+    span = max(90.0, readings / 2.0)
     programme = build_programme(
         MEASURES, num_patients=patients, num_cohorts=5, obs_per_patient=readings, seed=seed,
-        time_span=max(90.0, readings / 2.0),
+        time_span=span, start=datetime.now(UTC) - timedelta(days=2.0 * span),
     )  # fmt: skip
     records: dict[str, PatientRecord] = {}
     for offset, raw in enumerate(programme.send_order()):
