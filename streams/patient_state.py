@@ -458,7 +458,7 @@ def measure_evidence(
     ]
     windows = recent_window_stats_many(items, model)
     return [
-        PatientEvidence.model_construct(
+        PatientEvidence(
             measure=measure,
             patient_id=record.patient_id,
             cohort=record.cohort,

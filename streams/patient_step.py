@@ -463,9 +463,7 @@ def _evidence(
     for measure, records in by_measure.items():
         items = measure_evidence(records, measure, context.models[measure])
         for start in range(0, len(items), EVIDENCE_CHUNK):
-            batch = EvidenceBatch.model_construct(
-                measure=measure, items=items[start : start + EVIDENCE_CHUNK]
-            )
+            batch = EvidenceBatch(measure=measure, items=items[start : start + EVIDENCE_CHUNK])
             outputs.evidence.append(
                 Message(
                     measure.encode(),

@@ -158,12 +158,12 @@ def measure_scores(
     for i, s in enumerate(stats):
         call = str(calls[i])
         scores.append(
-            MeasureScore.model_construct(
+            MeasureScore(
                 measure=spec.name,
                 unit=spec.unit,
                 direction=spec.direction,
                 mcid=spec.mcid,
-                effect=Interval.model_construct(
+                effect=Interval(
                     mean=float(summary.mean[i]),
                     sd=float(summary.sd[i]),
                     lower=float(summary.lower[i]),
@@ -264,8 +264,8 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> Composit
     )
     var = sum((weights[s.measure] * s.effect.sd / s.mcid) ** 2 for s in usable)
     mean, sd = mean / total, math.sqrt(var) / total
-    return CompositeScore.model_construct(
-        benefit_in_mcid=Interval.model_construct(
+    return CompositeScore(
+        benefit_in_mcid=Interval(
             mean=mean, sd=sd, lower=mean - Z_LEVEL * sd, upper=mean + Z_LEVEL * sd
         ),
         measures=[s.measure for s in usable],
@@ -289,7 +289,7 @@ def changed_materially(previous: Published | None, score: MeasureScore) -> bool:
 
 
 def published_of(score: MeasureScore) -> Published:
-    return Published.model_construct(
+    return Published(
         population_version=score.population_version,
         mean=score.effect.mean,
         sd=score.effect.sd,
@@ -312,7 +312,7 @@ def efficacy_score(
         f"{s.measure}@{s.population_version}/{s.count_exposed + s.count_unexposed}" for s in scores
     )
     last_times = [s.last_event_time for s in scores if s.last_event_time is not None]
-    return EfficacyScore.model_construct(
+    return EfficacyScore(
         event_id=bounded_event_id("score", f"{record.patient_id}:{basis}"),
         event_time=max(last_times) if last_times else datetime.now(UTC),
         patient_id=record.patient_id,
