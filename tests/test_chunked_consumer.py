@@ -8,7 +8,9 @@ partition chunk, acknowledged through faust's own commit.
   the other partitions commit what was processed; a worker of the same group
   started after a kill resumes from the committed offsets (its first chunk of a
   partition commits although earlier offsets were committed by another member:
-  faust alone would wait for them forever) and commits to the end.
+  faust alone would wait for them forever) and commits to the end;
+- a topic written in transactions, whose commit markers take offsets no record
+  has (holes between and inside chunks), is delivered and committed to its end.
 """
 
 from __future__ import annotations
@@ -179,3 +181,72 @@ def test_an_unacked_chunk_holds_its_partition_commit_and_a_restart_resumes(
         start = committed.get(partition, 0)
         offsets = [o for c in again if c["partition"] == partition for o in c["offsets"]]
         assert offsets == list(range(start, end)), f"partition {partition} after the restart"
+
+
+def test_offsets_skipped_by_transaction_markers_are_committed_past(kafka_bootstrap, tmp_path):
+    """Each transaction's commit marker takes an offset of every partition it
+    wrote to, so records are not at consecutive offsets: the chunk gaps must
+    cover the holes (or the commit stops at the first one)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    name = f"chunked-tx-{uuid.uuid4().hex[:8]}"
+    transactions, per_transaction = 200, 10
+
+    async def create_and_fill() -> dict[int, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap, transactional_id=f"tx-{name}"
+        )
+        await producer.start()
+        try:
+            for t in range(transactions):
+                async with producer.transaction():
+                    for i in range(per_transaction):
+                        value = b"%d" % (t * per_transaction + i)
+                        await producer.send(name, value, key=b"key-%d" % i)
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets([TopicPartition(name, p) for p in range(PARTITIONS)])
+        finally:
+            await consumer.stop()
+        return {tp.partition: offset for tp, offset in ends.items()}
+
+    ends = asyncio.run(create_and_fill())
+    records = transactions * per_transaction
+    assert sum(ends.values()) > records  # the markers' offsets
+    out = tmp_path / "offsets.jsonl"
+    group, reader = start_reader(kafka_bootstrap, name, out)
+    try:
+        delivered = poll(
+            lambda: sum(len(c["offsets"]) for c in read_lines(out)),
+            lambda n: n >= records,
+            timeout=180,
+        )
+        assert delivered == records
+        chunks = read_lines(out)
+        # The last record of each partition (its last offset is the last
+        # transaction's marker, which no consumer is handed).
+        last = {p: max(o for c in chunks if c["partition"] == p for o in c["offsets"])
+                for p in ends}  # fmt: skip
+        committed = poll(
+            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)),
+            lambda c: c == {p: offset + 1 for p, offset in last.items()},
+            timeout=60,
+        )
+        assert committed == {p: offset + 1 for p, offset in last.items()}
+        assert all(ends[p] - 1 == committed[p] for p in ends)
+    finally:
+        reader.kill()
+        reader.wait()
+    offsets = [o for c in chunks if c["partition"] == 0 for o in c["offsets"]]
+    assert len(offsets) < offsets[-1] + 1 - 100  # holes inside the stream, passed
+    values = [v for c in chunks for v in c["values"]]
+    assert sorted(values, key=int) == [str(i) for i in range(records)]
