@@ -44,10 +44,10 @@ bench: $(STAMP)
 	nice -n 10 $(BIN)/python -m benchmarks.population_cost
 
 broker-start: $(STAMP)
-	$(BIN)/python -m streams.broker start
+	$(BIN)/python -m cli.broker start
 
 broker-stop: $(STAMP)
-	$(BIN)/python -m streams.broker stop
+	$(BIN)/python -m cli.broker stop
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

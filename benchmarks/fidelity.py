@@ -365,7 +365,7 @@ def calibration(settings: Settings) -> dict[str, Any]:
 def sleepstudy(settings: Settings) -> dict[str, Any]:
     """Item 6: sleepstudy (18 subjects) against lme4's REML fit, and NUTS on the
     same model for reference."""
-    from streams.fit_command import read_table  # the `efficacy fit` CSV reader
+    from cli.fit import read_table  # the `efficacy fit` CSV reader
 
     table = argparse.Namespace(
         input=SLEEPSTUDY / "sleepstudy.csv",

@@ -4,7 +4,7 @@
     python -m benchmarks.fit_start --repeats 3     # quicker
     python -m benchmarks.fit_start --source DIR --name fit_start_before   # another checkout
 
-Runs the command a user runs (``python -m streams.cli fit`` on
+Runs the command a user runs (``python -m cli.main fit`` on
 tests/data/sleepstudy/sleepstudy.csv, the command line of tests/test_fit_cli.py)
 as a new process each time, in three modes:
 
@@ -47,10 +47,10 @@ FIT_ARGS = [
 ]  # fmt: skip
 MODES = ("cold", "warm", "no_cache")
 
-#: Runs streams.cli with listeners on JAX's compile and cache events; prints the counts.
+#: Runs cli.main with listeners on JAX's compile and cache events; prints the counts.
 COUNTING_DRIVER = """
 import json, sys, jax
-from streams.cli import main
+from cli.main import main
 counts = {"compilations": 0, "cache_hits": 0, "cache_misses": 0}
 def on_duration(event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
@@ -109,7 +109,7 @@ def measure(source: Path, repeats: int, workdir: Path) -> dict[str, Any]:
     output = workdir / "fit.json"
     warm_cache = workdir / "warm-cache"
     if flags:  # fill the warm cache once
-        run_once([*python, "-m", "streams.cli", *FIT_ARGS, "--compilation-cache", str(warm_cache)], source, output)  # fmt: skip
+        run_once([*python, "-m", "cli.main", *FIT_ARGS, "--compilation-cache", str(warm_cache)], source, output)  # fmt: skip
     for mode in MODES:
         walls, cpus = [], []
         for repeat in range(repeats + 1):  # the last run counts compilations
@@ -118,7 +118,7 @@ def measure(source: Path, repeats: int, workdir: Path) -> dict[str, Any]:
                 cache = workdir / f"cold-{repeat}"
                 shutil.rmtree(cache, ignore_errors=True)
             counting = repeat == repeats
-            head = [*python, "-c", COUNTING_DRIVER] if counting else [*python, "-m", "streams.cli"]
+            head = [*python, "-c", COUNTING_DRIVER] if counting else [*python, "-m", "cli.main"]
             run = run_once([*head, *FIT_ARGS, *cache_args(mode, cache, flags)], source, output)
             if counting:
                 line = [x for x in run["stderr"].splitlines() if x.startswith("COUNTS ")][-1]
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": described,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "source": str(source),
-        "command": " ".join(["python -m streams.cli", *FIT_ARGS, "--output", "OUT"]),
+        "command": " ".join(["python -m cli.main", *FIT_ARGS, "--output", "OUT"]),
         "repeats": args.repeats,
         "goal_warm_wall_s": GOAL_WARM_SECONDS,
         **measured,

@@ -44,13 +44,13 @@ PARTITIONS = 4
 def prepare(patients: int, obs: int):
     """The step's context (with a posterior) and the programme's raw records as
     a worker reads them (on their key's partition, per-partition offsets)."""
+    from cli.programme import build_programme
     from model.config import SVIConfig
     from streams.app import measure_models
     from streams.catalogue import Catalogue
     from streams.patient_step import StepContext
     from streams.population_book import PopulationModel
     from streams.posterior_feed import PosteriorBook
-    from streams.programme import build_programme
     from streams.settings import Settings
 
     catalogue = Catalogue.load()

@@ -32,7 +32,7 @@ def main() -> int:
 
     signal.signal(signal.SIGRTMIN + 1, start)
     signal.signal(signal.SIGRTMIN + 2, stop)
-    from streams.cli import main as cli
+    from cli.main import main as cli
 
     return cli(["worker", "--loglevel", os.environ.get("EFFICACY_PROFILE_LOGLEVEL", "info")])
 

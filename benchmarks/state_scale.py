@@ -55,10 +55,10 @@ def rss_mb() -> float:
 def simulated_records(patients: int, readings: int, seed: int) -> dict:
     """PatientRecords (3 measures) built by the real ``apply_event`` from a
     simulated programme's validated events, keyed by patient id."""
+    from cli.programme import build_programme
     from streams.app import measure_models
     from streams.catalogue import Catalogue
     from streams.patient_state import PatientRecord, apply_event
-    from streams.programme import build_programme
     from streams.schemas import Origin
     from streams.settings import Settings
     from streams.validation import validate_enrollment, validate_observation
@@ -503,7 +503,7 @@ def scrape(log_text: str) -> dict[str, float]:
 
 
 def worker_process(env: dict[str, str]):
-    from streams.worker_process import WorkerProcess
+    from cli.worker_process import WorkerProcess
 
     return WorkerProcess(env)
 
@@ -707,10 +707,10 @@ def probe_patients_agent(bootstrap: str, store: str = "rocksdb://") -> dict:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from streams.programme import build_programme
+    from cli.programme import build_programme
+    from cli.worker_process import READY, WorkerProcess
     from streams.settings import Settings
     from streams.topics import ensure_topics
-    from streams.worker_process import READY, WorkerProcess
 
     run = uuid.uuid4().hex[:6]
     prefix, app_id = f"probe-{run}.", f"probe-{run}"
@@ -821,7 +821,7 @@ def with_broker(function):
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if bootstrap:
         return function(bootstrap)
-    from streams.broker import LocalKafka
+    from cli.broker import LocalKafka
 
     kafka = LocalKafka(log=say)
     try:
@@ -843,7 +843,7 @@ def end_to_end(args) -> dict:
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     kafka = None
     if not bootstrap:
-        from streams.broker import LocalKafka
+        from cli.broker import LocalKafka
 
         kafka = LocalKafka(log=say)
         bootstrap = kafka.start()

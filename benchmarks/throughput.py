@@ -137,7 +137,7 @@ def relabel(records, tag: str):
 
 
 def programme_records(tag: str, patients: int, obs: int, seed: int):
-    from streams.programme import build_programme
+    from cli.programme import build_programme
 
     programme = build_programme(
         [MEASURE],
@@ -535,10 +535,10 @@ def start_py_spy(executable: str, pid: int, out: Path, seconds: float) -> subpro
 
 
 async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -> dict:
+    from cli.worker_process import WorkerProcess
     from streams.app import measure_models
     from streams.catalogue import Catalogue
     from streams.settings import Settings
-    from streams.worker_process import WorkerProcess
 
     where = machine()
     run_id = uuid.uuid4().hex[:8]
@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     kafka = None
     if not bootstrap:
-        from streams.broker import LocalKafka
+        from cli.broker import LocalKafka
 
         kafka = LocalKafka(log=say)
         bootstrap = kafka.start()

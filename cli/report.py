@@ -111,18 +111,7 @@ class Report:
 # --- the command ---------------------------------------------------------------------
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help (but not "None"), the epilog's examples as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = _HelpFormatter
     parser.epilog = EXAMPLE
     parser.add_argument(
         "--output", type=Path, default=Path("efficacy-report.html"), help="HTML file to write"
@@ -174,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         table = None
         if args.input:
-            from streams.fit_command import InputError, read_table
+            from cli.fit import InputError, read_table
 
             table_args = argparse.Namespace(
                 input=args.input,

@@ -1,2 +1,3 @@
-"""The Faust side of the living efficacy pipeline: settings, topics, agents, CLI,
-and the local Kafka launcher. Wires model/ to Kafka; no numerics here."""
+"""The worker: settings, topics, schemas, agents, state and the pure stream
+steps, wired to Kafka through faust. Numerics live in model/; the command line
+and the development tools (demo, simulator, local broker) in cli/."""

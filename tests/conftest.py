@@ -57,7 +57,7 @@ def kafka_bootstrap() -> Iterator[str]:
             container.stop()
         return
 
-    from streams.broker import BrokerError, LocalKafka
+    from cli.broker import BrokerError, LocalKafka
 
     kafka = LocalKafka(log=lambda message: print(f"[kafka] {message}", flush=True))
     try:

@@ -50,11 +50,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from cli.programme import Programme
 from model.config import DecisionRule
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.patient_state import MeasureStats
-from streams.programme import Programme
 from streams.scoring import MeasurePosterior, measure_scores
 from streams.settings import Settings
 
@@ -94,7 +94,7 @@ def latest_by_key(records) -> dict:
 
 
 class Settling:
-    """``done`` for streams.kafka_io.read_until over the posterior and score
+    """``done`` for cli.kafka_io.read_until over the posterior and score
     topics of a run (module docstring); ``problems(records)`` lists what is not
     settled (empty: settled)."""
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from streams import broker
-from streams.broker import BrokerError, LocalKafka
+from cli import broker
+from cli.broker import BrokerError, LocalKafka
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,14 +86,14 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 
 @pytest.mark.kafka
 def test_command_line_start_status_stop(tmp_path, kafka_bootstrap):
-    """`python -m streams.broker start|status|stop` manages a detached broker.
+    """`python -m cli.broker start|status|stop` manages a detached broker.
     (Depends on kafka_bootstrap only so the jars are resolved once, up front.)"""
     env = {**os.environ, "EFFICACY_CACHE_DIR": str(broker.cache_dir())}
     state = broker.cache_dir() / "run" / "broker.json"
     if state.exists():
         pytest.fail(f"a detached broker from an earlier run is recorded in {state}")
     run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "streams.broker", *a],
+        [sys.executable, "-m", "cli.broker", *a],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=180, check=False,
     )  # fmt: skip
     started = run("start")

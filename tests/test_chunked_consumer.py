@@ -27,7 +27,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from settling import poll
 
-from streams.kafka_io import produce
+from cli.kafka_io import produce
 
 pytestmark = pytest.mark.kafka
 APP = Path(__file__).resolve().parent / "chunk_reader_app.py"

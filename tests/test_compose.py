@@ -100,7 +100,7 @@ def test_kafka_is_a_single_kraft_node(services: dict[str, Any]) -> None:
 
 
 def test_worker_and_simulator(services: dict[str, Any]) -> None:
-    from streams.cli import COMMANDS
+    from cli.main import COMMANDS
 
     worker, simulator = services["worker"], services["simulator"]
     assert worker["build"] == "."

@@ -11,8 +11,8 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from cli.kafka_io import produce, run
 from streams import consumer_seek
-from streams.kafka_io import produce, run
 
 pytestmark = pytest.mark.kafka
 

@@ -18,7 +18,7 @@ def test_efficacy_demo_runs_and_prints_live_scores(kafka_bootstrap):
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
     env.pop("EFFICACY_BOOTSTRAP_SERVERS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "demo", "--seconds", "400",
+        [sys.executable, "-m", "cli.main", "demo", "--seconds", "400",
          "--patients", "60", "--cohorts", "4", "--rate", "1000"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip

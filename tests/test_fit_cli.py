@@ -17,7 +17,7 @@ BASE = ["--patient", "Subject", "--exposure", "Days", "--outcome", "Reaction"]
 
 def efficacy_fit(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", "fit", *args],
+        [sys.executable, "-m", "cli.main", "fit", *args],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
 

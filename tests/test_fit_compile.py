@@ -115,7 +115,7 @@ def efficacy_fit_process(cache: Path, output: Path, hash_seed: str) -> dict[str,
     compilation cache; the persistent cache's hits and misses (programs written)."""
     driver = (
         "import json, sys, jax\n"
-        "from streams.cli import main\n"
+        "from cli.main import main\n"
         "events = {'hits': 0, 'misses': 0}\n"
         "names = {'/jax/compilation_cache/cache_hits': 'hits',\n"
         "         '/jax/compilation_cache/cache_misses': 'misses'}\n"

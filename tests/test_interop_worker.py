@@ -30,9 +30,9 @@ from interop_examples import (
 )
 from settling import latest_by_key
 
-from streams.kafka_io import produce, read_to_end, read_until
+from cli.kafka_io import produce, read_to_end, read_until
+from cli.worker_process import READY, WorkerProcess
 from streams.schemas import Enrollment
-from streams.worker_process import READY, WorkerProcess
 
 pytestmark = pytest.mark.kafka
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from cli.main import main
 from model.config import Standardization
 from model.operating import rate_with_se, replicate_counts, standardization_for
 from model.scores import Classification
 from model.simulate import ProgrammeSpec, simulate
-from streams.cli import main
 
 
 def test_rate_and_cluster_se_by_hand():

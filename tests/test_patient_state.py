@@ -1,7 +1,7 @@
 """The agents' pure logic without a broker: ingest validation and the patient
 state step, checked against the batch computation over unique events.
 
-The programme (streams.programme) says what every record is: valid, duplicate,
+The programme (cli.programme) says what every record is: valid, duplicate,
 or a bad record with its expected dead-letter reason, and the exposure the
 simulation used at every reading. The state step must reproduce the batch
 statistics (model.evidence.stats_from_events) of the unique valid readings with
@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
+from cli.programme import build_programme
 from model.evidence import stats_from_events
 from streams.app import measure_models
 from streams.catalogue import Catalogue
@@ -28,7 +29,6 @@ from streams.patient_state import (
     days,
     recent_window_stats,
 )
-from streams.programme import build_programme
 from streams.schemas import Enrollment, EnrollmentRecord, ExposureChange, Observation, Origin
 from streams.settings import Settings
 from streams.validation import Rejected, validate_enrollment, validate_observation

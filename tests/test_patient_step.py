@@ -22,6 +22,7 @@ from settling import Settling
 from test_reliability import statistics_mismatch
 
 import streams.patient_step as patient_step
+from cli.programme import build_programme
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
@@ -36,7 +37,6 @@ from streams.patient_step import (
     transition_alert,
 )
 from streams.posterior_feed import PosteriorBook
-from streams.programme import build_programme
 from streams.schemas import Alert, EfficacyScore
 from streams.scoring import efficacy_score, measure_scores
 from streams.settings import Settings

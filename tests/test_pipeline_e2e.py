@@ -41,16 +41,16 @@ import pytest
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from settling import Settling, latest_by_key
 
+from cli.kafka_io import read_to_end, read_until
+from cli.programme import build_programme
+from cli.simulate import publish
+from cli.worker_process import WorkerProcess
 from model.events import Events
 from model.reference import fit_nuts
 from streams.app import measure_models
 from streams.catalogue import Catalogue
-from streams.kafka_io import read_to_end, read_until
 from streams.patient_state import PatientRecord, days
-from streams.programme import build_programme
 from streams.settings import Settings
-from streams.simulate_command import publish
-from streams.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.kafka
 MEASURE = "resting_heart_rate"

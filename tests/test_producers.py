@@ -23,11 +23,11 @@ from test_reliability import (
     wait_settled,
 )
 
-from streams.broker import resolve_jars
-from streams.kafka_io import produce, read_to_end
+from cli.broker import resolve_jars
+from cli.kafka_io import produce, read_to_end
+from cli.programme import build_programme
+from cli.worker_process import READY, WorkerProcess
 from streams.partitioning import key_partition
-from streams.programme import build_programme
-from streams.worker_process import READY, WorkerProcess
 
 pytestmark = pytest.mark.kafka
 PRODUCER = Path(__file__).resolve().parent.parent / "examples" / "producers" / "Producer.java"

@@ -1,4 +1,4 @@
-"""streams.programme: simulated programmes as producer records (no broker)."""
+"""cli.programme: simulated programmes as producer records (no broker)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from streams.catalogue import Catalogue
-from streams.programme import (
+from cli.programme import (
     BAD_KINDS,
     EXPECTED_REASON,
     SOURCE_TOPIC,
@@ -22,6 +21,7 @@ from streams.programme import (
     records_digest,
     topic_schema,
 )
+from streams.catalogue import Catalogue
 
 CATALOGUE = Catalogue.load()
 SOURCE_TOPICS = ("wearables", "labs", "pros")

@@ -20,8 +20,8 @@ import pytest
 from settling import latest_by_key
 from test_reliability import MEASURE, Run, small_programme, wait_settled
 
-from streams.kafka_io import produce, read_to_end
-from streams.worker_process import WorkerProcess
+from cli.kafka_io import produce, read_to_end
+from cli.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.kafka
 
@@ -30,7 +30,7 @@ def efficacy(run: Run, *args: str, timeout: float = 120) -> subprocess.Completed
     """``efficacy ARGS`` with the run's settings (broker, topic prefix)."""
     env = {**os.environ, **run.env(Path("."))}
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 
@@ -44,7 +44,7 @@ def jsonl(result: subprocess.CompletedProcess) -> list[dict]:
 def settled(kafka_bootstrap, tmp_path_factory):
     run = Run(kafka_bootstrap, "readcli", small_programme(seed=61, patients=40))
     with WorkerProcess(run.env(tmp_path_factory.mktemp("w"))) as worker:
-        from streams.simulate_command import publish
+        from cli.simulate import publish
 
         asyncio.run(publish(run.programme, run.settings))
         wait_settled(run, timeout=420)
@@ -92,7 +92,7 @@ def test_follow_prints_a_new_score(settled):
     run, scores, _ = settled
     env = {**os.environ, **run.env(Path("."))}
     follower = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "scores", "--format", "jsonl", "--follow",
+        [sys.executable, "-m", "cli.main", "scores", "--format", "jsonl", "--follow",
          "--seconds", "40", "--patient", "follow-probe"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -37,14 +37,14 @@ import numpy as np
 import pytest
 from settling import Settling, latest_by_key, poll
 
+from cli.kafka_io import all_partitions, end_offsets, group_lag, read_to_end, read_until
+from cli.programme import Programme, build_programme
+from cli.simulate import publish
+from cli.worker_process import READY, WorkerProcess
 from streams.app import measure_models
 from streams.catalogue import Catalogue
-from streams.kafka_io import all_partitions, end_offsets, group_lag, read_to_end, read_until
 from streams.patient_state import PatientRecord
-from streams.programme import Programme, build_programme
 from streams.settings import Settings
-from streams.simulate_command import publish
-from streams.worker_process import READY, WorkerProcess
 
 pytestmark = pytest.mark.kafka
 MEASURE = "resting_heart_rate"
@@ -122,7 +122,7 @@ def split_programme(programme: Programme, fraction: float) -> tuple[Programme, P
 
 
 class Publisher(threading.Thread):
-    """``publish`` (streams.simulate_command) in a thread, at a bounded rate, so
+    """``publish`` (cli.simulate) in a thread, at a bounded rate, so
     a test can break things while records are flowing."""
 
     def __init__(self, programme: Programme, settings: Settings, rate: float) -> None:
@@ -353,7 +353,7 @@ def test_broker_restart_mid_stream_resumes_with_the_same_invariant(tmp_path):
     worker reconnects and the invariant holds. The producer publishes in two
     phases around the outage (a producer facing a dead broker is not the
     pipeline's fault to handle)."""
-    from streams.broker import LocalKafka
+    from cli.broker import LocalKafka
 
     kafka = LocalKafka(log=lambda m: print(f"[kafka] {m}", flush=True))
     bootstrap = kafka.start()
@@ -401,7 +401,7 @@ def test_a_worker_killed_with_writes_waiting_on_a_stopped_broker_loses_nothing(t
     committed offsets: nothing lost and nothing counted twice. One record per
     batch, so the worker is mid-way through its fetched records when the
     broker stops."""
-    from streams.broker import LocalKafka
+    from cli.broker import LocalKafka
 
     kafka = LocalKafka(log=lambda m: print(f"[kafka] {m}", flush=True))
     bootstrap = kafka.start()
@@ -695,8 +695,8 @@ def test_fuzzed_bad_records_are_all_accounted_for_and_never_crash_the_worker(
     accepted + held + dead-lettered = produced, each origin exactly once."""
     from datetime import UTC, datetime
 
+    from cli.simulate import ensure_topics
     from streams.schemas import Enrollment
-    from streams.simulate_command import ensure_topics
 
     now = datetime.now(UTC)
     started = time.monotonic()

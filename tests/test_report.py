@@ -151,7 +151,7 @@ def axis_tolerance(svg: Node) -> float:
 
 def efficacy(*args: str, env: dict | None = None, timeout: float = 600):
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 
@@ -302,9 +302,9 @@ def test_the_report_of_the_topics_shows_what_the_pipeline_published(kafka_bootst
     from settling import latest_by_key
     from test_reliability import MEASURE, Run, small_programme, wait_settled
 
-    from streams.kafka_io import read_to_end
-    from streams.simulate_command import publish
-    from streams.worker_process import WorkerProcess
+    from cli.kafka_io import read_to_end
+    from cli.simulate import publish
+    from cli.worker_process import WorkerProcess
 
     run = Run(kafka_bootstrap, "report", small_programme(seed=71, patients=30))
     with WorkerProcess(run.env(tmp_path / "worker")) as worker:

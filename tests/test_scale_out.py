@@ -27,9 +27,9 @@ from test_reliability import (
     wait_settled,
 )
 
+from cli.programme import build_programme
+from cli.worker_process import READY, WorkerProcess
 from streams import consumer_seek
-from streams.programme import build_programme
-from streams.worker_process import READY, WorkerProcess
 
 pytestmark = pytest.mark.kafka
 # Six partitions, not the four of the other tests: faust's sticky assignor caps

@@ -15,18 +15,18 @@ import jsonschema
 import pytest
 from pydantic import TypeAdapter
 
-from streams.app import measure_models
-from streams.catalogue import Catalogue
-from streams.cli import main
-from streams.kafka_io import read_until, run
-from streams.patient_state import apply_event, patient_evidence
-from streams.programme import (
+from cli.kafka_io import read_until, run
+from cli.main import main
+from cli.programme import (
     GroundTruth,
     build_programme,
     records_digest,
     sample_messages,
     topic_schema,
 )
+from streams.app import measure_models
+from streams.catalogue import Catalogue
+from streams.patient_state import apply_event, patient_evidence
 from streams.schemas import TOPIC_SCHEMAS, Origin, json_schemas
 from streams.settings import Settings
 from streams.validation import Rejected, validate_record
@@ -148,7 +148,7 @@ def test_simulate_publishes_exactly_the_records_of_its_truth(kafka_bootstrap, tm
         "EFFICACY_TOPIC_PREFIX": prefix,
     }
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "simulate", "--patients", "30", "--cohorts", "5",
+        [sys.executable, "-m", "cli.main", "simulate", "--patients", "30", "--cohorts", "5",
          "--obs-per-patient", "12", "--measures", "resting_heart_rate,hba1c,phq9",
          "--bad-fraction", "0.05", "--duplicate-fraction", "0.05", "--seed", "3",
          "--truth", str(truth_path)],

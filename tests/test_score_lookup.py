@@ -23,14 +23,14 @@ from faust.web import View
 from settling import poll
 from yarl import URL
 
+from cli.kafka_io import read_to_end, read_until
+from cli.programme import build_programme
+from cli.simulate import ensure_topics, publish
+from cli.worker_process import WorkerProcess
 from streams.app import create_pipeline
-from streams.kafka_io import read_to_end, read_until
 from streams.partitioning import key_partition
-from streams.programme import build_programme
 from streams.score_lookup import FORWARDED_BY, SERVED_BY
 from streams.settings import Settings
-from streams.simulate_command import ensure_topics, publish
-from streams.worker_process import WorkerProcess
 
 MEASURE = "resting_heart_rate"
 PARTITIONS = 4

@@ -265,7 +265,7 @@ def test_selection_error_rates_over_seeds():
 
 def _fit_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", "fit", *args],
+        [sys.executable, "-m", "cli.main", "fit", *args],
         cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
 

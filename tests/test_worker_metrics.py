@@ -30,12 +30,12 @@ from monitoring_files import (
 from monitoring_files import free_port as free_tcp_port
 from settling import poll
 
-from streams.kafka_io import produce, read_until
-from streams.programme import build_programme
+from cli.kafka_io import produce, read_until
+from cli.programme import build_programme
+from cli.simulate import publish
+from cli.worker_process import WorkerProcess
 from streams.schemas import StructureSelection
 from streams.settings import Settings
-from streams.simulate_command import publish
-from streams.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.kafka
 MEASURES = ["resting_heart_rate", "hba1c"]

@@ -46,17 +46,17 @@ import numpy as np
 import pytest
 from settling import latest_by_key, poll
 
+from cli.kafka_io import produce, read_to_end, read_until
+from cli.main import main as efficacy
+from cli.programme import DEFAULT_START, Programme, build_programme
+from cli.simulate import publish
+from cli.worker_process import READY, WorkerProcess
 from model.evidence import stats_from_events
 from streams.app import measure_models
 from streams.catalogue import Catalogue
-from streams.cli import main as efficacy
-from streams.kafka_io import produce, read_to_end, read_until
 from streams.patient_state import MAX_PENDING, PatientRecord, days, recent_window_stats
-from streams.programme import DEFAULT_START, Programme, build_programme
 from streams.schemas import Enrollment, ExposureChange, WearableReading
 from streams.settings import Settings
-from streams.simulate_command import publish
-from streams.worker_process import READY, WorkerProcess
 
 pytestmark = pytest.mark.kafka
 

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from streams.kafka_io import produce, read_until, run
-from streams.worker_process import READY, WorkerProcess
+from cli.kafka_io import produce, read_until, run
+from cli.worker_process import READY, WorkerProcess
 
 pytestmark = pytest.mark.kafka
 CREATED_BY_WORKER = ("wearables", "scores", "alerts", "deadletter", "structure-selection")

@@ -70,7 +70,7 @@ GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython de
 
 def _demo_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--seconds", type=float, default=300.0, help="stop after this long (default 300)"
+        "--seconds", type=float, default=300.0, help="stop after this long (seconds)"
     )
     parser.add_argument("--patients", type=int, default=200, help="patients to simulate")
     parser.add_argument("--cohorts", type=int, default=8, help="clinics to simulate")
@@ -78,7 +78,7 @@ def _demo_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+    from cli.demo import run_demo
 
     return run_demo(
         seconds=args.seconds, patients=args.patients, cohorts=args.cohorts, rate=args.rate
@@ -86,37 +86,37 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _fit_parser(parser: argparse.ArgumentParser) -> None:
-    from streams.fit_command import configure_parser
+    from cli.fit import configure_parser
 
     configure_parser(parser)
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from streams.fit_command import run
+    from cli.fit import run
 
     return run(args)
 
 
 def _simulate_parser(parser: argparse.ArgumentParser) -> None:
-    from streams.simulate_command import configure_parser
+    from cli.simulate import configure_parser
 
     configure_parser(parser)
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from streams.simulate_command import run
+    from cli.simulate import run
 
     return run(args)
 
 
 def _oc_parser(parser: argparse.ArgumentParser) -> None:
-    from streams.oc_command import configure_parser
+    from cli.oc import configure_parser
 
     configure_parser(parser)
 
 
 def _run_oc(args: argparse.Namespace) -> int:
-    from streams.oc_command import run
+    from cli.oc import run
 
     return run(args)
 
@@ -181,7 +181,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 def _read_command():
-    from streams import read_command
+    from cli import read as read_command
 
     return read_command
 
@@ -192,19 +192,63 @@ def _report_command():
     return report
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (but not "None" or off), the epilog's
+    examples as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+#: An example of each command, shown at the end of its --help (unless the
+#: command writes its own).
+EXAMPLES = {
+    "worker": "Example:\n  EFFICACY_BOOTSTRAP_SERVERS=kafka:9092 efficacy worker --loglevel info",
+    "demo": "Example:\n  efficacy demo --seconds 120 --patients 100",
+    "fit": (
+        "Examples:\n"
+        "  efficacy fit --input tests/data/sleepstudy/sleepstudy.csv --patient Subject \\\n"
+        "      --exposure Days --outcome Reaction --direction lower --mcid 5 --output fit.json\n"
+        "  efficacy fit --input readings.csv --patient patient --exposure on_drug \\\n"
+        "      --outcome value --measure resting_heart_rate   # MCID from the catalogue"
+    ),
+    "simulate": "Example:\n  efficacy simulate --patients 500 --truth truth.json",
+    "scores": "Examples:\n  efficacy scores\n  efficacy scores --call non_responder --follow",
+    "alerts": "Example:\n  efficacy alerts --follow",
+    "oc": "Example:\n  efficacy oc --effect -3 --mcid 3 --obs 10,20 --out-dir oc/",
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("living-efficacy")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="efficacy", description="Living Bayesian efficacy scores per patient."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     # Only the named command's options are set up when a command is named: the
     # others' imports (settings, the simulator) cost a fast ``efficacy fit`` ~0.3 s.
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
     for name, (help_text, configure, run) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
+        )
         if chosen in (None, name):
             configure(sub)
+            sub.epilog = sub.epilog or EXAMPLES.get(name)
         sub.set_defaults(run=run)
     args = parser.parse_args(argv)
     return int(args.run(args))

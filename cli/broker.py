@@ -1,6 +1,6 @@
 """A local Apache Kafka broker the project starts itself, without Docker.
 
-Kafka's jars come from Maven Central (``streams/kafka/pom.xml``, resolved with
+Kafka's jars come from Maven Central (``cli/kafka/pom.xml``, resolved with
 ``mvn dependency:copy-dependencies`` into a cache folder, once). A single
 combined broker+controller runs in KRaft mode on 127.0.0.1 with its data in a
 temporary folder that is removed on stop. One launcher serves the tests, the
@@ -9,11 +9,11 @@ demo and users::
     with LocalKafka() as kafka:          # Python
         use(kafka.bootstrap_servers)
 
-    python -m streams.broker start       # detached; prints bootstrap servers
-    python -m streams.broker status
-    python -m streams.broker stop
-    python -m streams.broker run         # foreground until Ctrl-C
-    python -m streams.broker fetch       # only resolve the jars
+    python -m cli.broker start       # detached; prints bootstrap servers
+    python -m cli.broker status
+    python -m cli.broker stop
+    python -m cli.broker run         # foreground until Ctrl-C
+    python -m cli.broker fetch       # only resolve the jars
 """
 
 from __future__ import annotations
@@ -442,7 +442,7 @@ def _fetch(_: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m streams.broker", description=__doc__.split("\n")[0]
+        prog="python -m cli.broker", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler in {

@@ -30,14 +30,14 @@ def _int_list(text: str) -> list[int]:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--obs", type=_int_list, default=[6, 10, 20, 40],
-        help="observations per patient to evaluate, comma-separated (default 6,10,20,40)",
+        help="observations per patient to evaluate, comma-separated",
     )  # fmt: skip
     parser.add_argument("--replicates", type=int, default=4, help="programmes per row")
     parser.add_argument("--patients", type=int, default=300, help="patients per programme")
     parser.add_argument("--cohorts", type=int, default=10, help="cohorts per programme")
     parser.add_argument(
         "--effect", type=float, default=-4.0,
-        help="true population effect per unit exposure, raw units (default -4: bpm)",
+        help="true population effect per unit exposure, raw units (bpm for heart rate)",
     )  # fmt: skip
     parser.add_argument(
         "--effect-sd", type=float, default=3.0, help="true between-patient sd of the effect"
@@ -46,21 +46,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--cohort-effect-sd", type=float, default=1.0, help="true between-cohort sd of the effect"
     )
     parser.add_argument("--residual-sd", type=float, default=4.0, help="true residual sd")
-    parser.add_argument("--intercept", type=float, default=70.0)
-    parser.add_argument("--intercept-sd", type=float, default=6.0)
+    parser.add_argument("--intercept", type=float, default=70.0, help="true mean baseline")
+    parser.add_argument(
+        "--intercept-sd", type=float, default=6.0, help="true between-patient sd of the baseline"
+    )
     parser.add_argument(
         "--baseline-fraction", type=float, default=0.5,
-        help="fraction of follow-up before exposure starts (default 0.5)",
+        help="fraction of follow-up before exposure starts",
     )  # fmt: skip
-    parser.add_argument("--mcid", type=float, default=3.0, help="MCID, raw units (default 3)")
+    parser.add_argument("--mcid", type=float, default=3.0, help="MCID, raw units")
     parser.add_argument(
         "--direction", choices=["higher", "lower"], default="lower",
-        help="which direction of the outcome is a benefit (default lower)",
+        help="which direction of the outcome is a benefit",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="replicate r uses seed + r")
     parser.add_argument(
         "--out-dir", type=Path, default=Path("oc"),
-        help="folder for oc.md, oc.json and oc.png (default ./oc)",
+        help="folder for oc.md, oc.json and oc.png",
     )  # fmt: skip
     parser.add_argument(
         "--svi-steps", type=int, default=None, help="SVI steps per fit (default: SVIConfig's)"

@@ -19,10 +19,10 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from streams.programme import build_programme
+from cli.programme import build_programme
+from cli.simulate import publish
+from cli.worker_process import WorkerProcess
 from streams.settings import Settings
-from streams.simulate_command import publish
-from streams.worker_process import WorkerProcess
 
 MEASURES = ["resting_heart_rate", "hba1c"]
 
@@ -125,7 +125,7 @@ def _example_scores(summary: Summary, count: int = 3) -> list[str]:
 def run_demo(
     seconds: float = 300.0, patients: int = 200, cohorts: int = 8, rate: float = 3000.0
 ) -> int:
-    from streams.broker import LocalKafka
+    from cli.broker import LocalKafka
 
     configured = os.environ.get("EFFICACY_BOOTSTRAP_SERVERS") or os.environ.get(
         "KAFKA_BOOTSTRAP_SERVERS"
@@ -208,7 +208,7 @@ def run_demo(
             ("the programme is fully scored. " if finished else "time is up. ")
             + f"Scores are JSON on the topic {settings.topic('scores')} (key: patient id); "
             "to read them while a broker runs:\n"
-            "  python -m streams.broker start          # prints the bootstrap servers\n"
+            "  python -m cli.broker start          # prints the bootstrap servers\n"
             "  KAFKA_BOOTSTRAP_SERVERS=<that> efficacy demo   # and, in another shell,\n"
             "  KAFKA_BOOTSTRAP_SERVERS=<that> efficacy scores --call non_responder\n"
             "  KAFKA_BOOTSTRAP_SERVERS=<that> efficacy alerts --follow"

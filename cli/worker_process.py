@@ -41,7 +41,7 @@ class WorkerProcess:
         """Start the worker (again, after ``stop``/``kill``: the log is appended to)."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", self.loglevel],
+                [sys.executable, "-m", "cli.main", "worker", "--loglevel", self.loglevel],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -14,13 +14,49 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from model.config import MeasureConfig
 
 
 class InputError(ValueError):
     """A problem with the user's input file or flags; the message says which."""
+
+
+def measure_of(args: argparse.Namespace) -> MeasureConfig:
+    """The outcome's MCID, direction and unit: the flags, else those of the
+    catalogue measure named by --measure (or by --outcome). Without either, the
+    MCID must be given: a silent 0 would call every patient with any benefit a
+    responder."""
+    from model.config import MeasureConfig
+    from streams.catalogue import Catalogue, UnknownMeasure
+    from streams.settings import Settings
+
+    catalogue = Catalogue.load(Settings().measures_file)
+    name = args.measure or args.outcome
+    try:
+        spec = catalogue.get(name)
+    except UnknownMeasure:
+        if args.measure:
+            known = ", ".join(sorted(catalogue.measures))
+            raise InputError(
+                f"--measure {args.measure!r} is not in the catalogue ({known})"
+            ) from None
+        spec = None
+    if args.mcid is None and spec is None:
+        raise InputError(
+            f"--mcid is required: {name!r} is not a catalogue measure, so there is no "
+            "minimal clinically important difference to use (or name one with --measure)"
+        )
+    return MeasureConfig(
+        name=args.outcome,
+        unit=args.unit if args.unit is not None else (spec.unit if spec else ""),
+        direction=args.direction or (spec.direction if spec else "higher"),
+        mcid=args.mcid if args.mcid is not None else spec.mcid,
+    )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +75,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--time", help="column with the observation time; adds a population time trend"
     )
     parser.add_argument(
-        "--mcid", type=float, default=0.0, help="minimal clinically important difference"
+        "--measure",
+        help="a measure of the catalogue (EFFICACY_MEASURES_FILE): its MCID, direction and "
+        "unit are the defaults of --mcid, --direction and --unit (default: --outcome, when "
+        "the catalogue has a measure of that name)",
+    )
+    parser.add_argument(
+        "--mcid",
+        type=float,
+        help="minimal clinically important difference, outcome units; required unless "
+        "the outcome is a catalogue measure",
     )
     parser.add_argument(
         "--direction",
         choices=["higher", "lower"],
-        default="higher",
-        help="which direction of the outcome is a benefit (default: higher)",
+        help="which direction of the outcome is a benefit (default: the catalogue "
+        "measure's, else higher)",
     )
     parser.add_argument(
         "--min-exposed", type=int, default=3, help="observations with exposure before a call"
@@ -55,7 +100,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--method", choices=["svi", "nuts"], default="svi")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--unit", default="", help="unit of the outcome, for the output")
+    parser.add_argument(
+        "--unit", help="unit of the outcome, for the output (default: the catalogue measure's)"
+    )
     parser.add_argument("--output", type=Path, help="JSON file to write (default: standard output)")
     parser.add_argument(
         "--select",
@@ -228,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_compilation_cache:
         enable_compilation_cache(args.compilation_cache or directory_from_env())
 
-    from model.config import DecisionRule, MeasureConfig
+    from model.config import DecisionRule
     from model.offline import fit_programme
 
     def say(message: str) -> None:
@@ -244,9 +291,11 @@ def run(args: argparse.Namespace) -> int:
         f"fitting {events.num_patients} patients, {events.num_cohorts} cohort(s), "
         f"{events.patient.size} observations with {args.method.upper()}"
     )
-    measure = MeasureConfig(
-        name=args.outcome, unit=args.unit, direction=args.direction, mcid=args.mcid
-    )
+    try:
+        measure = measure_of(args)
+    except InputError as error:
+        say(f"efficacy fit: error: {error}")
+        return 2
     result, _ = fit_programme(
         events,
         measure,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.kafka_io import all_partitions
+from cli.kafka_io import all_partitions
 from streams.posterior_feed import consumer_options
 from streams.settings import Settings
 
@@ -43,7 +43,9 @@ def alerts_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("table", "jsonl"), default="table")
+    parser.add_argument(
+        "--format", choices=("table", "jsonl"), default="table", help="how to print each record"
+    )
     parser.add_argument("--follow", action="store_true", help="keep printing new records")
     parser.add_argument(
         "--seconds", type=float, default=None, help="with --follow: stop after this long"

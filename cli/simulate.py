@@ -1,6 +1,6 @@
 """``efficacy simulate``: publish a simulated programme to the source topics.
 
-Builds the programme with ``streams.programme.build_programme``, writes the
+Builds the programme with ``cli.programme.build_programme``, writes the
 ground truth to ``--truth``, then publishes every enrolment and exposure event
 (and waits for their acks) before the readings, so a reading never overtakes
 the enrolment that governs it. One aiokafka producer, ``acks=all``, batched:
@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from cli.programme import DEFAULT_START, Programme, Record, build_programme
 from streams.catalogue import Catalogue, CatalogueError, UnknownMeasure
-from streams.programme import DEFAULT_START, Programme, Record, build_programme
 from streams.settings import Settings
 
 DESIGNS = {"baseline": "baseline_then_exposure", "crossover": "crossover"}
