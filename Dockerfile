@@ -11,12 +11,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Install dependencies first (cached while only sources change), then the project.
+# Dependencies first, from pyproject.toml alone: this layer stays cached while
+# only the sources change. Then the project itself, without touching them.
 COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
 COPY model ./model
 COPY streams ./streams
 COPY monitoring ./monitoring
-RUN pip install .
+COPY cli ./cli
+RUN pip install --no-deps .
 
 # Faust's RocksDB tables live on a volume owned by an unprivileged user.
 RUN useradd --system --uid 10001 --home-dir /var/lib/efficacy --create-home efficacy

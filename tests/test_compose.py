@@ -5,6 +5,7 @@ path exists in the repository."""
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +119,21 @@ def test_worker_and_simulator(services: dict[str, Any]) -> None:
 def test_dockerfile_builds_the_worker() -> None:
     text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.MULTILINE)
-    assert re.search(r"^RUN pip install \.$", text, re.MULTILINE)
     assert re.search(r'^CMD \["efficacy", "worker"', text, re.MULTILINE)
+    copied = []
     for path in re.findall(r"^COPY (.+) \S+$", text, re.MULTILINE):
         for part in path.split():
             assert (ROOT / part).exists(), f"Dockerfile copies missing {part}"
+            copied.append(part)
+    # Every package the project installs is in the image (the console script's too).
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    assert set(packages) <= set(copied)
+    # Dependencies are installed before any source is copied (a cached layer), the
+    # project after them without re-resolving them.
+    dependencies = text.index("pip install -r")
+    assert all(text.index(f"COPY {p} ") > dependencies for p in packages)
+    assert re.search(r"^RUN pip install --no-deps \.$", text, re.MULTILINE)
 
 
 def test_mounted_paths_exist_in_the_repo(services: dict[str, Any]) -> None:
