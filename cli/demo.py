@@ -2,10 +2,15 @@
 
 Starts the local Apache Kafka broker unless one is configured, a worker, and a
 simulated programme (enrolments, wearables, labs, with a few bad and duplicate
-records) published at a steady rate; shows a live summary of what the pipeline
-publishes (events per second, patients scored, calls, the population effect
-with its interval, dead letters) until the programme is fully scored or
-``seconds`` have passed; then says how to read the scores yourself.
+records) published at a steady rate. The programme has true responders and true
+non-responders (the simulator knows each patient's effect), and enough readings
+per patient for calls to emerge while the user watches: a live summary of what
+the pipeline publishes (the current rate, patients scored, calls, the population
+effect with its interval, dead letters), until every patient's score rests on
+the final population posterior (or ``seconds`` have passed). Then the calls
+against the simulated truth: how many true non-responders were found, after how
+many readings, and how many calls were wrong. Library warnings go to a log
+file, not the terminal.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import statistics
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cli.programme import build_programme
 from cli.simulate import publish
@@ -25,6 +33,13 @@ from cli.worker_process import WorkerProcess
 from streams.settings import Settings
 
 MEASURES = ["resting_heart_rate", "hba1c"]
+#: Readings per patient: daily wearable heart rate, HbA1c every few weeks.
+READINGS = {"resting_heart_rate": 60, "hba1c": 8}
+#: Between-patient spread of the true effect, in MCIDs: wide enough that the
+#: programme has true non-responders (no benefit) next to true responders.
+EFFECT_SD_MCID = 1.5
+TRUTH_CLASSES = ("non_responder", "partial", "responder")
+CALLS = ("non_responder", "uncertain", "responder", "insufficient_data")
 
 
 def say(message: str) -> None:
@@ -40,11 +55,19 @@ class Summary:
     dead_letters: Counter[str] = field(default_factory=Counter)
     alerts: Counter[str] = field(default_factory=Counter)
     sent: int = 0
+    # (patient, measure) -> readings when the call first became non-responder
+    first_nonresponder: dict[tuple[str, str], int] = field(default_factory=dict)
+    rate: float = 0.0  # events/s sent over the last report interval
+    _last: tuple[float, int] = (0.0, 0)
 
     def take(self, topic: str, value: bytes) -> None:
         body = json.loads(value)
         if topic == "scores":
             self.scores[body["patient_id"]] = body
+            for m in body["measures"]:
+                if m["classification"] == "non_responder":
+                    readings = m["count_exposed"] + m["count_unexposed"]
+                    self.first_nonresponder.setdefault((body["patient_id"], m["measure"]), readings)
         elif topic == "population-posterior":
             if body["version"] > self.posteriors.get(body["measure"], {}).get("version", 0):
                 self.posteriors[body["measure"]] = body
@@ -56,10 +79,29 @@ class Summary:
     def calls(self) -> Counter[str]:
         return Counter(m["classification"] for s in self.scores.values() for m in s["measures"])
 
+    def tick(self, elapsed: float) -> None:
+        """Update the current send rate (events/s since the previous tick)."""
+        then, sent = self._last
+        if elapsed > then:
+            self.rate = (self.sent - sent) / (elapsed - then)
+        self._last = (elapsed, self.sent)
+
+    def on_final_posteriors(self, measures: list[str]) -> bool:
+        """Every patient's latest score covers ``measures``, each under its
+        measure's latest posterior."""
+        versions = {m: p["version"] for m, p in self.posteriors.items()}
+        return bool(self.scores) and all(
+            sorted(m["measure"] for m in score["measures"]) == sorted(measures)
+            and all(
+                m["population_version"] == versions.get(m["measure"]) for m in score["measures"]
+            )
+            for score in self.scores.values()
+        )
+
     def lines(self, elapsed: float) -> list[str]:
         calls = self.calls()
         lines = [
-            f"t={elapsed:5.1f}s  sent {self.sent} events ({self.sent / max(elapsed, 1e-9):,.0f}/s)"
+            f"t={elapsed:5.1f}s  sent {self.sent} events ({self.rate:,.0f}/s now)"
             f"  patients scored {len(self.scores)}  dead-lettered {sum(self.dead_letters.values())}",
             "        calls: "
             + ", ".join(
@@ -101,6 +143,7 @@ async def _watch(
                     summary.take(record.topic.removeprefix(settings.topic_prefix), record.value)
             if time.monotonic() - last_report >= 3.0:
                 last_report = time.monotonic()
+                summary.tick(last_report - started)
                 for line in summary.lines(last_report - started):
                     say(line)
     finally:
@@ -122,8 +165,71 @@ def _example_scores(summary: Summary, count: int = 3) -> list[str]:
     return lines
 
 
+def truth_class(effect: float, direction: str, mcid: float) -> str:
+    """A patient's true class from their true effect: no benefit (non-responder),
+    a benefit of at least the MCID (responder), or less (partial)."""
+    benefit = effect if direction == "higher" else -effect
+    if benefit <= 0:
+        return "non_responder"
+    return "responder" if benefit >= mcid else "partial"
+
+
+def truth_table(scores: dict[str, dict], truth: dict) -> dict[str, dict[str, Counter[str]]]:
+    """Per measure, per true class, the count of each latest call. ``truth`` is
+    the programme's ground truth as JSON (``Programme.truth``)."""
+    table: dict[str, dict[str, Counter[str]]] = {}
+    for patient, score in scores.items():
+        for m in score["measures"]:
+            measure = truth["measures"][m["measure"]]
+            effect = truth["patients"][patient]["effect"][m["measure"]]
+            true = truth_class(effect, measure["direction"], measure["mcid"])
+            table.setdefault(m["measure"], {c: Counter() for c in TRUTH_CLASSES})
+            table[m["measure"]][true][m["classification"]] += 1
+    return table
+
+
+def truth_lines(summary: Summary, truth: dict) -> list[str]:
+    """The calls against the simulated truth, as printed at the end."""
+    lines = []
+    for measure, rows in sorted(truth_table(summary.scores, truth).items()):
+        lines.append(f"{measure}: true class -> latest calls ({', '.join(CALLS)})")
+        for true in TRUTH_CLASSES:
+            counts = rows[true]
+            lines.append(
+                f"  {true:>13}: {sum(counts.values()):3d} patients -> "
+                + ", ".join(f"{counts.get(c, 0)}" for c in CALLS)
+            )
+        non = rows["non_responder"]
+        found = non.get("non_responder", 0)
+        early = [
+            readings
+            for (patient, m), readings in summary.first_nonresponder.items()
+            if m == measure
+            and truth_class(
+                truth["patients"][patient]["effect"][m],
+                truth["measures"][m]["direction"],
+                truth["measures"][m]["mcid"],
+            )
+            == "non_responder"
+        ]
+        when = (
+            f", first called after a median {statistics.median(early):g} readings" if early else ""
+        )
+        false_calls = rows["responder"].get("non_responder", 0) + non.get("responder", 0)
+        lines.append(
+            f"  found {found} of {sum(non.values())} true non-responders{when} "
+            f"(of {READINGS[measure]} each); false calls: {false_calls} "
+            "(non-responder for a true responder, or responder for a true non-responder)"
+        )
+    return lines
+
+
 def run_demo(
-    seconds: float = 300.0, patients: int = 200, cohorts: int = 8, rate: float = 3000.0
+    seconds: float = 300.0,
+    patients: int = 200,
+    cohorts: int = 8,
+    rate: float = 600.0,
+    truth_file: Path | None = None,
 ) -> int:
     from cli.broker import LocalKafka
 
@@ -154,15 +260,32 @@ def run_demo(
         )
         worker = stack.enter_context(WorkerProcess(env))
         say(f"worker started (log: {worker.log_path})")
+        # Library warnings (aiokafka's retries while topics are created) go to a
+        # file next to the worker's log, not to the terminal.
+        library_log = worker.log_path.with_name(f"efficacy-demo-{run_id}-libraries.log")
+        logging.basicConfig(filename=library_log, level=logging.WARNING, force=True)
+        from streams.catalogue import Catalogue
+
+        catalogue = Catalogue.load(settings.measures_file)
         programme = build_programme(
             MEASURES,
             num_patients=patients,
             num_cohorts=cohorts,
-            obs_per_patient=20,
+            obs_per_patient=READINGS["resting_heart_rate"],
             seed=int(run_id, 16) % 1000,
             bad_fraction=0.01,
             duplicate_fraction=0.01,
+            spec_overrides={
+                m: {
+                    "obs_per_patient": READINGS[m],
+                    "effect_sd": EFFECT_SD_MCID * catalogue.get(m).mcid,
+                }
+                for m in MEASURES
+            },
         )
+        truth = json.loads(programme.truth.model_dump_json())
+        if truth_file is not None:
+            truth_file.write_text(json.dumps(truth, indent=1))
         total = sum(len(records) for records in programme.records.values())
         say(
             f"publishing a simulated programme: {patients} patients in {cohorts} clinics, "
@@ -174,11 +297,12 @@ def run_demo(
         def done(s: Summary) -> bool:
             covered = {
                 m: p["num_observations"] for m, p in s.posteriors.items()
-            }  # every reading is in the population fit and every patient scored
+            }  # every reading in the population fit, every score on its final posterior
             return (
                 s.sent >= total
                 and len(s.scores) >= patients
                 and round(sum(covered.values())) >= readings
+                and s.on_final_posteriors(MEASURES)
             )
 
         def progress(sent: int, _total: int, _elapsed: float, _final: bool) -> None:
@@ -204,6 +328,14 @@ def run_demo(
         for line in _example_scores(summary):
             say("  " + line)
         finished = done(summary)
+        if finished:
+            versions = ", ".join(
+                f"{m} v{p['version']}" for m, p in sorted(summary.posteriors.items())
+            )
+            say(f"every patient's score rests on the final population posterior ({versions})")
+        say("calls against the simulated truth:")
+        for line in truth_lines(summary, truth):
+            say("  " + line)
         say(
             ("the programme is fully scored. " if finished else "time is up. ")
             + f"Scores are JSON on the topic {settings.topic('scores')} (key: patient id); "

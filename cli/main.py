@@ -74,14 +74,19 @@ def _demo_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--patients", type=int, default=200, help="patients to simulate")
     parser.add_argument("--cohorts", type=int, default=8, help="clinics to simulate")
-    parser.add_argument("--rate", type=float, default=3000.0, help="events per second")
+    parser.add_argument("--rate", type=float, default=600.0, help="events per second")
+    parser.add_argument("--truth", type=Path, help="also write the simulated ground truth here")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from cli.demo import run_demo
 
     return run_demo(
-        seconds=args.seconds, patients=args.patients, cohorts=args.cohorts, rate=args.rate
+        seconds=args.seconds,
+        patients=args.patients,
+        cohorts=args.cohorts,
+        rate=args.rate,
+        truth_file=args.truth,
     )
 
 

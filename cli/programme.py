@@ -425,12 +425,14 @@ def build_programme(
         name: simulate(
             spec_for_measure(
                 specs[name],
-                num_patients=num_patients,
-                num_cohorts=num_cohorts,
-                obs_per_patient=obs_per_patient,
-                design=design,
-                time_span=time_span,
-                **overrides.get(name, {}),
+                **{
+                    "num_patients": num_patients,
+                    "num_cohorts": num_cohorts,
+                    "obs_per_patient": obs_per_patient,
+                    "design": design,
+                    "time_span": time_span,
+                    **overrides.get(name, {}),
+                },
             ),
             seed,
         )

@@ -1,39 +1,83 @@
-"""The README's main command, run as a user would, for a bounded time."""
+"""The README's main command, run as a user would: it tells the story (calls
+against the simulated truth) and ends only when every score rests on the final
+population posterior."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from cli.kafka_io import read_to_end, run
+
 REPO = Path(__file__).resolve().parent.parent
+CALLS = ("non_responder", "uncertain", "responder", "insufficient_data")
+
+
+def true_class(effect: float, direction: str, mcid: float) -> str:
+    """No benefit: non-responder; a benefit of at least the MCID: responder."""
+    benefit = effect if direction == "higher" else -effect
+    return "non_responder" if benefit <= 0 else "responder" if benefit >= mcid else "partial"
 
 
 @pytest.mark.kafka
-def test_efficacy_demo_runs_and_prints_live_scores(kafka_bootstrap):
+def test_efficacy_demo_tells_the_story_and_ends_on_the_final_posterior(kafka_bootstrap, tmp_path):
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
     env.pop("EFFICACY_BOOTSTRAP_SERVERS", None)
+    truth_file = tmp_path / "truth.json"
     result = subprocess.run(
         [sys.executable, "-m", "cli.main", "demo", "--seconds", "400",
-         "--patients", "60", "--cohorts", "4", "--rate", "1000"],
+         "--patients", "60", "--cohorts", "4", "--rate", "1000", "--truth", str(truth_file)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "the programme is fully scored" in output, output[-3000:]
+    assert "every patient's score rests on the final population posterior" in output
     scored = [int(n) for n in re.findall(r"patients scored (\d+)", output)]
     assert scored and scored[-1] == 60
     dead = [int(n) for n in re.findall(r"dead-lettered (\d+)", output)]
     assert dead and dead[-1] > 0  # the simulated programme includes bad records
-    for measure in ("resting_heart_rate", "hba1c"):
-        assert re.search(rf"{measure}: population effect [-+][\d.]+ \(90% ", output)
+    # the rate shown is the current one: nothing is being sent once all is sent
+    total = int(re.search(r"; (\d+) records at", output).group(1))
+    assert re.search(rf"sent {total} events \(0/s now\)", output)
+    # library warnings (aiokafka's retries while topics are created) stay off the terminal
+    assert "WARNING" not in output and "aiokafka" not in output
     assert re.search(
         r"P\(benefit >= MCID [\d.]+\) = [\d.]+, (responder|non_responder|uncertain)", output
     )
     # tells the user how to read the scores with the project's own commands
     assert "efficacy scores" in output and "efficacy alerts" in output
     assert "kafka-console-consumer" not in output  # a tool the project does not ship
+
+    # The printed truth table is the latest scores on the topic against the truth.
+    truth = json.loads(truth_file.read_text())
+    topic = re.search(r"Scores are JSON on the topic (\S+) \(key", output).group(1)
+    latest = {r.key: json.loads(r.value) for r in run(read_to_end(kafka_bootstrap, topic))}
+    assert len(latest) == 60
+    versions = {}
+    for line in output.splitlines():
+        for measure, version in re.findall(r"(\w+): population effect .*, v(\d+),", line):
+            versions[measure] = int(version)  # the last printed is the final posterior
+    for measure, spec in truth["measures"].items():
+        expected: dict[str, Counter[str]] = {}
+        for score in latest.values():
+            (m,) = [m for m in score["measures"] if m["measure"] == measure]
+            assert m["population_version"] == versions[measure]
+            effect = truth["patients"][score["patient_id"]]["effect"][measure]
+            cls = true_class(effect, spec["direction"], spec["mcid"])
+            expected.setdefault(cls, Counter())[m["classification"]] += 1
+        block = output.split(f"{measure}: true class -> latest calls", 1)[1]
+        for cls, counts in expected.items():
+            row = re.search(rf"(?<!\w){cls}:\s+(\d+) patients -> ([\d, ]+)", block)
+            assert row, (measure, cls)
+            assert int(row.group(1)) == sum(counts.values())
+            assert [int(n) for n in row.group(2).split(",")] == [counts[c] for c in CALLS]
+    found = re.search(r"resting_heart_rate: true class.*?found (\d+) of (\d+) true", output, re.S)
+    assert found and int(found.group(1)) >= 1  # true non-responders are found
