@@ -239,7 +239,9 @@ def kafka_version(libs: Path) -> str:
 async def _metadata_ok(bootstrap: str) -> bool:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    from streams.kafka_options import aiokafka_options
+
+    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap), request_timeout_ms=3000)
     try:
         await admin.start()
         cluster = await admin.describe_cluster()

@@ -124,10 +124,12 @@ async def _watch(
 ) -> None:
     from aiokafka import AIOKafkaConsumer
 
+    from streams.kafka_options import aiokafka_options
+
     names = ["scores", "population-posterior", "deadletter", "alerts"]
     consumer = AIOKafkaConsumer(
         *(settings.topic(n) for n in names),
-        bootstrap_servers=settings.bootstrap_servers,
+        **aiokafka_options(settings),
         auto_offset_reset="earliest",
         metadata_max_age_ms=1000,
         fetch_max_bytes=64 * 1024 * 1024,

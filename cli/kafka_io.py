@@ -1,5 +1,6 @@
 """Small asyncio Kafka helpers for producers and readers outside the worker
-(the demo, the simulator, tests)."""
+(the demo, the simulator, tests). Each takes the broker as Settings (TLS and
+SASL included) or a plaintext bootstrap address (streams.kafka_options)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from collections.abc import Callable, Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
+from streams.kafka_options import aiokafka_options
+from streams.settings import Settings
+
+Broker = Settings | str
+
 
 async def produce(
-    bootstrap_servers: str,
+    bootstrap_servers: Broker,
     topic: str,
     records: Iterable[tuple[bytes | None, bytes]],
     partition_of: Callable[[bytes | None], int] | None = None,
@@ -20,7 +26,7 @@ async def produce(
     """Send (key, value) records to ``topic`` and wait for every ack. Returns the
     count. ``partition_of(key)``: the partition of each record (default: the
     producer's murmur2 partitioner), e.g. to act as a producer with another one."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+    producer = AIOKafkaProducer(**aiokafka_options(bootstrap_servers), acks="all")
     await producer.start()
     try:
         futures = [
@@ -38,7 +44,7 @@ async def produce(
 
 
 async def read_until(
-    bootstrap_servers: str,
+    bootstrap_servers: Broker,
     topics: list[str],
     done: Callable[[list[ConsumerRecord]], bool],
     timeout: float,
@@ -46,7 +52,7 @@ async def read_until(
     """Read ``topics`` from the beginning until ``done(records)`` or ``timeout`` seconds."""
     consumer = AIOKafkaConsumer(
         *topics,
-        bootstrap_servers=bootstrap_servers,
+        **aiokafka_options(bootstrap_servers),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         metadata_max_age_ms=1000,
@@ -70,13 +76,13 @@ def run(coroutine):
 
 
 async def read_to_end(
-    bootstrap_servers: str, topic: str, timeout: float = 60.0
+    bootstrap_servers: Broker, topic: str, timeout: float = 60.0
 ) -> list[ConsumerRecord]:
     """Every record of ``topic`` up to its end offsets as of the call."""
     from aiokafka import TopicPartition
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
+        **aiokafka_options(bootstrap_servers),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         metadata_max_age_ms=1000,
@@ -126,13 +132,13 @@ async def all_partitions(consumer: AIOKafkaConsumer, topics: list[str], timeout:
         await asyncio.sleep(0.5)
 
 
-async def group_lag(bootstrap_servers: str, group: str, topics: list[str]) -> int:
+async def group_lag(bootstrap_servers: Broker, group: str, topics: list[str]) -> int:
     """Records of ``topics`` not yet committed by consumer group ``group`` (0: the
     group has committed every partition up to its end offset)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, metadata_max_age_ms=500)
+    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap_servers))
+    consumer = AIOKafkaConsumer(**aiokafka_options(bootstrap_servers), metadata_max_age_ms=500)
     await admin.start()
     await consumer.start()
     try:
@@ -145,9 +151,9 @@ async def group_lag(bootstrap_servers: str, group: str, topics: list[str]) -> in
         await admin.close()
 
 
-async def end_offsets(bootstrap_servers: str, topics: list[str]) -> dict:
+async def end_offsets(bootstrap_servers: Broker, topics: list[str]) -> dict:
     """The end offset of every partition of ``topics`` now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, metadata_max_age_ms=500)
+    consumer = AIOKafkaConsumer(**aiokafka_options(bootstrap_servers), metadata_max_age_ms=500)
     await consumer.start()
     try:
         return await consumer.end_offsets(await all_partitions(consumer, topics))

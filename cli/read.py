@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cli.kafka_io import all_partitions
-from streams.posterior_feed import consumer_options
+from streams.kafka_options import aiokafka_options
 from streams.settings import Settings
 
 CALLS = ("responder", "non_responder", "uncertain", "insufficient_data")
@@ -166,7 +166,7 @@ async def _read(
     when ``latest_only``, else every record), then with ``--follow`` every new
     record; filtered, as a table or JSON lines."""
     consumer = AIOKafkaConsumer(
-        **consumer_options(settings), enable_auto_commit=False, metadata_max_age_ms=500
+        **aiokafka_options(settings), enable_auto_commit=False, metadata_max_age_ms=500
     )
     await consumer.start()
     try:

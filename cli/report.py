@@ -350,10 +350,10 @@ async def read_topics(settings: Any, names: list[str], timeout: float) -> dict[s
 
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from streams.posterior_feed import consumer_options
+    from streams.kafka_options import aiokafka_options
 
     consumer = AIOKafkaConsumer(
-        **consumer_options(settings), enable_auto_commit=False, metadata_max_age_ms=500
+        **aiokafka_options(settings), enable_auto_commit=False, metadata_max_age_ms=500
     )
     await consumer.start()
     out: dict[str, list] = {name: [] for name in names}

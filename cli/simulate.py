@@ -123,27 +123,6 @@ def _progress_printer(every: float = 1.0) -> Callable[[int, int, float, bool], N
     return report
 
 
-async def ensure_topics(settings: Settings, topics: Sequence[str]) -> None:
-    """Create the prefixed ``topics`` with the worker's partition count unless
-    they exist (auto-creation would give the broker's default count)."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [settings.topic(t) for t in topics if settings.topic(t) not in existing]
-        if missing:
-            new = [NewTopic(t, settings.partitions, settings.replication_factor) for t in missing]
-            try:
-                await admin.create_topics(new)
-            except Exception as error:  # a concurrent creator won the race: fine
-                if "TopicAlreadyExists" not in type(error).__name__ + str(error):
-                    raise
-    finally:
-        await admin.close()
-
-
 async def publish(
     programme: Programme,
     settings: Settings,
@@ -157,21 +136,17 @@ async def publish(
     the producer's error if any send fails."""
     from aiokafka import AIOKafkaProducer
 
+    from streams.kafka_options import aiokafka_options
+    from streams.topics import ensure_topics
+
     ordered = programme.send_order()
-    await ensure_topics(settings, list(programme.records))
+    await ensure_topics(settings)
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
+        **aiokafka_options(settings),
         acks="all",
         linger_ms=20,
         max_batch_size=512 * 1024,
         max_request_size=4 * 1024 * 1024,
-        security_protocol=settings.security_protocol,
-        ssl_context=settings.ssl_context(),
-        sasl_mechanism=settings.sasl_mechanism,
-        sasl_plain_username=settings.sasl_username,
-        sasl_plain_password=(
-            settings.sasl_password.get_secret_value() if settings.sasl_password else None
-        ),
     )
     await producer.start()
     counts: dict[str, int] = {}

@@ -23,6 +23,7 @@ from streams.agents import drift, interop, patients, population
 from streams.agents.population import in_thread
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkedApp
+from streams.kafka_options import faust_credentials
 from streams.posterior_feed import PosteriorBook, follow_posteriors
 from streams.schemas import PopulationPosterior
 from streams.scoring import compile_scoring
@@ -70,7 +71,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     app = ChunkedApp(
         settings.app_id,
         broker=settings.broker_url,
-        broker_credentials=settings.broker_credentials(),
+        broker_credentials=faust_credentials(settings),
         store=settings.store_url,
         datadir=str(settings.data_dir),
         topic_partitions=settings.partitions,

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
+from streams.kafka_options import aiokafka_options
 from streams.schemas import PopulationPosterior
 from streams.scoring import MeasurePosterior
 from streams.settings import Settings
@@ -52,21 +53,6 @@ class PosteriorBook:
         return True
 
 
-def consumer_options(settings: Settings) -> dict:
-    """aiokafka connection options equivalent to the Faust app's credentials."""
-    options: dict = {"bootstrap_servers": settings.bootstrap_servers}
-    if settings.security_protocol != "PLAINTEXT":
-        options["security_protocol"] = settings.security_protocol
-        options["ssl_context"] = settings.ssl_context()
-    if settings.security_protocol.startswith("SASL"):
-        options["sasl_mechanism"] = settings.sasl_mechanism
-        options["sasl_plain_username"] = settings.sasl_username
-        options["sasl_plain_password"] = (
-            settings.sasl_password.get_secret_value() if settings.sasl_password else None
-        )
-    return options
-
-
 async def follow_posteriors(
     settings: Settings,
     book: PosteriorBook,
@@ -77,7 +63,7 @@ async def follow_posteriors(
     message to ``book`` and awaiting ``on_new`` for each newer version."""
     topic = settings.topic("population-posterior")
     consumer = AIOKafkaConsumer(
-        **consumer_options(settings),
+        **aiokafka_options(settings),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

@@ -197,21 +197,3 @@ class Settings(BaseSettings):
         if self.ssl_certfile and self.ssl_keyfile:
             context.load_cert_chain(str(self.ssl_certfile), str(self.ssl_keyfile))
         return context
-
-    def broker_credentials(self):
-        """faust credentials for SASL / SSL, or None for PLAINTEXT."""
-        import faust
-        from faust.types.auth import SASLMechanism
-
-        context = self.ssl_context()
-        if self.security_protocol.startswith("SASL"):
-            assert self.sasl_username and self.sasl_password  # validated above
-            return faust.SASLCredentials(
-                username=self.sasl_username,
-                password=self.sasl_password.get_secret_value(),
-                ssl_context=context,
-                mechanism=SASLMechanism(self.sasl_mechanism),
-            )
-        if context is not None:
-            return faust.SSLCredentials(context)
-        return None

@@ -81,9 +81,9 @@ async def ensure_topics(settings: Settings) -> list[str]:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
-    from streams.posterior_feed import consumer_options
+    from streams.kafka_options import aiokafka_options
 
-    admin = AIOKafkaAdminClient(**consumer_options(settings))
+    admin = AIOKafkaAdminClient(**aiokafka_options(settings))
     try:
         for attempt in range(START_ATTEMPTS):  # the broker may still be starting
             try:

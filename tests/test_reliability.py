@@ -695,8 +695,8 @@ def test_fuzzed_bad_records_are_all_accounted_for_and_never_crash_the_worker(
     accepted + held + dead-lettered = produced, each origin exactly once."""
     from datetime import UTC, datetime
 
-    from cli.simulate import ensure_topics
     from streams.schemas import Enrollment
+    from streams.topics import ensure_topics
 
     now = datetime.now(UTC)
     started = time.monotonic()
@@ -712,7 +712,7 @@ def test_fuzzed_bad_records_are_all_accounted_for_and_never_crash_the_worker(
         for p in ENROLLED
     ]  # fmt: skip
     run = Run(kafka_bootstrap, "fuzz", small_programme(seed=26, patients=5))
-    asyncio.run(ensure_topics(run.settings, list(SOURCES)))
+    asyncio.run(ensure_topics(run.settings))
     with WorkerProcess(run.env(tmp_path / "w")) as worker:
         worker.wait_for_log(READY)
         enrolled = asyncio.run(produce_with_origins(kafka_bootstrap, run.prefix, enrolments))

@@ -25,12 +25,13 @@ from yarl import URL
 
 from cli.kafka_io import read_to_end, read_until
 from cli.programme import build_programme
-from cli.simulate import ensure_topics, publish
+from cli.simulate import publish
 from cli.worker_process import WorkerProcess
 from streams.app import create_pipeline
 from streams.partitioning import key_partition
 from streams.score_lookup import FORWARDED_BY, SERVED_BY
 from streams.settings import Settings
+from streams.topics import ensure_topics
 
 MEASURE = "resting_heart_rate"
 PARTITIONS = 4
@@ -198,7 +199,7 @@ def test_score_lookup_answers_from_either_worker(kafka_bootstrap, tmp_path):
         # is 1), racing the group's assignment. In one of six runs without this
         # the group formed while they were missing and nothing settled in 180 s
         # (most likely this race: no error in either worker's log).
-        asyncio.run(ensure_topics(settings, list(programme.records)))
+        asyncio.run(ensure_topics(settings))
         for worker in workers:
             worker.start()
         wait_until_both_own_partitions(workers, bases, run_id)

@@ -8,6 +8,7 @@ import faust
 import pytest
 from pydantic import ValidationError
 
+from streams.kafka_options import aiokafka_options, faust_credentials
 from streams.settings import Settings
 
 
@@ -17,7 +18,8 @@ def test_defaults_and_prefixed_environment(monkeypatch):
     settings = Settings()
     assert settings.topic("scores") == "prog-a.scores"
     assert settings.partitions == 8
-    assert settings.broker_credentials() is None
+    assert faust_credentials(settings) is None
+    assert aiokafka_options(settings) == {"bootstrap_servers": settings.bootstrap_servers}
 
 
 def test_kafka_bootstrap_servers_alias_and_broker_url(monkeypatch):
@@ -37,12 +39,18 @@ def test_sasl_needs_username_and_password(monkeypatch):
     monkeypatch.setenv("EFFICACY_SASL_MECHANISM", "SCRAM-SHA-512")
     settings = Settings()
     assert "s3cret" not in repr(settings)  # SecretStr
-    credentials = settings.broker_credentials()
+    credentials = faust_credentials(settings)
     assert isinstance(credentials, faust.SASLCredentials)
     assert credentials.username == "svc"
     assert credentials.password == "s3cret"
     assert str(credentials.mechanism.value) == "SCRAM-SHA-512"
     assert isinstance(credentials.ssl_context, ssl.SSLContext)
+    # the aiokafka clients (CLI, demo, producers, the posterior feed) get the same
+    options = aiokafka_options(settings)
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == ("svc", "s3cret")
+    assert isinstance(options["ssl_context"], ssl.SSLContext)
 
 
 def test_invalid_values_are_rejected(monkeypatch):
