@@ -239,14 +239,9 @@ def register(app: faust.App, service: PatientsService) -> None:
     )
 
     # One event per fetched partition chunk (streams.chunked_consumer): a batch
-    # is what arrived within ``batch_seconds`` (up to CHUNKS_PER_PARTITION chunks
-    # of every raw partition), processed in steps of at most ``batch_size``
-    # records. When readings trickle in, each fetch brings a chunk of a few
-    # records per partition: cutting a batch at one chunk a partition made
-    # batches of a few dozen readings, each paying the fixed cost of a step
-    # (scoring calls, awaited deliveries), and the worker fell behind half the
-    # rate it sustains on a backlog.
-    chunks_per_batch = CHUNKS_PER_PARTITION * len(service.topics.raw) * settings.partitions
+    # takes at most one chunk of every raw partition, and is processed in steps of
+    # at most ``batch_size`` records.
+    chunks_per_batch = len(service.topics.raw) * settings.partitions
 
     async def patients(stream: faust.StreamT) -> None:
         async for events in stream.take_events(chunks_per_batch, within=settings.batch_seconds):
@@ -258,5 +253,4 @@ def register(app: faust.App, service: PatientsService) -> None:
     stall_watch.install(app, raw.topics, STALL_WATCH_SECONDS)
 
 
-CHUNKS_PER_PARTITION = 16  # fetched chunks of a raw partition a batch may take
 STALL_WATCH_SECONDS = 10.0  # how often streams.stall_watch checks the raw partitions
