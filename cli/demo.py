@@ -6,7 +6,7 @@ records) published at a steady rate. The programme has true responders and true
 non-responders (the simulator knows each patient's effect), and enough readings
 per patient for calls to emerge while the user watches: a live summary of what
 the pipeline publishes (the current rate, patients scored, calls, the population
-effect with its interval, dead letters), until every patient's score rests on
+effect with its interval, dead letters), until every patient's score is current under
 the final population posterior (or ``seconds`` have passed). Then the calls
 against the simulated truth: how many true non-responders were found, after how
 many readings, and how many calls were wrong. Library warnings go to a log
@@ -39,6 +39,9 @@ READINGS = {"resting_heart_rate": 60, "hba1c": 8}
 #: programme has true non-responders (no benefit) next to true responders.
 EFFECT_SD_MCID = 1.5
 TRUTH_CLASSES = ("non_responder", "partial", "responder")
+#: No new posterior or score for this long once every reading is fitted: the
+#: rescoring after the final posterior is over (3 population intervals).
+QUIET_SECONDS = 6.0
 CALLS = ("non_responder", "uncertain", "responder", "insufficient_data")
 
 
@@ -58,10 +61,13 @@ class Summary:
     # (patient, measure) -> readings when the call first became non-responder
     first_nonresponder: dict[tuple[str, str], int] = field(default_factory=dict)
     rate: float = 0.0  # events/s sent over the last report interval
+    last_change: float = 0.0  # monotonic time of the latest score or posterior
     _last: tuple[float, int] = (0.0, 0)
 
     def take(self, topic: str, value: bytes) -> None:
         body = json.loads(value)
+        if topic in ("scores", "population-posterior"):
+            self.last_change = time.monotonic()
         if topic == "scores":
             self.scores[body["patient_id"]] = body
             for m in body["measures"]:
@@ -86,16 +92,18 @@ class Summary:
             self.rate = (self.sent - sent) / (elapsed - then)
         self._last = (elapsed, self.sent)
 
-    def on_final_posteriors(self, measures: list[str]) -> bool:
-        """Every patient's latest score covers ``measures``, each under its
-        measure's latest posterior."""
-        versions = {m: p["version"] for m, p in self.posteriors.items()}
-        return bool(self.scores) and all(
-            sorted(m["measure"] for m in score["measures"]) == sorted(measures)
+    def settled(self, measures: list[str], quiet: float) -> bool:
+        """Every patient's latest score covers ``measures``, and neither a
+        posterior nor a score has arrived for ``quiet`` seconds: the final
+        posterior has been published and the rescoring after it is over (it
+        republishes only the scores it changed materially)."""
+        return (
+            bool(self.scores)
             and all(
-                m["population_version"] == versions.get(m["measure"]) for m in score["measures"]
+                sorted(m["measure"] for m in score["measures"]) == sorted(measures)
+                for score in self.scores.values()
             )
-            for score in self.scores.values()
+            and time.monotonic() - self.last_change >= quiet
         )
 
     def lines(self, elapsed: float) -> list[str]:
@@ -230,7 +238,7 @@ def run_demo(
     seconds: float = 300.0,
     patients: int = 200,
     cohorts: int = 8,
-    rate: float = 600.0,
+    rate: float = 250.0,
     truth_file: Path | None = None,
 ) -> int:
     from cli.broker import LocalKafka
@@ -304,7 +312,7 @@ def run_demo(
                 s.sent >= total
                 and len(s.scores) >= patients
                 and round(sum(covered.values())) >= readings
-                and s.on_final_posteriors(MEASURES)
+                and s.settled(MEASURES, QUIET_SECONDS)
             )
 
         def progress(sent: int, _total: int, _elapsed: float, _final: bool) -> None:
@@ -334,7 +342,10 @@ def run_demo(
             versions = ", ".join(
                 f"{m} v{p['version']}" for m, p in sorted(summary.posteriors.items())
             )
-            say(f"every patient's score rests on the final population posterior ({versions})")
+            say(
+                f"final population posteriors {versions}; every score is current under them "
+                f"(no new posterior or score for {QUIET_SECONDS:g} s)"
+            )
         say("calls against the simulated truth:")
         for line in truth_lines(summary, truth):
             say("  " + line)

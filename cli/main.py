@@ -74,7 +74,7 @@ def _demo_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--patients", type=int, default=200, help="patients to simulate")
     parser.add_argument("--cohorts", type=int, default=8, help="clinics to simulate")
-    parser.add_argument("--rate", type=float, default=600.0, help="events per second")
+    parser.add_argument("--rate", type=float, default=250.0, help="events per second")
     parser.add_argument("--truth", type=Path, help="also write the simulated ground truth here")
 
 
