@@ -80,6 +80,14 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         web_port=settings.web_port,
         web_bind=settings.web_bind,
         web_host=settings.advertised_web_host,
+        canonical_url=score_lookup.canonical_url(settings),
+        web_ssl_context=score_lookup.server_ssl_context(settings),
+        # faust's own pages are off: /table/ would serve the patients table to
+        # anyone, unauthenticated and unaudited (streams.score_lookup is the way in).
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
         producer_acks=-1,
         producer_linger_ms=settings.producer_linger_ms,
         producer_request_timeout=settings.producer_request_timeout_seconds,
@@ -105,7 +113,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     population.register(app, population_service)
     drift.register(app, topics, telemetry)
     interop.register(app, topics, catalogue, settings, telemetry)
-    lookup = score_lookup.register(app, patients_service)
+    lookup = score_lookup.register(app, patients_service, settings, topics.audit.get_topic_name())
 
     compiled: set = set()  # (structure, number of draws) whose scoring shapes are compiled
 

@@ -498,6 +498,42 @@ class StructureSelection(Envelope):
     )
 
 
+class LookupAudit(Envelope):
+    """One request to the score lookup (streams.score_lookup), allowed or refused,
+    as the worker that received it answered it: who asked (never the credential),
+    for which patient, when, and the outcome. A forwarded lookup leaves one record
+    at the worker that forwarded it and one at the owner, with the same
+    ``request_id``."""
+
+    kind: Literal["score_lookup"] = Field(default="score_lookup", description="what was audited")
+    request_id: str = Field(
+        min_length=1, max_length=64, description="the lookup's id, the same on every worker"
+    )
+    patient_id: str = Field(
+        max_length=1024, description="the patient id asked for, as asked (known or not)"
+    )
+    outcome: Literal["allowed", "no_credential", "wrong_credential", "disabled"] = Field(
+        description="allowed (a valid token), or refused: no credential, a wrong one, or no "
+        "token configured on this worker (the lookup is disabled)"
+    )
+    status: int = Field(description="the HTTP status this worker answered")
+    who: str | None = Field(
+        default=None,
+        description="the credential's identity, ``token:sha256:<first 16 hex digits of the "
+        "token's SHA-256>`` (null when refused: a wrong credential is not recorded)",
+    )
+    client: str | None = Field(
+        default=None, description="the peer address of the request (a worker when forwarded)"
+    )
+    forwarded_by: str | None = Field(
+        default=None, description="the worker that forwarded the request, as it said"
+    )
+    forwarded_to: str | None = Field(
+        default=None, description="the owner this worker forwarded the request to"
+    )
+    worker: str = Field(description="the canonical URL of the worker that wrote this record")
+
+
 #: The schema of every topic's values, for ``efficacy schemas``.
 TOPIC_SCHEMAS: dict[str, object] = {
     "enrollments": EnrollmentEvent,
@@ -510,6 +546,7 @@ TOPIC_SCHEMAS: dict[str, object] = {
     "scores": EfficacyScore,
     "alerts": Alert,
     "structure-selection": StructureSelection,
+    "audit": LookupAudit,
 }
 
 

@@ -64,6 +64,30 @@ class Settings(BaseSettings):
         "canonical URL, used to forward score lookups); default: the bind address, or "
         "the machine's host name when binding to every address",
     )
+    lookup_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token the score lookup requires (Authorization: Bearer ...; at "
+        "least 16 characters); without it or EFFICACY_LOOKUP_TOKEN_FILE the lookup refuses "
+        "every request",
+    )
+    lookup_token_file: Path | None = Field(
+        default=None,
+        description="file holding the lookup's bearer token (its first line), instead of "
+        "EFFICACY_LOOKUP_TOKEN",
+    )
+    web_tls_certfile: Path | None = Field(
+        default=None,
+        description="certificate chain (PEM) the web server (score lookup) serves HTTPS with; "
+        "its name must match EFFICACY_WEB_HOST for the other workers",
+    )
+    web_tls_keyfile: Path | None = Field(
+        default=None, description="private key (PEM) of EFFICACY_WEB_TLS_CERTFILE"
+    )
+    web_tls_cafile: Path | None = Field(
+        default=None,
+        description="CA bundle a worker verifies the other workers' web certificates with "
+        "when it forwards a lookup (default: the system's trust store)",
+    )
 
     measures_file: Path | None = Field(
         default=None, description="measure catalogue (TOML); default: the shipped measures.toml"
@@ -164,6 +188,10 @@ class Settings(BaseSettings):
             )
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("EFFICACY_SSL_CERTFILE and EFFICACY_SSL_KEYFILE go together")
+        if self.lookup_token is not None and self.lookup_token_file is not None:
+            raise ValueError("set EFFICACY_LOOKUP_TOKEN or EFFICACY_LOOKUP_TOKEN_FILE, not both")
+        if bool(self.web_tls_certfile) != bool(self.web_tls_keyfile):
+            raise ValueError("EFFICACY_WEB_TLS_CERTFILE and EFFICACY_WEB_TLS_KEYFILE go together")
         return self
 
     @property

@@ -27,6 +27,7 @@ class Topics(NamedTuple):
     structure_selection: faust.TopicT
     fhir_observations: faust.TopicT
     omh_datapoints: faust.TopicT
+    audit: faust.TopicT
 
     @property
     def sources(self) -> tuple[faust.TopicT, ...]:
@@ -137,4 +138,7 @@ TOPIC_CONFIG: dict[str, dict[str, str]] = {
     "scores": {"cleanup.policy": "compact"},
     # One message carries the statistics of up to EVIDENCE_CHUNK patients.
     "population-evidence": {"max.message.bytes": "16777216"},
+    # Who read whose score: kept until an operator decides otherwise (a broker's
+    # default retention would delete the audit trail after a week).
+    "audit": {"retention.ms": "-1"},
 }

@@ -21,10 +21,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from monitoring import GRAFANA_DIR, PROMETHEUS_DIR
+from monitoring import GRAFANA_DIR, MONITORING_DIR, PROMETHEUS_DIR
 
 DASHBOARDS = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
 RULES_FILE = PROMETHEUS_DIR / "rules.yml"
+RULES_TEST_FILE = PROMETHEUS_DIR / "tests" / "rules_test.yml"
+ALERTMANAGER_FILE = MONITORING_DIR / "alertmanager" / "alertmanager.yml"
 CONFIG_FILE = PROMETHEUS_DIR / "prometheus.yml"
 DATASOURCES_FILE = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 
@@ -62,9 +64,14 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
     return [t["expr"] for p in panels(dashboard) for t in p.get("targets", []) if "expr" in t]
 
 
+def rules() -> list[dict[str, Any]]:
+    """Every rule of the shipped rules file."""
+    groups = yaml.safe_load(RULES_FILE.read_text(encoding="utf-8"))["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
 def rule_exprs() -> list[str]:
-    rules = yaml.safe_load(RULES_FILE.read_text(encoding="utf-8"))
-    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    return [rule["expr"] for rule in rules()]
 
 
 def template_queries(dashboard: dict[str, Any]) -> list[str]:
@@ -96,11 +103,15 @@ def exposed_names(registry: CollectorRegistry) -> set[str]:
     }
 
 
-INSTALL_HINT = "run scripts/install-prometheus.sh (installs Debian's prometheus package)"
+INSTALL_HINT = (
+    "run scripts/install-prometheus.sh (installs Debian's prometheus and "
+    "prometheus-alertmanager packages)"
+)
 
 
 def tool(name: str) -> str:
-    """Path of a Prometheus binary; a failure (never a skip) when it is missing."""
+    """Path of a Prometheus or Alertmanager binary; a failure (never a skip) when it
+    is missing."""
     path = shutil.which(name)
     if path is None:
         pytest.fail(f"{name} not found on PATH: {INSTALL_HINT}")

@@ -1,17 +1,23 @@
-"""The shipped Prometheus files against a real Prometheus (Debian's package).
+"""The shipped Prometheus and Alertmanager files against the real tools (Debian's
+packages).
 
-``promtool check config`` / ``check rules`` on monitoring/prometheus/, then a real
-Prometheus on loopback scraping a ``serve_metrics`` endpoint whose registry holds
-every pipeline metric (one value per label set) and faust's sensor: the alert rules
-load, and every dashboard query returns at least one series. When promtool or
-prometheus is missing these tests fail, never skip: scripts/install-prometheus.sh
-installs them (``make test`` runs it).
+``promtool check config`` / ``check rules`` on monitoring/prometheus/, ``promtool
+test rules`` on its unit tests of every alert (the rebalance cases included),
+every alert's runbook section, ``amtool check-config`` on
+monitoring/alertmanager/, then a real Prometheus on loopback scraping a
+``serve_metrics`` endpoint whose registry holds every pipeline metric (one value
+per label set) and faust's sensor: the alert rules load, and every dashboard
+query returns at least one series. When promtool, amtool or prometheus is missing
+these tests fail, never skip: scripts/install-prometheus.sh installs them (``make
+test`` runs it).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
+import shutil
 import subprocess
 import time
 import urllib.parse
@@ -23,14 +29,17 @@ import pytest
 import yaml
 from faust.sensors.prometheus import FaustMetrics
 from monitoring_files import (
+    ALERTMANAGER_FILE,
     CONFIG_FILE,
     DASHBOARDS,
     RULES_FILE,
+    RULES_TEST_FILE,
     concrete,
     dashboard_exprs,
     load_dashboard,
     query,
     rule_exprs,
+    rules,
     running_prometheus,
     template_queries,
     tool,
@@ -80,6 +89,106 @@ def test_promtool_rejects_a_broken_rule(tmp_path: Path) -> None:
     )
     result = subprocess.run(
         [tool("promtool"), "check", "rules", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+
+
+# ---------------------------------------------------------------- alerts: unit tests, runbook
+
+RUNBOOK = Path(__file__).resolve().parent.parent / "docs" / "runbook.md"
+
+
+def alerts() -> list[dict]:
+    return [rule for rule in rules() if "alert" in rule]
+
+
+def promtool_test_rules(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [tool("promtool"), "test", "rules", path.name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=path.parent,  # rule_files are relative to the test file
+    )
+
+
+def test_promtool_test_rules() -> None:
+    result = promtool_test_rules(RULES_TEST_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_alert_has_unit_tests_that_fire_it_and_keep_it_quiet() -> None:
+    """Each alert is expected to fire in at least one case and to stay quiet in
+    another (before its ``for``, or a case it must not fire on)."""
+    suite = yaml.safe_load(RULES_TEST_FILE.read_text(encoding="utf-8"))
+    fired, quiet = set(), set()
+    for case in suite["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (fired if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {rule["alert"] for rule in alerts()}
+    assert names - fired == set(), "alerts no unit test fires"
+    assert names - quiet == set(), "alerts no unit test keeps quiet"
+
+
+def test_the_rule_tests_can_fail(tmp_path: Path) -> None:
+    """The rebalance case fails against EfficacyNoPopulationUpdate on each worker's
+    own gauge (the stale worker's timestamp would fire it)."""
+    for name in (RULES_FILE.name, f"tests/{RULES_TEST_FILE.name}"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(RULES_TEST_FILE.parent.parent / name, tmp_path / name)
+    aggregated = "max by (measure) (efficacy_population_last_update_timestamp_seconds)"
+    text = (tmp_path / RULES_FILE.name).read_text()
+    assert aggregated in text
+    (tmp_path / RULES_FILE.name).write_text(
+        text.replace(aggregated, "efficacy_population_last_update_timestamp_seconds")
+    )
+    result = promtool_test_rules(tmp_path / "tests" / RULES_TEST_FILE.name)
+    assert result.returncode != 0, result.stdout
+    assert "alertname: EfficacyNoPopulationUpdate" in result.stdout + result.stderr
+
+
+def runbook_anchors() -> set[str]:
+    """The anchors of docs/runbook.md's headings, as GitHub makes them."""
+    headings = re.findall(r"^#+\s+(.+?)\s*$", RUNBOOK.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    anchors = runbook_anchors()
+    for rule in alerts():
+        url = rule["annotations"].get("runbook_url", "")
+        page, _, anchor = url.partition("#")
+        assert page == "docs/runbook.md", rule["alert"]
+        assert anchor == rule["alert"].lower(), rule["alert"]
+        assert anchor in anchors, f"docs/runbook.md has no section {rule['alert']}"
+
+
+def test_amtool_check_config() -> None:
+    result = subprocess.run(
+        [tool("amtool"), "check-config", str(ALERTMANAGER_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_amtool_rejects_a_broken_config(tmp_path: Path) -> None:
+    """The check above can fail: a route to a receiver that does not exist."""
+    config = yaml.safe_load(ALERTMANAGER_FILE.read_text(encoding="utf-8"))
+    config["route"]["receiver"] = "nobody"
+    broken = tmp_path / "alertmanager.yml"
+    broken.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [tool("amtool"), "check-config", str(broken)],
         capture_output=True,
         text=True,
         timeout=60,
