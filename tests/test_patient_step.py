@@ -251,9 +251,6 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
     a forced rescore publishes every patient's score as measure_scores gives it
     on the batch statistics (the independent path); an unforced rescore right
     after publishes nothing."""
-    from model.config import SVIConfig
-    from streams.population_book import PopulationModel
-
     ctx = context()
     records = raw_records(programme)
     half = len(records) // 2
@@ -261,12 +258,7 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
     run_batches(states, records[:half], ctx, 100)
     ids = sorted(programme.truth.patients)
     model = ctx.models[MEASURE]
-    stats = programme.expected_statistics(MEASURE, model, ids)
-    cohorts = sorted({programme.truth.patients[p].cohort for p in ids})
-    index = np.array([cohorts.index(programme.truth.patients[p].cohort) for p in ids], np.int32)
-    svi = SVIConfig(fresh_steps=200, update_steps=50)
-    fit = PopulationModel(MEASURE, model, svi, max_rounds=0).fit(stats, index, cohorts)
-    ctx.posteriors.offer(fit.message)
+    fit = posterior_of(programme, ctx)
 
     latest = {}
     for outputs in run_batches(states, records[half:], ctx, 50):
