@@ -21,6 +21,7 @@ all of them when the posterior itself moved materially.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -56,6 +57,16 @@ from streams.validation import Rejected, dead_letter, validate_record
 log = logging.getLogger(__name__)
 
 EVIDENCE_CHUNK = 1000  # patients per EvidenceBatch message (~0.5 MB of JSON at most)
+
+
+def log_failure(message: str, *args: object) -> None:
+    """Log a failure of the step (inside an ``except``) at ERROR with the
+    exception's type only, and its message and traceback at DEBUG: those can
+    hold a patient id (a validation error quotes its input), which logs above
+    debug level must not (the dead letter, a data topic, keeps the detail)."""
+    error = sys.exc_info()[1]
+    log.error(message + " (%s)", *args, type(error).__name__)
+    log.debug(message, *args, exc_info=True)
 
 
 class RawRecord(Protocol):
@@ -226,7 +237,7 @@ def process_batch(
     try:
         _score(to_score, context, outputs, forced={r.patient_id for r in to_score})
     except Exception:  # the evidence is saved and forwarded all the same
-        log.exception("scoring a batch of %d patients failed", len(to_score))
+        log_failure("scoring a batch of %d patients failed", len(to_score))
     lap("score")
     forwards = {p: measures for p, measures in touched.items() if measures}
     for patient_id in replayed:
@@ -309,7 +320,7 @@ def _load(
         try:
             records[patient_id] = cache.take(patient_id, states.get(patient_id))
         except Exception as error:  # a bug must not stop the stream
-            log.exception("could not read a patient's stored state")
+            log_failure("could not read a patient's stored state")
             broken[patient_id] = f"{type(error).__name__}: {error}"
     return records, broken
 
@@ -366,7 +377,7 @@ def _apply(
             reading = _pending(before, parsed, context)
             record, outcome = apply_event(before, parsed, models, copy=not in_place)
         except Exception as error:  # a bug must not stop the stream or lose the event
-            log.exception(
+            log_failure(
                 "could not apply the event from %s:%d:%d", origin.topic, origin.partition,
                 origin.offset,
             )  # fmt: skip
@@ -445,7 +456,7 @@ def _pending(record: PatientRecord | None, event, context: StepContext) -> Pendi
             record, event.measure, event.event_time, event.value, origin_key(event.origin)
         )
     except Exception:  # monitoring must never dead-letter a valid reading
-        log.exception("could not prepare a reading's predictive check")
+        log_failure("could not prepare a reading's predictive check")
         return None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections import Counter
 from types import SimpleNamespace
 
@@ -180,6 +181,30 @@ def test_an_event_whose_application_fails_is_dead_lettered_and_the_patient_conti
             stats.count_exposed + stats.count_unexposed
             == programme.truth.patients[key].valid_unique_readings[MEASURE]
         )
+
+
+def test_a_state_that_cannot_be_read_is_dead_lettered_and_logged_without_the_patient_id(
+    programme, caplog
+):
+    """A stored state pydantic rejects (its error quotes the input, patient id
+    included): the patient's events are dead-lettered as processing_error with
+    the detail, while the ERROR log line names the failure without the id (the
+    traceback is at DEBUG)."""
+    records = raw_records(programme)
+    states: dict[str, bytes] = {}
+    run_batches(states, records[: len(records) // 2], context(), 100)
+    patient = next(iter(states))
+    states[patient] = json.dumps({"patient_id": patient, "cohort": [patient]}).encode()
+    caplog.set_level(logging.DEBUG, logger="streams.patient_step")
+    outputs = run_batches(states, records[len(records) // 2 :], context(), 100)
+    letters = [json.loads(m.value) for o in outputs for m in o.dead_letters]
+    broken = [d for d in letters if d["reason"] == "processing_error"]
+    assert broken and all(patient in d["detail"] for d in broken)
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("could not read a patient's stored state" in r.getMessage() for r in loud)
+    for record in loud:
+        assert patient not in record.getMessage() and not record.exc_info
+    assert any(r.exc_info for r in caplog.records if r.levelno == logging.DEBUG)
 
 
 @pytest.mark.slow
