@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _int_list(text: str) -> list[int]:
@@ -71,7 +72,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from model.config import DecisionRule, MeasureConfig, SVIConfig
-    from model.operating import markdown_table, operating_characteristics, plot
+    from model.operating import markdown_table, operating_characteristics
     from model.simulate import ProgrammeSpec
 
     def say(message: str) -> None:
@@ -117,7 +118,55 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(result)
     (args.out_dir / "oc.md").write_text(table + "\n")
     (args.out_dir / "oc.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out_dir / "oc.png")
+    try:
+        plot(result, args.out_dir / "oc.png")
+        written = "oc.png"
+    except ImportError:  # matplotlib is the optional extra `plots`
+        written = "no oc.png (pip install 'living-efficacy[plots]' for it)"
     print(table)
-    say(f"wrote {args.out_dir / 'oc.md'}, oc.json, oc.png in {result['seconds']} s")
+    say(f"wrote {args.out_dir / 'oc.md'}, oc.json, {written} in {result['seconds']} s")
     return 0
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """PNG of the rates against observations per patient, with ±2 se bars
+    (matplotlib: the optional extra ``plots``)."""
+    import matplotlib
+    import matplotlib.ticker
+    import numpy as np
+
+    from model.operating import RATE_LABELS
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    obs = [row["obs_per_patient"] for row in result["rows"]]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for name, style in [
+        ("responder_called_responder", "o-"),
+        ("nonresponder_called_nonresponder", "s-"),
+        ("false_nonresponder", "v--"),
+        ("false_responder", "^--"),
+        ("insufficient_data", "x:"),
+    ]:
+        rates = np.array([row[name]["rate"] for row in result["rows"]])
+        ses = np.array([row[name]["se"] for row in result["rows"]])
+        ax.errorbar(obs, rates, yerr=2 * ses, fmt=style, capsize=3, label=RATE_LABELS[name])
+    truth, measure = result["truth"], result["measure"]
+    ax.set_xscale("log")
+    ax.set_xticks(obs)
+    ax.set_xticklabels([str(o) for o in obs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("observations per patient")
+    ax.set_ylabel("rate")
+    ax.set_title(
+        f"Operating characteristics: effect {truth['effect']:g} ± {truth['effect_sd']:g} "
+        f"(between patients), residual sd {truth['residual_sd']:g}, MCID {measure['mcid']:g}",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
