@@ -1,7 +1,7 @@
 # One entry point for users, developers and CI. Every target builds the project's
 # virtual environment first (the newest Python 3.11+ on PATH), so a fresh clone
 # needs nothing else.
-PYTHON ?= $(shell for v in 3.14 3.13 3.12 3.11; do p=$$(command -v python$$v) && $$p -c 'import sys; assert sys.version_info >= (3, 11)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+PYTHON ?= $(shell for v in 3.15 3.14 3.13 3.12 3.11 3; do p=$$(command -v python$$v) && $$p -c 'import sys; assert sys.version_info >= (3, 11)' >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test mutations lint format bench broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
-	@test -n "$(PYTHON)" || { echo "error: no python3.11, 3.12, 3.13 or 3.14 on PATH (Python 3.11+ is required)"; exit 1; }
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer on PATH (python3.11 ... python3.15, or python3)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

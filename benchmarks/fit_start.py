@@ -69,7 +69,7 @@ sys.exit(code)
 
 
 def supports_cache_flags(source: Path) -> bool:
-    return "--compilation-cache" in (source / "streams" / "fit_command.py").read_text()
+    return "--compilation-cache" in (source / "cli" / "fit.py").read_text()
 
 
 def cache_args(mode: str, cache: Path, flags: bool) -> list[str]:

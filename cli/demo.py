@@ -234,6 +234,28 @@ def truth_lines(summary: Summary, truth: dict) -> list[str]:
     return lines
 
 
+def reading_hint(bootstrap: str | None, prefix: str) -> str:
+    """How to read this run's scores and alerts with the project's own commands:
+    on a configured broker the topics stay (the commands for this run's prefix);
+    the local broker goes with the demo, so how to run it against one that stays."""
+    if bootstrap is not None:
+        env = f"KAFKA_BOOTSTRAP_SERVERS={bootstrap} EFFICACY_TOPIC_PREFIX={prefix}"
+        return (
+            "read them with:\n"
+            f"  {env} efficacy scores --call non_responder\n"
+            f"  {env} efficacy alerts --kind transition"
+        )
+    return (
+        "the local broker stops with the demo; to read scores while it runs, start one "
+        "that stays:\n"
+        "  python -m cli.broker start        # prints the bootstrap servers\n"
+        "  export KAFKA_BOOTSTRAP_SERVERS=<those> EFFICACY_TOPIC_PREFIX=demo.\n"
+        "  efficacy demo                     # and, in another shell with the same two:\n"
+        "  efficacy scores --call non_responder\n"
+        "  efficacy alerts --follow"
+    )
+
+
 def run_demo(
     seconds: float = 300.0,
     patients: int = 200,
@@ -352,10 +374,6 @@ def run_demo(
         say(
             ("the programme is fully scored. " if finished else "time is up. ")
             + f"Scores are JSON on the topic {settings.topic('scores')} (key: patient id); "
-            "to read them while a broker runs:\n"
-            "  python -m cli.broker start          # prints the bootstrap servers\n"
-            "  KAFKA_BOOTSTRAP_SERVERS=<that> efficacy demo   # and, in another shell,\n"
-            "  KAFKA_BOOTSTRAP_SERVERS=<that> efficacy scores --call non_responder\n"
-            "  KAFKA_BOOTSTRAP_SERVERS=<that> efficacy alerts --follow"
+            + reading_hint(bootstrap if configured else None, settings.topic_prefix)
         )
     return 0 if summary.scores else 1

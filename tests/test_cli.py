@@ -53,8 +53,14 @@ def test_every_command_help_shows_its_defaults_and_an_example_that_parses(comman
     defaults = [
         a for a in parser._actions if a.default not in (None, False, argparse.SUPPRESS)
     ]  # fmt: skip
-    if defaults:
-        assert "(default:" in text, f"efficacy {command} --help shows no defaults"
+    # each option's entry in the help (argparse wraps it over lines): its own default
+    entries = re.split(r"\n(?=  -)", head.split("options:", 1)[1])
+    for action in defaults:
+        flag = max(action.option_strings, key=len, default=action.dest)
+        (entry,) = [e for e in entries if re.match(rf"\s*(-\w, )?{flag}(?![\w-])", e)]
+        assert str(action.default) in " ".join(entry.split()), (
+            f"efficacy {command} --help does not show {flag}'s default {action.default!r}"
+        )
 
 
 def test_fit_without_an_mcid_for_an_outcome_the_catalogue_does_not_know_is_an_error(capsys):

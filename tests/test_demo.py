@@ -56,6 +56,13 @@ def test_efficacy_demo_tells_the_story_and_ends_on_the_final_posterior(kafka_boo
     )
     # tells the user how to read the scores with the project's own commands
     assert "efficacy scores" in output and "efficacy alerts" in output
+    hint = re.search(
+        r"^  KAFKA_BOOTSTRAP_SERVERS=(\S+) EFFICACY_TOPIC_PREFIX=(\S+) efficacy scores "
+        r"--call non_responder$",
+        output,
+        re.M,
+    )
+    assert hint, output[-3000:]  # on a configured broker: the commands for this run's topics
     assert "kafka-console-consumer" not in output  # a tool the project does not ship
 
     # The printed truth table is the latest scores on the topic against the truth.
@@ -63,6 +70,25 @@ def test_efficacy_demo_tells_the_story_and_ends_on_the_final_posterior(kafka_boo
     topic = re.search(r"Scores are JSON on the topic (\S+) \(key", output).group(1)
     latest = {r.key: json.loads(r.value) for r in run(read_to_end(kafka_bootstrap, topic))}
     assert len(latest) == 60
+    # the printed command lists the non-responders on the topic, with their action
+    listed = subprocess.run(
+        [sys.executable, "-m", "cli.main", "scores", "--call", "non_responder"],
+        cwd=REPO,
+        env={**env, "KAFKA_BOOTSTRAP_SERVERS": hint.group(1),
+             "EFFICACY_TOPIC_PREFIX": hint.group(2)},
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    patients = {score["patient_id"] for score in latest.values()}
+    rows = [line.split() for line in listed.stdout.splitlines()]
+    called = [row for row in rows if row and row[0] in patients and "non_responder" in row]
+    assert {row[0] for row in called} == {
+        score["patient_id"]
+        for score in latest.values()
+        if any(m["classification"] == "non_responder" for m in score["measures"])
+    }
+    for row in called:  # the recommended action follows the posterior version
+        version_at = max(i for i, token in enumerate(row) if re.fullmatch(r"v\d+", token))
+        assert row[version_at + 1 :], row
     # the final posteriors are the newest on the topic, and no score is newer
     prefix = topic.removesuffix("scores")
     posteriors = run(read_to_end(kafka_bootstrap, prefix + "population-posterior"))
