@@ -167,7 +167,6 @@ class RecordCache:
         self.capacity = capacity
         self._entries: OrderedDict[str, tuple[bytes, PatientRecord]] = OrderedDict()
         self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -175,13 +174,10 @@ class RecordCache:
     def take(self, patient_id: str, raw: bytes | None) -> PatientRecord | None:
         """The record of ``raw`` (the patient's table value), removed from the cache."""
         entry = self._entries.pop(patient_id, None)
-        if raw is None:
-            return None
         if entry is not None and entry[0] == raw:
             self.hits += 1
             return entry[1]
-        self.misses += 1
-        return PatientRecord.model_validate_json(raw)
+        return _parse_state(raw)
 
     def put(self, patient_id: str, raw: bytes, record: PatientRecord) -> None:
         """Keep ``record``, whose table value is now ``raw`` (not to be modified after)."""
@@ -190,9 +186,6 @@ class RecordCache:
         entries.move_to_end(patient_id)
         while len(entries) > self.capacity:
             entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 def process_batch(
