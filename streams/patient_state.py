@@ -146,6 +146,10 @@ class MeasureStats(BaseModel):
             self.sealed_count_unexposed,
         )
 
+    def keeps_window(self, window: ModelConfig) -> bool:
+        """The window statistics are kept reading by reading for ``window``."""
+        return self.window_gram is not None and self.window_half_life == window.half_life
+
     def sealed_window(self, window: ModelConfig) -> tuple[list[list[float]], float]:
         """The sealed readings' window statistics as (gram, reference time);
         empty (zeros, −inf) unless they were kept for ``window``'s half-life."""
@@ -318,7 +322,7 @@ def _add_to_window(
     """After a reading was added to the sealed or recent part: the window
     statistics plus that reading, or all of them from their parts when they
     were not kept for this half-life."""
-    if stats.window_half_life != window.half_life or stats.window_gram is None:
+    if not stats.keeps_window(window):
         _refresh_window(record, stats, window)
         return
     stats.window_gram, stats.window_reference_time = add_reading(
@@ -390,8 +394,8 @@ def recent_window_stats_many(
     for index, k in enumerate(complete):
         record, stats = items[k]
         totals.append(stats.reference_time)
-        if stats.window_half_life == window.half_life and stats.window_gram is not None:
-            grams.append(stats.window_gram)  # kept reading by reading
+        if stats.keeps_window(window):
+            grams.append(stats.window_gram)
             references.append(stats.window_reference_time)
             continue
         gram, reference = stats.sealed_window(window)
