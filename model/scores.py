@@ -75,8 +75,8 @@ def mixture_quantiles(means: jax.Array, sds: jax.Array, probs: jax.Array) -> jax
     any mixture, multimodal ones included. A quantile is final once its Newton
     step is shorter than ``QUANTILE_STEP_TOLERANCE`` times the smallest
     component sd, the scale of F's curvature (that step is taken: Newton
-    converges quadratically, so it is then exact to about the square of that) or its bracket is narrower than that (F flat at p, between
-    far modes). Settled quantiles are not moved again: near the root F(q) − p
+    converges quadratically, so it is then exact to about the square of that),
+    or its bracket is narrower than that (F flat at p, between far modes). Settled quantiles are not moved again: near the root F(q) − p
     is rounding noise, and a step on noise can leave the bracket and trigger a
     bisection far from the root. Typical score mixtures settle in 2-3
     evaluations of F and f over all S components.
