@@ -23,11 +23,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from settling import poll
 
-from cli.kafka_io import produce
+from cli.kafka_io import end_offsets, produce
 
 pytestmark = pytest.mark.kafka
 APP = Path(__file__).resolve().parent / "chunk_reader_app.py"
@@ -63,30 +62,30 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
+async def create_topic(bootstrap: str, name: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
+    finally:
+        await admin.close()
+
+
+async def partition_ends(bootstrap: str, name: str) -> dict[int, int]:
+    """The end offset of each partition of ``name``, by partition number."""
+    return {tp.partition: offset for tp, offset in (await end_offsets(bootstrap, [name])).items()}
+
+
 @pytest.fixture(scope="module")
 def topic(kafka_bootstrap) -> tuple[str, dict[int, int]]:
     """A topic of RECORDS keyed records over PARTITIONS partitions; its end offsets."""
     name = f"chunked-{uuid.uuid4().hex[:8]}"
 
     async def create_and_fill() -> dict[int, int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
-        finally:
-            await admin.close()
+        await create_topic(kafka_bootstrap, name)
         records = [(b"key-%d" % (i % 997), b"%d" % i) for i in range(RECORDS)]
         await produce(kafka_bootstrap, name, records)
-        from aiokafka import AIOKafkaConsumer
-
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
-        await consumer.start()
-        try:
-            parts = [TopicPartition(name, p) for p in range(PARTITIONS)]
-            ends = await consumer.end_offsets(parts)
-        finally:
-            await consumer.stop()
-        return {tp.partition: offset for tp, offset in ends.items()}
+        return await partition_ends(kafka_bootstrap, name)
 
     ends = asyncio.run(create_and_fill())
     assert sum(ends.values()) == RECORDS
@@ -187,18 +186,13 @@ def test_offsets_skipped_by_transaction_markers_are_committed_past(kafka_bootstr
     """Each transaction's commit marker takes an offset of every partition it
     wrote to, so records are not at consecutive offsets: the chunk gaps must
     cover the holes (or the commit stops at the first one)."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import AIOKafkaProducer
 
     name = f"chunked-tx-{uuid.uuid4().hex[:8]}"
     transactions, per_transaction = 200, 10
 
     async def create_and_fill() -> dict[int, int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
-        finally:
-            await admin.close()
+        await create_topic(kafka_bootstrap, name)
         producer = AIOKafkaProducer(
             bootstrap_servers=kafka_bootstrap, transactional_id=f"tx-{name}"
         )
@@ -211,13 +205,7 @@ def test_offsets_skipped_by_transaction_markers_are_committed_past(kafka_bootstr
                         await producer.send(name, value, key=b"key-%d" % i)
         finally:
             await producer.stop()
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
-        await consumer.start()
-        try:
-            ends = await consumer.end_offsets([TopicPartition(name, p) for p in range(PARTITIONS)])
-        finally:
-            await consumer.stop()
-        return {tp.partition: offset for tp, offset in ends.items()}
+        return await partition_ends(kafka_bootstrap, name)
 
     ends = asyncio.run(create_and_fill())
     records = transactions * per_transaction
