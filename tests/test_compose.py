@@ -164,7 +164,7 @@ def test_dockerfile_builds_the_worker() -> None:
     assert set(packages) <= set(copied)
     # Dependencies are installed before any source is copied (a cached layer), the
     # project after them without re-resolving them.
-    dependencies = text.index("pip install -r")
+    dependencies = text.index("pip install -c requirements.lock -r")
     assert all(text.index(f"COPY {p} ") > dependencies for p in packages)
     assert re.search(r"^RUN pip install --no-deps \.$", text, re.MULTILINE)
 
