@@ -17,7 +17,8 @@ class Events:
     may be a dose: a fraction of the full exposure.
     covariates: (P, q) patient covariates (constant per patient; categorical
     ones as 0/1 indicator columns), natural units; time_covariates: (n, k)
-    time-varying covariates of each observation. None: none.
+    time-varying covariates of each observation. None: none. Their column
+    names: covariate_names, time_covariate_names (empty: x1, x2, … / c1, c2, …).
     """
 
     patient: np.ndarray
@@ -27,6 +28,8 @@ class Events:
     outcome: np.ndarray
     covariates: np.ndarray | None = None
     time_covariates: np.ndarray | None = None
+    covariate_names: tuple[str, ...] = ()
+    time_covariate_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = np.shape(self.patient)[0] if np.ndim(self.patient) == 1 else -1
@@ -70,4 +73,6 @@ class Events:
             self.outcome[rows],
             self.covariates,
             None if self.time_covariates is None else self.time_covariates[rows],
+            self.covariate_names,
+            self.time_covariate_names,
         )

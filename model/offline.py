@@ -92,20 +92,17 @@ def model_config_for(
     *,
     time_trend: bool,
     cohort_level: bool,
-    covariate_names: tuple[str, ...] = (),
-    time_covariate_names: tuple[str, ...] = (),
 ) -> ModelConfig:
-    """Model structure and data-derived standardisation for an offline fit.
-    Covariate columns are named by ``covariate_names`` / ``time_covariate_names``
-    (default x1, x2, … / c1, c2, …)."""
+    """Model structure and data-derived standardisation for an offline fit,
+    with the events' covariate columns (named as the events name them)."""
     std = Standardization.from_data(
         events.outcome, events.exposure, events.time if time_trend else None
     ).with_covariates(events.covariates, events.time_covariates)
     return ModelConfig(
         time_trend=time_trend,
         cohort_level=cohort_level,
-        covariates=_names(events.covariates, covariate_names, "x"),
-        time_covariates=_names(events.time_covariates, time_covariate_names, "c"),
+        covariates=_names(events.covariates, events.covariate_names, "x"),
+        time_covariates=_names(events.time_covariates, events.time_covariate_names, "c"),
         standardization=std,
     )
 
@@ -210,8 +207,6 @@ def fit_programme(
     svi_config: SVIConfig | None = None,
     nuts_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
-    covariate_names: tuple[str, ...] = (),
-    time_covariate_names: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], EffectSummary]:
     """Fit the hierarchical model to all events at once.
 
@@ -226,13 +221,7 @@ def fit_programme(
     rule = rule or DecisionRule()
     cohorts: list[dict[str, float]] = []
     say = progress or (lambda _message: None)
-    config = model_config_for(
-        events,
-        time_trend=time_trend,
-        cohort_level=cohort_level,
-        covariate_names=covariate_names,
-        time_covariate_names=time_covariate_names,
-    )
+    config = model_config_for(events, time_trend=time_trend, cohort_level=cohort_level)
     stats = stats_from_events(
         events.num_patients,
         events.patient,

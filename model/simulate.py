@@ -166,6 +166,8 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
         outcome[keep],
         covariates if spec.with_covariates else None,
         None if time_covariate is None else time_covariate[keep],
+        names if spec.with_covariates else (),
+        () if time_covariate is None else ("activity",),
     )
     truth = Truth(
         intercept=intercept,

@@ -10,6 +10,8 @@ the effect) and doses uniform in [0.4, 1] while exposed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -65,13 +67,7 @@ def test_covariate_model_matches_nuts(modified):
     median sd ratio in 0.9-1.1.
     """
     events = modified.events
-    config = model_config_for(
-        events,
-        time_trend=True,
-        cohort_level=True,
-        covariate_names=modified.truth.covariate_names,
-        time_covariate_names=("activity",),
-    )
+    config = model_config_for(events, time_trend=True, cohort_level=True)
     nuts = fit_nuts(
         events, config, num_warmup=500, num_samples=1000, num_chains=2,
         centred_patients=True, seed=2,
@@ -120,10 +116,7 @@ def test_fit_recovers_the_modifiers_and_ignoring_the_confounder_biases_the_effec
     the confounded time-varying covariate out moves the effect estimate by more
     than 3 of its sds (the confounder's coefficient times its exposure slope)."""
     events, truth = modified.events, modified.truth
-    result, _ = fit_programme(
-        events, RHR, seed=1, covariate_names=truth.covariate_names,
-        time_covariate_names=("activity",),
-    )  # fmt: skip
+    result, _ = fit_programme(events, RHR, seed=1)
     config = model_config_for(events, time_trend=True, cohort_level=True)
     assert result["diagnostics"]["covariates"] == ["age", "group=1"]
     for row, name in zip(result["coefficients"], truth.covariate_names, strict=True):
@@ -142,10 +135,7 @@ def test_fit_recovers_the_modifiers_and_ignoring_the_confounder_biases_the_effec
     true_effect = truth.population_effect + shift
     assert abs(effect["mean"] - true_effect) <= 3 * effect["sd"]
 
-    no_confounder = events.__class__(
-        events.patient, events.cohort_of_patient, events.time, events.exposure,
-        events.outcome, events.covariates,
-    )  # fmt: skip
-    biased, _ = fit_programme(no_confounder, RHR, seed=1, covariate_names=truth.covariate_names)
+    no_confounder = dataclasses.replace(events, time_covariates=None, time_covariate_names=())
+    biased, _ = fit_programme(no_confounder, RHR, seed=1)
     moved = biased["population"]["effect"]["mean"] - effect["mean"]
     assert abs(moved) >= 3 * effect["sd"], f"dropping the confounder moved the effect {moved:.2f}"
