@@ -48,15 +48,17 @@ def _residuals(
     fixed: jax.Array,
     outcome: jax.Array,
     config: ModelConfig,
+    covariates: jax.Array | None = None,
 ) -> jax.Array:
     """Standardised residuals of a block of readings (standardised units).
 
     gram: (B, d, d) each reading's patient evidence; cohort_mean, cohort_var:
-    (S, B); exposure, outcome: (B,); fixed: (B, d_z).
+    (S, B); exposure, outcome: (B,); fixed: (B, d_z); covariates: (B, q)
+    standardised patient covariates or None.
     """
 
     def moments(theta: Hyper, c_mean: jax.Array, c_var: jax.Array):
-        terms = patient_terms(theta, gram, config)
+        terms = patient_terms(theta, gram, config, covariates)
         load0, load1 = terms.m_inv_s.b, terms.m_inv_s.d  # ℓ = M⁻¹S e_b
         rho0 = terms.cond_mean[0] + load0 * c_mean
         rho1 = terms.cond_mean[1] + load1 * c_mean
@@ -80,14 +82,16 @@ def predictive_residuals(
     time: np.ndarray,
     outcome: np.ndarray,
     config: ModelConfig,
+    covariates: np.ndarray | None = None,
 ) -> np.ndarray:
     """z of each reading (raw exposure, time and outcome, shape (R,)) under the
     mixture predictive given its patient's evidence *before* the reading.
 
     gram: (R, d, d) standardised evidence of each reading's patient, weighted as
     of the reading's time (model.evidence.decay_to); cohort_mean, cohort_var:
-    (S, R) as for model.scores.summarize_given_cohorts. Readings are padded to a
-    bucket size, so repeated calls compile once per bucket.
+    (S, R) as for model.scores.summarize_given_cohorts; covariates: (R, q)
+    standardised covariates of each reading's patient, or None. Readings are
+    padded to a bucket size, so repeated calls compile once per bucket.
     """
     count = int(np.shape(outcome)[0])
     if count == 0:
@@ -115,5 +119,6 @@ def predictive_residuals(
         padded(fixed),
         padded(y),
         config.structure,
+        None if covariates is None else padded(covariates),
     )
     return np.asarray(z)[:count]

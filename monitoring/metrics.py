@@ -137,6 +137,7 @@ class Metrics(NamedTuple):
     effect_q95: Gauge  # efficacy_population_effect_q95{measure}
     effect_sd_patients: Gauge  # efficacy_population_effect_sd_patients{measure}
     effect_sd_cohorts: Gauge  # efficacy_population_effect_sd_cohorts{measure}
+    effect_modifier: Gauge  # efficacy_effect_modifier{measure, covariate, statistic}
     # Drift
     drift_kl: Gauge  # efficacy_drift_kl_divergence{measure}
     drift_shift: Gauge  # efficacy_drift_effect_shift_sd_units{measure}
@@ -243,6 +244,12 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             "population_effect_sd_cohorts",
             "Posterior mean of the between-cohort sd of the treatment effect.",
             m,
+        ),
+        effect_modifier=gauge(
+            "effect_modifier",
+            "Change of a patient's expected effect per unit of a covariate (or for a level "
+            "against the reference), natural units; statistic: mean, q05, q95.",
+            (*m, "covariate", "statistic"),
         ),
         drift_kl=gauge(
             "drift_kl_divergence",

@@ -58,6 +58,7 @@ def measure_models(catalogue: Catalogue, settings: Settings) -> dict[str, ModelC
             time_scale_days=settings.time_scale_days,
             half_life_days=settings.half_life_days,
             recent_half_life_days=settings.recent_half_life_days,
+            covariates=catalogue.covariates,
         )
         for name, spec in catalogue.measures.items()
     }

@@ -10,6 +10,12 @@ lists the LOINC codes of a measure (FHIR Observations and their components),
 ``omh`` the Open mHealth quantities (``namespace:schema#property``, optionally
 ``?field=value|value`` conditions, streams.interop.open_mhealth), and ``ucum``
 maps UCUM unit codes to the measure's unit names.
+
+The same file may declare patient covariates under ``[covariates.<name>]``
+(model.covariates.CovariateSpec: kind, unit, plausible range, typical value and
+spread, categorical levels, required). Enrolments carry their values; every
+measure's model then lets them shift each patient's expected effect (effect
+modifiers) and intercept.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config import MeasureConfig, ModelConfig, Standardization
+from model.covariates import CovariateSpec, design_columns, design_standardization
 
 DEFAULT_CATALOGUE = Path(__file__).with_name("measures.toml")
 Source = Literal["wearable", "lab", "pro"]
@@ -123,16 +130,20 @@ class MeasureSpec(BaseModel):
         time_scale_days: float,
         half_life_days: float | None,
         recent_half_life_days: float | None = None,
+        covariates: tuple[CovariateSpec, ...] = (),
     ) -> ModelConfig:
         """The streaming model of this measure. Time is in days since the Unix
         epoch (UTC), shifted to the programme's origin and scaled so that the time
         trend's prior means "per ``time_scale_days``". Standardisation is fixed
         by configuration so statistics stay comparable forever (they are stored
-        standardised)."""
+        standardised); the patient ``covariates`` are standardised by their
+        catalogue entries' typical value and spread."""
         location, scale = self.typical
+        covariate_location, covariate_scale = design_standardization(covariates)
         return ModelConfig(
             time_trend=True,
             cohort_level=True,
+            covariates=design_columns(covariates),
             half_life=half_life_days,
             recent_half_life=recent_half_life_days,
             standardization=Standardization(
@@ -141,6 +152,8 @@ class MeasureSpec(BaseModel):
                 exposure_scale=1.0,
                 time_location=time_origin_days,
                 time_scale=time_scale_days,
+                covariate_location=covariate_location,
+                covariate_scale=covariate_scale,
             ),
         )
 
@@ -149,6 +162,7 @@ class Catalogue(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     measures: dict[str, MeasureSpec]
+    covariates: tuple[CovariateSpec, ...] = ()
 
     @model_validator(mode="after")
     def _codes_unique(self) -> Catalogue:
@@ -193,6 +207,14 @@ class Catalogue(BaseModel):
         except tomllib.TOMLDecodeError as error:
             raise CatalogueError(f"{path}: not valid TOML: {error}") from None
         measures = {}
+        covariates = []
+        for name, entry in (raw.pop("covariates", None) or {}).items():
+            if not isinstance(entry, dict):
+                raise CatalogueError(f"{path}: [covariates.{name}] must be a table")
+            try:
+                covariates.append(_covariate_spec(name, entry))
+            except ValidationError as error:
+                raise CatalogueError(f"{path}: [covariates.{name}]: {error}") from None
         for name, entry in raw.items():
             if not isinstance(entry, dict):
                 raise CatalogueError(f"{path}: [{name}] must be a table")
@@ -203,6 +225,20 @@ class Catalogue(BaseModel):
         if not measures:
             raise CatalogueError(f"{path}: no measures defined")
         try:
-            return cls(measures=measures)
+            return cls(measures=measures, covariates=tuple(covariates))
         except ValidationError as error:
             raise CatalogueError(f"{path}: {error}") from None
+
+
+def _covariate_spec(name: str, entry: dict) -> CovariateSpec:
+    """A ``[covariates.<name>]`` table as a CovariateSpec: ``plausible`` is the
+    plausible range and ``typical = [location, scale]`` its standardisation,
+    as for measures."""
+    entry = dict(entry)
+    if "plausible" in entry:
+        entry["plausible_range"] = tuple(entry.pop("plausible"))
+    if "typical" in entry:
+        entry["location"], entry["scale"] = entry.pop("typical")
+    if "levels" in entry:
+        entry["levels"] = tuple(entry["levels"])
+    return CovariateSpec(name=name, **entry)

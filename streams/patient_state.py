@@ -208,6 +208,7 @@ class PatientRecord(BaseModel):
     cohort: str | None = None
     arm: str | None = None
     enrolled_at: datetime | None = None
+    covariates: list[float] = Field(default_factory=list)  # design row, natural units
     timeline: list[tuple[float, float]] = Field(default_factory=list)
     seen: dict[str, str] = Field(default_factory=dict)  # event id -> origin, oldest first
     forgotten: dict[str, int] = Field(default_factory=dict)  # "topic:partition" -> offset
@@ -235,7 +236,8 @@ class PatientRecord(BaseModel):
 class Outcome:
     """What applying an event did. ``touched``: measures whose statistics changed;
     ``rejected``: (event, reason, detail) to dead-letter; ``replays``: ignored
-    re-deliveries; ``cohort_changed``: the patient's cohort was set or changed."""
+    re-deliveries; ``cohort_changed``: the patient's cohort (or covariates) was
+    set or changed."""
 
     touched: set[str] = field(default_factory=set)
     rejected: list[tuple[Observation | EnrollmentRecord, str, str]] = field(default_factory=list)
@@ -470,6 +472,7 @@ def measure_evidence(
             reference_time=stats.reference_time,
             count_exposed=stats.count_exposed,
             count_unexposed=stats.count_unexposed,
+            covariates=record.covariates,
             recent_gram=None if recent is None else recent.gram[0].tolist(),
         )
         for (record, stats), recent in zip(items, windows, strict=True)
@@ -647,8 +650,10 @@ def apply_event(
         return record, outcome
     _remember(record, inner.event_id, event.origin)
     if isinstance(inner, Enrollment):
-        outcome.cohort_changed = record.cohort != inner.cohort
+        covariates = list(event.covariates or ())
+        outcome.cohort_changed = record.cohort != inner.cohort or record.covariates != covariates
         record.cohort, record.arm, record.enrolled_at = inner.cohort, inner.arm, inner.event_time
+        record.covariates = covariates
         pending, record.pending = record.pending, []
         for observation in sorted(pending, key=lambda o: o.event_time):
             _add_observation(record, observation, models[observation.measure], outcome)

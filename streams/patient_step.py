@@ -501,6 +501,7 @@ def _score(
             context.posteriors[measure],
             [r.measures[measure] for r in group],
             [r.cohort for r in group],
+            [r.covariates for r in group],
             context.catalogue.get(measure),
             context.models[measure],
             context.rule,

@@ -22,7 +22,12 @@ import numpy as np
 
 from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats, decay_to, gram_stats
-from model.offline import SUMMARY_DRAWS, describe, population_quantities
+from model.offline import (
+    SUMMARY_DRAWS,
+    coefficient_summaries,
+    describe,
+    population_quantities,
+)
 from model.population import Evidence, FitState, PopulationFitter, UpdateInfo, pad_evidence
 from model.scores import cohort_posteriors
 from model.selection import (
@@ -35,13 +40,14 @@ from model.selection import (
     patient_folds,
 )
 from streams.schemas import (
+    Coefficient,
     Interval,
     PatientEvidence,
     PopulationPosterior,
     StructureScore,
     StructureSelection,
 )
-from streams.scoring import DRAW_FIELDS
+from streams.scoring import COVARIATE_DRAW_FIELD, DRAW_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,7 @@ class PopulationBook:
         self._recent = np.zeros((64, d, d))  # recent-window statistics (zeros: none)
         self._reference = np.full(64, -np.inf)
         self._cohort = np.zeros(64, dtype=np.int32)
+        self._covariates = np.zeros((64, model.num_covariates))  # design rows, natural units
         self.cohorts: list[str] = []
         self._cohort_index: dict[str, int] = {}
         self.changes_since_fit = 0
@@ -86,6 +93,8 @@ class PopulationBook:
         self._recent[row] = 0.0 if evidence.recent_gram is None else evidence.recent_gram
         self._reference[row] = evidence.reference_time
         self._cohort[row] = cohort
+        if self.model.num_covariates:
+            self._covariates[row] = _design_row(evidence.covariates, self.model)
         self.changes_since_fit += 1
 
     def _grow(self) -> None:
@@ -94,6 +103,7 @@ class PopulationBook:
         self._recent = np.concatenate([self._recent, np.zeros_like(self._recent)])
         self._reference = np.concatenate([self._reference, np.full(size // 2, -np.inf)])
         self._cohort = np.concatenate([self._cohort, np.zeros(size // 2, dtype=np.int32)])
+        self._covariates = np.concatenate([self._covariates, np.zeros_like(self._covariates)])
 
     def snapshot(self) -> tuple[PatientStats, np.ndarray, list[str]]:
         """A copy of the statistics at a common reference time (the latest event:
@@ -102,6 +112,13 @@ class PopulationBook:
         n = self.num_patients
         stats = self._at_now(self._gram[:n], self.model)
         return stats, self._cohort[:n].copy(), list(self.cohorts)
+
+    def covariates_snapshot(self) -> np.ndarray | None:
+        """Every patient's covariate design row (natural units), rows as in
+        ``snapshot``; None when the model has no covariates."""
+        if not self.model.num_covariates:
+            return None
+        return self._covariates[: self.num_patients].copy()
 
     def recent_snapshot(self) -> PatientStats | None:
         """The recent-window statistics (ModelConfig.recent_window) of every
@@ -119,6 +136,21 @@ class PopulationBook:
         stats = gram_stats(gram.copy(), reference.copy())
         finite = reference[np.isfinite(reference)]
         return decay_to(stats, float(finite.max()), model) if finite.size else stats
+
+
+def _interval(described: dict[str, float]) -> Interval:
+    """model.offline.describe's summary as the messages' Interval (q05-q95: 90%)."""
+    return Interval(
+        mean=described["mean"], sd=described["sd"], lower=described["q05"], upper=described["q95"]
+    )
+
+
+def _design_row(row: list[float], model: ModelConfig) -> np.ndarray:
+    """A patient's design row; one of another width (enrolled under another
+    covariate catalogue) is taken at the covariates' centre."""
+    if len(row) == model.num_covariates:
+        return np.asarray(row, dtype=float)
+    return np.asarray(model.standardization.covariate_location, dtype=float)
 
 
 def _key(measure: str, version: int) -> jax.Array:
@@ -206,11 +238,26 @@ class PopulationModel:
             log.info("population %s: cold fit (%s)", self.measure, error)
             return initial
 
-    def fit(self, stats: PatientStats, cohort: np.ndarray, cohorts: list[str]) -> FitResult:
+    def fit(
+        self,
+        stats: PatientStats,
+        cohort: np.ndarray,
+        cohorts: list[str],
+        covariates: np.ndarray | None = None,
+    ) -> FitResult:
         """Continue SVI against all evidence (fresh on the first call) and build
-        the next posterior message. Blocking; run it off the event loop."""
+        the next posterior message. ``covariates``: (P, q) design rows, natural
+        units (PopulationBook.covariates_snapshot). Blocking; run it off the
+        event loop."""
         started = time.perf_counter()
-        evidence = pad_evidence(stats, cohort, max(len(cohorts), 1))
+        std_covariates = None
+        if self.model.num_covariates:
+            std_covariates = self.model.standardization.covariates(
+                np.zeros((stats.num_patients, self.model.num_covariates))
+                if covariates is None
+                else covariates
+            )
+        evidence = pad_evidence(stats, cohort, max(len(cohorts), 1), std_covariates)
         version = self.version + 1
         key = _key(self.measure, version)
         key_fit, key_draws, key_summary = jax.random.split(key, 3)
@@ -228,22 +275,32 @@ class PopulationModel:
             steps += info.steps
         draws = self.fitter.draws(state, key_draws)
         cohort_mean, cohort_var = cohort_posteriors(
-            draws, evidence.gram, evidence.cohort, evidence.num_cohorts, self.model.structure
+            draws,
+            evidence.gram,
+            evidence.cohort,
+            evidence.num_cohorts,
+            self.model.structure,
+            evidence.covariates,
         )
         g = len(cohorts)
         quantities = population_quantities(
             self.fitter.draws(state, key_summary, SUMMARY_DRAWS), self.model
         )
+        coefficients = [
+            Coefficient(
+                covariate=row["covariate"],
+                effect=_interval(row["effect"]),
+                intercept=_interval(row["intercept"]),
+            )
+            for row in coefficient_summaries(quantities, self.model)["coefficients"]
+        ]
         summary = {}
         for name, values in quantities.items():
+            if name in ("coefficients", "time_coefficients"):
+                continue
             described = describe(values)
             if described is not None:
-                summary[name] = Interval(
-                    mean=described["mean"],
-                    sd=described["sd"],
-                    lower=described["q05"],
-                    upper=described["q95"],
-                )
+                summary[name] = _interval(described)
         transform = self.fitter.guide.get_transform(self.fitter.params(state))
         std = self.model.standardization
         message = PopulationPosterior(
@@ -257,11 +314,16 @@ class PopulationModel:
             svi_steps=steps,
             converged=info.converged,
             standardization=std.model_dump(),
-            draws={f: np.asarray(getattr(draws, f)).tolist() for f in DRAW_FIELDS},
+            draws={
+                f: np.asarray(getattr(draws, f)).tolist()
+                for f in (*DRAW_FIELDS, COVARIATE_DRAW_FIELD)
+                if getattr(draws, f) is not None
+            },
             cohorts=cohorts,
             cohort_mean=np.asarray(cohort_mean)[:, :g].tolist(),
             cohort_var=np.asarray(cohort_var)[:, :g].tolist(),
             summary=summary,
+            coefficients=coefficients,
             unconstrained_loc=np.asarray(transform.loc).tolist(),
             unconstrained_scale_tril=np.asarray(transform.scale_tril).tolist(),
         )
@@ -315,7 +377,12 @@ class StructureSelectionRun:
         # A cohort level is not identified with a single cohort (as select_structure).
         attributes = [COHORT_ATTRIBUTE] if self.num_cohorts >= 2 else []
         self.skipped = [] if attributes else [COHORT_ATTRIBUTE]
-        self.structures = candidate_structures(model, attributes)
+        # The pooling structures are compared without the patient covariates
+        # (the snapshot's statistics carry none); comparing covariate blocks is
+        # model.selection's to learn.
+        self.structures = candidate_structures(
+            model.model_copy(update={"covariates": ()}), attributes
+        )
         self.seed = seed
         self.svi = svi
         self.fitters = fitters

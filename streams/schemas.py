@@ -85,8 +85,13 @@ def bounded_event_id(kind: str, identity: str) -> str:
 class Enrollment(Envelope):
     """A patient joins the programme. ``cohort`` is the level of partial pooling
     (clinic, cohort or stratum); ``attributes`` are free cohort attributes.
-    ``exposed`` says whether the intervention starts at enrolment."""
+    ``exposed`` says whether the intervention starts at enrolment. ``covariates``
+    (layout version 2; version 1 messages, without them, are still accepted) are
+    the patient's baseline characteristics by the catalogue's covariate names."""
 
+    schema_version: Literal[1, 2] = Field(
+        default=2, description="version of the message layout (2 adds covariates; 1 accepted)"
+    )
     kind: Literal["enrollment"] = Field(default="enrollment", description="an enrolment")
     patient_id: PatientId
     cohort: str = Field(
@@ -102,6 +107,12 @@ class Enrollment(Envelope):
     )
     exposed: bool = Field(
         default=False, description="whether the intervention (exposure 1) starts at enrolment"
+    )
+    covariates: dict[Annotated[str, Field(max_length=64)], float | str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="baseline characteristics by the catalogue's covariate names: a number "
+        "(in the covariate's unit) or a categorical level",
     )
 
 
@@ -200,6 +211,10 @@ class EnrollmentRecord(BaseModel):
     kind: Literal["enrollment_record"] = "enrollment_record"
     event: EnrollmentEvent
     origin: Origin
+    covariates: list[float] | None = Field(
+        default=None,
+        description="an enrolment's covariate design row (model.covariates), natural units",
+    )
 
     @property
     def patient_id(self) -> str:
@@ -260,6 +275,11 @@ class PatientEvidence(BaseModel):
     )
     count_exposed: int = Field(description="readings with exposure > 0")
     count_unexposed: int = Field(description="readings without exposure")
+    covariates: list[float] = Field(
+        default_factory=list,
+        description="the patient's covariate design row (natural units; empty without "
+        "covariates in the catalogue)",
+    )
     recent_gram: list[list[float]] | None = Field(
         default=None,
         description="the statistics under the recent-window forgetting (fast half-life), at "
@@ -361,6 +381,19 @@ class EfficacyScore(Envelope):
     )
 
 
+class Coefficient(BaseModel):
+    """One covariate design column's coefficients, natural units: ``effect`` is
+    the change of a patient's expected effect (per unit exposure) per unit of the
+    covariate (or for the level against the reference), the effect modifier;
+    ``intercept`` the change of the patient's expected baseline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    covariate: str = Field(description="the design column: a covariate or covariate=level")
+    effect: Interval = Field(description="effect modifier, outcome unit per exposure per unit")
+    intercept: Interval = Field(description="shift of the baseline, outcome unit per unit")
+
+
 class PopulationPosterior(Envelope):
     """Versioned population posterior of one measure (compacted topic, key =
     measure). ``draws`` are fixed draws of θ (standardised units) that define
@@ -393,6 +426,11 @@ class PopulationPosterior(Envelope):
     summary: dict[str, Interval] = Field(
         description="population quantities in raw units: effect, intercept, sigma, "
         "effect_sd_patients, effect_sd_cohorts, time_trend (90% intervals)"
+    )
+    coefficients: list[Coefficient] = Field(
+        default_factory=list,
+        description="each patient covariate's coefficients (effect modifier and intercept "
+        "shift), natural units, 90% intervals; empty without covariates",
     )
     unconstrained_loc: list[float] = Field(
         description="the variational posterior's location (unconstrained θ)"

@@ -38,6 +38,8 @@ LEVEL = 0.9
 SCORING_BLOCK = 256  # patients per compiled scoring call (model.scores blocks)
 Z_LEVEL = 1.6448536269514722  # Φ⁻¹(0.95): the composite's 90% interval
 DRAW_FIELDS = ("mu", "tau", "corr_chol", "tau_cohort", "sigma", "gamma")
+#: Published only by models with patient covariates (ModelConfig.covariates).
+COVARIATE_DRAW_FIELD = "coef"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class MeasurePosterior:
     @classmethod
     def from_message(cls, message: PopulationPosterior) -> MeasurePosterior:
         draws = Hyper(*(jnp.asarray(np.asarray(message.draws[f])) for f in DRAW_FIELDS))
+        if COVARIATE_DRAW_FIELD in message.draws:
+            draws = draws._replace(coef=jnp.asarray(np.asarray(message.draws["coef"])))
         num_draws = draws.mu.shape[0]
         return cls(
             measure=message.measure,
@@ -79,14 +83,30 @@ class MeasurePosterior:
         return mean, var
 
 
+def standardized_covariates(rows: list[list[float]], model: ModelConfig) -> np.ndarray | None:
+    """Patients' covariate design rows (natural units) as the model's
+    standardised (P, q) array; None when the model has no covariates. A row of
+    the wrong width (a patient enrolled under another covariate catalogue) is
+    taken as the centre, all zeros."""
+    q = model.num_covariates
+    if not q:
+        return None
+    rows = [
+        row if len(row) == q else list(model.standardization.covariate_location) for row in rows
+    ]
+    return model.standardization.covariates(np.asarray(rows, dtype=float).reshape(len(rows), q))
+
+
 def summarize_patients(
     posterior: MeasurePosterior,
     stats: list[MeasureStats],
     cohorts: list[str | None],
+    covariates: list[list[float]],
     spec: MeasureSpec,
     model: ModelConfig,
 ) -> EffectSummary:
-    """Mixture summaries of a batch of patients for one measure (raw units)."""
+    """Mixture summaries of a batch of patients for one measure (raw units);
+    ``covariates``: each patient's design row (PatientRecord.covariates)."""
     gram = np.stack([np.asarray(s.gram, dtype=float) for s in stats])
     cohort_mean, cohort_var = posterior.cohort_posterior(cohorts)
     return summarize_given_cohorts(
@@ -98,6 +118,7 @@ def summarize_patients(
         model,
         level=LEVEL,
         block=SCORING_BLOCK,
+        covariates=standardized_covariates(covariates, model),
     )
 
 
@@ -115,7 +136,7 @@ def compile_scoring(
     cohort = next(iter(posterior.cohort_index), None)
     runs = 0
     for size in _bucket_sizes(SCORING_BLOCK):
-        summarize_patients(posterior, [empty] * size, [cohort] * size, spec, model)
+        summarize_patients(posterior, [empty] * size, [cohort] * size, [[]] * size, spec, model)
         runs += 1
     reading = PendingReading(None, float("-inf"), cohort, 0.0, 0.0, 0.0, "")
     for size in _bucket_sizes(bucket_size(max_readings, SMALL_BUCKET)):
@@ -133,6 +154,7 @@ def measure_scores(
     posterior: MeasurePosterior,
     stats: list[MeasureStats],
     cohorts: list[str | None],
+    covariates: list[list[float]],
     spec: MeasureSpec,
     model: ModelConfig,
     rule: DecisionRule,
@@ -143,7 +165,7 @@ def measure_scores(
     (with hysteresis against each patient's ``previous`` published call) and the
     recommended action of each call from ``pathways`` (Settings.pathways)."""
     pathways = pathways or {}
-    summary = summarize_patients(posterior, stats, cohorts, spec, model)
+    summary = summarize_patients(posterior, stats, cohorts, covariates, spec, model)
     counts_exposed = np.asarray([s.count_exposed for s in stats])
     counts_unexposed = np.asarray([s.count_unexposed for s in stats])
     calls = classify(
@@ -198,6 +220,7 @@ class PendingReading:
     time: float  # days
     value: float
     origin: str  # "topic:partition:offset" of the raw record
+    covariates: tuple[float, ...] = ()  # the patient's design row (PatientRecord.covariates)
 
 
 def pending_reading(
@@ -218,6 +241,7 @@ def pending_reading(
         time=time,
         value=value,
         origin=origin,
+        covariates=tuple(record.covariates),
     )
 
 
@@ -243,6 +267,7 @@ def reading_residuals(
         times,
         np.asarray([r.value for r in readings]),
         model,
+        standardized_covariates([list(r.covariates) for r in readings], model),
     )
 
 

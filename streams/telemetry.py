@@ -135,6 +135,15 @@ class Telemetry:
         ):
             if name in message.summary:
                 gauge.labels(measure=measure).set(message.summary[name].mean)
+        for row in message.coefficients:  # covariate names come from the catalogue
+            for statistic, value in (
+                ("mean", row.effect.mean),
+                ("q05", row.effect.lower),
+                ("q95", row.effect.upper),
+            ):
+                m.effect_modifier.labels(
+                    measure=measure, covariate=row.covariate, statistic=statistic
+                ).set(value)
 
     def selection_published(self, message: StructureSelection) -> None:
         """The latest structure selection of a measure: per structure its elpd

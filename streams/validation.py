@@ -17,10 +17,12 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
 
+from model.covariates import CovariateError, encode_patient
 from streams.catalogue import Catalogue, UnknownMeasure, UnknownUnit
 from streams.schemas import (
     ENROLLMENT_EVENT,
     DeadLetter,
+    Enrollment,
     EnrollmentRecord,
     LabResult,
     Observation,
@@ -126,11 +128,27 @@ def validate_enrollment(
     origin: Origin,
     settings: Settings,
     now: datetime | None = None,
+    catalogue: Catalogue | None = None,
 ) -> EnrollmentRecord:
-    """An enrolment or exposure change, validated, with its origin; or Rejected."""
+    """An enrolment or exposure change, validated, with its origin; or Rejected.
+    An enrolment's covariates are checked against the ``catalogue``'s covariate
+    entries (``invalid_covariate``: missing, out of range, unknown level or name)
+    and carried as their design row."""
     event = _validate(ENROLLMENT_EVENT.validate_json, _check_size(value))
     _check_envelope(key, event.patient_id, event.event_time, now or datetime.now(UTC), settings)
-    return EnrollmentRecord(event=event, origin=origin)
+    covariates = None
+    if isinstance(event, Enrollment):
+        specs = catalogue.covariates if catalogue is not None else ()
+        try:
+            covariates = encode_patient(specs, event.covariates) if specs else None
+        except CovariateError as error:
+            raise Rejected("invalid_covariate", str(error)) from None
+        if not specs and event.covariates:
+            raise Rejected(
+                "invalid_covariate",
+                f"covariates {sorted(event.covariates)} sent, but the catalogue declares none",
+            )
+    return EnrollmentRecord(event=event, origin=origin, covariates=covariates)
 
 
 def validate_record(
@@ -146,7 +164,7 @@ def validate_record(
     SCHEMA_OF_SOURCE: streams.topics.Topics.raw without the prefix) as the
     validated event the patients agent applies; or Rejected."""
     if source == "enrollments":
-        return validate_enrollment(key, value, origin, settings, now)
+        return validate_enrollment(key, value, origin, settings, now, catalogue)
     return validate_observation(source, key, value, origin, catalogue, settings, now)
 
 

@@ -219,6 +219,7 @@ class Settling:
                 posterior,
                 self.statistics(),
                 [self.truth.patients[p].cohort for p in self.patients],
+                [[] for _ in self.patients],
                 self.catalogue.get(self.measure),
                 self.model,
                 self.rule,

@@ -112,6 +112,7 @@ def test_no_label_identifies_a_patient(registry: CollectorRegistry, metrics: Met
     labels = {label for metric in metrics for label in metric._labelnames}
     assert labels, "no labelled metric at all"
     allowed = {"source", "reason", "measure", "classification", "kind", "trigger", "structure"}
+    allowed |= {"covariate", "statistic"}  # catalogue covariate names, mean/q05/q95
     assert labels <= allowed
     for label in labels:
         assert not re.search(r"patient|subject|person|user|_id$|^id$", label), label

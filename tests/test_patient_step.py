@@ -304,6 +304,7 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
         ctx.posteriors[MEASURE],
         Settling(programme, "", MEASURE).statistics(),
         [programme.truth.patients[p].cohort for p in ids],
+        [[] for _ in ids],
         ctx.catalogue.get(MEASURE),
         model,
         ctx.rule,

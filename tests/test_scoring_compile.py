@@ -69,7 +69,13 @@ def test_no_batch_size_compiles_after_compile_scoring():
 
     def score(count: int) -> None:
         scores = measure_scores(
-            posterior, [stats] * count, ["clinic-a"] * count, spec, model, DecisionRule()
+            posterior,
+            [stats] * count,
+            ["clinic-a"] * count,
+            [[]] * count,
+            spec,
+            model,
+            DecisionRule(),
         )
         assert len(scores) == count and all(np.isfinite(s.effect.mean) for s in scores)
 

@@ -238,8 +238,9 @@ class PopulationService:
             if published is not None:
                 model.continue_from(published)
         stats, cohort, cohorts = book.snapshot()
+        covariates = book.covariates_snapshot()
         book.changes_since_fit = 0
-        digest = evidence_digest(stats, cohort, cohorts)
+        digest = evidence_digest(stats, cohort, cohorts, covariates)
         published = self.posteriors.messages.get(measure)
         if published is not None and published.evidence_digest == digest:
             # The latest posterior was fitted on exactly this evidence (a restart,
@@ -256,7 +257,7 @@ class PopulationService:
                     measure, self.models[measure], pool=self.fitters
                 )
         result, recent = await in_thread(
-            fit_with_window, model, recent_model, stats, recent_stats, cohort, cohorts
+            fit_with_window, model, recent_model, stats, recent_stats, cohort, cohorts, covariates
         )
         if not self.owns(measure):
             # A rebalance moved the measure during the fit (a first fit compiles
@@ -384,15 +385,17 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_result(result)
 
 
-def evidence_digest(stats, cohort: np.ndarray, cohorts: list[str]) -> str:
-    """SHA-256 of the multiset of (statistics, reference time, cohort) rows of a
-    book snapshot: independent of the order patients were put in."""
+def evidence_digest(
+    stats, cohort: np.ndarray, cohorts: list[str], covariates: np.ndarray | None = None
+) -> str:
+    """SHA-256 of the multiset of (statistics, reference time, cohort, covariates)
+    rows of a book snapshot: independent of the order patients were put in."""
     n, d, _ = stats.gram.shape
     labels = np.array([zlib.crc32(c.encode()) for c in cohorts] or [0], dtype=float)
-    rows = np.ascontiguousarray(
-        np.column_stack([stats.gram.reshape(n, d * d), stats.reference_time, labels[cohort]]),
-        dtype=float,
-    )
+    columns = [stats.gram.reshape(n, d * d), stats.reference_time, labels[cohort]]
+    if covariates is not None:
+        columns.append(np.asarray(covariates, dtype=float).reshape(n, -1))
+    rows = np.ascontiguousarray(np.column_stack(columns), dtype=float)
     keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
     return hashlib.sha256(np.sort(keys).tobytes()).hexdigest()
 
@@ -415,16 +418,17 @@ def fit_with_window(
     recent_stats: PatientStats | None,
     cohort: np.ndarray,
     cohorts: list[str],
+    covariates: np.ndarray | None = None,
 ) -> tuple[FitResult, Interval | None]:
     """The all-time update and, when there is a recent-window model, the
     recent-window update on the fast-forgetting statistics of the same patients
     (both warm-started, one thread). Returns the all-time result and the recent
     fit's population effect (raw units)."""
-    result = model.fit(stats, cohort, cohorts)
+    result = model.fit(stats, cohort, cohorts, covariates)
     if recent_model is None or recent_stats is None:
         return result, None
     try:
-        recent = recent_model.fit(recent_stats, cohort, cohorts)
+        recent = recent_model.fit(recent_stats, cohort, cohorts, covariates)
     except Exception:  # drift monitoring must not hold back the posterior
         log.exception("the recent-window fit of %s failed", model.measure)
         return result, None
