@@ -39,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from model.config import ModelConfig
 from model.evidence import PatientStats, stats_from_events
@@ -158,6 +158,9 @@ class PatientTruth(BaseModel):
     effect: dict[str, float]
     intercept: dict[str, float]
     valid_unique_readings: dict[str, int]
+    covariates: dict[str, float | str] = Field(
+        default_factory=dict, description="what the enrolment carried (simulated with them)"
+    )
 
 
 class BadRecordTruth(BaseModel):
@@ -287,6 +290,40 @@ def records_digest(records: Iterable[tuple[bytes | None, bytes]]) -> str:
         h.update(value)
         hashes.append(h.hexdigest())
     return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
+
+
+#: The simulated covariates as an enrolment carries them: age in years (one
+#: decimal) and group as a letter (level 0: "A"). SIMULATED_COVARIATES is the
+#: catalogue section that declares them (docs/covariates.md).
+GROUP_LEVELS = "ABCDEFGH"
+SIMULATED_COVARIATES = """
+[covariates.age]
+kind = "numeric"
+unit = "years"
+plausible = [18.0, 110.0]
+typical = [55.0, 12.0]
+
+[covariates.group]
+kind = "categorical"
+levels = ["A", "B"]
+"""
+
+
+def enrolment_covariates(sim: Simulated) -> list[dict[str, float | str]]:
+    """Each patient's covariates (model.simulate's age and group) as an
+    enrolment's ``covariates``; empty dicts when the simulation has none."""
+    covariates = sim.events.covariates
+    if covariates is None:
+        return [{} for _ in range(sim.events.num_patients)]
+    result = []
+    for row in covariates:
+        group = int(np.argmax(row[1:]) + 1) if row[1:].any() else 0
+        result.append({"age": round(float(row[0]), 1), "group": GROUP_LEVELS[group]})
+    return result
+
+
+def _same_covariates(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
 def spec_for_measure(
@@ -442,6 +479,7 @@ def build_programme(
     for name, sim in simulated.items():
         if not (
             np.array_equal(sim.events.cohort_of_patient, first.events.cohort_of_patient)
+            and _same_covariates(sim.events.covariates, first.events.covariates)
             and np.array_equal(sim.truth.enrolment_time, first.truth.enrolment_time)
             and exposure_change_phases(sim.spec) == exposure_change_phases(first.spec)
             and sim.spec.time_span == first.spec.time_span
@@ -464,6 +502,7 @@ def build_programme(
 
     # --- enrollments topic -----------------------------------------------------
     enrollment_items: list[tuple[int, int, Record]] = []
+    covariates_of = enrolment_covariates(first)
     for i, patient in enumerate(patients):
         event = Enrollment(
             event_id=next_id("enr"),
@@ -472,6 +511,7 @@ def build_programme(
             cohort=cohort_of[i],
             attributes={"site": cohort_of[i], "programme": run_id},
             exposed=False,
+            covariates=covariates_of[i],
         )
         enrollment_items.append(
             (int(enrol_us[i]), len(enrollment_items), _enrollment_record(event, "enrollment"))
@@ -624,6 +664,7 @@ def build_programme(
                 effect={name: float(simulated[name].truth.effect[i]) for name in measures},
                 intercept={name: float(simulated[name].truth.intercept[i]) for name in measures},
                 valid_unique_readings=valid_by_patient[patient],
+                covariates=covariates_of[i],
             )
             for i, patient in enumerate(patients)
         },
