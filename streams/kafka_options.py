@@ -6,6 +6,7 @@ needs configuring once (``EFFICACY_SECURITY_PROTOCOL`` and friends)."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Any
 
@@ -111,6 +112,8 @@ async def start_client(client: Any, settings: Settings | str) -> None:
     try:
         await client.start()
     except KafkaConnectionError as error:
+        with contextlib.suppress(Exception):  # no "Unclosed AIOKafka..." warning
+            await (client.stop() if hasattr(client, "stop") else client.close())
         target = (
             settings if isinstance(settings, Settings) else Settings(bootstrap_servers=settings)
         )
