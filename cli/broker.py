@@ -14,6 +14,8 @@ demo and users::
         use(kafka.bootstrap_servers)
 
     python -m cli.broker start       # detached; prints bootstrap servers
+    python -m cli.broker start --security sasl_ssl   # TLS, SCRAM and ACLs; writes
+                                     # the client settings to <cache>/run/client.env
     python -m cli.broker status
     python -m cli.broker stop
     python -m cli.broker run         # foreground until Ctrl-C
@@ -684,6 +686,49 @@ def _state_file() -> Path:
     return cache_dir() / "run" / "broker.json"
 
 
+#: The command line's secured broker: the SCRAM user clients connect as, allowed
+#: every topic, group and transactional id (a development broker: narrower ACLs,
+#: as ``worker_acls``, are for real deployments and the tests).
+CLI_USER = "efficacy"
+
+
+def _cli_user_acls() -> list[Acl]:
+    principal = f"User:{CLI_USER}"
+    return [
+        Acl(principal, resource, "*", "ALL") for resource in ("TOPIC", "GROUP", "TRANSACTIONAL_ID")
+    ]
+
+
+def _write_env(path: Path, env: dict[str, str]) -> None:
+    import shlex
+
+    path.write_text("".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items()))
+    path.chmod(0o600)
+
+
+def read_env_file(path: Path) -> Settings:
+    """Settings from a KEY=value file written by ``start --security sasl_ssl``."""
+    import shlex
+
+    from streams.settings import Settings
+
+    fields = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition("=")
+        fields[key.removeprefix("EFFICACY_").lower()] = shlex.split(value)[0]
+    return Settings(**fields)
+
+
+def _secure_for_cli(kafka: LocalKafka, folder: Path) -> tuple[Path, Path]:
+    """ACLs of the command line's user, and its client settings and the admin's
+    written to ``folder`` (client.env, admin.env; readable by the owner only)."""
+    kafka.create_acls(_cli_user_acls())
+    client, admin = folder / "client.env", folder / "admin.env"
+    _write_env(client, kafka.client_env(CLI_USER))
+    _write_env(admin, kafka.client_env(ADMIN_USER))
+    return client, admin
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -700,20 +745,36 @@ def _start(args: argparse.Namespace) -> int:
             print(info["bootstrap_servers"])
             print(f"already running (pid {info['pid']})", file=sys.stderr)
             return 0
-    kafka = LocalKafka(port=args.port, log=lambda m: print(m, file=sys.stderr))
+    security = args.security.upper()
+    kafka = LocalKafka(
+        port=args.port,
+        log=lambda m: print(m, file=sys.stderr),
+        security=security,
+        users=[CLI_USER] if security != "PLAINTEXT" else [],
+    )
     bootstrap = kafka.start(detach=True)
     assert kafka.process is not None and kafka.run_dir is not None
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(
-        json.dumps(
-            {
-                "pid": kafka.process.pid,
-                "bootstrap_servers": bootstrap,
-                "run_dir": str(kafka.run_dir),
-                "version": kafka.version,
-            }
+    info = {
+        "pid": kafka.process.pid,
+        "bootstrap_servers": bootstrap,
+        "run_dir": str(kafka.run_dir),
+        "version": kafka.version,
+        "security": security,
+    }
+    if security != "PLAINTEXT":
+        try:
+            client, admin = _secure_for_cli(kafka, state.parent)
+        except Exception:
+            kafka.stop()
+            raise
+        info |= {"client_env": str(client), "admin_env": str(admin)}
+        print(
+            f"{security}: clients connect as '{CLI_USER}' with the settings in {client} "
+            f"(set -a; . {client}; set +a), the super user's are in {admin}",
+            file=sys.stderr,
         )
-    )
+    state.write_text(json.dumps(info))
     print(bootstrap)
     return 0
 
@@ -734,6 +795,9 @@ def _stop(_: argparse.Namespace) -> int:
         else:
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(info["run_dir"], ignore_errors=True)
+    for name in ("client_env", "admin_env"):
+        if name in info:
+            Path(info[name]).unlink(missing_ok=True)
     state.unlink()
     print(f"stopped Kafka (pid {pid})", file=sys.stderr)
     return 0
@@ -743,9 +807,12 @@ def _status(_: argparse.Namespace) -> int:
     state = _state_file()
     if state.exists():
         info = json.loads(state.read_text())
-        if _pid_alive(info["pid"]) and broker_answers(info["bootstrap_servers"]):
+        admin_env = info.get("admin_env")
+        probe = read_env_file(Path(admin_env)) if admin_env else info["bootstrap_servers"]
+        if _pid_alive(info["pid"]) and broker_answers(probe):
             print(
-                f"Kafka {info['version']} running on {info['bootstrap_servers']} (pid {info['pid']})"
+                f"Kafka {info['version']} running on {info['bootstrap_servers']} "
+                f"({info.get('security', 'PLAINTEXT')}, pid {info['pid']})"
             )
             return 0
     print("no local broker is running")
@@ -753,8 +820,16 @@ def _status(_: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    with LocalKafka(port=args.port) as kafka:
-        print(f"KAFKA_BOOTSTRAP_SERVERS={kafka.bootstrap_servers}  (Ctrl-C stops)")
+    security = args.security.upper()
+    users = [CLI_USER] if security != "PLAINTEXT" else []
+    with LocalKafka(port=args.port, security=security, users=users) as kafka:
+        if security == "PLAINTEXT":
+            print(f"KAFKA_BOOTSTRAP_SERVERS={kafka.bootstrap_servers}  (Ctrl-C stops)")
+        else:
+            assert kafka.run_dir is not None
+            client, _ = _secure_for_cli(kafka, kafka.run_dir)
+            print(client.read_text(), end="")
+            print(f"(the same in {client}; Ctrl-C stops)")
         with contextlib.suppress(KeyboardInterrupt):
             while kafka.process is not None and kafka.process.poll() is None:
                 time.sleep(1)
@@ -789,6 +864,12 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("start", "run"):
             sub.add_argument(
                 "--port", type=int, default=None, help="broker port (default: a free one)"
+            )
+            sub.add_argument(
+                "--security",
+                choices=[p.lower() for p in SECURITY_PROTOCOLS],
+                default="plaintext",
+                help="sasl_ssl: TLS, SCRAM users and ACLs (client settings in client.env)",
             )
         sub.set_defaults(handler=handler)
     args = parser.parse_args(argv)
