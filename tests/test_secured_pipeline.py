@@ -22,6 +22,7 @@ A secured broker that cannot start fails the module's tests, never skips them.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 import uuid
@@ -206,3 +207,69 @@ def test_only_a_principal_with_read_on_scores_reads_them(run):
     assert run["scores"], run["log"]
     with pytest.raises(TopicAuthorizationFailedError):
         asyncio.run(read_to_end(run["producer"], run["prefix"] + "scores", timeout=60))
+
+
+def test_an_untrusted_broker_certificate_names_the_ca_setting(secured_kafka, tmp_path):
+    import trustme
+
+    from streams.kafka_options import refusal
+
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    trusted = secured_kafka.client_settings("reader")
+    assert asyncio.run(refusal(trusted)) is None
+    why = asyncio.run(refusal(trusted.model_copy(update={"ssl_cafile": other})))
+    assert why is not None and "EFFICACY_SSL_CAFILE" in why, why
+
+
+def test_command_line_starts_a_secured_broker_and_clients_connect_with_its_settings(
+    secured_kafka, tmp_path
+):
+    """`python -m cli.broker start --security sasl_ssl` writes the client settings;
+    `efficacy scores` connects with them (no topic yet: exit 1, saying so), and
+    with a wrong password exits 2 naming the setting. (Its own cache folder, the
+    jars linked from the shared one that secured_kafka resolved.)"""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cli import broker
+
+    repo = Path(__file__).resolve().parent.parent
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "libs").symlink_to(broker.cache_dir() / "libs")
+    (cache / "libs.sha256").write_text((broker.cache_dir() / "libs.sha256").read_text())
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("EFFICACY_", "KAFKA_"))}
+    env = clean | {"EFFICACY_CACHE_DIR": str(cache)}
+
+    def run(*command: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", *command], capture_output=True, text=True, cwd=repo,
+            env=env | (extra or {}), timeout=300, check=False,
+        )  # fmt: skip
+
+    started = run("cli.broker", "start", "--security", "sasl_ssl")
+    try:
+        assert started.returncode == 0, started.stderr
+        client_env = cache / "run" / "client.env"
+        assert client_env.stat().st_mode & 0o077 == 0
+        settings = {}
+        for line in client_env.read_text().splitlines():
+            key, _, value = line.partition("=")
+            settings[key] = shlex.split(value)[0]
+        assert settings["EFFICACY_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert settings["EFFICACY_BOOTSTRAP_SERVERS"] == started.stdout.strip().splitlines()[-1]
+        status = run("cli.broker", "status")
+        assert status.returncode == 0 and "SASL_SSL" in status.stdout, status
+        scores = run("cli.main", "scores", extra=settings)
+        assert scores.returncode == 1 and "no topic" in scores.stderr, scores.stderr[-2000:]
+        wrong = run("cli.main", "scores", extra=settings | {"EFFICACY_SASL_PASSWORD": "wrong"})
+        assert wrong.returncode == 2, wrong.stderr[-2000:]
+        assert "authentication failed" in wrong.stderr, wrong.stderr[-2000:]
+        assert "EFFICACY_SASL_PASSWORD" in wrong.stderr, wrong.stderr[-2000:]
+    finally:
+        stopped = run("cli.broker", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not (cache / "run" / "client.env").exists()
