@@ -112,11 +112,13 @@ async def start_client(client: Any, settings: Settings | str) -> None:
     try:
         await client.start()
     except KafkaConnectionError as error:
-        with contextlib.suppress(Exception):  # no "Unclosed AIOKafka..." warning
-            await (client.stop() if hasattr(client, "stop") else client.close())
         target = (
             settings if isinstance(settings, Settings) else Settings(bootstrap_servers=settings)
         )
         if target.security_protocol != "PLAINTEXT" and (why := await refusal(target)):
+            # final: close the client (no "Unclosed AIOKafka..." warning); after a
+            # plain connection error it stays open for the caller to start() again
+            with contextlib.suppress(Exception):
+                await (client.stop() if hasattr(client, "stop") else client.close())
             raise KafkaAccessError(why) from error
         raise
