@@ -396,6 +396,7 @@ async def create_acls(admin_settings: Settings, acls: Iterable[Acl]) -> None:
 
     admin = AIOKafkaAdminClient(**aiokafka_options(admin_settings))
     await admin.start()
+    acls = list(acls)
     try:
         for acl in acls:
             request = CreateAclsRequest(
@@ -406,8 +407,37 @@ async def create_acls(admin_settings: Settings, acls: Iterable[Acl]) -> None:
             for code, message in response.creation_responses:
                 if code != 0:
                     raise BrokerError(f"{acl} refused: {for_code(code).__name__} {message}")
+        # The controller has them; the broker's authorizer applies them when its
+        # metadata catches up: a client right after this could still be refused.
+        deadline = time.monotonic() + 30.0
+        while missing := set(acls) - await _broker_acls(admin):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the broker does not apply these ACLs after 30 s: {missing}")
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
+
+
+async def _broker_acls(admin) -> set[Acl]:
+    """The ALLOW rules the broker's authorizer holds (DescribeAcls, answered by the broker)."""
+    from aiokafka.errors import for_code
+    from aiokafka.protocol.admin import DescribeAclsRequest
+
+    any_ = 1  # ANY in every filter field
+    response = await admin._send_request(
+        DescribeAclsRequest(any_, None, any_, None, None, any_, any_)
+    )
+    if response.error_code:
+        raise BrokerError(f"DescribeAcls failed: {for_code(response.error_code).__name__}")
+    resources = {code: name for name, code in _RESOURCE.items()}
+    patterns = {code: name for name, code in _PATTERN.items()}
+    operations = {code: name for name, code in _OPERATION.items()}
+    return {
+        Acl(principal, resources[kind], name, operations[operation], patterns[pattern])
+        for kind, name, pattern, rules in response.resources
+        for principal, _, operation, permission in rules
+        if permission == _ALLOW and kind in resources and operation in operations
+    }
 
 
 def worker_acls(user: str, topic_prefix: str, app_id: str) -> list[Acl]:
