@@ -19,11 +19,16 @@ class KafkaAccessError(RuntimeError):
     settings to check; retrying does not help."""
 
 
+def plaintext(bootstrap_servers: str) -> Settings:
+    """Settings of a plaintext broker at ``bootstrap_servers``."""
+    return Settings(bootstrap_servers=bootstrap_servers, security_protocol="PLAINTEXT")
+
+
 def aiokafka_options(target: Settings | str) -> dict[str, Any]:
     """Connection options for aiokafka's producer, consumer and admin client.
     ``target``: the settings, or a bootstrap address (a plaintext broker, as
-    the tests' local one)."""
-    settings = target if isinstance(target, Settings) else Settings(bootstrap_servers=target)
+    the tests' local one, whatever EFFICACY_SECURITY_PROTOCOL says)."""
+    settings = target if isinstance(target, Settings) else plaintext(target)
     options: dict[str, Any] = {"bootstrap_servers": settings.bootstrap_servers}
     if settings.security_protocol != "PLAINTEXT":
         options["security_protocol"] = settings.security_protocol
@@ -112,9 +117,7 @@ async def start_client(client: Any, settings: Settings | str) -> None:
     try:
         await client.start()
     except KafkaConnectionError as error:
-        target = (
-            settings if isinstance(settings, Settings) else Settings(bootstrap_servers=settings)
-        )
+        target = settings if isinstance(settings, Settings) else plaintext(settings)
         if target.security_protocol != "PLAINTEXT" and (why := await refusal(target)):
             # final: close the client (no "Unclosed AIOKafka..." warning); after a
             # plain connection error it stays open for the caller to start() again
