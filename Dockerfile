@@ -11,18 +11,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, from pyproject.toml alone: this layer stays cached while
-# only the sources change. Then the project itself, without touching them.
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml and the lock alone: this layer stays cached
+# while only the sources change. The worker's dependencies (not the test or plots
+# extras) at the lock's versions (requirements.lock as constraints). Then the
+# project itself, without touching them.
+COPY pyproject.toml README.md requirements.lock ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+    && pip install -c requirements.lock -r /tmp/requirements.txt
 COPY model ./model
 COPY streams ./streams
 COPY monitoring ./monitoring
 COPY cli ./cli
 RUN pip install --no-deps .
 
-# Faust's RocksDB tables live on a volume owned by an unprivileged user.
+# The data directory (streams/data_dir.py: RocksDB stores, compilation cache, lock) is
+# the only place the worker writes, owned by an unprivileged user; docker-compose.yml
+# puts an anonymous volume there, one per replica, and the rest read-only.
 RUN useradd --system --uid 10001 --home-dir /var/lib/efficacy --create-home efficacy
 USER efficacy
 ENV EFFICACY_DATA_DIR=/var/lib/efficacy

@@ -8,11 +8,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test mutations lint format bench broker-start broker-stop clean
 
-$(STAMP): pyproject.toml
+# The pinned versions of requirements.lock (scripts/lock.sh regenerates it), then the
+# project itself without resolving anything again; pip check: the lock is consistent.
+$(STAMP): pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer on PATH (python3.11 ... python3.15, or python3)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e '.[test,plots]'
+	$(BIN)/python -m pip check
 	@touch $(STAMP)
 
 ## demo: start a local Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set), a worker and the simulator

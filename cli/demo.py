@@ -30,6 +30,7 @@ from pathlib import Path
 from cli.programme import build_programme
 from cli.simulate import publish
 from cli.worker_process import WorkerProcess
+from streams.data_dir import data_dir_from_env
 from streams.settings import Settings
 
 MEASURES = ["resting_heart_rate", "hba1c"]
@@ -283,7 +284,7 @@ def run_demo(
             "EFFICACY_APP_ID": os.environ.get("EFFICACY_APP_ID", f"efficacy-demo-{run_id}"),
             "EFFICACY_WEB_ENABLED": "false",
             "EFFICACY_METRICS_PORT": os.environ.get("EFFICACY_METRICS_PORT", "0"),
-            "EFFICACY_DATA_DIR": os.environ.get("EFFICACY_DATA_DIR", f".cache/faust/demo-{run_id}"),
+            "EFFICACY_DATA_DIR": str(data_dir_from_env() / f"demo-{run_id}"),
         }
         settings = Settings(
             bootstrap_servers=bootstrap,

@@ -75,6 +75,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--time", help="column with the observation time; adds a population time trend"
     )
     parser.add_argument(
+        "--covariates",
+        metavar="COL,...",
+        help="patient covariates (constant within a patient): each shifts the patient's "
+        "expected effect (an effect modifier) and intercept; numeric columns per unit, "
+        "others categorical (per level against the first, sorted)",
+    )
+    parser.add_argument(
+        "--time-covariates",
+        metavar="COL,...",
+        help="numeric covariates that vary over time (a medication change, the season): "
+        "population fixed effects next to the time trend",
+    )
+    parser.add_argument(
         "--measure",
         help="a measure of the catalogue (EFFICACY_MEASURES_FILE): its MCID, direction and "
         "unit are the defaults of --mcid, --direction and --unit (default: --outcome, when "
@@ -170,7 +183,15 @@ def read_table(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
-        wanted = [args.patient, args.exposure, args.outcome, args.cohort, args.time]
+        wanted = [
+            args.patient,
+            args.exposure,
+            args.outcome,
+            args.cohort,
+            args.time,
+            *_column_list(getattr(args, "covariates", None)),
+            *_column_list(getattr(args, "time_covariates", None)),
+        ]
         missing = [c for c in wanted if c is not None and c not in header]
         if missing:
             raise InputError(
@@ -197,14 +218,64 @@ def read_table(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
         if cohort_of_patient[i] not in (-1, g):
             raise InputError(f"{path}: patient {p!r} appears in more than one cohort")
         cohort_of_patient[i] = g
+    time_covariates = [
+        _numeric(rows, name, path) for name in _column_list(getattr(args, "time_covariates", None))
+    ]
+    covariates, covariate_names = patient_covariates(rows, args, patients, path)
     events = Events(
         patient=np.array([patient_index[p] for p in patient_labels], dtype=np.int64),
         cohort_of_patient=cohort_of_patient,
         time=time,
         exposure=exposure,
         outcome=outcome,
+        covariates=covariates,
+        time_covariates=np.stack(time_covariates, axis=-1) if time_covariates else None,
+        covariate_names=covariate_names,
+        time_covariate_names=tuple(_column_list(getattr(args, "time_covariates", None))),
     )
     return events, patients, [cohorts[g] for g in cohort_of_patient]
+
+
+def _column_list(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def patient_covariates(
+    rows: list[dict[str, str]], args: argparse.Namespace, patients: list[str], path: Path
+) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """The --covariates design (P, q), natural units, categorical columns as
+    indicators (model.covariates), and its column names; a patient whose value
+    changes between rows, or a value that does not parse, is an error naming
+    the patient."""
+    from model.covariates import CovariateError, CovariateSpec, design_columns
+
+    names = _column_list(getattr(args, "covariates", None))
+    if not names:
+        return None, ()
+    specs = []
+    index = {patient: i for i, patient in enumerate(patients)}
+    blocks = []
+    for name in names:
+        values: list[str | None] = [None] * len(patients)
+        for line, row in enumerate(rows, start=2):
+            patient, text = row[args.patient].strip(), (row.get(name) or "").strip()
+            if not text:
+                raise InputError(f"{path}:{line}: column {name!r} is empty (patient {patient!r})")
+            i = index[patient]
+            if values[i] not in (None, text):
+                raise InputError(
+                    f"{path}:{line}: patient {patient!r} has more than one {name!r} "
+                    f"({values[i]!r}, {text!r}); --covariates must be constant within a "
+                    "patient (use --time-covariates for one that changes)"
+                )
+            values[i] = text
+        try:
+            spec = CovariateSpec.infer(name, values)
+            blocks.append(np.array([spec.encode(value) for value in values]))
+        except CovariateError as error:
+            raise InputError(f"{path}: {error}") from None
+        specs.append(spec)
+    return np.concatenate(blocks, axis=-1), design_columns(specs)
 
 
 def cohort_attributes(args: argparse.Namespace, patients: list[str]) -> dict[str, np.ndarray]:
@@ -328,6 +399,12 @@ def run(args: argparse.Namespace) -> int:
             f"population effect {effect['mean']:.3f} (90% interval {effect['q05']:.3f} to "
             f"{effect['q95']:.3f}); wrote {args.output}"
         )
+        for row in result["coefficients"]:
+            modifier = row["effect"]
+            say(
+                f"  effect per unit of {row['covariate']}: {modifier['mean']:+.3f} "
+                f"(90% interval {modifier['q05']:+.3f} to {modifier['q95']:+.3f})"
+            )
     else:
         print(text)
     return 0

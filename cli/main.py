@@ -27,13 +27,19 @@ def _run_worker(args: argparse.Namespace) -> int:
     from monitoring.metrics import create_metrics, serve_metrics
     from streams.app import create_pipeline
     from streams.compilation_cache import enable_compilation_cache
+    from streams.data_dir import DataDirInUse, claim
     from streams.settings import Settings
     from streams.topics import ensure_topics
 
     settings = Settings()
+    try:  # held until the process ends: one worker per data directory
+        lock = claim(settings.data_dir)
+    except DataDirInUse as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     enable_compilation_cache(settings.compilation_cache_dir)
     # faust creates only the last level of its data directory
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.faust_dir.mkdir(parents=True, exist_ok=True)
     created = asyncio.run(ensure_topics(settings))
     if created:
         print(f"created topics: {', '.join(created)}", file=sys.stderr, flush=True)
@@ -51,6 +57,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     worker = faust.Worker(app, loglevel=args.loglevel)
     tune_garbage_collector()
     worker.execute_from_commandline()  # returns on SIGTERM / SIGINT after a clean stop
+    lock.close()
     return 0
 
 

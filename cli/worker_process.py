@@ -11,6 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from streams.compilation_cache import ENV_VAR as COMPILATION_CACHE_VAR
+from streams.data_dir import data_dir_from_env
+
 #: Faust's log line once the worker has joined its group and recovered.
 READY = r"\[\^Worker\]: Ready"
 
@@ -20,10 +23,20 @@ class WorkerProcess:
 
     ``env`` adds EFFICACY_* settings to the current environment. Output goes to a
     log file (``log_path``) so a failing test or demo can show its tail.
+
+    Each worker has its own data directory, and JAX's compilation cache is in it
+    unless configured: workers started here (the demo's, the tests') share the
+    user's cache instead (in the data directory of this process's environment) (``EFFICACY_COMPILATION_CACHE_DIR``, when neither
+    ``env`` nor the environment names one), so each loads the programs the
+    previous ones compiled.
     """
 
     def __init__(self, env: dict[str, str], loglevel: str = "info") -> None:
-        self.env = {**os.environ, **env}
+        self.env = {
+            COMPILATION_CACHE_VAR: str(data_dir_from_env() / "jax"),
+            **os.environ,
+            **env,
+        }
         self.loglevel = loglevel
         self.process: subprocess.Popen[bytes] | None = None
         handle, name = tempfile.mkstemp(prefix="efficacy-worker-", suffix=".log")

@@ -10,6 +10,7 @@ for every measure::
     y' = (y - outcome_location) / outcome_scale
     x' = x / exposure_scale
     t' = (t - time_location) / time_scale
+    c' = (c - location_k) / scale_k      (each patient or time-varying covariate k)
 
 An effect b' in standardised units is ``b' * outcome_scale / exposure_scale``
 in the measure's unit per unit of exposure (``Standardization.effect_to_raw``).
@@ -56,13 +57,33 @@ class MeasureConfig(_Frozen):
 
 
 class Standardization(_Frozen):
-    """Affine map from raw (outcome, exposure, time) to the model's units."""
+    """Affine map from raw (outcome, exposure, time, covariates) to the model's units.
+
+    Covariate columns (patient covariates and time-varying ones, categorical
+    levels as 0/1 indicator columns) have one location and scale each; empty
+    tuples leave the values as they are (already standardised).
+    """
 
     outcome_location: float = 0.0
     outcome_scale: float = Field(default=1.0, gt=0.0)
     exposure_scale: float = Field(default=1.0, gt=0.0)
     time_location: float = 0.0
     time_scale: float = Field(default=1.0, gt=0.0)
+    covariate_location: tuple[float, ...] = ()
+    covariate_scale: tuple[float, ...] = ()
+    time_covariate_location: tuple[float, ...] = ()
+    time_covariate_scale: tuple[float, ...] = ()
+
+    @model_validator(mode="after")
+    def _covariate_maps(self) -> Standardization:
+        for name in ("covariate", "time_covariate"):
+            location = getattr(self, f"{name}_location")
+            scale = getattr(self, f"{name}_scale")
+            if len(location) != len(scale):
+                raise ValueError(f"{name}_location and {name}_scale differ in length")
+            if any(not value > 0 for value in scale):
+                raise ValueError(f"{name}_scale must be positive")
+        return self
 
     @classmethod
     def from_data(
@@ -87,6 +108,39 @@ class Standardization(_Frozen):
             kwargs["time_scale"] = t_sd if t_sd > 0 else 1.0
         return cls(**kwargs)
 
+    def with_covariates(
+        self, covariates: np.ndarray | None, time_covariates: np.ndarray | None
+    ) -> Standardization:
+        """This map plus each covariate column centred and scaled by its sd in the
+        data: covariates (P, q) one row per patient, time_covariates (n, k) one
+        row per reading (None: none)."""
+
+        def location_scale(values: np.ndarray | None) -> tuple[tuple, tuple]:
+            if values is None or np.size(values) == 0:
+                return (), ()
+            values = np.asarray(values, dtype=float)
+            sd = values.std(axis=0)
+            return tuple(values.mean(axis=0).tolist()), tuple(np.where(sd > 0, sd, 1.0).tolist())
+
+        loc, scale = location_scale(covariates)
+        time_loc, time_scale = location_scale(time_covariates)
+        return self.model_copy(
+            update={
+                "covariate_location": loc,
+                "covariate_scale": scale,
+                "time_covariate_location": time_loc,
+                "time_covariate_scale": time_scale,
+            }
+        )
+
+    def covariates(self, values: np.ndarray) -> np.ndarray:
+        """Patient covariates (…, q) in natural units to standardised ones."""
+        return _affine(values, self.covariate_location, self.covariate_scale)
+
+    def time_covariates(self, values: np.ndarray) -> np.ndarray:
+        """Time-varying covariates (…, k) in natural units to standardised ones."""
+        return _affine(values, self.time_covariate_location, self.time_covariate_scale)
+
     def apply(
         self, outcome: np.ndarray, exposure: np.ndarray, time: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,6 +162,33 @@ class Standardization(_Frozen):
         """Time slope from standardised units to raw outcome units per raw time unit."""
         return slope * (self.outcome_scale / self.time_scale)
 
+    def coefficients_to_raw(self, coef: np.ndarray) -> np.ndarray:
+        """B (…, 2, q) to natural units: row 0 in outcome units per covariate unit,
+        row 1 (the effect modifiers) in outcome units per unit exposure per
+        covariate unit."""
+        coef = np.asarray(coef, dtype=float)
+        scale = np.asarray(self.covariate_scale or np.ones(coef.shape[-1]), dtype=float)
+        rows = np.array([self.outcome_scale, self.outcome_scale / self.exposure_scale])
+        return coef * rows[:, None] / scale
+
+    def time_coefficients_to_raw(self, gamma: np.ndarray) -> np.ndarray:
+        """Coefficients of the time-varying covariates (…, k) in outcome units per
+        covariate unit."""
+        gamma = np.asarray(gamma, dtype=float)
+        scale = np.asarray(self.time_covariate_scale or np.ones(gamma.shape[-1]), dtype=float)
+        return gamma * self.outcome_scale / scale
+
+
+def _affine(
+    values: np.ndarray, location: tuple[float, ...], scale: tuple[float, ...]
+) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    if not location:
+        return values
+    if values.shape[-1] != len(location):
+        raise ValueError(f"expected {len(location)} covariate columns, got {values.shape[-1]}")
+    return (values - np.asarray(location)) / np.asarray(scale)
+
 
 class PriorConfig(_Frozen):
     """Weakly informative priors on the hyperparameters θ, in standardised units
@@ -119,6 +200,9 @@ class PriorConfig(_Frozen):
     - between-cohort scale of the effect ~ HalfNormal(cohort_scale)
     - residual sd σ ~ HalfNormal(residual_scale)
     - time-trend slope γ ~ Normal(0, trend_sd²)
+    - coefficients of time-varying covariates (also in γ) ~ Normal(0, trend_sd²)
+    - coefficients B of patient covariates ~ Normal(0, covariate_sd²): covariates
+      are standardised (sd 1), so 1 is an outcome sd per covariate sd
     """
 
     population_mean_sd: float = Field(default=3.0, gt=0.0)
@@ -127,6 +211,7 @@ class PriorConfig(_Frozen):
     cohort_scale: float = Field(default=0.5, gt=0.0)
     residual_scale: float = Field(default=1.0, gt=0.0)
     trend_sd: float = Field(default=1.0, gt=0.0)
+    covariate_sd: float = Field(default=1.0, gt=0.0)
 
 
 # Fixed between-patient sds of the effect, standardised units (outcome sd ≈ 1).
@@ -142,7 +227,10 @@ class ModelConfig(_Frozen):
     """Structure of the hierarchical model.
 
     Local design w = (1, x): patient intercept a_i and exposure effect b_i (the ITE).
-    Population fixed effects z = (t,) when ``time_trend``; none otherwise.
+    Population fixed effects z = (t, c_1, …): the time t when ``time_trend``, then
+    the readings' ``time_covariates`` (standardised values, named here).
+    ``covariates`` names the columns x_i of the patients' standardised
+    covariate design (model.covariates): the mean of (a_i, b_i) is μ + B x_i.
     ``cohort_level`` adds cohort deviations u_g of the effect (partial pooling
     across cohorts); switch it off when there is a single cohort, where it is not
     identified. ``half_life`` (in raw time units) turns on exponential forgetting
@@ -165,6 +253,8 @@ class ModelConfig(_Frozen):
     """
 
     time_trend: bool = True
+    time_covariates: tuple[str, ...] = ()
+    covariates: tuple[str, ...] = ()
     cohort_level: bool = True
     half_life: float | None = Field(default=None, gt=0.0)
     recent_half_life: float | None = Field(default=None, gt=0.0)
@@ -210,7 +300,11 @@ class ModelConfig(_Frozen):
 
     @property
     def fixed_dim(self) -> int:
-        return 1 if self.time_trend else 0
+        return int(self.time_trend) + len(self.time_covariates)
+
+    @property
+    def num_covariates(self) -> int:
+        return len(self.covariates)
 
     @property
     def stat_dim(self) -> int:

@@ -13,7 +13,12 @@ class Events:
     """One row per observation, raw units.
 
     patient: (n,) patient index in [0, P); cohort_of_patient: (P,) cohort index
-    in [0, G) of each patient; time, exposure, outcome: (n,) floats.
+    in [0, G) of each patient; time, exposure, outcome: (n,) floats. Exposure
+    may be a dose: a fraction of the full exposure.
+    covariates: (P, q) patient covariates (constant per patient; categorical
+    ones as 0/1 indicator columns), natural units; time_covariates: (n, k)
+    time-varying covariates of each observation. None: none. Their column
+    names: covariate_names, time_covariate_names (empty: x1, x2, … / c1, c2, …).
     """
 
     patient: np.ndarray
@@ -21,6 +26,10 @@ class Events:
     time: np.ndarray
     exposure: np.ndarray
     outcome: np.ndarray
+    covariates: np.ndarray | None = None
+    time_covariates: np.ndarray | None = None
+    covariate_names: tuple[str, ...] = ()
+    time_covariate_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = np.shape(self.patient)[0] if np.ndim(self.patient) == 1 else -1
@@ -35,6 +44,15 @@ class Events:
             raise ValueError("Events.cohort_of_patient must be a 1-d array of indices >= 0")
         if n and (np.min(self.patient) < 0 or np.max(self.patient) >= cohort.size):
             raise ValueError(f"Events.patient indices must lie in [0, {cohort.size})")
+        for name, rows in (("covariates", cohort.size), ("time_covariates", n)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = np.asarray(value, dtype=float)
+            if value.ndim != 2 or value.shape[0] != rows:
+                raise ValueError(f"Events.{name} must have shape ({rows}, k)")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"Events.{name} has non-finite values")
 
     @property
     def num_patients(self) -> int:
@@ -53,4 +71,8 @@ class Events:
             self.time[rows],
             self.exposure[rows],
             self.outcome[rows],
+            self.covariates,
+            None if self.time_covariates is None else self.time_covariates[rows],
+            self.covariate_names,
+            self.time_covariate_names,
         )

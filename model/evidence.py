@@ -2,7 +2,8 @@
 
 For patient i with standardised observations (x_t, t_t, y_t) the augmented
 vector is v_t = (w_t, z_t, y_t) with local design w_t = (1, x_t) and population
-fixed effects z_t = (t_t,) (empty without a time trend). The evidence is
+fixed effects z_t = (t_t, c_t) (the time when the model has a trend, then the
+reading's standardised time-varying covariates c_t). The evidence is
 
     G_i = Σ_t ω_t v_t v_tᵀ,        ω_t = 2^(-(T_i - time_t) / half_life)
 
@@ -80,15 +81,36 @@ def gram_stats(gram: np.ndarray, reference_time: np.ndarray) -> PatientStats:
 
 
 def augmented_vectors(
-    exposure: np.ndarray, time: np.ndarray, outcome: np.ndarray, config: ModelConfig
+    exposure: np.ndarray,
+    time: np.ndarray,
+    outcome: np.ndarray,
+    config: ModelConfig,
+    time_covariates: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Rows v = (1, x', [t'], y') in standardised units, shape (n, d)."""
+    """Rows v = (1, x', [t'], c', y') in standardised units, shape (n, d).
+    time_covariates: (n, len(config.time_covariates)) in natural units."""
     y, x, t = config.standardization.apply(outcome, exposure, time)
     columns = [np.ones_like(y), x]
     if config.time_trend:
         columns.append(t)
+    columns.extend(_time_covariate_columns(time_covariates, y.shape[0], config))
     columns.append(y)
     return np.stack(columns, axis=-1)
+
+
+def _time_covariate_columns(
+    values: np.ndarray | None, count: int, config: ModelConfig
+) -> list[np.ndarray]:
+    expected = len(config.time_covariates)
+    if values is None:
+        if expected:
+            raise ValueError(f"the model needs time-varying covariates {config.time_covariates}")
+        return []
+    values = np.asarray(values, dtype=float).reshape(count, -1)
+    if values.shape[1] != expected:
+        raise ValueError(f"time_covariates has {values.shape[1]} columns; the model has {expected}")
+    values = config.standardization.time_covariates(values)
+    return [values[:, k] for k in range(expected)]
 
 
 def _decay(elapsed: np.ndarray, half_life: float | None) -> np.ndarray:
@@ -124,12 +146,14 @@ def add_events(
     time: np.ndarray,
     outcome: np.ndarray,
     config: ModelConfig,
+    time_covariates: np.ndarray | None = None,
 ) -> PatientStats:
     """Add a batch of observations (raw units) to the statistics. Pure: returns new
     statistics, the input is not modified.
 
     ``patient`` holds indices into ``stats``. Events may arrive in any order; late
-    events are weighted by their own event time.
+    events are weighted by their own event time. ``time_covariates``: (n, k)
+    values of the config's time-varying covariates, natural units.
     """
     patient = np.asarray(patient, dtype=np.int64)
     time = np.asarray(time, dtype=float)
@@ -142,7 +166,7 @@ def add_events(
     np.maximum.at(latest, patient, time)
     rebased = decay_to(stats, latest, config)
 
-    vectors = augmented_vectors(exposure, time, outcome, config)
+    vectors = augmented_vectors(exposure, time, outcome, config, time_covariates)
     weights = _decay(rebased.reference_time[patient] - time, config.half_life)
     d = config.stat_dim
     outer = (weights[:, None, None] * vectors[:, :, None] * vectors[:, None, :]).reshape(-1, d * d)
@@ -183,6 +207,7 @@ def add_reading(
     time: float,
     outcome: float,
     config: ModelConfig,
+    time_covariates: tuple[float, ...] = (),
 ) -> tuple[list[list[float]], float]:
     """One patient's statistics plus one observation, in plain Python floats.
 
@@ -191,12 +216,23 @@ def add_reading(
     ``merge_stats`` of the statistics with ``stats_from_events`` of the one
     reading, up to rounding (exactly the same without forgetting). The stream
     applies readings one at a time, where numpy's per-call overhead costs ~50×
-    the d² multiply-adds. Does not modify ``gram``.
+    the d² multiply-adds. Does not modify ``gram``. ``time_covariates``: the
+    reading's time-varying covariates (natural units), one per config.time_covariates.
     """
     std = config.standardization
     vector = [1.0, exposure / std.exposure_scale]
     if config.time_trend:
         vector.append((time - std.time_location) / std.time_scale)
+    if len(time_covariates) != len(config.time_covariates):
+        raise ValueError(f"the model needs time-varying covariates {config.time_covariates}")
+    if std.time_covariate_location:
+        time_covariates = tuple(
+            (value - location) / scale
+            for value, location, scale in zip(
+                time_covariates, std.time_covariate_location, std.time_covariate_scale, strict=True
+            )
+        )
+    vector.extend(time_covariates)
     vector.append((outcome - std.outcome_location) / std.outcome_scale)
     reference = max(reference_time, time)
     if config.half_life is None:
@@ -223,6 +259,9 @@ def stats_from_events(
     time: np.ndarray,
     outcome: np.ndarray,
     config: ModelConfig,
+    time_covariates: np.ndarray | None = None,
 ) -> PatientStats:
     """Batch computation of every patient's statistics from all its events."""
-    return add_events(empty_stats(num_patients, config), patient, exposure, time, outcome, config)
+    return add_events(
+        empty_stats(num_patients, config), patient, exposure, time, outcome, config, time_covariates
+    )

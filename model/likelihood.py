@@ -4,11 +4,18 @@ patient's local effects and every cohort's deviation integrated out exactly.
 Model, standardised units (DESIGN.md), patient i in cohort g:
 
     y_it = w_itᵀ r_i + z_itᵀ γ + ε_it,   ε_it ~ N(0, σ² / ω_it)
-    r_i = (a_i, b_i) ~ N(μ + e_b u_g, Σ),  Σ = diag(τ) Ω diag(τ)
+    r_i = (a_i, b_i) ~ N(μ_i + e_b u_g, Σ),  Σ = diag(τ) Ω diag(τ)
+    μ_i = μ + B x_i                         (x_i: patient covariates, standardised)
     u_g ~ N(0, τ_u²)                        (cohort deviation of the effect b)
+
+z_it holds the population fixed effects: the time trend and any time-varying
+covariates. The effect row of B holds the effect modifiers: how the expected
+benefit changes with a patient's baseline characteristics.
 
 With forgetting, ω_it < 1 down-weights old observations (a power likelihood:
 each term of the log-likelihood is multiplied by ω_it).
+
+Every formula below takes μ per patient (μ_i); without covariates μ_i = μ.
 
 **Patient step.** From G_i and γ, σ (P = WᵀΩW/σ², h = WᵀΩ(y − Zγ)/σ²,
 c = (y − Zγ)ᵀΩ(y − Zγ)/σ², n = Σω): integrating r_i ~ N(m, Σ) gives
@@ -60,7 +67,10 @@ class Hyper(NamedTuple):
     corr_chol: (..., 2, 2) Cholesky factor of their correlation
     tau_cohort: (...,) between-cohort sd of the effect (0 without a cohort level)
     sigma: (...,) residual sd
-    gamma: (..., d_z) population fixed effects (time trend)
+    gamma: (..., d_z) population fixed effects (time trend, time-varying covariates)
+    coef: (..., 2, q) B, the coefficients of the patient covariates in the mean
+        of (intercept, effect); row EFFECT holds the effect modifiers. None: the
+        model has no patient covariates.
     """
 
     mu: jax.Array
@@ -69,6 +79,7 @@ class Hyper(NamedTuple):
     tau_cohort: jax.Array
     sigma: jax.Array
     gamma: jax.Array
+    coef: jax.Array | None = None
 
     @property
     def covariance_chol(self) -> jax.Array:
@@ -120,6 +131,21 @@ def _lower_inverse(chol: Mat2) -> Mat2:
     return Mat2(1.0 / chol.a, jnp.zeros_like(chol.a), -chol.c / (chol.a * chol.d), 1.0 / chol.d)
 
 
+def prior_means(theta: Hyper, covariates: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """μ_i = μ + B x_i as its two components: scalars without covariates, else
+    (P,) arrays. covariates: (P, q) standardised, or None.
+
+    Written out per covariate (q is small) so the patient step stays elementwise.
+    """
+    mu0, mu1 = theta.mu[0], theta.mu[1]
+    if theta.coef is None or covariates is None:
+        return mu0, mu1
+    for k in range(covariates.shape[-1]):
+        mu0 = mu0 + theta.coef[0, k] * covariates[:, k]
+        mu1 = mu1 + theta.coef[1, k] * covariates[:, k]
+    return mu0, mu1
+
+
 class PatientTerms(NamedTuple):
     """Per-patient results of integrating out the local effects given θ, (P,) arrays.
 
@@ -169,10 +195,13 @@ def adjusted_data(gamma: jax.Array, gram: jax.Array, config: ModelConfig) -> Adj
     return AdjustedData(n, wy0, wy1, yy, wtw)
 
 
-def patient_terms(theta: Hyper, gram: jax.Array, config: ModelConfig) -> PatientTerms:
+def patient_terms(
+    theta: Hyper, gram: jax.Array, config: ModelConfig, covariates: jax.Array | None = None
+) -> PatientTerms:
     """Integrate out each patient's local effects given θ (no draw axes on θ).
 
-    gram: (P, d, d) standardised Gram matrices (model.evidence). With the data
+    gram: (P, d, d) standardised Gram matrices (model.evidence); covariates:
+    (P, q) standardised patient covariates (None: none), so μ below is μ_i. With the data
     centred at the prior mean, h_μ = h − Pμ and c_μ = c − 2hᵀμ + μᵀPμ:
 
         log L_i(μ) = −½ n log(2πσ²) − ½ c_μ − ½ log|K| + ½ h_μᵀ M⁻¹ h_μ
@@ -182,7 +211,7 @@ def patient_terms(theta: Hyper, gram: jax.Array, config: ModelConfig) -> Patient
     n, wy0, wy1, yy, wtw = adjusted_data(theta.gamma, gram, config)
     variance = theta.sigma**2
     precision = Mat2(*(component / variance for component in wtw))
-    mu0, mu1 = theta.mu[0], theta.mu[1]
+    mu0, mu1 = prior_means(theta, covariates)
     p_mu0, p_mu1 = precision.apply(mu0, mu1)
     h0, h1 = wy0 / variance - p_mu0, wy1 / variance - p_mu1
     c_mu = (yy - 2.0 * (wy0 * mu0 + wy1 * mu1)) / variance + mu0 * p_mu0 + mu1 * p_mu1
@@ -247,10 +276,15 @@ def sum_over_patients(values: jax.Array, axis: int = 0) -> jax.Array:
 
 
 def _collapsed_value(
-    theta: Hyper, gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: ModelConfig
+    theta: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
 ) -> jax.Array:
     """log p(all evidence | θ): patient step, then cohort step (module docstring)."""
-    terms = patient_terms(theta, gram, config)
+    terms = patient_terms(theta, gram, config, covariates)
     total = sum_over_patients(terms.at_mean)
     if not config.cohort_level:
         return total
@@ -258,24 +292,46 @@ def _collapsed_value(
     return total + cohort_term(theta.tau_cohort, curvature, slope)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def collapsed_loglik(
-    theta: Hyper, gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: ModelConfig
+    theta: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
 ) -> jax.Array:
     """log p(all evidence | θ) with patients' and cohorts' effects integrated out.
 
-    gram: (P, d, d); cohort: (P,) int in [0, num_cohorts). Cost O(P).
+    gram: (P, d, d); cohort: (P,) int in [0, num_cohorts); covariates: (P, q)
+    standardised patient covariates or None (theta.coef then None too). Cost O(P).
 
-    Differentiable in θ only (gram and cohort are data and get zero cotangents):
+    Differentiable in θ only (gram, cohort and covariates are data and get zero cotangents):
     reverse mode uses the closed-form gradient of collapsed_loglik_and_grad, not
     autodiff through the patient step, which XLA on CPU runs as ~160 separate
     memory-bound loops over patients. No forward-mode (jvp) derivatives.
     """
-    return _collapsed_value(theta, gram, cohort, num_cohorts, config)
+    return _collapsed_loglik(theta, gram, cohort, covariates, num_cohorts, config)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _collapsed_loglik(
+    theta: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    covariates: jax.Array | None,
+    num_cohorts: int,
+    config: ModelConfig,
+) -> jax.Array:
+    return _collapsed_value(theta, gram, cohort, num_cohorts, config, covariates)
 
 
 def collapsed_loglik_and_grad(
-    theta: Hyper, gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: ModelConfig
+    theta: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
 ) -> tuple[jax.Array, Hyper]:
     """log p(all evidence | θ) and its gradient in θ, by Fisher's identity.
 
@@ -283,7 +339,7 @@ def collapsed_loglik_and_grad(
     complete-data log density averaged over the exact posterior of every patient's
     local effects r_i and cohort deviation u_g. With δ_i = r_i − μ − e_b u_g:
 
-        ∂/∂μ   = S Σ_i E[δ_i]
+        ∂/∂μ   = S Σ_i E[δ_i],   ∂/∂B = S Σ_i E[δ_i] x_iᵀ
         ∂/∂Σ   = ½ Σ_i (S E[δ_i δ_iᵀ] S − S),   ∂/∂L = 2 (∂/∂Σ) L   (Σ = L Lᵀ)
         ∂/∂σ²  = Σ_i (E[RSS_i] / σ² − n_i) / (2σ²)
         ∂/∂γ   = Σ_i (Zᵀy − ZᵀZ γ − ZᵀW E[r_i]) / σ²
@@ -300,7 +356,7 @@ def collapsed_loglik_and_grad(
     is lower triangular by construction, so its upper entry gets no gradient.
     """
     data = adjusted_data(theta.gamma, gram, config)
-    terms = patient_terms(theta, gram, config)
+    terms = patient_terms(theta, gram, config, covariates)
     total = sum_over_patients(terms.at_mean)
     if config.cohort_level:
         curvature, slope = cohort_sums(terms, cohort, num_cohorts)
@@ -315,7 +371,7 @@ def collapsed_loglik_and_grad(
         grad_tau_cohort = jnp.zeros_like(theta.tau_cohort)
         u_mean = u_var = jnp.zeros_like(terms.at_mean)
 
-    mu0, mu1 = theta.mu[0], theta.mu[1]
+    mu0, mu1 = prior_means(theta, covariates)
     load0, load1 = terms.m_inv_s.b, terms.m_inv_s.d  # l = M⁻¹S e_b
     mean_r0 = terms.cond_mean[0] + load0 * u_mean
     mean_r1 = terms.cond_mean[1] + load1 * u_mean
@@ -347,6 +403,9 @@ def collapsed_loglik_and_grad(
         for m in range(d_z):
             residual = residual - gram[:, z_k, d_w + m] * theta.gamma[m]
         columns.append(residual)
+    num_covariates = 0 if theta.coef is None or covariates is None else covariates.shape[-1]
+    for k in range(num_covariates):  # Σ_i E[δ_i] x_ik, for ∂/∂B
+        columns.extend([mean_d0 * covariates[:, k], mean_d1 * covariates[:, k]])
     sums = sum_over_patients(jnp.stack(columns, axis=0), axis=-1)
     sum_d = jnp.stack([sums[0], sums[1]])
     sum_dd = jnp.array([[sums[2], sums[3]], [sums[3], sums[4]]])
@@ -361,6 +420,13 @@ def collapsed_loglik_and_grad(
     grad_chol = jnp.tril(2.0 * grad_sigma_matrix @ chol)
     grad_variance = 0.5 * (sum_rss / variance - sum_n) / variance
     grad_gamma = sums[7 : 7 + d_z] / variance if d_z else jnp.zeros_like(theta.gamma)
+    grad_coef = None
+    if theta.coef is not None:
+        if num_covariates:
+            moments = sums[7 + d_z :].reshape(num_covariates, 2).T  # (2, q): Σ E[δ] xᵀ
+            grad_coef = precision @ moments
+        else:
+            grad_coef = jnp.zeros_like(theta.coef)
     grad = Hyper(
         mu=precision @ sum_d,
         tau=jnp.sum(grad_chol * theta.corr_chol, axis=-1),
@@ -368,48 +434,68 @@ def collapsed_loglik_and_grad(
         tau_cohort=grad_tau_cohort,
         sigma=2.0 * theta.sigma * grad_variance,
         gamma=grad_gamma,
+        coef=grad_coef,
     )
     return total, grad
 
 
 def _collapsed_fwd(
-    theta: Hyper, gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: ModelConfig
-) -> tuple[jax.Array, Hyper]:
-    return collapsed_loglik_and_grad(theta, gram, cohort, num_cohorts, config)
+    theta: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    covariates: jax.Array | None,
+    num_cohorts: int,
+    config: ModelConfig,
+) -> tuple[jax.Array, tuple[Hyper, jax.Array | None]]:
+    value, grad = collapsed_loglik_and_grad(theta, gram, cohort, num_cohorts, config, covariates)
+    return value, (grad, covariates)
 
 
 def _collapsed_bwd(
-    num_cohorts: int, config: ModelConfig, grad: Hyper, cotangent: jax.Array
-) -> tuple[Hyper, None, None]:
+    num_cohorts: int,
+    config: ModelConfig,
+    residuals: tuple[Hyper, jax.Array | None],
+    cotangent: jax.Array,
+) -> tuple[Hyper, None, None, jax.Array | None]:
     del num_cohorts, config
-    return jax.tree.map(lambda g: cotangent * g, grad), None, None
+    grad, covariates = residuals
+    # Data get zero cotangents (None for gram and the integer cohort index).
+    no_covariates = None if covariates is None else jnp.zeros_like(covariates)
+    return jax.tree.map(lambda g: cotangent * g, grad), None, None, no_covariates
 
 
-collapsed_loglik.defvjp(_collapsed_fwd, _collapsed_bwd)
+_collapsed_loglik.defvjp(_collapsed_fwd, _collapsed_bwd)
 
 
 class EffectComponents(NamedTuple):
     """Posterior of each patient's effect b_i given one θ (standardised units):
     Gaussian with ``mean`` and ``variance``; ``cohort_mean`` is the posterior mean
     of the cohort deviation u_g(i); ``shrinkage`` is (M⁻¹S)_bb, the weight the
-    conditional mean puts on the prior (1: all pooled, 0: all the patient's own data).
+    conditional mean puts on the prior (1: all pooled, 0: all the patient's own data);
+    ``expected`` is (μ_i)_b, the population's effect for the patient's covariates.
     """
 
     mean: jax.Array
     variance: jax.Array
     cohort_mean: jax.Array
     shrinkage: jax.Array
+    expected: jax.Array
 
 
 def cohort_effect_posterior(
-    theta: Hyper, gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: ModelConfig
+    theta: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Posterior (mean, variance) of every cohort deviation u_g given θ and all
     evidence, shapes (num_cohorts,). Zeros without a cohort level."""
     if not config.cohort_level:
         zeros = jnp.zeros(num_cohorts, dtype=gram.dtype)
         return zeros, zeros
-    terms = patient_terms(theta, gram, config)
+    terms = patient_terms(theta, gram, config, covariates)
     curvature, slope = cohort_sums(terms, cohort, num_cohorts)
     return cohort_posterior(theta.tau_cohort, curvature, slope)
 
@@ -420,6 +506,7 @@ def patient_effects_given_theta(
     cohort_mean: jax.Array,
     cohort_variance: jax.Array,
     config: ModelConfig,
+    covariates: jax.Array | None = None,
 ) -> EffectComponents:
     """Exact Gaussian posterior of each patient's effect given θ and the posterior
     N(cohort_mean, cohort_variance) of its cohort's deviation (per patient, (P,)).
@@ -427,13 +514,16 @@ def patient_effects_given_theta(
     r_i | θ, u, data ~ N(M⁻¹h + M⁻¹S(μ + e_b u), M⁻¹), so marginally over u_g:
     mean M⁻¹h + M⁻¹Sμ + (M⁻¹S)e_b m_g, covariance M⁻¹ + v_g (M⁻¹S e_b)(M⁻¹S e_b)ᵀ.
     With the cohort posterior computed from all evidence (cohort_effect_posterior)
-    this is the exact joint-posterior marginal.
+    this is the exact joint-posterior marginal. covariates: (P, q) or None, as
+    for patient_terms.
     """
-    terms = patient_terms(theta, gram, config)
+    terms = patient_terms(theta, gram, config, covariates)
     loading = terms.m_inv_s.d  # (M⁻¹S)_bb
+    mean = terms.cond_mean[EFFECT] + loading * cohort_mean
     return EffectComponents(
-        mean=terms.cond_mean[EFFECT] + loading * cohort_mean,
+        mean=mean,
         variance=terms.m_inv.d + cohort_variance * loading**2,
         cohort_mean=cohort_mean,
         shrinkage=loading,
+        expected=jnp.broadcast_to(prior_means(theta, covariates)[EFFECT], mean.shape),
     )

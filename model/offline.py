@@ -87,12 +87,57 @@ def cohort_effects(
     ]
 
 
-def model_config_for(events: Events, *, time_trend: bool, cohort_level: bool) -> ModelConfig:
-    """Model structure and data-derived standardisation for an offline fit."""
+def model_config_for(
+    events: Events,
+    *,
+    time_trend: bool,
+    cohort_level: bool,
+) -> ModelConfig:
+    """Model structure and data-derived standardisation for an offline fit,
+    with the events' covariate columns (named as the events name them)."""
     std = Standardization.from_data(
         events.outcome, events.exposure, events.time if time_trend else None
+    ).with_covariates(events.covariates, events.time_covariates)
+    return ModelConfig(
+        time_trend=time_trend,
+        cohort_level=cohort_level,
+        covariates=_names(events.covariates, events.covariate_names, "x"),
+        time_covariates=_names(events.time_covariates, events.time_covariate_names, "c"),
+        standardization=std,
     )
-    return ModelConfig(time_trend=time_trend, cohort_level=cohort_level, standardization=std)
+
+
+def _names(values: np.ndarray | None, names: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    count = 0 if values is None else int(np.shape(values)[1])
+    if names and len(names) != count:
+        raise ValueError(f"{len(names)} names for {count} covariate columns")
+    return tuple(names) or tuple(f"{prefix}{k + 1}" for k in range(count))
+
+
+def coefficient_summaries(
+    population: dict[str, np.ndarray | None], config: ModelConfig
+) -> dict[str, list[dict[str, Any]]]:
+    """The covariates' coefficients, natural units, as JSON-ready summaries:
+    ``coefficients`` (per patient covariate: its shift of the patient's expected
+    effect per covariate unit, the effect modifier, and of the intercept) and
+    ``time_coefficients`` (per time-varying covariate: its shift of the outcome
+    per unit). Empty lists when the model has none."""
+    coefficients = population.get("coefficients")
+    time_coefficients = population.get("time_coefficients")
+    return {
+        "coefficients": [
+            {
+                "covariate": name,
+                "effect": describe(coefficients[:, 1, k]),
+                "intercept": describe(coefficients[:, 0, k]),
+            }
+            for k, name in enumerate(config.covariates)
+        ],
+        "time_coefficients": [
+            {"covariate": name, **describe(time_coefficients[:, k])}
+            for k, name in enumerate(config.time_covariates)
+        ],
+    }
 
 
 def population_quantities(draws, config: ModelConfig) -> dict[str, np.ndarray | None]:
@@ -118,6 +163,14 @@ def population_quantities(draws, config: ModelConfig) -> dict[str, np.ndarray | 
             std.effect_to_raw(np.asarray(draws.tau_cohort)) if config.cohort_level else None
         ),
         "time_trend": trend,
+        "coefficients": (
+            std.coefficients_to_raw(np.asarray(draws.coef)) if config.num_covariates else None
+        ),
+        "time_coefficients": (
+            std.time_coefficients_to_raw(np.asarray(draws.gamma)[:, int(config.time_trend) :])
+            if config.time_covariates
+            else None
+        ),
     }
 
 
@@ -157,6 +210,10 @@ def fit_programme(
 ) -> tuple[dict[str, Any], EffectSummary]:
     """Fit the hierarchical model to all events at once.
 
+    With ``events.covariates`` the patients' expected intercept and effect
+    depend on them (model.likelihood); with ``events.time_covariates`` they are
+    population fixed effects. Their coefficients are reported in natural units.
+
     Returns the JSON-ready result (population, patients by index, diagnostics)
     and the per-patient EffectSummary arrays (raw units). Patient and cohort
     labels are attached by the caller, who knows them.
@@ -166,7 +223,16 @@ def fit_programme(
     say = progress or (lambda _message: None)
     config = model_config_for(events, time_trend=time_trend, cohort_level=cohort_level)
     stats = stats_from_events(
-        events.num_patients, events.patient, events.exposure, events.time, events.outcome, config
+        events.num_patients,
+        events.patient,
+        events.exposure,
+        events.time,
+        events.outcome,
+        config,
+        time_covariates=events.time_covariates,
+    )
+    covariates = (
+        config.standardization.covariates(events.covariates) if config.num_covariates else None
     )
     started = time.perf_counter()
     diagnostics: dict[str, Any] = {
@@ -176,11 +242,13 @@ def fit_programme(
         "num_observations": int(events.patient.size),
         "time_trend": time_trend,
         "cohort_level": cohort_level,
+        "covariates": list(config.covariates),
+        "time_covariates": list(config.time_covariates),
         "seed": seed,
     }
     if method == "svi":
         svi_config = svi_config or SVIConfig()
-        evidence = pad_evidence(stats, events.cohort_of_patient, events.num_cohorts)
+        evidence = pad_evidence(stats, events.cohort_of_patient, events.num_cohorts, covariates)
         fitter = PopulationFitter(config, svi_config)
         key_init, key_fit, key_draws, key_summary = jax.random.split(jax.random.PRNGKey(seed), 4)
         state = fitter.init(key_init, evidence)
@@ -192,7 +260,13 @@ def fit_programme(
         state, info = fitter.update(state, evidence, key_fit, progress=report)
         draws = fitter.draws(state, key_draws)
         summary = summarize_effects(
-            draws, stats.gram, events.cohort_of_patient, evidence.num_cohorts, measure, config
+            draws,
+            stats.gram,
+            events.cohort_of_patient,
+            evidence.num_cohorts,
+            measure,
+            config,
+            covariates=covariates,
         )
         population = population_quantities(fitter.draws(state, key_summary, SUMMARY_DRAWS), config)
         if cohort_level:
@@ -202,6 +276,7 @@ def fit_programme(
                 jax.numpy.asarray(events.cohort_of_patient, dtype=np.int32),
                 evidence.num_cohorts,
                 config.structure,
+                None if covariates is None else jax.numpy.asarray(covariates),
             )
             cohorts = cohort_effects(
                 np.asarray(draws.mu)[:, 1],
@@ -223,6 +298,8 @@ def fit_programme(
         reference = fit_nuts(events, config, seed=seed, **(nuts_options or {}))
         # Terms the model does not have are reported as None, as the SVI path does.
         population = {name: reference.population.get(name) for name in POPULATION_NAMES}
+        for name in ("coefficients", "time_coefficients"):
+            population[name] = reference.population.get(name)
         summary = _patients_from_samples(reference.patient_effect, population["effect"], measure)
         diagnostics.update(reference.diagnostics)
     else:
@@ -253,7 +330,8 @@ def fit_programme(
     ]
     result = {
         "measure": measure.model_dump(mode="json"),
-        "population": {name: describe(value) for name, value in population.items()},
+        "population": {name: describe(population[name]) for name in POPULATION_NAMES},
+        **coefficient_summaries(population, config),
         "patients": patients,
         "diagnostics": diagnostics,
     }

@@ -66,12 +66,15 @@ class Evidence(NamedTuple):
     gram: (P_pad, d, d) standardised Gram matrices (zeros beyond num_patients).
     cohort: (P_pad,) cohort index of each patient (0 for padding).
     num_patients: real patients; num_cohorts: padded cohort count (static).
+    covariates: (P_pad, q) standardised patient covariates (zeros for padding),
+    None when the model has none.
     """
 
     gram: jax.Array
     cohort: jax.Array
     num_patients: int
     num_cohorts: int
+    covariates: jax.Array | None = None
 
 
 #: The smallest padded batch of per-patient scoring and predictive work: batches
@@ -84,8 +87,14 @@ def bucket_size(size: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(size, 1)))))
 
 
-def pad_evidence(stats: PatientStats, cohort: np.ndarray, num_cohorts: int) -> Evidence:
-    """Pad statistics to power-of-two buckets so repeated updates reuse one compile."""
+def pad_evidence(
+    stats: PatientStats,
+    cohort: np.ndarray,
+    num_cohorts: int,
+    covariates: np.ndarray | None = None,
+) -> Evidence:
+    """Pad statistics to power-of-two buckets so repeated updates reuse one compile.
+    covariates: (P, q) standardised patient covariates, or None."""
     num_patients = stats.num_patients
     cohort = np.asarray(cohort, dtype=np.int32)
     if cohort.shape != (num_patients,):
@@ -98,10 +107,24 @@ def pad_evidence(stats: PatientStats, cohort: np.ndarray, num_cohorts: int) -> E
     gram[:num_patients] = stats.gram
     padded_cohort = np.zeros(p_pad, dtype=np.int32)
     padded_cohort[:num_patients] = cohort
-    return Evidence(jnp.asarray(gram), jnp.asarray(padded_cohort), num_patients, g_pad)
+    padded_covariates = None
+    if covariates is not None:
+        covariates = np.asarray(covariates, dtype=float).reshape(num_patients, -1)
+        padded_covariates = np.zeros((p_pad, covariates.shape[1]))
+        padded_covariates[:num_patients] = covariates
+        padded_covariates = jnp.asarray(padded_covariates)
+    return Evidence(
+        jnp.asarray(gram), jnp.asarray(padded_cohort), num_patients, g_pad, padded_covariates
+    )
 
 
-def hyper_model(gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: ModelConfig) -> None:
+def hyper_model(
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+) -> None:
     """numpyro model over θ alone: priors (PriorConfig) and the collapsed likelihood."""
     priors = config.priors
     mu = numpyro.sample("mu", dist.Normal(0.0, priors.population_mean_sd).expand([2]).to_event(1))
@@ -123,8 +146,17 @@ def hyper_model(gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: Mo
         tau_cohort = numpyro.sample("tau_cohort", dist.HalfNormal(priors.cohort_scale))
     else:
         tau_cohort = jnp.zeros(())
-    theta = Hyper(mu, tau, corr_chol, tau_cohort, sigma, gamma)
-    numpyro.factor("collapsed_loglik", collapsed_loglik(theta, gram, cohort, num_cohorts, config))
+    coef = None
+    if config.num_covariates:
+        coef = numpyro.sample(
+            "coef",
+            dist.Normal(0.0, priors.covariate_sd).expand([2, config.num_covariates]).to_event(2),
+        )
+    theta = Hyper(mu, tau, corr_chol, tau_cohort, sigma, gamma, coef)
+    numpyro.factor(
+        "collapsed_loglik",
+        collapsed_loglik(theta, gram, cohort, num_cohorts, config, covariates),
+    )
 
 
 def _fixed_effect_scale(
@@ -145,7 +177,8 @@ def hyper_from_sites(sites: dict[str, jax.Array], config: ModelConfig) -> Hyper:
         tau, corr_chol = sites["tau"], sites["L_omega"]
     else:
         tau, corr_chol = _fixed_effect_scale(sites["tau_intercept"], config.fixed_effect_scale)
-    return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sites["sigma"], gamma)
+    coef = sites["coef"] if config.num_covariates else None
+    return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sites["sigma"], gamma, coef)
 
 
 class SiteSupport(NamedTuple):
@@ -354,6 +387,8 @@ def _initial_values(config: ModelConfig) -> dict[str, np.ndarray]:
         values["gamma"] = np.zeros(config.fixed_dim)
     if config.cohort_level:
         values["tau_cohort"] = np.asarray(0.1)
+    if config.num_covariates:
+        values["coef"] = np.zeros((2, config.num_covariates))
     return values
 
 
@@ -394,7 +429,7 @@ class PopulationFitter:
             OrderedTraceELBO(num_particles=num_particles),
         )
 
-        def run_chunk(svi_state: SVIState, restart_schedule, gram, cohort, num_cohorts):
+        def run_chunk(svi_state: SVIState, restart_schedule, gram, cohort, num_cohorts, covariates):
             self.trace_count += 1
             svi_state = self._reanchor(svi, svi_state, restart_schedule)
             # One patients-last copy of the evidence per chunk: inside the steps each
@@ -404,25 +439,38 @@ class PopulationFitter:
 
             def body(state, _):
                 patients_first = jnp.moveaxis(by_entry, -1, 0)  # a view, fused into readers
-                state, loss = svi.update(state, patients_first, cohort, num_cohorts, self.config)
+                state, loss = svi.update(
+                    state, patients_first, cohort, num_cohorts, self.config, covariates
+                )
                 return state, loss
 
             return jax.lax.scan(body, svi_state, None, length=CHUNK_STEPS)
 
         return svi, jax.jit(run_chunk, static_argnums=4)
 
-    def _initial_svi_state(self, rng_key, gram, cohort, num_cohorts) -> SVIState:
+    def _initial_svi_state(self, rng_key, gram, cohort, num_cohorts, covariates) -> SVIState:
         fresh, warm = self._fresh[0], self._warm[0]
-        svi_state = fresh.init(rng_key, gram, cohort, num_cohorts, self.config)
+        svi_state = fresh.init(rng_key, gram, cohort, num_cohorts, self.config, covariates)
         # Both SVI objects (fresh and warm schedules) share the guide, hence its
         # params and their constraints: the warm one takes the fresh one's map to
         # constrained space instead of tracing the model a second time.
         warm.constrain_fn = fresh.constrain_fn
         return svi_state
 
+    def _check_covariates(self, evidence: Evidence) -> None:
+        width = 0 if evidence.covariates is None else evidence.covariates.shape[-1]
+        if width != self.config.num_covariates:
+            raise ValueError(
+                f"the evidence has {width} patient covariate columns; the model has "
+                f"{self.config.num_covariates} ({', '.join(self.config.covariates) or 'none'})"
+            )
+
     def init(self, rng_key: jax.Array, evidence: Evidence) -> FitState:
         """Variational parameters at their initial values; no steps taken yet."""
-        svi_state = self._init_state(rng_key, evidence.gram, evidence.cohort, evidence.num_cohorts)
+        self._check_covariates(evidence)
+        svi_state = self._init_state(
+            rng_key, evidence.gram, evidence.cohort, evidence.num_cohorts, evidence.covariates
+        )
         return FitState(svi_state, 0, 0)
 
     def resume(
@@ -476,6 +524,7 @@ class PopulationFitter:
         the learning-rate schedule restarts at each update.
         ``progress(done, total, elbo)`` is called after every chunk.
         """
+        self._check_covariates(evidence)
         fresh = state.total_steps == 0
         _, run_chunk = self._fresh if fresh else self._warm
         if steps is None:
@@ -485,7 +534,12 @@ class PopulationFitter:
         chunk_losses = []
         for done in range(num_chunks):
             svi_state, losses = run_chunk(
-                svi_state, done == 0, evidence.gram, evidence.cohort, evidence.num_cohorts
+                svi_state,
+                done == 0,
+                evidence.gram,
+                evidence.cohort,
+                evidence.num_cohorts,
+                evidence.covariates,
             )
             losses = np.asarray(losses)
             chunk_losses.append(losses)

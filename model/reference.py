@@ -57,9 +57,12 @@ def full_model(
     num_cohorts: int,
     config: ModelConfig,
     centred_patients: bool = False,
+    covariates: jax.Array | None = None,
+    time_covariates: jax.Array | None = None,
 ) -> None:
     """The hierarchical model written out (standardised units), non-centred:
-    r_i = μ + e_b u_g + L z_i, u_g = τ_u w_g, with z_i, w_g ~ N(0, I).
+    r_i = μ + B x_i + e_b u_g + L z_i, u_g = τ_u w_g, with z_i, w_g ~ N(0, I),
+    and the fixed effects γ on (t, c) (time trend, time-varying covariates).
 
     ``centred_patients`` samples r_i ~ N(μ + e_b u_g, L Lᵀ) directly instead: the
     same posterior, a different geometry. With many readings per patient the
@@ -72,11 +75,21 @@ def full_model(
     corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(2, priors.lkj_concentration))
     sigma = numpyro.sample("sigma", dist.HalfNormal(priors.residual_scale))
     trend = 0.0
-    if config.time_trend:
+    if config.fixed_dim:
         gamma = numpyro.sample(
             "gamma", dist.Normal(0.0, priors.trend_sd).expand([config.fixed_dim]).to_event(1)
         )
-        trend = gamma[0] * t
+        columns = [t[:, None]] if config.time_trend else []
+        if config.time_covariates:
+            columns.append(time_covariates)
+        trend = jnp.concatenate(columns, axis=-1) @ gamma
+    patient_mean = jnp.broadcast_to(mu, (num_patients, 2))
+    if config.num_covariates:
+        coef = numpyro.sample(
+            "coef",
+            dist.Normal(0.0, priors.covariate_sd).expand([2, config.num_covariates]).to_event(2),
+        )
+        patient_mean = patient_mean + covariates @ coef.T
     effect_shift = jnp.zeros(num_patients)
     if config.cohort_level:
         tau_cohort = numpyro.sample("tau_cohort", dist.HalfNormal(priors.cohort_scale))
@@ -85,14 +98,14 @@ def full_model(
         effect_shift = (tau_cohort * w)[cohort_of_patient]
     chol = tau[:, None] * corr_chol
     if centred_patients:
-        loc = mu + jnp.stack([jnp.zeros(num_patients), effect_shift], axis=-1)
+        loc = patient_mean + jnp.stack([jnp.zeros(num_patients), effect_shift], axis=-1)
         with numpyro.plate("patients", num_patients):
             local = numpyro.sample("patient_r", dist.MultivariateNormal(loc, scale_tril=chol))
         intercept, effect = local[:, 0], local[:, 1]
     else:
         with numpyro.plate("patients", num_patients):
             z = numpyro.sample("patient_z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-        local = mu + (chol @ z.T).T  # (P, 2)
+        local = patient_mean + (chol @ z.T).T  # (P, 2)
         intercept = local[:, 0]
         effect = local[:, 1] + effect_shift
     numpyro.deterministic("effect", effect)
@@ -101,6 +114,20 @@ def full_model(
         numpyro.sample(
             "y", dist.Normal(intercept[patient] + effect[patient] * x + trend, sigma), obs=y
         )
+
+
+def _covariate_args(events: Events, config: ModelConfig) -> dict[str, jax.Array | None]:
+    std = config.standardization
+    return {
+        "covariates": (
+            jnp.asarray(std.covariates(events.covariates)) if config.num_covariates else None
+        ),
+        "time_covariates": (
+            jnp.asarray(std.time_covariates(events.time_covariates))
+            if config.time_covariates
+            else None
+        ),
+    }
 
 
 def _model_args(events: Events, config: ModelConfig) -> tuple:
@@ -126,6 +153,12 @@ def _to_raw(samples: dict[str, np.ndarray], config: ModelConfig) -> ReferenceFit
         gamma = samples["gamma"][:, 0]
         intercept = intercept - gamma * std.time_location / std.time_scale
         population["time_trend"] = std.trend_to_raw(gamma)
+    if config.num_covariates:
+        population["coefficients"] = std.coefficients_to_raw(samples["coef"])
+    if config.time_covariates:
+        population["time_coefficients"] = std.time_coefficients_to_raw(
+            samples["gamma"][:, int(config.time_trend) :]
+        )
     population.update(
         effect=std.effect_to_raw(samples["mu"][:, 1]),
         intercept=std.intercept_to_raw(intercept),
@@ -135,7 +168,7 @@ def _to_raw(samples: dict[str, np.ndarray], config: ModelConfig) -> ReferenceFit
     if config.cohort_level:
         population["effect_sd_cohorts"] = std.effect_to_raw(samples["tau_cohort"])
     names = {"mu": "mu", "tau": "tau", "L_omega": "corr_chol", "sigma": "sigma"}
-    names.update(tau_cohort="tau_cohort", gamma="gamma")
+    names.update(tau_cohort="tau_cohort", gamma="gamma", coef="coef")
     hyper = {field: samples[site] for site, field in names.items() if site in samples}
     return ReferenceFit(std.effect_to_raw(samples["effect"]), population, hyper=hyper)
 
@@ -168,11 +201,12 @@ def fit_nuts(
         jax.random.PRNGKey(seed),
         *_model_args(events, config),
         centred_patients=centred_patients,
+        **_covariate_args(events, config),
         extra_fields=("diverging",),
     )
     samples = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
     grouped = mcmc.get_samples(group_by_chain=True)
-    hyper_names = [n for n in ("mu", "tau", "sigma", "gamma", "tau_cohort") if n in grouped]
+    hyper_names = [n for n in ("mu", "tau", "sigma", "gamma", "tau_cohort", "coef") if n in grouped]
     stats = summary({n: np.asarray(grouped[n]) for n in hyper_names})
     fit = _to_raw(samples, config)
     fit.diagnostics.update(

@@ -137,14 +137,15 @@ def _block_summary(
     sign: jax.Array,
     probs: jax.Array,
     config: ModelConfig,
+    covariates: jax.Array | None = None,
 ):
     """Mixture summaries of one block of patients, standardised units.
 
     cohort_mean, cohort_var: (S, B) posterior of each patient's cohort deviation
-    under each draw.
+    under each draw; covariates: (B, q) standardised, or None.
     """
-    comps = jax.vmap(patient_effects_given_theta, in_axes=(0, None, 0, 0, None))(
-        draws, gram, cohort_mean, cohort_var, config
+    comps = jax.vmap(patient_effects_given_theta, in_axes=(0, None, 0, 0, None, None))(
+        draws, gram, cohort_mean, cohort_var, config, covariates
     )
     m, v = comps.mean, comps.variance
     mean = jnp.mean(m, axis=0)
@@ -156,7 +157,7 @@ def _block_summary(
     sign_low = sign.astype(MIXTURE_DTYPE)
     p_mcid = jnp.mean(ndtr((sign_low * m_low - mcid_std.astype(MIXTURE_DTYPE)) / sd_low), axis=0)
     p_zero = jnp.mean(ndtr(sign_low * m_low / sd_low), axis=0)
-    population = jnp.mean(draws.mu[:, 1])
+    population = jnp.mean(comps.expected, axis=0)  # μ_b + (B x_i)_b
     cohort = jnp.mean(comps.cohort_mean, axis=0)
     return (
         mean,
@@ -164,7 +165,7 @@ def _block_summary(
         quantiles,
         p_mcid.astype(m.dtype),
         p_zero.astype(m.dtype),
-        jnp.broadcast_to(population, mean.shape),
+        population,
         cohort,
         jnp.mean(comps.shrinkage, axis=0),
     )
@@ -172,12 +173,18 @@ def _block_summary(
 
 @partial(jax.jit, static_argnames=("num_cohorts", "config"))
 def cohort_posteriors(
-    draws: Hyper, gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: ModelConfig
+    draws: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(mean, variance) of every cohort deviation under every draw: (S, G) each.
     Draws are mapped sequentially so memory stays O(P), not O(S·P)."""
     return jax.lax.map(
-        lambda theta: cohort_effect_posterior(theta, gram, cohort, num_cohorts, config), draws
+        lambda theta: cohort_effect_posterior(theta, gram, cohort, num_cohorts, config, covariates),
+        draws,
     )
 
 
@@ -191,13 +198,20 @@ def summarize_effects(
     *,
     level: float = 0.9,
     block: int = PATIENT_BLOCK,
+    covariates: np.ndarray | None = None,
 ) -> EffectSummary:
     """Posterior summaries of every patient's effect (raw units) from all evidence:
-    cohort posteriors from every patient, then each patient's mixture."""
+    cohort posteriors from every patient, then each patient's mixture.
+    covariates: (P, q) standardised patient covariates when the model has them."""
     gram = np.asarray(gram)
     cohort = np.asarray(cohort, dtype=np.int32)
     u_mean, u_var = cohort_posteriors(
-        draws, jnp.asarray(gram), jnp.asarray(cohort), num_cohorts, config.structure
+        draws,
+        jnp.asarray(gram),
+        jnp.asarray(cohort),
+        num_cohorts,
+        config.structure,
+        None if covariates is None else jnp.asarray(covariates, dtype=float),
     )
     return summarize_given_cohorts(
         draws,
@@ -208,6 +222,7 @@ def summarize_effects(
         config,
         level=level,
         block=block,
+        covariates=covariates,
     )
 
 
@@ -221,9 +236,11 @@ def summarize_given_cohorts(
     *,
     level: float = 0.9,
     block: int = PATIENT_BLOCK,
+    covariates: np.ndarray | None = None,
 ) -> EffectSummary:
     """Posterior summaries (raw units) of patients whose cohort-deviation posterior
-    under each draw is given: cohort_mean, cohort_var of shape (S, P).
+    under each draw is given: cohort_mean, cohort_var of shape (S, P);
+    covariates: (P, q) standardised patient covariates when the model has them.
 
     The streaming worker scores its own patients this way with the cohort
     posteriors published by the population agent. Patients are processed in
@@ -245,6 +262,9 @@ def summarize_given_cohorts(
         g = np.pad(gram[start:stop], ((0, pad), (0, 0), (0, 0)))
         c_mean = np.pad(cohort_mean[:, start:stop], ((0, 0), (0, pad)))
         c_var = np.pad(cohort_var[:, start:stop], ((0, 0), (0, pad)))
+        x = None
+        if covariates is not None:
+            x = jnp.asarray(np.pad(np.asarray(covariates, float)[start:stop], ((0, pad), (0, 0))))
         out = _block_summary(
             draws,
             jnp.asarray(g),
@@ -254,6 +274,7 @@ def summarize_given_cohorts(
             sign,
             probs,
             config.structure,  # units are applied outside: one compile for all measures
+            x,
         )
         parts.append([np.asarray(x)[..., : stop - start] for x in out])
     if not parts:

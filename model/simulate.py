@@ -5,9 +5,13 @@ Patients are enrolled in cohorts, observed over a time span with a baseline
 again). Readings go missing at random and a fraction are outliers. The true
 model is the project's model in raw units:
 
-    y_it = a_i + b_i x_it + γ t_it + ε_it,  (a_i, b_i) ~ N((α, β + u_g), Σ)
+    y_it = a_i + b_i x_it + γ t_it + δ c_it + ε_it
+    (a_i, b_i) ~ N((α, β + u_g) + B x_i, Σ)
 
-optionally with a population effect that changes at a point in time (drift).
+optionally with a population effect that changes at a point in time (drift),
+patient covariates x_i that modify the effect (a continuous one, ``age``, and a
+categorical one, ``group``), a time-varying covariate c_it that is confounded
+with exposure, and partial adherence (the exposure x_it a dose in [0, 1]).
 Everything is vectorised: 1M patients are simulated in seconds.
 """
 
@@ -49,6 +53,26 @@ class ProgrammeSpec(BaseModel):
         default=None, ge=0.0, le=1.0, description="fraction of the time span where β changes"
     )
     effect_after_change: float | None = None
+    with_covariates: bool = Field(
+        default=False, description="publish age and group (covariates) with the events"
+    )
+    age_mean: float = 55.0
+    age_sd: float = Field(default=12.0, gt=0.0)
+    effect_per_year: float = Field(default=0.0, description="effect modifier: effect per year")
+    intercept_per_year: float = 0.0
+    group_effects: tuple[float, ...] = Field(
+        default=(),
+        description="effect shift of group levels 1.. against level 0 (equally likely levels)",
+    )
+    time_covariate_effect: float | None = Field(
+        default=None, description="δ: outcome per unit of a time-varying covariate (None: none)"
+    )
+    time_covariate_confounding: float = Field(
+        default=0.0, description="c_it = this × exposure + N(0, 1): confounded with exposure"
+    )
+    adherence_low: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="dose while exposed ~ U(adherence_low, 1)"
+    )
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,9 @@ class Truth:
     population_effect: float
     population_effect_after_change: float | None
     change_time: float | None
+    covariate_names: tuple[str, ...] = ()
+    coefficients: np.ndarray | None = None  # (2, q) B in natural units, rows (a, b)
+    time_covariate_effect: float | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +121,13 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
     intercept = spec.intercept + spec.intercept_sd * z[:, 0]
     effect_dev = spec.effect_sd * (rho * z[:, 0] + np.sqrt(1.0 - rho**2) * z[:, 1])
     effect = spec.effect + cohort_effect[cohort] + effect_dev
+    covariates, names, coefficients = _patient_covariates(spec, rng, p)
+    if covariates is not None:
+        # Centred at the simulated means, so spec.effect is the effect of a patient
+        # of average age in group 0.
+        shift = (covariates - _covariate_means(spec)) @ coefficients.T
+        intercept = intercept + shift[:, 0]
+        effect = effect + shift[:, 1]
     # Staggered enrolment over the first half of the programme.
     enrolment = rng.uniform(0.0, spec.time_span / 2.0, p)
 
@@ -102,6 +136,8 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
     patient = np.repeat(np.arange(p), t_count)
     time = enrolment[patient] + phase * spec.time_span
     exposure = exposure_schedule(spec, phase)
+    if spec.adherence_low < 1.0:
+        exposure = exposure * rng.uniform(spec.adherence_low, 1.0, exposure.size)
 
     change_time = None
     patient_effect = effect[patient]
@@ -116,8 +152,23 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
         noise = np.where(outlier, noise * spec.outlier_scale, noise)
     # b_i is the effect per unit of exposure: y = a_i + b_i x + γ t + ε.
     outcome = intercept[patient] + patient_effect * exposure + spec.time_trend * time + noise
+    time_covariate = None
+    if spec.time_covariate_effect is not None:
+        c = spec.time_covariate_confounding * exposure + rng.standard_normal(patient.size)
+        outcome = outcome + spec.time_covariate_effect * c
+        time_covariate = c[:, None]
     keep = rng.uniform(size=patient.size) >= spec.missing_rate
-    events = Events(patient[keep], cohort, time[keep], exposure[keep], outcome[keep])
+    events = Events(
+        patient[keep],
+        cohort,
+        time[keep],
+        exposure[keep],
+        outcome[keep],
+        covariates if spec.with_covariates else None,
+        None if time_covariate is None else time_covariate[keep],
+        names if spec.with_covariates else (),
+        () if time_covariate is None else ("activity",),
+    )
     truth = Truth(
         intercept=intercept,
         effect=effect,
@@ -126,5 +177,35 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
         population_effect=spec.effect,
         population_effect_after_change=spec.effect_after_change,
         change_time=change_time,
+        covariate_names=names,
+        coefficients=coefficients,
+        time_covariate_effect=spec.time_covariate_effect,
     )
     return Simulated(spec, events, truth)
+
+
+def _patient_covariates(
+    spec: ProgrammeSpec, rng: np.random.Generator, num_patients: int
+) -> tuple[np.ndarray | None, tuple[str, ...], np.ndarray | None]:
+    """Age and group indicators (natural units), their names and the true B."""
+    modifies = spec.effect_per_year or spec.intercept_per_year or spec.group_effects
+    if not (spec.with_covariates or modifies):
+        return None, (), None
+    age = rng.normal(spec.age_mean, spec.age_sd, num_patients)
+    levels = len(spec.group_effects) + 1
+    group = rng.integers(0, levels, num_patients)
+    indicators = [(group == level).astype(float) for level in range(1, levels)]
+    covariates = np.stack([age, *indicators], axis=-1)
+    names = ("age", *(f"group={level}" for level in range(1, levels)))
+    coefficients = np.array(
+        [
+            [spec.intercept_per_year] + [0.0] * (levels - 1),
+            [spec.effect_per_year, *spec.group_effects],
+        ]
+    )
+    return covariates, names, coefficients
+
+
+def _covariate_means(spec: ProgrammeSpec) -> np.ndarray:
+    """Where the covariates are centred in the truth: mean age, group 0."""
+    return np.array([spec.age_mean] + [0.0] * len(spec.group_effects))

@@ -73,7 +73,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         broker=settings.broker_url,
         broker_credentials=faust_credentials(settings),
         store=settings.store_url,
-        datadir=str(settings.data_dir),
+        datadir=str(settings.faust_dir),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         web_enabled=settings.web_enabled,

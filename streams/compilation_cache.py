@@ -7,8 +7,9 @@ of compiling again: a restarted worker has its scoring ready sooner, and a
 second ``efficacy fit`` of the sleepstudy data takes a fraction of the first
 (benchmarks/README.md, "Fast start").
 
-Default directory: ``$XDG_CACHE_HOME/living-efficacy/jax`` (``~/.cache/...``
-without XDG_CACHE_HOME). ``EFFICACY_COMPILATION_CACHE_DIR`` names another one, or
+Default directory: ``jax/`` in the data directory (``EFFICACY_DATA_DIR``, default
+``$XDG_CACHE_HOME/living-efficacy``: streams.data_dir), so the worker and
+``efficacy fit`` share it. ``EFFICACY_COMPILATION_CACHE_DIR`` names another one, or
 switches the cache off when empty or ``none``. A directory that cannot be created
 or written is logged and the process goes on compiling for itself.
 """
@@ -20,6 +21,8 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from streams.data_dir import data_dir_from_env
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,9 @@ COMPILATION_CACHE_BYTES = 2 * 1024**3
 
 
 def default_directory(environ: Mapping[str, str] | None = None) -> Path:
-    """``$XDG_CACHE_HOME/living-efficacy/jax``, else ``~/.cache/living-efficacy/jax``
-    (else under the system's temporary directory, for a user without a home)."""
-    environ = os.environ if environ is None else environ
-    base = environ.get("XDG_CACHE_HOME", "").strip()
-    if not base:
-        home = environ.get("HOME", "").strip()
-        base = str(Path(home) / ".cache") if home else tempfile.gettempdir()
-    return Path(base).expanduser() / "living-efficacy" / "jax"
+    """``jax/`` in the data directory: ``$EFFICACY_DATA_DIR/jax``, else
+    ``$XDG_CACHE_HOME/living-efficacy/jax`` (``~/.cache/living-efficacy/jax``)."""
+    return data_dir_from_env(environ) / "jax"
 
 
 def parse_directory(value: str | Path | None) -> Path | None:

@@ -374,8 +374,11 @@ class PopulationPosterior(Envelope):
     elbo: float = Field(description="the fit's evidence lower bound")
     svi_steps: int = Field(description="SVI steps of the fit")
     converged: bool = Field(description="whether the ELBO settled")
-    standardization: dict[str, float] = Field(
-        description="the fixed standardisation of outcome, exposure and time (model.config)"
+    standardization: dict[str, float | list[float]] = Field(
+        description=(
+            "the fixed standardisation of outcome, exposure, time and covariates "
+            "(model.config.Standardization; covariate locations and scales are lists)"
+        )
     )
     draws: dict[str, list] = Field(
         description="fixed draws of the hyperparameters θ by name, standardised units"

@@ -17,7 +17,8 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitoring.drift import DriftConfig
-from streams.compilation_cache import default_directory, parse_directory
+from streams.compilation_cache import parse_directory
+from streams.data_dir import default_data_dir
 
 
 class Settings(BaseSettings):
@@ -38,13 +39,18 @@ class Settings(BaseSettings):
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
     store_url: str = Field(default="memory://", description="memory:// or rocksdb:// (production)")
-    data_dir: Path = Path(".cache/faust")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="the one directory the worker writes to (its lock, faust's RocksDB "
+        "stores in faust/, JAX's compilation cache in jax/); one per worker. Default "
+        "$XDG_CACHE_HOME/living-efficacy (~/.cache/living-efficacy)",
+    )
     compilation_cache_dir: Path | None = Field(
-        default_factory=default_directory,
-        description="JAX's persistent compilation cache, shared by the workers of a host: a "
-        "restarted worker loads its compiled scoring and fits instead of compiling them "
-        "again. Default $XDG_CACHE_HOME/living-efficacy/jax; empty or 'none': compile in "
-        "every process; a directory that is not writable is logged and skipped",
+        default=None,
+        description="JAX's persistent compilation cache: a restarted worker loads its "
+        "compiled scoring and fits instead of compiling them again. Default: jax/ in the "
+        "data directory; empty or 'none': compile in every process; a directory that is "
+        "not writable is logged and skipped",
     )
     metrics_port: int = Field(
         default=9108, ge=0, le=65535, description="Prometheus /metrics port (0: any free port)"
@@ -178,6 +184,12 @@ class Settings(BaseSettings):
         return parse_directory(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _cache_in_data_dir(self) -> Settings:
+        if "compilation_cache_dir" not in self.model_fields_set:
+            self.compilation_cache_dir = self.data_dir / "jax"
+        return self
+
+    @model_validator(mode="after")
     def _credentials_complete(self) -> Settings:
         if self.security_protocol.startswith("SASL") and not (
             self.sasl_username and self.sasl_password
@@ -193,6 +205,11 @@ class Settings(BaseSettings):
         if bool(self.web_tls_certfile) != bool(self.web_tls_keyfile):
             raise ValueError("EFFICACY_WEB_TLS_CERTFILE and EFFICACY_WEB_TLS_KEYFILE go together")
         return self
+
+    @property
+    def faust_dir(self) -> Path:
+        """faust's data directory (its RocksDB stores), inside the data directory."""
+        return self.data_dir / "faust"
 
     @property
     def broker_url(self) -> str:

@@ -19,7 +19,7 @@ from streams.compilation_cache import (
 from streams.settings import Settings
 
 
-def test_default_directory_is_the_users_cache_dir():
+def test_default_directory_is_jax_in_the_data_directory():
     assert default_directory({"XDG_CACHE_HOME": "/x/cache", "HOME": "/home/u"}) == Path(
         "/x/cache/living-efficacy/jax"
     )
@@ -27,6 +27,8 @@ def test_default_directory_is_the_users_cache_dir():
     assert default_directory({"XDG_CACHE_HOME": "", "HOME": "/home/u"}) == Path(
         "/home/u/.cache/living-efficacy/jax"
     )
+    environ = {"EFFICACY_DATA_DIR": "/var/lib/efficacy", "HOME": "/home/u"}
+    assert default_directory(environ) == Path("/var/lib/efficacy/jax")
 
 
 @pytest.mark.parametrize(
@@ -42,10 +44,14 @@ def test_the_environment_names_or_switches_off_the_cache(value, expected, monkey
 
 def test_without_the_variable_worker_and_fit_share_the_default(monkeypatch, tmp_path):
     monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("EFFICACY_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     expected = tmp_path / "living-efficacy" / "jax"
     assert directory_from_env() == expected
     assert Settings().compilation_cache_dir == expected
+    # ... and both follow the data directory
+    monkeypatch.setenv("EFFICACY_DATA_DIR", str(tmp_path / "data"))
+    assert directory_from_env() == Settings().compilation_cache_dir == tmp_path / "data" / "jax"
 
 
 def test_an_unusable_directory_is_logged_and_skipped(tmp_path, caplog):
