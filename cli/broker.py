@@ -343,8 +343,14 @@ def issue_certificates(folder: Path) -> tuple[Path, Path]:
     """A certificate authority made for this run and the broker's certificate
     (127.0.0.1 and localhost) signed by it, with trustme. Returns (CA file,
     broker keystore: PKCS#8 key and chain, PEM, as Kafka's PEM keystore reads)."""
-    import trustme
-    from cryptography.hazmat.primitives import serialization
+    try:
+        import trustme
+        from cryptography.hazmat.primitives import serialization
+    except ImportError:
+        raise BrokerError(
+            "the secured broker issues its certificate with the trustme package: "
+            "`pip install trustme` (make installs it with the test extra)"
+        ) from None
 
     authority = trustme.CA(organization_name="living-efficacy local Kafka")
     leaf = authority.issue_cert("127.0.0.1", "localhost", common_name="localhost")
