@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, say, write_json
+from streams.kafka_options import aiokafka_options
 
 MEASURES = ["resting_heart_rate", "hba1c", "phq9"]
 
@@ -326,7 +327,7 @@ async def produce_state(
 
     patients_topic = f"{app_id}-patients-changelog"
     evidence_topic = f"{app_id}-population-evidence-changelog"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
     await admin.start()
     try:  # as faust declares a table's changelog: the table's partitions, compacted
         await admin.create_topics(
@@ -338,7 +339,7 @@ async def produce_state(
     finally:
         await admin.close()
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **aiokafka_options(bootstrap),
         acks=1,
         linger_ms=50,
         max_batch_size=1024 * 1024,
@@ -423,7 +424,7 @@ async def send_evidence_updates(
         for measure, text in evidence.items():
             by_measure.setdefault(measure, []).append(PatientEvidence.model_validate_json(text))
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks=1, linger_ms=20, max_request_size=16 * 1024 * 1024
+        **aiokafka_options(bootstrap), acks=1, linger_ms=20, max_request_size=16 * 1024 * 1024
     )
     await producer.start()
     started = time.perf_counter()
@@ -736,7 +737,7 @@ def probe_patients_agent(bootstrap: str, store: str = "rocksdb://") -> dict:
     asyncio.run(ensure_topics(settings))
 
     async def send() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        producer = AIOKafkaProducer(**aiokafka_options(bootstrap), acks="all")
         await producer.start()
         try:
             for record in records:
@@ -745,13 +746,13 @@ def probe_patients_agent(bootstrap: str, store: str = "rocksdb://") -> dict:
             await producer.stop()
 
     async def offsets() -> dict:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
         await admin.start()
         try:
             committed = await admin.list_consumer_group_offsets(app_id)
         finally:
             await admin.close()
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        consumer = AIOKafkaConsumer(**aiokafka_options(bootstrap))
         await consumer.start()
         try:
             tps = [

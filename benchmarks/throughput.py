@@ -4,6 +4,15 @@
     python -m benchmarks.throughput --quick    # smaller, -> results/throughput_quick.json
     python -m benchmarks.throughput --cprofile-worker /tmp/w.prof   # + a profiled extra repeat
     python -m benchmarks.throughput --py-spy /tmp/pyspy/bin/py-spy   # + a profile of the worker
+    python -m benchmarks.throughput --quick --compare-security   # plaintext, then SASL_SSL
+                                              # -> results/throughput_security.json
+
+``--security sasl_ssl`` runs on the launcher's SASL_SSL broker (TLS, SCRAM-SHA-512,
+ACLs; cli/broker.py): the worker as a user with ``worker_acls``, this process's
+clients as the admin. ``--compare-security`` runs the throughput repeats on a
+plaintext broker and then on a SASL_SSL one (each started for its run, one at a
+time), and reports the ratio of the sustained rates; it skips the latency and
+ceiling phases (``--throughput-only``).
 
 What is measured, in one run (one broker, one ``efficacy worker`` subprocess with
 ``EFFICACY_PARTITIONS`` partitions, memory store):
@@ -45,7 +54,8 @@ What is measured, in one run (one broker, one ``efficacy worker`` subprocess wit
    same agent on streams.chunked_consumer, one event per fetched partition chunk
    (``faust_chunked_consume_events_per_s``), runs paired with it.
 
-Uses the broker named by ``KAFKA_BOOTSTRAP_SERVERS`` or starts a local one.
+Uses the broker named by ``KAFKA_BOOTSTRAP_SERVERS`` or starts a local one (the
+SASL_SSL runs always start a local one).
 Broker, worker and this process share the machine's cores (say so when quoting).
 """
 
@@ -69,6 +79,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine, median, say, write_json
+from streams.kafka_options import aiokafka_options
+from streams.settings import Settings
 
 MEASURE = "resting_heart_rate"
 TOPICS = (
@@ -116,9 +128,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the worker under cProfile (CPU time) during repeat 1; write pstats here",
     )
     add("--timeout", type=float, default=900.0, help="longest wait for one phase (s)")
+    add("--security", choices=("plaintext", "sasl_ssl"), default="plaintext",
+        help="the broker's client listener: sasl_ssl starts the launcher's secured broker")  # fmt: skip
+    add("--throughput-only", action="store_true", help="skip the latency and ceiling phases")
+    add(
+        "--compare-security",
+        action="store_true",
+        help="throughput on plaintext, then on SASL_SSL, and their ratio (implies --throughput-only)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.patients, args.repeats, args.latency_seconds = 1000, 2, 20.0
+    if args.compare_security:
+        args.throughput_only = True
     return args
 
 
@@ -189,12 +211,12 @@ def fit_posterior(programme, records, models):
 # ---------------------------------------------------------------------- Kafka
 
 
-async def create_topics(bootstrap: str, prefix: str, partitions: int) -> None:
+async def create_topics(broker: Settings, prefix: str, partitions: int) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     from streams.topics import TOPIC_CONFIG
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**aiokafka_options(broker))
     await admin.start()
     try:
         await admin.create_topics(
@@ -204,11 +226,11 @@ async def create_topics(bootstrap: str, prefix: str, partitions: int) -> None:
         await admin.close()
 
 
-def producer(bootstrap: str, linger_ms: int = 20):
+def producer(broker: Settings, linger_ms: int = 20):
     from aiokafka import AIOKafkaProducer
 
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **aiokafka_options(broker),
         acks="all",
         linger_ms=linger_ms,
         max_batch_size=512 * 1024,
@@ -231,8 +253,8 @@ class Collector:
     """Reads the worker's scores and population-evidence from the end of the
     topics onwards and keeps, per patient, (Kafka timestamp s, readings applied)."""
 
-    def __init__(self, bootstrap: str, prefix: str) -> None:
-        self.bootstrap, self.prefix = bootstrap, prefix
+    def __init__(self, broker: Settings, prefix: str) -> None:
+        self.broker, self.prefix = broker, prefix
         self.evidence: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
         self.scores: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
         self.latest: dict[str, int] = {}
@@ -243,7 +265,7 @@ class Collector:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **aiokafka_options(self.broker),
             enable_auto_commit=False,
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024,
@@ -331,7 +353,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def throughput_phase(bootstrap, prefix, prod, collector, tag, args, seed, pids) -> dict:
+async def throughput_phase(broker, prefix, prod, collector, tag, args, seed, pids) -> dict:
     _, records = programme_records(tag, args.patients, args.obs_per_patient, seed)
     expected = expected_counts(records)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -374,7 +396,7 @@ async def throughput_phase(bootstrap, prefix, prod, collector, tag, args, seed, 
     return result
 
 
-async def latency_phase(bootstrap, prefix, prod, collector, rate: float, args) -> dict:
+async def latency_phase(broker, prefix, prod, collector, rate: float, args) -> dict:
     obs = args.latency_obs_per_patient
     readings_wanted = max(int(rate * args.latency_seconds), 200)
     patients = max(readings_wanted // obs, 20)
@@ -445,14 +467,14 @@ async def latency_phase(bootstrap, prefix, prod, collector, rate: float, args) -
     return result
 
 
-async def raw_consume(bootstrap: str, prefix: str, validate: bool) -> tuple[int, float]:
+async def raw_consume(broker: Settings, prefix: str, validate: bool) -> tuple[int, float]:
     """Read every record of the raw topics from the beginning; parse each value."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from streams.schemas import ENROLLMENT_EVENT, WearableReading
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **aiokafka_options(broker),
         enable_auto_commit=False,
         fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=16 * 1024 * 1024,
@@ -534,18 +556,25 @@ def start_py_spy(executable: str, pid: int, out: Path, seconds: float) -> subpro
 # --------------------------------------------------------------------- main
 
 
-async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -> dict:
+async def run(args: argparse.Namespace, bootstrap: str, kafka) -> dict:
+    """One run on ``kafka`` (a LocalKafka, or None: the plaintext broker at ``bootstrap``)."""
+    from cli.broker import create_acls, worker_acls
     from cli.worker_process import WorkerProcess
     from streams.app import measure_models
     from streams.catalogue import Catalogue
-    from streams.settings import Settings
 
     where = machine()
     run_id = uuid.uuid4().hex[:8]
     prefix = f"tp-{run_id}."
     data_dir = tempfile.mkdtemp(prefix="throughput-faust-")
+    kafka_pid = kafka.process.pid if kafka is not None else None
+    secured = kafka is not None and kafka.security != "PLAINTEXT"
+    # this process's clients (admin on a secured broker), and the worker's connection
+    broker = kafka.client_settings() if kafka is not None else Settings(bootstrap_servers=bootstrap)
+    if secured:
+        await create_acls(broker, worker_acls("worker", prefix, f"tp-{run_id}"))
     env = {
-        "EFFICACY_BOOTSTRAP_SERVERS": bootstrap,
+        **(kafka.client_env("worker") if secured else {"EFFICACY_BOOTSTRAP_SERVERS": bootstrap}),
         "EFFICACY_TOPIC_PREFIX": prefix,
         "EFFICACY_APP_ID": f"tp-{run_id}",
         "EFFICACY_PARTITIONS": str(args.partitions),
@@ -556,19 +585,19 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
     }
     settings = Settings(**{"bootstrap_servers": bootstrap, "topic_prefix": prefix})
     models = measure_models(Catalogue.load(), settings)
-    await create_topics(bootstrap, prefix, args.partitions)
+    await create_topics(broker, prefix, args.partitions)
 
     say("fitting the warm-up programme's population posterior (JAX compile + SVI)")
     warm_programme, warm = programme_records("w-", args.warm_patients, 20, seed=1)
     fit = fit_posterior(warm_programme, warm, models)
-    prod = producer(bootstrap)
+    prod = producer(broker)
     await prod.start()
     await prod.send_and_wait(
         prefix + "population-posterior",
         fit.message.model_dump_json().encode(),
         key=MEASURE.encode(),
     )
-    collector = Collector(bootstrap, prefix)
+    collector = Collector(broker, prefix)
     await collector.start()
     result: dict = {}
     worker_class = WorkerProcess
@@ -607,7 +636,7 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
                 expected_s = args.patients * args.obs_per_patient / 400.0
                 spy = start_py_spy(args.py_spy, worker.process.pid, args.profile_out, expected_s)
             phase = await throughput_phase(
-                bootstrap, prefix, prod, collector, f"m{repeat}-", args, 100 + repeat, pids
+                broker, prefix, prod, collector, f"m{repeat}-", args, 100 + repeat, pids
             )
             if profiling:  # an extra repeat, slowed by cProfile: not in the medians
                 os.kill(worker.process.pid, signal.SIGRTMIN + 2)
@@ -621,6 +650,27 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
             rate = median([r["events_per_s_steady_10_90"] for r in repeats])
         else:  # --repeats 0: a latency run at --latency-rate readings/s
             rate = 2 * args.latency_rate
+        if args.throughput_only:
+            assert worker.alive(), worker.log_tail()
+            await collector.stop()
+            await prod.stop()
+            return {
+                "security": kafka.security if kafka is not None else "PLAINTEXT",
+                "events_per_s": rate,
+                "events_per_s_overall": median([r["events_per_s_overall"] for r in repeats]),
+                "records_per_worker_cpu_s": median(
+                    [r["records_per_worker_cpu_s"] for r in repeats]
+                ),
+                "parameters": {
+                    "partitions": args.partitions,
+                    "patients_per_repeat": args.patients,
+                    "obs_per_patient": args.obs_per_patient,
+                    "repeats": args.repeats,
+                },
+                "throughput_repeats": repeats,
+                "worker_log_tail": worker.log_tail(20),
+                "machine": where,
+            }
         quiet = await wait_until_quiet(worker.process.pid)
         say(f"latency at half the sustained rate (worker quiet after {quiet:.0f} s)")
         spy = None
@@ -628,7 +678,7 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
             spy = start_py_spy(
                 args.py_spy, worker.process.pid, args.profile_out, args.latency_seconds
             )
-        latency = await latency_phase(bootstrap, prefix, prod, collector, rate / 2, args)
+        latency = await latency_phase(broker, prefix, prod, collector, rate / 2, args)
         if spy is not None:
             spy.wait(timeout=60)
         assert worker.alive(), worker.log_tail()
@@ -639,20 +689,23 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
     say("ceiling: plain consume + parse of the raw topics (worker stopped)")
     plain, validated = [], []
     for _ in range(3):
-        count, seconds = await raw_consume(bootstrap, prefix, validate=False)
+        count, seconds = await raw_consume(broker, prefix, validate=False)
         plain.append(count / seconds)
-        count, seconds = await raw_consume(bootstrap, prefix, validate=True)
+        count, seconds = await raw_consume(broker, prefix, validate=True)
         validated.append(count / seconds)
     say(
         f"  json.loads {median(plain):,.0f}/s, pydantic {median(validated):,.0f}/s ({count} records)"
     )
     say("ceiling: a bare faust agent (take_events + json.loads) on the same raw topics")
     faust_runs, chunked_runs = [], []
-    for _ in range(3):  # paired: stock and chunked delivery alternate
+    for _ in range(3 if not secured else 0):  # paired: stock and chunked delivery alternate
         faust_runs.append(faust_consume(bootstrap, prefix, args.partitions, count))
         chunked_runs.append(faust_consume(bootstrap, prefix, args.partitions, count, True))
-    faust_rate = median([r["events_per_s"] for r in faust_runs])
-    chunked_rate = median([r["events_per_s"] for r in chunked_runs])
+    # (benchmarks.faust_ceiling connects in plaintext only: no faust ceiling when secured)
+    faust_rate = median([r["events_per_s"] for r in faust_runs]) if faust_runs else float("nan")
+    chunked_rate = (
+        median([r["events_per_s"] for r in chunked_runs]) if chunked_runs else float("nan")
+    )
     say(f"  faust agent {faust_rate:,.0f}/s; by partition chunk {chunked_rate:,.0f}/s")
 
     result.update(
@@ -688,7 +741,8 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
             "store": settings.store_url,
             "population_interval_seconds": 3600,
             "producer": "aiokafka, acks=all, linger 20 ms",
-            "broker": "configured" if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") else "local",
+            "broker": "configured" if kafka is None else "local",
+            "security": kafka.security if kafka is not None else "PLAINTEXT",
         },
         throughput_repeats=repeats,
         profiled_repeat=profiled,
@@ -703,21 +757,47 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka_pid: int | None) -
     return result
 
 
+def run_on(args: argparse.Namespace, security: str) -> dict:
+    """``run`` on the configured broker (plaintext only) or a local one started for it."""
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") if security == "PLAINTEXT" else None
+    if bootstrap:
+        return asyncio.run(run(args, bootstrap, None))
+    from cli.broker import LocalKafka
+
+    kafka = LocalKafka(
+        log=say, security=security, users=["worker"] if security != "PLAINTEXT" else []
+    )
+    bootstrap = kafka.start()
+    try:
+        return asyncio.run(run(args, bootstrap, kafka))
+    finally:
+        kafka.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    kafka = None
-    if not bootstrap:
-        from cli.broker import LocalKafka
-
-        kafka = LocalKafka(log=say)
-        bootstrap = kafka.start()
-    try:
-        result = asyncio.run(run(args, bootstrap, kafka.process.pid if kafka else None))
-    finally:
-        if kafka is not None:
-            kafka.stop()
+    if args.compare_security:
+        runs = {}
+        for security in ("PLAINTEXT", "SASL_SSL"):
+            say(f"--- {security}")
+            runs[security] = run_on(args, security)
+        ratio = runs["SASL_SSL"]["events_per_s"] / runs["PLAINTEXT"]["events_per_s"]
+        cpu_ratio = (
+            runs["SASL_SSL"]["records_per_worker_cpu_s"]
+            / runs["PLAINTEXT"]["records_per_worker_cpu_s"]
+        )
+        say(
+            f"SASL_SSL {runs['SASL_SSL']['events_per_s']:,.0f} readings/s vs plaintext "
+            f"{runs['PLAINTEXT']['events_per_s']:,.0f}: ratio {ratio:.2f} "
+            f"(records per worker CPU-s: ratio {cpu_ratio:.2f})"
+        )
+        result = {"sasl_ssl_to_plaintext": ratio, "per_worker_cpu_s_ratio": cpu_ratio, **runs}
+        say(f"wrote {write_json('throughput_security', result)}")
+        return 0
+    result = run_on(args, args.security.upper())
     name = "throughput_quick" if args.quick else "throughput"
+    if args.security != "plaintext":
+        name += f"_{args.security}"
     path = write_json(name if args.repeats else "throughput_latency", result)
     say(f"wrote {path}")
     return 0

@@ -14,6 +14,8 @@ demo and users::
         use(kafka.bootstrap_servers)
 
     python -m cli.broker start       # detached; prints bootstrap servers
+    python -m cli.broker start --security sasl_ssl   # TLS, SCRAM and ACLs; writes
+                                     # the client settings to <cache>/run/client.env
     python -m cli.broker status
     python -m cli.broker stop
     python -m cli.broker run         # foreground until Ctrl-C
@@ -31,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,8 +42,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from streams.settings import Settings
 
 POM = Path(__file__).with_name("kafka") / "pom.xml"
 LOCK = Path(__file__).with_name("kafka") / "jars.lock"
@@ -236,12 +243,12 @@ def kafka_version(libs: Path) -> str:
     return jars[0].name.removeprefix("kafka_2.13-").removesuffix(".jar")
 
 
-async def _metadata_ok(bootstrap: str) -> bool:
+async def _metadata_ok(broker: Settings | str) -> bool:
     from aiokafka.admin import AIOKafkaAdminClient
 
     from streams.kafka_options import aiokafka_options
 
-    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap), request_timeout_ms=3000)
+    admin = AIOKafkaAdminClient(**aiokafka_options(broker), request_timeout_ms=3000)
     try:
         await admin.start()
         cluster = await admin.describe_cluster()
@@ -253,14 +260,15 @@ async def _metadata_ok(bootstrap: str) -> bool:
             await admin.close()
 
 
-def broker_answers(bootstrap: str) -> bool:
-    """True when a metadata request to ``bootstrap`` lists at least one broker.
-    (aiokafka's connection errors while the broker boots are expected: silenced.)"""
+def broker_answers(broker: Settings | str) -> bool:
+    """True when a metadata request to ``broker`` (settings, or a plaintext
+    bootstrap address) lists at least one broker. (aiokafka's connection errors
+    while the broker boots are expected: silenced.)"""
     client_log = logging.getLogger("aiokafka")
     level = client_log.level
     client_log.setLevel(logging.CRITICAL)
     try:
-        return asyncio.run(_metadata_ok(bootstrap))
+        return asyncio.run(_metadata_ok(broker))
     finally:
         client_log.setLevel(level)
 
@@ -269,11 +277,7 @@ SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
 log.dirs={data}
 num.partitions=1
 auto.create.topics.enable=true
@@ -286,6 +290,173 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.retention.hours=-1
 """
+
+PLAINTEXT_LISTENERS = """\
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+"""
+
+#: The secured broker: one client listener, SASL_SSL with SCRAM (users created
+#: by the storage tool's --add-scram at format time, KIP-900), and the
+#: controller listener on TLS too, with PLAIN for the node's own broker (SCRAM
+#: credentials live in the metadata log the controller serves, so the
+#: controller cannot authenticate with them). The certificate is issued for the
+#: run (``issue_certificates``); clients trust ``ca.pem``. StandardAuthorizer
+#: with no ACL meaning no access: only the broker and admin are super users.
+SASL_SSL_LISTENERS = """\
+listeners=SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=SASL_SSL://127.0.0.1:{port}
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SASL_SSL
+inter.broker.listener.name=SASL_SSL
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required \
+username="{broker_user}" password="{broker_password}";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required \
+username="{broker_user}" password="{broker_password}";
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+listener.name.controller.plain.sasl.jaas.config=\
+org.apache.kafka.common.security.plain.PlainLoginModule required \
+username="{broker_user}" password="{broker_password}" user_{broker_user}="{broker_password}";
+ssl.keystore.type=PEM
+ssl.keystore.location={keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={truststore}
+ssl.endpoint.identification.algorithm=https
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:{broker_user};User:{admin_user}
+allow.everyone.if.no.acl.found=false
+"""
+
+#: The principals the secured broker always has: itself and an administrator.
+BROKER_USER, ADMIN_USER = "broker", "admin"
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_SSL")
+
+
+def issue_certificates(folder: Path) -> tuple[Path, Path]:
+    """A certificate authority made for this run and the broker's certificate
+    (127.0.0.1 and localhost) signed by it, with trustme. Returns (CA file,
+    broker keystore: PKCS#8 key and chain, PEM, as Kafka's PEM keystore reads)."""
+    try:
+        import trustme
+        from cryptography.hazmat.primitives import serialization
+    except ImportError:
+        raise BrokerError(
+            "the secured broker issues its certificate with the trustme package: "
+            "`pip install trustme` (make installs it with the test extra)"
+        ) from None
+
+    authority = trustme.CA(organization_name="living-efficacy local Kafka")
+    leaf = authority.issue_cert("127.0.0.1", "localhost", common_name="localhost")
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    ca_file, keystore = folder / "ca.pem", folder / "broker.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    keystore.write_bytes(pkcs8 + b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    keystore.chmod(0o600)
+    return ca_file, keystore
+
+
+class Acl(NamedTuple):
+    """One ALLOW rule of Kafka's authorizer: ``principal`` (``User:<name>``) may do
+    ``operation`` (READ, WRITE, DESCRIBE, CREATE, ALL...) on the ``resource``
+    (TOPIC, GROUP, CLUSTER, TRANSACTIONAL_ID) named ``name``, a literal name or,
+    with ``pattern="PREFIXED"``, every name that starts with it."""
+
+    principal: str
+    resource: str
+    name: str
+    operation: str
+    pattern: str = "LITERAL"
+
+
+#: Kafka's wire codes (org.apache.kafka.common.resource.ResourceType,
+#: PatternType, acl.AclOperation, acl.AclPermissionType).
+_RESOURCE = {"TOPIC": 2, "GROUP": 3, "CLUSTER": 4, "TRANSACTIONAL_ID": 5}
+_PATTERN = {"LITERAL": 3, "PREFIXED": 4}
+_OPERATION = {"ALL": 2, "READ": 3, "WRITE": 4, "CREATE": 5, "DELETE": 6, "ALTER": 7,
+              "DESCRIBE": 8, "CLUSTER_ACTION": 9, "DESCRIBE_CONFIGS": 10,
+              "ALTER_CONFIGS": 11, "IDEMPOTENT_WRITE": 12}  # fmt: skip
+_ALLOW = 3
+
+
+async def create_acls(admin_settings: Settings, acls: Iterable[Acl]) -> None:
+    """Create ``acls`` with Kafka's Admin API (CreateAcls, one rule a request:
+    aiokafka has the request but no admin method for it), connecting with
+    ``admin_settings`` (a super user). A rule the broker refuses raises BrokerError."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import for_code
+    from aiokafka.protocol.admin import CreateAclsRequest
+
+    from streams.kafka_options import aiokafka_options
+
+    admin = AIOKafkaAdminClient(**aiokafka_options(admin_settings))
+    await admin.start()
+    acls = list(acls)
+    try:
+        for acl in acls:
+            request = CreateAclsRequest(
+                _RESOURCE[acl.resource], acl.name, _PATTERN[acl.pattern], acl.principal,
+                "*", _OPERATION[acl.operation], _ALLOW,
+            )  # fmt: skip
+            response = await admin._send_request(request)
+            for code, message in response.creation_responses:
+                if code != 0:
+                    raise BrokerError(f"{acl} refused: {for_code(code).__name__} {message}")
+        # The controller has them; the broker's authorizer applies them when its
+        # metadata catches up: a client right after this could still be refused.
+        deadline = time.monotonic() + 30.0
+        while missing := set(acls) - await _broker_acls(admin):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the broker does not apply these ACLs after 30 s: {missing}")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+
+async def _broker_acls(admin) -> set[Acl]:
+    """The ALLOW rules the broker's authorizer holds (DescribeAcls, answered by the broker)."""
+    from aiokafka.errors import for_code
+    from aiokafka.protocol.admin import DescribeAclsRequest
+
+    any_ = 1  # ANY in every filter field
+    response = await admin._send_request(
+        DescribeAclsRequest(any_, None, any_, None, None, any_, any_)
+    )
+    if response.error_code:
+        raise BrokerError(f"DescribeAcls failed: {for_code(response.error_code).__name__}")
+    resources = {code: name for name, code in _RESOURCE.items()}
+    patterns = {code: name for name, code in _PATTERN.items()}
+    operations = {code: name for name, code in _OPERATION.items()}
+    return {
+        Acl(principal, resources[kind], name, operations[operation], patterns[pattern])
+        for kind, name, pattern, rules in response.resources
+        for principal, _, operation, permission in rules
+        if permission == _ALLOW and kind in resources and operation in operations
+    }
+
+
+def worker_acls(user: str, topic_prefix: str, app_id: str) -> list[Acl]:
+    """What a worker needs: its topics (``topic_prefix``), faust's own topics
+    (changelogs, the assignor's leader topic: named after ``app_id``) and its
+    consumer group (``app_id``)."""
+    principal = f"User:{user}"
+    return [
+        Acl(principal, "TOPIC", topic_prefix, "ALL", "PREFIXED"),
+        Acl(principal, "TOPIC", app_id, "ALL", "PREFIXED"),
+        Acl(principal, "GROUP", app_id, "ALL", "PREFIXED"),
+    ]
+
 
 LOG4J2_PROPERTIES = """\
 status = warn
@@ -309,6 +480,13 @@ class LocalKafka:
     ``start()`` returns the bootstrap servers; ``stop()`` terminates the broker
     and removes its data. ``version`` and ``startup_seconds`` are set by start.
 
+    ``security="SASL_SSL"``: the broker's only client listener is SASL_SSL with
+    SCRAM, its certificate issued for the run, and an authorizer that lets no one
+    do anything without an ACL (``create_acls``) but the super users ``broker``
+    and ``admin``. The SCRAM users are ``admin`` and the names in ``users``, each
+    with a random password (``passwords``); ``client_settings(user)`` connects
+    as one of them.
+
     A broker restart (fault tests): ``stop(keep_data=True)`` terminates the
     broker but keeps its folder, and the next ``start()`` runs the same broker
     again, on the same ports with the same log and metadata (no new format), so
@@ -322,7 +500,19 @@ class LocalKafka:
         cache: Path | None = None,
         log: Callable[[str], None] = print,
         startup_timeout: float = 120.0,
+        security: str = "PLAINTEXT",
+        users: Iterable[str] = (),
     ) -> None:
+        if security not in SECURITY_PROTOCOLS:
+            raise BrokerError(f"security must be one of {', '.join(SECURITY_PROTOCOLS)}")
+        self.security = security
+        self.passwords: dict[str, str] = {}
+        if security == "SASL_SSL":
+            names = {BROKER_USER, ADMIN_USER, *users}
+            self.passwords = {name: secrets.token_hex(16) for name in sorted(names)}
+        elif users:
+            raise BrokerError("SCRAM users need security='SASL_SSL'")
+        self.ca_file: Path | None = None
         self.port = port
         self.cache = cache or cache_dir()
         self.log = log
@@ -344,6 +534,41 @@ class LocalKafka:
     @property
     def log_file(self) -> Path | None:
         return self.run_dir / "broker.log" if self.run_dir else None
+
+    def client_settings(self, user: str = ADMIN_USER, **fields: object) -> Settings:
+        """Settings that connect to this broker as ``user`` (SASL_SSL: SCRAM-SHA-512
+        over TLS trusting the run's CA); ``fields`` set the others (topic_prefix...)."""
+        from streams.settings import Settings
+
+        if self.bootstrap_servers is None:
+            raise BrokerError("the broker has not been started")
+        if self.security == "PLAINTEXT":
+            return Settings(bootstrap_servers=self.bootstrap_servers, **fields)
+        return Settings(
+            bootstrap_servers=self.bootstrap_servers,
+            security_protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username=user,
+            sasl_password=self.passwords[user],
+            ssl_cafile=self.ca_file,
+            **fields,
+        )
+
+    def client_env(self, user: str = ADMIN_USER) -> dict[str, str]:
+        """The EFFICACY_* environment of ``client_settings(user)`` (for a worker or
+        any ``efficacy`` command in another process)."""
+        settings = self.client_settings(user)
+        env = {"EFFICACY_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+        if self.security == "SASL_SSL":
+            assert settings.sasl_password is not None and settings.ssl_cafile is not None
+            env |= {
+                "EFFICACY_SECURITY_PROTOCOL": settings.security_protocol,
+                "EFFICACY_SASL_MECHANISM": settings.sasl_mechanism,
+                "EFFICACY_SASL_USERNAME": user,
+                "EFFICACY_SASL_PASSWORD": settings.sasl_password.get_secret_value(),
+                "EFFICACY_SSL_CAFILE": str(settings.ssl_cafile),
+            }
+        return env
 
     def _log_tail(self, lines: int = 25) -> str:
         text = ""
@@ -379,7 +604,8 @@ class LocalKafka:
             data = self.run_dir / "data"
             properties = self.run_dir / "server.properties"
             properties.write_text(
-                SERVER_PROPERTIES.format(port=port, controller_port=controller_port, data=data)
+                SERVER_PROPERTIES.format(controller_port=controller_port, data=data)
+                + self._listeners(port, controller_port)
             )
             log4j = self.run_dir / "log4j2.properties"
             log4j.write_text(LOG4J2_PROPERTIES.format(log=self.run_dir / "broker.log"))
@@ -390,7 +616,7 @@ class LocalKafka:
             self.log("formatting KRaft storage")
             fmt = subprocess.run(
                 [java, *java_opts, "-cp", classpath, "kafka.tools.StorageTool", "format",
-                 "-t", _cluster_id(), "-c", str(properties)],
+                 "-t", _cluster_id(), "-c", str(properties), *self._scram_users()],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             if fmt.returncode != 0:
@@ -410,13 +636,15 @@ class LocalKafka:
         if not detach and not restart:
             atexit.register(self.stop)
         self.bootstrap_servers = f"127.0.0.1:{port}"
+        probe = self.client_settings() if self.security != "PLAINTEXT" else self.bootstrap_servers
         deadline = started + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 tail = self._log_tail()
+                code = self.process.returncode
                 self.stop()
-                raise BrokerError(f"Kafka exited with code {self.process.returncode}:\n{tail}")
-            if broker_answers(self.bootstrap_servers):
+                raise BrokerError(f"Kafka exited with code {code}:\n{tail}")
+            if broker_answers(probe):
                 self.startup_seconds = time.monotonic() - started
                 self.log(
                     f"Apache Kafka {self.version} ready on {self.bootstrap_servers} "
@@ -427,6 +655,34 @@ class LocalKafka:
         tail = self._log_tail()
         self.stop()
         raise BrokerError(f"Kafka did not answer within {self.startup_timeout:.0f} s:\n{tail}")
+
+    def _listeners(self, port: int, controller_port: int) -> str:
+        if self.security == "PLAINTEXT":
+            return PLAINTEXT_LISTENERS.format(port=port, controller_port=controller_port)
+        assert self.run_dir is not None
+        self.ca_file, keystore = issue_certificates(self.run_dir)
+        return SASL_SSL_LISTENERS.format(
+            port=port,
+            controller_port=controller_port,
+            broker_user=BROKER_USER,
+            broker_password=self.passwords[BROKER_USER],
+            admin_user=ADMIN_USER,
+            keystore=keystore,
+            truststore=self.ca_file,
+        )
+
+    def _scram_users(self) -> list[str]:
+        """The storage tool's --add-scram arguments: every user, both mechanisms."""
+        return [
+            argument
+            for name, password in self.passwords.items()
+            for mechanism in SCRAM_MECHANISMS
+            for argument in ("--add-scram", f"{mechanism}=[name={name},password={password}]")
+        ]
+
+    def create_acls(self, acls: Iterable[Acl]) -> None:
+        """Create ``acls`` as the admin (``create_acls``)."""
+        asyncio.run(create_acls(self.client_settings(), acls))
 
     def stop(self, keep_data: bool = False) -> None:
         """Terminate the broker (SIGTERM, then SIGKILL) and remove its data, unless
@@ -466,6 +722,49 @@ def _state_file() -> Path:
     return cache_dir() / "run" / "broker.json"
 
 
+#: The command line's secured broker: the SCRAM user clients connect as, allowed
+#: every topic, group and transactional id (a development broker: narrower ACLs,
+#: as ``worker_acls``, are for real deployments and the tests).
+CLI_USER = "efficacy"
+
+
+def _cli_user_acls() -> list[Acl]:
+    principal = f"User:{CLI_USER}"
+    return [
+        Acl(principal, resource, "*", "ALL") for resource in ("TOPIC", "GROUP", "TRANSACTIONAL_ID")
+    ]
+
+
+def _write_env(path: Path, env: dict[str, str]) -> None:
+    import shlex
+
+    path.write_text("".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items()))
+    path.chmod(0o600)
+
+
+def read_env_file(path: Path) -> Settings:
+    """Settings from a KEY=value file written by ``start --security sasl_ssl``."""
+    import shlex
+
+    from streams.settings import Settings
+
+    fields = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition("=")
+        fields[key.removeprefix("EFFICACY_").lower()] = shlex.split(value)[0]
+    return Settings(**fields)
+
+
+def _secure_for_cli(kafka: LocalKafka, folder: Path) -> tuple[Path, Path]:
+    """ACLs of the command line's user, and its client settings and the admin's
+    written to ``folder`` (client.env, admin.env; readable by the owner only)."""
+    kafka.create_acls(_cli_user_acls())
+    client, admin = folder / "client.env", folder / "admin.env"
+    _write_env(client, kafka.client_env(CLI_USER))
+    _write_env(admin, kafka.client_env(ADMIN_USER))
+    return client, admin
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -482,20 +781,36 @@ def _start(args: argparse.Namespace) -> int:
             print(info["bootstrap_servers"])
             print(f"already running (pid {info['pid']})", file=sys.stderr)
             return 0
-    kafka = LocalKafka(port=args.port, log=lambda m: print(m, file=sys.stderr))
+    security = args.security.upper()
+    kafka = LocalKafka(
+        port=args.port,
+        log=lambda m: print(m, file=sys.stderr),
+        security=security,
+        users=[CLI_USER] if security != "PLAINTEXT" else [],
+    )
     bootstrap = kafka.start(detach=True)
     assert kafka.process is not None and kafka.run_dir is not None
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(
-        json.dumps(
-            {
-                "pid": kafka.process.pid,
-                "bootstrap_servers": bootstrap,
-                "run_dir": str(kafka.run_dir),
-                "version": kafka.version,
-            }
+    info = {
+        "pid": kafka.process.pid,
+        "bootstrap_servers": bootstrap,
+        "run_dir": str(kafka.run_dir),
+        "version": kafka.version,
+        "security": security,
+    }
+    if security != "PLAINTEXT":
+        try:
+            client, admin = _secure_for_cli(kafka, state.parent)
+        except Exception:
+            kafka.stop()
+            raise
+        info |= {"client_env": str(client), "admin_env": str(admin)}
+        print(
+            f"{security}: clients connect as '{CLI_USER}' with the settings in {client} "
+            f"(set -a; . {client}; set +a), the super user's are in {admin}",
+            file=sys.stderr,
         )
-    )
+    state.write_text(json.dumps(info))
     print(bootstrap)
     return 0
 
@@ -516,6 +831,9 @@ def _stop(_: argparse.Namespace) -> int:
         else:
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(info["run_dir"], ignore_errors=True)
+    for name in ("client_env", "admin_env"):
+        if name in info:
+            Path(info[name]).unlink(missing_ok=True)
     state.unlink()
     print(f"stopped Kafka (pid {pid})", file=sys.stderr)
     return 0
@@ -525,9 +843,12 @@ def _status(_: argparse.Namespace) -> int:
     state = _state_file()
     if state.exists():
         info = json.loads(state.read_text())
-        if _pid_alive(info["pid"]) and broker_answers(info["bootstrap_servers"]):
+        admin_env = info.get("admin_env")
+        probe = read_env_file(Path(admin_env)) if admin_env else info["bootstrap_servers"]
+        if _pid_alive(info["pid"]) and broker_answers(probe):
             print(
-                f"Kafka {info['version']} running on {info['bootstrap_servers']} (pid {info['pid']})"
+                f"Kafka {info['version']} running on {info['bootstrap_servers']} "
+                f"({info.get('security', 'PLAINTEXT')}, pid {info['pid']})"
             )
             return 0
     print("no local broker is running")
@@ -535,8 +856,16 @@ def _status(_: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    with LocalKafka(port=args.port) as kafka:
-        print(f"KAFKA_BOOTSTRAP_SERVERS={kafka.bootstrap_servers}  (Ctrl-C stops)")
+    security = args.security.upper()
+    users = [CLI_USER] if security != "PLAINTEXT" else []
+    with LocalKafka(port=args.port, security=security, users=users) as kafka:
+        if security == "PLAINTEXT":
+            print(f"KAFKA_BOOTSTRAP_SERVERS={kafka.bootstrap_servers}  (Ctrl-C stops)")
+        else:
+            assert kafka.run_dir is not None
+            client, _ = _secure_for_cli(kafka, kafka.run_dir)
+            print(client.read_text(), end="")
+            print(f"(the same in {client}; Ctrl-C stops)")
         with contextlib.suppress(KeyboardInterrupt):
             while kafka.process is not None and kafka.process.poll() is None:
                 time.sleep(1)
@@ -571,6 +900,12 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("start", "run"):
             sub.add_argument(
                 "--port", type=int, default=None, help="broker port (default: a free one)"
+            )
+            sub.add_argument(
+                "--security",
+                choices=[p.lower() for p in SECURITY_PROTOCOLS],
+                default="plaintext",
+                help="sasl_ssl: TLS, SCRAM users and ACLs (client settings in client.env)",
             )
         sub.set_defaults(handler=handler)
     args = parser.parse_args(argv)

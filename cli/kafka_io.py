@@ -1,6 +1,7 @@
 """Small asyncio Kafka helpers for producers and readers outside the worker
 (the demo, the simulator, tests). Each takes the broker as Settings (TLS and
-SASL included) or a plaintext bootstrap address (streams.kafka_options)."""
+SASL included) or a plaintext bootstrap address (streams.kafka_options); a broker
+that refuses the credentials raises KafkaAccessError saying which setting to check."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from streams.kafka_options import aiokafka_options
+from streams.kafka_options import aiokafka_options, start_client
 from streams.settings import Settings
 
 Broker = Settings | str
@@ -27,7 +28,7 @@ async def produce(
     count. ``partition_of(key)``: the partition of each record (default: the
     producer's murmur2 partitioner), e.g. to act as a producer with another one."""
     producer = AIOKafkaProducer(**aiokafka_options(bootstrap_servers), acks="all")
-    await producer.start()
+    await start_client(producer, bootstrap_servers)
     try:
         futures = [
             await producer.send(
@@ -57,7 +58,7 @@ async def read_until(
         enable_auto_commit=False,
         metadata_max_age_ms=1000,
     )
-    await consumer.start()
+    await start_client(consumer, bootstrap_servers)
     records: list[ConsumerRecord] = []
     deadline = time.monotonic() + timeout
     try:
@@ -87,7 +88,7 @@ async def read_to_end(
         auto_offset_reset="earliest",
         metadata_max_age_ms=1000,
     )
-    await consumer.start()
+    await start_client(consumer, bootstrap_servers)
     records: list[ConsumerRecord] = []
     try:
         deadline = time.monotonic() + timeout
@@ -139,8 +140,8 @@ async def group_lag(bootstrap_servers: Broker, group: str, topics: list[str]) ->
 
     admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap_servers))
     consumer = AIOKafkaConsumer(**aiokafka_options(bootstrap_servers), metadata_max_age_ms=500)
-    await admin.start()
-    await consumer.start()
+    await start_client(admin, bootstrap_servers)
+    await start_client(consumer, bootstrap_servers)
     try:
         committed = await admin.list_consumer_group_offsets(group)
         partitions = await all_partitions(consumer, topics)
@@ -154,7 +155,7 @@ async def group_lag(bootstrap_servers: Broker, group: str, topics: list[str]) ->
 async def end_offsets(bootstrap_servers: Broker, topics: list[str]) -> dict:
     """The end offset of every partition of ``topics`` now."""
     consumer = AIOKafkaConsumer(**aiokafka_options(bootstrap_servers), metadata_max_age_ms=500)
-    await consumer.start()
+    await start_client(consumer, bootstrap_servers)
     try:
         return await consumer.end_offsets(await all_partitions(consumer, topics))
     finally:

@@ -263,7 +263,16 @@ def main(argv: list[str] | None = None) -> int:
             sub.epilog = sub.epilog or EXAMPLES.get(name)
         sub.set_defaults(run=run)
     args = parser.parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except Exception as error:
+        from streams.kafka_options import KafkaAccessError  # imported on failure only
+
+        if not isinstance(error, KafkaAccessError):
+            raise
+        # the broker refused the credentials or certificate: say which setting, no traceback
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cli.kafka_io import all_partitions
-from streams.kafka_options import aiokafka_options
+from streams.kafka_options import aiokafka_options, start_client
 from streams.settings import Settings
 
 CALLS = ("responder", "non_responder", "uncertain", "insufficient_data")
@@ -168,7 +168,7 @@ async def _read(
     consumer = AIOKafkaConsumer(
         **aiokafka_options(settings), enable_auto_commit=False, metadata_max_age_ms=500
     )
-    await consumer.start()
+    await start_client(consumer, settings)
     try:
         try:
             tps = await all_partitions(consumer, [topic], timeout=10.0)

@@ -136,7 +136,7 @@ async def publish(
     the producer's error if any send fails."""
     from aiokafka import AIOKafkaProducer
 
-    from streams.kafka_options import aiokafka_options
+    from streams.kafka_options import aiokafka_options, start_client
     from streams.topics import ensure_topics
 
     ordered = programme.send_order()
@@ -148,7 +148,7 @@ async def publish(
         max_batch_size=512 * 1024,
         max_request_size=4 * 1024 * 1024,
     )
-    await producer.start()
+    await start_client(producer, settings)
     counts: dict[str, int] = {}
     started = time.monotonic()
     sent = 0

@@ -82,13 +82,13 @@ async def ensure_topics(settings: Settings) -> list[str]:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
-    from streams.kafka_options import aiokafka_options
+    from streams.kafka_options import aiokafka_options, start_client
 
     admin = AIOKafkaAdminClient(**aiokafka_options(settings))
     try:
         for attempt in range(START_ATTEMPTS):  # the broker may still be starting
-            try:
-                await admin.start()
+            try:  # a broker that refuses the credentials raises KafkaAccessError at once
+                await start_client(admin, settings)
                 break
             except KafkaConnectionError:
                 if attempt == START_ATTEMPTS - 1:

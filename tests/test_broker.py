@@ -16,6 +16,7 @@ import pytest
 
 from cli import broker
 from cli.broker import BrokerError, LocalKafka
+from streams.kafka_options import aiokafka_options
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,14 +29,14 @@ def test_broker_answers_metadata_and_round_trips_a_record(kafka_bootstrap):
     topic = f"roundtrip-{uuid.uuid4().hex[:8]}"
 
     async def round_trip() -> bytes:
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        producer = AIOKafkaProducer(**aiokafka_options(kafka_bootstrap))
         await producer.start()
         try:
             await producer.send_and_wait(topic, b"ping", key=b"k")
         finally:
             await producer.stop()
         consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+            topic, **aiokafka_options(kafka_bootstrap), auto_offset_reset="earliest"
         )
         await consumer.start()
         try:

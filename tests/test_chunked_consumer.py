@@ -27,6 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from settling import poll
 
 from cli.kafka_io import end_offsets, produce
+from streams.kafka_options import aiokafka_options
 
 pytestmark = pytest.mark.kafka
 APP = Path(__file__).resolve().parent / "chunk_reader_app.py"
@@ -34,7 +35,7 @@ PARTITIONS, RECORDS = 4, 20_000
 
 
 async def committed_offsets(bootstrap: str, group: str) -> dict[int, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group)
@@ -63,7 +64,7 @@ def read_lines(path: Path) -> list[dict]:
 
 
 async def create_topic(bootstrap: str, name: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
@@ -194,7 +195,7 @@ def test_offsets_skipped_by_transaction_markers_are_committed_past(kafka_bootstr
     async def create_and_fill() -> dict[int, int]:
         await create_topic(kafka_bootstrap, name)
         producer = AIOKafkaProducer(
-            bootstrap_servers=kafka_bootstrap, transactional_id=f"tx-{name}"
+            **aiokafka_options(kafka_bootstrap), transactional_id=f"tx-{name}"
         )
         await producer.start()
         try:

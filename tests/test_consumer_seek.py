@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cli.kafka_io import produce, run
 from streams import consumer_seek
+from streams.kafka_options import aiokafka_options
 
 pytestmark = pytest.mark.kafka
 
@@ -21,7 +22,7 @@ async def refetched_after_seek(bootstrap: str, topic: str, group: str) -> tuple[
     """Fetch the first records without committing, seek to committed, fetch again:
     the offsets of both fetches."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **aiokafka_options(bootstrap),
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

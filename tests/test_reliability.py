@@ -43,6 +43,7 @@ from cli.simulate import publish
 from cli.worker_process import READY, WorkerProcess
 from streams.app import measure_models
 from streams.catalogue import Catalogue
+from streams.kafka_options import aiokafka_options
 from streams.patient_state import PatientRecord
 from streams.settings import Settings
 
@@ -452,7 +453,7 @@ async def reset_group_offsets(bootstrap: str, group: str, topics: list[str]) -> 
     from aiokafka.structs import OffsetAndMetadata
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **aiokafka_options(bootstrap),
         group_id=group,
         enable_auto_commit=False,
         metadata_max_age_ms=500,
@@ -675,7 +676,7 @@ async def produce_with_origins(bootstrap: str, prefix: str, records) -> list:
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_request_size=4 * 1024 * 1024
+        **aiokafka_options(bootstrap), acks="all", linger_ms=20, max_request_size=4 * 1024 * 1024
     )
     await producer.start()
     try:

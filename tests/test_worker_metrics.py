@@ -34,6 +34,7 @@ from cli.kafka_io import produce, read_until
 from cli.programme import build_programme
 from cli.simulate import publish
 from cli.worker_process import WorkerProcess
+from streams.kafka_options import aiokafka_options
 from streams.schemas import StructureSelection
 from streams.settings import Settings
 
@@ -245,7 +246,7 @@ async def topic_config(bootstrap: str, topic: str) -> dict[str, str]:
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
     await admin.start()
     try:
         [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])

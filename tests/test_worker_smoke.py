@@ -12,6 +12,7 @@ import pytest
 
 from cli.kafka_io import produce, read_until, run
 from cli.worker_process import READY, WorkerProcess
+from streams.kafka_options import aiokafka_options
 
 pytestmark = pytest.mark.kafka
 CREATED_BY_WORKER = ("wearables", "scores", "alerts", "deadletter", "structure-selection")
@@ -21,7 +22,7 @@ async def topic_partitions(bootstrap: str, topics: list[str]) -> dict[str, int]:
     """Partition count of each topic, as the broker describes it (0: no such topic)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
     await admin.start()
     try:
         described = await admin.describe_topics(topics)
