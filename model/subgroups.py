@@ -1,0 +1,167 @@
+"""Subgroup efficacy: the posterior of the mean effect over a subgroup's patients.
+
+A subgroup S (a cohort, a covariate range, a level, or a combination) is a set
+of patients. Its efficacy is their mean effect m_S = (1/|S|) Σ_{i∈S} b_i: what
+the intervention did, on average, for the patients of that kind the programme
+has. Given θ, every b_i and cohort deviation u_g is jointly Gaussian
+(model.likelihood), so m_S | θ, data is Gaussian, exactly:
+
+    b_i = c_i + l_i u_g(i) + e_i,   e_i ~ N(0, M⁻¹_bb,i) independent given u
+    E[m_S | θ]   = (1/|S|) Σ_i (c_i + l_i m_g(i))
+    Var[m_S | θ] = (1/|S|²) (Σ_i M⁻¹_bb,i + Σ_g v_g (Σ_{i∈S, g(i)=g} l_i)²)
+
+with c_i the conditional mean given u = 0, l_i = (M⁻¹S)_bb, and u_g | θ, data ~
+N(m_g, v_g) independent across cohorts. Over the fixed draws of θ its posterior
+is the equal-weight mixture of those Gaussians, summarised exactly as a
+patient's score is (model.scores): mean, sd, central interval, P(benefit ≥ MCID).
+Membership is a weight matrix (K, P), so fractional or overlapping subgroups
+need nothing special.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import ndtr
+
+from model.config import DecisionRule, MeasureConfig, ModelConfig
+from model.likelihood import Hyper, cohort_posterior, cohort_sums, patient_terms
+from model.scores import classify, mixture_quantiles
+
+
+class SubgroupSummary(NamedTuple):
+    """Posterior of each subgroup's mean effect, raw units, shape (K,)."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    p_benefit_ge_mcid: np.ndarray
+    p_benefit_gt_0: np.ndarray
+    members: np.ndarray  # patients in the subgroup (sum of weights)
+
+
+@partial(jax.jit, static_argnames=("num_cohorts", "config"))
+def subgroup_components(
+    draws: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    membership: jax.Array,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(S, K) mean and variance of every subgroup's mean effect under every draw
+    (standardised units). membership: (K, P) weights (1: a member), rows with a
+    zero sum give nan. Draws are mapped sequentially: memory O(K·P)."""
+    size = jnp.sum(membership, axis=1)
+
+    def one(theta: Hyper) -> tuple[jax.Array, jax.Array]:
+        terms = patient_terms(theta, gram, config, covariates)
+        load = terms.m_inv_s.d
+        mean = terms.cond_mean[1]
+        variance = terms.m_inv.d
+        if config.cohort_level:
+            curvature, slope = cohort_sums(terms, cohort, num_cohorts)
+            u_mean, u_var = cohort_posterior(theta.tau_cohort, curvature, slope)
+            mean = mean + load * u_mean[cohort]
+            by_cohort = jax.vmap(
+                lambda w: jax.ops.segment_sum(w * load, cohort, num_segments=num_cohorts)
+            )(membership)  # (K, G): Σ_{i∈S, g(i)=g} l_i
+            shared = by_cohort**2 @ u_var
+        else:
+            shared = jnp.zeros(membership.shape[0], dtype=mean.dtype)
+        return membership @ mean / size, (membership**2 @ variance + shared) / size**2
+
+    return jax.lax.map(one, draws)
+
+
+def summarize_subgroups(
+    draws: Hyper,
+    gram: np.ndarray,
+    cohort: np.ndarray,
+    num_cohorts: int,
+    membership: np.ndarray,
+    measure: MeasureConfig,
+    config: ModelConfig,
+    *,
+    covariates: np.ndarray | None = None,
+    level: float = 0.9,
+) -> SubgroupSummary:
+    """Every subgroup's mean-effect posterior in raw units (module docstring).
+    gram (P, d, d), cohort (P,), membership (K, P), covariates (P, q)
+    standardised or None."""
+    membership = np.asarray(membership, dtype=float)
+    means, variances = subgroup_components(
+        draws,
+        jnp.asarray(gram),
+        jnp.asarray(cohort, dtype=jnp.int32),
+        num_cohorts,
+        jnp.asarray(membership),
+        config.structure,
+        None if covariates is None else jnp.asarray(covariates, dtype=float),
+    )
+    to_raw = float(config.standardization.effect_to_raw(1.0))
+    means = np.asarray(means) * to_raw
+    sds = np.sqrt(np.maximum(np.asarray(variances), 1e-300)) * to_raw
+    alpha = (1.0 - level) / 2.0
+    quantiles = np.asarray(
+        mixture_quantiles(jnp.asarray(means), jnp.asarray(sds), jnp.asarray([alpha, 1 - alpha]))
+    )
+    mean = means.mean(axis=0)
+    sd = np.sqrt(np.mean(sds**2 + (means - mean) ** 2, axis=0))
+    sign = measure.benefit_sign
+    p_mcid = np.mean(ndtr((sign * means - measure.mcid) / sds), axis=0)
+    p_zero = np.mean(ndtr(sign * means / sds), axis=0)
+    return SubgroupSummary(
+        mean=mean,
+        sd=sd,
+        lower=quantiles[0],
+        upper=quantiles[1],
+        p_benefit_ge_mcid=np.asarray(p_mcid),
+        p_benefit_gt_0=np.asarray(p_zero),
+        members=membership.sum(axis=1),
+    )
+
+
+#: A subgroup's call, in the words of the programme. A subgroup is judged on
+#: clinically meaningful benefit alone: it works when P(mean benefit ≥ MCID) ≥
+#: the rule's responder probability, does not work when that probability is ≤
+#: its non-responder probability (the mean benefit is confidently below the
+#: MCID, harm or none), with the rule's hysteresis (model.config.DecisionRule).
+SUBGROUP_CALLS = {
+    "responder": "works",
+    "non_responder": "does_not_work",
+    "uncertain": "uncertain",
+    "insufficient_data": "insufficient_data",
+}
+
+
+def subgroup_calls(
+    summary: SubgroupSummary,
+    rule: DecisionRule,
+    *,
+    min_members: int = 5,
+    previous: list[str | None] | None = None,
+) -> list[str]:
+    """works / does_not_work / uncertain / insufficient_data (fewer than
+    ``min_members`` patients) per subgroup (SUBGROUP_CALLS), with the rule's
+    hysteresis against the ``previous`` calls."""
+    to_rule = {call: name for name, call in SUBGROUP_CALLS.items()}
+    before = None
+    if previous is not None:
+        before = np.asarray([to_rule.get(call or "", "") for call in previous], dtype=object)
+    enough = (summary.members >= min_members).astype(int)
+    calls = classify(  # the MCID probability in both places: see SUBGROUP_CALLS
+        summary.p_benefit_ge_mcid,
+        summary.p_benefit_ge_mcid,
+        enough,
+        enough,
+        rule.model_copy(update={"min_exposed": 1, "min_unexposed": 1}),
+        previous=before,
+    )
+    return [SUBGROUP_CALLS[str(call)] for call in calls]
