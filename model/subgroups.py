@@ -20,6 +20,7 @@ need nothing special.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -27,9 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr
+from pydantic import BaseModel, ConfigDict, Field
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig
+from model.covariates import CovariateSpec
 from model.likelihood import Hyper, cohort_posterior, cohort_sums, patient_terms
+from model.population import MIN_COHORT_BUCKET, MIN_PATIENT_BUCKET, bucket_size
 from model.scores import classify, mixture_quantiles
 
 
@@ -96,14 +100,27 @@ def summarize_subgroups(
     gram (P, d, d), cohort (P,), membership (K, P), covariates (P, q)
     standardised or None."""
     membership = np.asarray(membership, dtype=float)
+    # Padded like the population fit's evidence (zero-evidence patients in no
+    # subgroup change nothing), so repeated calls reuse one compilation.
+    num_patients = int(np.shape(gram)[0])
+    p_pad = bucket_size(num_patients, MIN_PATIENT_BUCKET) - num_patients
+    g_pad = bucket_size(num_cohorts, MIN_COHORT_BUCKET)
+
+    def padded(array: np.ndarray | None, axis: int = 0) -> jax.Array | None:
+        if array is None:
+            return None
+        widths = [(0, 0)] * np.ndim(array)
+        widths[axis] = (0, p_pad)
+        return jnp.asarray(np.pad(np.asarray(array), widths))
+
     means, variances = subgroup_components(
         draws,
-        jnp.asarray(gram),
-        jnp.asarray(cohort, dtype=jnp.int32),
-        num_cohorts,
-        jnp.asarray(membership),
+        padded(np.asarray(gram, dtype=float)),
+        padded(np.asarray(cohort, dtype=np.int32)),
+        g_pad,
+        padded(membership, axis=1),
         config.structure,
-        None if covariates is None else jnp.asarray(covariates, dtype=float),
+        padded(None if covariates is None else np.asarray(covariates, dtype=float)),
     )
     to_raw = float(config.standardization.effect_to_raw(1.0))
     means = np.asarray(means) * to_raw
@@ -165,3 +182,75 @@ def subgroup_calls(
         previous=before,
     )
     return [SUBGROUP_CALLS[str(call)] for call in calls]
+
+
+class SubgroupSpec(BaseModel):
+    """A subgroup declared in configuration: the patients in any of ``cohorts``
+    (all cohorts when empty) whose covariates satisfy every condition:
+    ``ranges`` (numeric covariate → [low, high), either end may be ±inf) and
+    ``levels`` (categorical covariate → the levels that belong). ``measures``
+    limits it to some measures (empty: every measure)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.=-]+$")
+    description: str = ""
+    cohorts: tuple[str, ...] = ()
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    levels: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    measures: tuple[str, ...] = ()
+
+    def check(self, covariates: Sequence[CovariateSpec]) -> None:
+        """ValueError when a condition names an unknown covariate or level, or
+        a range on a categorical covariate (or levels on a numeric one)."""
+        by_name = {spec.name: spec for spec in covariates}
+        for name, (low, high) in self.ranges.items():
+            spec = by_name.get(name)
+            if spec is None or spec.kind != "numeric":
+                raise ValueError(f"subgroup {self.name}: {name!r} is not a numeric covariate")
+            if not low < high:
+                raise ValueError(f"subgroup {self.name}: range of {name!r} must have low < high")
+        for name, levels in self.levels.items():
+            spec = by_name.get(name)
+            if spec is None or spec.kind != "categorical":
+                raise ValueError(f"subgroup {self.name}: {name!r} is not a categorical covariate")
+            unknown = sorted(set(levels) - set(spec.levels))
+            if unknown:
+                raise ValueError(f"subgroup {self.name}: {name!r} has no level(s) {unknown}")
+
+
+def subgroup_membership(
+    subgroups: Sequence[SubgroupSpec],
+    cohort_labels: Sequence[str],
+    design: np.ndarray | None,
+    covariates: Sequence[CovariateSpec],
+) -> np.ndarray:
+    """(K, P) 0/1 membership of every patient in every subgroup, from their
+    cohort labels and covariate design rows (natural units, model.covariates)."""
+    num_patients = len(cohort_labels)
+    design = np.zeros((num_patients, 0)) if design is None else np.asarray(design, dtype=float)
+    columns: dict[str, np.ndarray] = {}
+    start = 0
+    for spec in covariates:
+        width = len(spec.columns)
+        block = design[:, start : start + width]
+        start += width
+        if spec.kind == "numeric":
+            columns[spec.name] = block[:, 0]
+        else:  # the level index: 0 (reference) when no indicator is set
+            level = np.where(block.any(axis=1), block.argmax(axis=1) + 1, 0)
+            columns[spec.name] = level
+    labels = np.asarray(cohort_labels, dtype=object)
+    rows = []
+    for subgroup in subgroups:
+        member = np.ones(num_patients, dtype=bool)
+        if subgroup.cohorts:
+            member &= np.isin(labels, list(subgroup.cohorts))
+        for name, (low, high) in subgroup.ranges.items():
+            member &= (columns[name] >= low) & (columns[name] < high)
+        by_name = {spec.name: spec for spec in covariates}
+        for name, levels in subgroup.levels.items():
+            wanted = [by_name[name].levels.index(level) for level in levels]
+            member &= np.isin(columns[name], wanted)
+        rows.append(member.astype(float))
+    return np.stack(rows) if rows else np.zeros((0, num_patients))

@@ -108,8 +108,9 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         app, topics, catalogue, models, posteriors, settings, telemetry
     )
     population_service = population.PopulationService(
-        app, topics, models, posteriors, settings, telemetry, drift=settings.drift
-    )
+        app, topics, models, posteriors, settings, telemetry, drift=settings.drift,
+        catalogue=catalogue,
+    )  # fmt: skip
     patients.register(app, patients_service)
     population.register(app, population_service)
     drift.register(app, topics, telemetry)

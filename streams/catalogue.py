@@ -15,7 +15,9 @@ The same file may declare patient covariates under ``[covariates.<name>]``
 (model.covariates.CovariateSpec: kind, unit, plausible range, typical value and
 spread, categorical levels, required). Enrolments carry their values; every
 measure's model then lets them shift each patient's expected effect (effect
-modifiers) and intercept.
+modifiers) and intercept. ``[subgroups.<name>]`` declares subgroups
+(model.subgroups.SubgroupSpec: cohorts, covariate ranges and levels) whose mean
+effect the population agent publishes (docs/covariates.md).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from model.config import MeasureConfig, ModelConfig, Standardization
 from model.covariates import CovariateSpec, design_columns, design_standardization
+from model.subgroups import SubgroupSpec
 
 DEFAULT_CATALOGUE = Path(__file__).with_name("measures.toml")
 Source = Literal["wearable", "lab", "pro"]
@@ -163,6 +166,7 @@ class Catalogue(BaseModel):
 
     measures: dict[str, MeasureSpec]
     covariates: tuple[CovariateSpec, ...] = ()
+    subgroups: tuple[SubgroupSpec, ...] = ()
 
     @model_validator(mode="after")
     def _codes_unique(self) -> Catalogue:
@@ -171,7 +175,16 @@ class Catalogue(BaseModel):
             for code in spec.loinc:
                 if owner.setdefault(code, spec.name) != spec.name:
                     raise ValueError(f"LOINC {code} is listed by {owner[code]} and {spec.name}")
+        for subgroup in self.subgroups:
+            subgroup.check(self.covariates)
+            unknown = sorted(set(subgroup.measures) - set(self.measures))
+            if unknown:
+                raise ValueError(f"subgroup {subgroup.name}: unknown measure(s) {unknown}")
         return self
+
+    def subgroups_of(self, measure: str) -> tuple[SubgroupSpec, ...]:
+        """The subgroups scored for ``measure``."""
+        return tuple(s for s in self.subgroups if not s.measures or measure in s.measures)
 
     def get(self, name: str) -> MeasureSpec:
         try:
@@ -215,6 +228,14 @@ class Catalogue(BaseModel):
                 covariates.append(_covariate_spec(name, entry))
             except ValidationError as error:
                 raise CatalogueError(f"{path}: [covariates.{name}]: {error}") from None
+        subgroups = []
+        for name, entry in (raw.pop("subgroups", None) or {}).items():
+            if not isinstance(entry, dict):
+                raise CatalogueError(f"{path}: [subgroups.{name}] must be a table")
+            try:
+                subgroups.append(SubgroupSpec(name=name, **entry))
+            except (ValidationError, TypeError) as error:
+                raise CatalogueError(f"{path}: [subgroups.{name}]: {error}") from None
         for name, entry in raw.items():
             if not isinstance(entry, dict):
                 raise CatalogueError(f"{path}: [{name}] must be a table")
@@ -225,7 +246,7 @@ class Catalogue(BaseModel):
         if not measures:
             raise CatalogueError(f"{path}: no measures defined")
         try:
-            return cls(measures=measures, covariates=tuple(covariates))
+            return cls(measures=measures, covariates=tuple(covariates), subgroups=tuple(subgroups))
         except ValidationError as error:
             raise CatalogueError(f"{path}: {error}") from None
 

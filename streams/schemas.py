@@ -461,15 +461,39 @@ class PopulationPosterior(Envelope):
     )
 
 
+class SubgroupScore(Envelope):
+    """The efficacy of one declared subgroup for one measure (compacted topic
+    subgroup-scores, key ``measure:subgroup``): the posterior of the mean effect
+    over the subgroup's patients (model.subgroups), its probability of a
+    clinically meaningful benefit and the call. Published when it changes
+    materially."""
+
+    measure: str = Field(description="the measure")
+    subgroup: str = Field(description="the subgroup's name in the catalogue")
+    description: str = Field(default="", description="the subgroup, in words")
+    members: int = Field(description="patients of the measure in the subgroup")
+    unit: str = Field(description="the measure's unit")
+    mcid: float = Field(description="minimal clinically important difference, measure's unit")
+    effect: Interval = Field(description="the subgroup's mean effect, per unit of exposure")
+    level: float = Field(default=0.9, description="the credible interval's level")
+    p_benefit_ge_mcid: float = Field(description="P(mean benefit ≥ MCID)")
+    p_benefit_gt_0: float = Field(description="P(mean benefit > 0)")
+    call: Literal["works", "does_not_work", "uncertain", "insufficient_data"] = Field(
+        description="works: P(mean benefit ≥ MCID) ≥ 0.8; does_not_work: ≤ 0.2 (with the "
+        "patient rule's hysteresis); insufficient_data: too few patients"
+    )
+    population_version: int = Field(description="the population posterior it comes from")
+
+
 class Alert(Envelope):
     """A responder transition with its recommended action, a drift alert
     (posterior shift or recent-window departure, ``statistics`` says which), or
     a prior-data conflict (incoming readings keep falling outside their
     posterior predictive; per measure, never per patient)."""
 
-    kind: Literal["transition", "drift", "prior_data_conflict"] = Field(
-        description="a responder transition, a drift of the population posterior, or a "
-        "prior-data conflict"
+    kind: Literal["transition", "drift", "prior_data_conflict", "subgroup_call"] = Field(
+        description="a responder transition, a drift of the population posterior, a "
+        "prior-data conflict, or a subgroup's call that changed"
     )
     severity: Literal["info", "warning", "critical"] = Field(
         default="info", description="how urgent"
@@ -479,8 +503,13 @@ class Alert(Envelope):
     )
     measure: str = Field(description="the measure")
     message: str = Field(description="what happened, in words")
-    previous: str | None = Field(default=None, description="a transition's previous call")
-    current: str | None = Field(default=None, description="a transition's new call")
+    previous: str | None = Field(
+        default=None, description="a transition's (or a subgroup's) previous call"
+    )
+    current: str | None = Field(
+        default=None, description="a transition's (or a subgroup's) new call"
+    )
+    subgroup: str | None = Field(default=None, description="the subgroup of a subgroup_call")
     recommended_action: str | None = Field(
         default=None, description="the care pathway's action for the new call, if any"
     )
@@ -588,6 +617,7 @@ TOPIC_SCHEMAS: dict[str, object] = {
     "alerts": Alert,
     "structure-selection": StructureSelection,
     "audit": LookupAudit,
+    "subgroup-scores": SubgroupScore,
 }
 
 

@@ -28,6 +28,7 @@ class Topics(NamedTuple):
     fhir_observations: faust.TopicT
     omh_datapoints: faust.TopicT
     audit: faust.TopicT
+    subgroup_scores: faust.TopicT
 
     @property
     def sources(self) -> tuple[faust.TopicT, ...]:
@@ -136,6 +137,7 @@ TOPIC_CONFIG: dict[str, dict[str, str]] = {
     # The latest score per patient is the current state: a new consumer reads it
     # without replaying every score ever published.
     "scores": {"cleanup.policy": "compact"},
+    "subgroup-scores": {"cleanup.policy": "compact"},
     # One message carries the statistics of up to EVIDENCE_CHUNK patients.
     "population-evidence": {"max.message.bytes": "16777216"},
     # Who read whose score: kept until an operator decides otherwise (a broker's

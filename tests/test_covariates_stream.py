@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cli.programme import SIMULATED_COVARIATES, build_programme
+from model.config import DecisionRule
 from streams.app import measure_models
 from streams.catalogue import DEFAULT_CATALOGUE, Catalogue
 from streams.chunked_consumer import ChunkRecord
@@ -28,6 +29,7 @@ from streams.population_book import PopulationBook, PopulationModel
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import Enrollment, EvidenceBatch
 from streams.settings import Settings
+from streams.subgroup_scores import BookSnapshot, subgroup_step
 
 MEASURE = "resting_heart_rate"
 PARTITIONS = 2
@@ -36,10 +38,22 @@ EFFECT_PER_YEAR = 0.15  # bpm per year: older patients benefit less (lower is be
 GROUP_B = -4.0  # bpm: group B benefits more
 
 
+SUBGROUPS = """
+[subgroups.group-a]
+description = "group A"
+levels = { group = ["A"] }
+
+[subgroups.group-b-over-50]
+description = "group B, aged 50 and over"
+levels = { group = ["B"] }
+ranges = { age = [50.0, 200.0] }
+"""
+
+
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory) -> Catalogue:
     path = tmp_path_factory.mktemp("catalogue") / "measures.toml"
-    path.write_text(DEFAULT_CATALOGUE.read_text() + SIMULATED_COVARIATES)
+    path.write_text(DEFAULT_CATALOGUE.read_text() + SIMULATED_COVARIATES + SUBGROUPS)
     return Catalogue.load(path)
 
 
@@ -136,6 +150,31 @@ def test_covariates_flow_from_enrolment_to_effect_modifiers_and_scores(catalogue
     true_effect = np.array([truth[p].effect[MEASURE] for p in scores])
     estimated = np.array([s["effect"]["mean"] for s in scores.values()])
     assert np.corrcoef(true_effect, estimated)[0, 1] > 0.8
+
+    # Subgroups: each one's mean effect covers the mean of its members' true
+    # effects; a call that changes raises an alert.
+    snapshot = BookSnapshot(stats.gram, cohort, cohorts, covariates)
+    state, out = subgroup_step({}, posterior, snapshot, catalogue, model, DecisionRule())
+    published = {score.subgroup: score for score in out.scores}
+    assert set(published) == {"group-a", "group-b-over-50"} and not out.alerts
+    for name, member in (
+        ("group-a", lambda c: c["group"] == "A"),
+        ("group-b-over-50", lambda c: c["group"] == "B" and c["age"] >= 50),
+    ):
+        ids = [p for p in truth if member(truth[p].covariates)]
+        score = published[name]
+        assert score.members == len(ids)
+        true_mean = np.mean([truth[p].effect[MEASURE] for p in ids])
+        assert score.effect.lower <= true_mean <= score.effect.upper, (name, score, true_mean)
+    assert published["group-b-over-50"].call == "works"
+    again, out = subgroup_step(state, posterior, snapshot, catalogue, model, DecisionRule())
+    assert again == state and not out.scores  # nothing changed: nothing sent
+    flipped = {**state, "group-b-over-50": state["group-b-over-50"].model_copy(
+        update={"call": "uncertain"})}  # fmt: skip
+    _, out = subgroup_step(flipped, posterior, snapshot, catalogue, model, DecisionRule())
+    (alert,) = out.alerts
+    assert (alert.kind, alert.subgroup, alert.previous, alert.current) == (
+        "subgroup_call", "group-b-over-50", "uncertain", "works")  # fmt: skip
 
 
 def test_enrolments_without_covariates_under_a_catalogue_without_them_still_validate():

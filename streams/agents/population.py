@@ -27,7 +27,7 @@ import faust
 import numpy as np
 from faust.types import TP
 
-from model.config import ModelConfig, SVIConfig
+from model.config import DecisionRule, ModelConfig, SVIConfig
 from model.evidence import PatientStats
 from model.selection import FitterCache
 from monitoring.drift import (
@@ -36,6 +36,7 @@ from monitoring.drift import (
     PosteriorShiftDetector,
     WindowShiftDetector,
 )
+from streams.catalogue import Catalogue
 from streams.output import DeliveryFailed, Producer, delivered, stop_now
 from streams.partitioning import measure_partition
 from streams.population_book import (
@@ -52,9 +53,11 @@ from streams.schemas import (
     PatientEvidence,
     PopulationPosterior,
     StructureSelection,
+    SubgroupScore,
 )
 from streams.settings import Settings
 from streams.stores import PartitionedByKey
+from streams.subgroup_scores import BookSnapshot, subgroup_step
 from streams.telemetry import Telemetry
 from streams.topics import Topics
 
@@ -85,8 +88,11 @@ class PopulationService:
         telemetry: Telemetry,
         svi: SVIConfig | None = None,
         drift: DriftConfig | None = None,
+        catalogue: Catalogue | None = None,
     ) -> None:
         self.app = app
+        self.catalogue = catalogue  # its subgroups are scored after every posterior
+        self.subgroups: dict[str, dict[str, SubgroupScore]] = {}  # last published
         self.topics = topics
         self.models = models
         self.posteriors = posteriors
@@ -271,6 +277,9 @@ class PopulationService:
             key=measure.encode(), value=result.message.model_dump_json().encode()
         )
         self.telemetry.population_updated(result)
+        await self.score_subgroups(
+            result.message, BookSnapshot(stats.gram, cohort, cohorts, covariates)
+        )
         log.info(
             "population %s v%d: %d patients, effect %.3g, %d steps in %.2f s",
             measure,
@@ -280,6 +289,38 @@ class PopulationService:
             result.message.svi_steps,
             result.seconds,
         )
+
+    async def score_subgroups(self, posterior: PopulationPosterior, snapshot: BookSnapshot) -> None:
+        """The catalogue's subgroups of the measure under the new posterior
+        (streams.subgroup_scores): changed scores to subgroup-scores (key
+        ``measure:subgroup``), changed calls to alerts. A failure is logged and
+        leaves the posterior published."""
+        measure = posterior.measure
+        if self.catalogue is None or not self.catalogue.subgroups_of(measure):
+            return
+        try:
+            state, outputs = await in_thread(
+                subgroup_step,
+                self.subgroups.get(measure, {}),
+                posterior,
+                snapshot,
+                self.catalogue,
+                self.models[measure],
+                DecisionRule(),
+            )
+        except Exception:
+            log.exception("the subgroup scores of %s failed", measure)
+            return
+        self.subgroups[measure] = state
+        for score in outputs.scores:
+            await self.topics.subgroup_scores.send(
+                key=f"{measure}:{score.subgroup}".encode(),
+                value=score.model_dump_json().encode(),
+            )
+        for alert in outputs.alerts:
+            await self.topics.alerts.send(
+                key=measure.encode(), value=alert.model_dump_json().encode()
+            )
 
     def selection_due(self, measure: str) -> bool:
         """An owned measure (its book rebuilt by a tick) with enough patients and a
