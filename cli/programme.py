@@ -130,6 +130,7 @@ class Record:
     measure: str | None = None
     canonical_value: float | None = None
     exposure: float | None = None
+    time_covariates: tuple[float, ...] = ()  # a simulated reading's, the catalogue's order
 
 
 class MeasureTruth(BaseModel):
@@ -275,6 +276,18 @@ class Programme:
             np.array([days(r.event_time) for r in valid]),
             np.array([r.canonical_value for r in valid]),
             model,
+            time_covariates=(
+                # A reading without them is taken at their centre, as the stream does.
+                np.array(
+                    [
+                        r.time_covariates or model.standardization.time_covariate_location
+                        for r in valid
+                    ],
+                    dtype=float,
+                ).reshape(len(valid), len(model.time_covariates))
+                if model.time_covariates
+                else None
+            ),
         )
 
 
@@ -293,8 +306,9 @@ def records_digest(records: Iterable[tuple[bytes | None, bytes]]) -> str:
 
 
 #: The simulated covariates as an enrolment carries them: age in years (one
-#: decimal) and group as a letter (level 0: "A"). SIMULATED_COVARIATES is the
-#: catalogue section that declares them (docs/covariates.md).
+#: decimal) and group as a letter (level 0: "A"); readings carry the
+#: time-varying ``activity`` when the simulation has it. SIMULATED_COVARIATES is
+#: the catalogue section that declares them (docs/covariates.md).
 GROUP_LEVELS = "ABCDEFGH"
 SIMULATED_COVARIATES = """
 [covariates.age]
@@ -306,7 +320,24 @@ typical = [55.0, 12.0]
 [covariates.group]
 kind = "categorical"
 levels = ["A", "B"]
+
+[covariates.activity]
+kind = "numeric"
+varies = "reading"
+typical = [0.0, 1.0]
+required = false
 """
+
+
+def _absent_extras(reading: RawObservation) -> set[str]:
+    """A reading's optional adherence and covariates when it has none: left out
+    of the JSON, as a producer that does not use them sends it."""
+    absent = set()
+    if reading.adherence is None:
+        absent.add("adherence")
+    if not reading.covariates:
+        absent.add("covariates")
+    return absent
 
 
 def enrolment_covariates(sim: Simulated) -> list[dict[str, float | str]]:
@@ -540,15 +571,26 @@ def build_programme(
         extra_field, extra_value = _PRODUCER_FIELD[topic]
         events = sim.events
         reading_us = _micros(events.time)
+        # The exposure-change events carry the dose; a reading's adherence scales it.
+        scheduled = np.where(events.exposure > 0, sim.spec.dose, 0.0)
         reading_us = _honour_exposure(
-            reading_us, events.patient, events.exposure, enrol_us, change_us, changes
+            reading_us, events.patient, scheduled, enrol_us, change_us, changes
         )
         alternatives = list(spec_m.units.items())
         use_alternative = rng.uniform(size=reading_us.size) < alternative_unit_fraction
         unit_choice = rng.integers(0, max(len(alternatives), 1), reading_us.size)
         bucket = readings.setdefault(topic, [])
+        dose = sim.spec.dose
         for row in range(reading_us.size):
             i = int(events.patient[row])
+            extras: dict[str, Any] = {}
+            if sim.spec.adherence_low < 1.0 and events.exposure[row] > 0:
+                extras["adherence"] = float(events.exposure[row]) / dose
+            if events.time_covariates is not None:
+                extras["covariates"] = {
+                    name: float(events.time_covariates[row, k])
+                    for k, name in enumerate(events.time_covariate_names)
+                }
             canonical = float(events.outcome[row])
             unit, value = spec_m.unit, canonical
             if alternatives and use_alternative[row]:
@@ -562,13 +604,14 @@ def build_programme(
                 value=value,
                 unit=unit,
                 **{extra_field: extra_value},
+                **extras,
             )
             plausible = spec_m.plausible_value(canonical)
             label: Label = "valid" if plausible else "implausible_value"
             record = Record(
                 topic=topic,
                 key=patients[i].encode(),
-                value=reading.model_dump_json().encode(),
+                value=reading.model_dump_json(exclude=_absent_extras(reading)).encode(),
                 event_id=reading.event_id,
                 event_time=reading.event_time,
                 patient_id=patients[i],
@@ -576,6 +619,7 @@ def build_programme(
                 measure=name,
                 canonical_value=canonical,
                 exposure=float(events.exposure[row]),
+                time_covariates=tuple(extras.get("covariates", {}).values()),
             )
             bucket.append((int(reading_us[row]), len(bucket), record))
             if plausible:

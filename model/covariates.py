@@ -46,6 +46,11 @@ class CovariateSpec(BaseModel):
     required: bool = Field(
         default=True, description="a patient without a value is rejected (else: the centre)"
     )
+    varies: Literal["patient", "reading"] = Field(
+        default="patient",
+        description="patient: a baseline characteristic, in the mean of the patient's effect; "
+        "reading: a time-varying covariate each reading carries, a population fixed effect",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CovariateSpec:
@@ -58,6 +63,8 @@ class CovariateSpec(BaseModel):
             raise ValueError(f"{self.name}: repeated levels")
         if self.kind == "numeric" and self.levels:
             raise ValueError(f"{self.name}: a numeric covariate has no levels")
+        if self.varies == "reading" and self.kind != "numeric":
+            raise ValueError(f"{self.name}: a covariate that varies by reading must be numeric")
         return self
 
     @property

@@ -142,11 +142,15 @@ class MeasureSpec(BaseModel):
         standardised); the patient ``covariates`` are standardised by their
         catalogue entries' typical value and spread."""
         location, scale = self.typical
-        covariate_location, covariate_scale = design_standardization(covariates)
+        baseline = [c for c in covariates if c.varies == "patient"]
+        by_reading = [c for c in covariates if c.varies == "reading"]
+        covariate_location, covariate_scale = design_standardization(baseline)
+        time_location, time_scale = design_standardization(by_reading)
         return ModelConfig(
             time_trend=True,
             cohort_level=True,
-            covariates=design_columns(covariates),
+            covariates=design_columns(baseline),
+            time_covariates=design_columns(by_reading),
             half_life=half_life_days,
             recent_half_life=recent_half_life_days,
             standardization=Standardization(
@@ -157,6 +161,8 @@ class MeasureSpec(BaseModel):
                 time_scale=time_scale_days,
                 covariate_location=covariate_location,
                 covariate_scale=covariate_scale,
+                time_covariate_location=time_location,
+                time_covariate_scale=time_scale,
             ),
         )
 
@@ -176,11 +182,21 @@ class Catalogue(BaseModel):
                 if owner.setdefault(code, spec.name) != spec.name:
                     raise ValueError(f"LOINC {code} is listed by {owner[code]} and {spec.name}")
         for subgroup in self.subgroups:
-            subgroup.check(self.covariates)
+            subgroup.check(self.patient_covariates)
             unknown = sorted(set(subgroup.measures) - set(self.measures))
             if unknown:
                 raise ValueError(f"subgroup {subgroup.name}: unknown measure(s) {unknown}")
         return self
+
+    @property
+    def patient_covariates(self) -> tuple[CovariateSpec, ...]:
+        """Baseline covariates: what enrolments carry."""
+        return tuple(c for c in self.covariates if c.varies == "patient")
+
+    @property
+    def reading_covariates(self) -> tuple[CovariateSpec, ...]:
+        """Time-varying covariates: what readings carry."""
+        return tuple(c for c in self.covariates if c.varies == "reading")
 
     def subgroups_of(self, measure: str) -> tuple[SubgroupSpec, ...]:
         """The subgroups scored for ``measure``."""

@@ -28,8 +28,10 @@ Exposure at an observation is read off the patient's timeline at the
 observation's event time (enrolment sets the initial exposure; ExposureChange
 events start, stop or change the dose). Kafka orders nothing across topics, so
 an exposure change may arrive after readings it governs: each measure keeps the
-raw (time, value) of its recent readings and re-derives their exposure when
-the timeline changes. Once more than 2·``RECENT_KEEP`` are held, the readings
+raw (time, value) of its recent readings (with the reading's adherence and
+time-varying covariates when it has them: ``Reading``) and re-derives their
+exposure when the timeline changes. A reading's exposure is the timeline's dose
+times its adherence. Once more than 2·``RECENT_KEEP`` are held, the readings
 older than the ``RECENT_KEEP``-th newest *or* more than ``REORDER_WINDOW_DAYS``
 before the latest are sealed into statistics (state stays bounded however dense
 the readings: the window is the shorter of the two). An exposure
@@ -94,7 +96,7 @@ class MeasureStats(BaseModel):
 
     - *sealed*: readings older than ``sealed_until``, folded into statistics for
       good (their exposure can no longer change);
-    - *recent*: the (time, value) of readings inside the reorder window, kept so
+    - *recent*: the readings inside the reorder window (``Reading``), kept so
       that an exposure change arriving after the readings it governs re-derives
       their exposure exactly.
     """
@@ -113,7 +115,7 @@ class MeasureStats(BaseModel):
     sealed_count_exposed: int = 0
     sealed_count_unexposed: int = 0
     sealed_until: float = float("-inf")
-    recent: list[tuple[float, float]] = Field(default_factory=list)
+    recent: list[tuple[float, ...]] = Field(default_factory=list)
     # The sealed readings' statistics under the recent-window forgetting
     # (ModelConfig.recent_window), kept only when the model has one, with the
     # half-life they use. Readings sealed before ``sealed_window_missing_until``
@@ -175,6 +177,34 @@ class MeasureStats(BaseModel):
         self.sealed_count_exposed = int(stats.count_exposed[0])
         self.sealed_count_unexposed = int(stats.count_unexposed[0])
         self.sealed_until = until
+
+
+#: A recent reading: (time, value), or (time, value, adherence, c_1, …, c_k)
+#: when its adherence is not 1 or the model has time-varying covariates (their
+#: values, natural units, in ModelConfig.time_covariates' order).
+Reading = tuple[float, ...]
+
+
+def reading_of(time: float, value: float, adherence: float, covariates: list[float]) -> Reading:
+    if adherence == 1.0 and not covariates:
+        return (time, value)
+    return (time, value, adherence, *covariates)
+
+
+def _adherence(reading: Reading) -> float:
+    return reading[2] if len(reading) > 2 else 1.0
+
+
+def _time_covariates(readings: list[Reading], model: ModelConfig) -> np.ndarray | None:
+    """(n, k) time-varying covariates of readings (the centre, standardised 0,
+    for one stored without them); None when the model has none."""
+    k = len(model.time_covariates)
+    if not k:
+        return None
+    centre = list(model.standardization.time_covariate_location or [0.0] * k)
+    return np.asarray(
+        [list(r[3 : 3 + k]) if len(r) == 3 + k else centre for r in readings], dtype=float
+    ).reshape(len(readings), k)
 
 
 def _stats(gram, reference_time: float, exposed: int, unexposed: int) -> PatientStats:
@@ -278,17 +308,18 @@ def _remember(record: PatientRecord, event_id: str, origin: Origin) -> None:
 
 
 def _readings_stats(
-    record: PatientRecord, readings: list[tuple[float, float]], model: ModelConfig
+    record: PatientRecord, readings: list[Reading], model: ModelConfig
 ) -> PatientStats:
-    """Statistics of (time, value) readings with exposure from the current timeline."""
-    times = np.asarray([t for t, _ in readings], dtype=float)
+    """Statistics of readings with exposure from the current timeline."""
+    times = np.asarray([r[0] for r in readings], dtype=float)
     return stats_from_events(
         1,
         np.zeros(times.size, dtype=np.int64),
-        np.asarray([record.exposure_at(t) for t in times]),
+        np.asarray(_exposures(record, readings)),
         times,
-        np.asarray([v for _, v in readings], dtype=float),
+        np.asarray([r[1] for r in readings], dtype=float),
         model,
+        time_covariates=_time_covariates(readings, model),
     )
 
 
@@ -320,6 +351,7 @@ def _add_to_window(
     exposure: float,
     time: float,
     value: float,
+    covariates: tuple[float, ...] = (),
 ) -> None:
     """After a reading was added to the sealed or recent part: the window
     statistics plus that reading, or all of them from their parts when they
@@ -328,7 +360,7 @@ def _add_to_window(
         _refresh_window(record, stats, window)
         return
     stats.window_gram, stats.window_reference_time = add_reading(
-        stats.window_gram, stats.window_reference_time, exposure, time, value, window
+        stats.window_gram, stats.window_reference_time, exposure, time, value, window, covariates
     )
 
 
@@ -393,6 +425,7 @@ def recent_window_stats_many(
     exposure: list[float] = []
     times: list[float] = []
     values: list[float] = []
+    readings: list[Reading] = []
     for index, k in enumerate(complete):
         record, stats = items[k]
         totals.append(stats.reference_time)
@@ -405,9 +438,10 @@ def recent_window_stats_many(
         references.append(reference)
         recent = stats.recent
         patient.extend([index] * len(recent))
-        times.extend(t for t, _ in recent)
-        values.extend(v for _, v in recent)
+        times.extend(r[0] for r in recent)
+        values.extend(r[1] for r in recent)
         exposure.extend(_exposures(record, recent))
+        readings.extend(recent)
     added = gram_stats(np.asarray(grams, dtype=float), np.asarray(references, dtype=float))
     if patient:
         added = add_events(
@@ -417,6 +451,7 @@ def recent_window_stats_many(
             np.asarray(times, dtype=float),
             np.asarray(values, dtype=float),
             window,
+            _time_covariates(readings, window),
         )
     rebased = decay_to(added, np.asarray(totals, dtype=float), window)
     for index, k in enumerate(complete):
@@ -429,17 +464,18 @@ def recent_window_stats_many(
     return out
 
 
-def _exposures(record: PatientRecord, readings: list[tuple[float, float]]) -> list[float]:
-    """The exposure in force at each reading's time (PatientRecord.exposure_at)."""
+def _exposures(record: PatientRecord, readings: list[Reading]) -> list[float]:
+    """Each reading's exposure: the dose in force at its time
+    (PatientRecord.exposure_at) times its adherence."""
     timeline = record.timeline
     if not timeline:
         return [0.0] * len(readings)
     if len(timeline) == 1:
         start, level = timeline[0]
-        return [level if t >= start else 0.0 for t, _ in readings]
+        return [level * _adherence(r) if r[0] >= start else 0.0 for r in readings]
     starts = [start for start, _ in timeline]
     levels = [0.0, *(level for _, level in timeline)]
-    return [levels[bisect.bisect_right(starts, t)] for t, _ in readings]
+    return [levels[bisect.bisect_right(starts, r[0])] * _adherence(r) for r in readings]
 
 
 def patient_evidence(
@@ -514,9 +550,10 @@ def _add_observation(
         if model.recent_window is not None:  # kept from the first reading on
             stats.window_gram, stats.window_half_life = empty, model.recent_window.half_life
         record.measures[observation.measure] = stats
-    exposure = record.exposure_at(time)
+    exposure = record.exposure_at(time) * observation.adherence
+    covariates = tuple(observation.time_covariates)
     stats.gram, stats.reference_time = add_reading(
-        stats.gram, stats.reference_time, exposure, time, observation.value, model
+        stats.gram, stats.reference_time, exposure, time, observation.value, model, covariates
     )
     exposed = exposure != 0
     stats.count_exposed += exposed
@@ -524,7 +561,13 @@ def _add_observation(
     if time < stats.sealed_until:  # older than the window: its exposure is final
         sealed = stats.sealed_gram or empty_stats(1, model).gram[0].tolist()
         stats.sealed_gram, stats.sealed_reference_time = add_reading(
-            sealed, stats.sealed_reference_time, exposure, time, observation.value, model
+            sealed,
+            stats.sealed_reference_time,
+            exposure,
+            time,
+            observation.value,
+            model,
+            covariates,
         )
         stats.sealed_count_exposed += exposed
         stats.sealed_count_unexposed += not exposed
@@ -538,12 +581,17 @@ def _add_observation(
                 time,
                 observation.value,
                 window,
+                covariates,
             )
     else:
-        stats.recent.append((time, observation.value))
+        stats.recent.append(
+            reading_of(time, observation.value, observation.adherence, list(covariates))
+        )
         _seal(record, stats, model)
     if model.recent_window is not None:
-        _add_to_window(record, stats, model.recent_window, exposure, time, observation.value)
+        _add_to_window(
+            record, stats, model.recent_window, exposure, time, observation.value, covariates
+        )
     if stats.last_event_time is None or observation.event_time > stats.last_event_time:
         stats.last_event_time = observation.event_time
     _remember(record, observation.event_id, observation.origin)
@@ -573,7 +621,7 @@ def _change_exposure(
             return False
     bisect.insort(record.timeline, (time, exposure))
     for name, stats in record.measures.items():
-        if any(t >= time for t, _ in stats.recent):
+        if any(r[0] >= time for r in stats.recent):
             _rederive(record, stats, models[name])
             outcome.touched.add(name)
     return True

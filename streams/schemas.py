@@ -154,6 +154,19 @@ class RawObservation(Envelope):
         description="the measure's canonical unit, one of its other units (converted on "
         "arrival) or a UCUM spelling of either that the catalogue lists",
     )
+    adherence: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="the fraction of the prescribed dose taken for this reading (null: all "
+        "of it); the reading's exposure is the dose in force times this",
+    )
+    covariates: dict[Annotated[str, Field(max_length=64)], float] = Field(
+        default_factory=dict,
+        max_length=64,
+        description='time-varying covariates the catalogue declares (varies = "reading"), '
+        "by name, in their units",
+    )
 
 
 class WearableReading(RawObservation):
@@ -201,6 +214,8 @@ class Observation(Envelope):
     unit: str
     source: Literal["wearable", "lab", "pro"]
     origin: Origin
+    adherence: float = 1.0
+    time_covariates: list[float] = Field(default_factory=list)  # the catalogue's order
 
 
 class EnrollmentRecord(BaseModel):

@@ -73,7 +73,9 @@ def subgroup_step(
     if not specs or snapshot.gram.shape[0] == 0:
         return state, outputs
     labels = [snapshot.cohorts[g] for g in snapshot.cohort]
-    membership = subgroup_membership(specs, labels, snapshot.covariates, catalogue.covariates)
+    membership = subgroup_membership(
+        specs, labels, snapshot.covariates, catalogue.patient_covariates
+    )
     members = membership.sum(axis=1)
     scored = [k for k in range(len(specs)) if members[k] >= 1]
     if not scored:

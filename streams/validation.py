@@ -110,6 +110,10 @@ def validate_observation(
             "implausible_value",
             f"{spec.name} = {canonical:g} {spec.unit} outside [{low:g}, {high:g}]",
         )
+    try:
+        time_covariates = encode_patient(catalogue.reading_covariates, record.covariates)
+    except CovariateError as error:
+        raise Rejected("invalid_covariate", str(error)) from None
     return Observation(
         event_id=record.event_id,
         event_time=record.event_time,
@@ -119,6 +123,8 @@ def validate_observation(
         unit=spec.unit,
         source=record.source,
         origin=origin,
+        adherence=1.0 if record.adherence is None else record.adherence,
+        time_covariates=time_covariates,
     )
 
 
@@ -138,7 +144,7 @@ def validate_enrollment(
     _check_envelope(key, event.patient_id, event.event_time, now or datetime.now(UTC), settings)
     covariates = None
     if isinstance(event, Enrollment):
-        specs = catalogue.covariates if catalogue is not None else ()
+        specs = catalogue.patient_covariates if catalogue is not None else ()
         try:
             covariates = encode_patient(specs, event.covariates) if specs else None
         except CovariateError as error:

@@ -24,6 +24,7 @@ from streams.app import measure_models
 from streams.catalogue import DEFAULT_CATALOGUE, Catalogue
 from streams.chunked_consumer import ChunkRecord
 from streams.partitioning import key_partition
+from streams.patient_state import PatientRecord
 from streams.patient_step import StepContext, batch_keys, process_batch, rescore
 from streams.population_book import PopulationBook, PopulationModel
 from streams.posterior_feed import PosteriorBook
@@ -63,7 +64,8 @@ def programme(catalogue):
         [MEASURE], catalogue=catalogue, num_patients=160, num_cohorts=4, obs_per_patient=16,
         seed=23, spec_overrides={MEASURE: {
             "with_covariates": True, "effect_per_year": EFFECT_PER_YEAR,
-            "group_effects": (GROUP_B,),
+            "group_effects": (GROUP_B,), "adherence_low": 0.5, "time_covariate_effect": 2.0,
+            "time_covariate_confounding": 1.0,
         }},
     )  # fmt: skip
 
@@ -93,7 +95,7 @@ def bad_enrolments(start_offset: int) -> list[ChunkRecord]:
 def test_covariates_flow_from_enrolment_to_effect_modifiers_and_scores(catalogue, programme):
     models = measure_models(catalogue, SETTINGS)
     model = models[MEASURE]
-    assert model.covariates == ("age", "group=B")
+    assert model.covariates == ("age", "group=B") and model.time_covariates == ("activity",)
     context = StepContext(catalogue, models, PosteriorBook(), SETTINGS)
     records = programme.as_read(SETTINGS.topic_prefix, PARTITIONS)
     records += bad_enrolments(10_000)
@@ -112,6 +114,14 @@ def test_covariates_flow_from_enrolment_to_effect_modifiers_and_scores(catalogue
         assert fragment in details
     accepted = sum(sum(o.accepted.values()) for o in outputs)
     assert accepted + len(letters) == len(records)  # nothing lost
+    # Readings with their adherence (dose < 1) and time-varying covariate: the
+    # statistics equal the batch computation over the simulated exposures.
+    patients = sorted(programme.truth.patients)
+    expected = programme.expected_statistics(MEASURE, model, patients)
+    gram = np.stack(
+        [PatientRecord.model_validate_json(states[p]).measures[MEASURE].gram for p in patients]
+    )
+    np.testing.assert_allclose(gram, expected.gram, rtol=1e-9, atol=1e-8)
 
     book = PopulationBook(MEASURE, model)
     for o in outputs:
