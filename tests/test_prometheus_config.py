@@ -212,6 +212,8 @@ def _populate(registry: CollectorRegistry) -> None:
         "kind": DRIFT_KINDS,
         "trigger": SCORE_TRIGGERS,
         "structure": STRUCTURES,
+        "covariate": ("age", "group=B"),
+        "statistic": ("mean", "q05", "q95"),
     }
     for metric in metrics:
         names = metric._labelnames
