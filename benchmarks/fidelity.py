@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmarks.common import machine, median, say, timed, write_json
 from model.config import MeasureConfig, ModelConfig, SVIConfig
-from model.evidence import add_events, empty_stats, stats_from_events
+from model.evidence import add_events, empty_stats, events_stats
 from model.offline import fit_programme, model_config_for
 from model.population import FitState, PopulationFitter, pad_evidence
 from model.reference import ReferenceFit, fit_naive_advi, fit_nuts
@@ -228,9 +228,7 @@ def sequential(
     events = sim.events
     cohort, num_cohorts = events.cohort_of_patient, events.num_cohorts
     fitter = PopulationFitter(config, SVIConfig())
-    all_stats = stats_from_events(
-        events.num_patients, events.patient, events.exposure, events.time, events.outcome, config
-    )
+    all_stats = events_stats(events, config)
     all_evidence = pad_evidence(all_stats, cohort, num_cohorts)
 
     def fresh_fit(seed: int) -> FitState:

@@ -316,14 +316,12 @@ def run_selection(
     args: argparse.Namespace, events: Any, cohorts: dict[str, np.ndarray], say: Any
 ) -> dict[str, Any]:
     """Structure selection (model.selection) on the file's patients; prints the table."""
-    from model.evidence import stats_from_events
+    from model.evidence import events_stats
     from model.offline import model_config_for
     from model.selection import format_table, select_structure
 
     config = model_config_for(events, time_trend=args.time is not None, cohort_level=False)
-    stats = stats_from_events(
-        events.num_patients, events.patient, events.exposure, events.time, events.outcome, config
-    )
+    stats = events_stats(events, config)
     say(f"structure selection: {args.folds}-fold cross-validation over patients")
     selection = select_structure(
         lambda _config: stats,  # Gram matrices depend only on time trend and scaling

@@ -26,11 +26,14 @@ stream's one-reading-at-a-time step.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from model.events import Events
 
 
 class PatientStats(NamedTuple):
@@ -264,4 +267,18 @@ def stats_from_events(
     """Batch computation of every patient's statistics from all its events."""
     return add_events(
         empty_stats(num_patients, config), patient, exposure, time, outcome, config, time_covariates
+    )
+
+
+def events_stats(events: Events, config: ModelConfig) -> PatientStats:
+    """``stats_from_events`` of a programme's observations (model.events.Events),
+    time-varying covariates included."""
+    return stats_from_events(
+        events.num_patients,
+        events.patient,
+        events.exposure,
+        events.time,
+        events.outcome,
+        config,
+        time_covariates=events.time_covariates,
     )

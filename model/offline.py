@@ -20,7 +20,7 @@ import numpy as np
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig, Standardization, SVIConfig
 from model.events import Events
-from model.evidence import stats_from_events
+from model.evidence import events_stats
 from model.population import PopulationFitter, pad_evidence
 from model.scores import (
     EffectSummary,
@@ -222,15 +222,7 @@ def fit_programme(
     cohorts: list[dict[str, float]] = []
     say = progress or (lambda _message: None)
     config = model_config_for(events, time_trend=time_trend, cohort_level=cohort_level)
-    stats = stats_from_events(
-        events.num_patients,
-        events.patient,
-        events.exposure,
-        events.time,
-        events.outcome,
-        config,
-        time_covariates=events.time_covariates,
-    )
+    stats = events_stats(events, config)
     covariates = (
         config.standardization.covariates(events.covariates) if config.num_covariates else None
     )

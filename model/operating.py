@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig, Standardization, SVIConfig
-from model.evidence import stats_from_events
+from model.evidence import events_stats
 from model.population import PopulationFitter, pad_evidence
 from model.scores import Classification, classify, summarize_effects
 from model.simulate import ProgrammeSpec, simulate
@@ -147,14 +147,7 @@ def operating_characteristics(
             replicate_seed = seed + replicate
             sim = simulate(spec.model_copy(update={"obs_per_patient": int(n)}), replicate_seed)
             events = sim.events
-            stats = stats_from_events(
-                events.num_patients,
-                events.patient,
-                events.exposure,
-                events.time,
-                events.outcome,
-                config,
-            )
+            stats = events_stats(events, config)
             evidence = pad_evidence(stats, events.cohort_of_patient, spec.num_cohorts)
             keys = jax.random.split(jax.random.PRNGKey(replicate_seed), 3)
             state = fitter.init(keys[0], evidence)

@@ -23,6 +23,7 @@ from model.likelihood import Hyper
 from model.population import SMALL_BUCKET, bucket_size
 from model.predictive import predictive_residuals
 from model.scores import EffectSummary, classify, summarize_given_cohorts
+from model.subgroups import SubgroupSummary
 from streams.catalogue import MeasureSpec
 from streams.patient_state import MeasureStats, PatientRecord, Published, days
 from streams.schemas import (
@@ -150,6 +151,16 @@ def _bucket_sizes(largest: int) -> list[int]:
     return [SMALL_BUCKET << k for k in range(64) if SMALL_BUCKET << k <= largest]
 
 
+def interval_at(summary: EffectSummary | SubgroupSummary, index: int) -> Interval:
+    """Item ``index`` of a mixture summary (a patient's or a subgroup's) as an Interval."""
+    return Interval(
+        mean=float(summary.mean[index]),
+        sd=float(summary.sd[index]),
+        lower=float(summary.lower[index]),
+        upper=float(summary.upper[index]),
+    )
+
+
 def measure_scores(
     posterior: MeasurePosterior,
     stats: list[MeasureStats],
@@ -185,12 +196,7 @@ def measure_scores(
                 unit=spec.unit,
                 direction=spec.direction,
                 mcid=spec.mcid,
-                effect=Interval(
-                    mean=float(summary.mean[i]),
-                    sd=float(summary.sd[i]),
-                    lower=float(summary.lower[i]),
-                    upper=float(summary.upper[i]),
-                ),
+                effect=interval_at(summary, i),
                 level=LEVEL,
                 p_benefit_ge_mcid=float(summary.p_benefit_ge_mcid[i]),
                 p_benefit_gt_0=float(summary.p_benefit_gt_0[i]),

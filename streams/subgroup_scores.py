@@ -19,8 +19,8 @@ import numpy as np
 from model.config import DecisionRule, ModelConfig
 from model.subgroups import subgroup_calls, subgroup_membership, summarize_subgroups
 from streams.catalogue import Catalogue
-from streams.schemas import Alert, Interval, PopulationPosterior, SubgroupScore
-from streams.scoring import LEVEL, MeasurePosterior, standardized_covariates
+from streams.schemas import Alert, PopulationPosterior, SubgroupScore
+from streams.scoring import LEVEL, MeasurePosterior, interval_at, standardized_covariates
 
 #: Published again when the call changes, the mean moves by this many posterior
 #: sds, or P(mean benefit ≥ MCID) by this much (as a patient's score).
@@ -115,12 +115,7 @@ def subgroup_step(
             members=int(summary.members[j]),
             unit=spec.unit,
             mcid=spec.mcid,
-            effect=Interval(
-                mean=float(summary.mean[j]),
-                sd=float(summary.sd[j]),
-                lower=float(summary.lower[j]),
-                upper=float(summary.upper[j]),
-            ),
+            effect=interval_at(summary, j),
             level=LEVEL,
             p_benefit_ge_mcid=float(summary.p_benefit_ge_mcid[j]),
             p_benefit_gt_0=float(summary.p_benefit_gt_0[j]),

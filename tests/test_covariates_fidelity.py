@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from model.config import MeasureConfig, SVIConfig
-from model.evidence import stats_from_events
+from model.evidence import events_stats
 from model.offline import fit_programme, model_config_for, population_quantities
 from model.population import PopulationFitter, pad_evidence
 from model.reference import fit_nuts
@@ -76,10 +76,7 @@ def test_covariate_model_matches_nuts(modified):
     assert nuts.diagnostics["max_r_hat"] < 1.02
 
     covariates = config.standardization.covariates(events.covariates)
-    stats = stats_from_events(
-        events.num_patients, events.patient, events.exposure, events.time, events.outcome,
-        config, time_covariates=events.time_covariates,
-    )  # fmt: skip
+    stats = events_stats(events, config)
     evidence = pad_evidence(stats, events.cohort_of_patient, events.num_cohorts, covariates)
     fitter = PopulationFitter(config, SVIConfig())
     key_init, key_fit, key_draws, key_summary = jax.random.split(jax.random.PRNGKey(3), 4)

@@ -102,6 +102,14 @@ def assert_same_hyper(got: Hyper, want: Hyper) -> None:
         np.testing.assert_allclose(value, reference, rtol=1e-8, atol=1e-9, err_msg=name)
 
 
+def dense_posterior(outcome, y_mean, y_cov, latent_mean, latent_cov, cross):
+    """The latent posterior (mean, covariance) by Gaussian conditioning on y."""
+    if not np.size(outcome):
+        return latent_mean, latent_cov
+    gain = np.linalg.solve(y_cov, cross.T).T
+    return latent_mean + gain @ (outcome - y_mean), latent_cov - gain @ cross.T
+
+
 CASES = [
     ModelConfig(),
     ModelConfig(time_trend=False),
@@ -136,12 +144,7 @@ def test_patient_effect_posterior_equals_dense_conditioning(config, seed):
     y_mean, y_cov, latent_mean, latent_cov, cross = dense_joint(
         cohort, patient, exposure, time, theta, config
     )
-    if patient.size:
-        gain = np.linalg.solve(y_cov, cross.T).T
-        post_mean = latent_mean + gain @ (outcome - y_mean)
-        post_cov = latent_cov - gain @ cross.T
-    else:
-        post_mean, post_cov = latent_mean, latent_cov
+    post_mean, post_cov = dense_posterior(outcome, y_mean, y_cov, latent_mean, latent_cov, cross)
     effect = 2 * np.arange(cohort.size) + 1
     np.testing.assert_allclose(result.mean, post_mean[effect], rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(result.variance, np.diag(post_cov)[effect], rtol=1e-8, atol=1e-9)
@@ -241,18 +244,14 @@ def test_covariates_loglik_and_posterior_equal_dense(config, seed):
     cohort, num_cohorts, patient, exposure, time, outcome = problem
     gram, x = jnp.asarray(stats.gram), jnp.asarray(covariates)
     collapsed = collapsed_loglik(theta, gram, jnp.asarray(cohort), num_cohorts, config, x)
-    y_mean, y_cov, latent_mean, latent_cov, cross = dense_joint(
-        cohort, patient, exposure, time, theta, config, covariates, fixed
-    )
+    joint = dense_joint(cohort, patient, exposure, time, theta, config, covariates, fixed)
+    y_mean, y_cov = joint[:2]
     if patient.size == 0:
         assert float(collapsed) == 0.0
-        post_mean, post_cov = latent_mean, latent_cov
     else:
         dense = sps.multivariate_normal(y_mean, y_cov).logpdf(outcome)
         assert abs(float(collapsed) - dense) <= 1e-8 * max(1.0, abs(dense))
-        gain = np.linalg.solve(y_cov, cross.T).T
-        post_mean = latent_mean + gain @ (outcome - y_mean)
-        post_cov = latent_cov - gain @ cross.T
+    post_mean, post_cov = dense_posterior(outcome, *joint)
     u_mean, u_var = cohort_effect_posterior(
         theta, gram, jnp.asarray(cohort), num_cohorts, config, x
     )

@@ -7,10 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_likelihood import COVARIATE_CASES, COVARIATE_IDS, covariate_problem, dense_joint
+from test_likelihood import (
+    COVARIATE_CASES,
+    COVARIATE_IDS,
+    covariate_problem,
+    dense_joint,
+    dense_posterior,
+)
 
 from model.config import DecisionRule, MeasureConfig
-from model.evidence import stats_from_events
+from model.evidence import events_stats
 from model.offline import model_config_for
 from model.population import PopulationFitter, pad_evidence
 from model.simulate import ProgrammeSpec, simulate
@@ -42,15 +48,8 @@ def test_subgroup_mean_effect_equals_dense_conditioning(config, seed):
         draws, jnp.asarray(stats.gram), jnp.asarray(cohort), num_cohorts,
         jnp.asarray(membership), config, jnp.asarray(covariates),
     )  # fmt: skip
-    y_mean, y_cov, latent_mean, latent_cov, cross = dense_joint(
-        cohort, patient, exposure, time, theta, config, covariates, fixed
-    )
-    if patient.size:
-        gain = np.linalg.solve(y_cov, cross.T).T
-        post_mean = latent_mean + gain @ (outcome - y_mean)
-        post_cov = latent_cov - gain @ cross.T
-    else:
-        post_mean, post_cov = latent_mean, latent_cov
+    joint = dense_joint(cohort, patient, exposure, time, theta, config, covariates, fixed)
+    post_mean, post_cov = dense_posterior(outcome, *joint)
     effect = 2 * np.arange(num_patients) + 1
     for k, weights in enumerate(membership):
         a = np.zeros(post_mean.size)
@@ -76,9 +75,7 @@ def test_a_programme_that_works_in_one_subgroup_only():
     events = sim.events
     config = model_config_for(events, time_trend=True, cohort_level=True)
     covariates = config.standardization.covariates(events.covariates)
-    stats = stats_from_events(
-        events.num_patients, events.patient, events.exposure, events.time, events.outcome, config
-    )
+    stats = events_stats(events, config)
     evidence = pad_evidence(stats, events.cohort_of_patient, events.num_cohorts, covariates)
     fitter = PopulationFitter(config)
     state, _ = fitter.update(fitter.init(jax.random.PRNGKey(0), evidence), evidence,
