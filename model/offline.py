@@ -293,18 +293,19 @@ def fit_programme(
             num_groups=evidence.num_groups,
         )
         population = population_quantities(fitter.draws(state, key_summary, SUMMARY_DRAWS), config)
+        data = (  # every patient's evidence, unpadded, as the group posteriors take it
+            draws,
+            jax.numpy.asarray(stats.gram),
+            jax.numpy.asarray(events.cohort_of_patient, dtype=np.int32),
+            evidence.num_cohorts,
+            config.structure,
+            None if covariates is None else jax.numpy.asarray(covariates),
+        )
         if config.grouping_levels:
             g_mean, g_var = (
                 np.asarray(moment)
                 for moment in group_posteriors(
-                    draws,
-                    jax.numpy.asarray(stats.gram),
-                    jax.numpy.asarray(events.cohort_of_patient, dtype=np.int32),
-                    evidence.num_cohorts,
-                    config.structure,
-                    None if covariates is None else jax.numpy.asarray(covariates),
-                    jax.numpy.asarray(groups, dtype=np.int32),
-                    evidence.num_groups,
+                    *data, jax.numpy.asarray(groups, dtype=np.int32), evidence.num_groups
                 )
             )
             start = 0
@@ -325,14 +326,7 @@ def fit_programme(
                 start += padded
             cohorts = group_effects[0]
         elif cohort_level:
-            u_mean, u_var = cohort_posteriors(
-                draws,
-                jax.numpy.asarray(stats.gram),
-                jax.numpy.asarray(events.cohort_of_patient, dtype=np.int32),
-                evidence.num_cohorts,
-                config.structure,
-                None if covariates is None else jax.numpy.asarray(covariates),
-            )
+            u_mean, u_var = cohort_posteriors(*data)
             cohorts = cohort_effects(
                 np.asarray(draws.mu)[:, 1],
                 np.asarray(u_mean)[:, : events.num_cohorts],

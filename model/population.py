@@ -81,6 +81,19 @@ class Evidence(NamedTuple):
     groups: jax.Array | None = None
     num_groups: tuple[int, ...] = ()
 
+    @property
+    def fit_args(self) -> tuple:
+        """(gram, cohort, num_cohorts, covariates, groups, num_groups): the
+        arguments of hyper_model (and collapsed_loglik) after the config's place."""
+        return (
+            self.gram,
+            self.cohort,
+            self.num_cohorts,
+            self.covariates,
+            self.groups,
+            self.num_groups,
+        )
+
 
 #: The smallest padded batch of per-patient scoring and predictive work: batches
 #: of 1-8 share one compiled shape (a compile costs ~1 s, the padding ~µs).
@@ -533,15 +546,7 @@ class PopulationFitter:
     def init(self, rng_key: jax.Array, evidence: Evidence) -> FitState:
         """Variational parameters at their initial values; no steps taken yet."""
         self._check_evidence(evidence)
-        svi_state = self._init_state(
-            rng_key,
-            evidence.gram,
-            evidence.cohort,
-            evidence.num_cohorts,
-            evidence.covariates,
-            evidence.groups,
-            evidence.num_groups,
-        )
+        svi_state = self._init_state(rng_key, *evidence.fit_args)
         return FitState(svi_state, 0, 0)
 
     def resume(
@@ -604,16 +609,7 @@ class PopulationFitter:
         svi_state = state.svi_state._replace(rng_key=rng_key)
         chunk_losses = []
         for done in range(num_chunks):
-            svi_state, losses = run_chunk(
-                svi_state,
-                done == 0,
-                evidence.gram,
-                evidence.cohort,
-                evidence.num_cohorts,
-                evidence.covariates,
-                evidence.groups,
-                evidence.num_groups,
-            )
+            svi_state, losses = run_chunk(svi_state, done == 0, *evidence.fit_args)
             losses = np.asarray(losses)
             chunk_losses.append(losses)
             if progress is not None:
