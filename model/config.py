@@ -276,11 +276,6 @@ class ModelConfig(_Frozen):
         return self
 
     @property
-    def num_levels(self) -> int:
-        """Grouping levels of the effect: the cohorts (if any) and every further one."""
-        return int(self.cohort_level) + len(self.grouping_levels)
-
-    @property
     def fixed_effect_scale(self) -> float | None:
         """τ_b when effect_pooling fixes it (standardised units), else None."""
         return {

@@ -272,3 +272,27 @@ def test_selection_chooses_the_level_that_matters():
     assert set(rows) == set(structures)
     assert -rows["partial"]["elpd_diff"] > 2.0 * rows["partial"]["diff_se"]
     assert result["choice"] == "partial+cluster", result["table"]
+
+
+@pytest.mark.slow
+def test_nuts_fit_reports_every_levels_sd():
+    """fit_programme with method="nuts" on a crossed programme: the reference
+    samples every level's sd and reports it under ``levels`` (no group effects),
+    the same names as the SVI fit; a short run (the numbers are the fidelity
+    tests' business, here only the plumbing)."""
+    from model.config import MeasureConfig
+    from model.offline import fit_programme
+    from model.simulate import ProgrammeSpec, simulate
+
+    spec = ProgrammeSpec(
+        num_patients=40, num_cohorts=3, obs_per_patient=8, num_clusters=3, cluster_effect_sd=2.0
+    )
+    events = simulate(spec, seed=5).events
+    measure = MeasureConfig(name="rhr", unit="bpm", direction="lower", mcid=2.0)
+    result, _ = fit_programme(
+        events, measure, method="nuts", nuts_options={"num_warmup": 100, "num_samples": 100}
+    )
+    assert [level["level"] for level in result["levels"]] == ["cohort", "cluster"]
+    assert result["levels"][0]["effect_sd"] == result["population"]["effect_sd_cohorts"]
+    cluster = result["levels"][1]
+    assert cluster["groups"] == [] and 0.0 < cluster["effect_sd"]["mean"] < 20.0
