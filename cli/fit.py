@@ -69,7 +69,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--outcome", required=True, help="column with the outcome value")
     parser.add_argument(
-        "--cohort", help="column with the cohort (clinic, stratum); none: one cohort"
+        "--cohort",
+        action="append",
+        metavar="COL[,COL...]",
+        help="column with the cohort (clinic, stratum); none: one cohort. Several columns "
+        "(comma-separated, or the flag repeated) are several grouping levels, crossed or "
+        "nested (clinic and genotype cluster): each level's groups shift the effect, with "
+        "the level's own sd; the first column is the cohort of the output's patients",
     )
     parser.add_argument(
         "--time", help="column with the observation time; adds a population time trend"
@@ -173,8 +179,25 @@ def _labels(rows: list[dict[str, str]], column: str, path: Path) -> list[str]:
     return labels
 
 
+def cohort_columns(args: argparse.Namespace) -> list[str]:
+    """The --cohort columns in order: none, one, or several (comma-separated or
+    the flag repeated); a column named twice counts once."""
+    given = args.cohort if isinstance(args.cohort, list) else [args.cohort]
+    return list(dict.fromkeys(name for text in given for name in _column_list(text)))
+
+
 def read_table(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
     """Parse the CSV into model Events plus the patient and cohort labels."""
+    events, patients, cohort_labels, _ = read_table_with_levels(args)
+    return events, patients, cohort_labels
+
+
+def read_table_with_levels(
+    args: argparse.Namespace,
+) -> tuple[Any, list[str], list[str], list[list[str]]]:
+    """read_table, plus the labels of every grouping level's groups (by index):
+    the first --cohort column's (the cohorts; ["all"] without one), then each
+    further --cohort column's, the Events' ``groups`` in that order."""
     from model.events import Events
 
     path: Path = args.input
@@ -187,7 +210,7 @@ def read_table(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
             args.patient,
             args.exposure,
             args.outcome,
-            args.cohort,
+            *cohort_columns(args),
             args.time,
             *_column_list(getattr(args, "covariates", None)),
             *_column_list(getattr(args, "time_covariates", None)),
@@ -203,21 +226,18 @@ def read_table(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
         raise InputError(f"{path}: no data rows")
 
     patient_labels = _labels(rows, args.patient, path)
-    cohort_labels = _labels(rows, args.cohort, path) if args.cohort else ["all"] * len(rows)
     exposure = _numeric(rows, args.exposure, path)
     outcome = _numeric(rows, args.outcome, path)
     time = _numeric(rows, args.time, path) if args.time else np.zeros(len(rows))
 
     patients = list(dict.fromkeys(patient_labels))
-    cohorts = sorted(set(cohort_labels))
     patient_index = {p: i for i, p in enumerate(patients)}
-    cohort_index = {c: g for g, c in enumerate(cohorts)}
-    cohort_of_patient = np.full(len(patients), -1, dtype=np.int64)
-    for p, c in zip(patient_labels, cohort_labels, strict=True):
-        i, g = patient_index[p], cohort_index[c]
-        if cohort_of_patient[i] not in (-1, g):
-            raise InputError(f"{path}: patient {p!r} appears in more than one cohort")
-        cohort_of_patient[i] = g
+    columns = cohort_columns(args)
+    levels = [_patient_levels(rows, name, patient_labels, patients, path) for name in columns]
+    if not levels:
+        levels = [(np.zeros(len(patients), dtype=np.int64), ["all"])]
+    cohort_of_patient, cohorts = levels[0]
+    further = levels[1:]
     time_covariates = [
         _numeric(rows, name, path) for name in _column_list(getattr(args, "time_covariates", None))
     ]
@@ -232,8 +252,33 @@ def read_table(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
         time_covariates=np.stack(time_covariates, axis=-1) if time_covariates else None,
         covariate_names=covariate_names,
         time_covariate_names=tuple(_column_list(getattr(args, "time_covariates", None))),
+        groups=np.stack([index for index, _ in further], axis=-1) if further else None,
+        group_names=tuple(columns[1:]),
     )
-    return events, patients, [cohorts[g] for g in cohort_of_patient]
+    labels = [cohorts] + [names for _, names in further]
+    return events, patients, [cohorts[g] for g in cohort_of_patient], labels
+
+
+def _patient_levels(
+    rows: list[dict[str, str]],
+    column: str,
+    patient_labels: list[str],
+    patients: list[str],
+    path: Path,
+) -> tuple[np.ndarray, list[str]]:
+    """Each patient's group index under a grouping column, and the groups'
+    labels (sorted); a patient must have one value."""
+    labels = _labels(rows, column, path)
+    names = sorted(set(labels))
+    position = {name: g for g, name in enumerate(names)}
+    index = {patient: i for i, patient in enumerate(patients)}
+    group = np.full(len(patients), -1, dtype=np.int64)
+    for patient, label in zip(patient_labels, labels, strict=True):
+        i = index[patient]
+        if group[i] not in (-1, position[label]):
+            raise InputError(f"{path}: patient {patient!r} has more than one {column!r}")
+        group[i] = position[label]
+    return group, names
 
 
 def _column_list(text: str | None) -> list[str]:
@@ -282,11 +327,7 @@ def cohort_attributes(args: argparse.Namespace, patients: list[str]) -> dict[str
     """Cohort index of every patient under each attribute to try with --select:
     the --cohort-columns (or the --cohort column). A patient must have one value
     per attribute."""
-    names = (
-        [name.strip() for name in args.cohort_columns.split(",") if name.strip()]
-        if args.cohort_columns
-        else ([args.cohort] if args.cohort else [])
-    )
+    names = _column_list(args.cohort_columns) if args.cohort_columns else cohort_columns(args)
     if not names:
         return {}
     path: Path = args.input
@@ -297,19 +338,7 @@ def cohort_attributes(args: argparse.Namespace, patients: list[str]) -> dict[str
             raise InputError(f"{path}: missing cohort column(s) {', '.join(map(repr, missing))}")
         rows = list(reader)
     patient_labels = _labels(rows, args.patient, path)
-    index = {patient: i for i, patient in enumerate(patients)}
-    result = {}
-    for name in names:
-        labels = _labels(rows, name, path)
-        levels = {level: g for g, level in enumerate(sorted(set(labels)))}
-        cohort = np.full(len(patients), -1, dtype=np.int64)
-        for patient, label in zip(patient_labels, labels, strict=True):
-            i = index[patient]
-            if cohort[i] not in (-1, levels[label]):
-                raise InputError(f"{path}: patient {patient!r} has more than one {name!r}")
-            cohort[i] = levels[label]
-        result[name] = cohort
-    return result
+    return {name: _patient_levels(rows, name, patient_labels, patients, path)[0] for name in names}
 
 
 def run_selection(
@@ -351,11 +380,14 @@ def run(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        events, patients, cohort_of_patient = read_table(args)
+        events, patients, _, level_labels = read_table_with_levels(args)
         cohorts = cohort_attributes(args, patients) if args.select else {}
     except InputError as error:
         say(f"efficacy fit: error: {error}")
         return 2
+    level_names = cohort_columns(args) or ["cohort"]
+    events, level_names, level_labels = identified_levels(events, level_names, level_labels, say)
+    cohort_of_patient = [level_labels[0][g] for g in events.cohort_of_patient]
     say(
         f"fitting {events.num_patients} patients, {events.num_cohorts} cohort(s), "
         f"{events.patient.size} observations with {args.method.upper()}"
@@ -387,8 +419,15 @@ def run(args: argparse.Namespace) -> int:
         for r in result["patients"]
     ]
     if "cohorts" in result:  # by index from the fit (a cohort level: more than one cohort)
-        for record, cohort in zip(result["cohorts"], sorted(set(cohort_of_patient)), strict=True):
+        for record, cohort in zip(result["cohorts"], level_labels[0], strict=True):
             record["cohort"] = cohort
+    # "levels" only with several grouping levels
+    for level, name, labels in zip(
+        result.get("levels", []), level_names, level_labels, strict=False
+    ):
+        level["level"] = name
+        for group, label in zip(level["groups"], labels, strict=False):  # none with NUTS
+            group["group"] = label
     text = json.dumps(result, indent=2)
     if args.output:
         args.output.write_text(text + "\n")
@@ -403,6 +442,39 @@ def run(args: argparse.Namespace) -> int:
                 f"  effect per unit of {row['covariate']}: {modifier['mean']:+.3f} "
                 f"(90% interval {modifier['q05']:+.3f} to {modifier['q95']:+.3f})"
             )
+        for level in result.get("levels", []):
+            sd = level["effect_sd"]
+            say(
+                f"  effect sd between {level['level']} groups: {sd['mean']:.3f} "
+                f"(90% interval {sd['q05']:.3f} to {sd['q95']:.3f})"
+            )
     else:
         print(text)
     return 0
+
+
+def identified_levels(
+    events: Any, names: list[str], labels: list[list[str]], say: Any
+) -> tuple[Any, list[str], list[list[str]]]:
+    """The grouping levels with at least two groups (a level of one group is not
+    identified: it is dropped, with a message). The first kept level becomes the
+    cohort level; without any, the first column stays, as one cohort."""
+    import dataclasses
+
+    columns = [np.asarray(events.cohort_of_patient)]
+    if events.groups is not None:
+        columns.extend(np.asarray(events.groups).T)
+    keep = [level for level, label in enumerate(labels) if len(label) > 1]
+    if len(labels) > 1:
+        for level in sorted(set(range(len(labels))) - set(keep)):
+            say(f"--cohort column {names[level]!r} has a single group: not a level of the model")
+    if not keep:
+        return dataclasses.replace(events, groups=None, group_names=()), names[:1], labels[:1]
+    further = [columns[level] for level in keep[1:]]
+    events = dataclasses.replace(
+        events,
+        cohort_of_patient=columns[keep[0]],
+        groups=np.stack(further, axis=-1) if further else None,
+        group_names=tuple(names[level] for level in keep[1:]),
+    )
+    return events, [names[level] for level in keep], [labels[level] for level in keep]

@@ -233,7 +233,11 @@ class ModelConfig(_Frozen):
     covariate design (model.covariates): the mean of (a_i, b_i) is μ + B x_i.
     ``cohort_level`` adds cohort deviations u_g of the effect (partial pooling
     across cohorts); switch it off when there is a single cohort, where it is not
-    identified. ``half_life`` (in raw time units) turns on exponential forgetting
+    identified. ``grouping_levels`` names further groupings (a genotype cluster,
+    a demographic stratum), crossed with the cohorts or nested in them: each
+    adds a deviation u_{l, g} ~ N(0, τ_l²) of the effect of its groups' patients
+    (τ_l ~ HalfNormal(priors.cohort_scale)), integrated out exactly with the
+    cohorts' (model.likelihood, the dense group step); they need the cohort level. ``half_life`` (in raw time units) turns on exponential forgetting
     of old evidence; ``None`` keeps all evidence at full weight.
     ``recent_half_life`` (raw time units) is the fast forgetting of the
     recent-window statistics that drift monitoring fits against the all-time
@@ -256,11 +260,20 @@ class ModelConfig(_Frozen):
     time_covariates: tuple[str, ...] = ()
     covariates: tuple[str, ...] = ()
     cohort_level: bool = True
+    grouping_levels: tuple[str, ...] = ()
     half_life: float | None = Field(default=None, gt=0.0)
     recent_half_life: float | None = Field(default=None, gt=0.0)
     effect_pooling: Literal["partial", "complete", "none"] = "partial"
     priors: PriorConfig = PriorConfig()
     standardization: Standardization = Standardization()
+
+    @model_validator(mode="after")
+    def _grouping_levels_need_cohorts(self) -> ModelConfig:
+        if self.grouping_levels and not self.cohort_level:
+            raise ValueError("grouping_levels need the cohort level (cohort_level=True)")
+        if len(set(self.grouping_levels)) != len(self.grouping_levels):
+            raise ValueError(f"grouping_levels repeat a name: {self.grouping_levels}")
+        return self
 
     @property
     def fixed_effect_scale(self) -> float | None:

@@ -19,6 +19,9 @@ class Events:
     ones as 0/1 indicator columns), natural units; time_covariates: (n, k)
     time-varying covariates of each observation. None: none. Their column
     names: covariate_names, time_covariate_names (empty: x1, x2, … / c1, c2, …).
+    groups: (P, L) group index ≥ 0 of each patient at each further grouping level
+    (crossed with or nested in the cohorts: a genotype cluster, a stratum),
+    named by group_names (empty: level1, level2, …). None: the cohorts only.
     """
 
     patient: np.ndarray
@@ -30,6 +33,8 @@ class Events:
     time_covariates: np.ndarray | None = None
     covariate_names: tuple[str, ...] = ()
     time_covariate_names: tuple[str, ...] = ()
+    groups: np.ndarray | None = None
+    group_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = np.shape(self.patient)[0] if np.ndim(self.patient) == 1 else -1
@@ -53,10 +58,40 @@ class Events:
                 raise ValueError(f"Events.{name} must have shape ({rows}, k)")
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"Events.{name} has non-finite values")
+        if self.groups is not None:
+            groups = np.asarray(self.groups)
+            if (
+                groups.ndim != 2
+                or groups.shape[0] != cohort.size
+                or (groups.size and groups.min() < 0)
+            ):
+                raise ValueError(f"Events.groups must be indices >= 0 of shape ({cohort.size}, L)")
+            if self.group_names and len(self.group_names) != groups.shape[1]:
+                raise ValueError(
+                    f"{len(self.group_names)} group_names for {groups.shape[1]} levels"
+                )
 
     @property
     def num_patients(self) -> int:
         return int(np.asarray(self.cohort_of_patient).size)
+
+    @property
+    def grouping_levels(self) -> tuple[str, ...]:
+        """Names of the further grouping levels (empty without)."""
+        if self.groups is None:
+            return ()
+        count = np.shape(self.groups)[1]
+        return tuple(self.group_names) or tuple(f"level{k + 1}" for k in range(count))
+
+    @property
+    def num_groups(self) -> tuple[int, ...]:
+        """Group count of every further grouping level."""
+        if self.groups is None:
+            return ()
+        groups = np.asarray(self.groups)
+        return tuple(
+            int(n) for n in (groups.max(axis=0) + 1 if groups.size else [0] * groups.shape[1])
+        )
 
     @property
     def num_cohorts(self) -> int:
@@ -75,4 +110,6 @@ class Events:
             None if self.time_covariates is None else self.time_covariates[rows],
             self.covariate_names,
             self.time_covariate_names,
+            self.groups,
+            self.group_names,
         )

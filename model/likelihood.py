@@ -36,6 +36,22 @@ j_i = (Ω_i)_bb and slope k_i = (η_i − Ω_i μ)_b. Summing over the cohort
 A patient with no evidence (zero Gram matrix) contributes exactly zero, and so
 does an empty cohort: padding needs no mask.
 
+**Several grouping levels.** With further levels (ModelConfig.grouping_levels,
+crossed with or nested in the cohorts) the effect's mean is shifted by
+s_i = Σ_l u_{l, g_l(i)}, u_{l, g} ~ N(0, τ_l²) (τ_0 = τ_u, the cohort level).
+Stacking every level's groups in u (G groups in all) and writing a_i for the
+0/1 vector of patient i's groups, Σ_i k_i s_i − ½ j_i s_i² = kᵀu − ½ uᵀJu with
+k = Σ_i k_i a_i and J = Σ_i j_i a_i a_iᵀ (diagonal blocks per level, the
+cross-tabulation of j between levels off them). With D = diag(τ_l² of each
+group), D^½ = S_u and B = I + S_u J S_u (Cholesky; det B ≥ 1, fine as τ → 0):
+
+    log ∫ = ½ (S_u k)ᵀ B⁻¹ (S_u k) − ½ log|B|
+    u | y ~ N(S_u B⁻¹ S_u k, S_u B⁻¹ S_u)
+    E[s_i] = a_iᵀ E[u],   Var[s_i] = a_iᵀ Cov[u] a_i
+
+Dense in G (tens to hundreds of groups); used only when there are further
+levels, the single cohort level keeps the elementwise step above.
+
 The local design has two components (intercept, effect); 2×2 algebra is written
 out in closed form so it vectorises over millions of patients without batched
 LAPACK calls.
@@ -53,6 +69,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.config import ModelConfig
 
@@ -71,6 +88,9 @@ class Hyper(NamedTuple):
     coef: (..., 2, q) B, the coefficients of the patient covariates in the mean
         of (intercept, effect); row EFFECT holds the effect modifiers. None: the
         model has no patient covariates.
+    tau_groups: (..., L) between-group sd of the effect at each further grouping
+        level (ModelConfig.grouping_levels, crossed with the cohorts). None: the
+        model has only the cohort level.
     """
 
     mu: jax.Array
@@ -80,6 +100,7 @@ class Hyper(NamedTuple):
     sigma: jax.Array
     gamma: jax.Array
     coef: jax.Array | None = None
+    tau_groups: jax.Array | None = None
 
     @property
     def covariance_chol(self) -> jax.Array:
@@ -265,6 +286,120 @@ def cohort_term(tau_cohort: jax.Array, curvature: jax.Array, slope: jax.Array) -
     return jnp.sum(0.5 * prior_var * slope**2 / one_plus - 0.5 * jnp.log(one_plus))
 
 
+class GroupIndex(NamedTuple):
+    """Where every patient sits at every grouping level, for the dense group step.
+
+    index: (P, L) position of patient i's group at level l among all G groups
+    (level 0 the cohorts, then each of ModelConfig.grouping_levels in order);
+    sizes: (L,) static group count of each level (padded; G = Σ sizes).
+    """
+
+    index: jax.Array
+    sizes: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+def group_index(
+    cohort: jax.Array, num_cohorts: int, groups: jax.Array, num_groups: tuple[int, ...]
+) -> GroupIndex:
+    """Cohort index (P,) and further levels' indices (P, L−1) in [0, num_groups[l])
+    as positions among all levels' groups."""
+    columns, offset = [cohort], num_cohorts
+    for level, size in enumerate(num_groups):
+        columns.append(groups[:, level] + offset)
+        offset += size
+    return GroupIndex(jnp.stack(columns, axis=-1), (num_cohorts, *num_groups))
+
+
+def _group_scales(theta: Hyper, where: GroupIndex) -> jax.Array:
+    """(G,) prior sd of every group: τ_u for cohorts, τ_l for level l's groups."""
+    level_sds = jnp.concatenate([jnp.reshape(theta.tau_cohort, (1,)), theta.tau_groups])
+    return level_sds[np.repeat(np.arange(len(where.sizes)), where.sizes)]
+
+
+class GroupStep(NamedTuple):
+    """The dense group step given θ (module docstring): ``value`` is
+    ½ (S_u k)ᵀ B⁻¹ (S_u k) − ½ log|B|; the posterior of all G group effects is
+    N(mean, cov); ``grad_scales`` (G,) the derivative of ``value`` in each
+    group's prior sd (summed per level for ∂/∂τ_l)."""
+
+    value: jax.Array
+    mean: jax.Array
+    cov: jax.Array
+    grad_scales: jax.Array
+
+
+def group_step(theta: Hyper, terms: PatientTerms, where: GroupIndex) -> GroupStep:
+    """Integrate out every group effect at once, given the patients' j_i and k_i.
+
+    ∂value/∂s_g, with x = B⁻¹ S_u k: x_g k_g − x_g (J S_u x)_g − (B⁻¹ S_u J)_gg
+    (finite, and 0, at s_g = 0). Padding patients (j = k = 0) add nothing, and a
+    group without patients leaves an identity row in B: it contributes 0 and
+    keeps its prior.
+    """
+    total, levels = where.total, where.index.shape[1]
+    curvature = jnp.zeros((total, total), dtype=terms.curvature.dtype)
+    slope = jnp.zeros(total, dtype=terms.slope.dtype)
+    for first in range(levels):
+        rows = where.index[:, first]
+        slope = slope + jax.ops.segment_sum(terms.slope, rows, num_segments=total)
+        for second in range(levels):
+            curvature = curvature.at[rows, where.index[:, second]].add(terms.curvature)
+    scale = _group_scales(theta, where)
+    identity = jnp.eye(total, dtype=curvature.dtype)
+    chol = jnp.linalg.cholesky(identity + scale[:, None] * curvature * scale[None, :])
+    b_inv = jax.scipy.linalg.cho_solve((chol, True), identity)
+    scaled_slope = scale * slope
+    whitened = b_inv @ scaled_slope
+    value = 0.5 * scaled_slope @ whitened - jnp.sum(jnp.log(jnp.diagonal(chol)))
+    grad_scales = (
+        whitened * slope
+        - whitened * (curvature @ (scale * whitened))
+        - jnp.sum(b_inv * scale[None, :] * curvature, axis=1)
+    )
+    return GroupStep(
+        value=value,
+        mean=scale * whitened,
+        cov=scale[:, None] * b_inv * scale[None, :],
+        grad_scales=grad_scales,
+    )
+
+
+def shift_moments(mean: jax.Array, cov: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """E[s_i] = a_iᵀ mean and Var[s_i] = a_iᵀ cov a_i of each patient's total group
+    shift, from the groups' joint posterior; index (P, L) as GroupIndex.index."""
+    levels = index.shape[1]
+    shift_mean = sum(mean[index[:, level]] for level in range(levels))
+    shift_var = sum(
+        cov[index[:, first], index[:, second]]
+        for first in range(levels)
+        for second in range(levels)
+    )
+    return shift_mean, shift_var
+
+
+def _grouping(
+    config: ModelConfig,
+    cohort: jax.Array,
+    num_cohorts: int,
+    groups: jax.Array | None,
+    num_groups: tuple[int, ...],
+) -> GroupIndex | None:
+    """The GroupIndex when the model has further grouping levels, else None."""
+    if not config.grouping_levels:
+        return None
+    count = len(config.grouping_levels)
+    if groups is None or groups.ndim != 2 or groups.shape[1] != count or len(num_groups) != count:
+        raise ValueError(
+            f"the model has {count} further grouping level(s) "
+            f"({', '.join(config.grouping_levels)}): pass groups (P, {count}) and num_groups"
+        )
+    return group_index(cohort, num_cohorts, groups, tuple(num_groups))
+
+
 def sum_over_patients(values: jax.Array, axis: int = 0) -> jax.Array:
     """Sum of per-patient values, materialised first.
 
@@ -282,10 +417,16 @@ def _collapsed_value(
     num_cohorts: int,
     config: ModelConfig,
     covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> jax.Array:
-    """log p(all evidence | θ): patient step, then cohort step (module docstring)."""
+    """log p(all evidence | θ): patient step, then the cohort step, or the dense
+    group step with further grouping levels (module docstring)."""
     terms = patient_terms(theta, gram, config, covariates)
     total = sum_over_patients(terms.at_mean)
+    where = _grouping(config, cohort, num_cohorts, groups, num_groups)
+    if where is not None:
+        return total + group_step(theta, terms, where).value
     if not config.cohort_level:
         return total
     curvature, slope = cohort_sums(terms, cohort, num_cohorts)
@@ -299,30 +440,41 @@ def collapsed_loglik(
     num_cohorts: int,
     config: ModelConfig,
     covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> jax.Array:
-    """log p(all evidence | θ) with patients' and cohorts' effects integrated out.
+    """log p(all evidence | θ) with patients' and groups' effects integrated out.
 
     gram: (P, d, d); cohort: (P,) int in [0, num_cohorts); covariates: (P, q)
-    standardised patient covariates or None (theta.coef then None too). Cost O(P).
+    standardised patient covariates or None (theta.coef then None too). With
+    further grouping levels (config.grouping_levels, theta.tau_groups): groups
+    (P, L) int, column l in [0, num_groups[l]). Cost O(P) (plus O(G³) for the
+    dense group step).
 
     Differentiable in θ only (gram, cohort and covariates are data and get zero cotangents):
     reverse mode uses the closed-form gradient of collapsed_loglik_and_grad, not
     autodiff through the patient step, which XLA on CPU runs as ~160 separate
     memory-bound loops over patients. No forward-mode (jvp) derivatives.
     """
-    return _collapsed_loglik(theta, gram, cohort, covariates, num_cohorts, config)
+    return _collapsed_loglik(
+        theta, gram, cohort, covariates, groups, num_cohorts, tuple(num_groups), config
+    )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _collapsed_loglik(
     theta: Hyper,
     gram: jax.Array,
     cohort: jax.Array,
     covariates: jax.Array | None,
+    groups: jax.Array | None,
     num_cohorts: int,
+    num_groups: tuple[int, ...],
     config: ModelConfig,
 ) -> jax.Array:
-    return _collapsed_value(theta, gram, cohort, num_cohorts, config, covariates)
+    return _collapsed_value(
+        theta, gram, cohort, num_cohorts, config, covariates, groups, num_groups
+    )
 
 
 def collapsed_loglik_and_grad(
@@ -332,6 +484,8 @@ def collapsed_loglik_and_grad(
     num_cohorts: int,
     config: ModelConfig,
     covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> tuple[jax.Array, Hyper]:
     """log p(all evidence | θ) and its gradient in θ, by Fisher's identity.
 
@@ -347,7 +501,11 @@ def collapsed_loglik_and_grad(
 
     where, with u_g | y ~ N(m_g, v_g) and l_i = M⁻¹S e_b, E[r_i] = M⁻¹h + M⁻¹Sμ +
     l_i m_g, Cov[r_i] = M⁻¹ + v_g l_i l_iᵀ, E[δ_i] = M⁻¹h_μ + (l_i − e_b) m_g and
-    Cov[δ_i] = M⁻¹ + v_g (l_i − e_b)(l_i − e_b)ᵀ. A patient without evidence has
+    Cov[δ_i] = M⁻¹ + v_g (l_i − e_b)(l_i − e_b)ᵀ. With further grouping levels
+    (m_g, v_g) are the moments E[s_i], Var[s_i] of the patient's total group shift
+    (each patient's terms need only that shift's marginal) and ∂/∂τ_l sums the
+    dense group step's derivative in each of level l's prior sds (group_step).
+    A patient without evidence has
     E[δδᵀ] = Σ and E[δ] = 0, so padding contributes zero here too. Forgetting
     (a power likelihood) keeps the identity: it holds for any unnormalised density.
 
@@ -358,7 +516,20 @@ def collapsed_loglik_and_grad(
     data = adjusted_data(theta.gamma, gram, config)
     terms = patient_terms(theta, gram, config, covariates)
     total = sum_over_patients(terms.at_mean)
-    if config.cohort_level:
+    where = _grouping(config, cohort, num_cohorts, groups, num_groups)
+    grad_tau_groups = None
+    if where is not None:
+        step = group_step(theta, terms, where)
+        total = total + step.value
+        per_level = jax.ops.segment_sum(
+            step.grad_scales,
+            jnp.asarray(np.repeat(np.arange(len(where.sizes)), where.sizes)),
+            num_segments=len(where.sizes),
+        )
+        grad_tau_cohort = per_level[0].reshape(jnp.shape(theta.tau_cohort))
+        grad_tau_groups = per_level[1:]
+        u_mean, u_var = shift_moments(step.mean, step.cov, where.index)
+    elif config.cohort_level:
         curvature, slope = cohort_sums(terms, cohort, num_cohorts)
         total = total + cohort_term(theta.tau_cohort, curvature, slope)
         one_plus = 1.0 + theta.tau_cohort**2 * curvature
@@ -435,6 +606,7 @@ def collapsed_loglik_and_grad(
         sigma=2.0 * theta.sigma * grad_variance,
         gamma=grad_gamma,
         coef=grad_coef,
+        tau_groups=None if theta.tau_groups is None else grad_tau_groups,
     )
     return total, grad
 
@@ -444,24 +616,29 @@ def _collapsed_fwd(
     gram: jax.Array,
     cohort: jax.Array,
     covariates: jax.Array | None,
+    groups: jax.Array | None,
     num_cohorts: int,
+    num_groups: tuple[int, ...],
     config: ModelConfig,
 ) -> tuple[jax.Array, tuple[Hyper, jax.Array | None]]:
-    value, grad = collapsed_loglik_and_grad(theta, gram, cohort, num_cohorts, config, covariates)
+    value, grad = collapsed_loglik_and_grad(
+        theta, gram, cohort, num_cohorts, config, covariates, groups, num_groups
+    )
     return value, (grad, covariates)
 
 
 def _collapsed_bwd(
     num_cohorts: int,
+    num_groups: tuple[int, ...],
     config: ModelConfig,
     residuals: tuple[Hyper, jax.Array | None],
     cotangent: jax.Array,
-) -> tuple[Hyper, None, None, jax.Array | None]:
-    del num_cohorts, config
+) -> tuple[Hyper, None, None, jax.Array | None, None]:
+    del num_cohorts, num_groups, config
     grad, covariates = residuals
-    # Data get zero cotangents (None for gram and the integer cohort index).
+    # Data get zero cotangents (None for gram and the integer group indices).
     no_covariates = None if covariates is None else jnp.zeros_like(covariates)
-    return jax.tree.map(lambda g: cotangent * g, grad), None, None, no_covariates
+    return jax.tree.map(lambda g: cotangent * g, grad), None, None, no_covariates, None
 
 
 _collapsed_loglik.defvjp(_collapsed_fwd, _collapsed_bwd)
@@ -498,6 +675,53 @@ def cohort_effect_posterior(
     terms = patient_terms(theta, gram, config, covariates)
     curvature, slope = cohort_sums(terms, cohort, num_cohorts)
     return cohort_posterior(theta.tau_cohort, curvature, slope)
+
+
+def group_effect_posterior(
+    theta: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
+) -> tuple[jax.Array, jax.Array]:
+    """Joint posterior (mean (G,), covariance (G, G)) of every group effect at
+    every level given θ and all evidence, with further grouping levels: the
+    cohorts first, then each level's groups (GroupIndex). Crossed levels are
+    correlated a posteriori, so patients need the covariance (shift_moments)."""
+    where = _grouping(config, cohort, num_cohorts, groups, num_groups)
+    if where is None:
+        raise ValueError("group_effect_posterior needs further grouping levels")
+    step = group_step(theta, patient_terms(theta, gram, config, covariates), where)
+    return step.mean, step.cov
+
+
+def patient_shift_posterior(
+    theta: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
+) -> tuple[jax.Array, jax.Array]:
+    """Posterior (mean, variance) of every patient's total group shift of the
+    effect given θ and all evidence, (P,) each: the cohort deviation u_g(i) with
+    one level (zeros without), Σ_l u_{l, g_l(i)} with several. What
+    patient_effects_given_theta takes as cohort_mean and cohort_variance."""
+    where = _grouping(config, cohort, num_cohorts, groups, num_groups)
+    if where is None:
+        mean, variance = cohort_effect_posterior(
+            theta, gram, cohort, num_cohorts, config, covariates
+        )
+        return mean[cohort], variance[cohort]
+    mean, cov = group_effect_posterior(
+        theta, gram, cohort, num_cohorts, config, covariates, groups, num_groups
+    )
+    return shift_moments(mean, cov, where.index)
 
 
 def patient_effects_given_theta(

@@ -26,6 +26,7 @@ from model.scores import (
     EffectSummary,
     classify,
     cohort_posteriors,
+    group_posteriors,
     mixture_quantiles,
     summarize_effects,
 )
@@ -94,13 +95,15 @@ def model_config_for(
     cohort_level: bool,
 ) -> ModelConfig:
     """Model structure and data-derived standardisation for an offline fit,
-    with the events' covariate columns (named as the events name them)."""
+    with the events' covariate columns and, with a cohort level, their further
+    grouping levels (named as the events name them)."""
     std = Standardization.from_data(
         events.outcome, events.exposure, events.time if time_trend else None
     ).with_covariates(events.covariates, events.time_covariates)
     return ModelConfig(
         time_trend=time_trend,
         cohort_level=cohort_level,
+        grouping_levels=events.grouping_levels if cohort_level else (),
         covariates=_names(events.covariates, events.covariate_names, "x"),
         time_covariates=_names(events.time_covariates, events.time_covariate_names, "c"),
         standardization=std,
@@ -162,6 +165,9 @@ def population_quantities(draws, config: ModelConfig) -> dict[str, np.ndarray | 
         "effect_sd_cohorts": (
             std.effect_to_raw(np.asarray(draws.tau_cohort)) if config.cohort_level else None
         ),
+        "effect_sd_groups": (  # (S, L): the further grouping levels'
+            std.effect_to_raw(np.asarray(draws.tau_groups)) if config.grouping_levels else None
+        ),
         "time_trend": trend,
         "coefficients": (
             std.coefficients_to_raw(np.asarray(draws.coef)) if config.num_covariates else None
@@ -214,12 +220,18 @@ def fit_programme(
     depend on them (model.likelihood); with ``events.time_covariates`` they are
     population fixed effects. Their coefficients are reported in natural units.
 
+    With ``events.groups`` (and a cohort level) every further grouping level
+    carries its own effect deviations, crossed with the cohorts; ``levels``
+    reports each level's sd and groups' effects (SVI; the sd alone with NUTS).
+
     Returns the JSON-ready result (population, patients by index, diagnostics)
-    and the per-patient EffectSummary arrays (raw units). Patient and cohort
-    labels are attached by the caller, who knows them.
+    and the per-patient EffectSummary arrays (raw units). Patient, cohort and
+    group labels (and the cohort level's name) are attached by the caller, who
+    knows them.
     """
     rule = rule or DecisionRule()
     cohorts: list[dict[str, float]] = []
+    group_effects: list[list[dict[str, float]]] = []
     say = progress or (lambda _message: None)
     config = model_config_for(events, time_trend=time_trend, cohort_level=cohort_level)
     stats = events_stats(events, config)
@@ -234,13 +246,23 @@ def fit_programme(
         "num_observations": int(events.patient.size),
         "time_trend": time_trend,
         "cohort_level": cohort_level,
+        "grouping_levels": list(config.grouping_levels),
+        "num_groups": list(events.num_groups) if config.grouping_levels else [],
         "covariates": list(config.covariates),
         "time_covariates": list(config.time_covariates),
         "seed": seed,
     }
     if method == "svi":
         svi_config = svi_config or SVIConfig()
-        evidence = pad_evidence(stats, events.cohort_of_patient, events.num_cohorts, covariates)
+        groups = events.groups if config.grouping_levels else None
+        evidence = pad_evidence(
+            stats,
+            events.cohort_of_patient,
+            events.num_cohorts,
+            covariates,
+            groups,
+            events.num_groups if config.grouping_levels else (),
+        )
         fitter = PopulationFitter(config, svi_config)
         key_init, key_fit, key_draws, key_summary = jax.random.split(jax.random.PRNGKey(seed), 4)
         state = fitter.init(key_init, evidence)
@@ -259,17 +281,44 @@ def fit_programme(
             measure,
             config,
             covariates=covariates,
+            groups=groups,
+            num_groups=evidence.num_groups,
         )
         population = population_quantities(fitter.draws(state, key_summary, SUMMARY_DRAWS), config)
-        if cohort_level:
-            u_mean, u_var = cohort_posteriors(
-                draws,
-                jax.numpy.asarray(stats.gram),
-                jax.numpy.asarray(events.cohort_of_patient, dtype=np.int32),
-                evidence.num_cohorts,
-                config.structure,
-                None if covariates is None else jax.numpy.asarray(covariates),
+        data = (  # every patient's evidence, unpadded, as the group posteriors take it
+            draws,
+            jax.numpy.asarray(stats.gram),
+            jax.numpy.asarray(events.cohort_of_patient, dtype=np.int32),
+            evidence.num_cohorts,
+            config.structure,
+            None if covariates is None else jax.numpy.asarray(covariates),
+        )
+        if config.grouping_levels:
+            g_mean, g_var = (
+                np.asarray(moment)
+                for moment in group_posteriors(
+                    *data, jax.numpy.asarray(groups, dtype=np.int32), evidence.num_groups
+                )
             )
+            start = 0
+            for real, padded in zip(
+                (events.num_cohorts, *events.num_groups),
+                (evidence.num_cohorts, *evidence.num_groups),
+                strict=True,
+            ):
+                block = slice(start, start + real)
+                group_effects.append(
+                    cohort_effects(
+                        np.asarray(draws.mu)[:, 1],
+                        g_mean[:, block],
+                        g_var[:, block],
+                        config.standardization,
+                    )
+                )
+                start += padded
+            cohorts = group_effects[0]
+        elif cohort_level:
+            u_mean, u_var = cohort_posteriors(*data)
             cohorts = cohort_effects(
                 np.asarray(draws.mu)[:, 1],
                 np.asarray(u_mean)[:, : events.num_cohorts],
@@ -290,7 +339,7 @@ def fit_programme(
         reference = fit_nuts(events, config, seed=seed, **(nuts_options or {}))
         # Terms the model does not have are reported as None, as the SVI path does.
         population = {name: reference.population.get(name) for name in POPULATION_NAMES}
-        for name in ("coefficients", "time_coefficients"):
+        for name in ("coefficients", "time_coefficients", "effect_sd_groups"):
             population[name] = reference.population.get(name)
         summary = _patients_from_samples(reference.patient_effect, population["effect"], measure)
         diagnostics.update(reference.diagnostics)
@@ -329,4 +378,31 @@ def fit_programme(
     }
     if cohorts:  # by cohort index; the caller attaches the labels
         result["cohorts"] = [{"cohort": str(g), "effect": c} for g, c in enumerate(cohorts)]
+    if config.grouping_levels:
+        result["levels"] = level_summaries(population, config, group_effects)
     return result, summary
+
+
+def level_summaries(
+    population: dict[str, np.ndarray | None],
+    config: ModelConfig,
+    group_effects: list[list[dict[str, float]]],
+) -> list[dict[str, Any]]:
+    """Every grouping level (the cohorts, named "cohort", then each further one):
+    its effect sd and, where computed (SVI), each group's effect by index; the
+    caller attaches names and labels."""
+    sds = [population["effect_sd_cohorts"]]
+    sds.extend(population["effect_sd_groups"][:, k] for k in range(len(config.grouping_levels)))
+    return [
+        {
+            "level": name,
+            "effect_sd": describe(sd),
+            "groups": [
+                {"group": str(g), "effect": effect}
+                for g, effect in enumerate(group_effects[level] if group_effects else [])
+            ],
+        }
+        for level, (name, sd) in enumerate(
+            zip(("cohort", *config.grouping_levels), sds, strict=True)
+        )
+    ]

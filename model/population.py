@@ -68,6 +68,9 @@ class Evidence(NamedTuple):
     num_patients: real patients; num_cohorts: padded cohort count (static).
     covariates: (P_pad, q) standardised patient covariates (zeros for padding),
     None when the model has none.
+    groups: (P_pad, L) group index of each patient at each further grouping
+    level (ModelConfig.grouping_levels; 0 for padding), None without;
+    num_groups: each level's padded group count (static).
     """
 
     gram: jax.Array
@@ -75,6 +78,21 @@ class Evidence(NamedTuple):
     num_patients: int
     num_cohorts: int
     covariates: jax.Array | None = None
+    groups: jax.Array | None = None
+    num_groups: tuple[int, ...] = ()
+
+    @property
+    def fit_args(self) -> tuple:
+        """(gram, cohort, num_cohorts, covariates, groups, num_groups): the
+        arguments of hyper_model (and collapsed_loglik) after the config's place."""
+        return (
+            self.gram,
+            self.cohort,
+            self.num_cohorts,
+            self.covariates,
+            self.groups,
+            self.num_groups,
+        )
 
 
 #: The smallest padded batch of per-patient scoring and predictive work: batches
@@ -92,9 +110,13 @@ def pad_evidence(
     cohort: np.ndarray,
     num_cohorts: int,
     covariates: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> Evidence:
     """Pad statistics to power-of-two buckets so repeated updates reuse one compile.
-    covariates: (P, q) standardised patient covariates, or None."""
+    covariates: (P, q) standardised patient covariates, or None; groups: (P, L)
+    index of each patient's group at each further grouping level, level l in
+    [0, num_groups[l]), or None (each level's count is padded like the cohorts')."""
     num_patients = stats.num_patients
     cohort = np.asarray(cohort, dtype=np.int32)
     if cohort.shape != (num_patients,):
@@ -113,8 +135,23 @@ def pad_evidence(
         padded_covariates = np.zeros((p_pad, covariates.shape[1]))
         padded_covariates[:num_patients] = covariates
         padded_covariates = jnp.asarray(padded_covariates)
+    padded_groups, padded_counts = None, ()
+    if groups is not None:
+        groups = np.asarray(groups, dtype=np.int32).reshape(num_patients, len(num_groups))
+        if num_patients and (groups.min() < 0 or np.any(groups.max(axis=0) >= num_groups)):
+            raise ValueError(f"group indices must lie in [0, {num_groups}) per level")
+        padded_groups = np.zeros((p_pad, groups.shape[1]), dtype=np.int32)
+        padded_groups[:num_patients] = groups
+        padded_groups = jnp.asarray(padded_groups)
+        padded_counts = tuple(bucket_size(count, MIN_COHORT_BUCKET) for count in num_groups)
     return Evidence(
-        jnp.asarray(gram), jnp.asarray(padded_cohort), num_patients, g_pad, padded_covariates
+        jnp.asarray(gram),
+        jnp.asarray(padded_cohort),
+        num_patients,
+        g_pad,
+        padded_covariates,
+        padded_groups,
+        padded_counts,
     )
 
 
@@ -124,8 +161,11 @@ def hyper_model(
     num_cohorts: int,
     config: ModelConfig,
     covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> None:
-    """numpyro model over θ alone: priors (PriorConfig) and the collapsed likelihood."""
+    """numpyro model over θ alone: priors (PriorConfig) and the collapsed likelihood.
+    Every further grouping level's sd has the cohort level's prior."""
     priors = config.priors
     mu = numpyro.sample("mu", dist.Normal(0.0, priors.population_mean_sd).expand([2]).to_event(1))
     fixed_scale = config.fixed_effect_scale
@@ -152,10 +192,18 @@ def hyper_model(
             "coef",
             dist.Normal(0.0, priors.covariate_sd).expand([2, config.num_covariates]).to_event(2),
         )
-    theta = Hyper(mu, tau, corr_chol, tau_cohort, sigma, gamma, coef)
+    tau_groups = None
+    if config.grouping_levels:
+        tau_groups = numpyro.sample(
+            "tau_groups",
+            dist.HalfNormal(priors.cohort_scale).expand([len(config.grouping_levels)]).to_event(1),
+        )
+    theta = Hyper(mu, tau, corr_chol, tau_cohort, sigma, gamma, coef, tau_groups)
     numpyro.factor(
         "collapsed_loglik",
-        collapsed_loglik(theta, gram, cohort, num_cohorts, config, covariates),
+        collapsed_loglik(
+            theta, gram, cohort, num_cohorts, config, covariates, groups, tuple(num_groups)
+        ),
     )
 
 
@@ -178,7 +226,8 @@ def hyper_from_sites(sites: dict[str, jax.Array], config: ModelConfig) -> Hyper:
     else:
         tau, corr_chol = _fixed_effect_scale(sites["tau_intercept"], config.fixed_effect_scale)
     coef = sites["coef"] if config.num_covariates else None
-    return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sites["sigma"], gamma, coef)
+    tau_groups = sites["tau_groups"] if config.grouping_levels else None
+    return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sites["sigma"], gamma, coef, tau_groups)
 
 
 class SiteSupport(NamedTuple):
@@ -389,6 +438,8 @@ def _initial_values(config: ModelConfig) -> dict[str, np.ndarray]:
         values["tau_cohort"] = np.asarray(0.1)
     if config.num_covariates:
         values["coef"] = np.zeros((2, config.num_covariates))
+    if config.grouping_levels:
+        values["tau_groups"] = np.full(len(config.grouping_levels), 0.1)
     return values
 
 
@@ -410,7 +461,7 @@ class PopulationFitter:
         )
         self._fresh = self._build_svi(self.svi_config.fresh_steps, self.svi_config.num_particles)
         self._warm = self._build_svi(self.svi_config.update_steps, self.svi_config.update_particles)
-        self._init_state = jax.jit(self._initial_svi_state, static_argnums=3)
+        self._init_state = jax.jit(self._initial_svi_state, static_argnums=(3, 6))
         self._draws = jax.jit(self._sample_draws, static_argnums=2)
         self._params = jax.jit(lambda svi_state: self._warm[0].get_params(svi_state))
         self.trace_count = 0  # incremented at trace time: a recompilation shows here
@@ -429,7 +480,16 @@ class PopulationFitter:
             OrderedTraceELBO(num_particles=num_particles),
         )
 
-        def run_chunk(svi_state: SVIState, restart_schedule, gram, cohort, num_cohorts, covariates):
+        def run_chunk(
+            svi_state: SVIState,
+            restart_schedule,
+            gram,
+            cohort,
+            num_cohorts,
+            covariates,
+            groups,
+            num_groups,
+        ):
             self.trace_count += 1
             svi_state = self._reanchor(svi, svi_state, restart_schedule)
             # One patients-last copy of the evidence per chunk: inside the steps each
@@ -440,37 +500,53 @@ class PopulationFitter:
             def body(state, _):
                 patients_first = jnp.moveaxis(by_entry, -1, 0)  # a view, fused into readers
                 state, loss = svi.update(
-                    state, patients_first, cohort, num_cohorts, self.config, covariates
+                    state,
+                    patients_first,
+                    cohort,
+                    num_cohorts,
+                    self.config,
+                    covariates,
+                    groups,
+                    num_groups,
                 )
                 return state, loss
 
             return jax.lax.scan(body, svi_state, None, length=CHUNK_STEPS)
 
-        return svi, jax.jit(run_chunk, static_argnums=4)
+        return svi, jax.jit(run_chunk, static_argnums=(4, 7))
 
-    def _initial_svi_state(self, rng_key, gram, cohort, num_cohorts, covariates) -> SVIState:
+    def _initial_svi_state(
+        self, rng_key, gram, cohort, num_cohorts, covariates, groups, num_groups
+    ) -> SVIState:
         fresh, warm = self._fresh[0], self._warm[0]
-        svi_state = fresh.init(rng_key, gram, cohort, num_cohorts, self.config, covariates)
+        svi_state = fresh.init(
+            rng_key, gram, cohort, num_cohorts, self.config, covariates, groups, num_groups
+        )
         # Both SVI objects (fresh and warm schedules) share the guide, hence its
         # params and their constraints: the warm one takes the fresh one's map to
         # constrained space instead of tracing the model a second time.
         warm.constrain_fn = fresh.constrain_fn
         return svi_state
 
-    def _check_covariates(self, evidence: Evidence) -> None:
+    def _check_evidence(self, evidence: Evidence) -> None:
         width = 0 if evidence.covariates is None else evidence.covariates.shape[-1]
         if width != self.config.num_covariates:
             raise ValueError(
                 f"the evidence has {width} patient covariate columns; the model has "
                 f"{self.config.num_covariates} ({', '.join(self.config.covariates) or 'none'})"
             )
+        levels = len(evidence.num_groups)
+        if levels != len(self.config.grouping_levels):
+            raise ValueError(
+                f"the evidence has {levels} further grouping level(s); the model has "
+                f"{len(self.config.grouping_levels)} "
+                f"({', '.join(self.config.grouping_levels) or 'none'})"
+            )
 
     def init(self, rng_key: jax.Array, evidence: Evidence) -> FitState:
         """Variational parameters at their initial values; no steps taken yet."""
-        self._check_covariates(evidence)
-        svi_state = self._init_state(
-            rng_key, evidence.gram, evidence.cohort, evidence.num_cohorts, evidence.covariates
-        )
+        self._check_evidence(evidence)
+        svi_state = self._init_state(rng_key, *evidence.fit_args)
         return FitState(svi_state, 0, 0)
 
     def resume(
@@ -524,7 +600,7 @@ class PopulationFitter:
         the learning-rate schedule restarts at each update.
         ``progress(done, total, elbo)`` is called after every chunk.
         """
-        self._check_covariates(evidence)
+        self._check_evidence(evidence)
         fresh = state.total_steps == 0
         _, run_chunk = self._fresh if fresh else self._warm
         if steps is None:
@@ -533,14 +609,7 @@ class PopulationFitter:
         svi_state = state.svi_state._replace(rng_key=rng_key)
         chunk_losses = []
         for done in range(num_chunks):
-            svi_state, losses = run_chunk(
-                svi_state,
-                done == 0,
-                evidence.gram,
-                evidence.cohort,
-                evidence.num_cohorts,
-                evidence.covariates,
-            )
+            svi_state, losses = run_chunk(svi_state, done == 0, *evidence.fit_args)
             losses = np.asarray(losses)
             chunk_losses.append(losses)
             if progress is not None:

@@ -34,8 +34,9 @@ from model.events import Events
 class ReferenceFit:
     """Posterior samples, raw units. ``patient_effect``: (S, P) b_i draws;
     ``population``: name -> (S,) draws of effect, intercept, sigma,
-    effect_sd_patients, effect_sd_cohorts, time_trend (absent where the model
-    has no such term). ``hyper``: the draws of θ as sampled, standardised units
+    effect_sd_patients, effect_sd_cohorts, time_trend, and (S, L)
+    effect_sd_groups of the further grouping levels (absent where the model has
+    no such term). ``hyper``: the draws of θ as sampled, standardised units
     (model.likelihood.Hyper's fields: mu, tau, corr_chol, sigma, and tau_cohort,
     gamma where the model has them), chains one after the other
     (``diagnostics["num_chains"]`` of them), for convergence diagnostics and
@@ -59,10 +60,14 @@ def full_model(
     centred_patients: bool = False,
     covariates: jax.Array | None = None,
     time_covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> None:
     """The hierarchical model written out (standardised units), non-centred:
     r_i = μ + B x_i + e_b u_g + L z_i, u_g = τ_u w_g, with z_i, w_g ~ N(0, I),
     and the fixed effects γ on (t, c) (time trend, time-varying covariates).
+    Each further grouping level l (config.grouping_levels; groups (P, L)) adds
+    τ_l w_{l, g_l(i)} to the effect, w_l ~ N(0, I) sampled too.
 
     ``centred_patients`` samples r_i ~ N(μ + e_b u_g, L Lᵀ) directly instead: the
     same posterior, a different geometry. With many readings per patient the
@@ -96,6 +101,15 @@ def full_model(
         with numpyro.plate("cohorts", num_cohorts):
             w = numpyro.sample("cohort_z", dist.Normal(0.0, 1.0))
         effect_shift = (tau_cohort * w)[cohort_of_patient]
+    if config.grouping_levels:
+        tau_groups = numpyro.sample(
+            "tau_groups",
+            dist.HalfNormal(priors.cohort_scale).expand([len(config.grouping_levels)]).to_event(1),
+        )
+        for level, count in enumerate(num_groups):
+            with numpyro.plate(f"groups_{level}", count):
+                w_level = numpyro.sample(f"group_z_{level}", dist.Normal(0.0, 1.0))
+            effect_shift = effect_shift + (tau_groups[level] * w_level)[groups[:, level]]
     chol = tau[:, None] * corr_chol
     if centred_patients:
         loc = patient_mean + jnp.stack([jnp.zeros(num_patients), effect_shift], axis=-1)
@@ -127,6 +141,8 @@ def _covariate_args(events: Events, config: ModelConfig) -> dict[str, jax.Array 
             if config.time_covariates
             else None
         ),
+        "groups": jnp.asarray(events.groups) if config.grouping_levels else None,
+        "num_groups": events.num_groups if config.grouping_levels else (),
     }
 
 
@@ -167,8 +183,10 @@ def _to_raw(samples: dict[str, np.ndarray], config: ModelConfig) -> ReferenceFit
     )
     if config.cohort_level:
         population["effect_sd_cohorts"] = std.effect_to_raw(samples["tau_cohort"])
+    if config.grouping_levels:
+        population["effect_sd_groups"] = std.effect_to_raw(samples["tau_groups"])
     names = {"mu": "mu", "tau": "tau", "L_omega": "corr_chol", "sigma": "sigma"}
-    names.update(tau_cohort="tau_cohort", gamma="gamma", coef="coef")
+    names.update(tau_cohort="tau_cohort", gamma="gamma", coef="coef", tau_groups="tau_groups")
     hyper = {field: samples[site] for site, field in names.items() if site in samples}
     return ReferenceFit(std.effect_to_raw(samples["effect"]), population, hyper=hyper)
 
@@ -206,7 +224,8 @@ def fit_nuts(
     )
     samples = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
     grouped = mcmc.get_samples(group_by_chain=True)
-    hyper_names = [n for n in ("mu", "tau", "sigma", "gamma", "tau_cohort", "coef") if n in grouped]
+    hyper_names = ("mu", "tau", "sigma", "gamma", "tau_cohort", "coef", "tau_groups")
+    hyper_names = [n for n in hyper_names if n in grouped]
     stats = summary({n: np.asarray(grouped[n]) for n in hyper_names})
     fit = _to_raw(samples, config)
     fit.diagnostics.update(

@@ -23,7 +23,13 @@ import numpy as np
 from jax.scipy.special import ndtr, ndtri
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig
-from model.likelihood import Hyper, cohort_effect_posterior, patient_effects_given_theta
+from model.likelihood import (
+    Hyper,
+    cohort_effect_posterior,
+    group_effect_posterior,
+    patient_effects_given_theta,
+    patient_shift_posterior,
+)
 from model.population import SMALL_BUCKET, bucket_size
 
 PATIENT_BLOCK = 4096
@@ -188,6 +194,52 @@ def cohort_posteriors(
     )
 
 
+@partial(jax.jit, static_argnames=("num_cohorts", "config", "num_groups"))
+def group_posteriors(
+    draws: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None,
+    groups: jax.Array,
+    num_groups: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:
+    """(mean, variance) of every group effect at every level under every draw,
+    (S, G) each, the cohorts first then each further level's groups
+    (model.likelihood.group_effect_posterior's marginals)."""
+
+    def one(theta: Hyper) -> tuple[jax.Array, jax.Array]:
+        mean, cov = group_effect_posterior(
+            theta, gram, cohort, num_cohorts, config, covariates, groups, num_groups
+        )
+        return mean, jnp.diagonal(cov)
+
+    return jax.lax.map(one, draws)
+
+
+@partial(jax.jit, static_argnames=("num_cohorts", "config", "num_groups"))
+def patient_shift_posteriors(
+    draws: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
+) -> tuple[jax.Array, jax.Array]:
+    """(mean, variance) of every patient's total group shift under every draw,
+    (S, P) each (model.likelihood.patient_shift_posterior), draws mapped
+    sequentially as in cohort_posteriors."""
+    return jax.lax.map(
+        lambda theta: patient_shift_posterior(
+            theta, gram, cohort, num_cohorts, config, covariates, groups, num_groups
+        ),
+        draws,
+    )
+
+
 def summarize_effects(
     draws: Hyper,
     gram: np.ndarray,
@@ -199,25 +251,42 @@ def summarize_effects(
     level: float = 0.9,
     block: int = PATIENT_BLOCK,
     covariates: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> EffectSummary:
     """Posterior summaries of every patient's effect (raw units) from all evidence:
     cohort posteriors from every patient, then each patient's mixture.
-    covariates: (P, q) standardised patient covariates when the model has them."""
+    covariates: (P, q) standardised patient covariates when the model has them;
+    groups (P, L), num_groups: the further grouping levels' indices and (padded)
+    group counts when it has them. With several levels a patient's
+    ``cohort_deviation`` is its total group shift (the sum over levels)."""
     gram = np.asarray(gram)
     cohort = np.asarray(cohort, dtype=np.int32)
-    u_mean, u_var = cohort_posteriors(
-        draws,
-        jnp.asarray(gram),
-        jnp.asarray(cohort),
-        num_cohorts,
-        config.structure,
-        None if covariates is None else jnp.asarray(covariates, dtype=float),
-    )
+    x = None if covariates is None else jnp.asarray(covariates, dtype=float)
+    if config.grouping_levels:
+        shift_mean, shift_var = (
+            np.asarray(moment)
+            for moment in patient_shift_posteriors(
+                draws,
+                jnp.asarray(gram),
+                jnp.asarray(cohort),
+                num_cohorts,
+                config.structure,
+                x,
+                jnp.asarray(groups, dtype=np.int32),
+                tuple(num_groups),
+            )
+        )
+    else:
+        u_mean, u_var = cohort_posteriors(
+            draws, jnp.asarray(gram), jnp.asarray(cohort), num_cohorts, config.structure, x
+        )
+        shift_mean, shift_var = np.asarray(u_mean)[:, cohort], np.asarray(u_var)[:, cohort]
     return summarize_given_cohorts(
         draws,
         gram,
-        np.asarray(u_mean)[:, cohort],
-        np.asarray(u_var)[:, cohort],
+        shift_mean,
+        shift_var,
         measure,
         config,
         level=level,

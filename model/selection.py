@@ -8,8 +8,11 @@ Candidate structures of one measure's model (ModelConfig):
   outcome sds), nothing borrowed;
 - ``partial``: partial pooling by patient (the design's model without a cohort level);
 - ``partial+<attribute>``: partial pooling plus a cohort level, once for every
-  cohort attribute available (the model has one cohort level, so attributes are
-  compared in turn).
+  cohort attribute available;
+- ``partial+<a>+<b>…``: with several attributes, every combination of two or
+  more as crossed (or nested) grouping levels, each with its own sd
+  (ModelConfig.grouping_levels; the first attribute is the cohort level), so
+  each level is compared with and without the others.
 
 **Criterion.** K-fold cross-validation over *patients*, from the sufficient
 statistics alone. Patients are split into K folds (the same folds for every
@@ -30,7 +33,11 @@ no training patient gets its prior N(0, τ_u²)), so that
     log p(y_i | θ, training) = log L_i(μ) + k_i m_g − ½ j_i m_g²
                                + ½ v_g (k_i − j_i m_g)² / (1 + j_i v_g) − ½ log(1 + j_i v_g).
 
-Without a cohort level it is log L_i(μ). Densities are reported for the raw
+With several grouping levels u is the patient's total shift s_i = Σ_l u_{l, g_l(i)},
+whose posterior given θ and the training patients is N(a_iᵀ E[u], a_iᵀ Cov[u] a_i)
+(the groups' joint posterior, model.likelihood.group_effect_posterior; a group
+with no training patient keeps its prior): the same formula with m = E[s_i],
+v = Var[s_i]. Without a cohort level it is log L_i(μ). Densities are reported for the raw
 outcome: the standardised density minus n_i log(outcome_scale) (the same shift
 for every structure, so differences do not depend on it).
 
@@ -39,11 +46,14 @@ structure and its standard error from the pointwise differences d_i (as for
 PSIS-LOO, Vehtari, Gelman & Gabry 2017): se = sqrt(n · var(d_i)), n patients.
 A structure "wins" when its lead exceeds two standard errors; ``choose`` keeps
 the design's model (partial pooling by patient) unless another structure wins
-against it.
+against it, and among structures that do, a structure with fewer grouping
+levels is kept unless one with more (a superset of its levels) beats it by the
+same margin: each level must earn its place.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -56,7 +66,14 @@ from pydantic import BaseModel, ConfigDict
 
 from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats
-from model.likelihood import Hyper, cohort_effect_posterior, patient_terms
+from model.likelihood import (
+    Hyper,
+    cohort_effect_posterior,
+    group_effect_posterior,
+    group_index,
+    patient_terms,
+    shift_moments,
+)
 from model.population import (
     PopulationFitter,
     UpdateInfo,
@@ -73,36 +90,50 @@ SELECTION_SVI = SVIConfig(fresh_steps=600, num_particles=4, num_draws=200)
 
 class Structure(BaseModel):
     """One candidate: its name, the model configuration and, with a cohort level,
-    the cohort attribute whose levels are the cohorts."""
+    the cohort attribute whose levels are the cohorts, and the attributes of any
+    further grouping levels (config.grouping_levels, in that order)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     config: ModelConfig
     cohort_attribute: str | None = None
+    group_attributes: tuple[str, ...] = ()
 
 
 def candidate_structures(
     base: ModelConfig, cohort_attributes: Sequence[str] = ()
 ) -> list[Structure]:
-    """complete, none, partial and one partial+cohort structure per attribute.
+    """complete, none, partial, one partial+cohort structure per attribute and,
+    with several attributes, one per combination of two or more of them.
 
     ``base`` supplies the time trend, forgetting, priors and standardisation.
     """
-    flat = base.model_copy(update={"cohort_level": False})
+    flat = base.model_copy(update={"cohort_level": False, "grouping_levels": ()})
     structures = [
         Structure(name="complete", config=flat.model_copy(update={"effect_pooling": "complete"})),
         Structure(name="none", config=flat.model_copy(update={"effect_pooling": "none"})),
         Structure(name="partial", config=flat.model_copy(update={"effect_pooling": "partial"})),
     ]
+    grouped = base.model_copy(update={"cohort_level": True, "effect_pooling": "partial"})
     for attribute in cohort_attributes:
         structures.append(
             Structure(
                 name=f"partial+{attribute}",
-                config=base.model_copy(update={"cohort_level": True, "effect_pooling": "partial"}),
+                config=grouped.model_copy(update={"grouping_levels": ()}),
                 cohort_attribute=attribute,
             )
         )
+    for size in range(2, len(cohort_attributes) + 1):
+        for first, *further in itertools.combinations(cohort_attributes, size):
+            structures.append(
+                Structure(
+                    name="+".join(["partial", first, *further]),
+                    config=grouped.model_copy(update={"grouping_levels": tuple(further)}),
+                    cohort_attribute=first,
+                    group_attributes=tuple(further),
+                )
+            )
     return structures
 
 
@@ -118,7 +149,7 @@ def patient_folds(num_patients: int, num_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
-@partial(jax.jit, static_argnames=("num_cohorts", "config"))
+@partial(jax.jit, static_argnames=("num_cohorts", "config", "num_groups"))
 def heldout_loglik(
     draws: Hyper,
     train_gram: jax.Array,
@@ -127,9 +158,14 @@ def heldout_loglik(
     test_cohort: jax.Array,
     num_cohorts: int,
     config: ModelConfig,
+    train_groups: jax.Array | None = None,
+    test_groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> jax.Array:
     """log p(y_i | θ_s, training patients) of every held-out patient under every
-    draw, shape (S, P_test), standardised units (module docstring).
+    draw, shape (S, P_test), standardised units (module docstring). With further
+    grouping levels, train_groups and test_groups (P, L) and num_groups as for
+    model.likelihood.collapsed_loglik.
 
     Padding (zero Gram matrices) gives exactly 0 on either side.
     """
@@ -138,8 +174,16 @@ def heldout_loglik(
         terms = patient_terms(theta, test_gram, config)
         if not config.cohort_level:
             return terms.at_mean
-        m, v = cohort_effect_posterior(theta, train_gram, train_cohort, num_cohorts, config)
-        m, v = m[test_cohort], v[test_cohort]
+        if config.grouping_levels:
+            mean, cov = group_effect_posterior(
+                theta, train_gram, train_cohort, num_cohorts, config, None,
+                train_groups, num_groups,
+            )  # fmt: skip
+            where = group_index(test_cohort, num_cohorts, test_groups, num_groups)
+            m, v = shift_moments(mean, cov, where.index)
+        else:
+            m, v = cohort_effect_posterior(theta, train_gram, train_cohort, num_cohorts, config)
+            m, v = m[test_cohort], v[test_cohort]
         j, k = terms.curvature, terms.slope
         gap = k - j * m
         return (
@@ -197,12 +241,15 @@ def cross_validate_folds(
     seed: int = 0,
     svi_config: SVIConfig = SELECTION_SVI,
     fitters: FitterCache | None = None,
+    groups: np.ndarray | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, UpdateInfo]]:
     """cross_validate one fold at a time: a generator whose every step is one SVI
     fit, yielding (fold, held-out rows, their raw-outcome elpd_i, the fit's info).
 
     A caller that must not hold the CPU for all K fits at once (the streaming
     population agent) advances it step by step; ``cross_validate`` runs it out.
+    groups: (P, L) group index of every patient at each of the structure's
+    further grouping levels (structure.group_attributes), None without.
     """
     config = structure.config
     num_patients = stats.num_patients
@@ -210,6 +257,10 @@ def cross_validate_folds(
         cohort = np.zeros(num_patients, dtype=np.int64)
     cohort = np.asarray(cohort, dtype=np.int64)
     num_cohorts = int(cohort.max()) + 1
+    num_groups: tuple[int, ...] = ()
+    if config.grouping_levels:
+        groups = np.asarray(groups, dtype=np.int64).reshape(num_patients, -1)
+        num_groups = tuple(int(count) for count in groups.max(axis=0) + 1)
     fitter, draw = _compiled(config, svi_config, fitters)
     num_folds = int(folds.max()) + 1
     keys = jax.random.split(jax.random.PRNGKey(seed), num_folds)
@@ -218,7 +269,13 @@ def cross_validate_folds(
     for fold in range(num_folds):
         test = np.flatnonzero(folds == fold)
         train = np.flatnonzero(folds != fold)
-        evidence = pad_evidence(_subset(stats, train), cohort[train], num_cohorts)
+        evidence = pad_evidence(
+            _subset(stats, train),
+            cohort[train],
+            num_cohorts,
+            groups=None if groups is None else groups[train],
+            num_groups=num_groups,
+        )
         key_init, key_fit, key_draws = jax.random.split(keys[fold], 3)
         state = fitter.init(key_init, evidence)
         state, info = fitter.update(state, evidence, key_fit)
@@ -232,6 +289,9 @@ def cross_validate_folds(
             jnp.asarray(_padded(cohort[test], size)),
             evidence.num_cohorts,
             config.structure,
+            evidence.groups,
+            None if groups is None else jnp.asarray(_padded(groups[test], size)),
+            evidence.num_groups,
         )
         loglik = np.asarray(loglik)[:, : test.size]
         elpd = np.asarray(logsumexp(loglik, axis=0)) - np.log(loglik.shape[0])
@@ -248,6 +308,7 @@ def cross_validate(
     svi_config: SVIConfig = SELECTION_SVI,
     fitters: FitterCache | None = None,
     progress: Callable[[str], None] | None = None,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pointwise elpd_i (raw-outcome log density) of every patient held out in its fold.
 
@@ -260,7 +321,14 @@ def cross_validate(
     elpd = np.empty(stats.num_patients)
     num_folds = int(folds.max()) + 1
     for fold, test, values, info in cross_validate_folds(
-        structure, stats, cohort, folds, seed=seed, svi_config=svi_config, fitters=fitters
+        structure,
+        stats,
+        cohort,
+        folds,
+        seed=seed,
+        svi_config=svi_config,
+        fitters=fitters,
+        groups=groups,
     ):
         elpd[test] = values
         if progress is not None:
@@ -300,7 +368,10 @@ def choose(
 ) -> str:
     """The structure to use: the ``reference`` (the design's model, partial pooling
     by patient) unless others beat it by more than ``threshold`` standard errors
-    of the paired difference, sqrt(n var(d_i)); then the best of those.
+    of the paired difference, sqrt(n var(d_i)); then the best of those, unless a
+    winner with a subset of its grouping levels (``partial+a`` against
+    ``partial+a+b``) is not beaten by it by that margin: then that one, and so
+    on down, so that every level kept has earned its place.
 
     A structure must earn its place against the reference: noise-level leads
     (a cohort level fitted to no cohort effects, complete pooling on 18 patients)
@@ -309,14 +380,24 @@ def choose(
     totals = {name: float(np.sum(values)) for name, values in pointwise.items()}
     if reference not in pointwise:
         return max(totals, key=totals.__getitem__)
-    base = np.asarray(pointwise[reference])
-    winners = []
-    for name, values in pointwise.items():
-        diff = np.asarray(values) - base
+
+    def beats(name: str, other: str) -> bool:
+        diff = np.asarray(pointwise[name]) - np.asarray(pointwise[other])
         se = float(np.sqrt(diff.size * np.var(diff, ddof=1))) if diff.size > 1 else np.inf
-        if name != reference and diff.sum() > threshold * se:
-            winners.append(name)
-    return max(winners, key=totals.__getitem__) if winners else reference
+        return bool(diff.sum() > threshold * se)
+
+    winners = [name for name in pointwise if name != reference and beats(name, reference)]
+    if not winners:
+        return reference
+    best = max(winners, key=totals.__getitem__)
+    while True:
+        parts = set(best.split("+"))
+        simpler = [
+            name for name in winners if set(name.split("+")) < parts and not beats(best, name)
+        ]
+        if not simpler:
+            return best
+        best = max(simpler, key=totals.__getitem__)
 
 
 def select_structure(
@@ -363,6 +444,9 @@ def select_structure(
         if progress is not None:
             progress(f"structure {number + 1}/{len(structures)}: {structure.name}")
         cohort = usable.get(structure.cohort_attribute) if structure.cohort_attribute else None
+        groups = None
+        if structure.group_attributes:
+            groups = np.stack([usable[name] for name in structure.group_attributes], axis=-1)
         pointwise[structure.name] = cross_validate(
             structure,
             stats,
@@ -372,6 +456,7 @@ def select_structure(
             svi_config=svi_config,
             fitters=fitters,
             progress=progress,
+            groups=groups,
         )
     table = compare(pointwise)
     assert folds is not None

@@ -6,11 +6,14 @@ again). Readings go missing at random and a fraction are outliers. The true
 model is the project's model in raw units:
 
     y_it = a_i + b_i x_it + γ t_it + δ c_it + ε_it
-    (a_i, b_i) ~ N((α, β + u_g) + B x_i, Σ)
+    (a_i, b_i) ~ N((α, β + u_g + v_k) + B x_i, Σ)
 
 optionally with a population effect that changes at a point in time (drift),
 patient covariates x_i that modify the effect (a continuous one, ``age``, and a
-categorical one, ``group``), a time-varying covariate c_it that is confounded
+categorical one, ``group``), a second grouping crossed with the cohorts
+(``num_clusters`` genotype clusters k with effect deviations v_k ~ N(0,
+``cluster_effect_sd``²), published as the events' ``cluster`` level), a
+time-varying covariate c_it that is confounded
 with exposure, and partial adherence (the exposure x_it a dose in [0, 1]).
 Everything is vectorised: 1M patients are simulated in seconds.
 """
@@ -73,6 +76,10 @@ class ProgrammeSpec(BaseModel):
     adherence_low: float = Field(
         default=1.0, gt=0.0, le=1.0, description="dose while exposed ~ U(adherence_low, 1)"
     )
+    num_clusters: int = Field(
+        default=0, ge=0, description="genotype clusters crossed with the cohorts (0: none)"
+    )
+    cluster_effect_sd: float = Field(default=0.0, ge=0.0, description="sd of the clusters' effects")
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,8 @@ class Truth:
     covariate_names: tuple[str, ...] = ()
     coefficients: np.ndarray | None = None  # (2, q) B in natural units, rows (a, b)
     time_covariate_effect: float | None = None
+    cluster_of_patient: np.ndarray | None = None  # (P,) genotype cluster k of each patient
+    cluster_effect: np.ndarray | None = None  # (K,) v_k
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,13 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
         shift = (covariates - _covariate_means(spec)) @ coefficients.T
         intercept = intercept + shift[:, 0]
         effect = effect + shift[:, 1]
+    cluster = cluster_effect = None
+    if spec.num_clusters:
+        # Its own stream, so adding clusters leaves every other draw of a seed as it was.
+        cluster_rng = np.random.default_rng([seed, 1])
+        cluster = cluster_rng.integers(0, spec.num_clusters, p)
+        cluster_effect = cluster_rng.normal(0.0, spec.cluster_effect_sd, spec.num_clusters)
+        effect = effect + cluster_effect[cluster]
     # Staggered enrolment over the first half of the programme.
     enrolment = rng.uniform(0.0, spec.time_span / 2.0, p)
 
@@ -168,6 +184,8 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
         None if time_covariate is None else time_covariate[keep],
         names if spec.with_covariates else (),
         () if time_covariate is None else ("activity",),
+        None if cluster is None else cluster[:, None],
+        () if cluster is None else ("cluster",),
     )
     truth = Truth(
         intercept=intercept,
@@ -180,6 +198,8 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
         covariate_names=names,
         coefficients=coefficients,
         time_covariate_effect=spec.time_covariate_effect,
+        cluster_of_patient=cluster,
+        cluster_effect=cluster_effect,
     )
     return Simulated(spec, events, truth)
 

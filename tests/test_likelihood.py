@@ -53,21 +53,26 @@ def random_problem(seed: int, config: ModelConfig, num_covariates: int = 0):
     return cohort, num_cohorts, patient, exposure, time, outcome, theta
 
 
-def dense_joint(cohort, patient, exposure, time, theta, config, covariates=None, fixed=None):
+def dense_joint(
+    cohort, patient, exposure, time, theta, config, covariates=None, fixed=None, levels=()
+):
     """Mean and covariance of (y, b) where b stacks every patient's effect.
     covariates: (P, q) with theta.coef; fixed: (n, d_z) fixed-effect rows
-    (default: the time column when the config has a trend)."""
+    (default: the time column when the config has a trend); levels: further
+    grouping levels as (group of each patient (P,), number of groups, sd) whose
+    effects add to the cohort's (the latent vector holds them after the cohorts)."""
     theta = jax.tree.map(np.asarray, theta)
     n, num_patients = patient.size, cohort.size
     chol = theta.tau[:, None] * theta.corr_chol
     sigma_r = chol @ chol.T
     # Latent vector: (r_1, ..., r_P, u_1, ..., u_G), prior mean (μ, ..., μ, 0, ...).
     num_cohorts = int(cohort.max()) + 1
-    dim = 2 * num_patients + num_cohorts
+    num_groups = num_cohorts + sum(count for _, count, _ in levels)
+    dim = 2 * num_patients + num_groups
     patient_means = np.tile(theta.mu, (num_patients, 1))
     if covariates is not None:
         patient_means = patient_means + covariates @ theta.coef.T  # μ_i = μ + B x_i
-    prior_mean = np.concatenate([patient_means.ravel(), np.zeros(num_cohorts)])
+    prior_mean = np.concatenate([patient_means.ravel(), np.zeros(num_groups)])
     prior_cov = np.zeros((dim, dim))
     for i in range(num_patients):
         prior_cov[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] = sigma_r
@@ -78,6 +83,13 @@ def dense_joint(cohort, patient, exposure, time, theta, config, covariates=None,
     to_effects = np.eye(dim)
     for i in range(num_patients):
         to_effects[2 * i + 1, 2 * num_patients + cohort[i]] = 1.0
+    offset = 2 * num_patients + num_cohorts
+    for group, count, sd in levels:  # r_i = μ + e_b (u_g + Σ_l u_l,g_l(i)) + η_i
+        for g in range(count):
+            prior_cov[offset + g, offset + g] = float(sd) ** 2
+        for i in range(num_patients):
+            to_effects[2 * i + 1, offset + group[i]] = 1.0
+        offset += count
     latent_mean = to_effects @ prior_mean
     latent_cov = to_effects @ prior_cov @ to_effects.T
     design = np.zeros((n, dim))
