@@ -4,6 +4,11 @@ Simulates programmes under a chosen truth for a range of observations per
 patient, fits each with the collapsed SVI, classifies with the decision rule and
 writes the rates of correct and false calls (model.operating) as a markdown
 table, JSON and a PNG plot.
+
+``--subgroups``: the same for the subgroup calls instead. The truth has a
+group (levels A = 0 and B = 1, equally likely) whose effect differs by
+``--group-effect``; each level is a subgroup and its call is counted per
+programme (oc_subgroups.md and oc_subgroups.json, no plot).
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patients", type=int, default=300, help="patients per programme")
     parser.add_argument("--cohorts", type=int, default=10, help="cohorts per programme")
     parser.add_argument(
-        "--effect", type=float, default=-4.0,
-        help="true population effect per unit exposure, raw units (bpm for heart rate)",
+        "--effect", type=float, default=None,
+        help="true population effect per unit exposure, raw units (bpm for heart rate); "
+        "default -4, or 0 (in group A) with --subgroups",
     )  # fmt: skip
     parser.add_argument(
         "--effect-sd", type=float, default=3.0, help="true between-patient sd of the effect"
@@ -68,6 +74,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--svi-steps", type=int, default=None, help="SVI steps per fit (default: SVIConfig's)"
     )
+    parser.add_argument(
+        "--subgroups", action="store_true",
+        help="operating characteristics of the subgroup calls (groups A and B) instead",
+    )  # fmt: skip
+    parser.add_argument(
+        "--group-effect", type=float, default=None,
+        help="with --subgroups: group B's effect minus group A's, raw units "
+        "(default 2.5 MCID of benefit)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,18 +94,28 @@ def run(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
+        measure = MeasureConfig(name="outcome", unit="", direction=args.direction, mcid=args.mcid)
+        subgroups = {}
+        if args.subgroups:
+            group_effect = args.group_effect
+            if group_effect is None:
+                group_effect = 2.5 * args.mcid * measure.benefit_sign
+            subgroups = {"group_effects": (group_effect,), "with_covariates": True}
+        elif args.group_effect is not None:
+            raise ValueError("--group-effect needs --subgroups")
+        effect = args.effect if args.effect is not None else (0.0 if args.subgroups else -4.0)
         spec = ProgrammeSpec(
             num_patients=args.patients,
             num_cohorts=args.cohorts,
-            effect=args.effect,
+            effect=effect,
             effect_sd=args.effect_sd,
             cohort_effect_sd=args.cohort_effect_sd,
             residual_sd=args.residual_sd,
             intercept=args.intercept,
             intercept_sd=args.intercept_sd,
             baseline_fraction=args.baseline_fraction,
+            **subgroups,
         )
-        measure = MeasureConfig(name="outcome", unit="", direction=args.direction, mcid=args.mcid)
         svi = SVIConfig() if args.svi_steps is None else SVIConfig(fresh_steps=args.svi_steps)
     except ValueError as error:
         say(f"efficacy oc: error: {error}")
@@ -100,9 +125,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     started = time.perf_counter()
     say(
-        f"operating characteristics: {len(args.obs)} observation counts × {args.replicates} "
-        f"programmes of {args.patients} patients"
+        f"operating characteristics{' of the subgroup calls' if args.subgroups else ''}: "
+        f"{len(args.obs)} observation counts × {args.replicates} programmes of "
+        f"{args.patients} patients"
     )
+    if args.subgroups:
+        return _run_subgroups(args, spec, measure, svi, started, say)
     result = operating_characteristics(
         spec,
         measure,
@@ -125,6 +153,31 @@ def run(args: argparse.Namespace) -> int:
         written = "no oc.png (pip install 'living-efficacy[plots]' for it)"
     print(table)
     say(f"wrote {args.out_dir / 'oc.md'}, oc.json, {written} in {result['seconds']} s")
+    return 0
+
+
+def _run_subgroups(args, spec, measure, svi, started: float, say) -> int:
+    """``--subgroups``: the subgroup calls' rates (model.operating), table and JSON."""
+    from model.config import DecisionRule
+    from model.operating import subgroup_markdown_table, subgroup_operating_characteristics
+
+    result = subgroup_operating_characteristics(
+        spec,
+        measure,
+        args.obs,
+        args.replicates,
+        seed=args.seed,
+        rule=DecisionRule(),
+        svi_config=svi,
+        progress=say,
+    )
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    table = subgroup_markdown_table(result)
+    (args.out_dir / "oc_subgroups.md").write_text(table + "\n")
+    (args.out_dir / "oc_subgroups.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table)
+    say(f"wrote {args.out_dir / 'oc_subgroups.md'}, oc_subgroups.json in {result['seconds']} s")
     return 0
 
 

@@ -53,6 +53,75 @@ def test_spec_standardization_is_close_to_the_data_one():
     assert abs(mine.time_location - data.time_location) < 0.1 * data.time_scale
 
 
+def test_spec_standardization_with_covariates_is_close_to_the_data_one():
+    """With patient covariates (age, a group of three levels that modifies the
+    effect) the data-free map centres and scales them as the data do, and the
+    outcome within the same 10 % / 0.1 sd."""
+    spec = ProgrammeSpec(
+        num_patients=3000, obs_per_patient=20, baseline_fraction=0.5, with_covariates=True,
+        effect=0.0, group_effects=(-5.0, -10.0), effect_per_year=0.1,
+    )  # fmt: skip
+    events = simulate(spec, 0).events
+    data = Standardization.from_data(events.outcome, events.exposure, events.time)
+    data = data.with_covariates(events.covariates, None)
+    mine = standardization_for(spec)
+    assert mine.outcome_scale == pytest.approx(data.outcome_scale, rel=0.1)
+    assert abs(mine.outcome_location - data.outcome_location) < 0.1 * data.outcome_scale
+    np.testing.assert_allclose(mine.covariate_location, data.covariate_location, rtol=0.1)
+    np.testing.assert_allclose(mine.covariate_scale, data.covariate_scale, rtol=0.1)
+    assert standardization_for(spec.model_copy(update={"with_covariates": False})) == (
+        standardization_for(spec.model_copy(update={"with_covariates": False, "group_effects": ()}))
+    )  # without covariates in the model the group modifiers are not its business
+
+
+def test_efficacy_oc_subgroups_small_run(tmp_path, capsys):
+    """``efficacy oc --subgroups``: the output's structure, and every rate a
+    proportion with its binomial se. How often a call is right or wrong is the
+    benchmark's (benchmarks/README.md), not this test's: 2 programmes say nothing."""
+    out = tmp_path / "oc"
+    code = main(
+        [
+            "oc", "--subgroups", "--obs", "8", "--replicates", "2", "--patients", "40",
+            "--cohorts", "2", "--mcid", "2", "--group-effect", "-5", "--svi-steps", "200",
+            "--out-dir", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert 'false "works"' in capsys.readouterr().out
+    result = json.loads((out / "oc_subgroups.json").read_text())
+    assert "| 8 | 1 | -5 |" in (out / "oc_subgroups.md").read_text()
+    assert result["kind"] == "subgroups" and result["replicates"] == 2
+    assert result["truth"]["effect"] == 0.0 and result["truth"]["group_effects"] == [-5.0]
+    (row,) = result["rows"]
+    assert row["obs_per_patient"] == 8
+    assert [level["design_effect"] for level in row["levels"]] == [0.0, -5.0]
+
+    def proportion(value, n):
+        assert value["n"] == n and 0 <= value["hits"] <= n
+        assert value["rate"] == pytest.approx(value["hits"] / n)
+        assert value["se"] == pytest.approx(np.sqrt(value["rate"] * (1 - value["rate"]) / n))
+
+    for level in row["levels"]:
+        assert len(level["per_replicate"]) == 2
+        assert set(level["per_replicate"]) <= {"works", "does_not_work", "uncertain",
+                                               "insufficient_data"}  # fmt: skip
+        for call in ("works", "does_not_work", "uncertain", "insufficient_data"):
+            proportion(level[call], 2)
+            assert level[call]["hits"] == level["per_replicate"].count(call)
+        proportion(level["interval_covers_true_mean"], 2)
+    # group 0 has no benefit by design, group 1 (lower is better) 2.5 MCID
+    assert row["false_works"]["hits"] == row["levels"][0]["works"]["hits"]
+    assert row["power"]["hits"] == row["levels"][1]["works"]["hits"]
+    assert row["false_does_not_work"]["hits"] == row["levels"][1]["does_not_work"]["hits"]
+    for name in ("false_works", "power", "false_does_not_work"):
+        proportion(row[name], 2)
+
+
+def test_efficacy_oc_group_effect_needs_subgroups(capsys):
+    assert main(["oc", "--group-effect", "-5"]) == 2
+    assert "--group-effect needs --subgroups" in capsys.readouterr().err
+
+
 def test_efficacy_oc_small_run(tmp_path, capsys):
     """Strong effects for true responders: between-patient sd 6 around a population
     benefit equal to the MCID (3), so true responders' benefits average ≈ 3 + 6·0.8
