@@ -315,14 +315,7 @@ def subgroup_operating_characteristics(
             replicate_seed = seed + replicate
             sim = simulate(spec.model_copy(update={"obs_per_patient": int(n)}), replicate_seed)
             events = sim.events
-            stats = stats_from_events(
-                events.num_patients,
-                events.patient,
-                events.exposure,
-                events.time,
-                events.outcome,
-                config,
-            )
+            stats = events_stats(events, config)
             covariates = config.standardization.covariates(events.covariates)
             evidence = pad_evidence(stats, events.cohort_of_patient, spec.num_cohorts, covariates)
             keys = jax.random.split(jax.random.PRNGKey(replicate_seed), 3)
