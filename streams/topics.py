@@ -68,6 +68,7 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
 
 
 START_ATTEMPTS = 15  # tries to reach the broker, 2 s apart
+AUTHORIZATION_ATTEMPTS = 10  # tries to create a topic the broker refuses, 1 s apart
 
 
 async def ensure_topics(settings: Settings) -> list[str]:
@@ -81,7 +82,12 @@ async def ensure_topics(settings: Settings) -> list[str]:
     compaction), and a raw topic with fewer partitions than the others breaks
     the co-partitioning by patient."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
+    from aiokafka.errors import (
+        KafkaConnectionError,
+        TopicAlreadyExistsError,
+        TopicAuthorizationFailedError,
+        for_code,
+    )
 
     from streams.kafka_options import aiokafka_options, start_client
 
@@ -109,14 +115,23 @@ async def ensure_topics(settings: Settings) -> list[str]:
         for topic in wanted:
             if topic.name in existing:
                 continue
-            # create_topics reports failures per topic in its response, not by raising.
-            response = await admin.create_topics([topic])
-            for name, code, *detail in response.topic_errors:
+            for attempt in range(AUTHORIZATION_ATTEMPTS):
+                # create_topics reports failures per topic in its response, not by raising.
+                response = await admin.create_topics([topic])
+                (name, code, *detail), *_ = response.topic_errors
                 error = for_code(code)
                 if code == 0:
                     created.append(name)
+                elif error is TopicAuthorizationFailedError and (
+                    attempt < AUTHORIZATION_ATTEMPTS - 1
+                ):
+                    # ACLs granted a moment ago may not have reached the authorizer
+                    # that decides (in KRaft, the controller's) yet.
+                    await asyncio.sleep(1.0)
+                    continue
                 elif error is not TopicAlreadyExistsError:  # another worker made it meanwhile
                     raise RuntimeError(f"cannot create topic {name}: {error.__name__} {detail}")
+                break
         return created
     finally:
         await admin.close()
