@@ -345,6 +345,7 @@ def run_selection(
     args: argparse.Namespace, events: Any, cohorts: dict[str, np.ndarray], say: Any
 ) -> dict[str, Any]:
     """Structure selection (model.selection) on the file's patients; prints the table."""
+    from model.covariates import column_blocks
     from model.evidence import events_stats
     from model.offline import model_config_for
     from model.selection import format_table, select_structure
@@ -352,6 +353,9 @@ def run_selection(
     config = model_config_for(events, time_trend=args.time is not None, cohort_level=False)
     stats = events_stats(events, config)
     say(f"structure selection: {args.folds}-fold cross-validation over patients")
+    covariates = None
+    if config.num_covariates:
+        covariates = config.standardization.covariates(events.covariates)
     selection = select_structure(
         lambda _config: stats,  # Gram matrices depend only on time trend and scaling
         config,
@@ -359,6 +363,8 @@ def run_selection(
         num_folds=args.folds,
         seed=args.seed,
         progress=say,
+        covariates=covariates,
+        covariate_blocks=column_blocks(config.covariates),
     )
     selection.pop("pointwise")
     table = format_table(selection)

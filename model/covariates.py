@@ -144,6 +144,15 @@ def design_columns(specs: Sequence[CovariateSpec]) -> tuple[str, ...]:
     return tuple(column for spec in specs for column in spec.columns)
 
 
+def column_blocks(columns: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Design column names (``age``, ``sex=male``, …) grouped by covariate: name
+    → the indices of its columns (model.selection compares blocks)."""
+    blocks: dict[str, list[int]] = {}
+    for index, column in enumerate(columns):
+        blocks.setdefault(column.split("=", 1)[0], []).append(index)
+    return {name: tuple(indices) for name, indices in blocks.items()}
+
+
 def encode_patient(specs: Sequence[CovariateSpec], values: Mapping[str, Any]) -> list[float]:
     """One patient's design row (natural units) from its covariate values by
     name; raises CovariateError naming the first bad value. Names the

@@ -12,7 +12,12 @@ Candidate structures of one measure's model (ModelConfig):
 - ``partial+<a>+<b>…``: with several attributes, every combination of two or
   more as crossed (or nested) grouping levels, each with its own sd
   (ModelConfig.grouping_levels; the first attribute is the cohort level), so
-  each level is compared with and without the others.
+  each level is compared with and without the others;
+- ``partial+x:<c>+x:<d>…``: with patient covariates (model.covariates), partial
+  pooling with every covariate block (a covariate's design columns) in the mean
+  of the patients' effects, and with all blocks but one for each block, so each
+  block is compared with and without it given the others. The structures
+  above have no covariates.
 
 **Criterion.** K-fold cross-validation over *patients*, from the sufficient
 statistics alone. Patients are split into K folds (the same folds for every
@@ -99,16 +104,45 @@ class Structure(BaseModel):
     config: ModelConfig
     cohort_attribute: str | None = None
     group_attributes: tuple[str, ...] = ()
+    covariate_columns: tuple[int, ...] = ()  # columns of the full covariate design
+
+
+def with_covariate_columns(config: ModelConfig, columns: Sequence[int]) -> ModelConfig:
+    """``config`` with only the given columns of its patient covariates (their
+    names and standardisation)."""
+    std = config.standardization
+
+    def pick(values: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(values[k] for k in columns) if values else ()
+
+    return config.model_copy(
+        update={
+            "covariates": tuple(config.covariates[k] for k in columns),
+            "standardization": std.model_copy(
+                update={
+                    "covariate_location": pick(std.covariate_location),
+                    "covariate_scale": pick(std.covariate_scale),
+                }
+            ),
+        }
+    )
 
 
 def candidate_structures(
-    base: ModelConfig, cohort_attributes: Sequence[str] = ()
+    base: ModelConfig,
+    cohort_attributes: Sequence[str] = (),
+    covariate_blocks: Mapping[str, Sequence[int]] | None = None,
 ) -> list[Structure]:
     """complete, none, partial, one partial+cohort structure per attribute and,
-    with several attributes, one per combination of two or more of them.
+    with several attributes, one per combination of two or more of them; with
+    ``covariate_blocks`` (block name → its columns of ``base.covariates``),
+    partial pooling with every block and with all blocks but each one.
 
     ``base`` supplies the time trend, forgetting, priors and standardisation.
     """
+    blocks = {name: tuple(columns) for name, columns in (covariate_blocks or {}).items()}
+    covariate_base = base
+    base = with_covariate_columns(base, ())
     flat = base.model_copy(update={"cohort_level": False, "grouping_levels": ()})
     structures = [
         Structure(name="complete", config=flat.model_copy(update={"effect_pooling": "complete"})),
@@ -134,6 +168,23 @@ def candidate_structures(
                     group_attributes=tuple(further),
                 )
             )
+    if not blocks:
+        return structures
+    flat_partial = covariate_base.model_copy(
+        update={"cohort_level": False, "grouping_levels": (), "effect_pooling": "partial"}
+    )
+    subsets = [tuple(blocks)]
+    if len(blocks) > 1:
+        subsets += [tuple(b for b in blocks if b != left_out) for left_out in blocks]
+    for subset in subsets:
+        columns = tuple(sorted(k for name in subset for k in blocks[name]))
+        structures.append(
+            Structure(
+                name="+".join(["partial", *(f"x:{name}" for name in subset)]),
+                config=with_covariate_columns(flat_partial, columns),
+                covariate_columns=columns,
+            )
+        )
     return structures
 
 
@@ -161,28 +212,33 @@ def heldout_loglik(
     train_groups: jax.Array | None = None,
     test_groups: jax.Array | None = None,
     num_groups: tuple[int, ...] = (),
+    train_covariates: jax.Array | None = None,
+    test_covariates: jax.Array | None = None,
 ) -> jax.Array:
     """log p(y_i | θ_s, training patients) of every held-out patient under every
     draw, shape (S, P_test), standardised units (module docstring). With further
     grouping levels, train_groups and test_groups (P, L) and num_groups as for
-    model.likelihood.collapsed_loglik.
+    model.likelihood.collapsed_loglik; with patient covariates, train_covariates
+    and test_covariates (P, q) standardised.
 
     Padding (zero Gram matrices) gives exactly 0 on either side.
     """
 
     def one(theta: Hyper) -> jax.Array:
-        terms = patient_terms(theta, test_gram, config)
+        terms = patient_terms(theta, test_gram, config, test_covariates)
         if not config.cohort_level:
             return terms.at_mean
         if config.grouping_levels:
             mean, cov = group_effect_posterior(
-                theta, train_gram, train_cohort, num_cohorts, config, None,
+                theta, train_gram, train_cohort, num_cohorts, config, train_covariates,
                 train_groups, num_groups,
             )  # fmt: skip
             where = group_index(test_cohort, num_cohorts, test_groups, num_groups)
             m, v = shift_moments(mean, cov, where.index)
         else:
-            m, v = cohort_effect_posterior(theta, train_gram, train_cohort, num_cohorts, config)
+            m, v = cohort_effect_posterior(
+                theta, train_gram, train_cohort, num_cohorts, config, train_covariates
+            )
             m, v = m[test_cohort], v[test_cohort]
         j, k = terms.curvature, terms.slope
         gap = k - j * m
@@ -242,6 +298,7 @@ def cross_validate_folds(
     svi_config: SVIConfig = SELECTION_SVI,
     fitters: FitterCache | None = None,
     groups: np.ndarray | None = None,
+    covariates: np.ndarray | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, UpdateInfo]]:
     """cross_validate one fold at a time: a generator whose every step is one SVI
     fit, yielding (fold, held-out rows, their raw-outcome elpd_i, the fit's info).
@@ -249,7 +306,9 @@ def cross_validate_folds(
     A caller that must not hold the CPU for all K fits at once (the streaming
     population agent) advances it step by step; ``cross_validate`` runs it out.
     groups: (P, L) group index of every patient at each of the structure's
-    further grouping levels (structure.group_attributes), None without.
+    further grouping levels (structure.group_attributes), None without;
+    covariates: (P, q) the full standardised covariate design, of which the
+    structure uses its covariate_columns.
     """
     config = structure.config
     num_patients = stats.num_patients
@@ -261,6 +320,9 @@ def cross_validate_folds(
     if config.grouping_levels:
         groups = np.asarray(groups, dtype=np.int64).reshape(num_patients, -1)
         num_groups = tuple(int(count) for count in groups.max(axis=0) + 1)
+    x = None
+    if structure.covariate_columns:
+        x = np.asarray(covariates, dtype=float)[:, list(structure.covariate_columns)]
     fitter, draw = _compiled(config, svi_config, fitters)
     num_folds = int(folds.max()) + 1
     keys = jax.random.split(jax.random.PRNGKey(seed), num_folds)
@@ -273,6 +335,7 @@ def cross_validate_folds(
             _subset(stats, train),
             cohort[train],
             num_cohorts,
+            None if x is None else x[train],
             groups=None if groups is None else groups[train],
             num_groups=num_groups,
         )
@@ -292,6 +355,8 @@ def cross_validate_folds(
             evidence.groups,
             None if groups is None else jnp.asarray(_padded(groups[test], size)),
             evidence.num_groups,
+            evidence.covariates,
+            None if x is None else jnp.asarray(_padded(x[test], size)),
         )
         loglik = np.asarray(loglik)[:, : test.size]
         elpd = np.asarray(logsumexp(loglik, axis=0)) - np.log(loglik.shape[0])
@@ -309,6 +374,7 @@ def cross_validate(
     fitters: FitterCache | None = None,
     progress: Callable[[str], None] | None = None,
     groups: np.ndarray | None = None,
+    covariates: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pointwise elpd_i (raw-outcome log density) of every patient held out in its fold.
 
@@ -329,6 +395,7 @@ def cross_validate(
         svi_config=svi_config,
         fitters=fitters,
         groups=groups,
+        covariates=covariates,
     ):
         elpd[test] = values
         if progress is not None:
@@ -411,6 +478,8 @@ def select_structure(
     only: Sequence[str] | None = None,
     fitters: FitterCache | None = None,
     progress: Callable[[str], None] | None = None,
+    covariates: np.ndarray | None = None,
+    covariate_blocks: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Compare every candidate structure by K-fold CV over patients.
 
@@ -420,7 +489,9 @@ def select_structure(
     cohort index of every patient; attributes with a single level are skipped
     (a cohort level is not identified there). ``only``: compare just these
     structure names (default: all candidates). ``fitters``: a dict that keeps
-    compiled fitters across calls (see cross_validate).
+    compiled fitters across calls (see cross_validate). covariates: (P, q) the
+    standardised design of ``base.covariates``; covariate_blocks: block name →
+    its columns (each block compared with and without it, candidate_structures).
 
     Returns a JSON-ready dict: ``table`` (compare, best first), ``best``,
     ``choice`` (choose), ``num_folds``, ``num_patients``, ``seed``, the
@@ -429,7 +500,7 @@ def select_structure(
     cohorts = dict(cohorts or {})
     skipped = [name for name, index in cohorts.items() if np.unique(index).size < 2]
     usable = {name: np.asarray(index) for name, index in cohorts.items() if name not in skipped}
-    structures = candidate_structures(base, list(usable))
+    structures = candidate_structures(base, list(usable), covariate_blocks)
     if only is not None:
         unknown = set(only) - {structure.name for structure in structures}
         if unknown:
@@ -457,6 +528,7 @@ def select_structure(
             fitters=fitters,
             progress=progress,
             groups=groups,
+            covariates=covariates,
         )
     table = compare(pointwise)
     assert folds is not None

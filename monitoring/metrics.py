@@ -21,7 +21,10 @@ Label values used by the pipeline:
 - ``classification``: one of ``CLASSIFICATIONS``.
 - ``kind`` (drift alerts): one of ``DRIFT_KINDS``.
 - ``trigger`` (scores published): one of ``SCORE_TRIGGERS``.
-- ``structure`` (structure selection): one of ``STRUCTURES``.
+- ``structure`` (structure selection): one of ``STRUCTURES``, or with patient
+  covariates in the catalogue ``partial+x:<covariate>…`` (catalogue names).
+- ``covariate`` / ``statistic`` (effect modifiers): a catalogue covariate's
+  design column; ``mean``, ``q05`` or ``q95``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ patient evidence, or a rescore under a new population posterior version."""
 
 STRUCTURES: tuple[str, ...] = ("complete", "none", "partial", "partial+cohort")
 """Values of the ``structure`` label: the streaming structure selection's
-candidates (model.selection.candidate_structures with the cohort attribute)."""
+candidates (model.selection.candidate_structures with the cohort attribute),
+without patient covariates; with them, also each covariate block's structures."""
 
 # Explicit buckets (seconds). A batch of a few hundred events through the patient
 # agent is milliseconds; an SVI update of a few hundred steps is seconds to minutes;

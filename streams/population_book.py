@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig, SVIConfig
+from model.covariates import column_blocks
 from model.evidence import PatientStats, decay_to, gram_stats
 from model.offline import (
     SUMMARY_DRAWS,
@@ -367,6 +368,7 @@ class StructureSelectionRun:
         fitters: FitterCache | None = None,
         posterior_version: int = 0,
         evidence_digest: str = "",
+        covariates: np.ndarray | None = None,
     ) -> None:
         stats, cohort, _labels = snapshot
         self.measure = measure
@@ -377,12 +379,13 @@ class StructureSelectionRun:
         # A cohort level is not identified with a single cohort (as select_structure).
         attributes = [COHORT_ATTRIBUTE] if self.num_cohorts >= 2 else []
         self.skipped = [] if attributes else [COHORT_ATTRIBUTE]
-        # The pooling structures are compared without the patient covariates
-        # (the snapshot's statistics carry none); comparing covariate blocks is
-        # model.selection's to learn.
-        self.structures = candidate_structures(
-            model.model_copy(update={"covariates": ()}), attributes
-        )
+        # With patient covariates (``covariates``: PopulationBook.covariates_snapshot)
+        # each covariate's block is compared with and without it as well.
+        self.covariates = None
+        if model.num_covariates and covariates is not None:
+            self.covariates = model.standardization.covariates(covariates)
+        blocks = column_blocks(model.covariates) if self.covariates is not None else {}
+        self.structures = candidate_structures(model, attributes, blocks)
         self.seed = seed
         self.svi = svi
         self.fitters = fitters
@@ -408,6 +411,7 @@ class StructureSelectionRun:
                 seed=self.seed,
                 svi_config=self.svi,
                 fitters=self.fitters,
+                covariates=self.covariates,
             ):
                 self.pointwise[structure.name][test] = elpd
                 yield

@@ -26,7 +26,7 @@ from streams.chunked_consumer import ChunkRecord
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
 from streams.patient_step import StepContext, batch_keys, process_batch, rescore
-from streams.population_book import PopulationBook, PopulationModel
+from streams.population_book import PopulationBook, PopulationModel, StructureSelectionRun
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import Enrollment, EvidenceBatch
 from streams.settings import Settings
@@ -185,6 +185,17 @@ def test_covariates_flow_from_enrolment_to_effect_modifiers_and_scores(catalogue
     (alert,) = out.alerts
     assert (alert.kind, alert.subgroup, alert.previous, alert.current) == (
         "subgroup_call", "group-b-over-50", "uncertain", "works")  # fmt: skip
+
+    # The population agent's structure selection compares each covariate block
+    # with and without it; group (4 bpm more benefit in B against an effect sd of
+    # 2.4) earns its place.
+    run = StructureSelectionRun(
+        MEASURE, model, (stats, cohort, cohorts), num_folds=3, covariates=covariates
+    )
+    selection = run.run()
+    compared = {row.structure for row in selection.structures}
+    assert {"partial+x:age+x:group", "partial+x:age", "partial+x:group"} <= compared
+    assert "x:group" in selection.choice, selection
 
 
 def test_enrolments_without_covariates_under_a_catalogue_without_them_still_validate():

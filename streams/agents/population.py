@@ -367,8 +367,10 @@ class PopulationService:
         update waits for that compile; later folds take about a second each for a
         few hundred patients."""
         started = time.monotonic()
-        snapshot = self.book(measure).snapshot()
-        digest = evidence_digest(*snapshot)
+        book = self.book(measure)
+        snapshot = book.snapshot()
+        covariates = book.covariates_snapshot()
+        digest = evidence_digest(*snapshot, covariates)
         last = self._last_selection.get(measure)
         self._last_selection[measure] = (started, digest)  # a failure waits an interval too
         if last is not None and last[1] == digest:
@@ -381,6 +383,7 @@ class PopulationService:
             fitters=self.selection_fitters,
             posterior_version=self.posteriors.version(measure),
             evidence_digest=digest,
+            covariates=covariates,
         )
         while True:
             async with self._fitting:
