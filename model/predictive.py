@@ -83,6 +83,7 @@ def predictive_residuals(
     outcome: np.ndarray,
     config: ModelConfig,
     covariates: np.ndarray | None = None,
+    time_covariates: np.ndarray | None = None,
 ) -> np.ndarray:
     """z of each reading (raw exposure, time and outcome, shape (R,)) under the
     mixture predictive given its patient's evidence *before* the reading.
@@ -90,7 +91,8 @@ def predictive_residuals(
     gram: (R, d, d) standardised evidence of each reading's patient, weighted as
     of the reading's time (model.evidence.decay_to); cohort_mean, cohort_var:
     (S, R) as for model.scores.summarize_given_cohorts; covariates: (R, q)
-    standardised covariates of each reading's patient, or None. Readings are
+    standardised covariates of each reading's patient, or None; time_covariates:
+    (R, k) the readings' time-varying covariates, natural units. Readings are
     padded to a bucket size, so repeated calls compile once per bucket.
     """
     count = int(np.shape(outcome)[0])
@@ -101,7 +103,10 @@ def predictive_residuals(
         np.asarray(exposure, dtype=float),
         np.asarray(time, dtype=float),
     )
-    fixed = t[:, None] if config.time_trend else np.zeros((count, 0))
+    columns = [t[:, None]] if config.time_trend else []
+    if config.time_covariates:
+        columns.append(config.standardization.time_covariates(time_covariates))
+    fixed = np.concatenate(columns, axis=-1) if columns else np.zeros((count, 0))
     size = bucket_size(count, SMALL_BUCKET)
     pad = size - count
 

@@ -445,9 +445,7 @@ def _pending(record: PatientRecord | None, event, context: StepContext) -> Pendi
     if event.measure not in context.posteriors:
         return None
     try:
-        return pending_reading(
-            record, event.measure, event.event_time, event.value, origin_key(event.origin)
-        )
+        return pending_reading(record, event, origin_key(event.origin))
     except Exception:  # monitoring must never dead-letter a valid reading
         log_failure("could not prepare a reading's predictive check")
         return None

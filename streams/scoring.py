@@ -31,6 +31,7 @@ from streams.schemas import (
     EfficacyScore,
     Interval,
     MeasureScore,
+    Observation,
     PopulationPosterior,
     bounded_event_id,
 )
@@ -227,27 +228,29 @@ class PendingReading:
     value: float
     origin: str  # "topic:partition:offset" of the raw record
     covariates: tuple[float, ...] = ()  # the patient's design row (PatientRecord.covariates)
+    time_covariates: tuple[float, ...] = ()  # the reading's (Observation.time_covariates)
 
 
 def pending_reading(
-    record: PatientRecord, measure: str, event_time: datetime, value: float, origin: str
+    record: PatientRecord, observation: Observation, origin: str
 ) -> PendingReading | None:
-    """Capture the patient's evidence of ``measure`` just before a reading. None
-    for a late reading (older than the patient's latest of the measure): its
-    predictive would be conditioned on later evidence."""
-    stats = record.measures.get(measure)
-    time = days(event_time)
+    """Capture the patient's evidence of the observation's measure just before
+    it. None for a late reading (older than the patient's latest of the
+    measure): its predictive would be conditioned on later evidence."""
+    stats = record.measures.get(observation.measure)
+    time = days(observation.event_time)
     if stats is not None and time < stats.reference_time:
         return None
     return PendingReading(
         gram=None if stats is None else stats.gram,
         reference_time=float("-inf") if stats is None else stats.reference_time,
         cohort=record.cohort,
-        exposure=record.exposure_at(time),
+        exposure=record.exposure_at(time) * observation.adherence,
         time=time,
-        value=value,
+        value=observation.value,
         origin=origin,
         covariates=tuple(record.covariates),
+        time_covariates=tuple(observation.time_covariates),
     )
 
 
@@ -274,7 +277,21 @@ def reading_residuals(
         np.asarray([r.value for r in readings]),
         model,
         standardized_covariates([list(r.covariates) for r in readings], model),
+        _time_covariates(readings, model),
     )
+
+
+def _time_covariates(readings: list[PendingReading], model: ModelConfig) -> np.ndarray | None:
+    """(R, k) time-varying covariates of readings, natural units; the centre for
+    a reading without them; None when the model has none."""
+    k = len(model.time_covariates)
+    if not k:
+        return None
+    centre = tuple(model.standardization.time_covariate_location or (0.0,) * k)
+    return np.asarray(
+        [r.time_covariates if len(r.time_covariates) == k else centre for r in readings],
+        dtype=float,
+    ).reshape(len(readings), k)
 
 
 def composite(scores: list[MeasureScore], weights: dict[str, float]) -> CompositeScore | None:

@@ -29,6 +29,7 @@ from streams.patient_step import StepContext, batch_keys, process_batch, rescore
 from streams.population_book import PopulationBook, PopulationModel, StructureSelectionRun
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import Enrollment, EvidenceBatch
+from streams.scoring import reading_residuals
 from streams.settings import Settings
 from streams.subgroup_scores import BookSnapshot, subgroup_step
 
@@ -144,6 +145,19 @@ def test_covariates_flow_from_enrolment_to_effect_modifiers_and_scores(catalogue
     posteriors = PosteriorBook()
     posteriors.offer(posterior)
     context = StepContext(catalogue, models, posteriors, SETTINGS)
+    # The prior-data conflict check's residuals use each reading's dose and
+    # time-varying covariate: the programme again, now with a posterior, gives
+    # every reading's predictive residual; N(0, 1) while the posterior describes
+    # the data.
+    pending, replayed = [], {}
+    for start in range(0, len(records), 500):
+        batch = records[start : start + 500]
+        saves, out = process_batch({k: replayed.get(k) for k in batch_keys(batch)}, batch, context)
+        replayed.update(saves)
+        pending += out.readings[MEASURE]
+    residuals = reading_residuals(posteriors[MEASURE], pending, model)
+    assert residuals.shape == (len(pending),) and np.all(np.isfinite(residuals))
+    assert abs(residuals.mean()) < 0.15 and 0.8 < residuals.std() < 1.25, residuals.std()
     _, out = rescore(states, MEASURE, context, force=True)
     scores = {m.key.decode(): json.loads(m.value)["measures"][0] for m in out.scores}
     assert set(scores) == set(truth)

@@ -31,9 +31,10 @@ from monitoring_files import free_port as free_tcp_port
 from settling import poll
 
 from cli.kafka_io import produce, read_until
-from cli.programme import build_programme
+from cli.programme import SIMULATED_COVARIATES, build_programme
 from cli.simulate import publish
 from cli.worker_process import WorkerProcess
+from streams.catalogue import DEFAULT_CATALOGUE, Catalogue
 from streams.kafka_options import aiokafka_options
 from streams.schemas import StructureSelection
 from streams.settings import Settings
@@ -88,6 +89,8 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
     run_id = uuid.uuid4().hex[:8]
     prefix = f"metrics-{run_id}."
     port = free_tcp_port()
+    catalogue_file = tmp_path / "measures.toml"
+    catalogue_file.write_text(DEFAULT_CATALOGUE.read_text() + SIMULATED_COVARIATES)
     env = {
         "EFFICACY_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "EFFICACY_TOPIC_PREFIX": prefix,
@@ -98,11 +101,14 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
         "EFFICACY_DATA_DIR": str(tmp_path / "faust"),
         "EFFICACY_SELECTION_INTERVAL_SECONDS": "20",
         "EFFICACY_SELECTION_FOLDS": "3",
+        # Covariates declared and sent, so the effect-modifier panels have series.
+        "EFFICACY_MEASURES_FILE": str(catalogue_file),
     }
     settings = Settings(bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, partitions=2)
     programme = build_programme(
-        MEASURES, num_patients=PATIENTS, num_cohorts=3, obs_per_patient=12, seed=31,
-        bad_fraction=0.03, duplicate_fraction=0.03,
+        MEASURES, catalogue=Catalogue.load(catalogue_file), num_patients=PATIENTS, num_cohorts=3,
+        obs_per_patient=12, seed=31, bad_fraction=0.03, duplicate_fraction=0.03,
+        spec_overrides={measure: {"with_covariates": True} for measure in MEASURES},
     )  # fmt: skip
     truth = programme.truth
 
@@ -145,7 +151,10 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
             assert record.key == selection.measure.encode()
             assert selection.current_structure == "partial+cohort"
             structures = {row.structure for row in selection.structures}
-            assert structures == {"complete", "none", "partial", "partial+cohort"}
+            assert structures == {
+                "complete", "none", "partial", "partial+cohort",
+                "partial+x:age+x:group", "partial+x:age", "partial+x:group",
+            }  # fmt: skip
             assert selection.choice in structures and selection.posterior_version >= 1
             assert selection.num_folds == 3 and selection.num_cohorts == 3
         # ingest accepts duplicates (they are recognised downstream, by patient)
@@ -187,7 +196,7 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
         for measure in MEASURES:
             assert value(base, f'sum(efficacy_selection_chosen{{measure="{measure}"}})') == 1
             diffs = query(base, f'efficacy_selection_elpd_diff{{measure="{measure}"}}')
-            assert len(diffs["data"]["result"]) == 4
+            assert len(diffs["data"]["result"]) == 7  # 4 pooling + 3 covariate structures
             assert max(float(r["value"][1]) for r in diffs["data"]["result"]) == 0.0
             assert value(base, f'efficacy_selection_seconds_count{{measure="{measure}"}}') >= 1
 
