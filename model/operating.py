@@ -43,16 +43,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig, Standardization, SVIConfig
-from model.evidence import events_stats
-from model.population import PopulationFitter, pad_evidence
+from model.evidence import PatientStats, events_stats
+from model.likelihood import Hyper
+from model.population import Evidence, PopulationFitter, UpdateInfo, pad_evidence
 from model.scores import Classification, classify, summarize_effects
-from model.simulate import ProgrammeSpec, simulate
+from model.simulate import ProgrammeSpec, Simulated, simulate
 from model.subgroups import subgroup_calls, summarize_subgroups
 
 RATES = {
@@ -149,6 +150,37 @@ def replicate_counts(
     }
 
 
+class Replicate(NamedTuple):
+    """One simulated programme fitted (operating_characteristics' inner step)."""
+
+    sim: Simulated
+    stats: PatientStats
+    evidence: Evidence
+    covariates: np.ndarray | None  # standardised, when the fitter's model has them
+    draws: Hyper
+    info: UpdateInfo
+
+
+def fit_replicate(
+    spec: ProgrammeSpec, obs_per_patient: int, seed: int, fitter: PopulationFitter
+) -> Replicate:
+    """Simulate ``spec`` with ``obs_per_patient`` readings (seeded by ``seed``),
+    fit q(θ) fresh and draw θ from it: the same keys for every observation count,
+    so replicate r has the same true effects in every row."""
+    config = fitter.config
+    sim = simulate(spec.model_copy(update={"obs_per_patient": obs_per_patient}), seed)
+    events = sim.events
+    stats = events_stats(events, config)
+    covariates = (
+        config.standardization.covariates(events.covariates) if config.num_covariates else None
+    )
+    evidence = pad_evidence(stats, events.cohort_of_patient, spec.num_cohorts, covariates)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    state = fitter.init(keys[0], evidence)
+    state, info = fitter.update(state, evidence, keys[1])
+    return Replicate(sim, stats, evidence, covariates, fitter.draws(state, keys[2]), info)
+
+
 def operating_characteristics(
     spec: ProgrammeSpec,
     measure: MeasureConfig,
@@ -178,15 +210,10 @@ def operating_characteristics(
     for n in obs_per_patient:
         counts: dict[str, list[tuple[int, int]]] = {name: [] for name in RATES}
         for replicate in range(replicates):
-            replicate_seed = seed + replicate
-            sim = simulate(spec.model_copy(update={"obs_per_patient": int(n)}), replicate_seed)
+            sim, stats, evidence, _, draws, info = fit_replicate(
+                spec, int(n), seed + replicate, fitter
+            )
             events = sim.events
-            stats = events_stats(events, config)
-            evidence = pad_evidence(stats, events.cohort_of_patient, spec.num_cohorts)
-            keys = jax.random.split(jax.random.PRNGKey(replicate_seed), 3)
-            state = fitter.init(keys[0], evidence)
-            state, info = fitter.update(state, evidence, keys[1])
-            draws = fitter.draws(state, keys[2])
             summary = summarize_effects(
                 draws, stats.gram, events.cohort_of_patient, evidence.num_cohorts, measure, config
             )
@@ -312,19 +339,14 @@ def subgroup_operating_characteristics(
         covered: list[list[bool]] = [[] for _ in range(levels)]
         true_means: list[list[float]] = [[] for _ in range(levels)]
         for replicate in range(replicates):
-            replicate_seed = seed + replicate
-            sim = simulate(spec.model_copy(update={"obs_per_patient": int(n)}), replicate_seed)
+            sim, stats, evidence, covariates, draws, info = fit_replicate(
+                spec, int(n), seed + replicate, fitter
+            )
             events = sim.events
-            stats = events_stats(events, config)
-            covariates = config.standardization.covariates(events.covariates)
-            evidence = pad_evidence(stats, events.cohort_of_patient, spec.num_cohorts, covariates)
-            keys = jax.random.split(jax.random.PRNGKey(replicate_seed), 3)
-            state = fitter.init(keys[0], evidence)
-            state, info = fitter.update(state, evidence, keys[1])
             group = group_levels(spec, events.covariates)
             membership = np.stack([(group == level).astype(float) for level in range(levels)])
             summary = summarize_subgroups(
-                fitter.draws(state, keys[2]),
+                draws,
                 stats.gram,
                 events.cohort_of_patient,
                 evidence.num_cohorts,
