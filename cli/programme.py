@@ -42,6 +42,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from model.config import ModelConfig
+from model.covariates import reading_design
 from model.evidence import PatientStats, stats_from_events
 from model.simulate import ProgrammeSpec, Simulated, exposure_schedule, simulate
 from streams.catalogue import Catalogue, MeasureSpec, Source
@@ -276,18 +277,8 @@ class Programme:
             np.array([days(r.event_time) for r in valid]),
             np.array([r.canonical_value for r in valid]),
             model,
-            time_covariates=(
-                # A reading without them is taken at their centre, as the stream does.
-                np.array(
-                    [
-                        r.time_covariates or model.standardization.time_covariate_location
-                        for r in valid
-                    ],
-                    dtype=float,
-                ).reshape(len(valid), len(model.time_covariates))
-                if model.time_covariates
-                else None
-            ),
+            # A reading without them is taken at their centre, as the stream does.
+            time_covariates=reading_design([r.time_covariates for r in valid], model),
         )
 
 

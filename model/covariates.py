@@ -22,6 +22,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model.config import ModelConfig
+
 
 class CovariateError(ValueError):
     """A covariate value the specification does not accept; the message names it."""
@@ -166,6 +168,33 @@ def encode_patient(specs: Sequence[CovariateSpec], values: Mapping[str, Any]) ->
             f"the catalogue has {', '.join(sorted(known)) or 'none'}"
         )
     return [column for spec in specs for column in spec.encode(values.get(spec.name))]
+
+
+def patient_design(rows: Sequence[Sequence[float]], config: ModelConfig) -> np.ndarray | None:
+    """Patients' design rows (natural units) as a (P, q) array for ``config``'s
+    covariates; None when it has none. See _rows_or_centre."""
+    return _rows_or_centre(rows, config.standardization.covariate_location, config.num_covariates)
+
+
+def reading_design(rows: Sequence[Sequence[float]], config: ModelConfig) -> np.ndarray | None:
+    """Readings' time-varying covariates (natural units) as an (n, k) array for
+    ``config``'s time_covariates; None when it has none. See _rows_or_centre."""
+    return _rows_or_centre(
+        rows, config.standardization.time_covariate_location, len(config.time_covariates)
+    )
+
+
+def _rows_or_centre(
+    rows: Sequence[Sequence[float]], location: Sequence[float], width: int
+) -> np.ndarray | None:
+    """A row of another length (recorded without the covariates, or under
+    another catalogue) is taken at their centre: ``location``, zeros if unset."""
+    if not width:
+        return None
+    centre = list(location) if location else [0.0] * width
+    return np.asarray(
+        [list(row) if len(row) == width else centre for row in rows], dtype=float
+    ).reshape(len(rows), width)
 
 
 def design_standardization(specs: Sequence[CovariateSpec]) -> tuple[tuple, tuple]:

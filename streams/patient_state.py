@@ -52,6 +52,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.config import ModelConfig
+from model.covariates import reading_design
 from model.evidence import (
     PatientStats,
     add_events,
@@ -195,18 +196,6 @@ def _adherence(reading: Reading) -> float:
     return reading[2] if len(reading) > 2 else 1.0
 
 
-def _time_covariates(readings: list[Reading], model: ModelConfig) -> np.ndarray | None:
-    """(n, k) time-varying covariates of readings (the centre, standardised 0,
-    for one stored without them); None when the model has none."""
-    k = len(model.time_covariates)
-    if not k:
-        return None
-    centre = list(model.standardization.time_covariate_location or [0.0] * k)
-    return np.asarray(
-        [list(r[3 : 3 + k]) if len(r) == 3 + k else centre for r in readings], dtype=float
-    ).reshape(len(readings), k)
-
-
 def _stats(gram, reference_time: float, exposed: int, unexposed: int) -> PatientStats:
     return PatientStats(
         gram=np.asarray(gram, dtype=float)[None],
@@ -319,7 +308,7 @@ def _readings_stats(
         times,
         np.asarray([r[1] for r in readings], dtype=float),
         model,
-        time_covariates=_time_covariates(readings, model),
+        time_covariates=reading_design([r[3:] for r in readings], model),
     )
 
 
@@ -451,7 +440,7 @@ def recent_window_stats_many(
             np.asarray(times, dtype=float),
             np.asarray(values, dtype=float),
             window,
-            _time_covariates(readings, window),
+            reading_design([r[3:] for r in readings], window),
         )
     rebased = decay_to(added, np.asarray(totals, dtype=float), window)
     for index, k in enumerate(complete):

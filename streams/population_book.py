@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig, SVIConfig
-from model.covariates import column_blocks
+from model.covariates import column_blocks, patient_design
 from model.evidence import PatientStats, decay_to, gram_stats
 from model.offline import (
     SUMMARY_DRAWS,
@@ -95,7 +95,7 @@ class PopulationBook:
         self._reference[row] = evidence.reference_time
         self._cohort[row] = cohort
         if self.model.num_covariates:
-            self._covariates[row] = _design_row(evidence.covariates, self.model)
+            self._covariates[row] = patient_design([evidence.covariates], self.model)[0]
         self.changes_since_fit += 1
 
     def _grow(self) -> None:
@@ -144,14 +144,6 @@ def _interval(described: dict[str, float]) -> Interval:
     return Interval(
         mean=described["mean"], sd=described["sd"], lower=described["q05"], upper=described["q95"]
     )
-
-
-def _design_row(row: list[float], model: ModelConfig) -> np.ndarray:
-    """A patient's design row; one of another width (enrolled under another
-    covariate catalogue) is taken at the covariates' centre."""
-    if len(row) == model.num_covariates:
-        return np.asarray(row, dtype=float)
-    return np.asarray(model.standardization.covariate_location, dtype=float)
 
 
 def _key(measure: str, version: int) -> jax.Array:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import DecisionRule, ModelConfig
+from model.covariates import patient_design, reading_design
 from model.evidence import decay_to, gram_stats
 from model.likelihood import Hyper
 from model.population import SMALL_BUCKET, bucket_size
@@ -89,14 +90,9 @@ def standardized_covariates(rows: list[list[float]], model: ModelConfig) -> np.n
     """Patients' covariate design rows (natural units) as the model's
     standardised (P, q) array; None when the model has no covariates. A row of
     the wrong width (a patient enrolled under another covariate catalogue) is
-    taken as the centre, all zeros."""
-    q = model.num_covariates
-    if not q:
-        return None
-    rows = [
-        row if len(row) == q else list(model.standardization.covariate_location) for row in rows
-    ]
-    return model.standardization.covariates(np.asarray(rows, dtype=float).reshape(len(rows), q))
+    taken at the centre, standardised zeros (model.covariates.patient_design)."""
+    design = patient_design(rows, model)
+    return None if design is None else model.standardization.covariates(design)
 
 
 def summarize_patients(
@@ -277,21 +273,8 @@ def reading_residuals(
         np.asarray([r.value for r in readings]),
         model,
         standardized_covariates([list(r.covariates) for r in readings], model),
-        _time_covariates(readings, model),
+        reading_design([r.time_covariates for r in readings], model),
     )
-
-
-def _time_covariates(readings: list[PendingReading], model: ModelConfig) -> np.ndarray | None:
-    """(R, k) time-varying covariates of readings, natural units; the centre for
-    a reading without them; None when the model has none."""
-    k = len(model.time_covariates)
-    if not k:
-        return None
-    centre = tuple(model.standardization.time_covariate_location or (0.0,) * k)
-    return np.asarray(
-        [r.time_covariates if len(r.time_covariates) == k else centre for r in readings],
-        dtype=float,
-    ).reshape(len(readings), k)
 
 
 def composite(scores: list[MeasureScore], weights: dict[str, float]) -> CompositeScore | None:
