@@ -133,23 +133,26 @@ async def all_partitions(consumer: AIOKafkaConsumer, topics: list[str], timeout:
         await asyncio.sleep(0.5)
 
 
-async def group_lag(bootstrap_servers: Broker, group: str, topics: list[str]) -> int:
-    """Records of ``topics`` not yet committed by consumer group ``group`` (0: the
-    group has committed every partition up to its end offset)."""
+async def committed_offsets(bootstrap_servers: Broker, group: str) -> dict:
+    """The offset consumer group ``group`` has committed for each topic partition
+    (a partition it never committed is absent)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap_servers))
-    consumer = AIOKafkaConsumer(**aiokafka_options(bootstrap_servers), metadata_max_age_ms=500)
     await start_client(admin, bootstrap_servers)
-    await start_client(consumer, bootstrap_servers)
     try:
-        committed = await admin.list_consumer_group_offsets(group)
-        partitions = await all_partitions(consumer, topics)
-        end = await consumer.end_offsets(partitions)
-        return sum(end[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
+        offsets = await admin.list_consumer_group_offsets(group)
     finally:
-        await consumer.stop()
         await admin.close()
+    return {tp: meta.offset for tp, meta in offsets.items()}
+
+
+async def group_lag(bootstrap_servers: Broker, group: str, topics: list[str]) -> int:
+    """Records of ``topics`` not yet committed by consumer group ``group`` (0: the
+    group has committed every partition up to its end offset)."""
+    committed = await committed_offsets(bootstrap_servers, group)
+    end = await end_offsets(bootstrap_servers, topics)
+    return sum(end[tp] - committed.get(tp, 0) for tp in end)
 
 
 async def end_offsets(bootstrap_servers: Broker, topics: list[str]) -> dict:

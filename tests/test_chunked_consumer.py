@@ -26,7 +26,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from settling import poll
 
-from cli.kafka_io import end_offsets, produce
+from cli.kafka_io import committed_offsets, end_offsets, produce
 from streams.kafka_options import aiokafka_options
 
 pytestmark = pytest.mark.kafka
@@ -34,14 +34,10 @@ APP = Path(__file__).resolve().parent / "chunk_reader_app.py"
 PARTITIONS, RECORDS = 4, 20_000
 
 
-async def committed_offsets(bootstrap: str, group: str) -> dict[int, int]:
-    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items()}
+def committed_by_partition(bootstrap: str, group: str) -> dict[int, int]:
+    """The group's committed offsets of the test's one topic, by partition."""
+    offsets = asyncio.run(committed_offsets(bootstrap, group))
+    return {tp.partition: offset for tp, offset in offsets.items()}
 
 
 def test_the_faust_and_aiokafka_versions_are_the_pinned_ones():
@@ -114,7 +110,7 @@ def test_every_record_once_in_order_and_committed_to_the_end(kafka_bootstrap, to
         )
         assert delivered >= RECORDS, f"{delivered} of {RECORDS} records delivered in 180 s"
         committed = poll(
-            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)),
+            lambda: committed_by_partition(kafka_bootstrap, group),
             lambda c: c == ends,
             timeout=60,
         )
@@ -153,7 +149,7 @@ def test_an_unacked_chunk_holds_its_partition_commit_and_a_restart_resumes(
         expected = {**processed, held["partition"]: held["offsets"][0]}
         expected = {p: o for p, o in expected.items() if o > 0}
         committed = poll(
-            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)),
+            lambda: committed_by_partition(kafka_bootstrap, group),
             lambda c: c == expected,
             timeout=60,
         )
@@ -168,7 +164,7 @@ def test_an_unacked_chunk_holds_its_partition_commit_and_a_restart_resumes(
     _, reader = start_reader(kafka_bootstrap, name, resumed, group=group)
     try:
         resumed_commit = poll(
-            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)),
+            lambda: committed_by_partition(kafka_bootstrap, group),
             lambda c: c == ends,
             timeout=180,
         )
@@ -226,7 +222,7 @@ def test_offsets_skipped_by_transaction_markers_are_committed_past(kafka_bootstr
         last = {p: max(o for c in chunks if c["partition"] == p for o in c["offsets"])
                 for p in ends}  # fmt: skip
         committed = poll(
-            lambda: asyncio.run(committed_offsets(kafka_bootstrap, group)),
+            lambda: committed_by_partition(kafka_bootstrap, group),
             lambda c: c == {p: offset + 1 for p, offset in last.items()},
             timeout=60,
         )

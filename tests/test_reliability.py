@@ -35,16 +35,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiokafka import TopicPartition
 from settling import Settling, latest_by_key, poll
 
-from cli.kafka_io import all_partitions, end_offsets, group_lag, read_to_end, read_until
+from cli.kafka_io import (
+    all_partitions,
+    committed_offsets,
+    end_offsets,
+    group_lag,
+    read_to_end,
+    read_until,
+)
 from cli.programme import Programme, build_programme
 from cli.simulate import publish
 from cli.worker_process import READY, WorkerProcess
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.kafka_options import aiokafka_options
-from streams.patient_state import PatientRecord
+from streams.patient_state import PatientRecord, origin_key
 from streams.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -441,6 +449,98 @@ def test_a_worker_killed_with_writes_waiting_on_a_stopped_broker_loses_nothing(t
             assert second.stop() == 0, second.log_tail()
     finally:
         kafka.stop()
+
+
+async def set_topic_configs(bootstrap: str, topic: str, configs: dict[str, str]) -> dict:
+    """Set ``configs`` on ``topic`` on top of its other overrides (AlterConfigs
+    replaces every override at once); returns the overrides it had before."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
+    await admin.start()
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic)
+        (response,) = await admin.describe_configs([resource])
+        (_, _, _, _, entries) = response.resources[0]
+        # (name, value, read_only, is_default | config source, …): v0 flags the
+        # defaults, later versions give the source (1: the topic's own override)
+        if response.API_VERSION == 0:
+            before = {entry[0]: entry[1] for entry in entries if not entry[3]}
+        else:
+            before = {entry[0]: entry[1] for entry in entries if entry[3] == 1}
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, configs={**before, **configs})]
+        )
+    finally:
+        await admin.close()
+    return before
+
+
+def test_a_failed_changelog_delivery_stops_the_worker_before_its_offsets_are_committed(
+    kafka_bootstrap, tmp_path
+):
+    """The broker refuses the patients changelog's records mid-stream (its
+    ``max.message.bytes`` lowered below a patient record: a non-retriable
+    MESSAGE_TOO_LARGE for every state write). The worker must stop with
+    EX_TEMPFAIL (streams/output.py), and no committed offset may lie past a
+    record whose state or dead letter was not persisted: every raw record below
+    the group's committed offsets is in the persisted state (an applied or held
+    event, by its origin) or in the dead-letter topic. With the topic mended, a
+    worker on a new host (empty data directory: only what Kafka holds) resumes
+    from those offsets: nothing lost and nothing counted twice."""
+    from streams.output import EXIT_DELIVERY_FAILED
+
+    run = Run(kafka_bootstrap, "changelogfail", small_programme(seed=27, patients=120))
+    changelog = f"{run.app_id}-patients-changelog"
+    first = WorkerProcess(run.env(tmp_path / "a", EFFICACY_BATCH_SIZE="50"))
+    publisher = Publisher(run.programme, run.settings, rate=400)
+    try:
+        first.start()
+        first.wait_for_log(READY)
+        publisher.start()
+        # Mid-stream: once the worker has committed some of what it read
+        committed = poll(
+            lambda: sum(asyncio.run(committed_offsets(kafka_bootstrap, run.app_id)).values()),
+            lambda committed: committed >= 500,
+            timeout=120,
+            interval=0.2,
+        )
+        asyncio.run(set_topic_configs(kafka_bootstrap, changelog, {"max.message.bytes": "200"}))
+        print(f"changelog refused with {committed} records committed, {publisher.sent} sent")
+        code = first.wait(timeout=120.0)
+        assert code == EXIT_DELIVERY_FAILED, first.log_tail()
+        assert "stopping the worker" in first.log_text()
+        publisher.finish()
+    finally:
+        first.kill()
+
+    committed = asyncio.run(committed_offsets(kafka_bootstrap, run.app_id))
+    states = patient_states(run)
+    persisted = set()
+    for state in states.values():
+        persisted.update(state.seen.values())
+        persisted.update(origin_key(held.origin) for held in state.pending)
+    letters = asyncio.run(read_to_end(kafka_bootstrap, run.prefix + "deadletter"))
+    for letter in map(json.loads, (r.value for r in letters)):
+        persisted.add(f"{letter['source_topic']}:{letter['partition']}:{letter['offset']}")
+    raw = [r for t in SOURCES for r in asyncio.run(read_to_end(kafka_bootstrap, run.prefix + t))]
+    below = [r for r in raw if r.offset < committed.get(TopicPartition(r.topic, r.partition), 0)]
+    lost = [r for r in below if f"{r.topic}:{r.partition}:{r.offset}" not in persisted]
+    print(f"{len(below)} of {len(raw)} raw records below the committed offsets")
+    assert 0 < len(below) < len(raw), "the failure did not come mid-stream"
+    assert not lost, (
+        f"{len(lost)} records below the committed offsets are in no persisted state or "
+        f"dead letter, e.g. {lost[0].topic}:{lost[0].partition}:{lost[0].offset}"
+    )
+
+    asyncio.run(set_topic_configs(kafka_bootstrap, changelog, {"max.message.bytes": "1048588"}))
+    with WorkerProcess(run.env(tmp_path / "b")) as second:
+        wait_settled(run, timeout=600)
+        assert second.alive(), second.log_tail()
+        assert_statistics_equal_batch(run)
+        assert_every_record_accounted_for(run)
+        assert second.stop() == 0, second.log_tail()
 
 
 # --- 3. replay from the beginning -----------------------------------------------------
