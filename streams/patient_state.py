@@ -488,8 +488,9 @@ def measure_evidence(
         if record.cohort is not None and measure in record.measures
     ]
     windows = recent_window_stats_many(items, model)
+    # Built without validation: every value comes from a validated record.
     return [
-        PatientEvidence(
+        PatientEvidence.model_construct(
             measure=measure,
             patient_id=record.patient_id,
             cohort=record.cohort,
@@ -541,6 +542,7 @@ def _add_observation(
         record.measures[observation.measure] = stats
     exposure = record.exposure_at(time) * observation.adherence
     covariates = tuple(observation.time_covariates)
+    window = model.recent_window
     stats.gram, stats.reference_time = add_reading(
         stats.gram, stats.reference_time, exposure, time, observation.value, model, covariates
     )
@@ -560,7 +562,6 @@ def _add_observation(
         )
         stats.sealed_count_exposed += exposed
         stats.sealed_count_unexposed += not exposed
-        window = model.recent_window
         if window is not None:
             _sync_window(stats, window)
             stats.sealed_window_gram, stats.sealed_window_reference_time = add_reading(
@@ -577,10 +578,8 @@ def _add_observation(
             reading_of(time, observation.value, observation.adherence, list(covariates))
         )
         _seal(record, stats, model)
-    if model.recent_window is not None:
-        _add_to_window(
-            record, stats, model.recent_window, exposure, time, observation.value, covariates
-        )
+    if window is not None:
+        _add_to_window(record, stats, window, exposure, time, observation.value, covariates)
     if stats.last_event_time is None or observation.event_time > stats.last_event_time:
         stats.last_event_time = observation.event_time
     _remember(record, observation.event_id, observation.origin)

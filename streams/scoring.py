@@ -184,25 +184,39 @@ def measure_scores(
         rule,
         previous=None if previous is None else np.asarray(previous, dtype=object),
     )
+    # Python floats of every summary at once, and the messages built without
+    # pydantic's validation (every value is computed here with its field's type):
+    # per patient, validation cost more than the mixture summaries themselves.
+    columns = zip(
+        *(
+            np.asarray(column, dtype=float).tolist()
+            for column in (
+                summary.mean, summary.sd, summary.lower, summary.upper,
+                summary.p_benefit_ge_mcid, summary.p_benefit_gt_0, summary.population_effect,
+                summary.cohort_deviation, summary.individual_deviation, summary.shrinkage,
+            )
+        ),
+        strict=True,
+    )  # fmt: skip
     scores = []
-    for i, s in enumerate(stats):
-        call = str(calls[i])
+    for s, call, row in zip(stats, calls.tolist(), columns, strict=True):
+        mean, sd, lower, upper, p_mcid, p_any, population, cohort, individual, shrink = row
         scores.append(
-            MeasureScore(
+            MeasureScore.model_construct(
                 measure=spec.name,
                 unit=spec.unit,
                 direction=spec.direction,
                 mcid=spec.mcid,
-                effect=interval_at(summary, i),
+                effect=Interval.model_construct(mean=mean, sd=sd, lower=lower, upper=upper),
                 level=LEVEL,
-                p_benefit_ge_mcid=float(summary.p_benefit_ge_mcid[i]),
-                p_benefit_gt_0=float(summary.p_benefit_gt_0[i]),
-                classification=call,
+                p_benefit_ge_mcid=p_mcid,
+                p_benefit_gt_0=p_any,
+                classification=str(call),
                 recommended_action=pathways.get(call),
-                population_effect=float(summary.population_effect[i]),
-                cohort_deviation=float(summary.cohort_deviation[i]),
-                individual_deviation=float(summary.individual_deviation[i]),
-                shrinkage=float(summary.shrinkage[i]),
+                population_effect=population,
+                cohort_deviation=cohort,
+                individual_deviation=individual,
+                shrinkage=shrink,
                 count_exposed=s.count_exposed,
                 count_unexposed=s.count_unexposed,
                 last_event_time=s.last_event_time,
@@ -295,8 +309,8 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> Composit
     )
     var = sum((weights[s.measure] * s.effect.sd / s.mcid) ** 2 for s in usable)
     mean, sd = mean / total, math.sqrt(var) / total
-    return CompositeScore(
-        benefit_in_mcid=Interval(
+    return CompositeScore.model_construct(
+        benefit_in_mcid=Interval.model_construct(
             mean=mean, sd=sd, lower=mean - Z_LEVEL * sd, upper=mean + Z_LEVEL * sd
         ),
         measures=[s.measure for s in usable],
@@ -320,7 +334,7 @@ def changed_materially(previous: Published | None, score: MeasureScore) -> bool:
 
 
 def published_of(score: MeasureScore) -> Published:
-    return Published(
+    return Published.model_construct(
         population_version=score.population_version,
         mean=score.effect.mean,
         sd=score.effect.sd,
