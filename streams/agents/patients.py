@@ -25,6 +25,7 @@ same partition count, so a patient's raw topics and table partition move togethe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
@@ -206,19 +207,29 @@ class PatientsService:
         materially). In chunks of RESCORE_CHUNK patients, each loaded, scored and
         saved without an await (a batch of the agent may have saved a patient
         since the keys were listed), so memory stays bounded by a chunk however
-        many patients. Returns the number of scores published."""
-        owned = self.active_partitions()
-        # The local store also holds standby replicas and partitions this worker
-        # owned before a rebalance: rescoring (and saving) those would overwrite
-        # the owner's newer state with a stale copy.
-        keys = [
-            key
-            for key in list(self.table.keys())
-            if key_partition(key.encode(), self.settings.partitions) in owned
-        ]
+        many patients. Returns the number of scores published.
+
+        The local store also holds standby replicas and partitions this worker
+        owned before a rebalance: rescoring (and saving) those would overwrite
+        the owner's newer state, and its latest score, with a stale copy. So
+        each chunk keeps only the patients of partitions this worker owns at
+        that moment, and waits while a rebalance is under way (between the
+        revocation and the end of recovery faust's assignment is the old one)."""
+        partitions = self.settings.partitions
+        keys = list(self.table.keys())
         published = 0
         for start in range(0, len(keys), RESCORE_CHUNK):
-            states = {key: self.table.get(key) for key in keys[start : start + RESCORE_CHUNK]}
+            while self.app.rebalancing:
+                await asyncio.sleep(REBALANCE_POLL_SECONDS)
+            # From here to the table writes there is no await: the ownership
+            # read is the one the chunk is saved under.
+            owned = self.active_partitions()
+            chunk = [
+                key
+                for key in keys[start : start + RESCORE_CHUNK]
+                if key_partition(key.encode(), partitions) in owned
+            ]
+            states = {key: self.table.get(key) for key in chunk}
             saves, outputs = rescore(states, measure, self.context, force, cache=self.cache)
             await self.write(saves, outputs, "population")
             published += len(outputs.scores)
@@ -226,6 +237,7 @@ class PatientsService:
 
 
 RESCORE_CHUNK = 4096  # patients loaded and scored at a time after a new posterior
+REBALANCE_POLL_SECONDS = 0.1  # how often a rescore waiting for a rebalance looks again
 
 
 def register(app: faust.App, service: PatientsService) -> None:
