@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats as sps
-from test_likelihood import assert_same_hyper, dense_joint, random_problem
+from test_likelihood import assert_same_hyper, dense_joint, dense_posterior, random_problem
 
 from model.config import ModelConfig
 from model.evidence import stats_from_events
@@ -134,13 +134,8 @@ def dense_group_posterior(problem, theta, levels, config):
     """Brute force: the dense joint posterior (mean, covariance) of the real
     groups (cohorts, then each level's), by conditioning the joint Gaussian."""
     cohort, _, patient, exposure, time, outcome = problem
-    y_mean, y_cov, latent_mean, latent_cov, cross = dense_joint(
-        cohort, patient, exposure, time, theta, config, levels=levels
-    )
-    if patient.size:
-        gain = np.linalg.solve(y_cov, cross.T).T
-        latent_mean = latent_mean + gain @ (outcome - y_mean)
-        latent_cov = latent_cov - gain @ cross.T
+    joint = dense_joint(cohort, patient, exposure, time, theta, config, levels=levels)
+    latent_mean, latent_cov = dense_posterior(outcome, *joint)
     groups = slice(2 * cohort.size, None)
     return latent_mean[groups], latent_cov[groups, groups]
 
