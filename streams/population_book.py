@@ -428,16 +428,21 @@ COHORT_ATTRIBUTE = "cohort"
 
 def structure_name(model: ModelConfig) -> str:
     """A model's structure under the selection's names (complete, none, partial,
-    partial+cohort)."""
-    name = model.effect_pooling
-    return f"{name}+{COHORT_ATTRIBUTE}" if model.cohort_level else name
+    partial+cohort, partial+cohort+<level>...)."""
+    if not model.cohort_level:
+        return model.effect_pooling
+    return "+".join([model.effect_pooling, COHORT_ATTRIBUTE, *model.grouping_levels])
 
 
 class StructureSelectionRun:
     """One structure selection of one measure (model.selection) on a snapshot of
     its book: complete, none and partial pooling, and partial pooling with a
     cohort level when the patients come from at least two cohorts, compared by
-    K-fold cross-validation over patients.
+    K-fold cross-validation over patients. With further grouping levels
+    (``groups``: PopulationBook.groups_snapshot) every level with at least two
+    groups is an attribute as the cohort is: partial pooling with each one as
+    the level, and with each combination of them (model.selection.
+    candidate_structures), so the selection says which levels earn their place.
 
     ``step()`` runs the next SVI fit (one fold of one structure; blocking), so the
     agent can let population updates in between; ``run()`` runs them all. The
@@ -458,6 +463,7 @@ class StructureSelectionRun:
         posterior_version: int = 0,
         evidence_digest: str = "",
         covariates: np.ndarray | None = None,
+        groups: GroupLabels | None = None,
     ) -> None:
         stats, cohort, _labels = snapshot
         self.measure = measure
@@ -465,9 +471,18 @@ class StructureSelectionRun:
         self.stats = stats
         self.cohort = np.asarray(cohort)
         self.num_cohorts = int(np.unique(self.cohort).size)
-        # A cohort level is not identified with a single cohort (as select_structure).
-        attributes = [COHORT_ATTRIBUTE] if self.num_cohorts >= 2 else []
-        self.skipped = [] if attributes else [COHORT_ATTRIBUTE]
+        indices = {COHORT_ATTRIBUTE: self.cohort}
+        if groups is not None:
+            indices.update(
+                (level, np.asarray(groups.index[:, k]))
+                for k, level in enumerate(model.grouping_levels)
+            )
+        # A level is not identified with a single group (as select_structure).
+        self.attributes = {
+            name: index for name, index in indices.items() if np.unique(index).size >= 2
+        }
+        attributes = list(self.attributes)
+        self.skipped = [name for name in indices if name not in self.attributes]
         # With patient covariates (``covariates``: PopulationBook.covariates_snapshot)
         # each covariate's block is compared with and without it as well.
         self.covariates = None
@@ -491,7 +506,10 @@ class StructureSelectionRun:
 
     def _fits(self) -> Iterator[None]:
         for structure in self.structures:
-            cohort = self.cohort if structure.cohort_attribute else None
+            cohort = self.attributes.get(structure.cohort_attribute)
+            groups = None
+            if structure.group_attributes:
+                groups = np.stack([self.attributes[a] for a in structure.group_attributes], -1)
             for _fold, test, elpd, _info in cross_validate_folds(
                 structure,
                 self.stats,
@@ -500,6 +518,7 @@ class StructureSelectionRun:
                 seed=self.seed,
                 svi_config=self.svi,
                 fitters=self.fitters,
+                groups=groups,
                 covariates=self.covariates,
             ):
                 self.pointwise[structure.name][test] = elpd

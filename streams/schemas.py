@@ -583,7 +583,11 @@ class StructureScore(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    structure: str = Field(description="complete, none, partial or partial+cohort")
+    structure: str = Field(
+        description="complete, none, partial, partial+<level> (cohort or a further grouping "
+        "level), partial+<level>+<level>... (several levels, the first one the cohort level), "
+        "and with covariates partial+x:<covariate>..."
+    )
     elpd: float = Field(description="total elpd over held-out patients")
     elpd_se: float = Field(description="standard error of elpd, sqrt(n var(elpd_i))")
     elpd_diff: float = Field(description="elpd minus the best structure's elpd (<= 0)")
@@ -611,7 +615,8 @@ class StructureSelection(Envelope):
     svi_steps: int = Field(description="SVI steps of every fold's fit")
     skipped_attributes: list[str] = Field(
         default_factory=list,
-        description="cohort attributes with a single level (no cohort level to compare)",
+        description="grouping levels (cohort, or a further one) with a single group among the "
+        "patients: no level to compare",
     )
     posterior_version: int = Field(
         description="the latest population posterior version when the statistics were taken"

@@ -35,7 +35,7 @@ from streams.chunked_consumer import ChunkRecord
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
 from streams.patient_step import StepContext, batch_keys, process_batch, rescore
-from streams.population_book import PopulationBook, PopulationModel
+from streams.population_book import PopulationBook, PopulationModel, StructureSelectionRun
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import MISSING_GROUP, Enrollment, EvidenceBatch
 from streams.scoring import MeasurePosterior, reading_residuals
@@ -263,3 +263,13 @@ def test_two_levels_in_the_stream_equal_the_batch_computation(catalogue):
     assert score.members == int(members.sum())
     assert score.effect.mean == pytest.approx(float(whole.mean[0]), rel=1e-9)
     assert score.effect.sd == pytest.approx(float(whole.sd[0]), rel=1e-9)
+
+    # The population agent's structure selection compares the levels: each one
+    # as the only level, and both (the clusters have no effect of their own here).
+    selection = StructureSelectionRun(
+        MEASURE, model, (stats, cohort, cohorts), num_folds=3, groups=groups
+    ).run()
+    compared = {row.structure for row in selection.structures}
+    assert {"partial+cohort", "partial+cluster", "partial+cohort+cluster"} <= compared
+    assert selection.current_structure == "partial+cohort+cluster"
+    assert selection.skipped_attributes == []

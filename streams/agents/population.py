@@ -380,7 +380,8 @@ class PopulationService:
         book = self.book(measure)
         snapshot = book.snapshot()
         covariates = book.covariates_snapshot()
-        digest = evidence_digest(*snapshot, covariates, book.groups_snapshot())
+        groups = book.groups_snapshot()
+        digest = evidence_digest(*snapshot, covariates, groups)
         last = self._last_selection.get(measure)
         self._last_selection[measure] = (started, digest)  # a failure waits an interval too
         if last is not None and last[1] == digest:
@@ -394,6 +395,7 @@ class PopulationService:
             posterior_version=self.posteriors.version(measure),
             evidence_digest=digest,
             covariates=covariates,
+            groups=groups,
         )
         while True:
             async with self._fitting:
