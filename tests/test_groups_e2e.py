@@ -186,4 +186,6 @@ def test_the_posterior_carries_the_levels_and_the_scores_follow_it(run):
         assert abs(score["effect"]["mean"] - reference.mean[i]) <= 1e-9 * sd, (p, version)
         assert abs(score["effect"]["sd"] - sd) <= 1e-9 * sd, (p, version)
         assert abs(score["p_benefit_ge_mcid"] - reference.p_benefit_ge_mcid[i]) <= 1e-5
-    assert complete > 0
+    # The first posteriors rescore every patient (the drift detector's warm-up),
+    # so most latest scores rest on all the evidence (measured: 80 of 80).
+    assert complete >= len(patients) // 2, complete
