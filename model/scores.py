@@ -218,6 +218,96 @@ def group_posteriors(
     return jax.lax.map(one, draws)
 
 
+class LevelPosteriors(NamedTuple):
+    """The groups' joint posterior under every draw of θ in the compact form a
+    patient's total shift needs, every grouping level l (0 the cohorts, then each
+    of ModelConfig.grouping_levels) with G_l groups:
+
+    mean[l], var[l]: (S, G_l) each group's posterior mean and variance;
+    cross[k]: (S, G_l, G_m) the covariances between the groups of levels l < m,
+    pairs in the order of ``level_pairs``.
+
+    A patient sits in one group per level, so its shift s = Σ_l u_{l, g_l} has
+    E[s] = Σ_l mean[l][g_l] and Var[s] = Σ_l var[l][g_l] + 2 Σ_{l<m} cross_lm[g_l, g_m]:
+    the covariances *within* a level are never needed and are left out
+    (G + Σ_{l<m} G_l G_m numbers per draw instead of G²).
+    """
+
+    mean: tuple[np.ndarray, ...]
+    var: tuple[np.ndarray, ...]
+    cross: tuple[np.ndarray, ...]
+
+
+def level_pairs(levels: int) -> list[tuple[int, int]]:
+    """The pairs (l, m), l < m, of ``levels`` grouping levels in LevelPosteriors order."""
+    return [(first, second) for first in range(levels) for second in range(first + 1, levels)]
+
+
+@partial(jax.jit, static_argnames=("num_cohorts", "config", "num_groups"))
+def level_posteriors(
+    draws: Hyper,
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None,
+    groups: jax.Array,
+    num_groups: tuple[int, ...],
+) -> LevelPosteriors:
+    """LevelPosteriors of the (padded) groups of every level, from the dense
+    joint posterior model.likelihood.group_effect_posterior under each draw
+    (mapped sequentially: memory O(G²) per draw, not O(S·G²))."""
+    sizes = (num_cohorts, *num_groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    blocks = [slice(starts[level], starts[level + 1]) for level in range(len(sizes))]
+
+    def one(theta: Hyper):
+        mean, cov = group_effect_posterior(
+            theta, gram, cohort, num_cohorts, config, covariates, groups, num_groups
+        )
+        variance = jnp.diagonal(cov)
+        return (
+            tuple(mean[block] for block in blocks),
+            tuple(variance[block] for block in blocks),
+            tuple(cov[blocks[first], blocks[second]] for first, second in level_pairs(len(sizes))),
+        )
+
+    return LevelPosteriors(*jax.lax.map(one, draws))
+
+
+def shift_moments_by_level(
+    posteriors: LevelPosteriors, index: np.ndarray, prior_var: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(S, P) mean and variance of each patient's total group shift Σ_l u_{l, g_l(i)}
+    under each draw, from the LevelPosteriors (see there). index: (P, L) each
+    patient's group at each level, −1 for a group the posterior has not seen:
+    such a group is independent of every other a posteriori and keeps its prior
+    N(0, τ_l²), prior_var (S, L) = τ_l² under each draw (a group without
+    patients in the fit is exactly that: model.likelihood.group_step)."""
+    index = np.asarray(index, dtype=np.int64)
+    prior_var = np.asarray(prior_var, dtype=float)
+    num_draws, num_patients = prior_var.shape[0], index.shape[0]
+    seen = index >= 0
+    at = np.where(seen, index, 0)
+    mean = np.zeros((num_draws, num_patients))
+    var = np.zeros((num_draws, num_patients))
+    for level in range(index.shape[1]):
+        level_mean = np.asarray(posteriors.mean[level], dtype=float)
+        level_var = np.asarray(posteriors.var[level], dtype=float)
+        known = seen[:, level]
+        if level_mean.shape[1] == 0:  # no group seen at this level
+            level_mean = level_var = np.zeros((num_draws, 1))
+        mean += np.where(known, level_mean[:, at[:, level]], 0.0)
+        var += np.where(known, level_var[:, at[:, level]], prior_var[:, level : level + 1])
+    for (first, second), block in zip(level_pairs(index.shape[1]), posteriors.cross, strict=True):
+        block = np.asarray(block, dtype=float)
+        both = seen[:, first] & seen[:, second]
+        if block.shape[1] == 0 or block.shape[2] == 0:
+            continue
+        var += 2.0 * np.where(both, block[:, at[:, first], at[:, second]], 0.0)
+    return mean, var
+
+
 @partial(jax.jit, static_argnames=("num_cohorts", "config", "num_groups"))
 def patient_shift_posteriors(
     draws: Hyper,

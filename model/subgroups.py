@@ -11,7 +11,13 @@ has. Given θ, every b_i and cohort deviation u_g is jointly Gaussian
     Var[m_S | θ] = (1/|S|²) (Σ_i M⁻¹_bb,i + Σ_g v_g (Σ_{i∈S, g(i)=g} l_i)²)
 
 with c_i the conditional mean given u = 0, l_i = (M⁻¹S)_bb, and u_g | θ, data ~
-N(m_g, v_g) independent across cohorts. Over the fixed draws of θ its posterior
+N(m_g, v_g) independent across cohorts. With further grouping levels the
+patient's shift is a_iᵀu over every level's groups (model.likelihood), jointly
+Gaussian N(m, C) and correlated across levels, so with v = Σ_{i∈S} l_i a_i:
+
+    E[m_S | θ]   = (1/|S|) Σ_i (c_i + l_i a_iᵀm)
+    Var[m_S | θ] = (1/|S|²) (Σ_i M⁻¹_bb,i + vᵀ C v)
+ Over the fixed draws of θ its posterior
 is the equal-weight mixture of those Gaussians, summarised exactly as a
 patient's score is (model.scores): mean, sd, central interval, P(benefit ≥ MCID).
 Membership is a weight matrix (K, P), so fractional or overlapping subgroups
@@ -32,7 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig
 from model.covariates import CovariateSpec
-from model.likelihood import Hyper, cohort_posterior, cohort_sums, patient_terms
+from model.likelihood import (
+    Hyper,
+    cohort_posterior,
+    cohort_sums,
+    group_index,
+    group_step,
+    patient_terms,
+)
 from model.population import MIN_COHORT_BUCKET, MIN_PATIENT_BUCKET, bucket_size
 from model.scores import classify, mixture_quantiles
 
@@ -49,7 +62,7 @@ class SubgroupSummary(NamedTuple):
     members: np.ndarray  # patients in the subgroup (sum of weights)
 
 
-@partial(jax.jit, static_argnames=("num_cohorts", "config"))
+@partial(jax.jit, static_argnames=("num_cohorts", "config", "num_groups"))
 def subgroup_components(
     draws: Hyper,
     gram: jax.Array,
@@ -58,10 +71,14 @@ def subgroup_components(
     membership: jax.Array,
     config: ModelConfig,
     covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
     """(S, K) mean and variance of every subgroup's mean effect under every draw
     (standardised units). membership: (K, P) weights (1: a member), rows with a
-    zero sum give nan. Draws are mapped sequentially: memory O(K·P)."""
+    zero sum give nan; groups (P, L), num_groups: the further grouping levels
+    (model.likelihood) when the config has them. Draws are mapped sequentially:
+    memory O(K·P + G²)."""
     size = jnp.sum(membership, axis=1)
 
     def one(theta: Hyper) -> tuple[jax.Array, jax.Array]:
@@ -69,7 +86,22 @@ def subgroup_components(
         load = terms.m_inv_s.d
         mean = terms.cond_mean[1]
         variance = terms.m_inv.d
-        if config.cohort_level:
+        if config.grouping_levels:
+            where = group_index(cohort, num_cohorts, groups, num_groups)
+            step = group_step(theta, terms, where)
+            mean = mean + load * sum(
+                step.mean[where.index[:, level]] for level in range(len(where.sizes))
+            )
+            loads = sum(  # (K, G): v = Σ_{i∈S} w_i l_i a_i
+                jax.vmap(
+                    lambda w, rows=where.index[:, level]: jax.ops.segment_sum(
+                        w * load, rows, num_segments=where.total
+                    )
+                )(membership)
+                for level in range(len(where.sizes))
+            )
+            shared = jnp.einsum("kg,gh,kh->k", loads, step.cov, loads)
+        elif config.cohort_level:
             curvature, slope = cohort_sums(terms, cohort, num_cohorts)
             u_mean, u_var = cohort_posterior(theta.tau_cohort, curvature, slope)
             mean = mean + load * u_mean[cohort]
@@ -95,10 +127,13 @@ def summarize_subgroups(
     *,
     covariates: np.ndarray | None = None,
     level: float = 0.9,
+    groups: np.ndarray | None = None,
+    num_groups: tuple[int, ...] = (),
 ) -> SubgroupSummary:
     """Every subgroup's mean-effect posterior in raw units (module docstring).
     gram (P, d, d), cohort (P,), membership (K, P), covariates (P, q)
-    standardised or None."""
+    standardised or None; groups (P, L) and num_groups each further grouping
+    level's group of every patient and group count, when the config has them."""
     membership = np.asarray(membership, dtype=float)
     # Padded like the population fit's evidence (zero-evidence patients in no
     # subgroup change nothing), so repeated calls reuse one compilation.
@@ -121,6 +156,8 @@ def summarize_subgroups(
         padded(membership, axis=1),
         config.structure,
         padded(None if covariates is None else np.asarray(covariates, dtype=float)),
+        padded(None if groups is None else np.asarray(groups, dtype=np.int32)),
+        tuple(bucket_size(count, MIN_COHORT_BUCKET) for count in num_groups),
     )
     to_raw = float(config.standardization.effect_to_raw(1.0))
     means = np.asarray(means) * to_raw

@@ -15,7 +15,11 @@ The same file may declare patient covariates under ``[covariates.<name>]``
 (model.covariates.CovariateSpec: kind, unit, plausible range, typical value and
 spread, categorical levels, required). Enrolments carry their values; every
 measure's model then lets them shift each patient's expected effect (effect
-modifiers) and intercept. ``[subgroups.<name>]`` declares subgroups
+modifiers) and intercept. A measure's ``grouping_levels`` names enrolment
+attributes (``attributes`` of an Enrollment) that are further grouping levels
+of its model next to the cohort (ModelConfig.grouping_levels: each adds a
+random deviation of the effect per group; docs/covariates.md).
+``[subgroups.<name>]`` declares subgroups
 (model.subgroups.SubgroupSpec: cohorts, covariate ranges and levels) whose mean
 effect the population agent publishes (docs/covariates.md).
 """
@@ -26,9 +30,16 @@ import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from model.config import MeasureConfig, ModelConfig, Standardization
 from model.covariates import CovariateSpec, design_columns, design_standardization
@@ -59,6 +70,18 @@ class UnitConversion(BaseModel):
     offset: float = 0.0
 
 
+#: A further grouping level: the name of an enrolment attribute (not the cohort,
+#: which is always the first level).
+GroupingLevel = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$"), AfterValidator(
+    lambda name: _not_cohort(name))]  # fmt: skip
+
+
+def _not_cohort(name: str) -> str:
+    if name == "cohort":
+        raise ValueError("'cohort' is always the first grouping level: name another attribute")
+    return name
+
+
 class MeasureSpec(BaseModel):
     """One measure of the catalogue (see the header of measures.toml)."""
 
@@ -76,6 +99,7 @@ class MeasureSpec(BaseModel):
     loinc: tuple[str, ...] = ()
     omh: tuple[str, ...] = ()
     ucum: dict[str, str] = Field(default_factory=dict)
+    grouping_levels: tuple[GroupingLevel, ...] = ()
 
     @model_validator(mode="after")
     def _consistent(self) -> MeasureSpec:
@@ -93,6 +117,8 @@ class MeasureSpec(BaseModel):
         for spelling, unit in self.ucum.items():
             if unit != self.unit and unit not in self.units:
                 raise ValueError(f"ucum: {spelling!r} maps to {unit!r}, not a unit of {self.name}")
+        if len(set(self.grouping_levels)) != len(self.grouping_levels):
+            raise ValueError(f"grouping_levels repeat a name: {list(self.grouping_levels)}")
         return self
 
     def resolve_unit(self, unit: str) -> str:
@@ -149,6 +175,7 @@ class MeasureSpec(BaseModel):
         return ModelConfig(
             time_trend=True,
             cohort_level=True,
+            grouping_levels=self.grouping_levels,
             covariates=design_columns(baseline),
             time_covariates=design_columns(by_reading),
             half_life=half_life_days,
@@ -192,6 +219,13 @@ class Catalogue(BaseModel):
     def patient_covariates(self) -> tuple[CovariateSpec, ...]:
         """Baseline covariates: what enrolments carry."""
         return tuple(c for c in self.covariates if c.varies == "patient")
+
+    @property
+    def grouping_levels(self) -> tuple[str, ...]:
+        """Every measure's further grouping levels (enrolment attributes), sorted:
+        what an enrolment's attributes are checked against and a patient's
+        record keeps."""
+        return tuple(sorted({level for m in self.measures.values() for level in m.grouping_levels}))
 
     @property
     def reading_covariates(self) -> tuple[CovariateSpec, ...]:

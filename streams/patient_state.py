@@ -228,6 +228,9 @@ class PatientRecord(BaseModel):
     arm: str | None = None
     enrolled_at: datetime | None = None
     covariates: list[float] = Field(default_factory=list)  # design row, natural units
+    # The enrolment's attributes that name a grouping level of some measure
+    # (level -> group); a level absent: the attribute was missing.
+    groups: dict[str, str] = Field(default_factory=dict)
     timeline: list[tuple[float, float]] = Field(default_factory=list)
     seen: dict[str, str] = Field(default_factory=dict)  # event id -> origin, oldest first
     forgotten: dict[str, int] = Field(default_factory=dict)  # "topic:partition" -> offset
@@ -255,8 +258,8 @@ class PatientRecord(BaseModel):
 class Outcome:
     """What applying an event did. ``touched``: measures whose statistics changed;
     ``rejected``: (event, reason, detail) to dead-letter; ``replays``: ignored
-    re-deliveries; ``cohort_changed``: the patient's cohort (or covariates) was
-    set or changed."""
+    re-deliveries; ``cohort_changed``: the patient's cohort (or covariates, or
+    groups) was set or changed."""
 
     touched: set[str] = field(default_factory=set)
     rejected: list[tuple[Observation | EnrollmentRecord, str, str]] = field(default_factory=list)
@@ -499,6 +502,11 @@ def measure_evidence(
             count_exposed=stats.count_exposed,
             count_unexposed=stats.count_unexposed,
             covariates=record.covariates,
+            groups={
+                level: record.groups[level]
+                for level in model.grouping_levels
+                if level in record.groups
+            },
             recent_gram=None if recent is None else recent.gram[0].tolist(),
         )
         for (record, stats), recent in zip(items, windows, strict=True)
@@ -687,9 +695,15 @@ def apply_event(
     _remember(record, inner.event_id, event.origin)
     if isinstance(inner, Enrollment):
         covariates = list(event.covariates or ())
-        outcome.cohort_changed = record.cohort != inner.cohort or record.covariates != covariates
+        levels = {level for model in models.values() for level in model.grouping_levels}
+        groups = {level: inner.attributes[level] for level in levels if level in inner.attributes}
+        outcome.cohort_changed = (
+            record.cohort != inner.cohort
+            or record.covariates != covariates
+            or record.groups != groups
+        )
         record.cohort, record.arm, record.enrolled_at = inner.cohort, inner.arm, inner.event_time
-        record.covariates = covariates
+        record.covariates, record.groups = covariates, groups
         pending, record.pending = record.pending, []
         for observation in sorted(pending, key=lambda o: o.event_time):
             _add_observation(record, observation, models[observation.measure], outcome)

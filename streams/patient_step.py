@@ -508,6 +508,7 @@ def _score(
                 r.published[measure].classification if measure in r.published else None
                 for r in group
             ],
+            groups=[r.groups for r in group],
         )
         for record, score in zip(group, scores, strict=True):
             new_scores[record.patient_id][measure] = score

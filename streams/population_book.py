@@ -30,7 +30,7 @@ from model.offline import (
     population_quantities,
 )
 from model.population import Evidence, FitState, PopulationFitter, UpdateInfo, pad_evidence
-from model.scores import cohort_posteriors
+from model.scores import LevelPosteriors, cohort_posteriors, level_pairs, level_posteriors
 from model.selection import (
     SELECTION_SVI,
     FitterCache,
@@ -41,6 +41,7 @@ from model.selection import (
     patient_folds,
 )
 from streams.schemas import (
+    MISSING_GROUP,
     Coefficient,
     Interval,
     PatientEvidence,
@@ -48,13 +49,23 @@ from streams.schemas import (
     StructureScore,
     StructureSelection,
 )
-from streams.scoring import COVARIATE_DRAW_FIELD, DRAW_FIELDS
+from streams.scoring import DRAW_FIELDS, OPTIONAL_DRAW_FIELDS
 
 log = logging.getLogger(__name__)
 
 #: Warm updates of 100 steps (two chunks, so convergence can be judged from the
 #: change of the ELBO between them); everything else as tuned offline.
 STREAMING_SVI = SVIConfig(update_steps=100)
+
+
+@dataclass(frozen=True)
+class GroupLabels:
+    """The further grouping levels of a book's patients: ``index`` (P, L) each
+    patient's group at each level (ModelConfig.grouping_levels' order),
+    ``labels`` each level's group labels (MISSING_GROUP for a missing attribute)."""
+
+    index: np.ndarray
+    labels: list[list[str]]
 
 
 class PopulationBook:
@@ -72,11 +83,20 @@ class PopulationBook:
         self._covariates = np.zeros((64, model.num_covariates))  # design rows, natural units
         self.cohorts: list[str] = []
         self._cohort_index: dict[str, int] = {}
+        # Each further grouping level's group of every patient, and its labels.
+        self._groups = np.zeros((64, len(model.grouping_levels)), dtype=np.int32)
+        self.group_labels: list[list[str]] = [[] for _ in model.grouping_levels]
+        self._group_index: list[dict[str, int]] = [{} for _ in model.grouping_levels]
         self.changes_since_fit = 0
 
     @property
     def num_patients(self) -> int:
         return len(self._rows)
+
+    @property
+    def patient_ids(self) -> list[str]:
+        """The patients in the order of the snapshots' rows."""
+        return list(self._rows)
 
     def put(self, evidence: PatientEvidence) -> None:
         """Record a patient's latest statistics (last write wins)."""
@@ -96,6 +116,13 @@ class PopulationBook:
         self._cohort[row] = cohort
         if self.model.num_covariates:
             self._covariates[row] = patient_design([evidence.covariates], self.model)[0]
+        for level, name in enumerate(self.model.grouping_levels):
+            label = evidence.groups.get(name, MISSING_GROUP)
+            index = self._group_index[level].get(label)
+            if index is None:
+                index = self._group_index[level][label] = len(self.group_labels[level])
+                self.group_labels[level].append(label)
+            self._groups[row, level] = index
         self.changes_since_fit += 1
 
     def _grow(self) -> None:
@@ -105,6 +132,7 @@ class PopulationBook:
         self._reference = np.concatenate([self._reference, np.full(size // 2, -np.inf)])
         self._cohort = np.concatenate([self._cohort, np.zeros(size // 2, dtype=np.int32)])
         self._covariates = np.concatenate([self._covariates, np.zeros_like(self._covariates)])
+        self._groups = np.concatenate([self._groups, np.zeros_like(self._groups)])
 
     def snapshot(self) -> tuple[PatientStats, np.ndarray, list[str]]:
         """A copy of the statistics at a common reference time (the latest event:
@@ -120,6 +148,15 @@ class PopulationBook:
         if not self.model.num_covariates:
             return None
         return self._covariates[: self.num_patients].copy()
+
+    def groups_snapshot(self) -> GroupLabels | None:
+        """Every patient's group at each further grouping level, rows as in
+        ``snapshot``; None when the model has none."""
+        if not self.model.grouping_levels:
+            return None
+        return GroupLabels(
+            self._groups[: self.num_patients].copy(), [list(g) for g in self.group_labels]
+        )
 
     def recent_snapshot(self) -> PatientStats | None:
         """The recent-window statistics (ModelConfig.recent_window) of every
@@ -137,6 +174,33 @@ class PopulationBook:
         stats = gram_stats(gram.copy(), reference.copy())
         finite = reference[np.isfinite(reference)]
         return decay_to(stats, float(finite.max()), model) if finite.size else stats
+
+
+def published_levels(
+    parts: LevelPosteriors, levels: tuple[str, ...], sizes: list[int]
+) -> dict[str, list]:
+    """The PopulationPosterior fields of the further grouping levels from the
+    padded LevelPosteriors of every level (the cohorts first): each real group's
+    moments (the further levels' groups one after the other) and the cross-level
+    covariance blocks; ``sizes``: each level's real group count."""
+    mean = np.concatenate(
+        [np.asarray(m)[:, :size] for m, size in zip(parts.mean[1:], sizes[1:], strict=True)],
+        axis=1,
+    )
+    var = np.concatenate(
+        [np.asarray(v)[:, :size] for v, size in zip(parts.var[1:], sizes[1:], strict=True)],
+        axis=1,
+    )
+    cross = [
+        np.asarray(block)[:, : sizes[first], : sizes[second]].tolist()
+        for block, (first, second) in zip(parts.cross, level_pairs(len(sizes)), strict=True)
+    ]
+    return {
+        "group_levels": list(levels),
+        "group_mean": mean.tolist(),
+        "group_var": var.tolist(),
+        "group_cross_cov": cross,
+    }
 
 
 def _interval(described: dict[str, float]) -> Interval:
@@ -237,11 +301,13 @@ class PopulationModel:
         cohort: np.ndarray,
         cohorts: list[str],
         covariates: np.ndarray | None = None,
+        groups: GroupLabels | None = None,
     ) -> FitResult:
         """Continue SVI against all evidence (fresh on the first call) and build
         the next posterior message. ``covariates``: (P, q) design rows, natural
-        units (PopulationBook.covariates_snapshot). Blocking; run it off the
-        event loop."""
+        units (PopulationBook.covariates_snapshot); ``groups``: the further
+        grouping levels' groups (PopulationBook.groups_snapshot), needed when
+        the model has them. Blocking; run it off the event loop."""
         started = time.perf_counter()
         std_covariates = None
         if self.model.num_covariates:
@@ -250,7 +316,17 @@ class PopulationModel:
                 if covariates is None
                 else covariates
             )
-        evidence = pad_evidence(stats, cohort, max(len(cohorts), 1), std_covariates)
+        levels = self.model.grouping_levels
+        if levels and groups is None:
+            raise ValueError(f"the model has grouping levels {levels}: pass their groups")
+        evidence = pad_evidence(
+            stats,
+            cohort,
+            max(len(cohorts), 1),
+            std_covariates,
+            groups.index if levels else None,
+            tuple(max(len(labels), 1) for labels in groups.labels) if levels else (),
+        )
         version = self.version + 1
         key = _key(self.measure, version)
         key_fit, key_draws, key_summary = jax.random.split(key, 3)
@@ -267,15 +343,31 @@ class PopulationModel:
             )
             steps += info.steps
         draws = self.fitter.draws(state, key_draws)
-        cohort_mean, cohort_var = cohort_posteriors(
-            draws,
-            evidence.gram,
-            evidence.cohort,
-            evidence.num_cohorts,
-            self.model.structure,
-            evidence.covariates,
-        )
         g = len(cohorts)
+        published_groups = {}
+        if levels:
+            parts = level_posteriors(
+                draws,
+                evidence.gram,
+                evidence.cohort,
+                evidence.num_cohorts,
+                self.model.structure,
+                evidence.covariates,
+                evidence.groups,
+                evidence.num_groups,
+            )
+            cohort_mean, cohort_var = parts.mean[0], parts.var[0]
+            published_groups = published_levels(parts, levels, [g, *map(len, groups.labels)])
+            published_groups["groups"] = groups.labels
+        else:
+            cohort_mean, cohort_var = cohort_posteriors(
+                draws,
+                evidence.gram,
+                evidence.cohort,
+                evidence.num_cohorts,
+                self.model.structure,
+                evidence.covariates,
+            )
         quantities = population_quantities(
             self.fitter.draws(state, key_summary, SUMMARY_DRAWS), self.model
         )
@@ -288,8 +380,12 @@ class PopulationModel:
             for row in coefficient_summaries(quantities, self.model)["coefficients"]
         ]
         summary = {}
+        for k, level in enumerate(levels):
+            summary[f"effect_sd_{level}"] = _interval(
+                describe(quantities["effect_sd_groups"][:, k])
+            )
         for name, values in quantities.items():
-            if name in ("coefficients", "time_coefficients"):
+            if name in ("coefficients", "time_coefficients", "effect_sd_groups"):
                 continue
             described = describe(values)
             if described is not None:
@@ -309,12 +405,13 @@ class PopulationModel:
             standardization=std.model_dump(),
             draws={
                 f: np.asarray(getattr(draws, f)).tolist()
-                for f in (*DRAW_FIELDS, COVARIATE_DRAW_FIELD)
+                for f in (*DRAW_FIELDS, *OPTIONAL_DRAW_FIELDS)
                 if getattr(draws, f) is not None
             },
             cohorts=cohorts,
             cohort_mean=np.asarray(cohort_mean)[:, :g].tolist(),
             cohort_var=np.asarray(cohort_var)[:, :g].tolist(),
+            **published_groups,
             summary=summary,
             coefficients=coefficients,
             unconstrained_loc=np.asarray(transform.loc).tolist(),
@@ -331,16 +428,21 @@ COHORT_ATTRIBUTE = "cohort"
 
 def structure_name(model: ModelConfig) -> str:
     """A model's structure under the selection's names (complete, none, partial,
-    partial+cohort)."""
-    name = model.effect_pooling
-    return f"{name}+{COHORT_ATTRIBUTE}" if model.cohort_level else name
+    partial+cohort, partial+cohort+<level>...)."""
+    if not model.cohort_level:
+        return model.effect_pooling
+    return "+".join([model.effect_pooling, COHORT_ATTRIBUTE, *model.grouping_levels])
 
 
 class StructureSelectionRun:
     """One structure selection of one measure (model.selection) on a snapshot of
     its book: complete, none and partial pooling, and partial pooling with a
     cohort level when the patients come from at least two cohorts, compared by
-    K-fold cross-validation over patients.
+    K-fold cross-validation over patients. With further grouping levels
+    (``groups``: PopulationBook.groups_snapshot) every level with at least two
+    groups is an attribute as the cohort is: partial pooling with each one as
+    the level, and with each combination of them (model.selection.
+    candidate_structures), so the selection says which levels earn their place.
 
     ``step()`` runs the next SVI fit (one fold of one structure; blocking), so the
     agent can let population updates in between; ``run()`` runs them all. The
@@ -361,6 +463,7 @@ class StructureSelectionRun:
         posterior_version: int = 0,
         evidence_digest: str = "",
         covariates: np.ndarray | None = None,
+        groups: GroupLabels | None = None,
     ) -> None:
         stats, cohort, _labels = snapshot
         self.measure = measure
@@ -368,9 +471,18 @@ class StructureSelectionRun:
         self.stats = stats
         self.cohort = np.asarray(cohort)
         self.num_cohorts = int(np.unique(self.cohort).size)
-        # A cohort level is not identified with a single cohort (as select_structure).
-        attributes = [COHORT_ATTRIBUTE] if self.num_cohorts >= 2 else []
-        self.skipped = [] if attributes else [COHORT_ATTRIBUTE]
+        indices = {COHORT_ATTRIBUTE: self.cohort}
+        if groups is not None:
+            indices.update(
+                (level, np.asarray(groups.index[:, k]))
+                for k, level in enumerate(model.grouping_levels)
+            )
+        # A level is not identified with a single group (as select_structure).
+        self.attributes = {
+            name: index for name, index in indices.items() if np.unique(index).size >= 2
+        }
+        attributes = list(self.attributes)
+        self.skipped = [name for name in indices if name not in self.attributes]
         # With patient covariates (``covariates``: PopulationBook.covariates_snapshot)
         # each covariate's block is compared with and without it as well.
         self.covariates = None
@@ -394,7 +506,10 @@ class StructureSelectionRun:
 
     def _fits(self) -> Iterator[None]:
         for structure in self.structures:
-            cohort = self.cohort if structure.cohort_attribute else None
+            cohort = self.attributes.get(structure.cohort_attribute)
+            groups = None
+            if structure.group_attributes:
+                groups = np.stack([self.attributes[a] for a in structure.group_attributes], -1)
             for _fold, test, elpd, _info in cross_validate_folds(
                 structure,
                 self.stats,
@@ -403,6 +518,7 @@ class StructureSelectionRun:
                 seed=self.seed,
                 svi_config=self.svi,
                 fitters=self.fitters,
+                groups=groups,
                 covariates=self.covariates,
             ):
                 self.pointwise[structure.name][test] = elpd

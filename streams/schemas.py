@@ -295,11 +295,22 @@ class PatientEvidence(BaseModel):
         description="the patient's covariate design row (natural units; empty without "
         "covariates in the catalogue)",
     )
+    groups: dict[str, str] = Field(
+        default_factory=dict,
+        description="the patient's group at each further grouping level of the measure "
+        "(its enrolment's attribute of that name); a level left out: the attribute was "
+        'missing, and the patient sits in the level\'s group "" (MISSING_GROUP)',
+    )
     recent_gram: list[list[float]] | None = Field(
         default=None,
         description="the statistics under the recent-window forgetting (fast half-life), at "
         "the same reference time; drift monitoring fits them against the all-time ones",
     )
+
+
+#: The group of a patient whose enrolment lacks a grouping level's attribute:
+#: one group per level (no valid value is empty), learned like any other.
+MISSING_GROUP = ""
 
 
 class EvidenceBatch(BaseModel):
@@ -413,7 +424,11 @@ class PopulationPosterior(Envelope):
     """Versioned population posterior of one measure (compacted topic, key =
     measure). ``draws`` are fixed draws of θ (standardised units) that define
     every patient's mixture posterior; ``cohort_mean``/``cohort_var`` (S, G) the
-    posterior of each cohort's effect deviation under each draw."""
+    posterior of each cohort's effect deviation under each draw. With further
+    grouping levels (``group_levels``) the groups' deviations are correlated
+    given θ: ``group_mean``/``group_var`` hold each further level's groups'
+    moments and ``group_cross_cov`` the covariances between the groups of two
+    levels, all a patient's total shift needs (model.scores.LevelPosteriors)."""
 
     measure: str = Field(description="the measure")
     version: int = Field(description="increases with every posterior of the measure")
@@ -438,9 +453,35 @@ class PopulationPosterior(Envelope):
     cohort_var: list[list[float]] = Field(
         description="posterior variance of each cohort's effect deviation under each draw (S, G)"
     )
+    group_levels: list[str] = Field(
+        default_factory=list,
+        description="the further grouping levels (enrolment attributes), in the order of "
+        "groups, group_mean's blocks and tau_groups' columns; empty: the cohorts only",
+    )
+    groups: list[list[str]] = Field(
+        default_factory=list,
+        description='each further level\'s groups ("": the patients whose enrolment lacks '
+        "the attribute)",
+    )
+    group_mean: list[list[float]] = Field(
+        default_factory=list,
+        description="posterior mean of each further level's groups' effect deviations under "
+        "each draw (S, G'), the levels' groups one after the other",
+    )
+    group_var: list[list[float]] = Field(
+        default_factory=list,
+        description="their posterior variance under each draw (S, G')",
+    )
+    group_cross_cov: list[list[list[list[float]]]] = Field(
+        default_factory=list,
+        description="posterior covariances between the groups of two levels under each draw, "
+        "one (S, G_l, G_m) block per pair of levels l < m (level 0 the cohorts, then "
+        "group_levels), pairs in the order (0, 1), (0, 2), ..., (1, 2), ...",
+    )
     summary: dict[str, Interval] = Field(
         description="population quantities in raw units: effect, intercept, sigma, "
-        "effect_sd_patients, effect_sd_cohorts, time_trend (90% intervals)"
+        "effect_sd_patients, effect_sd_cohorts, time_trend (90% intervals), and "
+        "effect_sd_<level> of each further grouping level"
     )
     coefficients: list[Coefficient] = Field(
         default_factory=list,
@@ -542,7 +583,11 @@ class StructureScore(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    structure: str = Field(description="complete, none, partial or partial+cohort")
+    structure: str = Field(
+        description="complete, none, partial, partial+<level> (cohort or a further grouping "
+        "level), partial+<level>+<level>... (several levels, the first one the cohort level), "
+        "and with covariates partial+x:<covariate>..."
+    )
     elpd: float = Field(description="total elpd over held-out patients")
     elpd_se: float = Field(description="standard error of elpd, sqrt(n var(elpd_i))")
     elpd_diff: float = Field(description="elpd minus the best structure's elpd (<= 0)")
@@ -570,7 +615,8 @@ class StructureSelection(Envelope):
     svi_steps: int = Field(description="SVI steps of every fold's fit")
     skipped_attributes: list[str] = Field(
         default_factory=list,
-        description="cohort attributes with a single level (no cohort level to compare)",
+        description="grouping levels (cohort, or a further one) with a single group among the "
+        "patients: no level to compare",
     )
     posterior_version: int = Field(
         description="the latest population posterior version when the statistics were taken"

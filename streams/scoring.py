@@ -11,7 +11,7 @@ deterministic function of the patient's evidence and the posterior version.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import jax.numpy as jnp
@@ -23,11 +23,19 @@ from model.evidence import decay_to, gram_stats
 from model.likelihood import Hyper
 from model.population import SMALL_BUCKET, bucket_size
 from model.predictive import predictive_residuals
-from model.scores import EffectSummary, classify, summarize_given_cohorts
+from model.scores import (
+    EffectSummary,
+    LevelPosteriors,
+    classify,
+    level_pairs,
+    shift_moments_by_level,
+    summarize_given_cohorts,
+)
 from model.subgroups import SubgroupSummary
 from streams.catalogue import MeasureSpec
 from streams.patient_state import MeasureStats, PatientRecord, Published, days
 from streams.schemas import (
+    MISSING_GROUP,
     CompositeScore,
     EfficacyScore,
     Interval,
@@ -43,11 +51,19 @@ Z_LEVEL = 1.6448536269514722  # Φ⁻¹(0.95): the composite's 90% interval
 DRAW_FIELDS = ("mu", "tau", "corr_chol", "tau_cohort", "sigma", "gamma")
 #: Published only by models with patient covariates (ModelConfig.covariates).
 COVARIATE_DRAW_FIELD = "coef"
+#: Published only by models with further grouping levels (ModelConfig.grouping_levels).
+GROUPS_DRAW_FIELD = "tau_groups"
+OPTIONAL_DRAW_FIELDS = (COVARIATE_DRAW_FIELD, GROUPS_DRAW_FIELD)
 
 
 @dataclass(frozen=True)
 class MeasurePosterior:
-    """A published population posterior as arrays, ready to score patients."""
+    """A published population posterior as arrays, ready to score patients.
+
+    ``levels`` are the further grouping levels (the cohorts come first and are
+    not among them); ``group_index`` maps each level's group labels, the cohorts'
+    first, to their columns in ``groups`` (model.scores.LevelPosteriors: every
+    level's groups' moments and the covariances between levels, per draw)."""
 
     measure: str
     version: int
@@ -55,35 +71,84 @@ class MeasurePosterior:
     cohort_index: dict[str, int]
     cohort_mean: np.ndarray  # (S, G)
     cohort_var: np.ndarray  # (S, G)
+    levels: tuple[str, ...] = ()
+    group_index: tuple[dict[str, int], ...] = ()
+    groups: LevelPosteriors | None = None
 
     @classmethod
     def from_message(cls, message: PopulationPosterior) -> MeasurePosterior:
         draws = Hyper(*(jnp.asarray(np.asarray(message.draws[f])) for f in DRAW_FIELDS))
-        if COVARIATE_DRAW_FIELD in message.draws:
-            draws = draws._replace(coef=jnp.asarray(np.asarray(message.draws["coef"])))
+        for name in OPTIONAL_DRAW_FIELDS:
+            if name in message.draws:
+                draws = draws._replace(**{name: jnp.asarray(np.asarray(message.draws[name]))})
         num_draws = draws.mu.shape[0]
+        cohort_mean = np.asarray(message.cohort_mean, dtype=float).reshape(num_draws, -1)
+        cohort_var = np.asarray(message.cohort_var, dtype=float).reshape(num_draws, -1)
+        cohort_index = {c: g for g, c in enumerate(message.cohorts)}
+        if not message.group_levels:
+            return cls(message.measure, message.version, draws, cohort_index, cohort_mean,
+                       cohort_var)  # fmt: skip
+        sizes = [len(cohort_index), *(len(labels) for labels in message.groups)]
+        starts = np.cumsum([0, *sizes[1:]])
+        further_mean = np.asarray(message.group_mean, dtype=float).reshape(num_draws, -1)
+        further_var = np.asarray(message.group_var, dtype=float).reshape(num_draws, -1)
+        blocks = [
+            slice(start, start + size) for start, size in zip(starts[:-1], sizes[1:], strict=True)
+        ]
+        groups = LevelPosteriors(
+            mean=(cohort_mean, *(further_mean[:, block] for block in blocks)),
+            var=(cohort_var, *(further_var[:, block] for block in blocks)),
+            cross=tuple(
+                np.asarray(block, dtype=float).reshape(num_draws, sizes[first], sizes[second])
+                for block, (first, second) in zip(
+                    message.group_cross_cov, level_pairs(len(sizes)), strict=True
+                )
+            ),
+        )
         return cls(
             measure=message.measure,
             version=message.version,
             draws=draws,
-            cohort_index={c: g for g, c in enumerate(message.cohorts)},
-            cohort_mean=np.asarray(message.cohort_mean, dtype=float).reshape(num_draws, -1),
-            cohort_var=np.asarray(message.cohort_var, dtype=float).reshape(num_draws, -1),
+            cohort_index=cohort_index,
+            cohort_mean=cohort_mean,
+            cohort_var=cohort_var,
+            levels=tuple(message.group_levels),
+            group_index=(
+                cohort_index,
+                *({label: g for g, label in enumerate(labels)} for labels in message.groups),
+            ),
+            groups=groups,
         )
 
-    def cohort_posterior(self, cohorts: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
-        """(S, P) mean and variance of each patient's cohort deviation under each
-        draw; a cohort the population fit has not seen gets its prior N(0, τ_u²)."""
+    def cohort_posterior(
+        self, cohorts: list[str | None], groups: list[dict[str, str]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(S, P) mean and variance of each patient's total group deviation under
+        each draw: its cohort's deviation, plus, with further grouping levels,
+        its group's at each level (``groups``: each patient's level -> group,
+        PatientRecord.groups; a level missing there is the group MISSING_GROUP).
+        A group the population fit has not seen gets its prior N(0, τ_l²),
+        independent of every other (model.scores.shift_moments_by_level)."""
         num_draws = self.cohort_mean.shape[0]
-        prior_var = np.asarray(self.draws.tau_cohort) ** 2
-        mean = np.zeros((num_draws, len(cohorts)))
-        var = np.repeat(prior_var[:, None], len(cohorts), axis=1)
-        for j, cohort in enumerate(cohorts):
-            g = self.cohort_index.get(cohort) if cohort is not None else None
-            if g is not None:
-                mean[:, j] = self.cohort_mean[:, g]
-                var[:, j] = self.cohort_var[:, g]
-        return mean, var
+        labels = [list(cohorts)]
+        for level in self.levels:
+            labels.append(
+                [MISSING_GROUP if g is None else g.get(level, MISSING_GROUP)
+                 for g in (groups or [None] * len(cohorts))]
+            )  # fmt: skip
+        index = np.asarray(
+            [
+                [-1 if label is None else at.get(label, -1) for label in column]
+                for column, at in zip(labels, self.group_index or (self.cohort_index,), strict=True)
+            ],
+            dtype=np.int64,
+        ).reshape(len(labels), len(cohorts))
+        prior_var = np.asarray(self.draws.tau_cohort, dtype=float).reshape(num_draws, 1) ** 2
+        if self.levels:
+            level_sds = np.asarray(self.draws.tau_groups, dtype=float).reshape(num_draws, -1)
+            prior_var = np.concatenate([prior_var, level_sds**2], axis=1)
+        parts = self.groups or LevelPosteriors((self.cohort_mean,), (self.cohort_var,), ())
+        return shift_moments_by_level(parts, index.T, prior_var)
 
 
 def standardized_covariates(rows: list[list[float]], model: ModelConfig) -> np.ndarray | None:
@@ -102,11 +167,14 @@ def summarize_patients(
     covariates: list[list[float]],
     spec: MeasureSpec,
     model: ModelConfig,
+    groups: list[dict[str, str]] | None = None,
 ) -> EffectSummary:
     """Mixture summaries of a batch of patients for one measure (raw units);
-    ``covariates``: each patient's design row (PatientRecord.covariates)."""
+    ``covariates``: each patient's design row (PatientRecord.covariates);
+    ``groups``: each patient's groups (PatientRecord.groups), for a posterior
+    with further grouping levels."""
     gram = np.stack([np.asarray(s.gram, dtype=float) for s in stats])
-    cohort_mean, cohort_var = posterior.cohort_posterior(cohorts)
+    cohort_mean, cohort_var = posterior.cohort_posterior(cohorts, groups)
     return summarize_given_cohorts(
         posterior.draws,
         gram,
@@ -168,12 +236,14 @@ def measure_scores(
     rule: DecisionRule,
     pathways: dict[str, str] | None = None,
     previous: list[str | None] | None = None,
+    groups: list[dict[str, str]] | None = None,
 ) -> list[MeasureScore]:
     """Scores of a batch of patients for one measure, with the decision rule
     (with hysteresis against each patient's ``previous`` published call) and the
-    recommended action of each call from ``pathways`` (Settings.pathways)."""
+    recommended action of each call from ``pathways`` (Settings.pathways);
+    ``groups`` as for summarize_patients."""
     pathways = pathways or {}
-    summary = summarize_patients(posterior, stats, cohorts, covariates, spec, model)
+    summary = summarize_patients(posterior, stats, cohorts, covariates, spec, model, groups)
     counts_exposed = np.asarray([s.count_exposed for s in stats])
     counts_unexposed = np.asarray([s.count_unexposed for s in stats])
     calls = classify(
@@ -239,6 +309,7 @@ class PendingReading:
     origin: str  # "topic:partition:offset" of the raw record
     covariates: tuple[float, ...] = ()  # the patient's design row (PatientRecord.covariates)
     time_covariates: tuple[float, ...] = ()  # the reading's (Observation.time_covariates)
+    groups: dict[str, str] = field(default_factory=dict)  # the patient's (PatientRecord.groups)
 
 
 def pending_reading(
@@ -261,6 +332,7 @@ def pending_reading(
         origin=origin,
         covariates=tuple(record.covariates),
         time_covariates=tuple(observation.time_covariates),
+        groups=dict(record.groups),
     )
 
 
@@ -276,7 +348,9 @@ def reading_residuals(
     )
     times = np.asarray([r.time for r in readings])
     before = decay_to(gram_stats(gram, [r.reference_time for r in readings]), times, model)
-    cohort_mean, cohort_var = posterior.cohort_posterior([r.cohort for r in readings])
+    cohort_mean, cohort_var = posterior.cohort_posterior(
+        [r.cohort for r in readings], [r.groups for r in readings]
+    )
     return predictive_residuals(
         posterior.draws,
         before.gram,

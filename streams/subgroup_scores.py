@@ -19,6 +19,7 @@ import numpy as np
 from model.config import DecisionRule, ModelConfig
 from model.subgroups import subgroup_calls, subgroup_membership, summarize_subgroups
 from streams.catalogue import Catalogue
+from streams.population_book import GroupLabels
 from streams.schemas import Alert, PopulationPosterior, SubgroupScore
 from streams.scoring import LEVEL, MeasurePosterior, interval_at, standardized_covariates
 
@@ -37,6 +38,7 @@ class BookSnapshot:
     cohort: np.ndarray  # (P,) index into cohorts
     cohorts: list[str]
     covariates: np.ndarray | None  # (P, q) design rows, natural units
+    groups: GroupLabels | None = None  # the further grouping levels' groups
 
 
 @dataclass
@@ -94,6 +96,10 @@ def subgroup_step(
         model,
         covariates=covariates,
         level=LEVEL,
+        groups=None if snapshot.groups is None else snapshot.groups.index,
+        num_groups=(
+            () if snapshot.groups is None else tuple(max(len(g), 1) for g in snapshot.groups.labels)
+        ),
     )
     previous = [state.get(specs[k].name) for k in scored]
     calls = subgroup_calls(

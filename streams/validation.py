@@ -139,7 +139,8 @@ def validate_enrollment(
     """An enrolment or exposure change, validated, with its origin; or Rejected.
     An enrolment's covariates are checked against the ``catalogue``'s covariate
     entries (``invalid_covariate``: missing, out of range, unknown level or name)
-    and carried as their design row."""
+    and carried as their design row; the attributes that name grouping levels,
+    by check_groups (``invalid_group``)."""
     event = _validate(ENROLLMENT_EVENT.validate_json, _check_size(value))
     _check_envelope(key, event.patient_id, event.event_time, now or datetime.now(UTC), settings)
     covariates = None
@@ -154,7 +155,34 @@ def validate_enrollment(
                 "invalid_covariate",
                 f"covariates {sorted(event.covariates)} sent, but the catalogue declares none",
             )
+        if catalogue is not None:
+            check_groups(event.attributes, catalogue.grouping_levels)
     return EnrollmentRecord(event=event, origin=origin, covariates=covariates)
+
+
+MAX_GROUP_LENGTH = 128  # as a cohort label
+
+
+def check_groups(attributes: dict[str, str], levels: tuple[str, ...]) -> None:
+    """Rejected (``invalid_group``) when an enrolment attribute that names a
+    grouping level of some measure (Catalogue.grouping_levels) has a value that
+    cannot be a group: empty, longer than MAX_GROUP_LENGTH, with surrounding
+    white space (a typo that would split a group in two) or a control character.
+    A missing attribute is not an error: the patient is in the level's group ""
+    (streams.schemas.MISSING_GROUP)."""
+    for level in levels:
+        value = attributes.get(level)
+        if value is None:
+            continue
+        if not value or len(value) > MAX_GROUP_LENGTH:
+            problem = f"must have 1 to {MAX_GROUP_LENGTH} characters"
+        elif value != value.strip():
+            problem = "has leading or trailing white space"
+        elif not value.isprintable():
+            problem = "has a control character"
+        else:
+            continue
+        raise Rejected("invalid_group", f"grouping level {level!r}: {value[:64]!r} {problem}")
 
 
 def validate_record(

@@ -155,3 +155,28 @@ def test_a_ucum_alias_must_name_a_unit_of_the_measure(tmp_path):
     path.write_text(shipped.replace('"mm[Hg]" = "mmHg"', '"mm[Hg]" = "torr"'))
     with pytest.raises(CatalogueError, match="torr"):
         Catalogue.load(path)
+
+
+def test_grouping_levels_name_enrolment_attributes(tmp_path):
+    """A measure's ``grouping_levels`` become its model's further levels; the
+    catalogue knows every measure's (what enrolments are checked against); the
+    cohort, a repeated name or a name that is not a plain word is refused."""
+    path = tmp_path / "measures.toml"
+    path.write_text(
+        USER_FILE.replace(
+            "[grip_strength]\n", '[grip_strength]\ngrouping_levels = ["site", "genotype"]\n'
+        )
+    )
+    catalogue = Catalogue.load(path)
+    spec = catalogue.get("grip_strength")
+    assert spec.grouping_levels == ("site", "genotype")
+    assert catalogue.grouping_levels == ("genotype", "site")
+    model = spec.model_config_for(time_origin_days=0.0, time_scale_days=30.0, half_life_days=None)
+    assert model.grouping_levels == ("site", "genotype") and model.cohort_level
+    assert Catalogue.load().grouping_levels == ()  # the shipped catalogue: the cohorts only
+    for levels in ('["cohort"]', '["site", "site"]', '["site name"]', '[""]'):
+        path.write_text(
+            USER_FILE.replace("[grip_strength]\n", f"[grip_strength]\ngrouping_levels = {levels}\n")
+        )
+        with pytest.raises(CatalogueError, match="grouping_levels"):
+            Catalogue.load(path)

@@ -9,12 +9,14 @@ Tiny random problems, random θ, float64, padding patients and padding groups.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats as sps
-from test_likelihood import assert_same_hyper, dense_joint, random_problem
+from test_likelihood import assert_same_hyper, dense_joint, dense_posterior, random_problem
 
 from model.config import ModelConfig
 from model.evidence import stats_from_events
@@ -25,6 +27,7 @@ from model.likelihood import (
     patient_effects_given_theta,
     patient_shift_posterior,
 )
+from model.scores import level_posteriors, shift_moments_by_level
 
 jax.config.update("jax_enable_x64", True)
 
@@ -125,6 +128,62 @@ def test_several_levels_equal_dense_brute_force(config, seed):
     for g, sd in padding:
         assert mean[g] == 0.0
         assert cov[g, g] == pytest.approx(sd**2, rel=1e-12)
+
+
+def dense_group_posterior(problem, theta, levels, config):
+    """Brute force: the dense joint posterior (mean, covariance) of the real
+    groups (cohorts, then each level's), by conditioning the joint Gaussian."""
+    cohort, _, patient, exposure, time, outcome = problem
+    joint = dense_joint(cohort, patient, exposure, time, theta, config, levels=levels)
+    latent_mean, latent_cov = dense_posterior(outcome, *joint)
+    groups = slice(2 * cohort.size, None)
+    return latent_mean[groups], latent_cov[groups, groups]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_level_posteriors_give_every_shift_as_dense_conditioning(config, seed):
+    """What the population posterior publishes for scoring with several levels
+    (model.scores.LevelPosteriors: each group's mean and variance and the
+    covariances between levels, under each draw) gives the moments of the
+    total shift a_iᵀu of a patient in *any* combination of groups, as dense
+    brute force does: a_iᵀ E[u] and a_iᵀ Cov[u] a_i, to 1e-8. An unseen group
+    (index −1) adds its prior variance τ_l² and nothing else. Two draws of θ
+    (the second with other level sds), padding patients and groups."""
+    problem, theta, levels, stats = grouped_problem(seed, config)
+    cohort, num_cohorts = problem[0], problem[1]
+    gram, cohorts, groups, padded_cohorts, num_groups = padded_arguments(
+        cohort, num_cohorts, levels, stats
+    )
+    second = theta._replace(tau_cohort=theta.tau_cohort * 0.5, tau_groups=theta.tau_groups * 1.7)
+    draws = jax.tree.map(lambda *values: jnp.stack(values), theta, second)
+    parts = level_posteriors(draws, gram, cohorts, padded_cohorts, config, None, groups, num_groups)
+    counts = [int(cohort.max()) + 1] + [count for _, count, _ in levels]  # as dense_joint's
+    combos = np.array(list(itertools.product(*(range(-1, count) for count in counts))))
+    prior_sd = np.stack(
+        [np.concatenate([[float(d.tau_cohort)], np.asarray(d.tau_groups)]) for d in (theta, second)]
+    )
+    mean, var = shift_moments_by_level(parts, combos, prior_sd**2)
+    assert mean.shape == var.shape == (2, len(combos))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    loading = np.zeros((len(combos), offsets[-1]))
+    for level in range(len(counts)):
+        seen = combos[:, level] >= 0
+        loading[np.flatnonzero(seen), offsets[level] + combos[seen, level]] = 1.0
+    for s, draw in enumerate((theta, second)):
+        draw_levels = [
+            (group, count, float(sd))
+            for (group, count, _), sd in zip(levels, np.asarray(draw.tau_groups), strict=True)
+        ]
+        dense_mean, dense_cov = dense_group_posterior(problem, draw, draw_levels, config)
+        unseen_var = ((combos < 0) * prior_sd[s] ** 2).sum(axis=1)
+        np.testing.assert_allclose(mean[s], loading @ dense_mean, rtol=1e-8, atol=1e-9)
+        np.testing.assert_allclose(
+            var[s],
+            np.einsum("pg,gh,ph->p", loading, dense_cov, loading) + unseen_var,
+            rtol=1e-8,
+            atol=1e-9,
+        )
 
 
 @pytest.mark.parametrize("half_life", [None, 0.7], ids=["no-forgetting", "forgetting"])

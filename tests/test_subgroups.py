@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_groups import CONFIGS as GROUP_CONFIGS
+from test_groups import IDS as GROUP_IDS
+from test_groups import grouped_problem, padded_arguments
 from test_likelihood import (
     COVARIATE_CASES,
     COVARIATE_IDS,
@@ -49,6 +52,44 @@ def test_subgroup_mean_effect_equals_dense_conditioning(config, seed):
         jnp.asarray(membership), config, jnp.asarray(covariates),
     )  # fmt: skip
     joint = dense_joint(cohort, patient, exposure, time, theta, config, covariates, fixed)
+    post_mean, post_cov = dense_posterior(outcome, *joint)
+    effect = 2 * np.arange(num_patients) + 1
+    for k, weights in enumerate(membership):
+        a = np.zeros(post_mean.size)
+        a[effect] = weights / weights.sum()
+        np.testing.assert_allclose(means[0, k], a @ post_mean, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(variances[0, k], a @ post_cov @ a, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", GROUP_CONFIGS, ids=GROUP_IDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_subgroup_mean_effect_with_several_levels_equals_dense_conditioning(config, seed):
+    """With further grouping levels (crossed with the cohorts, correlated a
+    posteriori) a subgroup's mean effect is still linear in the latent Gaussian:
+    its mean and variance equal the dense joint posterior's, padding patients
+    and groups included (tests/test_groups.py's problems)."""
+    problem, theta, levels, stats = grouped_problem(seed, config)
+    cohort, num_cohorts, patient, exposure, time, outcome = problem
+    gram, cohorts, groups, padded_cohorts, num_groups = padded_arguments(
+        cohort, num_cohorts, levels, stats
+    )
+    rng = np.random.default_rng(seed)
+    num_patients = cohort.size
+    membership = np.stack(
+        [
+            np.ones(num_patients),
+            (rng.uniform(size=num_patients) < 0.5).astype(float),
+            rng.uniform(0.0, 1.0, num_patients),
+        ]
+    )
+    membership[1, 0] = 1.0  # never empty
+    padded_membership = np.pad(membership, ((0, 0), (0, gram.shape[0] - num_patients)))
+    draws = jax.tree.map(lambda a: None if a is None else jnp.asarray(a)[None], theta)
+    means, variances = subgroup_components(
+        draws, gram, cohorts, padded_cohorts, jnp.asarray(padded_membership), config,
+        None, groups, num_groups,
+    )  # fmt: skip
+    joint = dense_joint(cohort, patient, exposure, time, theta, config, levels=levels)
     post_mean, post_cov = dense_posterior(outcome, *joint)
     effect = 2 * np.arange(num_patients) + 1
     for k, weights in enumerate(membership):

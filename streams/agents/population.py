@@ -42,6 +42,7 @@ from streams.partitioning import measure_partition
 from streams.population_book import (
     FitResult,
     FitterPool,
+    GroupLabels,
     PopulationBook,
     PopulationModel,
     StructureSelectionRun,
@@ -245,8 +246,9 @@ class PopulationService:
                 model.continue_from(published)
         stats, cohort, cohorts = book.snapshot()
         covariates = book.covariates_snapshot()
+        groups = book.groups_snapshot()
         book.changes_since_fit = 0
-        digest = evidence_digest(stats, cohort, cohorts, covariates)
+        digest = evidence_digest(stats, cohort, cohorts, covariates, groups)
         published = self.posteriors.messages.get(measure)
         if published is not None and published.evidence_digest == digest:
             # The latest posterior was fitted on exactly this evidence (a restart,
@@ -263,7 +265,15 @@ class PopulationService:
                     measure, self.models[measure], pool=self.fitters
                 )
         result, recent = await in_thread(
-            fit_with_window, model, recent_model, stats, recent_stats, cohort, cohorts, covariates
+            fit_with_window,
+            model,
+            recent_model,
+            stats,
+            recent_stats,
+            cohort,
+            cohorts,
+            covariates,
+            groups,
         )
         if not self.owns(measure):
             # A rebalance moved the measure during the fit (a first fit compiles
@@ -278,7 +288,7 @@ class PopulationService:
         )
         self.telemetry.population_updated(result)
         await self.score_subgroups(
-            result.message, BookSnapshot(stats.gram, cohort, cohorts, covariates)
+            result.message, BookSnapshot(stats.gram, cohort, cohorts, covariates, groups)
         )
         log.info(
             "population %s v%d: %d patients, effect %.3g, %d steps in %.2f s",
@@ -370,7 +380,8 @@ class PopulationService:
         book = self.book(measure)
         snapshot = book.snapshot()
         covariates = book.covariates_snapshot()
-        digest = evidence_digest(*snapshot, covariates)
+        groups = book.groups_snapshot()
+        digest = evidence_digest(*snapshot, covariates, groups)
         last = self._last_selection.get(measure)
         self._last_selection[measure] = (started, digest)  # a failure waits an interval too
         if last is not None and last[1] == digest:
@@ -384,6 +395,7 @@ class PopulationService:
             posterior_version=self.posteriors.version(measure),
             evidence_digest=digest,
             covariates=covariates,
+            groups=groups,
         )
         while True:
             async with self._fitting:
@@ -430,15 +442,24 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
 
 
 def evidence_digest(
-    stats, cohort: np.ndarray, cohorts: list[str], covariates: np.ndarray | None = None
+    stats,
+    cohort: np.ndarray,
+    cohorts: list[str],
+    covariates: np.ndarray | None = None,
+    groups: GroupLabels | None = None,
 ) -> str:
-    """SHA-256 of the multiset of (statistics, reference time, cohort, covariates)
-    rows of a book snapshot: independent of the order patients were put in."""
+    """SHA-256 of the multiset of (statistics, reference time, cohort, covariates,
+    groups) rows of a book snapshot: independent of the order patients were put in."""
     n, d, _ = stats.gram.shape
-    labels = np.array([zlib.crc32(c.encode()) for c in cohorts] or [0], dtype=float)
-    columns = [stats.gram.reshape(n, d * d), stats.reference_time, labels[cohort]]
+
+    def crc(names: list[str]) -> np.ndarray:
+        return np.array([zlib.crc32(name.encode()) for name in names] or [0], dtype=float)
+
+    columns = [stats.gram.reshape(n, d * d), stats.reference_time, crc(cohorts)[cohort]]
     if covariates is not None:
         columns.append(np.asarray(covariates, dtype=float).reshape(n, -1))
+    if groups is not None:
+        columns += [crc(names)[groups.index[:, k]] for k, names in enumerate(groups.labels)]
     rows = np.ascontiguousarray(np.column_stack(columns), dtype=float)
     keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
     return hashlib.sha256(np.sort(keys).tobytes()).hexdigest()
@@ -463,16 +484,17 @@ def fit_with_window(
     cohort: np.ndarray,
     cohorts: list[str],
     covariates: np.ndarray | None = None,
+    groups: GroupLabels | None = None,
 ) -> tuple[FitResult, Interval | None]:
     """The all-time update and, when there is a recent-window model, the
     recent-window update on the fast-forgetting statistics of the same patients
     (both warm-started, one thread). Returns the all-time result and the recent
     fit's population effect (raw units)."""
-    result = model.fit(stats, cohort, cohorts, covariates)
+    result = model.fit(stats, cohort, cohorts, covariates, groups)
     if recent_model is None or recent_stats is None:
         return result, None
     try:
-        recent = recent_model.fit(recent_stats, cohort, cohorts, covariates)
+        recent = recent_model.fit(recent_stats, cohort, cohorts, covariates, groups)
     except Exception:  # drift monitoring must not hold back the posterior
         log.exception("the recent-window fit of %s failed", model.measure)
         return result, None
