@@ -110,6 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--store", default="rocksdb://")
     add("--runs", default="live,backfill,burst1,burst2", help="which runs, comma-separated")
     add("--timeout", type=float, default=7200.0, help="longest wait for one run (s)")
+    add(
+        "--settle-timeout",
+        type=float,
+        default=300.0,
+        help="longest wait after the last reading for the workers to go quiet (s)",
+    )
     add("--quick", action="store_true", help="100k readings")
     add("--out", default=None, help="results/<out>.json (default backfill[_quick])")
     args = parser.parse_args(argv)
@@ -244,6 +250,30 @@ def statistics_key(item: dict) -> str:
     return json.dumps([item.get(f) for f in fields])
 
 
+def admissible(score: dict, other: dict) -> bool:
+    """Whether ``score``'s call is what the decision rule gives on ``other``'s
+    probabilities and counts when the previous call was ``score``'s."""
+    from model.config import DecisionRule
+    from model.scores import classify
+
+    # the counts are not in the score: the rule's data minimum is met whenever
+    # either call is not insufficient_data
+    enough = (
+        10**6
+        if "insufficient_data" not in (score["classification"], other["classification"])
+        else 0
+    )
+    call = classify(
+        np.array([other["p_benefit_ge_mcid"]]),
+        np.array([other["p_benefit_gt_0"]]),
+        np.array([enough]),
+        np.array([enough]),
+        DecisionRule(),
+        previous=np.array([score["classification"]], dtype=object),
+    )[0]
+    return bool(call == score["classification"])
+
+
 def compare(a: dict, b: dict) -> dict:
     """Run ``b``'s outputs against run ``a``'s (see the module docstring)."""
     patients = set(a["evidence"]) | set(b["evidence"])
@@ -267,7 +297,8 @@ def compare(a: dict, b: dict) -> dict:
             "effect_sd_ratio": eb["sd"] / max(ea["sd"], 1e-12),
         }
     scored = set(a["scores"]) & set(b["scores"])
-    mean_sd, sd_ratio, p_diff, same_call, within = [], [], [], 0, 0
+    mean_sd, sd_ratio, p_diff, same_call, band, within = [], [], [], 0, 0, 0
+    calls: collections.Counter[str] = collections.Counter()
     for p in scored:
         sa = next(m for m in a["scores"][p]["measures"] if m["measure"] == MEASURE)
         sb = next(m for m in b["scores"][p]["measures"] if m["measure"] == MEASURE)
@@ -276,11 +307,20 @@ def compare(a: dict, b: dict) -> dict:
         d_sd = abs(sa["effect"]["sd"] - sb["effect"]["sd"]) / sd
         d_p = abs(sa["p_benefit_ge_mcid"] - sb["p_benefit_ge_mcid"])
         call = sa["classification"] == sb["classification"]
+        # The call has hysteresis (model.config.DecisionRule): in the band between
+        # a threshold to enter and one to leave, it depends on the patient's
+        # earlier calls, i.e. on the run's path. A different call is within the
+        # rule when each run's call is what the rule gives on the other run's
+        # probabilities with that call as the previous one.
+        hysteresis = not call and admissible(sa, sb) and admissible(sb, sa)
+        if not call:
+            calls[f"{sa['classification']} / {sb['classification']}"] += 1
         mean_sd.append(d_mean)
         sd_ratio.append(d_sd)
         p_diff.append(d_p)
         same_call += call
-        within += call and d_mean <= 0.2 and d_sd <= 0.10 and d_p <= 0.04
+        band += hysteresis
+        within += (call or hysteresis) and d_mean <= 0.2 and d_sd <= 0.10 and d_p <= 0.04
 
     def quantiles(values: list[float]) -> dict | None:
         if not values:
@@ -297,6 +337,8 @@ def compare(a: dict, b: dict) -> dict:
         "patients_scored_in_both": len(scored),
         "patients_scored_in_one_only": len(set(a["scores"]) ^ set(b["scores"])),
         "scores_same_call": same_call,
+        "scores_other_call_in_hysteresis_band": band,
+        "scores_other_call_pairs": dict(calls),
         "scores_within_tolerance": within,
         "scores_effect_mean_difference_in_sd": quantiles(mean_sd),
         "scores_effect_sd_difference_in_sd": quantiles(sd_ratio),
@@ -327,12 +369,13 @@ def population_work(log_text: str) -> dict:
 
 async def settle(
     broker: Settings, prefix: str, workers: list[WorkerProcess], patients: int, timeout: float
-) -> float:
+) -> tuple[float, bool]:
     """After the last reading: wait until the last posterior covers every patient
-    and the workers have been quiet (< 0.2 core each) for two population
-    intervals' worth of 2-s samples. Returns the seconds waited."""
+    and the workers have been quiet (< 0.2 core each) for three 2-s samples.
+    Returns the seconds waited and whether they settled within ``timeout``."""
     started = time.monotonic()
     quiet = 0
+    settled = False
     while time.monotonic() - started < timeout:
         before = [cpu_seconds(w.process.pid) for w in workers]
         await asyncio.sleep(2.0)
@@ -348,9 +391,10 @@ async def settle(
                 default=None,
             )
             if latest is not None and latest["num_patients"] >= patients:
+                settled = True
                 break
             quiet = 0
-    return time.monotonic() - started
+    return time.monotonic() - started, settled
 
 
 async def one_run(name: str, broker: Settings, bootstrap: str, records, args, workers_n: int):
@@ -401,7 +445,11 @@ async def one_run(name: str, broker: Settings, bootstrap: str, records, args, wo
         cpu_done = [cpu_seconds(w.process.pid) for w in workers]
         load.append(os.getloadavg()[0])
         say(f"{name}: every reading processed; waiting for the last posterior")
-        settle_seconds = await settle(broker, prefix, workers, len(expected), args.timeout)
+        settle_seconds, settled = await settle(
+            broker, prefix, workers, len(expected), args.settle_timeout
+        )
+        if not settled:
+            say(f"{name}: not quiet {settle_seconds:.0f} s after the last reading; comparing as is")
         metrics = [scrape_metrics(w.log_text()) for w in workers]
         cpu_end = [cpu_seconds(w.process.pid) for w in workers]
         alive = all(w.alive() for w in workers)
@@ -429,6 +477,7 @@ async def one_run(name: str, broker: Settings, bootstrap: str, records, args, wo
         records_per_worker_cpu_s=len(records) / sum(cpu),
         records_per_worker_cpu_s_with_startup=len(records) / sum(cpu_done),
         settle_seconds=settle_seconds,
+        settled=settled,
         event_loop_lag=[loop_lag(m) for m in metrics],
         scores_published_by_trigger=[
             {k: v for k, v in m.items() if k.startswith("efficacy_scores_published_total")}
@@ -473,6 +522,7 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict:
         workers_n = 2 if name.endswith("2") else 1
         say(f"--- {name} ({workers_n} worker{'s' if workers_n > 1 else ''})")
         runs[name], outputs[name] = await one_run(name, broker, bootstrap, records, args, workers_n)
+        write_json(args.out, {"runs": runs, "partial": True, "machine": where})
     comparisons = {}
     reference = "live" if "live" in outputs else names[0]
     for name in names:
