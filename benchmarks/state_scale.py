@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -39,7 +38,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, say, write_json
+from benchmarks.common import (
+    RESULTS,
+    loop_lag,
+    machine,
+    say,
+    scrape_metrics,
+    timer_drift_max,
+    write_json,
+)
 from streams.kafka_options import aiokafka_options
 
 MEASURES = ["resting_heart_rate", "hba1c", "phq9"]
@@ -482,41 +489,66 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def scrape(log_text: str) -> dict[str, float]:
-    """The worker's Prometheus metrics (address from its log), as name{labels} -> value."""
-    import urllib.request
-
-    match = re.search(r"metrics on (http://\S+/metrics)", log_text)
-    if not match:
-        return {}
-    try:
-        with urllib.request.urlopen(match.group(1), timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("efficacy_") and " " in line:
-            name, value = line.rsplit(" ", 1)
-            with contextlib.suppress(ValueError):
-                out[name] = float(value)
-    return out
-
-
 def worker_process(env: dict[str, str]):
     from cli.worker_process import WorkerProcess
 
     return WorkerProcess(env)
 
 
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", re.MULTILINE)
+
+
+def log_seconds(log_text: str, pattern: str | re.Pattern) -> list[tuple[float, re.Match]]:
+    """(timestamp as epoch seconds, match) of every log line matching ``pattern``,
+    from the worker's own log timestamps (finer than this script's polling)."""
+    out = []
+    for line in log_text.splitlines():
+        found = re.search(pattern, line)
+        stamp = LOG_TIME.match(line)
+        if found and stamp:
+            when = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            out.append((when.timestamp(), found))
+    return out
+
+
+def after_ready(log_text: str) -> dict:
+    """From the log: seconds from ``Ready`` to each measure's first population
+    posterior (its ``population <measure> v<n>`` line), and the largest drift
+    faust logged for its timers (a blocked event loop)."""
+    ready = log_seconds(log_text, MARKS["ready"])
+    if not ready:
+        return {}
+    t_ready = ready[0][0]
+    first: dict[str, float] = {}
+    for when, found in log_seconds(log_text, FIT):
+        first.setdefault(found.group(1), when - t_ready)
+    return {
+        "first_posterior_after_ready_s": first,
+        "first_posterior_any_measure_after_ready_s": min(first.values()) if first else None,
+        "faust_timer_drift_max_s": timer_drift_max(log_text),
+    }
+
+
 def run_worker_phase(
-    name: str, env: dict[str, str], data_dir: Path, *, wait_fits: bool, args, update=None
+    name: str,
+    env: dict[str, str],
+    data_dir: Path,
+    *,
+    wait_fits: bool,
+    args,
+    update=None,
+    update_before_start=None,
 ) -> dict:
     """Start a worker on ``data_dir``, time its recovery from its log, sample its
     memory, wait for every measure's population update (``wait_fits``), then call
     ``update`` (new evidence) and wait for every measure's next, warm update, wait
     ``--observe`` seconds more, then stop it cleanly (SIGTERM) and measure the
-    data dir. A worker that exits by itself is reported (``crashed``)."""
+    data dir. ``update_before_start``: new evidence sent while no worker runs (it
+    waits in the topic), so the restarted worker's first population update has
+    something to fit (a restart on the same evidence publishes no posterior).
+    Scrapes the worker's metrics (the event-loop lag) before stopping it. A
+    worker that exits by itself is reported (``crashed``)."""
+    pending_update = update_before_start() if update_before_start is not None else None
     worker = worker_process({**env, "EFFICACY_DATA_DIR": str(data_dir)})
     say(f"{name}: starting a worker on {data_dir} (log {worker.log_path})")
     started = time.monotonic()
@@ -595,7 +627,7 @@ def run_worker_phase(
                 last_say = now
                 say(f"  {name}: {now - started:.0f} s, {status}")
             time.sleep(0.5)
-        metrics = {} if crashed else scrape(worker.log_text())
+        metrics = {} if crashed else scrape_metrics(worker.log_text())
         final = {} if crashed else proc_status(pid)
         say(f"{name}: stopping (SIGTERM); {final}")
         stop_started = time.monotonic()
@@ -616,6 +648,9 @@ def run_worker_phase(
         "log_tail_if_crashed": worker.log_tail(60) if crashed else None,
         "population_fits": fits,
         "evidence_update": updated,
+        "evidence_update_before_start": pending_update,
+        **after_ready(log_text),
+        "event_loop_lag": loop_lag(metrics),
         "rescored": rescored,
         "rss_mb_at_ready": marks.get("ready", {}).get("VmRSS"),
         "rss_mb_end": final.get("VmRSS"),
@@ -636,6 +671,7 @@ def run_worker_phase(
                     "efficacy_population_patients",
                     "efficacy_population_posterior_version",
                     "efficacy_patients_tracked",
+                    "efficacy_event_loop_lag_seconds",
                 )
             )
         },
@@ -645,6 +681,8 @@ def run_worker_phase(
     }
     say(
         f"{name}: recovery {result['recovery_seconds']} s, ready {result['ready_seconds']} s, "
+        f"first posteriors after ready {result.get('first_posterior_after_ready_s')}, "
+        f"loop lag {result['event_loop_lag']}, timer drift {result.get('faust_timer_drift_max_s')}, "
         f"RSS {result['rss_mb_end']} MB (HWM {result['hwm_mb_end']}), "
         f"data dir {result['data_dir_bytes'] / 1e9:.2f} GB, stop {stop_seconds:.1f} s, exit {code}"
     )
@@ -922,7 +960,12 @@ def end_to_end(args) -> dict:
         result["phases"] = phases
         write_json(args.out, result)
         phases["same_host_restart"] = run_worker_phase(
-            "restart on the same data dir", env, data_dir, wait_fits=False, args=args
+            "restart on the same data dir",
+            env,
+            data_dir,
+            wait_fits=True,
+            args=args,
+            update_before_start=update,
         )
         phases["same_host_restart"]["store"] = check_store(data_dir, args.patients, written)
         say(f"  store: {phases['same_host_restart']['store']}")
@@ -930,7 +973,12 @@ def end_to_end(args) -> dict:
         if not args.skip_fresh_host:
             shutil.rmtree(data_dir)
             phases["fresh_host_restart"] = run_worker_phase(
-                "restart on a deleted data dir", env, data_dir, wait_fits=False, args=args
+                "restart on a deleted data dir",
+                env,
+                data_dir,
+                wait_fits=True,
+                args=args,
+                update_before_start=update,
             )
             phases["fresh_host_restart"]["store"] = check_store(data_dir, args.patients, written)
             say(f"  store: {phases['fresh_host_restart']['store']}")

@@ -78,7 +78,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine, median, say, write_json
+from benchmarks.common import cpu_seconds, machine, median, say, write_json
 from streams.kafka_options import aiokafka_options
 from streams.settings import Settings
 
@@ -345,12 +345,6 @@ def steady_rate(times: np.ndarray, done: np.ndarray, low=0.1, high=0.9) -> float
 
 
 # ------------------------------------------------------------------- phases
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (s)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def throughput_phase(broker, prefix, prod, collector, tag, args, seed, pids) -> dict:
