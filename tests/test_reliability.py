@@ -186,9 +186,29 @@ def wait_settled(run: Run, timeout: float) -> tuple[float, list]:
     seconds = time.monotonic() - started
     problems = settling.problems(records)
     assert not problems, f"not settled after {seconds:.0f} s: {len(problems)} problems, " + (
-        f"e.g. {problems[:5]}"
+        f"e.g. {problems[:5]}\n" + patient_history(run, records, problems[0].split(":")[0])
     )
     return seconds, records
+
+
+def patient_history(run: Run, records: list, patient: str) -> str:
+    """What a failing settle needs to be diagnosed: a patient's scores (by
+    partition offset) and table changelog records, each with its counts."""
+    lines = [f"history of {patient}:"]
+    for record in records:
+        if record.topic == run.prefix + "scores" and record.key == patient.encode():
+            (m,) = json.loads(record.value)["measures"]
+            lines.append(f"  score p{record.partition}@{record.offset} t={record.timestamp} "
+                         f"counts {m['count_exposed'] + m['count_unexposed']} "
+                         f"v{m['population_version']}")  # fmt: skip
+    changelog = asyncio.run(read_to_end(run.bootstrap, f"{run.app_id}-patients-changelog"))
+    for record in changelog:
+        if record.value and json.loads(record.key) == patient:
+            state = PatientRecord.model_validate_json(record.value).measures.get(MEASURE)
+            counts = state and state.count_exposed + state.count_unexposed
+            lines.append(f"  state p{record.partition}@{record.offset} t={record.timestamp} "
+                         f"counts {counts}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def wait_idle(bootstrap: str, topics: list[str], quiet: float, timeout: float) -> float:
