@@ -143,8 +143,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="JAX's persistent compilation cache, where a fit finds what earlier ones "
-        "compiled (default: $EFFICACY_COMPILATION_CACHE_DIR if set, else "
-        "$XDG_CACHE_HOME/living-efficacy/jax)",
+        "compiled, and the traced programs in its exported/ (default: "
+        "$EFFICACY_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/living-efficacy/jax)",
     )
     cache.add_argument(
         "--no-compilation-cache",
@@ -376,11 +376,17 @@ def run(args: argparse.Namespace) -> int:
     from streams.compilation_cache import directory_from_env, enable_compilation_cache
 
     # Before anything compiles: JAX decides at its first compilation.
+    cache_directory = None
     if not args.no_compilation_cache:
-        enable_compilation_cache(args.compilation_cache or directory_from_env())
+        cache_directory = enable_compilation_cache(args.compilation_cache or directory_from_env())
 
     from model.config import DecisionRule
+    from model.exported import ExportCache
     from model.offline import fit_programme
+
+    # The traced programs next to their compiles (JAX's cache leaves other files be):
+    # a later fit of the same shapes neither traces nor lowers them (model.exported).
+    export_cache = None if cache_directory is None else ExportCache(cache_directory / "exported")
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -412,6 +418,7 @@ def run(args: argparse.Namespace) -> int:
         cohort_level=events.num_cohorts > 1,
         rule=DecisionRule(min_exposed=args.min_exposed, min_unexposed=args.min_unexposed),
         progress=say,
+        export_cache=export_cache,
     )
     if args.select:
         result["selection"] = run_selection(args, events, cohorts, say)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import jax
@@ -21,6 +22,7 @@ import numpy as np
 from model.config import DecisionRule, MeasureConfig, ModelConfig, Standardization, SVIConfig
 from model.events import Events
 from model.evidence import events_stats
+from model.exported import ExportCache, through
 from model.population import PopulationFitter, pad_evidence
 from model.scores import (
     EffectSummary,
@@ -60,8 +62,19 @@ COHORT_PROBS = np.array([0.05, 0.95])
 _mixture_quantiles = jax.jit(mixture_quantiles)
 
 
+@jax.jit
+def _fit_keys(seed: jax.Array) -> tuple[jax.Array, ...]:
+    """The fit's four keys (init, steps, draws, summary draws) from its seed: one
+    compiled call (split and unpacked eagerly, they were four)."""
+    return tuple(jax.random.split(jax.random.PRNGKey(seed), 4))
+
+
 def cohort_effects(
-    effect: np.ndarray, cohort_mean: np.ndarray, cohort_var: np.ndarray, std: Standardization
+    effect: np.ndarray,
+    cohort_mean: np.ndarray,
+    cohort_var: np.ndarray,
+    std: Standardization,
+    export_cache: ExportCache | None = None,
 ) -> list[dict[str, float]]:
     """Every cohort's effect (the population effect plus the cohort's deviation)
     in raw units: under draw s of θ it is N(effect[s] + cohort_mean[s, g],
@@ -72,7 +85,9 @@ def cohort_effects(
     variances = np.maximum(np.asarray(cohort_var, dtype=float), 1e-24)
     sds = np.sqrt(variances)
     quantiles = np.asarray(
-        _mixture_quantiles(jax.numpy.asarray(means), jax.numpy.asarray(sds), COHORT_PROBS)
+        through(export_cache, "offline.mixture_quantiles", _mixture_quantiles)(
+            jax.device_put(means), jax.device_put(sds), COHORT_PROBS
+        )
     )
     mean = means.mean(axis=0)
     sd = np.sqrt(np.mean(variances + (means - mean) ** 2, axis=0))
@@ -213,6 +228,7 @@ def fit_programme(
     svi_config: SVIConfig | None = None,
     nuts_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    export_cache: ExportCache | None = None,
 ) -> tuple[dict[str, Any], EffectSummary]:
     """Fit the hierarchical model to all events at once.
 
@@ -223,6 +239,9 @@ def fit_programme(
     With ``events.groups`` (and a cohort level) every further grouping level
     carries its own effect deviations, crossed with the cohorts; ``levels``
     reports each level's sd and groups' effects (SVI; the sd alone with NUTS).
+
+    ``export_cache`` (SVI): where the traced programs are kept across processes,
+    so a later fit of the same shapes neither traces nor lowers (model.exported).
 
     Returns the JSON-ready result (population, patients by index, diagnostics)
     and the per-patient EffectSummary arrays (raw units). Patient, cohort and
@@ -263,8 +282,10 @@ def fit_programme(
             groups,
             events.num_groups if config.grouping_levels else (),
         )
-        fitter = PopulationFitter(config, svi_config)
-        key_init, key_fit, key_draws, key_summary = jax.random.split(jax.random.PRNGKey(seed), 4)
+        fitter = PopulationFitter(config, svi_config, export_cache)
+        key_init, key_fit, key_draws, key_summary = through(
+            export_cache, "offline.fit_keys", _fit_keys
+        )(np.int64(seed))
         state = fitter.init(key_init, evidence)
 
         def report(done: int, total: int, elbo: float) -> None:
@@ -283,21 +304,34 @@ def fit_programme(
             covariates=covariates,
             groups=groups,
             num_groups=evidence.num_groups,
+            export_cache=export_cache,
         )
         population = population_quantities(fitter.draws(state, key_summary, SUMMARY_DRAWS), config)
         data = (  # every patient's evidence, unpadded, as the group posteriors take it
             draws,
-            jax.numpy.asarray(stats.gram),
-            jax.numpy.asarray(events.cohort_of_patient, dtype=np.int32),
+            jax.device_put(np.asarray(stats.gram)),  # jnp.asarray would compile per shape
+            jax.device_put(np.asarray(events.cohort_of_patient, dtype=np.int32)),
             evidence.num_cohorts,
             config.structure,
-            None if covariates is None else jax.numpy.asarray(covariates),
+            None if covariates is None else jax.device_put(np.asarray(covariates)),
         )
         if config.grouping_levels:
             g_mean, g_var = (
                 np.asarray(moment)
-                for moment in group_posteriors(
-                    *data, jax.numpy.asarray(groups, dtype=np.int32), evidence.num_groups
+                for moment in through(
+                    export_cache,
+                    "scores.group_posteriors",
+                    partial(
+                        group_posteriors,
+                        num_cohorts=evidence.num_cohorts,
+                        config=config.structure,
+                        num_groups=evidence.num_groups,
+                    ),
+                    (evidence.num_cohorts, config.structure, evidence.num_groups),
+                )(
+                    *data[:3],
+                    covariates=data[5],
+                    groups=jax.device_put(np.asarray(groups, dtype=np.int32)),
                 )
             )
             start = 0
@@ -313,17 +347,26 @@ def fit_programme(
                         g_mean[:, block],
                         g_var[:, block],
                         config.standardization,
+                        export_cache,
                     )
                 )
                 start += padded
             cohorts = group_effects[0]
         elif cohort_level:
-            u_mean, u_var = cohort_posteriors(*data)
+            u_mean, u_var = through(
+                export_cache,
+                "scores.cohort_posteriors",
+                partial(
+                    cohort_posteriors, num_cohorts=evidence.num_cohorts, config=config.structure
+                ),
+                (evidence.num_cohorts, config.structure),
+            )(*data[:3], covariates=data[5])
             cohorts = cohort_effects(
                 np.asarray(draws.mu)[:, 1],
                 np.asarray(u_mean)[:, : events.num_cohorts],
                 np.asarray(u_var)[:, : events.num_cohorts],
                 config.standardization,
+                export_cache,
             )
         diagnostics.update(
             elbo=info.elbo,
