@@ -186,9 +186,19 @@ def wait_settled(run: Run, timeout: float) -> tuple[float, list]:
     seconds = time.monotonic() - started
     problems = settling.problems(records)
     assert not problems, f"not settled after {seconds:.0f} s: {len(problems)} problems, " + (
-        f"e.g. {problems[:5]}\n" + patient_history(run, records, problems[0].split(":")[0])
+        f"e.g. {problems[:5]}\n" + diagnosis(run, records, problems[0])
     )
     return seconds, records
+
+
+def diagnosis(run: Run, records: list, problem: str) -> str:
+    """For a settle failure: the first problem patient's history, or whether
+    the table's statistics are complete (a posterior short of readings)."""
+    patient = problem.split(":")[0]
+    if patient in run.truth.patients:
+        return patient_history(run, records, patient)
+    mismatch = statistics_mismatch(run, patient_states(run))
+    return f"the patients table: {mismatch or 'every statistic equals the batch computation'}"
 
 
 def patient_history(run: Run, records: list, patient: str) -> str:
