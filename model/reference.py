@@ -28,6 +28,7 @@ from numpyro.infer.autoguide import AutoNormal
 
 from model.config import ModelConfig
 from model.events import Events
+from model.smooth import sample_coefficients
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,7 @@ def full_model(
         trend = jnp.concatenate(columns, axis=-1) @ gamma
     patient_mean = jnp.broadcast_to(mu, (num_patients, 2))
     if config.num_covariates:
-        coef = numpyro.sample(
-            "coef",
-            dist.Normal(0.0, priors.covariate_sd).expand([2, config.num_covariates]).to_event(2),
-        )
+        coef = sample_coefficients(config)
         patient_mean = patient_mean + covariates @ coef.T
     effect_shift = jnp.zeros(num_patients)
     if config.cohort_level:
