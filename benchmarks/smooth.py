@@ -41,14 +41,15 @@ RHR = MeasureConfig(name="resting_heart_rate", unit="bpm", direction="lower", mc
 
 def smooth_spec(num_patients: int = 300) -> ProgrammeSpec:
     """A wearable measure: a daily cycle (4 bpm, 1.5 bpm at 12 h) and a benefit
-    that fades over ten years of age around 55 (A = 3 bpm, w = 6 years)."""
+    that fades over ten years of age around 55 (A = 4 bpm, w = 6 years; patients' own spread 1.5 bpm)."""
     return ProgrammeSpec(
         num_patients=num_patients,
         num_cohorts=8,
         cohort_effect_sd=0.5,
         obs_per_patient=30,
+        effect_sd=1.5,
         with_covariates=True,
-        effect_saturation=3.0,
+        effect_saturation=4.0,
         saturation_age=55.0,
         saturation_width=6.0,
         daily_amplitudes=(4.0, 1.5),

@@ -165,6 +165,10 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
     phase = ((np.arange(t_count)[None, :] + rng.uniform(0.0, 1.0, (p, 1))) / t_count).ravel()
     patient = np.repeat(np.arange(p), t_count)
     time = enrolment[patient] + phase * spec.time_span
+    if spec.daily_amplitudes:
+        # A wearable reads at any hour: a random time of day for every reading (its
+        # own stream, so the other draws of a seed stay as they were).
+        time = np.floor(time) + np.random.default_rng([seed, 2]).uniform(0.0, 1.0, time.size)
     exposure = exposure_schedule(spec, phase)
     if spec.adherence_low < 1.0:
         exposure = exposure * rng.uniform(spec.adherence_low, 1.0, exposure.size)
