@@ -53,7 +53,7 @@ from numpyro.infer.util import compute_log_probs
 from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats
 from model.likelihood import Hyper, collapsed_loglik
-from model.smooth import sample_coefficients, spline_blocks
+from model.smooth import coefficients, sample_coefficients, spline_blocks
 
 CHUNK_STEPS = 50
 MIN_PATIENT_BUCKET = 64
@@ -221,7 +221,11 @@ def hyper_from_sites(sites: dict[str, jax.Array], config: ModelConfig) -> Hyper:
         tau, corr_chol = sites["tau"], sites["L_omega"]
     else:
         tau, corr_chol = _fixed_effect_scale(sites["tau_intercept"], config.fixed_effect_scale)
-    coef = sites["coef"] if config.num_covariates else None
+    coef = (
+        coefficients(sites["coef"], sites.get("smooth_sd"), config)
+        if config.num_covariates
+        else None
+    )
     tau_groups = sites["tau_groups"] if config.grouping_levels else None
     return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sites["sigma"], gamma, coef, tau_groups)
 

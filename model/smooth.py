@@ -180,21 +180,40 @@ def spline_prior_scales(config: ModelConfig) -> tuple[np.ndarray, dict[str, tupl
 
 
 def sample_coefficients(config: ModelConfig) -> jax.Array:
-    """numpyro sites of B (2, q): ``coef`` ~ N(0, covariate_sd²) for ordinary
-    columns and N(0, λ²) for each smooth covariate's spline columns, with
-    ``smooth_sd`` λ (2, S) ~ HalfNormal(smooth_scale), one per row (intercept,
-    effect) and smooth covariate. The one prior of B, for the collapsed model
-    (model.population) and the reference (model.reference)."""
+    """numpyro sites of B (2, q), returned as B: ordinary columns B ~ N(0,
+    covariate_sd²); each smooth covariate's spline columns B = λ z, z ~ N(0, 1)
+    (non-centred: the same N(0, λ²) prior without the funnel between λ and the
+    weights that a Gaussian guide, or NUTS, meets when the data say little about
+    the curve), with ``smooth_sd`` λ (2, S) ~ HalfNormal(smooth_scale), one per
+    row (intercept, effect) and smooth covariate. Site ``coef`` holds B's
+    ordinary columns and z in the spline ones (``coefficients`` maps sites to
+    B). The one prior of B, for the collapsed model (model.population) and the
+    reference (model.reference)."""
     fixed, blocks = spline_prior_scales(config)
-    scale = jnp.asarray(np.nan_to_num(fixed))
+    smooth_sd = None
     if blocks:
         smooth_sd = numpyro.sample(
             "smooth_sd",
             dist.HalfNormal(config.priors.smooth_scale).expand([2, len(blocks)]).to_event(2),
         )
-        for block, indices in enumerate(blocks.values()):
-            scale = scale.at[:, list(indices)].set(smooth_sd[:, block : block + 1])
-    return numpyro.sample("coef", dist.Normal(0.0, scale).to_event(2))
+    site = numpyro.sample(
+        "coef", dist.Normal(0.0, jnp.asarray(np.nan_to_num(fixed, nan=1.0))).to_event(2)
+    )
+    return coefficients(site, smooth_sd, config)
+
+
+def coefficients(coef: jax.Array, smooth_sd: jax.Array | None, config: ModelConfig) -> jax.Array:
+    """B from the sites of sample_coefficients, any leading draw axes: the spline
+    columns of ``coef`` (z) times their row's and covariate's λ."""
+    blocks = spline_blocks(config.covariates)
+    if not blocks or smooth_sd is None:
+        return coef
+    block_of = np.full(config.num_covariates, -1)
+    for block, indices in enumerate(blocks.values()):
+        block_of[list(indices)] = block
+    spline = jnp.asarray(block_of >= 0)
+    scale = jnp.take(smooth_sd, jnp.asarray(np.maximum(block_of, 0)), axis=-1)
+    return jnp.where(spline, coef * scale, coef)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,26 +100,25 @@ def test_spline_columns_form_their_own_block_for_selection():
 
 
 def test_spline_weights_have_a_learned_scale_and_other_coefficients_do_not():
-    """The prior of B: log p = Σ_fixed log N(B; 0, covariate_sd²) + Σ_spline
-    log N(B; 0, λ_row²) + log HalfNormal(λ; smooth_scale), by hand."""
+    """The prior of B, by hand: ordinary columns N(0, covariate_sd²); spline
+    columns B = λ z with z ~ N(0, 1), i.e. N(0, λ²) given λ ~ HalfNormal(
+    smooth_scale), one λ per row (intercept, effect) and smooth covariate."""
     from scipy import stats
 
     config = ModelConfig(covariates=("age", "group=B", "age:s1", "age:s2"))
-    coef = np.array([[0.3, -0.2, 0.5, -0.1], [0.1, 0.4, -0.7, 0.2]])
+    site = np.array([[0.3, -0.2, 0.5, -0.1], [0.1, 0.4, -0.7, 0.2]])
     smooth_sd = np.array([[0.4], [0.9]])
     substituted = handlers.substitute(
         handlers.seed(lambda: sample_coefficients(config), 0),
-        data={"coef": coef, "smooth_sd": smooth_sd},
+        data={"coef": site, "smooth_sd": smooth_sd},
     )
     trace = handlers.trace(substituted).get_trace()
-    log_p = sum(float(site["fn"].log_prob(site["value"]).sum()) for site in trace.values())
-    expected = (
-        stats.norm(0, 1.0).logpdf(coef[:, :2]).sum()
-        + stats.norm(0, 0.4).logpdf(coef[0, 2:]).sum()
-        + stats.norm(0, 0.9).logpdf(coef[1, 2:]).sum()
-        + stats.halfnorm(scale=1.0).logpdf(smooth_sd).sum()
-    )
+    log_p = sum(float(s["fn"].log_prob(s["value"]).sum()) for s in trace.values())
+    expected = stats.norm().logpdf(site).sum() + stats.halfnorm().logpdf(smooth_sd).sum()
     assert log_p == pytest.approx(expected, rel=1e-6)
+    coef = np.asarray(substituted())
+    np.testing.assert_allclose(coef[:, :2], site[:, :2])
+    np.testing.assert_allclose(coef[:, 2:], site[:, 2:] * smooth_sd)
 
 
 def test_smooth_terms_are_added_as_columns():
@@ -161,23 +160,24 @@ def test_smooth_fit_recovers_the_curves_and_narrows_the_patients():
     grid points share one fit, so the coverage of a single band swings widely;
     the 86-94% target is benchmarks/smooth.py's over many programmes) and the
     daily cycle's mean is within 0.6 bpm of the truth everywhere (its amplitude
-    is 5.5 bpm; the sd of each point is ≈ 0.15 bpm with 9 000 readings of sd 4).
-    The patients' effects: 90% intervals cover 85-95% of the true effects (300
-    patients, binomial sd 1.7%: ± 3 sd) and are narrower on average than the
+    is 5.5 bpm; the sd of each point is ≈ 0.2 bpm with 6 000 readings of sd 4).
+    The patients' effects: 90% intervals cover 84-96% of the true effects (200
+    patients, binomial sd 2.1%: ± 3 sd) and are narrower on average than the
     linear model's, which leaves the curve's structure in the patients' spread."""
-    sim = simulate(WEARABLE, seed=3)
+    spec = WEARABLE.model_copy(update={"num_patients": 200})
+    sim = simulate(spec, seed=3)
     design = add_smooth_terms(sim.events, ("age",), harmonics=2)
     smooth, _ = fit_programme(design.events, RHR, seed=1, smooth=design)
     linear, _ = fit_programme(sim.events, RHR, seed=1)
 
     curve = smooth["curves"][0]
-    truth = true_effect_at(WEARABLE, np.asarray(curve["grid"]))
+    truth = true_effect_at(spec, np.asarray(curve["grid"]))
     low, high = np.asarray(curve["effect"]["q05"]), np.asarray(curve["effect"]["q95"])
     coverage = np.mean((low <= truth) & (truth <= high))
     assert coverage >= 0.75, f"curve band covers {coverage:.2f} of the grid"
     cycle = smooth["daily_cycle"]
     cycle_error = np.abs(
-        np.asarray(cycle["mean"]) - true_daily_cycle(WEARABLE, np.asarray(cycle["hour"]))
+        np.asarray(cycle["mean"]) - true_daily_cycle(spec, np.asarray(cycle["hour"]))
     )
     assert cycle_error.max() < 0.6, f"daily cycle off by up to {cycle_error.max():.2f} bpm"
 
@@ -189,7 +189,7 @@ def test_smooth_fit_recovers_the_curves_and_narrows_the_patients():
 
     smooth_coverage, smooth_sd = patients(smooth)
     _, linear_sd = patients(linear)
-    assert 0.85 <= smooth_coverage <= 0.95, f"patient coverage {smooth_coverage:.3f}"
+    assert 0.84 <= smooth_coverage <= 0.96, f"patient coverage {smooth_coverage:.3f}"
     assert smooth_sd < 0.97 * linear_sd, f"patient sd {smooth_sd:.3f} against {linear_sd:.3f}"
 
 
