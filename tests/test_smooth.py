@@ -158,11 +158,15 @@ def test_smooth_fit_recovers_the_curves_and_narrows_the_patients():
     """One programme against the simulation's truth. The curve's 90% band covers
     the true expected effect on ≥ 75% of its 41 grid points (one programme:
     grid points share one fit, so the coverage of a single band swings widely;
-    the 86-94% target is benchmarks/smooth.py's over many programmes) and the
+    the 86-94% target is benchmarks/smooth.py's over many programmes, where
+    one programme in ten covers less than 83%: this seed is a fixed one) and the
     daily cycle's mean is within 0.6 bpm of the truth everywhere (its amplitude
     is 5.5 bpm; the sd of each point is ≈ 0.2 bpm with 6 000 readings of sd 4).
-    The patients' effects: 90% intervals cover 84-96% of the true effects (200
-    patients, binomial sd 2.1%: ± 3 sd) and are narrower on average than the
+    The patients' effects: 90% intervals cover 80-98% of the true effects (the
+    patients of one programme share its fit, so the coverage varies between
+    programmes by more than the binomial 2.1% of 200 patients: sd 2.3% at 300
+    patients over the benchmark's 40 programmes, ≈ 2.7% at 200; ± 3 of those
+    around 90%, the low end rounded down) and are narrower on average than the
     linear model's, which leaves the curve's structure in the patients' spread."""
     spec = WEARABLE.model_copy(update={"num_patients": 200})
     sim = simulate(spec, seed=3)
@@ -189,7 +193,7 @@ def test_smooth_fit_recovers_the_curves_and_narrows_the_patients():
 
     smooth_coverage, smooth_sd = patients(smooth)
     _, linear_sd = patients(linear)
-    assert 0.84 <= smooth_coverage <= 0.96, f"patient coverage {smooth_coverage:.3f}"
+    assert 0.80 <= smooth_coverage <= 0.98, f"patient coverage {smooth_coverage:.3f}"
     assert smooth_sd < 0.97 * linear_sd, f"patient sd {smooth_sd:.3f} against {linear_sd:.3f}"
 
 
