@@ -32,6 +32,7 @@ from model.scores import (
     mixture_quantiles,
     summarize_effects,
 )
+from model.smooth import SmoothDesign, curve_summaries, spline_blocks
 
 Method = Literal["svi", "nuts"]
 SUMMARY_DRAWS = 4000
@@ -115,11 +116,21 @@ def model_config_for(
     std = Standardization.from_data(
         events.outcome, events.exposure, events.time if time_trend else None
     ).with_covariates(events.covariates, events.time_covariates)
+    names = _names(events.covariates, events.covariate_names, "x")
+    if spline_blocks(names):  # a spline's columns keep their scale: Σ u² = ∫ f''²
+        penalised = {k for block in spline_blocks(names).values() for k in block}
+        std = std.model_copy(
+            update={
+                "covariate_scale": tuple(
+                    1.0 if k in penalised else scale for k, scale in enumerate(std.covariate_scale)
+                )
+            }
+        )
     return ModelConfig(
         time_trend=time_trend,
         cohort_level=cohort_level,
         grouping_levels=events.grouping_levels if cohort_level else (),
-        covariates=_names(events.covariates, events.covariate_names, "x"),
+        covariates=names,
         time_covariates=_names(events.time_covariates, events.time_covariate_names, "c"),
         standardization=std,
     )
@@ -229,8 +240,13 @@ def fit_programme(
     nuts_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     export_cache: ExportCache | None = None,
+    smooth: SmoothDesign | None = None,
 ) -> tuple[dict[str, Any], EffectSummary]:
     """Fit the hierarchical model to all events at once.
+
+    ``smooth``: the events with smooth terms added (model.smooth.add_smooth_terms;
+    ``events`` is then ignored); the result gets their ``curves`` and
+    ``daily_cycle`` (mean and 90% band over a grid, natural units).
 
     With ``events.covariates`` the patients' expected intercept and effect
     depend on them (model.likelihood); with ``events.time_covariates`` they are
@@ -249,6 +265,8 @@ def fit_programme(
     knows them.
     """
     rule = rule or DecisionRule()
+    if smooth is not None:
+        events = smooth.events
     cohorts: list[dict[str, float]] = []
     group_effects: list[list[dict[str, float]]] = []
     say = progress or (lambda _message: None)
@@ -419,6 +437,8 @@ def fit_programme(
         "patients": patients,
         "diagnostics": diagnostics,
     }
+    if smooth is not None:
+        result.update(curve_summaries(smooth, population, config, population["effect"]))
     if cohorts:  # by cohort index; the caller attaches the labels
         result["cohorts"] = [{"cohort": str(g), "effect": c} for g, c in enumerate(cohorts)]
     if config.grouping_levels:

@@ -54,6 +54,7 @@ from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats
 from model.exported import ExportCache, through
 from model.likelihood import Hyper, collapsed_loglik
+from model.smooth import coefficients, sample_coefficients, spline_blocks
 
 CHUNK_STEPS = 50
 MIN_PATIENT_BUCKET = 64
@@ -187,12 +188,7 @@ def hyper_model(
         tau_cohort = numpyro.sample("tau_cohort", dist.HalfNormal(priors.cohort_scale))
     else:
         tau_cohort = jnp.zeros(())
-    coef = None
-    if config.num_covariates:
-        coef = numpyro.sample(
-            "coef",
-            dist.Normal(0.0, priors.covariate_sd).expand([2, config.num_covariates]).to_event(2),
-        )
+    coef = sample_coefficients(config) if config.num_covariates else None
     tau_groups = None
     if config.grouping_levels:
         tau_groups = numpyro.sample(
@@ -226,7 +222,11 @@ def hyper_from_sites(sites: dict[str, jax.Array], config: ModelConfig) -> Hyper:
         tau, corr_chol = sites["tau"], sites["L_omega"]
     else:
         tau, corr_chol = _fixed_effect_scale(sites["tau_intercept"], config.fixed_effect_scale)
-    coef = sites["coef"] if config.num_covariates else None
+    coef = (
+        coefficients(sites["coef"], sites.get("smooth_sd"), config)
+        if config.num_covariates
+        else None
+    )
     tau_groups = sites["tau_groups"] if config.grouping_levels else None
     return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sites["sigma"], gamma, coef, tau_groups)
 
@@ -439,6 +439,9 @@ def _initial_values(config: ModelConfig) -> dict[str, np.ndarray]:
         values["tau_cohort"] = np.asarray(0.1)
     if config.num_covariates:
         values["coef"] = np.zeros((2, config.num_covariates))
+        smooth = spline_blocks(config.covariates)
+        if smooth:
+            values["smooth_sd"] = np.full((2, len(smooth)), 0.3)
     if config.grouping_levels:
         values["tau_groups"] = np.full(len(config.grouping_levels), 0.1)
     return values
