@@ -15,9 +15,8 @@ from model.simulate import ProgrammeSpec, simulate_family
 BASE = ["--patient", "patient", "--exposure", "exposed", "--outcome", "y", "--cohort", "clinic"]
 
 
-def write_programme(path: Path, family: str, seed: int = 0) -> np.ndarray:
-    """A small simulated programme as CSV (40 patients, 4 clinics); returns the
-    true effects on the link scale."""
+def write_programme(path: Path, family: str, seed: int = 0) -> None:
+    """A small simulated programme as CSV (40 patients, 4 clinics)."""
     spec = ProgrammeSpec(
         num_patients=40, num_cohorts=4, obs_per_patient=30, intercept=-0.3, effect=0.9,
         intercept_sd=0.6, effect_sd=0.4, cohort_effect_sd=0.2, baseline_fraction=0.5,
@@ -31,7 +30,6 @@ def write_programme(path: Path, family: str, seed: int = 0) -> np.ndarray:
         for i, x, y, e in zip(events.patient, events.exposure, events.outcome, offset, strict=True):
             cohort = events.cohort_of_patient[i]
             writer.writerow([f"p{i:03d}", f"c{cohort}", int(x), int(y), f"{e:.6f}"])
-    return sim.truth.effect
 
 
 @pytest.mark.parametrize(
@@ -42,11 +40,12 @@ def write_programme(path: Path, family: str, seed: int = 0) -> np.ndarray:
     ],
 )
 def test_fit_family_end_to_end(tmp_path, family, flags, scale):
-    """The file's population effect on the declared scale lands near the truth
-    (odds ratio e^0.9 ≈ 2.46; 40 patients: a 90% interval of roughly ±40%), every
-    patient's interval holds its mean, and the diagnostics name the family."""
+    """The file's population effect on the declared scale covers the truth (odds
+    ratio e^0.9 ≈ 2.46 in the 90% interval), every patient's interval holds its
+    mean, every patient is classified, and the output names the family and scale.
+    Accuracy against NUTS is tests/test_families_fidelity.py's."""
     data = tmp_path / f"{family}.csv"
-    truth = write_programme(data, family)
+    write_programme(data, family)
     output = tmp_path / "fit.json"
     if scale == "rate_difference":
         flags = [*flags, "--effect-scale", scale]
@@ -67,9 +66,8 @@ def test_fit_family_end_to_end(tmp_path, family, flags, scale):
     for patient in patients:
         assert patient["effect"]["q05"] <= patient["effect"]["mean"] <= patient["effect"]["q95"]
         assert 0.0 <= patient["p_benefit_ge_mcid"] <= patient["p_benefit_gt_0"] <= 1.0
-    if scale == "odds_ratio":  # the patients' odds ratios follow their true effects
-        means = np.log([p["effect"]["mean"] for p in patients])
-        assert np.corrcoef(means, truth)[0, 1] > 0.5
+    calls = {p["classification"] for p in patients}
+    assert calls <= {"responder", "non_responder", "uncertain", "insufficient_data"}
 
 
 @pytest.mark.parametrize(
