@@ -64,7 +64,9 @@ FINAL_LEARNING_RATE_RATIO = 0.05
 class Evidence(NamedTuple):
     """Padded, device-ready evidence of one measure.
 
-    gram: (P_pad, d, d) standardised Gram matrices (zeros beyond num_patients).
+    gram: (P_pad, d, d) standardised Gram matrices (zeros beyond num_patients),
+    or for a Bernoulli or Poisson measure the cell statistics (P_pad,
+    model.families.CELLS).
     cohort: (P_pad,) cohort index of each patient (0 for padding).
     num_patients: real patients; num_cohorts: padded cohort count (static).
     covariates: (P_pad, q) standardised patient covariates (zeros for padding),
