@@ -8,8 +8,8 @@ full-rank SVI over θ (model.population, default SVIConfig), patient posteriors 
 mixtures over draws of θ (model.family_scores). One fitter per family serves
 every programme (same padded shapes: compiled once). The population effect's
 interval coverage of the simulated μ_b is reported too (one per programme), and
-per programme the coverage and the sd of the patients' true effects against
-the fitted τ_b (a programme whose data favour a small τ_b over-shrinks every
+per programme the coverage and the sample sd of the patients' true effects
+(cohort deviations included) against the fitted τ_b (a programme whose data favour a small τ_b over-shrinks every
 patient: exact inference does too, see benchmarks/README.md section 10).
 
 Pooled patient coverage has the cluster (ratio-estimator) se of
