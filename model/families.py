@@ -55,6 +55,7 @@ them on the measure's effect scale.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -170,6 +171,47 @@ def cell_stats(
         ],
         axis=-1,
     )
+
+
+def add_cell_reading(
+    cells: list[float],
+    reference_time: float,
+    exposure: float,
+    time: float,
+    outcome: float,
+    family: Family,
+    half_life: float | None = None,
+    offset: float = 1.0,
+) -> tuple[list[float], float]:
+    """One patient's cell statistics plus one reading, in plain Python floats
+    (the stream's one-reading-at-a-time step, as model.evidence.add_reading for
+    Gram matrices). ``cells``: the CELLS floats at ``reference_time`` (−inf: no
+    readings); returns the new (cells, reference_time). With forgetting, weights
+    are relative to the later reference time, so the result equals cell_stats of
+    all readings with weights 2^(−(T − t)/half_life) (model.evidence.decay_to
+    re-bases cell statistics like Gram matrices). FamilyError for a value the
+    family cannot take."""
+    check_outcomes(np.asarray([outcome]), family)
+    check_exposure(np.asarray([exposure]))
+    if family == "bernoulli" and offset != 1.0:
+        raise FamilyError("an exposure offset is for poisson counts only")
+    if not offset > 0 or not math.isfinite(offset):
+        raise FamilyError("a poisson exposure (offset) must be positive and finite")
+    reference = max(reference_time, time)
+    old = new = 1.0
+    if half_life is not None:
+        if reference_time > -math.inf:
+            old = 2.0 ** (-(reference - reference_time) / half_life)
+        new = 2.0 ** (-(reference - time) / half_life)
+    constant = 0.0
+    if family == "poisson":
+        constant = outcome * math.log(offset) - math.lgamma(outcome + 1.0)
+    updated = [value * old for value in cells]
+    cell = 2 if exposure == 1.0 else 0
+    updated[cell] += new * offset
+    updated[cell + 1] += new * outcome
+    updated[4] += new * constant
+    return updated, reference
 
 
 def _log_partition(eta: jax.Array, family: Family) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -288,3 +288,45 @@ def test_gradient_is_the_derivative_of_the_laplace_value(family):
             down = laplace(theta._replace(**{name: jnp.asarray(value - bump)}), *args)
             numeric = (float(up) - float(down)) / (2 * step)
             assert abs(float(np.asarray(getattr(grad, name))[index]) - numeric) < 1e-5, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("half_life", [None, 3.0], ids=["no-forgetting", "forgetting"])
+def test_cell_statistics_one_reading_at_a_time_equal_the_batch(family, half_life):
+    """The stream's step (add_cell_reading), readings in shuffled time order,
+    against cell_stats of all readings with their weights at the latest time;
+    and merging two halves (model.evidence.merge_stats) gives the same."""
+    from model.evidence import gram_stats, merge_stats
+    from model.families import add_cell_reading
+
+    rng = np.random.default_rng(5)
+    n = 40
+    time = rng.uniform(0.0, 10.0, n)
+    exposure = rng.integers(0, 2, n).astype(float)
+    offset = rng.uniform(0.5, 2.0, n) if family == "poisson" else np.ones(n)
+    outcome = (
+        rng.integers(0, 2, n) if family == "bernoulli" else rng.poisson(2.0 * offset)
+    ).astype(float)
+    cells, reference = [0.0] * 5, -np.inf
+    for t in rng.permutation(n):
+        cells, reference = add_cell_reading(
+            cells, reference, exposure[t], time[t], outcome[t], family, half_life, offset[t]
+        )
+    weights = np.ones(n) if half_life is None else 0.5 ** ((time.max() - time) / half_life)
+    batch = cell_stats(
+        1, np.zeros(n, int), exposure, outcome, family,
+        offset if family == "poisson" else None, weights,
+    )  # fmt: skip
+    np.testing.assert_allclose(cells, batch[0], rtol=1e-12, atol=1e-12)
+    config = ModelConfig(time_trend=False, family=family, half_life=half_life)
+    halves = []
+    for rows in (time < 5.0, time >= 5.0):
+        part = cell_stats(
+            1, np.zeros(rows.sum(), int), exposure[rows], outcome[rows], family,
+            offset[rows] if family == "poisson" else None,
+            np.ones(rows.sum()) if half_life is None
+            else 0.5 ** ((time[rows].max() - time[rows]) / half_life),
+        )  # fmt: skip
+        halves.append(gram_stats(part, np.array([time[rows].max()])))
+    merged = merge_stats(*halves, config)
+    np.testing.assert_allclose(merged.gram[0], batch[0], rtol=1e-12, atol=1e-12)
