@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -113,6 +114,31 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "population fixed effects next to the time trend",
     )
     parser.add_argument(
+        "--smooth",
+        action="append",
+        default=[],
+        metavar="COL",
+        help="a numeric patient covariate whose effect is a smooth curve (a penalised cubic "
+        "spline, knots at quantiles) instead of a straight line; repeat for several; implies "
+        "--covariates COL",
+    )
+    parser.add_argument(
+        "--daily-cycle",
+        type=int,
+        nargs="?",
+        const=2,
+        default=0,
+        metavar="K",
+        help="a daily cycle of the outcome: K Fourier harmonics of the reading's hour of day "
+        "(default K: 2) as population fixed effects; the hour is the --time-of-day column, "
+        "else the --time column read as days (midnight at whole days)",
+    )
+    parser.add_argument(
+        "--time-of-day",
+        metavar="COL",
+        help="column with the reading's hour of day in [0, 24], for --daily-cycle",
+    )
+    parser.add_argument(
         "--measure",
         help="a measure of the catalogue (EFFICACY_MEASURES_FILE): its MCID, direction and "
         "unit are the defaults of --mcid, --direction and --unit (default: --outcome, when "
@@ -182,8 +208,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="JAX's persistent compilation cache, where a fit finds what earlier ones "
-        "compiled (default: $EFFICACY_COMPILATION_CACHE_DIR if set, else "
-        "$XDG_CACHE_HOME/living-efficacy/jax)",
+        "compiled, and the traced programs in its exported/ (default: "
+        "$EFFICACY_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/living-efficacy/jax)",
     )
     cache.add_argument(
         "--no-compilation-cache",
@@ -225,6 +251,12 @@ def cohort_columns(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(name for text in given for name in _column_list(text)))
 
 
+def covariate_columns(args: argparse.Namespace) -> list[str]:
+    """The --covariates columns and then any --smooth column not among them."""
+    names = _column_list(getattr(args, "covariates", None))
+    return names + [name for name in getattr(args, "smooth", None) or [] if name not in names]
+
+
 def read_table(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
     """Parse the CSV into model Events plus the patient and cohort labels."""
     events, patients, cohort_labels, _ = read_table_with_levels(args)
@@ -251,9 +283,10 @@ def read_table_with_levels(
             args.outcome,
             *cohort_columns(args),
             args.time,
-            *_column_list(getattr(args, "covariates", None)),
+            *covariate_columns(args),
             *_column_list(getattr(args, "time_covariates", None)),
             getattr(args, "offset", None),
+            getattr(args, "time_of_day", None),
         ]
         missing = [c for c in wanted if c is not None and c not in header]
         if missing:
@@ -339,7 +372,7 @@ def patient_covariates(
     the patient."""
     from model.covariates import CovariateError, CovariateSpec, design_columns
 
-    names = _column_list(getattr(args, "covariates", None))
+    names = covariate_columns(args)
     if not names:
         return None, ()
     specs = []
@@ -366,6 +399,40 @@ def patient_covariates(
             raise InputError(f"{path}: {error}") from None
         specs.append(spec)
     return np.concatenate(blocks, axis=-1), design_columns(specs)
+
+
+def smooth_design(args: argparse.Namespace, events: Any) -> Any:
+    """The events with the --smooth splines and the --daily-cycle terms
+    (model.smooth.add_smooth_terms); None without either."""
+    from model.smooth import add_smooth_terms
+
+    smooth = list(dict.fromkeys(getattr(args, "smooth", None) or []))
+    harmonics = getattr(args, "daily_cycle", 0) or 0
+    if not smooth and not harmonics:
+        if getattr(args, "time_of_day", None):
+            raise InputError("--time-of-day is only used with --daily-cycle")
+        return None
+    if harmonics < 0:
+        raise InputError(f"--daily-cycle needs K >= 1 harmonics, got {harmonics}")
+    hour, column = None, "hour"
+    if harmonics:
+        path: Path = args.input
+        if args.time_of_day:
+            with path.open(newline="") as handle:
+                hour = _numeric(list(csv.DictReader(handle)), args.time_of_day, path)
+            column = args.time_of_day
+        elif not args.time:
+            raise InputError(
+                "--daily-cycle needs the hour of each reading: give --time-of-day COL (hours "
+                "0-24) or --time COL (days, midnight at whole days)"
+            )
+    for name in smooth:
+        if name not in events.covariate_names:  # a categorical one has name=level columns
+            raise InputError(f"--smooth {name!r} must be a numeric column (it is categorical)")
+    try:
+        return add_smooth_terms(events, smooth, harmonics=harmonics, hour=hour, cycle_column=column)
+    except ValueError as error:
+        raise InputError(str(error)) from None
 
 
 def cohort_attributes(args: argparse.Namespace, patients: list[str]) -> dict[str, np.ndarray]:
@@ -457,11 +524,17 @@ def run(args: argparse.Namespace) -> int:
     from streams.compilation_cache import directory_from_env, enable_compilation_cache
 
     # Before anything compiles: JAX decides at its first compilation.
+    cache_directory = None
     if not args.no_compilation_cache:
-        enable_compilation_cache(args.compilation_cache or directory_from_env())
+        cache_directory = enable_compilation_cache(args.compilation_cache or directory_from_env())
 
     from model.config import DecisionRule
+    from model.exported import ExportCache
     from model.offline import fit_programme
+
+    # The traced programs next to their compiles (JAX's cache leaves other files be):
+    # a later fit of the same shapes neither traces nor lowers them (model.exported).
+    export_cache = None if cache_directory is None else ExportCache(cache_directory / "exported")
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -469,11 +542,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         events, patients, _, level_labels = read_table_with_levels(args)
         cohorts = cohort_attributes(args, patients) if args.select else {}
+        design = smooth_design(args, events)
     except InputError as error:
         say(f"efficacy fit: error: {error}")
         return 2
     level_names = cohort_columns(args) or ["cohort"]
-    events, level_names, level_labels = identified_levels(events, level_names, level_labels, say)
+    events, level_names, level_labels = identified_levels(
+        design.events if design else events, level_names, level_labels, say
+    )
+    if design is not None:
+        design = dataclasses.replace(design, events=events)
     cohort_of_patient = [level_labels[0][g] for g in events.cohort_of_patient]
     say(
         f"fitting {events.num_patients} patients, {events.num_cohorts} cohort(s), "
@@ -494,6 +572,8 @@ def run(args: argparse.Namespace) -> int:
         cohort_level=events.num_cohorts > 1,
         rule=DecisionRule(min_exposed=args.min_exposed, min_unexposed=args.min_unexposed),
         progress=say,
+        export_cache=export_cache,
+        smooth=design,
     )
     if args.select:
         result["selection"] = run_selection(args, events, cohorts, say)
@@ -530,6 +610,8 @@ def run(args: argparse.Namespace) -> int:
                 f"  effect per unit of {row['covariate']}: {modifier['mean']:+.3f} "
                 f"(90% interval {modifier['q05']:+.3f} to {modifier['q95']:+.3f})"
             )
+        for line in curve_lines(result):
+            say(line)
         for level in result.get("levels", []):
             sd = level["effect_sd"]
             say(
@@ -539,6 +621,31 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
+
+
+def curve_lines(result: dict[str, Any], points: int = 5) -> list[str]:
+    """A few lines on the fitted curves: each smooth covariate's expected effect
+    at ``points`` values across its range, and the daily cycle's peak and trough."""
+    lines = []
+    for curve in result.get("curves", []):
+        grid, effect = curve["grid"], curve["effect"]
+        picks = np.linspace(0, len(grid) - 1, points).round().astype(int)
+        values = ", ".join(
+            f"{grid[k]:.4g}: {effect['mean'][k]:+.2f} [{effect['q05'][k]:+.2f}, "
+            f"{effect['q95'][k]:+.2f}]"
+            for k in picks
+        )
+        lines.append(f"  effect by {curve['covariate']} (90% band): {values}")
+    cycle = result.get("daily_cycle")
+    if cycle:
+        mean = np.asarray(cycle["mean"])
+        high, low = int(mean.argmax()), int(mean.argmin())
+        lines.append(
+            f"  daily cycle: peak {mean[high]:+.2f} at {cycle['hour'][high]:.1f} h "
+            f"[{cycle['q05'][high]:+.2f}, {cycle['q95'][high]:+.2f}], trough {mean[low]:+.2f} "
+            f"at {cycle['hour'][low]:.1f} h [{cycle['q05'][low]:+.2f}, {cycle['q95'][low]:+.2f}]"
+        )
+    return lines
 
 
 def identified_levels(

@@ -245,6 +245,10 @@ class PriorConfig(_Frozen):
     - coefficients of time-varying covariates (also in γ) ~ Normal(0, trend_sd²)
     - coefficients B of patient covariates ~ Normal(0, covariate_sd²): covariates
       are standardised (sd 1), so 1 is an outcome sd per covariate sd
+    - the spline weights of a smooth covariate (model.smooth) ~ Normal(0, λ²),
+      λ ~ HalfNormal(smooth_scale) per row (intercept, effect) and covariate:
+      Σ u² = ∫ f''², so λ = 1 allows curvature of about an outcome sd per
+      covariate sd²; λ → 0 is the straight line
     """
 
     population_mean_sd: float = Field(default=3.0, gt=0.0)
@@ -254,6 +258,7 @@ class PriorConfig(_Frozen):
     residual_scale: float = Field(default=1.0, gt=0.0)
     trend_sd: float = Field(default=1.0, gt=0.0)
     covariate_sd: float = Field(default=1.0, gt=0.0)
+    smooth_scale: float = Field(default=1.0, gt=0.0)
 
 
 # Fixed between-patient sds of the effect, standardised units (outcome sd ≈ 1).

@@ -148,10 +148,17 @@ def design_columns(specs: Sequence[CovariateSpec]) -> tuple[str, ...]:
 
 def column_blocks(columns: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Design column names (``age``, ``sex=male``, …) grouped by covariate: name
-    → the indices of its columns (model.selection compares blocks)."""
+    → the indices of its columns (model.selection compares blocks). A smooth
+    covariate's spline columns (``age:s1``, …, model.smooth) are a block of their
+    own, ``age:smooth``, next to its linear column ``age``: the selection then
+    compares the straight line with the curve."""
+    from model.smooth import SPLINE_COLUMN
+
     blocks: dict[str, list[int]] = {}
     for index, column in enumerate(columns):
-        blocks.setdefault(column.split("=", 1)[0], []).append(index)
+        spline = SPLINE_COLUMN.match(column)
+        name = f"{spline['covariate']}:smooth" if spline else column.split("=", 1)[0]
+        blocks.setdefault(name, []).append(index)
     return {name: tuple(indices) for name, indices in blocks.items()}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import jax
@@ -21,6 +22,7 @@ import numpy as np
 from model.config import DecisionRule, MeasureConfig, ModelConfig, Standardization, SVIConfig
 from model.events import Events
 from model.evidence import empty_stats, events_stats
+from model.exported import ExportCache, through
 from model.families import Family, cell_stats
 from model.family_scores import population_effect_on_scale, summarize_family_effects
 from model.population import PopulationFitter, pad_evidence
@@ -32,6 +34,7 @@ from model.scores import (
     mixture_quantiles,
     summarize_effects,
 )
+from model.smooth import SmoothDesign, curve_summaries, spline_blocks
 
 Method = Literal["svi", "nuts"]
 SUMMARY_DRAWS = 4000
@@ -62,8 +65,19 @@ COHORT_PROBS = np.array([0.05, 0.95])
 _mixture_quantiles = jax.jit(mixture_quantiles)
 
 
+@jax.jit
+def _fit_keys(seed: jax.Array) -> tuple[jax.Array, ...]:
+    """The fit's four keys (init, steps, draws, summary draws) from its seed: one
+    compiled call (split and unpacked eagerly, they were four)."""
+    return tuple(jax.random.split(jax.random.PRNGKey(seed), 4))
+
+
 def cohort_effects(
-    effect: np.ndarray, cohort_mean: np.ndarray, cohort_var: np.ndarray, std: Standardization
+    effect: np.ndarray,
+    cohort_mean: np.ndarray,
+    cohort_var: np.ndarray,
+    std: Standardization,
+    export_cache: ExportCache | None = None,
 ) -> list[dict[str, float]]:
     """Every cohort's effect (the population effect plus the cohort's deviation)
     in raw units: under draw s of θ it is N(effect[s] + cohort_mean[s, g],
@@ -74,7 +88,9 @@ def cohort_effects(
     variances = np.maximum(np.asarray(cohort_var, dtype=float), 1e-24)
     sds = np.sqrt(variances)
     quantiles = np.asarray(
-        _mixture_quantiles(jax.numpy.asarray(means), jax.numpy.asarray(sds), COHORT_PROBS)
+        through(export_cache, "offline.mixture_quantiles", _mixture_quantiles)(
+            jax.device_put(means), jax.device_put(sds), COHORT_PROBS
+        )
     )
     mean = means.mean(axis=0)
     sd = np.sqrt(np.mean(variances + (means - mean) ** 2, axis=0))
@@ -108,12 +124,22 @@ def model_config_for(
     else:
         std = Standardization()
     std = std.with_covariates(events.covariates, events.time_covariates)
+    names = _names(events.covariates, events.covariate_names, "x")
+    if spline_blocks(names):  # a spline's columns keep their scale: Σ u² = ∫ f''²
+        penalised = {k for block in spline_blocks(names).values() for k in block}
+        std = std.model_copy(
+            update={
+                "covariate_scale": tuple(
+                    1.0 if k in penalised else scale for k, scale in enumerate(std.covariate_scale)
+                )
+            }
+        )
     return ModelConfig(
         family=family,
         time_trend=time_trend,
         cohort_level=cohort_level,
         grouping_levels=events.grouping_levels if cohort_level else (),
-        covariates=_names(events.covariates, events.covariate_names, "x"),
+        covariates=names,
         time_covariates=_names(events.time_covariates, events.time_covariate_names, "c"),
         standardization=std,
     )
@@ -237,8 +263,14 @@ def fit_programme(
     svi_config: SVIConfig | None = None,
     nuts_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    export_cache: ExportCache | None = None,
+    smooth: SmoothDesign | None = None,
 ) -> tuple[dict[str, Any], EffectSummary]:
     """Fit the hierarchical model to all events at once.
+
+    ``smooth``: the events with smooth terms added (model.smooth.add_smooth_terms;
+    ``events`` is then ignored); the result gets their ``curves`` and
+    ``daily_cycle`` (mean and 90% band over a grid, natural units).
 
     With ``events.covariates`` the patients' expected intercept and effect
     depend on them (model.likelihood); with ``events.time_covariates`` they are
@@ -248,12 +280,17 @@ def fit_programme(
     carries its own effect deviations, crossed with the cohorts; ``levels``
     reports each level's sd and groups' effects (SVI; the sd alone with NUTS).
 
+    ``export_cache`` (SVI): where the traced programs are kept across processes,
+    so a later fit of the same shapes neither traces nor lowers (model.exported).
+
     Returns the JSON-ready result (population, patients by index, diagnostics)
     and the per-patient EffectSummary arrays (raw units). Patient, cohort and
     group labels (and the cohort level's name) are attached by the caller, who
     knows them.
     """
     rule = rule or DecisionRule()
+    if smooth is not None:
+        events = smooth.events
     cohorts: list[dict[str, float]] = []
     group_effects: list[list[dict[str, float]]] = []
     say = progress or (lambda _message: None)
@@ -311,8 +348,10 @@ def fit_programme(
             groups,
             events.num_groups if config.grouping_levels else (),
         )
-        fitter = PopulationFitter(config, svi_config)
-        key_init, key_fit, key_draws, key_summary = jax.random.split(jax.random.PRNGKey(seed), 4)
+        fitter = PopulationFitter(config, svi_config, export_cache)
+        key_init, key_fit, key_draws, key_summary = through(
+            export_cache, "offline.fit_keys", _fit_keys
+        )(np.int64(seed))
         state = fitter.init(key_init, evidence)
 
         def report(done: int, total: int, elbo: float) -> None:
@@ -332,25 +371,38 @@ def fit_programme(
             covariates=covariates,
             groups=groups,
             num_groups=evidence.num_groups,
+            export_cache=export_cache,
         )
         population = population_quantities(
             fitter.draws(state, key_summary, SUMMARY_DRAWS), config, measure
         )
         data = (  # every patient's evidence, unpadded, as the group posteriors take it
             draws,
-            jax.numpy.asarray(stats.gram),
-            jax.numpy.asarray(events.cohort_of_patient, dtype=np.int32),
+            jax.device_put(np.asarray(stats.gram)),  # jnp.asarray would compile per shape
+            jax.device_put(np.asarray(events.cohort_of_patient, dtype=np.int32)),
             evidence.num_cohorts,
             config.structure,
-            None if covariates is None else jax.numpy.asarray(covariates),
+            None if covariates is None else jax.device_put(np.asarray(covariates)),
         )
         if family != "gaussian":
             pass  # groups' effects are listed for Gaussian measures only
         elif config.grouping_levels:
             g_mean, g_var = (
                 np.asarray(moment)
-                for moment in group_posteriors(
-                    *data, jax.numpy.asarray(groups, dtype=np.int32), evidence.num_groups
+                for moment in through(
+                    export_cache,
+                    "scores.group_posteriors",
+                    partial(
+                        group_posteriors,
+                        num_cohorts=evidence.num_cohorts,
+                        config=config.structure,
+                        num_groups=evidence.num_groups,
+                    ),
+                    (evidence.num_cohorts, config.structure, evidence.num_groups),
+                )(
+                    *data[:3],
+                    covariates=data[5],
+                    groups=jax.device_put(np.asarray(groups, dtype=np.int32)),
                 )
             )
             start = 0
@@ -366,17 +418,26 @@ def fit_programme(
                         g_mean[:, block],
                         g_var[:, block],
                         config.standardization,
+                        export_cache,
                     )
                 )
                 start += padded
             cohorts = group_effects[0]
         elif cohort_level:
-            u_mean, u_var = cohort_posteriors(*data)
+            u_mean, u_var = through(
+                export_cache,
+                "scores.cohort_posteriors",
+                partial(
+                    cohort_posteriors, num_cohorts=evidence.num_cohorts, config=config.structure
+                ),
+                (evidence.num_cohorts, config.structure),
+            )(*data[:3], covariates=data[5])
             cohorts = cohort_effects(
                 np.asarray(draws.mu)[:, 1],
                 np.asarray(u_mean)[:, : events.num_cohorts],
                 np.asarray(u_var)[:, : events.num_cohorts],
                 config.standardization,
+                export_cache,
             )
         diagnostics.update(
             elbo=info.elbo,
@@ -434,6 +495,8 @@ def fit_programme(
         "patients": patients,
         "diagnostics": diagnostics,
     }
+    if smooth is not None:
+        result.update(curve_summaries(smooth, population, config, population["effect"]))
     if cohorts:  # by cohort index; the caller attaches the labels
         result["cohorts"] = [{"cohort": str(g), "effect": c} for g, c in enumerate(cohorts)]
     if config.grouping_levels:

@@ -52,8 +52,10 @@ from numpyro.infer.util import compute_log_probs
 
 from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats
+from model.exported import ExportCache, through
 from model.families import laplace_loglik
 from model.likelihood import Hyper, collapsed_loglik
+from model.smooth import coefficients, sample_coefficients, spline_blocks
 
 CHUNK_STEPS = 50
 MIN_PATIENT_BUCKET = 64
@@ -137,7 +139,7 @@ def pad_evidence(
         covariates = np.asarray(covariates, dtype=float).reshape(num_patients, -1)
         padded_covariates = np.zeros((p_pad, covariates.shape[1]))
         padded_covariates[:num_patients] = covariates
-        padded_covariates = jnp.asarray(padded_covariates)
+        padded_covariates = jax.device_put(padded_covariates)
     padded_groups, padded_counts = None, ()
     if groups is not None:
         groups = np.asarray(groups, dtype=np.int32).reshape(num_patients, len(num_groups))
@@ -145,11 +147,11 @@ def pad_evidence(
             raise ValueError(f"group indices must lie in [0, {num_groups}) per level")
         padded_groups = np.zeros((p_pad, groups.shape[1]), dtype=np.int32)
         padded_groups[:num_patients] = groups
-        padded_groups = jnp.asarray(padded_groups)
+        padded_groups = jax.device_put(padded_groups)
         padded_counts = tuple(bucket_size(count, MIN_COHORT_BUCKET) for count in num_groups)
-    return Evidence(
-        jnp.asarray(gram),
-        jnp.asarray(padded_cohort),
+    return Evidence(  # device_put, not jnp.asarray: that compiles a program per shape
+        jax.device_put(gram),
+        jax.device_put(padded_cohort),
         num_patients,
         g_pad,
         padded_covariates,
@@ -196,12 +198,7 @@ def hyper_model(
         tau_cohort = numpyro.sample("tau_cohort", dist.HalfNormal(priors.cohort_scale))
     else:
         tau_cohort = jnp.zeros(())
-    coef = None
-    if config.num_covariates:
-        coef = numpyro.sample(
-            "coef",
-            dist.Normal(0.0, priors.covariate_sd).expand([2, config.num_covariates]).to_event(2),
-        )
+    coef = sample_coefficients(config) if config.num_covariates else None
     tau_groups = None
     if config.grouping_levels:
         tau_groups = numpyro.sample(
@@ -234,7 +231,11 @@ def hyper_from_sites(sites: dict[str, jax.Array], config: ModelConfig) -> Hyper:
         tau, corr_chol = sites["tau"], sites["L_omega"]
     else:
         tau, corr_chol = _fixed_effect_scale(sites["tau_intercept"], config.fixed_effect_scale)
-    coef = sites["coef"] if config.num_covariates else None
+    coef = (
+        coefficients(sites["coef"], sites.get("smooth_sd"), config)
+        if config.num_covariates
+        else None
+    )
     tau_groups = sites["tau_groups"] if config.grouping_levels else None
     sigma = sites["sigma"] if config.family == "gaussian" else jnp.ones(batch)
     return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sigma, gamma, coef, tau_groups)
@@ -450,6 +451,9 @@ def _initial_values(config: ModelConfig) -> dict[str, np.ndarray]:
         values["tau_cohort"] = np.asarray(0.1)
     if config.num_covariates:
         values["coef"] = np.zeros((2, config.num_covariates))
+        smooth = spline_blocks(config.covariates)
+        if smooth:
+            values["smooth_sd"] = np.full((2, len(smooth)), 0.3)
     if config.grouping_levels:
         values["tau_groups"] = np.full(len(config.grouping_levels), 0.1)
     return values
@@ -465,9 +469,17 @@ class PopulationFitter:
     recompilation.
     """
 
-    def __init__(self, config: ModelConfig, svi_config: SVIConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        svi_config: SVIConfig | None = None,
+        export_cache: ExportCache | None = None,
+    ) -> None:
         self.config = config
         self.svi_config = svi_config or SVIConfig()
+        #: Traced programs kept across processes (model.exported), or None: trace here.
+        self.export_cache = export_cache
+        self._evidence_spec: tuple | None = None  # abstract fit_args of the last init
         self.guide = AnchoredMultivariateNormal(
             hyper_model, init_loc_fn=init_to_value(values=_initial_values(config)), init_scale=0.05
         )
@@ -558,8 +570,60 @@ class PopulationFitter:
     def init(self, rng_key: jax.Array, evidence: Evidence) -> FitState:
         """Variational parameters at their initial values; no steps taken yet."""
         self._check_evidence(evidence)
-        svi_state = self._init_state(rng_key, *evidence.fit_args)
+        gram, cohort, num_cohorts, covariates, groups, num_groups = evidence.fit_args
+        self._evidence_spec = (  # its shapes, should a program have to be traced later
+            *jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+                (gram, cohort),
+            ),
+            num_cohorts,
+            *jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+                (covariates, groups),
+            ),
+            num_groups,
+        )
+
+        def init_state(rng_key, gram, cohort, covariates, groups):
+            return self._init_state(
+                rng_key, gram, cohort, num_cohorts, covariates, groups, num_groups
+            )
+
+        svi_state = self._through("init", init_state, evidence)(
+            rng_key, gram, cohort, covariates, groups
+        )
         return FitState(svi_state, 0, 0)
+
+    def _through(self, name: str, fn: Callable, evidence: Evidence | None = None) -> Callable:
+        """``fn`` through the export cache (model.exported), if there is one. Its key
+        holds the configs and the evidence's static counts; on a miss the guide is
+        set up first (its set-up is a side effect of tracing ``init``, which a
+        cached ``init`` did not do in this process)."""
+        static = (self.config, self.svi_config)
+        if evidence is not None:
+            static = (*static, evidence.num_cohorts, tuple(evidence.num_groups))
+        return through(self.export_cache, f"population.{name}", fn, static, self._set_up)
+
+    def _set_up(self) -> None:
+        """Set up the guide and the SVI objects' maps to constrained space, as a
+        trace of ``init`` does, by an abstract trace of it (nothing compiled)."""
+        if (
+            self.guide.prototype_trace is not None
+            and self._fresh[0].constrain_fn is not None
+            and self._warm[0].constrain_fn is not None
+        ):
+            return
+        if self._evidence_spec is None:
+            raise RuntimeError("PopulationFitter.init must come first")
+        gram, cohort, num_cohorts, covariates, groups, num_groups = self._evidence_spec
+
+        def init_state(rng_key, gram, cohort, covariates, groups):
+            return self._initial_svi_state(
+                rng_key, gram, cohort, num_cohorts, covariates, groups, num_groups
+            )
+
+        key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        jax.eval_shape(init_state, key, gram, cohort, covariates, groups)
 
     def resume(
         self,
@@ -579,6 +643,7 @@ class PopulationFitter:
         dimension than this fitter's guide (another model structure)."""
         loc = jnp.asarray(loc, dtype=float)
         scale_tril = jnp.asarray(scale_tril, dtype=float)
+        self._set_up()
         dim = self.guide.latent_dim
         if loc.shape != (dim,) or scale_tril.shape != (dim, dim):
             raise ValueError(
@@ -614,14 +679,29 @@ class PopulationFitter:
         """
         self._check_evidence(evidence)
         fresh = state.total_steps == 0
-        _, run_chunk = self._fresh if fresh else self._warm
+        _, jitted_chunk = self._fresh if fresh else self._warm
+        gram, cohort, num_cohorts, covariates, groups, num_groups = evidence.fit_args
+
+        def chunk(svi_state, restart_schedule, gram, cohort, covariates, groups):
+            return jitted_chunk(
+                svi_state,
+                restart_schedule,
+                gram,
+                cohort,
+                num_cohorts,
+                covariates,
+                groups,
+                num_groups,
+            )
+
+        cached_chunk = self._through("fresh_chunk" if fresh else "warm_chunk", chunk, evidence)
         if steps is None:
             steps = self.svi_config.fresh_steps if fresh else self.svi_config.update_steps
         num_chunks = max(1, math.ceil(steps / CHUNK_STEPS))
         svi_state = state.svi_state._replace(rng_key=rng_key)
         chunk_losses = []
         for done in range(num_chunks):
-            svi_state, losses = run_chunk(svi_state, done == 0, *evidence.fit_args)
+            svi_state, losses = cached_chunk(svi_state, done == 0, gram, cohort, covariates, groups)
             losses = np.asarray(losses)
             chunk_losses.append(losses)
             if progress is not None:
@@ -656,7 +736,7 @@ class PopulationFitter:
 
     def params(self, state: FitState) -> dict[str, jax.Array]:
         """Constrained variational parameters (loc, scale_tril) of the guide."""
-        return self._params(state.svi_state)
+        return self._through("params", self._params)(state.svi_state)
 
     def _sample_draws(self, svi_state: SVIState, rng_key: jax.Array, num_draws: int) -> Hyper:
         params = self._warm[0].get_params(svi_state)
@@ -666,4 +746,9 @@ class PopulationFitter:
     def draws(self, state: FitState, rng_key: jax.Array, num_draws: int | None = None) -> Hyper:
         """``num_draws`` draws of θ from q, with a leading draw axis. Fixed by the key:
         derive the key from the population version so scores are reproducible."""
-        return self._draws(state.svi_state, rng_key, num_draws or self.svi_config.num_draws)
+        num_draws = num_draws or self.svi_config.num_draws
+
+        def sample(svi_state, rng_key):
+            return self._draws(svi_state, rng_key, num_draws)
+
+        return self._through(f"draws_{num_draws}", sample)(state.svi_state, rng_key)

@@ -28,6 +28,7 @@ from numpyro.infer.autoguide import AutoNormal
 
 from model.config import ModelConfig
 from model.events import Events
+from model.smooth import coefficients, sample_coefficients
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,7 @@ def full_model(
         trend = jnp.concatenate(columns, axis=-1) @ gamma
     patient_mean = jnp.broadcast_to(mu, (num_patients, 2))
     if config.num_covariates:
-        coef = numpyro.sample(
-            "coef",
-            dist.Normal(0.0, priors.covariate_sd).expand([2, config.num_covariates]).to_event(2),
-        )
+        coef = sample_coefficients(config)
         patient_mean = patient_mean + covariates @ coef.T
     effect_shift = jnp.zeros(num_patients)
     if config.cohort_level:
@@ -184,7 +182,9 @@ def _to_raw(samples: dict[str, np.ndarray], config: ModelConfig) -> ReferenceFit
         intercept = intercept - gamma * std.time_location / std.time_scale
         population["time_trend"] = std.trend_to_raw(gamma)
     if config.num_covariates:
-        population["coefficients"] = std.coefficients_to_raw(samples["coef"])
+        population["coefficients"] = std.coefficients_to_raw(
+            np.asarray(coefficients(samples["coef"], samples.get("smooth_sd"), config))
+        )
     if config.time_covariates:
         population["time_coefficients"] = std.time_coefficients_to_raw(
             samples["gamma"][:, int(config.time_trend) :]
@@ -203,6 +203,8 @@ def _to_raw(samples: dict[str, np.ndarray], config: ModelConfig) -> ReferenceFit
     names = {"mu": "mu", "tau": "tau", "L_omega": "corr_chol", "sigma": "sigma"}
     names.update(tau_cohort="tau_cohort", gamma="gamma", coef="coef", tau_groups="tau_groups")
     hyper = {field: samples[site] for site, field in names.items() if site in samples}
+    if "coef" in hyper:  # B, from the spline columns' standardised weights
+        hyper["coef"] = np.asarray(coefficients(samples["coef"], samples.get("smooth_sd"), config))
     return ReferenceFit(std.effect_to_raw(samples["effect"]), population, hyper=hyper)
 
 

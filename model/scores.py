@@ -23,6 +23,7 @@ import numpy as np
 from jax.scipy.special import ndtr, ndtri
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig
+from model.exported import ExportCache, through
 from model.likelihood import (
     Hyper,
     cohort_effect_posterior,
@@ -343,34 +344,48 @@ def summarize_effects(
     covariates: np.ndarray | None = None,
     groups: np.ndarray | None = None,
     num_groups: tuple[int, ...] = (),
+    export_cache: ExportCache | None = None,
 ) -> EffectSummary:
     """Posterior summaries of every patient's effect (raw units) from all evidence:
     cohort posteriors from every patient, then each patient's mixture.
     covariates: (P, q) standardised patient covariates when the model has them;
     groups (P, L), num_groups: the further grouping levels' indices and (padded)
     group counts when it has them. With several levels a patient's
-    ``cohort_deviation`` is its total group shift (the sum over levels)."""
+    ``cohort_deviation`` is its total group shift (the sum over levels).
+    export_cache: where the traced programs are kept across processes (model.exported)."""
     gram = np.asarray(gram)
     cohort = np.asarray(cohort, dtype=np.int32)
-    x = None if covariates is None else jnp.asarray(covariates, dtype=float)
+    # jax.device_put, not jnp.asarray, of host arrays: the latter compiles a
+    # program per shape (each a trace and a cache lookup in every process).
+    x = None if covariates is None else jax.device_put(np.asarray(covariates, dtype=float))
     if config.grouping_levels:
         shift_mean, shift_var = (
             np.asarray(moment)
-            for moment in patient_shift_posteriors(
+            for moment in through(
+                export_cache,
+                "scores.patient_shift_posteriors",
+                partial(
+                    patient_shift_posteriors,
+                    num_cohorts=num_cohorts,
+                    config=config.structure,
+                    num_groups=tuple(num_groups),
+                ),
+                (num_cohorts, config.structure, tuple(num_groups)),
+            )(
                 draws,
-                jnp.asarray(gram),
-                jnp.asarray(cohort),
-                num_cohorts,
-                config.structure,
-                x,
-                jnp.asarray(groups, dtype=np.int32),
-                tuple(num_groups),
+                jax.device_put(gram),
+                jax.device_put(cohort),
+                covariates=x,
+                groups=jax.device_put(np.asarray(groups, dtype=np.int32)),
             )
         )
     else:
-        u_mean, u_var = cohort_posteriors(
-            draws, jnp.asarray(gram), jnp.asarray(cohort), num_cohorts, config.structure, x
-        )
+        u_mean, u_var = through(
+            export_cache,
+            "scores.cohort_posteriors",
+            partial(cohort_posteriors, num_cohorts=num_cohorts, config=config.structure),
+            (num_cohorts, config.structure),
+        )(draws, jax.device_put(gram), jax.device_put(cohort), covariates=x)
         shift_mean, shift_var = np.asarray(u_mean)[:, cohort], np.asarray(u_var)[:, cohort]
     return summarize_given_cohorts(
         draws,
@@ -382,6 +397,7 @@ def summarize_effects(
         level=level,
         block=block,
         covariates=covariates,
+        export_cache=export_cache,
     )
 
 
@@ -396,6 +412,7 @@ def summarize_given_cohorts(
     level: float = 0.9,
     block: int = PATIENT_BLOCK,
     covariates: np.ndarray | None = None,
+    export_cache: ExportCache | None = None,
 ) -> EffectSummary:
     """Posterior summaries (raw units) of patients whose cohort-deviation posterior
     under each draw is given: cohort_mean, cohort_var of shape (S, P);
@@ -410,10 +427,17 @@ def summarize_given_cohorts(
     num_patients = gram.shape[0]
     block = min(block, bucket_size(num_patients, SMALL_BUCKET))
     to_raw = config.standardization.effect_to_raw(1.0)
-    mcid_std = jnp.asarray(measure.mcid / to_raw)
-    sign = jnp.asarray(measure.benefit_sign)
+    mcid_std = jax.device_put(measure.mcid / to_raw)  # as jnp.asarray, without a compile
+    sign = jax.device_put(measure.benefit_sign)
     alpha = (1.0 - level) / 2.0
-    probs = jnp.asarray([alpha, 1.0 - alpha])
+    probs = jax.device_put(np.asarray([alpha, 1.0 - alpha]))
+    # units are applied outside: one compile for all measures
+    block_summary = through(
+        export_cache,
+        "scores.block_summary",
+        partial(_block_summary, config=config.structure),
+        config.structure,
+    )
     parts = []
     for start in range(0, num_patients, block):
         stop = min(start + block, num_patients)
@@ -423,17 +447,18 @@ def summarize_given_cohorts(
         c_var = np.pad(cohort_var[:, start:stop], ((0, 0), (0, pad)))
         x = None
         if covariates is not None:
-            x = jnp.asarray(np.pad(np.asarray(covariates, float)[start:stop], ((0, pad), (0, 0))))
-        out = _block_summary(
+            x = jax.device_put(
+                np.pad(np.asarray(covariates, float)[start:stop], ((0, pad), (0, 0)))
+            )
+        out = block_summary(
             draws,
-            jnp.asarray(g),
-            jnp.asarray(c_mean),
-            jnp.asarray(c_var),
+            jax.device_put(g),
+            jax.device_put(c_mean),
+            jax.device_put(c_var),
             mcid_std,
             sign,
             probs,
-            config.structure,  # units are applied outside: one compile for all measures
-            x,
+            covariates=x,
         )
         parts.append([np.asarray(x)[..., : stop - start] for x in out])
     if not parts:

@@ -5,8 +5,8 @@ Patients are enrolled in cohorts, observed over a time span with a baseline
 again). Readings go missing at random and a fraction are outliers. The true
 model is the project's model in raw units:
 
-    y_it = a_i + b_i x_it + γ t_it + δ c_it + ε_it
-    (a_i, b_i) ~ N((α, β + u_g + v_k) + B x_i, Σ)
+    y_it = a_i + b_i x_it + γ t_it + δ c_it + d(h_it) + ε_it
+    (a_i, b_i) ~ N((α, β + u_g + v_k + s(age_i)) + B x_i, Σ)
 
 optionally with a population effect that changes at a point in time (drift),
 patient covariates x_i that modify the effect (a continuous one, ``age``, and a
@@ -14,7 +14,11 @@ categorical one, ``group``), a second grouping crossed with the cohorts
 (``num_clusters`` genotype clusters k with effect deviations v_k ~ N(0,
 ``cluster_effect_sd``²), published as the events' ``cluster`` level), a
 time-varying covariate c_it that is confounded
-with exposure, and partial adherence (the exposure x_it a dose in [0, 1]).
+with exposure, partial adherence (the exposure x_it a dose in [0, 1]), a
+non-linear effect modifier s(age) that saturates (``effect_saturation``, zero
+at the mean age) and a daily cycle d(h) of the reading's hour of day h
+(``daily_amplitudes``; time is in days, midnight at whole days). The true
+curves are ``true_effect_at`` and ``true_daily_cycle``.
 Everything is vectorised: 1M patients are simulated in seconds.
 """
 
@@ -80,6 +84,16 @@ class ProgrammeSpec(BaseModel):
         default=0, ge=0, description="genotype clusters crossed with the cohorts (0: none)"
     )
     cluster_effect_sd: float = Field(default=0.0, ge=0.0, description="sd of the clusters' effects")
+    effect_saturation: float = Field(
+        default=0.0,
+        description="A of s(age) = A (tanh((age − c)/w) − tanh((age_mean − c)/w)): effect shift",
+    )
+    saturation_age: float = Field(default=55.0, description="c of s(age), years")
+    saturation_width: float = Field(default=6.0, gt=0.0, description="w of s(age), years")
+    daily_amplitudes: tuple[float, ...] = Field(
+        default=(), description="A_k of d(h) = Σ_k A_k cos(2πk (h − daily_peak_hour)/24)"
+    )
+    daily_peak_hour: float = 16.0
 
 
 @dataclass(frozen=True)
@@ -136,7 +150,7 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
         # of average age in group 0.
         shift = (covariates - _covariate_means(spec)) @ coefficients.T
         intercept = intercept + shift[:, 0]
-        effect = effect + shift[:, 1]
+        effect = effect + shift[:, 1] + _saturation(spec, covariates[:, 0])
     cluster = cluster_effect = None
     if spec.num_clusters:
         # Its own stream, so adding clusters leaves every other draw of a seed as it was.
@@ -151,6 +165,10 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
     phase = ((np.arange(t_count)[None, :] + rng.uniform(0.0, 1.0, (p, 1))) / t_count).ravel()
     patient = np.repeat(np.arange(p), t_count)
     time = enrolment[patient] + phase * spec.time_span
+    if spec.daily_amplitudes:
+        # A wearable reads at any hour: a random time of day for every reading (its
+        # own stream, so the other draws of a seed stay as they were).
+        time = np.floor(time) + np.random.default_rng([seed, 2]).uniform(0.0, 1.0, time.size)
     exposure = exposure_schedule(spec, phase)
     if spec.adherence_low < 1.0:
         exposure = exposure * rng.uniform(spec.adherence_low, 1.0, exposure.size)
@@ -168,6 +186,8 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
         noise = np.where(outlier, noise * spec.outlier_scale, noise)
     # b_i is the effect per unit of exposure: y = a_i + b_i x + γ t + ε.
     outcome = intercept[patient] + patient_effect * exposure + spec.time_trend * time + noise
+    if spec.daily_amplitudes:
+        outcome = outcome + true_daily_cycle(spec, 24.0 * np.mod(time, 1.0))
     time_covariate = None
     if spec.time_covariate_effect is not None:
         c = spec.time_covariate_confounding * exposure + rng.standard_normal(patient.size)
@@ -208,7 +228,9 @@ def _patient_covariates(
     spec: ProgrammeSpec, rng: np.random.Generator, num_patients: int
 ) -> tuple[np.ndarray | None, tuple[str, ...], np.ndarray | None]:
     """Age and group indicators (natural units), their names and the true B."""
-    modifies = spec.effect_per_year or spec.intercept_per_year or spec.group_effects
+    modifies = (
+        spec.effect_per_year or spec.intercept_per_year or spec.group_effects
+    ) or spec.effect_saturation
     if not (spec.with_covariates or modifies):
         return None, (), None
     age = rng.normal(spec.age_mean, spec.age_sd, num_patients)
@@ -269,3 +291,32 @@ def simulate_family(
         offset,
     )
     return Simulated(spec, replaced, truth)
+
+
+def _saturation(spec: ProgrammeSpec, age: np.ndarray) -> np.ndarray:
+    """s(age), the non-linear part of the effect modifier (0 at the mean age)."""
+    if not spec.effect_saturation:
+        return np.zeros_like(age)
+    centre, width = spec.saturation_age, spec.saturation_width
+    return spec.effect_saturation * (
+        np.tanh((age - centre) / width) - np.tanh((spec.age_mean - centre) / width)
+    )
+
+
+def true_effect_at(spec: ProgrammeSpec, age: np.ndarray) -> np.ndarray:
+    """The population's expected effect of a patient of ``age`` (group 0, before
+    cohort deviations): β + effect_per_year (age − age_mean) + s(age)."""
+    age = np.asarray(age, dtype=float)
+    return spec.effect + spec.effect_per_year * (age - spec.age_mean) + _saturation(spec, age)
+
+
+def true_daily_cycle(spec: ProgrammeSpec, hour: np.ndarray) -> np.ndarray:
+    """d(h): the outcome's shift at hour of day h from the day's mean."""
+    hour = np.asarray(hour, dtype=float)
+    return sum(
+        (
+            amplitude * np.cos(2.0 * np.pi * k * (hour - spec.daily_peak_hour) / 24.0)
+            for k, amplitude in enumerate(spec.daily_amplitudes, start=1)
+        ),
+        start=np.zeros_like(hour),
+    )

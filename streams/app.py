@@ -77,6 +77,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         datadir=str(settings.faust_dir),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
+        table_standby_replicas=settings.standby_replicas,
         web_enabled=settings.web_enabled,
         web_port=settings.web_port,
         web_bind=settings.web_bind,

@@ -407,10 +407,23 @@ def rescore(
     """After a new population posterior: score every patient of ``states`` with
     evidence on ``measure`` and keep (write and send) the scores that changed
     materially, or every score when ``force`` (the posterior itself moved
-    materially). ``cache`` as for process_batch."""
+    materially). ``cache`` as for process_batch.
+
+    A patient whose last published score of ``measure`` is already under this
+    posterior's version is left alone, forced or not: every reading since was
+    scored (and published) under it. That is what makes a restart cheap: the
+    worker is handed the last posterior again and would otherwise rescore, and
+    with ``force`` republish, every patient it holds."""
     cache = cache if cache is not None else RecordCache(0)
+    version = context.posteriors.version(measure)
     loaded = {patient_id: cache.take(patient_id, raw) for patient_id, raw in states.items()}
-    records = [r for r in loaded.values() if r is not None and measure in r.measures]
+    records = [
+        r
+        for r in loaded.values()
+        if r is not None
+        and measure in r.measures
+        and not (measure in r.published and r.published[measure].population_version == version)
+    ]
     outputs = StepOutputs()
     forced = {r.patient_id for r in records} if force else ()
     published = _score(records, context, outputs, forced=forced)

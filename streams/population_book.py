@@ -80,6 +80,7 @@ class PopulationBook:
         self._recent = np.zeros((64, d, d))  # recent-window statistics (zeros: none)
         self._reference = np.full(64, -np.inf)
         self._cohort = np.zeros(64, dtype=np.int32)
+        self._readings = np.zeros(64, dtype=np.int64)  # readings the statistics count
         self._covariates = np.zeros((64, model.num_covariates))  # design rows, natural units
         self.cohorts: list[str] = []
         self._cohort_index: dict[str, int] = {}
@@ -98,14 +99,21 @@ class PopulationBook:
         """The patients in the order of the snapshots' rows."""
         return list(self._rows)
 
-    def put(self, evidence: PatientEvidence) -> None:
-        """Record a patient's latest statistics (last write wins)."""
+    def put(self, evidence: PatientEvidence) -> bool:
+        """Record a patient's latest statistics (last write wins), unless they
+        count fewer readings than the ones recorded: a patient's readings only
+        accumulate, so such evidence is a stale copy (an earlier owner's,
+        delivered late around a rebalance). Returns whether it was recorded."""
+        readings = evidence.count_exposed + evidence.count_unexposed
         row = self._rows.get(evidence.patient_id)
+        if row is not None and readings < self._readings[row]:
+            return False
         if row is None:
             row = len(self._rows)
             if row == self._gram.shape[0]:
                 self._grow()
             self._rows[evidence.patient_id] = row
+        self._readings[row] = readings
         cohort = self._cohort_index.get(evidence.cohort)
         if cohort is None:
             cohort = self._cohort_index[evidence.cohort] = len(self.cohorts)
@@ -124,6 +132,7 @@ class PopulationBook:
                 self.group_labels[level].append(label)
             self._groups[row, level] = index
         self.changes_since_fit += 1
+        return True
 
     def _grow(self) -> None:
         size = 2 * self._gram.shape[0]
@@ -131,6 +140,7 @@ class PopulationBook:
         self._recent = np.concatenate([self._recent, np.zeros_like(self._recent)])
         self._reference = np.concatenate([self._reference, np.full(size // 2, -np.inf)])
         self._cohort = np.concatenate([self._cohort, np.zeros(size // 2, dtype=np.int32)])
+        self._readings = np.concatenate([self._readings, np.zeros_like(self._readings)])
         self._covariates = np.concatenate([self._covariates, np.zeros_like(self._covariates)])
         self._groups = np.concatenate([self._groups, np.zeros_like(self._groups)])
 

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     topic_prefix: str = "efficacy."
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
+    standby_replicas: int = Field(
+        default=1,
+        ge=0,
+        description="standby copies of each table partition kept by other workers: a "
+        "survivor takes over a lost worker's patients without replaying their changelog",
+    )
     store_url: str = Field(default="memory://", description="memory:// or rocksdb:// (production)")
     data_dir: Path = Field(
         default_factory=default_data_dir,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -144,13 +145,27 @@ def efficacy_fit_process(cache: Path, output: Path, hash_seed: str) -> dict[str,
 
 
 def test_a_second_efficacy_fit_loads_every_program_from_the_cache(tmp_path):
+    """Each process has another string-hash seed. The second finds no traced
+    programs (model.exported) and traces them again, as a worker does: their
+    lowering must not depend on the seed, so every compile hits JAX's cache, and
+    it keeps them under the first's keys. The third loads them, traces nothing
+    and compiles only them, from the cache."""
     cache = tmp_path / "jax-cache"
     first = efficacy_fit_process(cache, tmp_path / "first.json", hash_seed="1")
-    second = efficacy_fit_process(cache, tmp_path / "second.json", hash_seed="2")
     assert first["misses"] > 0  # the first process compiled and wrote its programs
+    exported = sorted(path.name for path in (cache / "exported").iterdir())
+    assert exported
+    shutil.rmtree(cache / "exported")
+    second = efficacy_fit_process(cache, tmp_path / "second.json", hash_seed="2")
     assert second == {"hits": first["hits"] + first["misses"], "misses": 0}
+    assert sorted(path.name for path in (cache / "exported").iterdir()) == exported
+    # Nothing traced: one compile (from JAX's cache) per exported program, no other.
+    third = efficacy_fit_process(cache, tmp_path / "third.json", hash_seed="3")
+    assert third == {"hits": len(exported), "misses": 0}
+    assert sorted(path.name for path in (cache / "exported").iterdir()) == exported
     # The same fit: the cached programs compute what the compiled ones did.
-    assert (
-        json.loads((tmp_path / "first.json").read_text())["population"]
-        == json.loads((tmp_path / "second.json").read_text())["population"]
-    )
+    results = [
+        json.loads((tmp_path / f"{name}.json").read_text())["population"]
+        for name in ("first", "second", "third")
+    ]
+    assert results[0] == results[1] == results[2]

@@ -32,6 +32,7 @@ from streams.patient_state import PatientRecord
 from streams.patient_step import (
     RecordCache,
     StepContext,
+    StepOutputs,
     batch_keys,
     process_batch,
     rescore,
@@ -274,8 +275,9 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
     """With a posterior: every batch republishes the score of each patient whose
     evidence it changed (so a patient's latest score counts all its readings);
     a forced rescore publishes every patient's score as measure_scores gives it
-    on the batch statistics (the independent path); an unforced rescore right
-    after publishes nothing."""
+    on the batch statistics (the independent path); a rescore under the version
+    every score is already under does nothing, and an unforced one under a new
+    version with the same draws publishes nothing."""
     ctx = context()
     records = raw_records(programme)
     half = len(records) // 2
@@ -297,6 +299,8 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
             == (programme.truth.patients[patient].valid_unique_readings[MEASURE])
         ), patient
 
+    # A new version (the same draws) rescores everyone.
+    ctx.posteriors.offer(fit.message.model_copy(update={"version": fit.message.version + 1}))
     saves, outputs = rescore(states, MEASURE, ctx, force=True)
     assert set(saves) == set(ids) == set(outputs.scored_patients())
     published = {m.key.decode(): json.loads(m.value) for m in outputs.scores}
@@ -316,12 +320,18 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
             measure["count_exposed"] + measure["count_unexposed"]
             == (programme.truth.patients[patient].valid_unique_readings[MEASURE])
         )
-        assert measure["population_version"] == fit.message.version
+        assert measure["population_version"] == fit.message.version + 1
         assert abs(measure["effect"]["mean"] - score.effect.mean) <= 1e-6 * score.effect.sd
         assert abs(measure["effect"]["sd"] - score.effect.sd) <= 1e-6 * score.effect.sd
     for message in outputs.scores:  # built without validation: check them here
         EfficacyScore.model_validate_json(message.value)
     states.update(saves)
+    # Every patient's score is now under the current version: nothing to
+    # rescore, even forced (a restart handed the same posterior again).
+    assert rescore(states, MEASURE, ctx, force=True) == ({}, StepOutputs())
+    # Under a newer version with the same draws, an unforced rescore publishes
+    # nothing: no score moved materially.
+    ctx.posteriors.offer(fit.message.model_copy(update={"version": fit.message.version + 2}))
     again, outputs = rescore(states, MEASURE, ctx)
     assert not again and not outputs.scores
 

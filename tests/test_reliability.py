@@ -186,9 +186,39 @@ def wait_settled(run: Run, timeout: float) -> tuple[float, list]:
     seconds = time.monotonic() - started
     problems = settling.problems(records)
     assert not problems, f"not settled after {seconds:.0f} s: {len(problems)} problems, " + (
-        f"e.g. {problems[:5]}"
+        f"e.g. {problems[:5]}\n" + diagnosis(run, records, problems[0])
     )
     return seconds, records
+
+
+def diagnosis(run: Run, records: list, problem: str) -> str:
+    """For a settle failure: the first problem patient's history, or whether
+    the table's statistics are complete (a posterior short of readings)."""
+    patient = problem.split(":")[0]
+    if patient in run.truth.patients:
+        return patient_history(run, records, patient)
+    mismatch = statistics_mismatch(run, patient_states(run))
+    return f"the patients table: {mismatch or 'every statistic equals the batch computation'}"
+
+
+def patient_history(run: Run, records: list, patient: str) -> str:
+    """What a failing settle needs to be diagnosed: a patient's scores (by
+    partition offset) and table changelog records, each with its counts."""
+    lines = [f"history of {patient}:"]
+    for record in records:
+        if record.topic == run.prefix + "scores" and record.key == patient.encode():
+            (m,) = json.loads(record.value)["measures"]
+            lines.append(f"  score p{record.partition}@{record.offset} t={record.timestamp} "
+                         f"counts {m['count_exposed'] + m['count_unexposed']} "
+                         f"v{m['population_version']}")  # fmt: skip
+    changelog = asyncio.run(read_to_end(run.bootstrap, f"{run.app_id}-patients-changelog"))
+    for record in changelog:
+        if record.value and json.loads(record.key) == patient:
+            state = PatientRecord.model_validate_json(record.value).measures.get(MEASURE)
+            counts = state and state.count_exposed + state.count_unexposed
+            lines.append(f"  state p{record.partition}@{record.offset} t={record.timestamp} "
+                         f"counts {counts}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def wait_idle(bootstrap: str, topics: list[str], quiet: float, timeout: float) -> float:
@@ -348,9 +378,49 @@ def test_sigkilled_worker_loses_nothing_and_counts_nothing_twice(
         letters = assert_every_record_accounted_for(run)
         print(f"dead-letter records {letters} for {len(run.truth.bad_records)} bad records "
               f"and {len(run.truth.duplicates)} duplicates")  # fmt: skip
+        if not restart:
+            # The survivor held standby copies of the victim's partitions
+            # (EFFICACY_STANDBY_REPLICAS, 1 by default): its takeover reads at most a
+            # tail of the changelog, not all of it.
+            replayed, written = takeover_replay(first, f"{run.app_id}-patients-changelog")
+            print(f"takeover replayed {replayed} of {written} patients changelog records")
+            assert written > 0 and replayed <= written / 4, (replayed, written)
     finally:
         for worker in (first, second):
             worker.stop()
+
+
+def recovery_tables(log: str, title: str) -> list[dict[tuple[str, int], int]]:
+    """Every table ``title`` faust's recovery logged ("Highwater - Active",
+    "Reading Starts At - Active"), in order: (changelog topic, partition) ->
+    offset; a ditto mark repeats the topic of the row above."""
+    tables = []
+    for block in log.split(f"+{title}-")[1:]:
+        table, topic = {}, ""
+        for line in block.splitlines()[3:]:
+            if not line.startswith("|"):
+                break
+            cell_topic, partition, offset = (c.strip() for c in line.strip("| ").split("|"))
+            topic = topic if cell_topic == "〃" else cell_topic
+            table[(topic, int(partition))] = int(offset)
+        tables.append(table)
+    return tables
+
+
+def takeover_replay(worker: WorkerProcess, changelog: str) -> tuple[int, int]:
+    """For the partitions of ``changelog`` the worker's last recovery made it
+    active for that it was not active for before (a takeover): the records that
+    recovery read, and the records those partitions hold."""
+    log = worker.log_text()
+    *before, highwater = recovery_tables(log, "Highwater - Active")
+    starts = recovery_tables(log, "Reading Starts At - Active")[-1]
+    earlier = before[-1] if before else {}
+    replayed = written = 0
+    for (topic, partition), last in highwater.items():
+        if topic == changelog and (topic, partition) not in earlier:
+            written += last + 1
+            replayed += max(0, last - starts.get((topic, partition), -1))
+    return replayed, written
 
 
 # --- 2. the broker restarts ----------------------------------------------------------

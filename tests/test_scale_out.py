@@ -30,6 +30,7 @@ from test_reliability import (
 from cli.programme import build_programme
 from cli.worker_process import READY, WorkerProcess
 from streams import consumer_seek
+from streams.agents.patients import current_records
 
 pytestmark = pytest.mark.kafka
 # Six partitions, not the four of the other tests: faust's sticky assignor caps
@@ -115,3 +116,12 @@ def test_a_message_of_an_earlier_consumer_generation_is_not_acknowledged():
     assert Consumer.ack(consumer, stale) is False and not stale.acked
     Consumer.ack(consumer, current)
     assert current.acked  # faust's own ack ran
+
+
+def test_records_fetched_before_a_rebalance_are_not_applied_after_it():
+    """streams.agents.patients.current_records: a batch taken before a rebalance
+    and processed after it keeps only the records of the current generation."""
+    pending = [(3, "a"), (4, "b"), (3, "c"), (4, "d")]
+    assert current_records(pending, 4) == (["b", "d"], 2)
+    assert current_records(pending, 5) == ([], 4)
+    assert current_records([], 4) == ([], 0)

@@ -103,6 +103,32 @@ class PatientsService:
         raw = self.table.get(patient_id)
         return PatientRecord.model_validate_json(raw) if raw else None
 
+    async def process_chunks(self, events: list[faust.EventT]) -> None:
+        """Process a batch of chunk events in steps of at most ``batch_size`` records.
+
+        faust's stream drops an event of an earlier consumer generation when it
+        enters the stream, not when the agent gets to it: a batch taken before a
+        rebalance can reach its turn after it. Its records are dropped here
+        (``current_records``), just before the step that would apply them (no
+        await in between): the partition may be another worker's by now, and
+        applying them would publish this worker's stale copy of the patient after
+        the owner's newer score and changelog record. They were never acked
+        (streams.consumer_seek), so the partition's owner fetches them again."""
+        batch_size = self.settings.batch_size
+        pending = [
+            (event.message.generation_id, record)
+            for event in events
+            for record in event.value.records()
+        ]
+        for start in range(0, len(pending), batch_size):
+            records, stale = current_records(
+                pending[start : start + batch_size], self.app.consumer_generation_id
+            )
+            if stale:
+                log.info("dropped %d records fetched before a rebalance", stale)
+            if records:
+                await self.process(records)
+
     async def process(self, events: list[ChunkRecord]) -> None:
         """Apply a batch of raw records (streams.patient_step.process_batch).
 
@@ -236,7 +262,16 @@ class PatientsService:
         return published
 
 
-RESCORE_CHUNK = 4096  # patients loaded and scored at a time after a new posterior
+def current_records(
+    pending: list[tuple[int, ChunkRecord]], generation: int
+) -> tuple[list[ChunkRecord], int]:
+    """The records fetched in consumer generation ``generation``, and how many
+    of ``pending`` (generation, record) pairs were fetched in another one."""
+    records = [record for fetched_in, record in pending if fetched_in == generation]
+    return records, len(pending) - len(records)
+
+
+RESCORE_CHUNK = 1024  # patients scored at a time after a new posterior (~0.3 s of loop)
 REBALANCE_POLL_SECONDS = 0.1  # how often a rescore waiting for a rebalance looks again
 
 
@@ -257,9 +292,7 @@ def register(app: faust.App, service: PatientsService) -> None:
 
     async def patients(stream: faust.StreamT) -> None:
         async for events in stream.take_events(chunks_per_batch, within=settings.batch_seconds):
-            records = [record for event in events for record in event.value.records()]
-            for start in range(0, len(records), settings.batch_size):
-                await service.process(records[start : start + settings.batch_size])
+            await service.process_chunks(events)
 
     app.agent(raw, name="patients")(patients)
     stall_watch.install(app, raw.topics, STALL_WATCH_SECONDS)

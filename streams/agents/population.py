@@ -564,6 +564,11 @@ def register(app: faust.App, service: PopulationService) -> None:
             service.settings.batch_size, within=service.settings.batch_seconds
         ):
             for event in events:
+                # As in the patients agent (PatientsService.process_chunks): an
+                # event fetched before a rebalance is fetched again by the owner.
+                if event.message.generation_id != app.consumer_generation_id:
+                    log.info("dropped an evidence batch fetched before a rebalance")
+                    continue
                 batch = EvidenceBatch.model_validate_json(event.value)
                 await service.keep(batch)
                 service.take(batch)
