@@ -360,7 +360,10 @@ def fit_programme(
 
         state, info = fitter.update(state, evidence, key_fit, progress=report)
         draws = fitter.draws(state, key_draws)
-        summarize = summarize_effects if family == "gaussian" else summarize_family_effects
+        if family == "gaussian":
+            summarize = partial(summarize_effects, export_cache=export_cache)
+        else:  # not exported: its Laplace step is traced per run
+            summarize = summarize_family_effects
         summary = summarize(
             draws,
             stats.gram,
@@ -371,7 +374,6 @@ def fit_programme(
             covariates=covariates,
             groups=groups,
             num_groups=evidence.num_groups,
-            export_cache=export_cache,
         )
         population = population_quantities(
             fitter.draws(state, key_summary, SUMMARY_DRAWS), config, measure
