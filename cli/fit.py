@@ -23,6 +23,14 @@ if TYPE_CHECKING:
     from model.config import MeasureConfig
 
 
+#: Every family's effect scales (model.config.SCALES), for the --effect-scale choices.
+SCALE_CHOICES = (
+    ("difference",),
+    ("odds_ratio", "risk_difference", "log_odds_ratio"),
+    ("rate_ratio", "rate_difference", "log_rate_ratio"),
+)
+
+
 class InputError(ValueError):
     """A problem with the user's input file or flags; the message says which."""
 
@@ -32,6 +40,8 @@ def measure_of(args: argparse.Namespace) -> MeasureConfig:
     catalogue measure named by --measure (or by --outcome). Without either, the
     MCID must be given: a silent 0 would call every patient with any benefit a
     responder."""
+    from pydantic import ValidationError
+
     from model.config import MeasureConfig
     from streams.catalogue import Catalogue, UnknownMeasure
     from streams.settings import Settings
@@ -52,12 +62,21 @@ def measure_of(args: argparse.Namespace) -> MeasureConfig:
             f"--mcid is required: {name!r} is not a catalogue measure, so there is no "
             "minimal clinically important difference to use (or name one with --measure)"
         )
-    return MeasureConfig(
-        name=args.outcome,
-        unit=args.unit if args.unit is not None else (spec.unit if spec else ""),
-        direction=args.direction or (spec.direction if spec else "higher"),
-        mcid=args.mcid if args.mcid is not None else spec.mcid,
-    )
+    family = getattr(args, "family", None) or (spec.family if spec else "gaussian")
+    scale = getattr(args, "effect_scale", None)
+    if scale is None and spec is not None and spec.family == family:
+        scale = spec.effect_scale
+    try:
+        return MeasureConfig(
+            name=args.outcome,
+            unit=args.unit if args.unit is not None else (spec.unit if spec else ""),
+            direction=args.direction or (spec.direction if spec else "higher"),
+            mcid=args.mcid if args.mcid is not None else spec.mcid,
+            family=family,
+            effect_scale=scale,
+        )
+    except ValidationError as error:  # e.g. a scale the family does not have
+        raise InputError(f"--effect-scale/--mcid: {error.errors()[0]['msg']}") from None
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +161,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--min-unexposed", type=int, default=3, help="observations without exposure before a call"
+    )
+    parser.add_argument(
+        "--family",
+        choices=["gaussian", "bernoulli", "poisson"],
+        help="the outcome's distribution: gaussian (a measurement), bernoulli (0/1, e.g. "
+        "symptom today), poisson (a count, e.g. rescue-inhaler uses); default: the catalogue "
+        "measure's, else gaussian. Bernoulli and Poisson need a 0/1 exposure and no --time",
+    )
+    parser.add_argument(
+        "--effect-scale",
+        choices=sorted({scale for scales in SCALE_CHOICES for scale in scales}),
+        help="scale of the effect and the MCID: difference (gaussian); odds_ratio (default), "
+        "risk_difference, log_odds_ratio (bernoulli); rate_ratio (default), rate_difference, "
+        "log_rate_ratio (poisson)",
+    )
+    parser.add_argument(
+        "--offset",
+        metavar="COL",
+        help="poisson: column with each reading's exposure (person-time, > 0): counts are "
+        "rates per unit of it",
     )
     parser.add_argument("--method", choices=["svi", "nuts"], default="svi")
     parser.add_argument("--seed", type=int, default=0)
@@ -246,6 +285,7 @@ def read_table_with_levels(
             args.time,
             *covariate_columns(args),
             *_column_list(getattr(args, "time_covariates", None)),
+            getattr(args, "offset", None),
             getattr(args, "time_of_day", None),
         ]
         missing = [c for c in wanted if c is not None and c not in header]
@@ -262,6 +302,10 @@ def read_table_with_levels(
     exposure = _numeric(rows, args.exposure, path)
     outcome = _numeric(rows, args.outcome, path)
     time = _numeric(rows, args.time, path) if args.time else np.zeros(len(rows))
+    offset = _numeric(rows, args.offset, path) if getattr(args, "offset", None) else None
+    if offset is not None and np.any(offset <= 0):
+        line = int(np.flatnonzero(offset <= 0)[0]) + 2
+        raise InputError(f"{path}:{line}: column {args.offset!r} (an exposure) must be > 0")
 
     patients = list(dict.fromkeys(patient_labels))
     patient_index = {p: i for i, p in enumerate(patients)}
@@ -287,6 +331,7 @@ def read_table_with_levels(
         time_covariate_names=tuple(_column_list(getattr(args, "time_covariates", None))),
         groups=np.stack([index for index, _ in further], axis=-1) if further else None,
         group_names=tuple(columns[1:]),
+        offset=offset,
     )
     labels = [cohorts] + [names for _, names in further]
     return events, patients, [cohorts[g] for g in cohort_of_patient], labels
@@ -439,6 +484,42 @@ def run_selection(
     return selection
 
 
+def check_family(args: argparse.Namespace, events: Any, family: str) -> None:
+    """InputError, naming the first offending row, when the file does not fit the
+    family: a Bernoulli outcome is 0 or 1 and a Poisson one a non-negative integer;
+    both need an exposure of 0 or 1, no --time or --time-covariates, the SVI
+    method and no --select; only Poisson takes --offset."""
+    from model.families import invalid_outcomes
+
+    path: Path = args.input
+    if getattr(args, "offset", None) and family != "poisson":
+        raise InputError(f"--offset is for poisson counts, not a {family} outcome")
+    if family == "gaussian":
+        return
+    for flag, given in (
+        ("--time", args.time),
+        ("--time-covariates", getattr(args, "time_covariates", None)),
+    ):
+        if given:
+            raise InputError(f"{flag}: a {family} outcome has no time trend or time covariates")
+    if args.method != "svi" or getattr(args, "select", False):
+        raise InputError(f"a {family} outcome is fitted with --method svi, without --select")
+    bad, what = invalid_outcomes(events.outcome, family)
+    if np.any(bad):
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{path}:{first + 2}: column {args.outcome!r} must be {what} for a {family} "
+            f"outcome, got {events.outcome[first]:g}"
+        )
+    exposure = np.asarray(events.exposure)
+    if np.any((exposure != 0) & (exposure != 1)):
+        first = int(np.flatnonzero((exposure != 0) & (exposure != 1))[0])
+        raise InputError(
+            f"{path}:{first + 2}: column {args.exposure!r} must be 0 or 1 for a {family} "
+            f"outcome, got {exposure[first]:g}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from streams.compilation_cache import directory_from_env, enable_compilation_cache
 
@@ -478,6 +559,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         measure = measure_of(args)
+        check_family(args, events, measure.family)
     except InputError as error:
         say(f"efficacy fit: error: {error}")
         return 2

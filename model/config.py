@@ -29,11 +29,45 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: The scales of a measure's effect and MCID each family may declare, its default
+#: first (model.family_scores reads the effect on them).
+SCALES: dict[str, tuple[str, ...]] = {
+    "gaussian": ("difference",),
+    "bernoulli": ("odds_ratio", "risk_difference", "log_odds_ratio"),
+    "poisson": ("rate_ratio", "rate_difference", "log_rate_ratio"),
+}
+RATIO_SCALES = ("odds_ratio", "rate_ratio")
+LINK_SCALES = ("log_odds_ratio", "log_rate_ratio")
+
+
+def default_scale(family: str) -> str:
+    return SCALES[family][0]
+
+
+def check_scale(family: str, scale: str, mcid: float) -> None:
+    """ValueError unless ``scale`` is one of the family's and the MCID fits it."""
+    if scale not in SCALES[family]:
+        raise ValueError(
+            f"a {family} measure's effect scale is one of {', '.join(SCALES[family])}, "
+            f"not {scale!r}"
+        )
+    if scale in RATIO_SCALES and mcid < 1.0:
+        raise ValueError(f"the MCID on the {scale} scale is a ratio >= 1, got {mcid:g}")
+    if scale == "risk_difference" and mcid > 1.0:
+        raise ValueError(f"the MCID on the risk_difference scale is <= 1, got {mcid:g}")
+
+
 class MeasureConfig(_Frozen):
     """One outcome measure: its unit, which direction is better, and the MCID.
 
     ``direction="lower"`` means a *decrease* in the outcome is a benefit (resting
     heart rate, HbA1c, PHQ-9); the benefit of an effect b is then -b.
+
+    ``family`` is the outcome's distribution (ModelConfig.family) and
+    ``effect_scale`` the scale its effect and MCID are read on: a difference in
+    the measure's unit for Gaussian measures; odds ratio, risk difference or log
+    odds ratio for Bernoulli; rate ratio, rate difference or log rate ratio for
+    Poisson (model.family_scores).
     """
 
     name: str
@@ -42,12 +76,20 @@ class MeasureConfig(_Frozen):
     mcid: float = Field(ge=0.0, description="minimal clinically important difference, raw units")
     plausible_range: tuple[float, float] = (-np.inf, np.inf)
     weight: float = Field(default=1.0, ge=0.0, description="weight in the composite score")
+    family: Literal["gaussian", "bernoulli", "poisson"] = "gaussian"
+    effect_scale: str | None = Field(
+        default=None,
+        description="scale of the effect and MCID (model.family_scores.SCALES); "
+        "None: the family's default (difference, odds_ratio, rate_ratio)",
+    )
 
     @model_validator(mode="after")
     def _range_ordered(self) -> MeasureConfig:
         low, high = self.plausible_range
         if not low < high:
             raise ValueError(f"plausible_range must have low < high, got {self.plausible_range}")
+        if self.effect_scale is not None or self.family != "gaussian":
+            check_scale(self.family, self.effect_scale or default_scale(self.family), self.mcid)
         return self
 
     @property
@@ -259,6 +301,12 @@ class ModelConfig(_Frozen):
       ten times the outcome sd wide) and (a, b) uncorrelated.
 
     The last two exist to be compared against the first (model.selection).
+
+    ``family`` is the outcome's distribution: ``"gaussian"`` (the model above),
+    or ``"bernoulli"`` (0/1, logit link) and ``"poisson"`` (counts, log link),
+    whose likelihood is integrated out per patient by a Laplace step
+    (model.families); those have no σ, no time trend and no time-varying
+    covariates, and their exposure is 0 or 1.
     """
 
     time_trend: bool = True
@@ -269,6 +317,7 @@ class ModelConfig(_Frozen):
     half_life: float | None = Field(default=None, gt=0.0)
     recent_half_life: float | None = Field(default=None, gt=0.0)
     effect_pooling: Literal["partial", "complete", "none"] = "partial"
+    family: Literal["gaussian", "bernoulli", "poisson"] = "gaussian"
     priors: PriorConfig = PriorConfig()
     standardization: Standardization = Standardization()
 
@@ -278,6 +327,11 @@ class ModelConfig(_Frozen):
             raise ValueError("grouping_levels need the cohort level (cohort_level=True)")
         if len(set(self.grouping_levels)) != len(self.grouping_levels):
             raise ValueError(f"grouping_levels repeat a name: {self.grouping_levels}")
+        if self.family != "gaussian" and self.fixed_dim:
+            raise ValueError(
+                f"a {self.family} measure has no time trend or time-varying covariates "
+                "(its evidence is cell statistics: model.families)"
+            )
         return self
 
     @property

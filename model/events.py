@@ -22,6 +22,8 @@ class Events:
     groups: (P, L) group index ≥ 0 of each patient at each further grouping level
     (crossed with or nested in the cohorts: a genotype cluster, a stratum),
     named by group_names (empty: level1, level2, …). None: the cohorts only.
+    offset: (n,) exposure of each reading of a count outcome (person-time, the
+    Poisson rate's multiplier), None: 1 each (model.families).
     """
 
     patient: np.ndarray
@@ -35,6 +37,7 @@ class Events:
     time_covariate_names: tuple[str, ...] = ()
     groups: np.ndarray | None = None
     group_names: tuple[str, ...] = ()
+    offset: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = np.shape(self.patient)[0] if np.ndim(self.patient) == 1 else -1
@@ -58,6 +61,10 @@ class Events:
                 raise ValueError(f"Events.{name} must have shape ({rows}, k)")
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"Events.{name} has non-finite values")
+        if self.offset is not None:
+            offset = np.asarray(self.offset, dtype=float)
+            if offset.shape != (n,) or not np.all(np.isfinite(offset) & (offset > 0)):
+                raise ValueError(f"Events.offset must be {n} positive finite exposures")
         if self.groups is not None:
             groups = np.asarray(self.groups)
             if (
@@ -112,4 +119,5 @@ class Events:
             self.time_covariate_names,
             self.groups,
             self.group_names,
+            None if self.offset is None else self.offset[rows],
         )

@@ -137,7 +137,8 @@ def decay_to(stats: PatientStats, time: np.ndarray | float, config: ModelConfig)
     )
     factor = _decay(elapsed, config.half_life)
     return stats._replace(
-        gram=stats.gram * factor[:, None, None],
+        # (P, d, d) Gram matrices or (P, CELLS) cell statistics (model.families)
+        gram=stats.gram * factor.reshape(-1, *([1] * (stats.gram.ndim - 1))),
         reference_time=new_reference,
     )
 

@@ -21,8 +21,10 @@ import numpy as np
 
 from model.config import DecisionRule, MeasureConfig, ModelConfig, Standardization, SVIConfig
 from model.events import Events
-from model.evidence import events_stats
+from model.evidence import empty_stats, events_stats
 from model.exported import ExportCache, through
+from model.families import Family, cell_stats
+from model.family_scores import population_effect_on_scale, summarize_family_effects
 from model.population import PopulationFitter, pad_evidence
 from model.scores import (
     EffectSummary,
@@ -109,13 +111,19 @@ def model_config_for(
     *,
     time_trend: bool,
     cohort_level: bool,
+    family: Family = "gaussian",
 ) -> ModelConfig:
     """Model structure and data-derived standardisation for an offline fit,
     with the events' covariate columns and, with a cohort level, their further
-    grouping levels (named as the events name them)."""
-    std = Standardization.from_data(
-        events.outcome, events.exposure, events.time if time_trend else None
-    ).with_covariates(events.covariates, events.time_covariates)
+    grouping levels (named as the events name them). A Bernoulli or Poisson
+    outcome is not standardised (its link scale is the model's)."""
+    if family == "gaussian":
+        std = Standardization.from_data(
+            events.outcome, events.exposure, events.time if time_trend else None
+        )
+    else:
+        std = Standardization()
+    std = std.with_covariates(events.covariates, events.time_covariates)
     names = _names(events.covariates, events.covariate_names, "x")
     if spline_blocks(names):  # a spline's columns keep their scale: Σ u² = ∫ f''²
         penalised = {k for block in spline_blocks(names).values() for k in block}
@@ -127,6 +135,7 @@ def model_config_for(
             }
         )
     return ModelConfig(
+        family=family,
         time_trend=time_trend,
         cohort_level=cohort_level,
         grouping_levels=events.grouping_levels if cohort_level else (),
@@ -169,13 +178,28 @@ def coefficient_summaries(
     }
 
 
-def population_quantities(draws, config: ModelConfig) -> dict[str, np.ndarray | None]:
+def population_quantities(
+    draws, config: ModelConfig, measure: MeasureConfig | None = None
+) -> dict[str, np.ndarray | None]:
     """Population quantities in raw units from draws of θ.
 
     The intercept is reported at exposure 0 and raw time 0 (undoing the time
-    centring: a(0) = a(t̄) − γ t̄).
+    centring: a(0) = a(t̄) − γ t̄). For a Bernoulli or Poisson measure the
+    effect is on the measure's effect scale (model.family_scores), the
+    intercept and the sds on the link scale (log odds, log rate), and there is
+    no σ.
     """
     std = config.standardization
+    if config.family != "gaussian":
+        from model.family_scores import default_scale
+
+        scale = (measure.effect_scale if measure else None) or default_scale(config.family)
+        gaussian = population_quantities(draws, config.model_copy(update={"family": "gaussian"}))
+        return {
+            **gaussian,
+            "effect": population_effect_on_scale(draws, scale, config.family),
+            "sigma": None,
+        }
     mu = np.asarray(draws.mu)
     intercept = mu[:, 0]
     trend = None
@@ -270,8 +294,31 @@ def fit_programme(
     cohorts: list[dict[str, float]] = []
     group_effects: list[list[dict[str, float]]] = []
     say = progress or (lambda _message: None)
-    config = model_config_for(events, time_trend=time_trend, cohort_level=cohort_level)
-    stats = events_stats(events, config)
+    family = measure.family
+    if family != "gaussian" and (time_trend or events.time_covariates is not None):
+        raise ValueError(
+            f"a {family} measure has no time trend or time-varying covariates: fit it without them"
+        )
+    config = model_config_for(
+        events, time_trend=time_trend, cohort_level=cohort_level, family=family
+    )
+    if family == "gaussian":
+        stats = events_stats(events, config)
+    else:  # cell statistics in place of the Gram matrices (model.families)
+        cells = cell_stats(
+            events.num_patients,
+            events.patient,
+            events.exposure,
+            events.outcome,
+            family,
+            events.offset,
+        )
+        gaussian_like = empty_stats(events.num_patients, config)
+        exposed = np.bincount(events.patient[events.exposure != 0], minlength=events.num_patients)
+        total = np.bincount(events.patient, minlength=events.num_patients)
+        stats = gaussian_like._replace(
+            gram=cells, count_exposed=exposed, count_unexposed=total - exposed
+        )
     covariates = (
         config.standardization.covariates(events.covariates) if config.num_covariates else None
     )
@@ -287,6 +334,7 @@ def fit_programme(
         "num_groups": list(events.num_groups) if config.grouping_levels else [],
         "covariates": list(config.covariates),
         "time_covariates": list(config.time_covariates),
+        "family": family,
         "seed": seed,
     }
     if method == "svi":
@@ -312,7 +360,11 @@ def fit_programme(
 
         state, info = fitter.update(state, evidence, key_fit, progress=report)
         draws = fitter.draws(state, key_draws)
-        summary = summarize_effects(
+        if family == "gaussian":
+            summarize = partial(summarize_effects, export_cache=export_cache)
+        else:  # not exported: its Laplace step is traced per run
+            summarize = summarize_family_effects
+        summary = summarize(
             draws,
             stats.gram,
             events.cohort_of_patient,
@@ -322,9 +374,10 @@ def fit_programme(
             covariates=covariates,
             groups=groups,
             num_groups=evidence.num_groups,
-            export_cache=export_cache,
         )
-        population = population_quantities(fitter.draws(state, key_summary, SUMMARY_DRAWS), config)
+        population = population_quantities(
+            fitter.draws(state, key_summary, SUMMARY_DRAWS), config, measure
+        )
         data = (  # every patient's evidence, unpadded, as the group posteriors take it
             draws,
             jax.device_put(np.asarray(stats.gram)),  # jnp.asarray would compile per shape
@@ -333,7 +386,9 @@ def fit_programme(
             config.structure,
             None if covariates is None else jax.device_put(np.asarray(covariates)),
         )
-        if config.grouping_levels:
+        if family != "gaussian":
+            pass  # groups' effects are listed for Gaussian measures only
+        elif config.grouping_levels:
             g_mean, g_var = (
                 np.asarray(moment)
                 for moment in through(
@@ -396,6 +451,11 @@ def fit_programme(
     elif method == "nuts":
         from model.reference import fit_nuts  # heavy; only when asked for
 
+        if family != "gaussian":
+            raise ValueError(
+                f"method 'nuts' summarises Gaussian measures only; for a {family} measure "
+                "use 'svi' (model.reference.fit_nuts samples the model itself)"
+            )
         say("running NUTS on the full (non-collapsed) model")
         reference = fit_nuts(events, config, seed=seed, **(nuts_options or {}))
         # Terms the model does not have are reported as None, as the SVI path does.

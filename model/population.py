@@ -53,6 +53,7 @@ from numpyro.infer.util import compute_log_probs
 from model.config import ModelConfig, SVIConfig
 from model.evidence import PatientStats
 from model.exported import ExportCache, through
+from model.families import laplace_loglik
 from model.likelihood import Hyper, collapsed_loglik
 from model.smooth import coefficients, sample_coefficients, spline_blocks
 
@@ -65,7 +66,9 @@ FINAL_LEARNING_RATE_RATIO = 0.05
 class Evidence(NamedTuple):
     """Padded, device-ready evidence of one measure.
 
-    gram: (P_pad, d, d) standardised Gram matrices (zeros beyond num_patients).
+    gram: (P_pad, d, d) standardised Gram matrices (zeros beyond num_patients),
+    or for a Bernoulli or Poisson measure the cell statistics (P_pad,
+    model.families.CELLS).
     cohort: (P_pad,) cohort index of each patient (0 for padding).
     num_patients: real patients; num_cohorts: padded cohort count (static).
     covariates: (P_pad, q) standardised patient covariates (zeros for padding),
@@ -167,7 +170,10 @@ def hyper_model(
     num_groups: tuple[int, ...] = (),
 ) -> None:
     """numpyro model over θ alone: priors (PriorConfig) and the collapsed likelihood.
-    Every further grouping level's sd has the cohort level's prior."""
+    Every further grouping level's sd has the cohort level's prior. For a
+    Bernoulli or Poisson measure (config.family) ``gram`` holds the patients'
+    cell statistics (P, model.families.CELLS), the likelihood is the Laplace
+    one (model.families.laplace_loglik) and there is no σ."""
     priors = config.priors
     mu = numpyro.sample("mu", dist.Normal(0.0, priors.population_mean_sd).expand([2]).to_event(1))
     fixed_scale = config.fixed_effect_scale
@@ -177,7 +183,11 @@ def hyper_model(
     else:  # complete or no pooling of the effect: only the intercept scale is learned
         tau_a = numpyro.sample("tau_intercept", dist.HalfNormal(priors.patient_scale))
         tau, corr_chol = _fixed_effect_scale(tau_a, fixed_scale)
-    sigma = numpyro.sample("sigma", dist.HalfNormal(priors.residual_scale))
+    gaussian = config.family == "gaussian"
+    if gaussian:
+        sigma = numpyro.sample("sigma", dist.HalfNormal(priors.residual_scale))
+    else:  # no residual sd: the family's variance is a function of its mean
+        sigma = jnp.ones(())
     if config.time_trend:
         gamma = numpyro.sample(
             "gamma", dist.Normal(0.0, priors.trend_sd).expand([config.fixed_dim]).to_event(1)
@@ -196,11 +206,10 @@ def hyper_model(
             dist.HalfNormal(priors.cohort_scale).expand([len(config.grouping_levels)]).to_event(1),
         )
     theta = Hyper(mu, tau, corr_chol, tau_cohort, sigma, gamma, coef, tau_groups)
+    loglik = collapsed_loglik if gaussian else laplace_loglik
     numpyro.factor(
         "collapsed_loglik",
-        collapsed_loglik(
-            theta, gram, cohort, num_cohorts, config, covariates, groups, tuple(num_groups)
-        ),
+        loglik(theta, gram, cohort, num_cohorts, config, covariates, groups, tuple(num_groups)),
     )
 
 
@@ -228,7 +237,8 @@ def hyper_from_sites(sites: dict[str, jax.Array], config: ModelConfig) -> Hyper:
         else None
     )
     tau_groups = sites["tau_groups"] if config.grouping_levels else None
-    return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sites["sigma"], gamma, coef, tau_groups)
+    sigma = sites["sigma"] if config.family == "gaussian" else jnp.ones(batch)
+    return Hyper(sites["mu"], tau, corr_chol, tau_cohort, sigma, gamma, coef, tau_groups)
 
 
 class SiteSupport(NamedTuple):
@@ -428,7 +438,9 @@ class UpdateInfo(NamedTuple):
 def _initial_values(config: ModelConfig) -> dict[str, np.ndarray]:
     """Start at a plausible point in standardised units (outcome sd ≈ 1). NumPy,
     not jax arrays: building these eagerly would compile each one."""
-    values = {"mu": np.zeros(2), "sigma": np.asarray(0.5)}
+    values = {"mu": np.zeros(2)}
+    if config.family == "gaussian":
+        values["sigma"] = np.asarray(0.5)
     if config.fixed_effect_scale is None:
         values.update(tau=np.array([0.5, 0.3]), L_omega=np.eye(2))
     else:

@@ -19,6 +19,12 @@ modifiers) and intercept. A measure's ``grouping_levels`` names enrolment
 attributes (``attributes`` of an Enrollment) that are further grouping levels
 of its model next to the cohort (ModelConfig.grouping_levels: each adds a
 random deviation of the effect per group; docs/covariates.md).
+A measure's ``family`` is its outcome's distribution: ``gaussian`` (default),
+``bernoulli`` (a 0/1 value, e.g. "symptom today?") or ``poisson`` (a count, e.g.
+rescue-inhaler uses), and ``effect_scale`` the scale of its effect and MCID
+(model.family_scores: odds_ratio, risk_difference or log_odds_ratio for
+Bernoulli; rate_ratio, rate_difference or log_rate_ratio for Poisson).
+Readings a family cannot take are dead-lettered (``invalid_value``).
 ``[subgroups.<name>]`` declares subgroups
 (model.subgroups.SubgroupSpec: cohorts, covariate ranges and levels) whose mean
 effect the population agent publishes (docs/covariates.md).
@@ -41,7 +47,7 @@ from pydantic import (
     model_validator,
 )
 
-from model.config import MeasureConfig, ModelConfig, Standardization
+from model.config import MeasureConfig, ModelConfig, Standardization, check_scale, default_scale
 from model.covariates import CovariateSpec, design_columns, design_standardization
 from model.subgroups import SubgroupSpec
 
@@ -100,6 +106,8 @@ class MeasureSpec(BaseModel):
     omh: tuple[str, ...] = ()
     ucum: dict[str, str] = Field(default_factory=dict)
     grouping_levels: tuple[GroupingLevel, ...] = ()
+    family: Literal["gaussian", "bernoulli", "poisson"] = "gaussian"
+    effect_scale: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> MeasureSpec:
@@ -119,7 +127,25 @@ class MeasureSpec(BaseModel):
                 raise ValueError(f"ucum: {spelling!r} maps to {unit!r}, not a unit of {self.name}")
         if len(set(self.grouping_levels)) != len(self.grouping_levels):
             raise ValueError(f"grouping_levels repeat a name: {list(self.grouping_levels)}")
+        check_scale(self.family, self.effect_scale or default_scale(self.family), self.mcid)
+        if self.family == "bernoulli" and not (low <= 0.0 and high >= 1.0):
+            raise ValueError(
+                f"a bernoulli measure's plausible range must hold 0 and 1, got {self.plausible}"
+            )
+        if self.family == "poisson" and low > 0.0:
+            raise ValueError(
+                f"a poisson measure's plausible range must hold 0, got {self.plausible}"
+            )
         return self
+
+    def family_value(self, value: float) -> str | None:
+        """Why a canonical value is not one of the family's outcomes (a Bernoulli
+        value must be 0 or 1, a Poisson count a non-negative integer), or None."""
+        if self.family == "bernoulli" and value not in (0.0, 1.0):
+            return f"{self.name} is a yes/no measure: a value must be 0 or 1, got {value:g}"
+        if self.family == "poisson" and not (value >= 0.0 and float(value).is_integer()):
+            return f"{self.name} is a count: a value must be a non-negative integer, got {value:g}"
+        return None
 
     def resolve_unit(self, unit: str) -> str:
         """The measure's name of ``unit`` (itself, or the unit a UCUM code in
@@ -150,6 +176,8 @@ class MeasureSpec(BaseModel):
             mcid=self.mcid,
             plausible_range=self.plausible,
             weight=self.weight,
+            family=self.family,
+            effect_scale=self.effect_scale,
         )
 
     def model_config_for(
@@ -166,7 +194,16 @@ class MeasureSpec(BaseModel):
         trend's prior means "per ``time_scale_days``". Standardisation is fixed
         by configuration so statistics stay comparable forever (they are stored
         standardised); the patient ``covariates`` are standardised by their
-        catalogue entries' typical value and spread."""
+        catalogue entries' typical value and spread.
+
+        Bernoulli and Poisson measures are fitted offline (``efficacy fit
+        --family``) but not yet streamed: CatalogueError for them."""
+        if self.family != "gaussian":
+            raise CatalogueError(
+                f"{self.name}: {self.family} measures are not streamed yet (the patients and "
+                "population agents carry Gaussian statistics); fit them with efficacy fit "
+                f"--family {self.family}"
+            )
         location, scale = self.typical
         baseline = [c for c in covariates if c.varies == "patient"]
         by_reading = [c for c in covariates if c.varies == "reading"]

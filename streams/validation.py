@@ -104,6 +104,9 @@ def validate_observation(
         canonical = spec.to_canonical(record.value, record.unit)
     except UnknownUnit as error:
         raise Rejected("unknown_unit", str(error)) from None
+    not_of_family = spec.family_value(canonical)  # a count of -1 is not merely implausible
+    if not_of_family is not None:
+        raise Rejected("invalid_value", not_of_family)
     if not spec.plausible_value(canonical):
         low, high = spec.plausible
         raise Rejected(
