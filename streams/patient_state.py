@@ -70,6 +70,7 @@ from streams.schemas import (
     Observation,
     Origin,
     PatientEvidence,
+    trusted,
 )
 
 MAX_PENDING = 1000
@@ -493,7 +494,8 @@ def measure_evidence(
     windows = recent_window_stats_many(items, model)
     # Built without validation: every value comes from a validated record.
     return [
-        PatientEvidence.model_construct(
+        trusted(
+            PatientEvidence,
             measure=measure,
             patient_id=record.patient_id,
             cohort=record.cohort,

@@ -24,7 +24,7 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -37,6 +37,69 @@ MAX_EVENT_ID = 128
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+M = TypeVar("M", bound=BaseModel)
+_TRUSTED: dict[type, tuple[tuple[str, ...], dict[str, object], dict[str, object]] | None] = {}
+
+
+def trusted(cls: type[M], **values: object) -> M:
+    """``cls.model_construct(**values)`` for values passed by field name and
+    computed with each field's type (no validation), in about half its time:
+    the same field values (defaults and default factories for fields not
+    given) and ``model_fields_set``. For models without aliases, extras or
+    post-init hooks (checked on first use; any other model goes to
+    ``model_construct``). Per patient and batch, ``model_construct`` cost more
+    than the mixture summaries."""
+    try:
+        spec = _TRUSTED[cls]
+    except KeyError:
+        spec = _TRUSTED[cls] = _trusted_spec(cls)
+    if spec is None:
+        return cls.model_construct(**values)
+    names, defaults, factories = spec
+    fields_set = set(values)
+    if tuple(values) != names:  # serialisation follows the order of __dict__
+        values = {
+            name: values[name]
+            if name in values
+            else defaults[name]
+            if name in defaults
+            else factories[name]()  # type: ignore[operator]
+            for name in names
+        }
+    m = cls.__new__(cls)
+    object.__setattr__(m, "__dict__", values)
+    object.__setattr__(m, "__pydantic_fields_set__", fields_set)
+    object.__setattr__(m, "__pydantic_extra__", None)
+    object.__setattr__(m, "__pydantic_private__", None)
+    return m
+
+
+def _trusted_spec(
+    cls: type[BaseModel],
+) -> tuple[tuple[str, ...], dict[str, object], dict[str, object]] | None:
+    """Field names, plain defaults and default factories of ``cls``, or None when
+    ``trusted`` cannot stand in for ``model_construct``."""
+    if (
+        cls.__pydantic_post_init__
+        or cls.__pydantic_root_model__
+        or cls.model_config.get("extra") == "allow"
+        or cls.__private_attributes__
+    ):
+        return None
+    defaults: dict[str, object] = {}
+    factories: dict[str, object] = {}
+    for name, field in cls.__pydantic_fields__.items():
+        if field.alias not in (None, name) or field.validation_alias not in (None, name):
+            return None
+        if field.default_factory is not None:
+            if field.default_factory_takes_validated_data:
+                return None
+            factories[name] = field.default_factory
+        elif not field.is_required():
+            defaults[name] = field.default
+    return tuple(cls.__pydantic_fields__), defaults, factories
 
 
 class Envelope(BaseModel):

@@ -43,6 +43,7 @@ from streams.schemas import (
     Observation,
     PopulationPosterior,
     bounded_event_id,
+    trusted,
 )
 
 LEVEL = 0.9
@@ -272,12 +273,13 @@ def measure_scores(
     for s, call, row in zip(stats, calls.tolist(), columns, strict=True):
         mean, sd, lower, upper, p_mcid, p_any, population, cohort, individual, shrink = row
         scores.append(
-            MeasureScore.model_construct(
+            trusted(
+                MeasureScore,
                 measure=spec.name,
                 unit=spec.unit,
                 direction=spec.direction,
                 mcid=spec.mcid,
-                effect=Interval.model_construct(mean=mean, sd=sd, lower=lower, upper=upper),
+                effect=trusted(Interval, mean=mean, sd=sd, lower=lower, upper=upper),
                 level=LEVEL,
                 p_benefit_ge_mcid=p_mcid,
                 p_benefit_gt_0=p_any,
@@ -383,9 +385,10 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> Composit
     )
     var = sum((weights[s.measure] * s.effect.sd / s.mcid) ** 2 for s in usable)
     mean, sd = mean / total, math.sqrt(var) / total
-    return CompositeScore.model_construct(
-        benefit_in_mcid=Interval.model_construct(
-            mean=mean, sd=sd, lower=mean - Z_LEVEL * sd, upper=mean + Z_LEVEL * sd
+    return trusted(
+        CompositeScore,
+        benefit_in_mcid=trusted(
+            Interval, mean=mean, sd=sd, lower=mean - Z_LEVEL * sd, upper=mean + Z_LEVEL * sd
         ),
         measures=[s.measure for s in usable],
     )
@@ -408,7 +411,8 @@ def changed_materially(previous: Published | None, score: MeasureScore) -> bool:
 
 
 def published_of(score: MeasureScore) -> Published:
-    return Published.model_construct(
+    return trusted(
+        Published,
         population_version=score.population_version,
         mean=score.effect.mean,
         sd=score.effect.sd,
