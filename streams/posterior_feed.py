@@ -60,7 +60,13 @@ async def follow_posteriors(
     stopping: asyncio.Event | None = None,
 ) -> None:
     """Read the posterior topic forever (until ``stopping``), offering every
-    message to ``book`` and awaiting ``on_new`` for each newer version."""
+    message to ``book`` and awaiting ``on_new`` for each newer version.
+
+    While catching up with what was published before the start, ``on_new`` is
+    awaited once per measure, for its newest version, when the end is reached
+    (with ``rescore`` set if any version read on the way asked for it): a worker
+    starting on a topic that holds v1..vN rescores its patients once, under vN,
+    not N times, and never publishes scores under a superseded posterior."""
     topic = settings.topic("population-posterior")
     consumer = AIOKafkaConsumer(
         **aiokafka_options(settings),
@@ -87,12 +93,17 @@ async def follow_posteriors(
         consumer.assign(assigned)
         await consumer.seek_to_beginning()
         end = await consumer.end_offsets(assigned)
+        pending: dict[str, PopulationPosterior] = {}  # newest per measure, while catching up
         while not (stopping and stopping.is_set()):
             if not book.caught_up:
                 positions = [await consumer.position(tp) for tp in assigned]
                 book.caught_up = all(
                     p >= end[tp] for p, tp in zip(positions, assigned, strict=True)
                 )
+                if book.caught_up:
+                    for message in pending.values():
+                        await on_new(message)
+                    pending.clear()
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:
@@ -101,7 +112,14 @@ async def follow_posteriors(
                     except ValidationError as error:
                         log.warning("ignoring an invalid population posterior: %s", error)
                         continue
-                    if book.offer(message):
+                    if not book.offer(message):
+                        continue
+                    if book.caught_up:
                         await on_new(message)
+                        continue
+                    earlier = pending.get(message.measure)
+                    if earlier is not None and earlier.rescore and not message.rescore:
+                        message = message.model_copy(update={"rescore": True})
+                    pending[message.measure] = message
     finally:
         await consumer.stop()
