@@ -552,8 +552,11 @@ def judge_drift(
             "drift": drift,
             "drift_detected": bool(kinds),
             "drift_kinds": kinds,
-            # The first posteriors (the detector's warm-up) always rescore.
-            "rescore": shift.moved or shift.n_updates <= shift.warmup + 1,
+            # A measure's first posteriors (the detector's warm-up) always rescore;
+            # a new owner's detector warms up again, but its posteriors continue
+            # the published sequence, and forcing every score then (after each
+            # restart or rebalance) would republish all of them for nothing.
+            "rescore": shift.moved or message.version <= shift.warmup + 1,
         }
     )
 
