@@ -59,11 +59,19 @@ async def _seek_to_committed(self: AIOKafkaConsumer, *partitions: TopicPartition
     return committed
 
 
+def fetched_since_rebalance(app, message) -> bool:
+    """Whether ``message`` was fetched in the app's current consumer generation.
+    One fetched before the latest rebalance is neither acknowledged (``_ack``)
+    nor applied by the agents: faust fetches it again from the committed offset,
+    for whichever worker owns its partition now."""
+    return message.generation_id == app.consumer_generation_id
+
+
 def _ack(self: Consumer, message) -> bool:
     """Consumer.ack, except for a message fetched in an earlier consumer
     generation (before the latest rebalance): not acknowledged, so the offset
     commit cannot pass it; faust fetches it again from the committed offset."""
-    if message.generation_id != self.app.consumer_generation_id:
+    if not fetched_since_rebalance(self.app, message):
         return False
     return _ORIGINAL_ACK(self, message)
 

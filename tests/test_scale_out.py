@@ -121,7 +121,10 @@ def test_a_message_of_an_earlier_consumer_generation_is_not_acknowledged():
 def test_records_fetched_before_a_rebalance_are_not_applied_after_it():
     """streams.agents.patients.current_records: a batch taken before a rebalance
     and processed after it keeps only the records of the current generation."""
-    pending = [(3, "a"), (4, "b"), (3, "c"), (4, "d")]
-    assert current_records(pending, 4) == (["b", "d"], 2)
-    assert current_records(pending, 5) == ([], 4)
-    assert current_records([], 4) == ([], 0)
+    fetched = [SimpleNamespace(generation_id=g) for g in (3, 4, 3, 4)]
+    pending = list(zip(fetched, "abcd", strict=True))
+    app = SimpleNamespace(consumer_generation_id=4)
+    assert current_records(app, pending) == (["b", "d"], 2)
+    app.consumer_generation_id = 5
+    assert current_records(app, pending) == ([], 4)
+    assert current_records(app, []) == ([], 0)

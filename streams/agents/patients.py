@@ -29,6 +29,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
+from typing import Any
 
 import faust
 
@@ -38,6 +39,7 @@ from streams import stall_watch
 from streams.agents.drift import conflict_alert
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
+from streams.consumer_seek import fetched_since_rebalance
 from streams.output import DeliveryFailed, Producer, delivered, stop_now
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
@@ -115,15 +117,9 @@ class PatientsService:
         the owner's newer score and changelog record. They were never acked
         (streams.consumer_seek), so the partition's owner fetches them again."""
         batch_size = self.settings.batch_size
-        pending = [
-            (event.message.generation_id, record)
-            for event in events
-            for record in event.value.records()
-        ]
+        pending = [(event.message, record) for event in events for record in event.value.records()]
         for start in range(0, len(pending), batch_size):
-            records, stale = current_records(
-                pending[start : start + batch_size], self.app.consumer_generation_id
-            )
+            records, stale = current_records(self.app, pending[start : start + batch_size])
             if stale:
                 log.info("dropped %d records fetched before a rebalance", stale)
             if records:
@@ -263,11 +259,12 @@ class PatientsService:
 
 
 def current_records(
-    pending: list[tuple[int, ChunkRecord]], generation: int
+    app: faust.App, pending: list[tuple[Any, ChunkRecord]]
 ) -> tuple[list[ChunkRecord], int]:
-    """The records fetched in consumer generation ``generation``, and how many
-    of ``pending`` (generation, record) pairs were fetched in another one."""
-    records = [record for fetched_in, record in pending if fetched_in == generation]
+    """The records of ``pending`` (message, record) pairs whose message was
+    fetched since the latest rebalance (streams.consumer_seek), and how many
+    were not."""
+    records = [record for message, record in pending if fetched_since_rebalance(app, message)]
     return records, len(pending) - len(records)
 
 

@@ -37,6 +37,7 @@ from monitoring.drift import (
     WindowShiftDetector,
 )
 from streams.catalogue import Catalogue
+from streams.consumer_seek import fetched_since_rebalance
 from streams.output import DeliveryFailed, Producer, delivered, stop_now
 from streams.partitioning import measure_partition
 from streams.population_book import (
@@ -569,7 +570,7 @@ def register(app: faust.App, service: PopulationService) -> None:
             for event in events:
                 # As in the patients agent (PatientsService.process_chunks): an
                 # event fetched before a rebalance is fetched again by the owner.
-                if event.message.generation_id != app.consumer_generation_id:
+                if not fetched_since_rebalance(app, event.message):
                     log.info("dropped an evidence batch fetched before a rebalance")
                     continue
                 batch = EvidenceBatch.model_validate_json(event.value)
