@@ -16,16 +16,20 @@ at all (AssertionError outside a stream).
 (``partition_for_key``) and use it for both the changelog and the store.
 
 ``write_many`` is their write path: every key set in the store at once and its
-changelog record handed straight to the producer, returning the delivery
-futures for the caller to await before the events that caused the writes are
-acknowledged. faust's own path (``table[key] = value``) costs ~150 µs a key in
+changelog record handed straight to the producer, then the records the writes
+caused (scores, evidence, alerts), returning the delivery futures for the
+caller to await before the events that caused the writes are acknowledged.
+One writer sends at a time, in the order the writers set their values: the
+agent's batches and the rescoring task write the same patients, and a score
+sent out of that order would leave a patient's latest score older than its
+state. faust's own path (``table[key] = value``) costs ~150 µs a key in
 its per-message buffer and only logs a failed changelog delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Self
 
 import faust
@@ -34,6 +38,9 @@ from faust.types import TP
 from yarl import URL
 
 from streams.output import Producer
+
+Outbound = tuple[str, bytes | None, bytes | None, int | None]
+"""A record to send: topic name, key, value, partition (None: the key's)."""
 
 
 class PartitionedByKey(faust.Table):
@@ -49,12 +56,22 @@ class PartitionedByKey(faust.Table):
         )
         return app.tables.add(table)
 
-    async def write_many(self, items: Mapping[str, bytes], producer: Producer) -> list:
-        """Set every key of ``items`` in the local store and send its changelog
-        record (keyed and serialised as faust's own path does) through
-        ``producer``. Returns the delivery futures; each marks its offset as
-        persisted in the store when it completes (what faust's changelog
-        callback does, so a restart replays only the changelog past it)."""
+    async def write_many(
+        self,
+        items: Mapping[str, bytes],
+        producer: Producer,
+        caused: Iterable[Outbound] = (),
+    ) -> list:
+        """Set every key of ``items`` in the local store, send its changelog
+        record (keyed and serialised as faust's own path does), then the
+        ``caused`` records (topic, key, value, partition), all through
+        ``producer``. Returns the delivery futures; a changelog record's marks
+        its offset as persisted in the store when it completes (what faust's
+        changelog callback does, so a restart replays only the changelog past it).
+
+        Writers send one at a time, in the order their values were set
+        (asyncio.Lock is FIFO): a key's last changelog record is its value, and
+        the records a write caused never overtake those of an earlier write."""
         # Every key in the store before the first await: another task that reads
         # one of them afterwards sees the new value.
         for key, value in items.items():
@@ -62,9 +79,7 @@ class PartitionedByKey(faust.Table):
         topic = self.changelog_topic
         name = topic.get_topic_name()
         futures = []
-        # One writer's records at a time, in the order their values were set
-        # (asyncio.Lock is FIFO), so a key's last changelog record is its value.
-        async with self._changelog_order:
+        async with self._send_order:
             for key, value in items.items():
                 raw_key, _ = topic.prepare_key(key, self.key_serializer)
                 raw_value, _ = topic.prepare_value(value, self.value_serializer)
@@ -72,13 +87,15 @@ class PartitionedByKey(faust.Table):
                 future = await producer.send(name, raw_key, raw_value, partition)
                 future.add_done_callback(self._persisted)
                 futures.append(future)
+            for topic_name, key, value, partition in caused:
+                futures.append(await producer.send(topic_name, key, value, partition))
         return futures
 
     @property
-    def _changelog_order(self) -> asyncio.Lock:
-        lock = self.__dict__.get("_changelog_lock")
+    def _send_order(self) -> asyncio.Lock:
+        lock = self.__dict__.get("_send_lock")
         if lock is None:
-            lock = self.__dict__["_changelog_lock"] = asyncio.Lock()
+            lock = self.__dict__["_send_lock"] = asyncio.Lock()
         return lock
 
     def _persisted(self, future: asyncio.Future) -> None:

@@ -102,3 +102,49 @@ def test_population_table_keeps_each_key_in_its_measures_partition(pipeline):
             key = f"{measure}/p{i}"
             assert _database_of(store, key) == measure_partition(measure, PARTITIONS)
             assert table.get(key) == b"{}"
+
+
+class _SendLog:
+    """A producer that records what it is handed, in order, and yields to the
+    loop at every send (as aiokafka's send may, when it waits for a batch)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None]] = []
+
+    async def send(self, topic, key, value, partition=None) -> asyncio.Future:
+        await asyncio.sleep(0)
+        self.sent.append((topic, key, value))
+        return asyncio.get_running_loop().create_future()
+
+
+def test_the_records_a_write_caused_never_overtake_an_earlier_writers(pipeline):
+    """The rescoring task saves patient 29 and sends its scores; a batch then saves
+    patient 30 and sends its score. The patient's last score on the topic must
+    be the batch's: the scores and changelog records of one write go out
+    before any of the next's, in the order the values were set."""
+    table = pipeline.patients.table
+    producer = _SendLog()
+    # patient-0 last: its score is the last the rescoring task sends.
+    rescored = {f"patient-{i}": b"29" for i in (4, 3, 2, 1, 0)}
+    rescored_scores = [("scores", key.encode(), b"score-29", None) for key in rescored]
+
+    async def race() -> None:
+        rescoring = asyncio.create_task(table.write_many(rescored, producer, rescored_scores))
+        await asyncio.sleep(0)  # the rescoring task holds the send order
+        batch = table.write_many(
+            {"patient-0": b"30"}, producer, [("scores", b"patient-0", b"score-30", None)]
+        )
+        await asyncio.gather(rescoring, batch)
+
+    asyncio.get_event_loop().run_until_complete(race())
+    assert table.get("patient-0") == b"30"
+    changelog = table.changelog_topic.get_topic_name()
+    of_patient_0 = [(topic, value) for topic, key, value in producer.sent
+                    if key in (b"patient-0", b'"patient-0"')]  # fmt: skip
+    assert of_patient_0 == [
+        (changelog, b"29"),
+        ("scores", b"score-29"),
+        (changelog, b"30"),
+        ("scores", b"score-30"),
+    ]
+    assert len(producer.sent) == 2 * len(rescored) + 2

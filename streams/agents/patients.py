@@ -152,18 +152,16 @@ class PatientsService:
                                   if p in arrival])  # fmt: skip
 
     async def write(self, saves: dict[str, bytes], outputs: StepOutputs, trigger: str) -> None:
-        """Save a step's new states (streams.stores.PartitionedByKey.write_many)
-        and send what it caused (dead letters, evidence, transition alerts,
-        scores), then wait until all of it is in Kafka. A failed delivery stops
+        """Save a step's new states and send what it caused (dead letters,
+        evidence, transition alerts, scores) in one ordered section
+        (streams.stores.PartitionedByKey.write_many: the rescoring task's
+        outputs never overtake a batch's, nor the reverse), then wait until
+        all of it is in Kafka. A failed delivery stops
         the worker before the events that caused it are acknowledged, so their
         offsets are never committed past state or output that was lost.
         ``trigger`` says why scores were published ("evidence" or "population")."""
-        producer, topics = self.producer, self.topics
-        futures = await self.table.write_many(saves, producer)
-        for topic, message in outputs.reroutes:
-            futures.append(
-                await producer.send(topic, message.key, message.value, message.partition)
-            )
+        topics = self.topics
+        caused = [(topic, m.key, m.value, m.partition) for topic, m in outputs.reroutes]
         for topic, messages in (
             (topics.deadletter, outputs.dead_letters),
             (topics.population_evidence, outputs.evidence),
@@ -171,10 +169,8 @@ class PatientsService:
             (topics.scores, outputs.scores),
         ):
             name = topic.get_topic_name()
-            for message in messages:
-                futures.append(
-                    await producer.send(name, message.key, message.value, message.partition)
-                )
+            caused.extend((name, m.key, m.value, m.partition) for m in messages)
+        futures = await self.table.write_many(saves, self.producer, caused)
         try:
             await delivered(futures)
         except DeliveryFailed as error:
