@@ -174,7 +174,7 @@ def summarize_patients(
     ``covariates``: each patient's design row (PatientRecord.covariates);
     ``groups``: each patient's groups (PatientRecord.groups), for a posterior
     with further grouping levels."""
-    gram = np.stack([np.asarray(s.gram, dtype=float) for s in stats])
+    gram = np.asarray([s.gram for s in stats], dtype=float)  # one conversion of nested lists
     cohort_mean, cohort_var = posterior.cohort_posterior(cohorts, groups)
     return summarize_given_cohorts(
         posterior.draws,
@@ -371,26 +371,26 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> Composit
     """Weighted mean of the benefit in MCID units over measures with enough data:
     z_m = sign_m b_m / MCID_m, mean Σ w z / Σ w, sd √(Σ w² sd_z²) / Σ w (measures
     treated as independent), 90% interval mean ± 1.645 sd."""
-    usable = [
-        s
-        for s in scores
-        if s.classification != "insufficient_data" and s.mcid > 0 and weights.get(s.measure, 0) > 0
-    ]
-    if not usable:
+    measures = []
+    total = mean = var = 0.0
+    for s in scores:
+        weight = weights.get(s.measure, 0)
+        if s.classification == "insufficient_data" or s.mcid <= 0 or weight <= 0:
+            continue
+        measures.append(s.measure)
+        total += weight
+        effect = s.effect
+        mean += weight * (effect.mean if s.direction == "higher" else -effect.mean) / s.mcid
+        var += (weight * effect.sd / s.mcid) ** 2
+    if not measures:
         return None
-    total = sum(weights[s.measure] for s in usable)
-    mean = sum(
-        weights[s.measure] * (1 if s.direction == "higher" else -1) * s.effect.mean / s.mcid
-        for s in usable
-    )
-    var = sum((weights[s.measure] * s.effect.sd / s.mcid) ** 2 for s in usable)
     mean, sd = mean / total, math.sqrt(var) / total
     return trusted(
         CompositeScore,
         benefit_in_mcid=trusted(
             Interval, mean=mean, sd=sd, lower=mean - Z_LEVEL * sd, upper=mean + Z_LEVEL * sd
         ),
-        measures=[s.measure for s in usable],
+        measures=measures,
     )
 
 
@@ -435,7 +435,10 @@ def efficacy_score(
         f"{s.measure}@{s.population_version}/{s.count_exposed + s.count_unexposed}" for s in scores
     )
     last_times = [s.last_event_time for s in scores if s.last_event_time is not None]
-    return EfficacyScore(
+    # Built without validation (streams.schemas.trusted): every field comes from
+    # validated records and scores, with its type.
+    return trusted(
+        EfficacyScore,
         event_id=bounded_event_id("score", f"{record.patient_id}:{basis}"),
         event_time=max(last_times) if last_times else datetime.now(UTC),
         patient_id=record.patient_id,
