@@ -154,8 +154,9 @@ def mixture_quantiles(means: jax.Array, sds: jax.Array, probs: jax.Array) -> jax
 def _block_summary(
     draws: Hyper,
     gram: jax.Array,
-    cohort_mean: jax.Array,
-    cohort_var: jax.Array,
+    shift_mean: jax.Array,
+    shift_var: jax.Array,
+    shift_index: jax.Array,
     mcid_std: jax.Array,
     sign: jax.Array,
     probs: jax.Array,
@@ -164,9 +165,12 @@ def _block_summary(
 ):
     """Mixture summaries of one block of patients, standardised units.
 
-    cohort_mean, cohort_var: (S, B) posterior of each patient's cohort deviation
-    under each draw; covariates: (B, q) standardised, or None.
+    shift_mean, shift_var: (S, K) posterior moments of group deviations under
+    each draw; shift_index: (B,) the column of each patient's (gathered here, so
+    only the small table and the indices cross to the device); covariates:
+    (B, q) standardised, or None.
     """
+    cohort_mean, cohort_var = shift_mean[:, shift_index], shift_var[:, shift_index]
     comps = jax.vmap(patient_effects_given_theta, in_axes=(0, None, 0, 0, None, None))(
         draws, gram, cohort_mean, cohort_var, config, covariates
     )
@@ -400,14 +404,15 @@ def summarize_effects(
                 groups=jax.device_put(np.asarray(groups, dtype=np.int32)),
             )
         )
+        index = None
     else:
-        u_mean, u_var = through(
+        shift_mean, shift_var = through(
             export_cache,
             "scores.cohort_posteriors",
             partial(cohort_posteriors, num_cohorts=num_cohorts, config=config.structure),
             (num_cohorts, config.structure),
         )(draws, jax.device_put(gram), jax.device_put(cohort), covariates=x)
-        shift_mean, shift_var = np.asarray(u_mean)[:, cohort], np.asarray(u_var)[:, cohort]
+        index = cohort
     return summarize_given_cohorts(
         draws,
         gram,
@@ -415,6 +420,7 @@ def summarize_effects(
         shift_var,
         measure,
         config,
+        shift_index=index,
         level=level,
         block=block,
         covariates=covariates,
@@ -430,13 +436,15 @@ def summarize_given_cohorts(
     measure: MeasureConfig,
     config: ModelConfig,
     *,
+    shift_index: np.ndarray | None = None,
     level: float = 0.9,
     block: int = PATIENT_BLOCK,
     covariates: np.ndarray | None = None,
     export_cache: ExportCache | None = None,
 ) -> EffectSummary:
     """Posterior summaries (raw units) of patients whose cohort-deviation posterior
-    under each draw is given: cohort_mean, cohort_var of shape (S, P);
+    under each draw is given: cohort_mean, cohort_var of shape (S, K), patient
+    i's in column shift_index[i] ((P,); None: K = P, patient i's is column i);
     covariates: (P, q) standardised patient covariates when the model has them.
 
     The streaming worker scores its own patients this way with the cohort
@@ -459,13 +467,27 @@ def summarize_given_cohorts(
         partial(_block_summary, config=config.structure),
         config.structure,
     )
+    # A table indexed by patient (shift_index None: K = P) goes to the device a
+    # block of columns at a time; a table of groups once per call, its columns
+    # padded to a bucket size (one compile per bucket, not per number of groups).
+    per_patient = shift_index is None
+    if not per_patient:
+        columns = np.shape(cohort_mean)[1]
+        pad_columns = ((0, 0), (0, bucket_size(max(columns, 1), SMALL_BUCKET) - columns))
+        table_mean = jax.device_put(np.pad(np.asarray(cohort_mean, dtype=float), pad_columns))
+        table_var = jax.device_put(np.pad(np.asarray(cohort_var, dtype=float), pad_columns))
+        shift_index = np.asarray(shift_index, dtype=np.int32)
     parts = []
     for start in range(0, num_patients, block):
         stop = min(start + block, num_patients)
         pad = block - (stop - start)
         g = np.pad(gram[start:stop], ((0, pad), (0, 0), (0, 0)))
-        c_mean = np.pad(cohort_mean[:, start:stop], ((0, 0), (0, pad)))
-        c_var = np.pad(cohort_var[:, start:stop], ((0, 0), (0, pad)))
+        if per_patient:
+            table_mean = jax.device_put(np.pad(cohort_mean[:, start:stop], ((0, 0), (0, pad))))
+            table_var = jax.device_put(np.pad(cohort_var[:, start:stop], ((0, 0), (0, pad))))
+            index = np.arange(block, dtype=np.int32)
+        else:
+            index = np.pad(shift_index[start:stop], (0, pad))
         x = None
         if covariates is not None:
             x = jax.device_put(
@@ -474,8 +496,9 @@ def summarize_given_cohorts(
         out = block_summary(
             draws,
             jax.device_put(g),
-            jax.device_put(c_mean),
-            jax.device_put(c_var),
+            table_mean,
+            table_var,
+            jax.device_put(index),
             mcid_std,
             sign,
             probs,

@@ -151,6 +151,25 @@ class MeasurePosterior:
         parts = self.groups or LevelPosteriors((self.cohort_mean,), (self.cohort_var,), ())
         return shift_moments_by_level(parts, index.T, prior_var)
 
+    def shift_table(
+        self, cohorts: list[str | None], groups: list[dict[str, str]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """cohort_posterior as a table: (S, K) means and variances and each
+        patient's column (P,), for model.scores.summarize_given_cohorts. Without
+        further grouping levels the columns are the cohorts' and one for a
+        cohort the fit has not seen (its prior N(0, τ_u²)), so only the
+        patients' indices vary with the batch; with levels, each patient's own."""
+        if self.levels:
+            mean, var = self.cohort_posterior(cohorts, groups)
+            return mean, var, np.arange(len(cohorts))
+        num_draws = self.cohort_mean.shape[0]
+        unseen = self.cohort_mean.shape[1]
+        at = self.cohort_index
+        index = np.asarray([unseen if c is None else at.get(c, unseen) for c in cohorts], np.int32)
+        prior_var = np.asarray(self.draws.tau_cohort, dtype=float).reshape(num_draws, 1) ** 2
+        mean = np.concatenate([self.cohort_mean, np.zeros((num_draws, 1))], axis=1)
+        return mean, np.concatenate([self.cohort_var, prior_var], axis=1), index
+
 
 def standardized_covariates(rows: list[list[float]], model: ModelConfig) -> np.ndarray | None:
     """Patients' covariate design rows (natural units) as the model's
@@ -175,14 +194,15 @@ def summarize_patients(
     ``groups``: each patient's groups (PatientRecord.groups), for a posterior
     with further grouping levels."""
     gram = np.asarray([s.gram for s in stats], dtype=float)  # one conversion of nested lists
-    cohort_mean, cohort_var = posterior.cohort_posterior(cohorts, groups)
+    shift_mean, shift_var, shift_index = posterior.shift_table(cohorts, groups)
     return summarize_given_cohorts(
         posterior.draws,
         gram,
-        cohort_mean,
-        cohort_var,
+        shift_mean,
+        shift_var,
         spec.measure_config(),
         model,
+        shift_index=shift_index,
         level=LEVEL,
         block=SCORING_BLOCK,
         covariates=standardized_covariates(covariates, model),
