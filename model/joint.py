@@ -510,3 +510,52 @@ def joint_grams(events: list[Events], config: JointConfig) -> np.ndarray:
         ],
         axis=1,
     )
+
+
+def uncollapsed_model(
+    measure: jax.Array,
+    patient: jax.Array,
+    exposure: jax.Array,
+    time: jax.Array,
+    outcome: jax.Array,
+    num_patients: int,
+    config: JointConfig,
+) -> None:
+    """The joint model with every patient block sampled (non-centred), standardised
+    readings stacked over measures (measure (n,) its index): the NUTS reference.
+    Same priors as ``joint_model``."""
+    priors, count, dim = config.priors, config.num_measures, config.block_dim
+    mu = numpyro.sample(
+        "mu", dist.Normal(0.0, priors.population_mean_sd).expand([count, 2]).to_event(2)
+    )
+    tau = numpyro.sample("tau", dist.HalfNormal(priors.patient_scale).expand([dim]).to_event(1))
+    corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(dim, priors.lkj_concentration))
+    sigma = numpyro.sample(
+        "sigma", dist.HalfNormal(priors.residual_scale).expand([count]).to_event(1)
+    )
+    gamma = jnp.zeros(count)
+    if config.fixed_dim:
+        gamma = numpyro.sample(
+            "gamma", dist.Normal(0.0, priors.trend_sd).expand([count, 1]).to_event(2)
+        )[:, 0]
+    with numpyro.plate("patients", num_patients):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([dim]).to_event(1))
+    blocks = mu.reshape(-1) + z @ (tau[:, None] * corr_chol).T  # (P, D)
+    numpyro.deterministic("effects", blocks[:, EFFECT::2])
+    location = (
+        blocks[patient, 2 * measure]
+        + blocks[patient, 2 * measure + 1] * exposure
+        + gamma[measure] * time
+    )
+    with numpyro.plate("readings", outcome.shape[0]):
+        numpyro.sample("y", dist.Normal(location, sigma[measure]), obs=outcome)
+
+
+def uncollapsed_data(events: list[Events], config: JointConfig) -> tuple[np.ndarray, ...]:
+    """Every measure's standardised readings stacked: (measure, patient,
+    exposure, time, outcome), the data of ``uncollapsed_model``."""
+    parts = []
+    for m, (each, measure) in enumerate(zip(events, config.measures, strict=True)):
+        y, x, t = measure.standardization.apply(each.outcome, each.exposure, each.time)
+        parts.append((np.full(y.size, m), each.patient, x, t, y))
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
