@@ -49,6 +49,7 @@ Linear in r_i, it is Gaussian given θ: mean wᵀ(E r_i − μ), variance wᵀ C
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -62,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from model.config import ModelConfig, PriorConfig, Standardization, SVIConfig
 from model.events import Events
 from model.evidence import events_stats
-from model.likelihood import EFFECT, adjusted_data, sum_over_patients
+from model.likelihood import EFFECT, Mat2, adjusted_data, sum_over_patients
 from model.population import (
     MIN_COHORT_BUCKET,
     MIN_PATIENT_BUCKET,
@@ -177,12 +178,12 @@ class JointHyper(NamedTuple):
 
 
 class BlockData(NamedTuple):
-    """A patient block's Gaussian likelihood given θ, patients first:
-    precision (P, D, D) block diagonal, information (P, D), c (P,) (Σ_m c_im) and
-    the normalising term −½ Σ_m n_im log(2πσ_m²) (P,)."""
+    """A patient block's Gaussian likelihood given θ, each entry a (P,) array:
+    ``precision[m]`` measure m's 2×2 block of P_i (Mat2), ``information`` the D
+    entries of h_i, ``c`` Σ_m c_im and ``log_norm`` −½ Σ_m n_im log(2πσ_m²)."""
 
-    precision: jax.Array
-    information: jax.Array
+    precision: list[Mat2]
+    information: list[jax.Array]
     c: jax.Array
     log_norm: jax.Array
 
@@ -190,36 +191,28 @@ class BlockData(NamedTuple):
 def block_data(theta: JointHyper, gram: jax.Array, config: JointConfig) -> BlockData:
     """Each measure's statistics of y − Zγ (model.likelihood.adjusted_data) put
     together into the patient block's likelihood. gram: (P, M, d, d)."""
-    count = gram.shape[0]
-    dim = config.block_dim
-    precision = jnp.zeros((count, dim, dim), dtype=gram.dtype)
-    information, c, log_norm = [], 0.0, 0.0
+    precision, information, c, log_norm = [], [], 0.0, 0.0
     for m, measure in enumerate(config.measures):
         data = adjusted_data(theta.gamma[m], gram[:, m], measure)
         variance = theta.sigma[m] ** 2
-        block = jnp.stack(
-            [jnp.stack([data.wtw.a, data.wtw.b], -1), jnp.stack([data.wtw.c, data.wtw.d], -1)],
-            -2,
-        )
-        precision = precision.at[:, 2 * m : 2 * m + 2, 2 * m : 2 * m + 2].set(block / variance)
+        precision.append(Mat2(*(component / variance for component in data.wtw)))
         information.extend([data.wy0 / variance, data.wy1 / variance])
         c = c + data.yy / variance
         log_norm = log_norm - 0.5 * data.n * jnp.log(2.0 * jnp.pi * variance)
-    return BlockData(precision, jnp.stack(information, -1), c, log_norm)
+    return BlockData(precision, information, c, log_norm)
 
 
-def _cholesky_rows(matrix: jax.Array) -> list[list[jax.Array]]:
-    """Lower Cholesky factor of (P, D, D) positive-definite matrices, unrolled
-    over the D(D+1)/2 entries as (P,) arrays: elementwise work XLA fuses, where
-    batched LAPACK calls of tiny matrices cost a call per patient."""
-    dim = matrix.shape[-1]
+def _cholesky_rows(entry: Callable[[int, int], jax.Array], dim: int) -> list[list[jax.Array]]:
+    """Lower Cholesky factor of positive-definite D×D matrices given by
+    ``entry(i, j)`` (i ≥ j, (P,) arrays), unrolled over the D(D+1)/2 entries:
+    elementwise work XLA fuses, where batched LAPACK calls of tiny matrices cost
+    a call per patient."""
     rows: list[list[jax.Array]] = [[] for _ in range(dim)]
     for j in range(dim):
-        diagonal = matrix[:, j, j] - sum((rows[j][k] ** 2 for k in range(j)), start=0.0)
-        root = jnp.sqrt(diagonal)
+        root = jnp.sqrt(entry(j, j) - sum((rows[j][k] ** 2 for k in range(j)), start=0.0))
         rows[j].append(root)
         for i in range(j + 1, dim):
-            off = matrix[:, i, j] - sum((rows[i][k] * rows[j][k] for k in range(j)), start=0.0)
+            off = entry(i, j) - sum((rows[i][k] * rows[j][k] for k in range(j)), start=0.0)
             rows[i].append(off / root)
     return rows
 
@@ -244,25 +237,39 @@ class BlockTerms(NamedTuple):
 
 
 def block_terms(theta: JointHyper, gram: jax.Array, config: JointConfig) -> BlockTerms:
-    """The patient step (module docstring) for every patient; θ without draw axes."""
+    """The patient step (module docstring) for every patient; θ without draw axes.
+
+    Written out entry by entry over (P,) arrays: LᵀPL sums, for each measure's
+    2×2 block of P, the products with L's rows of that block (L is lower
+    triangular, so entries above its diagonal are skipped), then C and C⁻¹Lᵀh_μ
+    are unrolled. Every step is elementwise over patients."""
     data = block_data(theta, gram, config)
-    mu = theta.mu.reshape(-1)  # (D,) in block order
-    chol = theta.covariance_chol
-    p_mu = data.precision @ mu
-    h_mu = data.information - p_mu
-    c_mu = data.c - 2.0 * data.information @ mu + p_mu @ mu
     dim = config.block_dim
-    lpl = jnp.einsum("aj,pab,bk->pjk", chol, data.precision, chol)
-    factor = _cholesky_rows(lpl + jnp.eye(dim, dtype=lpl.dtype))
-    projected = h_mu @ chol  # Lᵀh_μ, (P, D)
-    whitened = _forward_solve(factor, [projected[:, j] for j in range(dim)])
+    mu = theta.mu.reshape(-1)
+    chol = theta.covariance_chol
+    h_mu, c_mu = [], data.c
+    for m, block in enumerate(data.precision):
+        p_mu0, p_mu1 = block.apply(mu[2 * m], mu[2 * m + 1])
+        h0, h1 = data.information[2 * m], data.information[2 * m + 1]
+        h_mu.extend([h0 - p_mu0, h1 - p_mu1])
+        c_mu = c_mu - 2.0 * (h0 * mu[2 * m] + h1 * mu[2 * m + 1])
+        c_mu = c_mu + mu[2 * m] * p_mu0 + mu[2 * m + 1] * p_mu1
+    entries = {}  # (j, k), j ≥ k: (I + LᵀPL)_jk
+    for j in range(dim):
+        for k in range(j + 1):
+            total = jnp.full_like(data.c, float(j == k))
+            for m, block in enumerate(data.precision):
+                rows = (2 * m, 2 * m + 1)
+                for u, a in enumerate(rows):
+                    for v, b in enumerate(rows):
+                        if a >= j and b >= k:  # L[a, j] and L[b, k] not structurally 0
+                            total = total + chol[a, j] * block[2 * u + v] * chol[b, k]
+            entries[j, k] = total
+    factor = _cholesky_rows(lambda j, k: entries[j, k], dim)
+    projected = [sum(chol[a, j] * h_mu[a] for a in range(j, dim)) for j in range(dim)]  # Lᵀh_μ
+    whitened = _forward_solve(factor, projected)
     logdet = 2.0 * sum(jnp.log(factor[j][j]) for j in range(dim))
-    value = (
-        data.log_norm
-        - 0.5 * c_mu
-        - 0.5 * logdet
-        + 0.5 * sum(component**2 for component in whitened)
-    )
+    value = data.log_norm - 0.5 * c_mu - 0.5 * logdet + 0.5 * sum(part**2 for part in whitened)
     return BlockTerms(value, whitened, factor)
 
 
