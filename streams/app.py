@@ -105,12 +105,13 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     loop_lag.install(app, telemetry)
     models = measure_models(catalogue, settings)
     posteriors = PosteriorBook()
-    patients_service = patients.PatientsService(
-        app, topics, catalogue, models, posteriors, settings, telemetry
-    )
     population_service = population.PopulationService(
         app, topics, models, posteriors, settings, telemetry, drift=settings.drift,
         catalogue=catalogue,
+    )  # fmt: skip
+    patients_service = patients.PatientsService(
+        app, topics, catalogue, models, posteriors, settings, telemetry,
+        paused=lambda: population_service.rebuilding,
     )  # fmt: skip
     patients.register(app, patients_service)
     population.register(app, population_service)

@@ -124,3 +124,40 @@ def test_evidence_counting_fewer_readings_than_the_book_holds_is_a_stale_copy():
     assert (after.gram == before.gram).all() and book.changes_since_fit == 1
     moved = newer.model_copy(update={"cohort": "elsewhere"})
     assert book.put(moved) and book.snapshot()[2] == [newer.cohort, "elsewhere"]
+
+
+def test_each_measure_is_fitted_before_the_next_book_is_rebuilt(monkeypatch):
+    """After a start, the first posterior waits for one book's rebuild, not for
+    every measure's: the tick rebuilds and fits measure by measure."""
+    app = faust.App("tick-order-test", broker="kafka://127.0.0.1:9", web_enabled=False)
+    measures = ["first", "second"]
+    service = PopulationService(
+        app,
+        SimpleNamespace(),  # type: ignore[arg-type]
+        dict.fromkeys(measures, STREAM_MODEL),
+        PosteriorBook(),
+        Settings(),
+        Telemetry(),
+    )
+    service.owns = lambda measure: True  # type: ignore[method-assign]
+    evidence = _evidence(8, num_patients=20, num_cohorts=2, obs_per_patient=4)
+    for measure in measures:
+        for item in evidence:
+            value = item.model_copy(update={"measure": measure}).model_dump_json().encode()
+            service.table.data[f"{measure}/{item.patient_id}"] = value
+    calls: list[tuple[str, str]] = []
+    rebuild = service.rebuild_book
+
+    async def rebuild_and_note(measure: str) -> None:
+        await rebuild(measure)
+        calls.append(("rebuild", measure))
+
+    async def note_fit(measure: str, book) -> None:
+        assert book.num_patients == len(evidence)
+        calls.append(("fit", measure))
+
+    monkeypatch.setattr(service, "rebuild_book", rebuild_and_note)
+    monkeypatch.setattr(service, "fit", note_fit)
+    asyncio.run(service._tick())
+    assert calls == [("rebuild", "first"), ("fit", "first"), ("rebuild", "second"),
+                     ("fit", "second")]  # fmt: skip

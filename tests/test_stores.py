@@ -148,3 +148,22 @@ def test_the_records_a_write_caused_never_overtake_an_earlier_writers(pipeline):
         ("scores", b"score-30"),
     ]
     assert len(producer.sent) == 2 * len(rescored) + 2
+
+
+def test_rescoring_waits_while_the_population_agent_rebuilds_a_book(pipeline):
+    """A chunk of rescoring holds the loop for a good part of a second: while a
+    book is rebuilt (a start, a rebalance), rescoring waits its turn, so the
+    rebuild and the fit after it are not sliced between rescoring chunks."""
+    patients, population = pipeline.patients, pipeline.population
+
+    async def scenario() -> tuple[bool, bool]:
+        population._rebuilding["resting_heart_rate"] = []
+        waiting = asyncio.create_task(patients.turn_to_rescore())
+        await asyncio.sleep(0.3)
+        waited = not waiting.done()
+        del population._rebuilding["resting_heart_rate"]
+        await asyncio.wait_for(waiting, timeout=5)
+        return waited, waiting.done()
+
+    waited, went_on = asyncio.get_event_loop().run_until_complete(scenario())
+    assert waited and went_on

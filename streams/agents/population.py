@@ -198,6 +198,14 @@ class PopulationService:
             del self._rebuilding[measure]
         self.books[measure] = book
 
+    @property
+    def rebuilding(self) -> bool:
+        """A book is being rebuilt (this worker became a measure's owner). The
+        rescoring after a posterior waits meanwhile (PatientsService.paused): the
+        fit that follows the rebuild comes first, and brings the posterior that
+        rescoring would otherwise do again."""
+        return bool(self._rebuilding)
+
     def ready(self) -> bool:
         """The table is recovered and the posterior feed has read what is
         published (the version to continue, the evidence already fitted)."""
@@ -217,14 +225,22 @@ class PopulationService:
             self._ticking = False
 
     async def _tick(self) -> None:
+        """Each owned measure in turn: its book rebuilt if it is newly owned, then
+        fitted if it has new evidence. One measure's rebuild and fit before the
+        next's rebuild, so the first posterior after a start waits for one
+        book, not all of them."""
         owned = {measure for measure in self.models if self.owns(measure)}
-        for measure in owned - self._owned:
-            await self.rebuild_book(measure)
-            # The first structure selection comes one interval after ownership starts.
-            self._last_selection[measure] = (time.monotonic(), "")
-        self._owned = owned
-        for measure, book in list(self.books.items()):
-            if book.changes_since_fit == 0 or not self.owns(measure):
+        self._owned &= owned  # measures a rebalance moved away
+        for measure in self.models:
+            if measure not in owned:
+                continue
+            if measure not in self._owned:
+                await self.rebuild_book(measure)
+                self._owned.add(measure)
+                # The first structure selection comes one interval after ownership starts.
+                self._last_selection[measure] = (time.monotonic(), "")
+            book = self.books.get(measure)
+            if book is None or book.changes_since_fit == 0 or not self.owns(measure):
                 continue
             if book.num_patients < self.settings.population_min_patients:
                 continue
