@@ -128,7 +128,8 @@ def test_evidence_counting_fewer_readings_than_the_book_holds_is_a_stale_copy():
 
 def test_each_measure_is_fitted_before_the_next_book_is_rebuilt(monkeypatch):
     """After a start, the first posterior waits for one book's rebuild, not for
-    every measure's: the tick rebuilds and fits measure by measure."""
+    every measure's: the tick rebuilds and fits measure by measure, taking over
+    (rescoring waits) until the last newly owned measure is fitted."""
     app = faust.App("tick-order-test", broker="kafka://127.0.0.1:9", web_enabled=False)
     measures = ["first", "second"]
     service = PopulationService(
@@ -151,13 +152,18 @@ def test_each_measure_is_fitted_before_the_next_book_is_rebuilt(monkeypatch):
     async def rebuild_and_note(measure: str) -> None:
         await rebuild(measure)
         calls.append(("rebuild", measure))
+        assert service.taking_over  # rescoring waits (PatientsService.paused)
 
     async def note_fit(measure: str, book) -> None:
         assert book.num_patients == len(evidence)
         calls.append(("fit", measure))
+        assert service.taking_over
 
     monkeypatch.setattr(service, "rebuild_book", rebuild_and_note)
     monkeypatch.setattr(service, "fit", note_fit)
     asyncio.run(service._tick())
     assert calls == [("rebuild", "first"), ("fit", "first"), ("rebuild", "second"),
                      ("fit", "second")]  # fmt: skip
+    assert not service.taking_over
+    asyncio.run(service._tick())  # nothing newly owned: rescoring need not wait
+    assert not service.taking_over and len(calls) == 4

@@ -113,6 +113,7 @@ class PopulationService:
         self._fitting = asyncio.Lock()
         self._ticking = False
         self._owned: set[str] = set()  # measures owned at the last tick
+        self._taking_over = False
         self._rebuilding: dict[str, list[EvidenceBatch]] = {}  # batches taken meanwhile
         self.selection_fitters: FitterCache = {}  # compiled, shared by all measures
         self._last_selection: dict[str, tuple[float, str]] = {}  # (monotonic start, digest)
@@ -182,6 +183,7 @@ class PopulationService:
         self.detectors.pop(measure, None)  # references of an earlier ownership
         book = PopulationBook(measure, self.models[measure])
         self._rebuilding[measure] = pending = []
+        started = time.monotonic()
         try:
             prefix = f"{measure}/"
             keys = [key for key in list(self.table.keys()) if key.startswith(prefix)]
@@ -197,14 +199,22 @@ class PopulationService:
         finally:
             del self._rebuilding[measure]
         self.books[measure] = book
+        log.info(
+            "population book of %s rebuilt: %d patients in %.1f s",
+            measure,
+            book.num_patients,
+            time.monotonic() - started,
+        )
 
     @property
-    def rebuilding(self) -> bool:
-        """A book is being rebuilt (this worker became a measure's owner). The
-        rescoring after a posterior waits meanwhile (PatientsService.paused): the
-        fit that follows the rebuild comes first, and brings the posterior that
-        rescoring would otherwise do again."""
-        return bool(self._rebuilding)
+    def taking_over(self) -> bool:
+        """This worker is rebuilding and fitting measures it newly owns (a start,
+        a restart, a rebalance): one tick. Rescoring after a posterior waits
+        meanwhile (PatientsService.paused): the posteriors these fits bring
+        supersede the ones it would rescore for, and rescoring on the event loop
+        starves the fit's thread of the GIL (a restart at 20k patients: a
+        7-second fit took a minute)."""
+        return self._taking_over
 
     def ready(self) -> bool:
         """The table is recovered and the posterior feed has read what is
@@ -231,6 +241,13 @@ class PopulationService:
         book, not all of them."""
         owned = {measure for measure in self.models if self.owns(measure)}
         self._owned &= owned  # measures a rebalance moved away
+        self._taking_over = bool(owned - self._owned)
+        try:
+            await self._fit_owned(owned)
+        finally:
+            self._taking_over = False
+
+    async def _fit_owned(self, owned: set[str]) -> None:
         for measure in self.models:
             if measure not in owned:
                 continue
