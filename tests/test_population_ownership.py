@@ -151,19 +151,20 @@ def test_each_measure_is_fitted_before_the_next_book_is_rebuilt(monkeypatch):
 
     async def rebuild_and_note(measure: str) -> None:
         await rebuild(measure)
-        calls.append(("rebuild", measure))
-        assert service.taking_over  # rescoring waits (PatientsService.paused)
+        calls.append(("rebuild", measure, service.taking_over))
 
     async def note_fit(measure: str, book) -> None:
         assert book.num_patients == len(evidence)
-        calls.append(("fit", measure))
-        assert service.taking_over
+        calls.append(("fit", measure, service.taking_over))
+        book.changes_since_fit = 0
 
     monkeypatch.setattr(service, "rebuild_book", rebuild_and_note)
     monkeypatch.setattr(service, "fit", note_fit)
     asyncio.run(service._tick())
-    assert calls == [("rebuild", "first"), ("fit", "first"), ("rebuild", "second"),
-                     ("fit", "second")]  # fmt: skip
+    # taking over (rescoring waits: PatientsService.paused) until the last fit
+    assert calls == [("rebuild", "first", True), ("fit", "first", True),
+                     ("rebuild", "second", True), ("fit", "second", True)]  # fmt: skip
     assert not service.taking_over
-    asyncio.run(service._tick())  # nothing newly owned: rescoring need not wait
-    assert not service.taking_over and len(calls) == 4
+    service.books["first"].changes_since_fit = 1  # new evidence, nothing newly owned
+    asyncio.run(service._tick())
+    assert calls[4:] == [("fit", "first", False)] and not service.taking_over
