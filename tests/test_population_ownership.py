@@ -128,8 +128,8 @@ def test_evidence_counting_fewer_readings_than_the_book_holds_is_a_stale_copy():
 
 def test_each_measure_is_fitted_before_the_next_book_is_rebuilt(monkeypatch):
     """After a start, the first posterior waits for one book's rebuild, not for
-    every measure's: the tick rebuilds and fits measure by measure, taking over
-    (rescoring waits) until the last newly owned measure is fitted."""
+    every measure's: the tick rebuilds and fits measure by measure, newly owned
+    measures with a published posterior first."""
     app = faust.App("tick-order-test", broker="kafka://127.0.0.1:9", web_enabled=False)
     measures = ["first", "second"]
     service = PopulationService(
@@ -141,6 +141,8 @@ def test_each_measure_is_fitted_before_the_next_book_is_rebuilt(monkeypatch):
         Telemetry(),
     )
     service.owns = lambda measure: True  # type: ignore[method-assign]
+    # "second" has a published posterior (a restart: its fit is warm), "first" not.
+    service.posteriors.messages["second"] = None  # type: ignore[assignment]
     evidence = _evidence(8, num_patients=20, num_cohorts=2, obs_per_patient=4)
     for measure in measures:
         for item in evidence:
@@ -161,9 +163,10 @@ def test_each_measure_is_fitted_before_the_next_book_is_rebuilt(monkeypatch):
     monkeypatch.setattr(service, "rebuild_book", rebuild_and_note)
     monkeypatch.setattr(service, "fit", note_fit)
     asyncio.run(service._tick())
-    # taking over (rescoring waits: PatientsService.paused) until the last fit
-    assert calls == [("rebuild", "first", True), ("fit", "first", True),
-                     ("rebuild", "second", True), ("fit", "second", True)]  # fmt: skip
+    # The warm measure first, taking over (rescoring waits: PatientsService.paused)
+    # until it is fitted; the cold one's first fit does not hold rescoring up.
+    assert calls == [("rebuild", "second", True), ("fit", "second", True),
+                     ("rebuild", "first", False), ("fit", "first", False)]  # fmt: skip
     assert not service.taking_over
     service.books["first"].changes_since_fit = 1  # new evidence, nothing newly owned
     asyncio.run(service._tick())

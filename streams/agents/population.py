@@ -208,12 +208,13 @@ class PopulationService:
 
     @property
     def taking_over(self) -> bool:
-        """This worker is rebuilding and fitting measures it newly owns (a start,
-        a restart, a rebalance): one tick. Rescoring after a posterior waits
-        meanwhile (PatientsService.paused): the posteriors these fits bring
-        supersede the ones it would rescore for, and rescoring on the event loop
-        starves the fit's thread of the GIL (a restart at 20k patients: a
-        7-second fit took a minute)."""
+        """This worker is rebuilding and fitting measures it newly owns that have
+        a published posterior (a restart, a rebalance; warm fits of seconds).
+        Rescoring after a posterior waits meanwhile (PatientsService.paused):
+        the posteriors these fits bring supersede the ones it would rescore for,
+        and rescoring on the event loop starves the fit's thread of the GIL (a
+        restart at 20k patients: a 7-second fit took a minute). Cold first fits
+        (minutes at scale) do not hold rescoring up."""
         return self._taking_over
 
     def ready(self) -> bool:
@@ -238,34 +239,41 @@ class PopulationService:
         """Each owned measure in turn: its book rebuilt if it is newly owned, then
         fitted if it has new evidence. One measure's rebuild and fit before the
         next's rebuild, so the first posterior after a start waits for one
-        book, not all of them."""
+        book, not all of them. Newly owned measures with a published posterior
+        go first: their fits are warm (seconds), and rescoring waits for them
+        (``taking_over``)."""
         owned = {measure for measure in self.models if self.owns(measure)}
         self._owned &= owned  # measures a rebalance moved away
-        self._taking_over = bool(owned - self._owned)
+        warm = [
+            m for m in self.models if m in owned - self._owned and m in self.posteriors.messages
+        ]
+        order = warm + [m for m in self.models if m in owned and m not in warm]
+        self._taking_over = bool(warm)
         try:
-            await self._fit_owned(owned)
+            for measure in order:
+                await self._tick_measure(measure)
+                if measure in warm:
+                    warm.remove(measure)
+                    self._taking_over = bool(warm)
         finally:
             self._taking_over = False
 
-    async def _fit_owned(self, owned: set[str]) -> None:
-        for measure in self.models:
-            if measure not in owned:
-                continue
-            if measure not in self._owned:
-                await self.rebuild_book(measure)
-                self._owned.add(measure)
-                # The first structure selection comes one interval after ownership starts.
-                self._last_selection[measure] = (time.monotonic(), "")
-            book = self.books.get(measure)
-            if book is None or book.changes_since_fit == 0 or not self.owns(measure):
-                continue
-            if book.num_patients < self.settings.population_min_patients:
-                continue
-            try:
-                await self.fit(measure, book)
-            except Exception:  # keep the agent alive; the next tick retries
-                log.exception("population update of %s failed", measure)
-                book.changes_since_fit += 1
+    async def _tick_measure(self, measure: str) -> None:
+        if measure not in self._owned:
+            await self.rebuild_book(measure)
+            self._owned.add(measure)
+            # The first structure selection comes one interval after ownership starts.
+            self._last_selection[measure] = (time.monotonic(), "")
+        book = self.books.get(measure)
+        if book is None or book.changes_since_fit == 0 or not self.owns(measure):
+            return
+        if book.num_patients < self.settings.population_min_patients:
+            return
+        try:
+            await self.fit(measure, book)
+        except Exception:  # keep the agent alive; the next tick retries
+            log.exception("population update of %s failed", measure)
+            book.changes_since_fit += 1
 
     async def fit(self, measure: str, book: PopulationBook) -> None:
         model = self.fits.get(measure)
