@@ -29,6 +29,7 @@ from faust.types import TP
 
 from model.config import DecisionRule, ModelConfig, SVIConfig
 from model.evidence import PatientStats
+from model.exported import ExportCache
 from model.selection import FitterCache
 from monitoring.drift import (
     DriftConfig,
@@ -101,7 +102,10 @@ class PopulationService:
         self.settings = settings
         self.telemetry = telemetry
         self.svi = svi
-        self.fitters = FitterPool(svi)  # shared by all measures: one compile per shape
+        # Shared by all measures: one compile per shape; the traced programs kept
+        # next to JAX's compilation cache (model.exported), so a restart does not
+        # trace them again.
+        self.fitters = FitterPool(svi, ExportCache.beside(settings.compilation_cache_dir))
         self.books: dict[str, PopulationBook] = {}
         self.fits: dict[str, PopulationModel] = {}
         self.recent_fits: dict[str, PopulationModel] = {}  # recent-window fits
