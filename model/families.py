@@ -63,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from model.config import ModelConfig
+from model.config import CELLS, ModelConfig
+from model.evidence import PatientStats
 from model.likelihood import (
     EFFECT,
     Hyper,
@@ -75,8 +76,6 @@ from model.likelihood import (
 )
 
 Family = Literal["gaussian", "bernoulli", "poisson"]
-#: Cell statistics per patient: (n_0, s_0, n_1, s_1, k), see the module docstring.
-CELLS = 5
 NEWTON_STEPS = 4
 ROUNDS = 4
 #: Candidate step lengths of the damped Newton step: the best of them is taken
@@ -212,6 +211,39 @@ def add_cell_reading(
     updated[cell + 1] += new * outcome
     updated[4] += new * constant
     return updated, reference
+
+
+def family_stats_from_events(
+    num_patients: int,
+    patient: np.ndarray,
+    exposure: np.ndarray,
+    time: np.ndarray,
+    outcome: np.ndarray,
+    config: ModelConfig,
+) -> PatientStats:
+    """Batch computation of every patient's cell statistics as PatientStats
+    (``gram`` (P, CELLS)), the family's model.evidence.stats_from_events: each
+    patient's reference time is its latest reading, weights are
+    2^(−(T − t)/half_life) (config.half_life), and a reading counts as exposed
+    when its exposure is not 0 (a dose or a partial adherence is exposure: the
+    cells are binary). FamilyError for outcomes the family cannot take."""
+    patient = np.asarray(patient, dtype=np.int64)
+    time = np.asarray(time, dtype=float)
+    exposed = np.asarray(exposure, dtype=float) != 0.0
+    reference = np.full(num_patients, -np.inf)
+    np.maximum.at(reference, patient, time)
+    weights = None
+    if config.half_life is not None:
+        weights = np.exp2(-(reference[patient] - time) / config.half_life)
+    cells = cell_stats(
+        num_patients, patient, exposed.astype(float), outcome, config.family, weights=weights
+    )
+    return PatientStats(
+        gram=cells,
+        reference_time=reference,
+        count_exposed=np.bincount(patient[exposed], minlength=num_patients),
+        count_unexposed=np.bincount(patient[~exposed], minlength=num_patients),
+    )
 
 
 def _log_partition(eta: jax.Array, family: Family) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -344,9 +344,10 @@ class PatientEvidence(BaseModel):
     measure: str = Field(description="the measure")
     patient_id: PatientId
     cohort: str = Field(description="the patient's cohort")
-    gram: list[list[float]] = Field(
+    gram: list[list[float]] | list[float] = Field(
         description="sufficient statistics: the Gram matrix of the design columns and the "
-        "outcome, standardised, under the long forgetting"
+        "outcome, standardised, under the long forgetting; for a Bernoulli or Poisson "
+        "measure its five cell statistics (n_0, s_0, n_1, s_1, k: model.families)"
     )
     reference_time: float = Field(
         description="the time (standardised) the forgetting weights are relative to"
