@@ -70,6 +70,7 @@ from model.likelihood import (
     Hyper,
     Mat2,
     _collapsed_value,
+    cohort_effect_posterior,
     patient_shift_posterior,
     patient_terms,
     prior_means,
@@ -486,4 +487,61 @@ def local_posterior(
         shrinkage=load1,
         expected=jnp.broadcast_to(prior_means(theta, covariates)[EFFECT], mean1.shape),
         shift=shift_mean,
+    )
+
+
+def local_posterior_given_shift(
+    theta: Hyper,
+    cells: jax.Array,
+    shift_mean: jax.Array,
+    shift_var: jax.Array,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+    steps: int = ROUNDS * NEWTON_STEPS,
+) -> LocalPosterior:
+    """Every patient's posterior of (a_i, b_i) given θ when its total group
+    shift's posterior N(shift_mean, shift_var) (P,) is given, as the streaming
+    worker scores a patient with the cohort posteriors the population agent
+    published (family_cohort_posteriors). The patient's log-likelihood is
+    expanded at its conditional mode given the shift at its mean (``steps``
+    damped Newton steps from the prior mean: as many as ``expand``'s search
+    takes), which is the joint mode's patient part when the shift's mean is the
+    joint mode's; then as local_posterior."""
+    family = config.family
+    mean0, mean1 = prior_means(theta, covariates)
+    mean0 = jnp.broadcast_to(mean0, cells.shape[:1])
+    mean1 = jnp.broadcast_to(mean1, cells.shape[:1]) + shift_mean
+    mode = conditional_mode(theta, cells, mean0, mean1, (mean0, mean1), family, steps)
+    gauss = gaussian_theta(theta)
+    terms = patient_terms(gauss, pseudo_gram(*mode, cells, family), config, covariates)
+    load0, load1 = terms.m_inv_s.b, terms.m_inv_s.d
+    return LocalPosterior(
+        mean0=terms.cond_mean[0] + load0 * shift_mean,
+        mean1=terms.cond_mean[EFFECT] + load1 * shift_mean,
+        var0=terms.m_inv.a + shift_var * load0**2,
+        cov01=terms.m_inv.b + shift_var * load0 * load1,
+        var1=terms.m_inv.d + shift_var * load1**2,
+        shrinkage=load1,
+        expected=jnp.broadcast_to(prior_means(theta, covariates)[EFFECT], cells.shape[:1]),
+        shift=shift_mean,
+    )
+
+
+def cohort_effect_posterior_laplace(
+    theta: Hyper,
+    cells: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Posterior (mean, variance) of every cohort deviation given θ and every
+    patient's cells, (num_cohorts,) each: the Gaussian one of the expansion at
+    the joint mode (model.likelihood.cohort_effect_posterior of ``expand``'s
+    pseudo-Gram matrices). Cohort level only (no further grouping levels)."""
+    if config.grouping_levels:
+        raise FamilyError("cohort posteriors of a family measure: no further grouping levels")
+    expansion = expand(theta, cells, cohort, num_cohorts, config, covariates)
+    return cohort_effect_posterior(
+        gaussian_theta(theta), expansion.gram, cohort, num_cohorts, config, covariates
     )
