@@ -50,16 +50,14 @@ class Pipeline:
 
 
 def measure_models(catalogue: Catalogue, settings: Settings) -> dict[str, ModelConfig]:
-    """The streaming ModelConfig of every catalogue measure.
-
-    Bernoulli and Poisson measures have a model (MeasureSpec.model_config_for)
-    and their patients' records keep cell statistics, but the population and
-    scoring sides do not carry them yet: CatalogueError for them."""
+    """The streaming ModelConfig of every catalogue measure. A Bernoulli or
+    Poisson measure with further grouping levels is not streamed (its cohort
+    posteriors are published for the cohort level only): CatalogueError."""
     for spec in catalogue.measures.values():
-        if spec.family != "gaussian":
+        if spec.family != "gaussian" and spec.grouping_levels:
             raise CatalogueError(
-                f"{spec.name}: {spec.family} measures are not streamed yet (the population "
-                "agent and scoring carry Gaussian statistics); fit them with efficacy fit "
+                f"{spec.name}: a {spec.family} measure is streamed with the cohort level only, "
+                f"not grouping_levels {list(spec.grouping_levels)}; fit it with efficacy fit "
                 f"--family {spec.family}"
             )
     origin_days = settings.time_origin.timestamp() / 86400.0

@@ -14,7 +14,6 @@ import pytest
 
 from model.families import add_cell_reading, cell_stats, family_stats_from_events
 from streams.app import measure_models
-from streams.catalogue import CatalogueError
 from streams.patient_state import RECENT_KEEP, PatientRecord, apply_event, days, patient_evidence
 from streams.schemas import Enrollment, EnrollmentRecord, ExposureChange, Observation, Origin
 from streams.settings import Settings
@@ -22,6 +21,7 @@ from tests.test_families_catalogue import catalogue
 
 SETTINGS = Settings(max_age_days=36500.0)
 START = datetime(2025, 1, 1, tzinfo=UTC)
+DRAWS = 100
 
 
 def models_of(tmp_path, half_life=None):
@@ -49,8 +49,7 @@ def test_a_family_measure_streams_cells_without_trend_window_or_standardisation(
         std = model.standardization
         assert (std.outcome_location, std.outcome_scale, std.exposure_scale) == (0.0, 1.0, 1.0)
         assert model.stat_shape == (5,)
-    with pytest.raises(CatalogueError, match="not streamed yet"):
-        measure_models(catalogue(tmp_path), SETTINGS)
+    assert measure_models(catalogue(tmp_path), SETTINGS)["symptom_today"].family == "bernoulli"
 
 
 def test_family_stats_from_events_are_the_weighted_cells():
@@ -163,3 +162,84 @@ def test_a_record_keeps_the_batch_cells_in_any_order(tmp_path, half_life, shuffl
         assert stats.count_unexposed == int(times.size - exposure.sum())
         evidence = patient_evidence(records[pid], measure, model)
         assert evidence.gram == stats.gram and evidence.recent_gram is None
+
+
+def test_the_book_fits_and_the_stream_scores_a_family_measure_as_the_offline_fit(tmp_path):
+    """A simulated binary programme (40 patients, 4 cohorts, 30 readings each)
+    through the population side: every patient's cells into the PopulationBook,
+    the warm-started streaming fit, the published posterior message, and the
+    scoring step (streams.scoring.measure_scores) on the declared odds-ratio
+    scale, against the offline fit (model.offline.fit_programme, what ``efficacy
+    fit --family`` runs) on the same readings.
+
+    Tolerances: both are variational fits of the same Laplace likelihood with
+    different keys and step schedules, summarised over DRAWS = 100 draws of θ
+    each: their patient means differ by a fraction of a posterior sd (Monte
+    Carlo error of each mixture's mean is ≲ 0.1 sd); a wrong likelihood, cell layout, scale or
+    cohort posterior moves them by well over 1 sd (the effect's sign and size
+    vary across patients: odds ratios from ~0.4 to ~4)."""
+    from model.config import DecisionRule, SVIConfig
+    from model.families import cell_stats
+    from model.offline import fit_programme
+    from model.simulate import ProgrammeSpec, simulate_family
+    from streams.patient_state import MeasureStats
+    from streams.population_book import PopulationBook, PopulationModel
+    from streams.schemas import PatientEvidence
+    from streams.scoring import MeasurePosterior, measure_scores
+
+    loaded = catalogue(tmp_path)
+    spec = loaded.get("symptom_today")
+    model = models_of(tmp_path)["symptom_today"]
+    sim = simulate_family(
+        ProgrammeSpec(
+            num_patients=40, num_cohorts=4, obs_per_patient=30, intercept=-0.5, effect=0.8,
+            intercept_sd=0.7, effect_sd=0.6, cohort_effect_sd=0.3, correlation=-0.2,
+            baseline_fraction=0.5,
+        ),
+        "bernoulli",
+        seed=5,
+    )  # fmt: skip
+    events = sim.events
+    cells = cell_stats(events.num_patients, events.patient, events.exposure, events.outcome,
+                       "bernoulli")  # fmt: skip
+    exposed = np.bincount(events.patient[events.exposure > 0], minlength=events.num_patients)
+    total = np.bincount(events.patient, minlength=events.num_patients)
+    book = PopulationBook("symptom_today", model)
+    stats, cohorts = [], []
+    for i in range(events.num_patients):
+        cohort = f"c{events.cohort_of_patient[i]}"
+        book.put(PatientEvidence(
+            measure="symptom_today", patient_id=f"p{i}", cohort=cohort, gram=cells[i].tolist(),
+            reference_time=20000.0, count_exposed=int(exposed[i]),
+            count_unexposed=int(total[i] - exposed[i]),
+        ))  # fmt: skip
+        stats.append(MeasureStats(gram=cells[i].tolist(), reference_time=20000.0,
+                                  count_exposed=int(exposed[i]),
+                                  count_unexposed=int(total[i] - exposed[i])))  # fmt: skip
+        cohorts.append(cohort)
+    snapshot_stats, snapshot_cohort, labels = book.snapshot()
+    np.testing.assert_array_equal(snapshot_stats.gram, cells)
+    svi = SVIConfig(update_steps=100, num_draws=DRAWS)
+    message = PopulationModel("symptom_today", model, svi).fit(snapshot_stats, snapshot_cohort,
+                                                              labels).message  # fmt: skip
+    assert np.asarray(message.draws["mu"]).shape == (DRAWS, 2)
+    assert message.num_observations == pytest.approx(total.sum())
+    assert "sigma" not in message.summary  # no residual sd for a family measure
+    posterior = MeasurePosterior.from_message(
+        type(message).model_validate_json(message.model_dump_json())  # through the topic's JSON
+    )
+    scores = measure_scores(posterior, stats, cohorts, [[]] * len(stats), spec, model,
+                            DecisionRule())  # fmt: skip
+
+    result, offline = fit_programme(events, spec.measure_config(), time_trend=False,
+                                    svi_config=SVIConfig(num_draws=DRAWS))  # fmt: skip
+    mean = np.array([s.effect.mean for s in scores])
+    gap = np.abs(mean - offline.mean) / offline.sd
+    assert np.median(gap) <= 0.35, np.median(gap)
+    assert gap.max() <= 0.6, gap.max()
+    p_gap = np.abs(np.array([s.p_benefit_ge_mcid for s in scores]) - offline.p_benefit_ge_mcid)
+    assert np.median(p_gap) <= 0.03 and p_gap.max() <= 0.1, (np.median(p_gap), p_gap.max())
+    assert all(s.effect_scale == "odds_ratio" and s.cohort_deviation is None for s in scores)
+    effect = np.exp(np.asarray(message.draws["mu"])[:, 1])
+    population = result["population"]["effect"]
+    assert abs(effect.mean() - population["mean"]) <= 0.5 * population["sd"]

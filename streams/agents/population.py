@@ -325,6 +325,8 @@ class PopulationService:
         measure = posterior.measure
         if self.catalogue is None or not self.catalogue.subgroups_of(measure):
             return
+        if self.models[measure].family != "gaussian":  # subgroup means are Gaussian mixtures
+            return
         try:
             state, outputs = await in_thread(
                 subgroup_step,
@@ -356,6 +358,8 @@ class PopulationService:
         book = self.books.get(measure)
         if measure not in self._owned or book is None:
             return False
+        if self.models[measure].family != "gaussian":
+            return False  # the candidates' held-out likelihoods are Gaussian ones
         if book.num_patients < self.settings.selection_min_patients:
             return False
         if self.posteriors.version(measure) < 1:
