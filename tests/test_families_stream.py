@@ -17,9 +17,9 @@ from streams.app import measure_models
 from streams.patient_state import RECENT_KEEP, PatientRecord, apply_event, days, patient_evidence
 from streams.schemas import Enrollment, EnrollmentRecord, ExposureChange, Observation, Origin
 from streams.settings import Settings
-from tests.test_families_catalogue import catalogue
+from tests.test_families_catalogue import catalogue, reading
 
-SETTINGS = Settings(max_age_days=36500.0)
+SETTINGS = Settings(max_age_days=36500.0, partitions=2)
 START = datetime(2025, 1, 1, tzinfo=UTC)
 DRAWS = 100
 
@@ -164,82 +164,168 @@ def test_a_record_keeps_the_batch_cells_in_any_order(tmp_path, half_life, shuffl
         assert evidence.gram == stats.gram and evidence.recent_gram is None
 
 
-def test_the_book_fits_and_the_stream_scores_a_family_measure_as_the_offline_fit(tmp_path):
-    """A simulated binary programme (40 patients, 4 cohorts, 30 readings each)
-    through the population side: every patient's cells into the PopulationBook,
-    the warm-started streaming fit, the published posterior message, and the
-    scoring step (streams.scoring.measure_scores) on the declared odds-ratio
-    scale, against the offline fit (model.offline.fit_programme, what ``efficacy
-    fit --family`` runs) on the same readings.
+MEASURES = {"symptom_today": "bernoulli", "rescue_inhaler_uses": "poisson"}
+SPECS = {
+    "bernoulli": dict(intercept=-0.5, effect=0.8, intercept_sd=0.7, effect_sd=0.6),
+    "poisson": dict(intercept=0.3, effect=-0.5, intercept_sd=0.5, effect_sd=0.4),
+}
+PARTITIONS = 2
+
+
+def family_programme(family: str, measure: str, prefix: str):
+    """A simulated programme of one family (model.simulate.simulate_family: 30
+    patients in 3 clinics, 24 readings each, baseline then exposure) as the raw
+    records the worker reads: an enrolment (unexposed) and an exposure change
+    just before each patient's first exposed reading, then the readings in time
+    order, on the enrollments and pros topics (partition by key, offsets in
+    order). Returns (records, simulated events, patient ids)."""
+    from model.simulate import ProgrammeSpec, simulate_family
+    from streams.chunked_consumer import ChunkRecord
+    from streams.partitioning import key_partition
+
+    spec = ProgrammeSpec(num_patients=30, num_cohorts=3, obs_per_patient=24,
+                         cohort_effect_sd=0.3, correlation=-0.2, baseline_fraction=0.5,
+                         **SPECS[family])  # fmt: skip
+    events = simulate_family(spec, family, seed=7).events
+    offsets: dict[tuple[str, int], int] = {}
+    records = []
+
+    def send(topic: str, patient: str, value: str) -> None:
+        key = patient.encode()
+        partition = key_partition(key, PARTITIONS)
+        name = f"{SETTINGS.topic_prefix}{topic}"
+        offset = offsets.get((name, partition), 0)
+        offsets[(name, partition)] = offset + 1
+        records.append(ChunkRecord(key, value.encode(), name, partition, offset, None))
+
+    patients = [f"{prefix}-{i:02d}" for i in range(events.num_patients)]
+    at = lambda day: (START + timedelta(days=float(day))).isoformat()  # noqa: E731
+    for i, patient in enumerate(patients):
+        mine = events.patient == i
+        times, exposed = events.time[mine], events.exposure[mine] > 0
+        assert times[~exposed].max() < times[exposed].min()  # baseline, then exposure
+        enrol = Enrollment(event_id=f"{patient}-enrol", event_time=START, patient_id=patient,
+                           cohort=f"clinic-{events.cohort_of_patient[i]}", exposed=False)  # fmt: skip
+        send("enrollments", patient, enrol.model_dump_json())
+        change = ExposureChange(event_id=f"{patient}-start", patient_id=patient, exposure=1.0,
+                                event_time=at(times[exposed].min() - 1e-3))  # fmt: skip
+        send("enrollments", patient, change.model_dump_json())
+    for k in np.argsort(events.time, kind="stable"):
+        patient = patients[events.patient[k]]
+        send("pros", patient, (
+            f'{{"event_id":"{patient}-r{k}","event_time":"{at(events.time[k])}",'
+            f'"patient_id":"{patient}","measure":"{measure}","value":{events.outcome[k]:g},'
+            f'"unit":"{"yes/no" if family == "bernoulli" else "uses"}"}}'
+        ))  # fmt: skip
+    return records, events, patients
+
+
+@pytest.mark.parametrize("fitted", list(MEASURES))
+def test_family_measures_through_the_stream_steps_score_as_the_offline_fit(tmp_path, fitted):
+    """A binary and a count measure (``fitted``: the one fitted and scored) through the worker's pure steps (no Kafka):
+    raw records -> process_batch (validation, patients' cells, evidence) ->
+    PopulationBook -> the warm-started population fit -> its posterior message
+    (through JSON) -> rescore (scores on the declared scales). Against the
+    offline fit (model.offline.fit_programme, what ``efficacy fit --family``
+    runs) on the same readings: every patient's effect and P(benefit ≥ MCID).
+    Bad values (2 for the yes/no measure, -1 for the count) are dead-lettered as
+    ``invalid_value`` with their origin, and nothing is lost.
 
     Tolerances: both are variational fits of the same Laplace likelihood with
     different keys and step schedules, summarised over DRAWS = 100 draws of θ
-    each: their patient means differ by a fraction of a posterior sd (Monte
-    Carlo error of each mixture's mean is ≲ 0.1 sd); a wrong likelihood, cell layout, scale or
-    cohort posterior moves them by well over 1 sd (the effect's sign and size
-    vary across patients: odds ratios from ~0.4 to ~4)."""
-    from model.config import DecisionRule, SVIConfig
-    from model.families import cell_stats
+    each; their q(θ) differ by a fraction of a posterior sd, which moves every
+    patient's mean the same way (measured: median gap 0.21 sd for the binary
+    measure). A wrong likelihood, cell layout, scale or cohort posterior moves
+    them by well over 1 sd (effects vary across patients by about 2 sd)."""
+    import json
+
+    from model.config import SVIConfig
     from model.offline import fit_programme
-    from model.simulate import ProgrammeSpec, simulate_family
-    from streams.patient_state import MeasureStats
+    from streams.chunked_consumer import ChunkRecord
+    from streams.patient_step import StepContext, batch_keys, process_batch, rescore
     from streams.population_book import PopulationBook, PopulationModel
-    from streams.schemas import PatientEvidence
-    from streams.scoring import MeasurePosterior, measure_scores
+    from streams.posterior_feed import PosteriorBook
+    from streams.schemas import EvidenceBatch, PopulationPosterior
 
     loaded = catalogue(tmp_path)
-    spec = loaded.get("symptom_today")
-    model = models_of(tmp_path)["symptom_today"]
-    sim = simulate_family(
-        ProgrammeSpec(
-            num_patients=40, num_cohorts=4, obs_per_patient=30, intercept=-0.5, effect=0.8,
-            intercept_sd=0.7, effect_sd=0.6, cohort_effect_sd=0.3, correlation=-0.2,
-            baseline_fraction=0.5,
-        ),
-        "bernoulli",
-        seed=5,
-    )  # fmt: skip
-    events = sim.events
-    cells = cell_stats(events.num_patients, events.patient, events.exposure, events.outcome,
-                       "bernoulli")  # fmt: skip
-    exposed = np.bincount(events.patient[events.exposure > 0], minlength=events.num_patients)
-    total = np.bincount(events.patient, minlength=events.num_patients)
-    book = PopulationBook("symptom_today", model)
-    stats, cohorts = [], []
-    for i in range(events.num_patients):
-        cohort = f"c{events.cohort_of_patient[i]}"
-        book.put(PatientEvidence(
-            measure="symptom_today", patient_id=f"p{i}", cohort=cohort, gram=cells[i].tolist(),
-            reference_time=20000.0, count_exposed=int(exposed[i]),
-            count_unexposed=int(total[i] - exposed[i]),
-        ))  # fmt: skip
-        stats.append(MeasureStats(gram=cells[i].tolist(), reference_time=20000.0,
-                                  count_exposed=int(exposed[i]),
-                                  count_unexposed=int(total[i] - exposed[i])))  # fmt: skip
-        cohorts.append(cohort)
-    snapshot_stats, snapshot_cohort, labels = book.snapshot()
-    np.testing.assert_array_equal(snapshot_stats.gram, cells)
-    svi = SVIConfig(update_steps=100, num_draws=DRAWS)
-    message = PopulationModel("symptom_today", model, svi).fit(snapshot_stats, snapshot_cohort,
-                                                              labels).message  # fmt: skip
-    assert np.asarray(message.draws["mu"]).shape == (DRAWS, 2)
-    assert message.num_observations == pytest.approx(total.sum())
-    assert "sigma" not in message.summary  # no residual sd for a family measure
-    posterior = MeasurePosterior.from_message(
-        type(message).model_validate_json(message.model_dump_json())  # through the topic's JSON
-    )
-    scores = measure_scores(posterior, stats, cohorts, [[]] * len(stats), spec, model,
-                            DecisionRule())  # fmt: skip
+    models = measure_models(loaded, SETTINGS)
+    records, programmes = [], {}
+    for measure, family in MEASURES.items():
+        part, events, patients = family_programme(family, measure, family[:3])
+        records += part
+        programmes[measure] = (events, patients)
+    bad = []
+    for k, (measure, value, unit) in enumerate(
+        (("symptom_today", "2", "yes/no"), ("rescue_inhaler_uses", "-1", "uses"))
+    ):
+        value_bytes = reading(measure, value, unit).replace(b'"p"', b'"ber-00"')
+        value_bytes = value_bytes.replace(b'"e"', f'"bad-{k}"'.encode())
+        bad.append(ChunkRecord(b"ber-00", value_bytes, f"{SETTINGS.topic_prefix}pros",
+                               key_partition_of(b"ber-00"), 10_000 + k, None))  # fmt: skip
+    records += bad
+    context = StepContext(loaded, models, PosteriorBook(), SETTINGS)
+    states: dict[str, bytes] = {}
+    outputs = []
+    for start in range(0, len(records), 500):
+        chunk = records[start : start + 500]
+        saves, out = process_batch({k: states.get(k) for k in batch_keys(chunk)}, chunk, context)
+        states.update(saves)
+        outputs.append(out)
+    letters = [json.loads(m.value) for o in outputs for m in o.dead_letters]
+    assert sorted((x["reason"], x["offset"]) for x in letters) == [
+        ("invalid_value", 10_000), ("invalid_value", 10_001)]  # fmt: skip
+    assert all(x["source_topic"] == f"{SETTINGS.topic_prefix}pros" for x in letters)
+    accepted = sum(sum(o.accepted.values()) for o in outputs)
+    assert accepted + len(letters) == len(records)  # nothing lost
 
-    result, offline = fit_programme(events, spec.measure_config(), time_trend=False,
-                                    svi_config=SVIConfig(num_draws=DRAWS))  # fmt: skip
-    mean = np.array([s.effect.mean for s in scores])
-    gap = np.abs(mean - offline.mean) / offline.sd
-    assert np.median(gap) <= 0.35, np.median(gap)
-    assert gap.max() <= 0.6, gap.max()
-    p_gap = np.abs(np.array([s.p_benefit_ge_mcid for s in scores]) - offline.p_benefit_ge_mcid)
-    assert np.median(p_gap) <= 0.03 and p_gap.max() <= 0.1, (np.median(p_gap), p_gap.max())
-    assert all(s.effect_scale == "odds_ratio" and s.cohort_deviation is None for s in scores)
-    effect = np.exp(np.asarray(message.draws["mu"])[:, 1])
-    population = result["population"]["effect"]
-    assert abs(effect.mean() - population["mean"]) <= 0.5 * population["sd"]
+    posteriors = PosteriorBook()
+    svi = SVIConfig(update_steps=100, num_draws=DRAWS)
+    for measure, (events, patients) in programmes.items():
+        if measure != fitted:
+            continue
+        model = models[measure]
+        book = PopulationBook(measure, model)
+        for o in outputs:
+            for message in o.evidence:
+                for item in EvidenceBatch.model_validate_json(message.value).items:
+                    if item.measure == measure:
+                        book.put(item)
+        assert book.num_patients == len(patients)
+        stats, cohort, cohorts = book.snapshot()
+        cells = cell_stats(events.num_patients, events.patient, events.exposure,
+                           events.outcome, MEASURES[measure])  # fmt: skip
+        row = {p: r for r, p in enumerate(book.patient_ids)}
+        np.testing.assert_allclose(stats.gram[[row[p] for p in patients]], cells, rtol=1e-12)
+        message = PopulationModel(measure, model, svi).fit(stats, cohort, cohorts).message
+        assert message.num_observations == pytest.approx(events.patient.size)
+        assert "sigma" not in message.summary  # no residual sd for a family measure
+        posteriors.offer(PopulationPosterior.model_validate_json(message.model_dump_json()))
+
+    context = StepContext(loaded, models, posteriors, SETTINGS)
+    for measure, (events, patients) in programmes.items():
+        if measure != fitted:
+            continue
+        spec = loaded.get(measure)
+        _, out = rescore(states, measure, context, force=True)
+        scores = {}
+        for m in out.scores:
+            (score,) = json.loads(m.value)["measures"]
+            scores[m.key.decode()] = score
+        assert set(scores) == set(patients)
+        scale = spec.effect_scale or ("rate_ratio" if MEASURES[measure] == "poisson" else None)
+        assert all(s["effect_scale"] == scale and s["cohort_deviation"] is None
+                   for s in scores.values())  # fmt: skip
+        _, offline = fit_programme(events, spec.measure_config(), time_trend=False,
+                                   svi_config=SVIConfig(num_draws=DRAWS))  # fmt: skip
+        mean = np.array([scores[p]["effect"]["mean"] for p in patients])
+        gap = np.abs(mean - offline.mean) / offline.sd
+        assert np.median(gap) <= 0.35 and gap.max() <= 0.6, (measure, np.median(gap), gap.max())
+        p_mcid = np.array([scores[p]["p_benefit_ge_mcid"] for p in patients])
+        p_gap = np.abs(p_mcid - offline.p_benefit_ge_mcid)
+        assert np.median(p_gap) <= 0.03 and p_gap.max() <= 0.1, (measure, p_gap.max())
+
+
+def key_partition_of(key: bytes) -> int:
+    from streams.partitioning import key_partition
+
+    return key_partition(key, PARTITIONS)
