@@ -241,6 +241,13 @@ def test_family_measures_through_the_stream_steps_score_as_the_offline_fit(tmp_p
 
     from model.config import SVIConfig
     from model.offline import fit_programme
+    from monitoring.drift import DriftConfig
+    from streams.agents.population import (
+        DriftDetectors,
+        evidence_digest,
+        fit_with_window,
+        judge_drift,
+    )
     from streams.chunked_consumer import ChunkRecord
     from streams.patient_step import StepContext, batch_keys, process_batch, rescore
     from streams.population_book import PopulationBook, PopulationModel
@@ -296,7 +303,17 @@ def test_family_measures_through_the_stream_steps_score_as_the_offline_fit(tmp_p
                            events.outcome, MEASURES[measure])  # fmt: skip
         row = {p: r for r, p in enumerate(book.patient_ids)}
         np.testing.assert_allclose(stats.gram[[row[p] for p in patients]], cells, rtol=1e-12)
-        message = PopulationModel(measure, model, svi).fit(stats, cohort, cohorts).message
+        # As the population agent fits: the evidence digest, the fit (no recent
+        # window for a family measure) and the drift verdict.
+        assert book.recent_snapshot() is None
+        digest = evidence_digest(stats, cohort, cohorts, book.covariates_snapshot())
+        result, recent = fit_with_window(
+            PopulationModel(measure, model, svi), None, stats, None, cohort, cohorts
+        )
+        assert recent is None
+        message = result.message.model_copy(update={"evidence_digest": digest})
+        message = judge_drift(DriftDetectors.from_config(DriftConfig()), message, recent)
+        assert message.drift_kinds == []
         assert message.num_observations == pytest.approx(events.patient.size)
         assert "sigma" not in message.summary  # no residual sd for a family measure
         posteriors.offer(PopulationPosterior.model_validate_json(message.model_dump_json()))

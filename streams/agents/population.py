@@ -471,12 +471,12 @@ def evidence_digest(
 ) -> str:
     """SHA-256 of the multiset of (statistics, reference time, cohort, covariates,
     groups) rows of a book snapshot: independent of the order patients were put in."""
-    n, d, _ = stats.gram.shape
+    n = stats.gram.shape[0]  # (n, d, d) Gram matrices or (n, CELLS) cells
 
     def crc(names: list[str]) -> np.ndarray:
         return np.array([zlib.crc32(name.encode()) for name in names] or [0], dtype=float)
 
-    columns = [stats.gram.reshape(n, d * d), stats.reference_time, crc(cohorts)[cohort]]
+    columns = [stats.gram.reshape(n, -1), stats.reference_time, crc(cohorts)[cohort]]
     if covariates is not None:
         columns.append(np.asarray(covariates, dtype=float).reshape(n, -1))
     if groups is not None:
