@@ -120,7 +120,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     )  # fmt: skip
     patients_service = patients.PatientsService(
         app, topics, catalogue, models, posteriors, settings, telemetry,
-        paused=lambda: population_service.rebuilding,
+        paused=lambda: population_service.taking_over,
     )  # fmt: skip
     patients.register(app, patients_service)
     population.register(app, population_service)

@@ -150,18 +150,17 @@ def test_the_records_a_write_caused_never_overtake_an_earlier_writers(pipeline):
     assert len(producer.sent) == 2 * len(rescored) + 2
 
 
-def test_rescoring_waits_while_the_population_agent_rebuilds_a_book(pipeline):
-    """A chunk of rescoring holds the loop for a good part of a second: while a
-    book is rebuilt (a start, a rebalance), rescoring waits its turn, so the
-    rebuild and the fit after it are not sliced between rescoring chunks."""
+def test_rescoring_waits_while_the_population_agent_takes_over_measures(pipeline):
+    """While the population agent rebuilds and fits measures it newly owns (a
+    start, a rebalance), rescoring waits its turn: the fits come first."""
     patients, population = pipeline.patients, pipeline.population
 
     async def scenario() -> tuple[bool, bool]:
-        population._rebuilding["resting_heart_rate"] = []
+        population._taking_over = True
         waiting = asyncio.create_task(patients.turn_to_rescore())
         await asyncio.sleep(0.3)
         waited = not waiting.done()
-        del population._rebuilding["resting_heart_rate"]
+        population._taking_over = False
         await asyncio.wait_for(waiting, timeout=5)
         return waited, waiting.done()
 

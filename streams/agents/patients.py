@@ -92,7 +92,7 @@ class PatientsService:
     ) -> None:
         self.app = app
         # Rescoring waits while this holds (streams.app: while the population
-        # agent rebuilds a book, PopulationService.rebuilding).
+        # agent takes over measures, PopulationService.taking_over).
         self.paused = paused
         self.topics = topics
         self.settings = settings
@@ -225,10 +225,9 @@ class PatientsService:
 
     async def turn_to_rescore(self) -> None:
         """Wait while a rebalance is under way (between the revocation and the end
-        of recovery faust's assignment is the old one) or rescoring is paused: a
-        chunk of rescoring holds the event loop for a good part of a second, and
-        a book rebuilt in slices between those chunks delays the posterior that
-        supersedes them (restarts: tens of seconds at 20k patients)."""
+        of recovery faust's assignment is the old one) or rescoring is paused
+        (the population agent is taking over measures: its rebuilds and fits
+        come first, and bring the posteriors that supersede this rescoring)."""
         while self.app.rebalancing or self.paused():
             await asyncio.sleep(REBALANCE_POLL_SECONDS)
 

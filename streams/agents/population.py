@@ -29,6 +29,7 @@ from faust.types import TP
 
 from model.config import DecisionRule, ModelConfig, SVIConfig
 from model.evidence import PatientStats
+from model.exported import ExportCache
 from model.selection import FitterCache
 from monitoring.drift import (
     DriftConfig,
@@ -101,7 +102,10 @@ class PopulationService:
         self.settings = settings
         self.telemetry = telemetry
         self.svi = svi
-        self.fitters = FitterPool(svi)  # shared by all measures: one compile per shape
+        # Shared by all measures: one compile per shape; the traced programs kept
+        # next to JAX's compilation cache (model.exported), so a restart does not
+        # trace them again.
+        self.fitters = FitterPool(svi, ExportCache.beside(settings.compilation_cache_dir))
         self.books: dict[str, PopulationBook] = {}
         self.fits: dict[str, PopulationModel] = {}
         self.recent_fits: dict[str, PopulationModel] = {}  # recent-window fits
@@ -113,6 +117,7 @@ class PopulationService:
         self._fitting = asyncio.Lock()
         self._ticking = False
         self._owned: set[str] = set()  # measures owned at the last tick
+        self._taking_over = False
         self._rebuilding: dict[str, list[EvidenceBatch]] = {}  # batches taken meanwhile
         self.selection_fitters: FitterCache = {}  # compiled, shared by all measures
         self._last_selection: dict[str, tuple[float, str]] = {}  # (monotonic start, digest)
@@ -182,6 +187,7 @@ class PopulationService:
         self.detectors.pop(measure, None)  # references of an earlier ownership
         book = PopulationBook(measure, self.models[measure])
         self._rebuilding[measure] = pending = []
+        started = time.monotonic()
         try:
             prefix = f"{measure}/"
             keys = [key for key in list(self.table.keys()) if key.startswith(prefix)]
@@ -197,14 +203,23 @@ class PopulationService:
         finally:
             del self._rebuilding[measure]
         self.books[measure] = book
+        log.info(
+            "population book of %s rebuilt: %d patients in %.1f s",
+            measure,
+            book.num_patients,
+            time.monotonic() - started,
+        )
 
     @property
-    def rebuilding(self) -> bool:
-        """A book is being rebuilt (this worker became a measure's owner). The
-        rescoring after a posterior waits meanwhile (PatientsService.paused): the
-        fit that follows the rebuild comes first, and brings the posterior that
-        rescoring would otherwise do again."""
-        return bool(self._rebuilding)
+    def taking_over(self) -> bool:
+        """This worker is rebuilding and fitting measures it newly owns that have
+        a published posterior (a restart, a rebalance; warm fits of seconds).
+        Rescoring after a posterior waits meanwhile (PatientsService.paused):
+        the posteriors these fits bring supersede the ones it would rescore for,
+        and rescoring on the event loop starves the fit's thread of the GIL (a
+        restart at 20k patients: a 7-second fit took a minute). Cold first fits
+        (minutes at scale) do not hold rescoring up."""
+        return self._taking_over
 
     def ready(self) -> bool:
         """The table is recovered and the posterior feed has read what is
@@ -228,27 +243,41 @@ class PopulationService:
         """Each owned measure in turn: its book rebuilt if it is newly owned, then
         fitted if it has new evidence. One measure's rebuild and fit before the
         next's rebuild, so the first posterior after a start waits for one
-        book, not all of them."""
+        book, not all of them. Newly owned measures with a published posterior
+        go first: their fits are warm (seconds), and rescoring waits for them
+        (``taking_over``)."""
         owned = {measure for measure in self.models if self.owns(measure)}
         self._owned &= owned  # measures a rebalance moved away
-        for measure in self.models:
-            if measure not in owned:
-                continue
-            if measure not in self._owned:
-                await self.rebuild_book(measure)
-                self._owned.add(measure)
-                # The first structure selection comes one interval after ownership starts.
-                self._last_selection[measure] = (time.monotonic(), "")
-            book = self.books.get(measure)
-            if book is None or book.changes_since_fit == 0 or not self.owns(measure):
-                continue
-            if book.num_patients < self.settings.population_min_patients:
-                continue
-            try:
-                await self.fit(measure, book)
-            except Exception:  # keep the agent alive; the next tick retries
-                log.exception("population update of %s failed", measure)
-                book.changes_since_fit += 1
+        warm = [
+            m for m in self.models if m in owned - self._owned and m in self.posteriors.messages
+        ]
+        order = warm + [m for m in self.models if m in owned and m not in warm]
+        self._taking_over = bool(warm)
+        try:
+            for measure in order:
+                await self._tick_measure(measure)
+                if measure in warm:
+                    warm.remove(measure)
+                    self._taking_over = bool(warm)
+        finally:
+            self._taking_over = False
+
+    async def _tick_measure(self, measure: str) -> None:
+        if measure not in self._owned:
+            await self.rebuild_book(measure)
+            self._owned.add(measure)
+            # The first structure selection comes one interval after ownership starts.
+            self._last_selection[measure] = (time.monotonic(), "")
+        book = self.books.get(measure)
+        if book is None or book.changes_since_fit == 0 or not self.owns(measure):
+            return
+        if book.num_patients < self.settings.population_min_patients:
+            return
+        try:
+            await self.fit(measure, book)
+        except Exception:  # keep the agent alive; the next tick retries
+            log.exception("population update of %s failed", measure)
+            book.changes_since_fit += 1
 
     async def fit(self, measure: str, book: PopulationBook) -> None:
         model = self.fits.get(measure)
