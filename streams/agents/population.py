@@ -354,6 +354,8 @@ class PopulationService:
         measure = posterior.measure
         if self.catalogue is None or not self.catalogue.subgroups_of(measure):
             return
+        if self.models[measure].family != "gaussian":  # subgroup means are Gaussian mixtures
+            return
         try:
             state, outputs = await in_thread(
                 subgroup_step,
@@ -385,6 +387,8 @@ class PopulationService:
         book = self.books.get(measure)
         if measure not in self._owned or book is None:
             return False
+        if self.models[measure].family != "gaussian":
+            return False  # the candidates' held-out likelihoods are Gaussian ones
         if book.num_patients < self.settings.selection_min_patients:
             return False
         if self.posteriors.version(measure) < 1:
@@ -496,12 +500,12 @@ def evidence_digest(
 ) -> str:
     """SHA-256 of the multiset of (statistics, reference time, cohort, covariates,
     groups) rows of a book snapshot: independent of the order patients were put in."""
-    n, d, _ = stats.gram.shape
+    n = stats.gram.shape[0]  # (n, d, d) Gram matrices or (n, CELLS) cells
 
     def crc(names: list[str]) -> np.ndarray:
         return np.array([zlib.crc32(name.encode()) for name in names] or [0], dtype=float)
 
-    columns = [stats.gram.reshape(n, d * d), stats.reference_time, crc(cohorts)[cohort]]
+    columns = [stats.gram.reshape(n, -1), stats.reference_time, crc(cohorts)[cohort]]
     if covariates is not None:
         columns.append(np.asarray(covariates, dtype=float).reshape(n, -1))
     if groups is not None:
