@@ -546,7 +546,7 @@ def run(args: argparse.Namespace) -> int:
 
     # The traced programs next to their compiles (JAX's cache leaves other files be):
     # a later fit of the same shapes neither traces nor lowers them (model.exported).
-    export_cache = None if cache_directory is None else ExportCache(cache_directory / "exported")
+    export_cache = ExportCache.beside(cache_directory)
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
