@@ -22,19 +22,34 @@ from streams.schemas import EvidenceBatch, PopulationPosterior
 from streams.settings import Settings
 from streams.telemetry import Telemetry
 
+FAST_SVI = SVIConfig(fresh_steps=50, update_steps=50, num_particles=1)
+
+
+def population_service(
+    name: str,
+    models: dict | None = None,
+    settings: Settings | None = None,
+    topic: FakeTopic | None = None,
+    svi: SVIConfig | None = None,
+) -> PopulationService:
+    """A PopulationService on an app that never connects: ``topic`` receives its
+    posteriors (none: no topics), metrics on a registry of its own."""
+    app = faust.App(name, broker="kafka://127.0.0.1:9", web_enabled=False)
+    topics = SimpleNamespace() if topic is None else SimpleNamespace(population_posterior=topic)
+    return PopulationService(
+        app,
+        topics,  # type: ignore[arg-type]
+        models or {STREAM_MEASURE: STREAM_MODEL},
+        PosteriorBook(),
+        settings or Settings(),
+        Telemetry(create_metrics(CollectorRegistry())),
+        svi=svi,
+    )
+
 
 def test_an_update_finished_after_losing_the_measure_is_not_published():
-    app = faust.App("ownership-test", broker="kafka://127.0.0.1:9", web_enabled=False)
     topic = FakeTopic()
-    service = PopulationService(
-        app,
-        SimpleNamespace(population_posterior=topic),  # type: ignore[arg-type]
-        {STREAM_MEASURE: STREAM_MODEL},
-        PosteriorBook(),
-        Settings(),
-        Telemetry(create_metrics(CollectorRegistry())),
-        svi=SVIConfig(fresh_steps=50, update_steps=50, num_particles=1),
-    )
+    service = population_service("ownership-test", topic=topic, svi=FAST_SVI)
     evidence = _evidence(5, num_patients=20, num_cohorts=2, obs_per_patient=8)
     owner = {"now": True}
     service.owns = lambda measure: owner["now"]  # type: ignore[method-assign]
@@ -57,15 +72,7 @@ def test_a_new_owner_rebuilds_its_book_without_blocking_the_loop(monkeypatch):
     whole rebuild),
     the rebuilt book holds every patient's table value, and an evidence batch
     taken during the rebuild is applied after it (newer than the table value)."""
-    app = faust.App("rebuild-test", broker="kafka://127.0.0.1:9", web_enabled=False)
-    service = PopulationService(
-        app,
-        SimpleNamespace(),  # type: ignore[arg-type]
-        {STREAM_MEASURE: STREAM_MODEL},
-        PosteriorBook(),
-        Settings(),
-        Telemetry(),
-    )
+    service = population_service("rebuild-test")
     evidence = _evidence(6, num_patients=3000, num_cohorts=4, obs_per_patient=4)
     monkeypatch.setattr(population_agent, "REBUILD_CHUNK", 100)
     for item in evidence:  # what recovery leaves in the table (no changelog here)
@@ -130,16 +137,8 @@ def test_each_measure_is_fitted_before_the_next_book_is_rebuilt(monkeypatch):
     """After a start, the first posterior waits for one book's rebuild, not for
     every measure's: the tick rebuilds and fits measure by measure, newly owned
     measures with a published posterior first."""
-    app = faust.App("tick-order-test", broker="kafka://127.0.0.1:9", web_enabled=False)
     measures = ["first", "second"]
-    service = PopulationService(
-        app,
-        SimpleNamespace(),  # type: ignore[arg-type]
-        dict.fromkeys(measures, STREAM_MODEL),
-        PosteriorBook(),
-        Settings(),
-        Telemetry(),
-    )
+    service = population_service("tick-order-test", dict.fromkeys(measures, STREAM_MODEL))
     service.owns = lambda measure: True  # type: ignore[method-assign]
     # "second" has a published posterior (a restart: its fit is warm), "first" not.
     service.posteriors.messages["second"] = None  # type: ignore[assignment]
@@ -181,17 +180,11 @@ def test_a_restarted_workers_fit_loads_its_programs_instead_of_tracing_them(tmp_
     evidence = _evidence(9, num_patients=20, num_cohorts=2, obs_per_patient=8)
 
     def first_fit() -> tuple[PopulationService, PopulationPosterior]:
-        app = faust.App("export-test", broker="kafka://127.0.0.1:9", web_enabled=False)
         topic = FakeTopic()
-        service = PopulationService(
-            app,
-            SimpleNamespace(population_posterior=topic),  # type: ignore[arg-type]
-            {STREAM_MEASURE: STREAM_MODEL},
-            PosteriorBook(),
-            Settings(compilation_cache_dir=tmp_path),
-            Telemetry(create_metrics(CollectorRegistry())),
-            svi=SVIConfig(fresh_steps=50, update_steps=50, num_particles=1),
-        )
+        service = population_service(
+            "export-test", settings=Settings(compilation_cache_dir=tmp_path), topic=topic,
+            svi=FAST_SVI,
+        )  # fmt: skip
         service.owns = lambda measure: True  # type: ignore[method-assign]
         service.take(EvidenceBatch(measure=STREAM_MEASURE, items=evidence))
         asyncio.run(service.fit(STREAM_MEASURE, service.book(STREAM_MEASURE)))
