@@ -182,6 +182,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="poisson: column with each reading's exposure (person-time, > 0): counts are "
         "rates per unit of it",
     )
+    parser.add_argument(
+        "--joint",
+        nargs="?",
+        const="measure",
+        metavar="COL",
+        help="fit several measures jointly, their patients' effects correlated (model.joint): "
+        "the file is long, COL (default: measure) names each row's measure and --outcome "
+        "holds every measure's value. Reports each measure's population effect, the "
+        "correlation of the effects across measures and every patient's effect on each; "
+        "directions and units come from the catalogue (else higher is better). Takes "
+        "--time, --seed, --output and the cache flags only",
+    )
     parser.add_argument("--method", choices=["svi", "nuts"], default="svi")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -534,11 +546,13 @@ def run(args: argparse.Namespace) -> int:
 
     # The traced programs next to their compiles (JAX's cache leaves other files be):
     # a later fit of the same shapes neither traces nor lowers them (model.exported).
-    export_cache = None if cache_directory is None else ExportCache(cache_directory / "exported")
+    export_cache = ExportCache.beside(cache_directory)
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.joint:
+        return run_joint(args, say)
     try:
         events, patients, _, level_labels = read_table_with_levels(args)
         cohorts = cohort_attributes(args, patients) if args.select else {}
@@ -620,6 +634,132 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         print(text)
+    return 0
+
+
+#: Options of a single-measure fit that ``--joint`` does not take, with their
+#: defaults (argparse's): any other value is an error, not silently ignored.
+JOINT_UNSUPPORTED = {
+    "cohort": None,
+    "covariates": None,
+    "time_covariates": None,
+    "smooth": [],
+    "daily_cycle": 0,
+    "time_of_day": None,
+    "measure": None,
+    "mcid": None,
+    "direction": None,
+    "unit": None,
+    "family": None,
+    "effect_scale": None,
+    "offset": None,
+    "method": "svi",
+    "select": False,
+    "cohort_columns": None,
+}
+
+
+def joint_measures(args: argparse.Namespace) -> tuple[Any, list[str], list[Any], list[Any]]:
+    """The long CSV split by the --joint column: all rows' Events, the patient
+    labels, one Events per measure (patients indexed alike, in order of first
+    appearance) and each measure's MeasureConfig (the catalogue's direction and
+    unit when it knows the name, else higher is better; the MCID is not used)."""
+    from model.config import MeasureConfig
+    from model.events import Events
+    from streams.catalogue import Catalogue, UnknownMeasure
+    from streams.settings import Settings
+
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name, default in JOINT_UNSUPPORTED.items()
+        if getattr(args, name, default) != default
+    ]
+    if given:
+        raise InputError(
+            f"--joint does not take {', '.join(given)}: the joint model has no cohort level, "
+            "covariates or smooth terms, fits Gaussian measures by SVI, and reads each "
+            "measure's direction and unit from the catalogue"
+        )
+    path: Path = args.input
+    events, patients, _ = read_table(args)
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if args.joint not in (reader.fieldnames or []):
+            raise InputError(f"{path}: missing the --joint column {args.joint!r}")
+        labels = _labels(list(reader), args.joint, path)
+    names = list(dict.fromkeys(labels))
+    if not 2 <= len(names) <= 6:
+        raise InputError(f"{path}: --joint needs 2-6 measures in {args.joint!r}, found {names}")
+    catalogue = Catalogue.load(Settings().measures_file)
+    label_array = np.asarray(labels)
+    per_measure, configs = [], []
+    for name in names:
+        rows = label_array == name
+        per_measure.append(
+            Events(
+                events.patient[rows],
+                np.zeros(len(patients), dtype=np.int64),
+                events.time[rows],
+                events.exposure[rows],
+                events.outcome[rows],
+            )
+        )
+        try:
+            spec = catalogue.get(name)
+        except UnknownMeasure:
+            spec = None
+        configs.append(
+            MeasureConfig(
+                name=name,
+                unit=spec.unit if spec else "",
+                direction=spec.direction if spec else "higher",
+                mcid=spec.mcid if spec else 0.0,
+            )
+        )
+    return events, patients, per_measure, configs
+
+
+def run_joint(args: argparse.Namespace, say: Any) -> int:
+    """``efficacy fit --joint``: the measures of a long CSV fitted jointly."""
+    from model.joint_offline import fit_joint_programme
+
+    try:
+        _, patients, per_measure, measures = joint_measures(args)
+    except InputError as error:
+        say(f"efficacy fit: error: {error}")
+        return 2
+    result = fit_joint_programme(
+        per_measure,
+        measures,
+        time_trend=args.time is not None,
+        seed=args.seed,
+        progress=say,
+    )
+    result["patients"] = [
+        {"patient_id": patient, **record}
+        for patient, record in zip(patients, result["patients"], strict=True)
+    ]
+    text = json.dumps(result, indent=2)
+    if not args.output:
+        print(text)
+        return 0
+    args.output.write_text(text + "\n")
+    for row in result["measures"]:
+        effect = row["effect"]
+        say(
+            f"{row['measure']}: population effect {effect['mean']:.3f} (90% interval "
+            f"{effect['q05']:.3f} to {effect['q95']:.3f})"
+        )
+    correlation = result["effect_correlation"]
+    names = correlation["measures"]
+    for j in range(len(names)):
+        for k in range(j + 1, len(names)):
+            say(
+                f"  correlation of effects {names[j]} ~ {names[k]}: "
+                f"{correlation['mean'][j][k]:+.2f} (90% interval {correlation['q05'][j][k]:+.2f} "
+                f"to {correlation['q95'][j][k]:+.2f})"
+            )
+    say(f"wrote {args.output}")
     return 0
 
 

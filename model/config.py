@@ -29,6 +29,10 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: Cell statistics per patient of a Bernoulli or Poisson measure: (n_0, s_0,
+#: n_1, s_1, k), model.families.
+CELLS = 5
+
 #: The scales of a measure's effect and MCID each family may declare, its default
 #: first (model.family_scores reads the effect on them).
 SCALES: dict[str, tuple[str, ...]] = {
@@ -382,6 +386,14 @@ class ModelConfig(_Frozen):
     def stat_dim(self) -> int:
         """Size of the augmented vector v = (w, z, y)."""
         return self.local_dim + self.fixed_dim + 1
+
+    @property
+    def stat_shape(self) -> tuple[int, ...]:
+        """One patient's statistics: a (d, d) Gram matrix, or for a Bernoulli or
+        Poisson measure its CELLS cell statistics (model.families)."""
+        if self.family == "gaussian":
+            return (self.stat_dim, self.stat_dim)
+        return (CELLS,)
 
 
 class SVIConfig(_Frozen):

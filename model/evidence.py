@@ -61,10 +61,10 @@ class PatientStats(NamedTuple):
 
 
 def empty_stats(num_patients: int, config: ModelConfig) -> PatientStats:
-    """Statistics of patients with no observations yet."""
-    d = config.stat_dim
+    """Statistics of patients with no observations yet (Gram matrices, or cell
+    statistics for a Bernoulli or Poisson measure: ModelConfig.stat_shape)."""
     return PatientStats(
-        gram=np.zeros((num_patients, d, d)),
+        gram=np.zeros((num_patients, *config.stat_shape)),
         reference_time=np.full(num_patients, -np.inf),
         count_exposed=np.zeros(num_patients, dtype=np.int64),
         count_unexposed=np.zeros(num_patients, dtype=np.int64),

@@ -72,6 +72,12 @@ class ExportCache:
     benchmarks read them).
     """
 
+    @classmethod
+    def beside(cls, compilation_cache: Path | None) -> ExportCache | None:
+        """The export cache of a JAX compilation cache directory (its ``exported/``
+        folder, which JAX's cache leaves be), or None without one."""
+        return None if compilation_cache is None else cls(compilation_cache / "exported")
+
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         self._loaded: dict[str, tuple[Any, Any]] = {}  # key -> (jitted caller, out treedef)

@@ -63,20 +63,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from model.config import ModelConfig
+from model.config import CELLS, ModelConfig
+from model.evidence import PatientStats
 from model.likelihood import (
     EFFECT,
     Hyper,
     Mat2,
     _collapsed_value,
+    cohort_effect_posterior,
     patient_shift_posterior,
     patient_terms,
     prior_means,
 )
 
 Family = Literal["gaussian", "bernoulli", "poisson"]
-#: Cell statistics per patient: (n_0, s_0, n_1, s_1, k), see the module docstring.
-CELLS = 5
 NEWTON_STEPS = 4
 ROUNDS = 4
 #: Candidate step lengths of the damped Newton step: the best of them is taken
@@ -212,6 +212,39 @@ def add_cell_reading(
     updated[cell + 1] += new * outcome
     updated[4] += new * constant
     return updated, reference
+
+
+def family_stats_from_events(
+    num_patients: int,
+    patient: np.ndarray,
+    exposure: np.ndarray,
+    time: np.ndarray,
+    outcome: np.ndarray,
+    config: ModelConfig,
+) -> PatientStats:
+    """Batch computation of every patient's cell statistics as PatientStats
+    (``gram`` (P, CELLS)), the family's model.evidence.stats_from_events: each
+    patient's reference time is its latest reading, weights are
+    2^(−(T − t)/half_life) (config.half_life), and a reading counts as exposed
+    when its exposure is not 0 (a dose or a partial adherence is exposure: the
+    cells are binary). FamilyError for outcomes the family cannot take."""
+    patient = np.asarray(patient, dtype=np.int64)
+    time = np.asarray(time, dtype=float)
+    exposed = np.asarray(exposure, dtype=float) != 0.0
+    reference = np.full(num_patients, -np.inf)
+    np.maximum.at(reference, patient, time)
+    weights = None
+    if config.half_life is not None:
+        weights = np.exp2(-(reference[patient] - time) / config.half_life)
+    cells = cell_stats(
+        num_patients, patient, exposed.astype(float), outcome, config.family, weights=weights
+    )
+    return PatientStats(
+        gram=cells,
+        reference_time=reference,
+        count_exposed=np.bincount(patient[exposed], minlength=num_patients),
+        count_unexposed=np.bincount(patient[~exposed], minlength=num_patients),
+    )
 
 
 def _log_partition(eta: jax.Array, family: Family) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -454,4 +487,61 @@ def local_posterior(
         shrinkage=load1,
         expected=jnp.broadcast_to(prior_means(theta, covariates)[EFFECT], mean1.shape),
         shift=shift_mean,
+    )
+
+
+def local_posterior_given_shift(
+    theta: Hyper,
+    cells: jax.Array,
+    shift_mean: jax.Array,
+    shift_var: jax.Array,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+    steps: int = ROUNDS * NEWTON_STEPS,
+) -> LocalPosterior:
+    """Every patient's posterior of (a_i, b_i) given θ when its total group
+    shift's posterior N(shift_mean, shift_var) (P,) is given, as the streaming
+    worker scores a patient with the cohort posteriors the population agent
+    published (family_cohort_posteriors). The patient's log-likelihood is
+    expanded at its conditional mode given the shift at its mean (``steps``
+    damped Newton steps from the prior mean: as many as ``expand``'s search
+    takes), which is the joint mode's patient part when the shift's mean is the
+    joint mode's; then as local_posterior."""
+    family = config.family
+    mean0, mean1 = prior_means(theta, covariates)
+    mean0 = jnp.broadcast_to(mean0, cells.shape[:1])
+    mean1 = jnp.broadcast_to(mean1, cells.shape[:1]) + shift_mean
+    mode = conditional_mode(theta, cells, mean0, mean1, (mean0, mean1), family, steps)
+    gauss = gaussian_theta(theta)
+    terms = patient_terms(gauss, pseudo_gram(*mode, cells, family), config, covariates)
+    load0, load1 = terms.m_inv_s.b, terms.m_inv_s.d
+    return LocalPosterior(
+        mean0=terms.cond_mean[0] + load0 * shift_mean,
+        mean1=terms.cond_mean[EFFECT] + load1 * shift_mean,
+        var0=terms.m_inv.a + shift_var * load0**2,
+        cov01=terms.m_inv.b + shift_var * load0 * load1,
+        var1=terms.m_inv.d + shift_var * load1**2,
+        shrinkage=load1,
+        expected=jnp.broadcast_to(prior_means(theta, covariates)[EFFECT], cells.shape[:1]),
+        shift=shift_mean,
+    )
+
+
+def cohort_effect_posterior_laplace(
+    theta: Hyper,
+    cells: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Posterior (mean, variance) of every cohort deviation given θ and every
+    patient's cells, (num_cohorts,) each: the Gaussian one of the expansion at
+    the joint mode (model.likelihood.cohort_effect_posterior of ``expand``'s
+    pseudo-Gram matrices). Cohort level only (no further grouping levels)."""
+    if config.grouping_levels:
+        raise FamilyError("cohort posteriors of a family measure: no further grouping levels")
+    expansion = expand(theta, cells, cohort, num_cohorts, config, covariates)
+    return cohort_effect_posterior(
+        gaussian_theta(theta), expansion.gram, cohort, num_cohorts, config, covariates
     )

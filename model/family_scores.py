@@ -43,7 +43,12 @@ from model.config import (
     check_scale,
     default_scale,
 )
-from model.families import local_posterior
+from model.families import (
+    LocalPosterior,
+    cohort_effect_posterior_laplace,
+    local_posterior,
+    local_posterior_given_shift,
+)
 from model.likelihood import Hyper, prior_means
 from model.scores import MIXTURE_DTYPE, EffectSummary, mixture_quantiles
 
@@ -74,6 +79,75 @@ def local_posteriors(
     return jax.lax.map(one, draws)
 
 
+@partial(jax.jit, static_argnames=("num_cohorts", "config"))
+def family_cohort_posteriors(
+    draws: Hyper,
+    cells: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(mean, variance) of every cohort deviation under every draw, (S, G) each
+    (model.families.cohort_effect_posterior_laplace; model.scores.cohort_posteriors
+    of a Bernoulli or Poisson measure): what the population agent publishes."""
+    return jax.lax.map(
+        lambda theta: cohort_effect_posterior_laplace(
+            theta, cells, cohort, num_cohorts, config, covariates
+        ),
+        draws,
+    )
+
+
+@partial(jax.jit, static_argnames=("config",))
+def local_posteriors_given_shifts(
+    draws: Hyper,
+    cells: jax.Array,
+    shift_mean: jax.Array,
+    shift_var: jax.Array,
+    config: ModelConfig,
+    covariates: jax.Array | None = None,
+):
+    """model.families.local_posterior_given_shift under every draw with the
+    shifts' moments (S, P) of that draw, and (μ_i)_a: as local_posteriors."""
+
+    def one(args):
+        theta, mean, var = args
+        post = local_posterior_given_shift(theta, cells, mean, var, config, covariates)
+        mean0 = jnp.broadcast_to(prior_means(theta, covariates)[0], post.mean0.shape)
+        return post, mean0
+
+    return jax.lax.map(one, (draws, shift_mean, shift_var))
+
+
+def summarize_family_given_shifts(
+    draws: Hyper,
+    cells: np.ndarray,
+    shift_mean: np.ndarray,
+    shift_var: np.ndarray,
+    measure: MeasureConfig,
+    config: ModelConfig,
+    *,
+    level: float = 0.9,
+    covariates: np.ndarray | None = None,
+    seed: int = 0,
+) -> EffectSummary:
+    """summarize_family_effects of patients whose group shift's posterior under
+    each draw is given, (S, P) each (the published cohort posteriors): how the
+    streaming worker scores a Bernoulli or Poisson measure's patients, a few at a
+    time, as model.scores.summarize_given_cohorts does Gaussian ones."""
+    check_scale(config.family, measure.effect_scale or default_scale(config.family), measure.mcid)
+    post, mean_a = local_posteriors_given_shifts(
+        draws,
+        jnp.asarray(cells, dtype=float),
+        jnp.asarray(shift_mean, dtype=float),
+        jnp.asarray(shift_var, dtype=float),
+        config.structure,
+        None if covariates is None else jnp.asarray(covariates, dtype=float),
+    )
+    return _summary(post, mean_a, measure, config.family, level, seed)
+
+
 def _difference(a: np.ndarray, b: np.ndarray, family: str) -> np.ndarray:
     if family == "bernoulli":
         return jax.nn.sigmoid(a + b) - jax.nn.sigmoid(a)
@@ -96,8 +170,7 @@ def summarize_family_effects(
 ) -> EffectSummary:
     """Every patient's effect on ``measure.effect_scale`` (module docstring):
     mean, sd, central ``level`` interval, P(benefit ≥ MCID), P(benefit > 0)."""
-    family, scale = config.family, measure.effect_scale or default_scale(config.family)
-    check_scale(family, scale, measure.mcid)
+    check_scale(config.family, measure.effect_scale or default_scale(config.family), measure.mcid)
     post, mean_a = local_posteriors(
         draws,
         jnp.asarray(cells, dtype=float),
@@ -108,6 +181,16 @@ def summarize_family_effects(
         None if groups is None else jnp.asarray(groups, dtype=np.int32),
         tuple(num_groups),
     )
+    return _summary(post, mean_a, measure, config.family, level, seed)
+
+
+def _summary(
+    post: LocalPosterior, mean_a: jax.Array, measure: MeasureConfig, family: str, level: float,
+    seed: int,
+) -> EffectSummary:  # fmt: skip
+    """The effect summary on the measure's scale from the patients' local
+    posteriors under every draw (S, P) and (μ_i)_a (module docstring)."""
+    scale = measure.effect_scale or default_scale(family)
     sign = measure.benefit_sign
     alpha = (1.0 - level) / 2.0
     m, v = np.asarray(post.mean1), np.asarray(post.var1)

@@ -474,14 +474,27 @@ class PopulationFitter:
         config: ModelConfig,
         svi_config: SVIConfig | None = None,
         export_cache: ExportCache | None = None,
+        *,
+        model: Callable[..., None] = hyper_model,
+        initial_values: dict[str, np.ndarray] | None = None,
+        from_sites: Callable[[dict[str, jax.Array], Any], Any] = hyper_from_sites,
     ) -> None:
+        """``model``, ``initial_values`` and ``from_sites`` swap in another model
+        over θ with hyper_model's signature (model.joint's several measures): its
+        numpyro model, a starting value for every latent site and the map from
+        sample sites to the θ that ``draws`` returns. ``config`` is then that
+        model's (it needs num_covariates and grouping_levels, for the checks)."""
         self.config = config
+        self._model = model
+        self._from_sites = from_sites
         self.svi_config = svi_config or SVIConfig()
         #: Traced programs kept across processes (model.exported), or None: trace here.
         self.export_cache = export_cache
         self._evidence_spec: tuple | None = None  # abstract fit_args of the last init
         self.guide = AnchoredMultivariateNormal(
-            hyper_model, init_loc_fn=init_to_value(values=_initial_values(config)), init_scale=0.05
+            model,
+            init_loc_fn=init_to_value(values=initial_values or _initial_values(config)),
+            init_scale=0.05,
         )
         self._fresh = self._build_svi(self.svi_config.fresh_steps, self.svi_config.num_particles)
         self._warm = self._build_svi(self.svi_config.update_steps, self.svi_config.update_particles)
@@ -498,7 +511,7 @@ class PopulationFitter:
             return lr * decay ** jnp.minimum(step, steps)
 
         svi = SVI(
-            hyper_model,
+            self._model,
             self.guide,
             numpyro.optim.Adam(schedule),
             OrderedTraceELBO(num_particles=num_particles),
@@ -741,7 +754,7 @@ class PopulationFitter:
     def _sample_draws(self, svi_state: SVIState, rng_key: jax.Array, num_draws: int) -> Hyper:
         params = self._warm[0].get_params(svi_state)
         sites = self.guide.sample_posterior(rng_key, params, sample_shape=(num_draws,))
-        return hyper_from_sites(sites, self.config)
+        return self._from_sites(sites, self.config)
 
     def draws(self, state: FitState, rng_key: jax.Array, num_draws: int | None = None) -> Hyper:
         """``num_draws`` draws of θ from q, with a leading draw axis. Fixed by the key:

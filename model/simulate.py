@@ -320,3 +320,47 @@ def true_daily_cycle(spec: ProgrammeSpec, hour: np.ndarray) -> np.ndarray:
         ),
         start=np.zeros_like(hour),
     )
+
+
+def simulate_joint(
+    readings: np.ndarray,
+    *,
+    effect_mean: np.ndarray,
+    effect_sd: np.ndarray,
+    effect_correlation: float,
+    intercept_mean: np.ndarray,
+    intercept_sd: np.ndarray,
+    residual_sd: np.ndarray,
+    seed: int,
+) -> tuple[list[Events], np.ndarray]:
+    """Several measures of the same patients (model.joint), raw units.
+
+    readings: (P, M) number of readings of each measure per patient. Patient i's
+    effects b_i ~ N(effect_mean, diag(effect_sd) R diag(effect_sd)) with R the
+    equicorrelation matrix of ``effect_correlation``; intercepts a_im ~
+    N(intercept_mean_m, intercept_sd_m²) independent of everything; reading t of
+    measure m: y = a_im + b_im x + ε, x ~ Bernoulli(½), ε ~ N(0, residual_sd_m²),
+    at a time uniform over 30 days. One cohort. Returns one Events per measure
+    (patients indexed alike) and the true effects (P, M)."""
+    readings = np.asarray(readings, dtype=int)
+    count, measures = readings.shape
+    rng = np.random.default_rng([seed, 7])
+    correlation = np.full((measures, measures), effect_correlation)
+    np.fill_diagonal(correlation, 1.0)
+    chol = np.linalg.cholesky(correlation) * np.asarray(effect_sd, dtype=float)[:, None]
+    effects = np.asarray(effect_mean, dtype=float) + rng.standard_normal((count, measures)) @ chol.T
+    intercepts = np.asarray(intercept_mean, dtype=float) + np.asarray(
+        intercept_sd, dtype=float
+    ) * rng.standard_normal((count, measures))
+    events = []
+    for m in range(measures):
+        patient = np.repeat(np.arange(count), readings[:, m])
+        exposure = (rng.uniform(size=patient.size) < 0.5).astype(float)
+        outcome = (
+            intercepts[patient, m]
+            + effects[patient, m] * exposure
+            + residual_sd[m] * rng.standard_normal(patient.size)
+        )
+        time = rng.uniform(0.0, 30.0, patient.size)
+        events.append(Events(patient, np.zeros(count, dtype=int), time, exposure, outcome))
+    return events, effects

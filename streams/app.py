@@ -21,7 +21,7 @@ from model.config import ModelConfig
 from streams import consumer_seek, loop_lag, score_lookup
 from streams.agents import drift, interop, patients, population
 from streams.agents.population import in_thread
-from streams.catalogue import Catalogue
+from streams.catalogue import Catalogue, CatalogueError
 from streams.chunked_consumer import ChunkedApp
 from streams.kafka_options import faust_credentials
 from streams.posterior_feed import PosteriorBook, follow_posteriors
@@ -50,7 +50,16 @@ class Pipeline:
 
 
 def measure_models(catalogue: Catalogue, settings: Settings) -> dict[str, ModelConfig]:
-    """The streaming ModelConfig of every catalogue measure."""
+    """The streaming ModelConfig of every catalogue measure. A Bernoulli or
+    Poisson measure with further grouping levels is not streamed (its cohort
+    posteriors are published for the cohort level only): CatalogueError."""
+    for spec in catalogue.measures.values():
+        if spec.family != "gaussian" and spec.grouping_levels:
+            raise CatalogueError(
+                f"{spec.name}: a {spec.family} measure is streamed with the cohort level only, "
+                f"not grouping_levels {list(spec.grouping_levels)}; fit it with efficacy fit "
+                f"--family {spec.family}"
+            )
     origin_days = settings.time_origin.timestamp() / 86400.0
     return {
         name: spec.model_config_for(
@@ -105,12 +114,13 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     loop_lag.install(app, telemetry)
     models = measure_models(catalogue, settings)
     posteriors = PosteriorBook()
-    patients_service = patients.PatientsService(
-        app, topics, catalogue, models, posteriors, settings, telemetry
-    )
     population_service = population.PopulationService(
         app, topics, models, posteriors, settings, telemetry, drift=settings.drift,
         catalogue=catalogue,
+    )  # fmt: skip
+    patients_service = patients.PatientsService(
+        app, topics, catalogue, models, posteriors, settings, telemetry,
+        paused=lambda: population_service.taking_over,
     )  # fmt: skip
     patients.register(app, patients_service)
     population.register(app, population_service)

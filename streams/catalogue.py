@@ -196,13 +196,30 @@ class MeasureSpec(BaseModel):
         standardised); the patient ``covariates`` are standardised by their
         catalogue entries' typical value and spread.
 
-        Bernoulli and Poisson measures are fitted offline (``efficacy fit
-        --family``) but not yet streamed: CatalogueError for them."""
+        A Bernoulli or Poisson measure's model (``family``) has no time trend,
+        no time-varying covariates and no recent-window forgetting (its evidence
+        is cell statistics, model.families; the drift agent's Gaussian checks do
+        not apply to it), and its outcome is not standardised: a 0/1 value or a
+        count is the model's own scale."""
         if self.family != "gaussian":
-            raise CatalogueError(
-                f"{self.name}: {self.family} measures are not streamed yet (the patients and "
-                "population agents carry Gaussian statistics); fit them with efficacy fit "
-                f"--family {self.family}"
+            baseline = [c for c in covariates if c.varies == "patient"]
+            covariate_location, covariate_scale = design_standardization(baseline)
+            return ModelConfig(
+                time_trend=False,
+                cohort_level=True,
+                grouping_levels=self.grouping_levels,
+                covariates=design_columns(baseline),
+                half_life=half_life_days,
+                family=self.family,
+                standardization=Standardization(
+                    outcome_location=0.0,
+                    outcome_scale=1.0,
+                    exposure_scale=1.0,
+                    time_location=time_origin_days,
+                    time_scale=time_scale_days,
+                    covariate_location=covariate_location,
+                    covariate_scale=covariate_scale,
+                ),
             )
         location, scale = self.typical
         baseline = [c for c in covariates if c.varies == "patient"]

@@ -63,6 +63,7 @@ from model.evidence import (
     merge_stats,
     stats_from_events,
 )
+from model.families import add_cell_reading, family_stats_from_events
 from streams.schemas import (
     Enrollment,
     EnrollmentRecord,
@@ -89,12 +90,19 @@ def origin_key(origin: Origin) -> str:
     return f"{origin.topic}:{origin.partition}:{origin.offset}"
 
 
+#: One patient's statistics of one measure as JSON: a Gram matrix (d×d), or the
+#: cell statistics of a Bernoulli or Poisson measure (model.families.CELLS).
+Statistics = list[list[float]] | list[float]
+
+
 class MeasureStats(BaseModel):
     """One measure's evidence of one patient.
 
     ``gram``/``reference_time``/counts: the sufficient statistics of every
     reading (model.evidence.PatientStats of one patient, as JSON): what scoring
-    and the population agent use. They are the merge of two parts:
+    and the population agent use. For a Bernoulli or Poisson measure ``gram``
+    holds its cell statistics (model.families), and there are no window
+    statistics (no recent-window forgetting: ModelConfig.recent_window is None). They are the merge of two parts:
 
     - *sealed*: readings older than ``sealed_until``, folded into statistics for
       good (their exposure can no longer change);
@@ -107,12 +115,14 @@ class MeasureStats(BaseModel):
     # JSON's Infinity extension is fine here.
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
-    gram: list[list[float]]
+    # A Gram matrix, or a Bernoulli or Poisson measure's CELLS cell statistics
+    # (model.families; ModelConfig.stat_shape).
+    gram: Statistics
     reference_time: float
     count_exposed: int = 0
     count_unexposed: int = 0
     last_event_time: datetime | None = None
-    sealed_gram: list[list[float]] | None = None
+    sealed_gram: Statistics | None = None
     sealed_reference_time: float = float("-inf")
     sealed_count_exposed: int = 0
     sealed_count_unexposed: int = 0
@@ -305,6 +315,15 @@ def _readings_stats(
 ) -> PatientStats:
     """Statistics of readings with exposure from the current timeline."""
     times = np.asarray([r[0] for r in readings], dtype=float)
+    if model.family != "gaussian":
+        return family_stats_from_events(
+            1,
+            np.zeros(times.size, dtype=np.int64),
+            np.asarray(_exposures(record, readings)),
+            times,
+            np.asarray([r[1] for r in readings], dtype=float),
+            model,
+        )
     return stats_from_events(
         1,
         np.zeros(times.size, dtype=np.int64),
@@ -539,6 +558,31 @@ def _seal(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> Non
     stats.recent = [r for r in stats.recent if r[0] >= horizon]
 
 
+def _add_reading(
+    gram: Statistics,
+    reference_time: float,
+    exposure: float,
+    time: float,
+    value: float,
+    model: ModelConfig,
+    covariates: tuple[float, ...],
+) -> tuple[Statistics, float]:
+    """One patient's statistics plus one reading: model.evidence.add_reading, or
+    for a Bernoulli or Poisson measure model.families.add_cell_reading (exposed
+    when the exposure is not 0, as family_stats_from_events counts it)."""
+    if model.family == "gaussian":
+        return add_reading(gram, reference_time, exposure, time, value, model, covariates)
+    return add_cell_reading(
+        gram,
+        reference_time,
+        float(exposure != 0.0),
+        time,
+        value,
+        model.family,
+        model.half_life,
+    )
+
+
 def _add_observation(
     record: PatientRecord, observation: Observation, model: ModelConfig, outcome: Outcome
 ) -> None:
@@ -553,7 +597,7 @@ def _add_observation(
     exposure = record.exposure_at(time) * observation.adherence
     covariates = tuple(observation.time_covariates)
     window = model.recent_window
-    stats.gram, stats.reference_time = add_reading(
+    stats.gram, stats.reference_time = _add_reading(
         stats.gram, stats.reference_time, exposure, time, observation.value, model, covariates
     )
     exposed = exposure != 0
@@ -561,7 +605,7 @@ def _add_observation(
     stats.count_unexposed += not exposed
     if time < stats.sealed_until:  # older than the window: its exposure is final
         sealed = stats.sealed_gram or empty_stats(1, model).gram[0].tolist()
-        stats.sealed_gram, stats.sealed_reference_time = add_reading(
+        stats.sealed_gram, stats.sealed_reference_time = _add_reading(
             sealed,
             stats.sealed_reference_time,
             exposure,

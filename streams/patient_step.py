@@ -452,11 +452,14 @@ def _reject(
 def _pending(record: PatientRecord | None, event, context: StepContext) -> PendingReading | None:
     """The reading ``event`` with its patient's evidence before it, when a
     prior-data conflict check applies (an enrolled patient, a posterior, a
-    reading not older than the patient's latest)."""
+    reading not older than the patient's latest, a Gaussian measure: the check's
+    standardised residual has no meaning for a 0/1 value or a count)."""
     if not isinstance(event, Observation) or record is None or not record.enrolled:
         return None
     if event.measure not in context.posteriors:
         return None
+    if context.models[event.measure].family != "gaussian":
+        return None  # the predictive residual is Gaussian: no check of binary or count readings
     try:
         return pending_reading(record, event, origin_key(event.origin))
     except Exception:  # monitoring must never dead-letter a valid reading

@@ -344,9 +344,10 @@ class PatientEvidence(BaseModel):
     measure: str = Field(description="the measure")
     patient_id: PatientId
     cohort: str = Field(description="the patient's cohort")
-    gram: list[list[float]] = Field(
+    gram: list[list[float]] | list[float] = Field(
         description="sufficient statistics: the Gram matrix of the design columns and the "
-        "outcome, standardised, under the long forgetting"
+        "outcome, standardised, under the long forgetting; for a Bernoulli or Poisson "
+        "measure its five cell statistics (n_0, s_0, n_1, s_1, k: model.families)"
     )
     reference_time: float = Field(
         description="the time (standardised) the forgetting weights are relative to"
@@ -434,8 +435,20 @@ class MeasureScore(BaseModel):
         description="the population part of the effect's mean (mean = population + cohort "
         "+ individual)"
     )
-    cohort_deviation: float = Field(description="the cohort's part of the effect's mean")
-    individual_deviation: float = Field(description="the patient's own part of the effect's mean")
+    cohort_deviation: float | None = Field(
+        description="the cohort's part of the effect's mean; null for a binary or count "
+        "measure scored on a ratio or difference scale (the parts add up on the link scale only)"
+    )
+    individual_deviation: float | None = Field(
+        description="the patient's own part of the effect's mean; null as cohort_deviation"
+    )
+    effect_scale: str | None = Field(
+        default=None,
+        description="the scale of ``effect`` and ``mcid`` of a binary or count measure "
+        "(odds_ratio, risk_difference, log_odds_ratio, rate_ratio, rate_difference, "
+        "log_rate_ratio: model.family_scores); null for a Gaussian measure (``unit`` per unit "
+        "of exposure)",
+    )
     shrinkage: float = Field(
         description="weight of the pooled prior against the patient's own data, 0 to 1"
     )

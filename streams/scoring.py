@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import DecisionRule, ModelConfig
+from model.config import DecisionRule, ModelConfig, default_scale
 from model.covariates import patient_design, reading_design
 from model.evidence import decay_to, gram_stats
+from model.family_scores import summarize_family_given_shifts
 from model.likelihood import Hyper
 from model.population import SMALL_BUCKET, bucket_size
 from model.predictive import predictive_residuals
@@ -194,6 +195,9 @@ def summarize_patients(
     ``groups``: each patient's groups (PatientRecord.groups), for a posterior
     with further grouping levels."""
     gram = np.asarray([s.gram for s in stats], dtype=float)  # one conversion of nested lists
+    if model.family != "gaussian":
+        cohort_mean, cohort_var = posterior.cohort_posterior(cohorts, groups)
+        return _summarize_family(posterior, gram, cohort_mean, cohort_var, covariates, spec, model)
     shift_mean, shift_var, shift_index = posterior.shift_table(cohorts, groups)
     return summarize_given_cohorts(
         posterior.draws,
@@ -209,6 +213,46 @@ def summarize_patients(
     )
 
 
+def _summarize_family(
+    posterior: MeasurePosterior,
+    cells: np.ndarray,
+    cohort_mean: np.ndarray,
+    cohort_var: np.ndarray,
+    covariates: list[list[float]],
+    spec: MeasureSpec,
+    model: ModelConfig,
+) -> EffectSummary:
+    """summarize_patients of a Bernoulli or Poisson measure: its cells and the
+    cohort posteriors through model.family_scores.summarize_family_given_shifts,
+    padded to a bucket size (model.population.bucket_size: one compile per
+    size; padding rows have no readings and are dropped). The Monte Carlo draws
+    of a difference scale use a fixed seed: a score is a deterministic function
+    of the evidence and the posterior version."""
+    count = cells.shape[0]
+    size = bucket_size(count, SMALL_BUCKET)
+    pad = size - count
+    std_covariates = standardized_covariates(covariates, model)
+    if pad:
+        cells = np.concatenate([cells, np.zeros((pad, cells.shape[1]))])
+        cohort_mean = np.pad(cohort_mean, ((0, 0), (0, pad)))
+        cohort_var = np.pad(cohort_var, ((0, 0), (0, pad)), constant_values=1.0)
+        if std_covariates is not None:
+            std_covariates = np.concatenate(
+                [std_covariates, np.zeros((pad, std_covariates.shape[1]))]
+            )
+    summary = summarize_family_given_shifts(
+        posterior.draws,
+        cells,
+        cohort_mean,
+        cohort_var,
+        spec.measure_config(),
+        model,
+        level=LEVEL,
+        covariates=std_covariates,
+    )
+    return EffectSummary(*(np.asarray(field)[:count] for field in summary))
+
+
 def compile_scoring(
     posterior: MeasurePosterior, spec: MeasureSpec, model: ModelConfig, max_readings: int
 ) -> int:
@@ -218,13 +262,14 @@ def compile_scoring(
     event loop. Otherwise each new batch size compiles on the patients agent's
     first batch of that size and holds up the stream meanwhile. Returns the
     number of shapes run."""
-    d = model.stat_dim
-    empty = MeasureStats(gram=np.zeros((d, d)).tolist(), reference_time=0.0)
+    empty = MeasureStats(gram=np.zeros(model.stat_shape).tolist(), reference_time=0.0)
     cohort = next(iter(posterior.cohort_index), None)
     runs = 0
     for size in _bucket_sizes(SCORING_BLOCK):
         summarize_patients(posterior, [empty] * size, [cohort] * size, [[]] * size, spec, model)
         runs += 1
+    if model.family != "gaussian":  # no predictive check (patient_step._pending)
+        return runs
     reading = PendingReading(None, float("-inf"), cohort, 0.0, 0.0, 0.0, "")
     for size in _bucket_sizes(bucket_size(max_readings, SMALL_BUCKET)):
         reading_residuals(posterior, [reading] * size, model)
@@ -264,6 +309,9 @@ def measure_scores(
     recommended action of each call from ``pathways`` (Settings.pathways);
     ``groups`` as for summarize_patients."""
     pathways = pathways or {}
+    scale = None
+    if model.family != "gaussian":
+        scale = spec.effect_scale or default_scale(model.family)
     summary = summarize_patients(posterior, stats, cohorts, covariates, spec, model, groups)
     counts_exposed = np.asarray([s.count_exposed for s in stats])
     counts_unexposed = np.asarray([s.count_unexposed for s in stats])
@@ -306,8 +354,9 @@ def measure_scores(
                 classification=str(call),
                 recommended_action=pathways.get(call),
                 population_effect=population,
-                cohort_deviation=cohort,
-                individual_deviation=individual,
+                cohort_deviation=None if math.isnan(cohort) else cohort,
+                individual_deviation=None if math.isnan(individual) else individual,
+                effect_scale=scale,
                 shrinkage=shrink,
                 count_exposed=s.count_exposed,
                 count_unexposed=s.count_unexposed,
@@ -388,7 +437,8 @@ def reading_residuals(
 
 
 def composite(scores: list[MeasureScore], weights: dict[str, float]) -> CompositeScore | None:
-    """Weighted mean of the benefit in MCID units over measures with enough data:
+    """Weighted mean of the benefit in MCID units over Gaussian measures with
+    enough data (binary and count measures' effect scales are left out):
     z_m = sign_m b_m / MCID_m, mean Σ w z / Σ w, sd √(Σ w² sd_z²) / Σ w (measures
     treated as independent), 90% interval mean ± 1.645 sd."""
     measures = []
@@ -396,6 +446,8 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> Composit
     for s in scores:
         weight = weights.get(s.measure, 0)
         if s.classification == "insufficient_data" or s.mcid <= 0 or weight <= 0:
+            continue
+        if s.effect_scale is not None:  # a ratio or difference of a family measure is not in units
             continue
         measures.append(s.measure)
         total += weight

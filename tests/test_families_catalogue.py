@@ -102,6 +102,12 @@ def test_values_the_family_takes_are_accepted(tmp_path):
         assert observation.value == float(value)
 
 
-def test_the_stream_refuses_a_family_it_does_not_carry_yet(tmp_path):
-    with pytest.raises(CatalogueError, match="not streamed yet"):
-        measure_models(catalogue(tmp_path), SETTINGS)
+def test_the_stream_carries_families_with_the_cohort_level_only(tmp_path):
+    models = measure_models(catalogue(tmp_path), SETTINGS)
+    assert models["symptom_today"].family == "bernoulli"
+    assert models["rescue_inhaler_uses"].family == "poisson"
+    grouped = ENTRIES.replace(
+        'sources = ["pro"]\n', 'sources = ["pro"]\ngrouping_levels = ["site"]\n', 1
+    )
+    with pytest.raises(CatalogueError, match="cohort level only"):
+        measure_models(catalogue(tmp_path, grouped), SETTINGS)

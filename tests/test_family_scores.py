@@ -86,3 +86,60 @@ def test_risk_difference_against_quadrature():
     np.testing.assert_array_less(np.abs(result.mean - np.array(exact)), 4 * se)
     assert np.all((result.lower < result.mean) & (result.mean < result.upper))
     assert np.all(result.p_benefit_ge_mcid <= result.p_benefit_gt_0)
+
+
+@pytest.mark.parametrize(
+    ("family", "scale", "mcid"),
+    [("bernoulli", "odds_ratio", 1.5), ("bernoulli", "risk_difference", 0.05),
+     ("poisson", "rate_ratio", 1.25)],
+)  # fmt: skip
+def test_scoring_with_published_cohort_posteriors_equals_the_joint_summary(family, scale, mcid):
+    """The stream scores a patient from the cohort posteriors the population
+    agent publishes (family_cohort_posteriors) and the patient's own cells
+    (summarize_family_given_shifts): the same numbers as the offline summary of
+    all patients at once (summarize_family_effects), whose joint mode puts each
+    patient at its conditional mode given its cohort's posterior mean. 40
+    patients in 3 cohorts with uneven data; the only difference is the
+    convergence of the damped Newton searches (tolerance 1e-4 on probabilities
+    and the link scale). The risk difference shares its Monte Carlo draws
+    (same seed), so it is compared at the same tolerance."""
+    from model.family_scores import family_cohort_posteriors, summarize_family_given_shifts
+
+    rng = np.random.default_rng(4)
+    num_draws = 5
+    draws = Hyper(
+        mu=jnp.asarray(rng.normal([-0.5, 0.5], 0.1, (num_draws, 2))),
+        tau=jnp.asarray(rng.uniform(0.3, 0.7, (num_draws, 2))),
+        corr_chol=jnp.broadcast_to(jnp.eye(2), (num_draws, 2, 2)),
+        tau_cohort=jnp.asarray(rng.uniform(0.2, 0.4, num_draws)),
+        sigma=jnp.ones(num_draws),
+        gamma=jnp.zeros((num_draws, 0)),
+    )
+    cohort = rng.integers(0, 3, 40)
+    n = rng.integers(0, 30, (40, 2)).astype(float)
+    rate = np.exp(-0.5 + np.array([0.0, 0.6]))
+    if family == "bernoulli":
+        events = rng.binomial(n.astype(int), rate / (1 + rate)).astype(float)
+    else:
+        events = rng.poisson(n * rate).astype(float)
+    cells = np.stack([n[:, 0], events[:, 0], n[:, 1], events[:, 1], np.zeros(40)], -1)
+    config = ModelConfig(time_trend=False, family=family)
+    measure = MeasureConfig(
+        name="m", unit="", mcid=mcid, direction="higher", family=family, effect_scale=scale
+    )
+    joint = summarize_family_effects(draws, cells, cohort, 3, measure, config)
+    cohort_mean, cohort_var = family_cohort_posteriors(
+        draws, jnp.asarray(cells), jnp.asarray(cohort, dtype=np.int32), 3, config.structure
+    )
+    cohort_mean, cohort_var = np.asarray(cohort_mean), np.asarray(cohort_var)
+    assert np.all(cohort_var > 0) and np.all(
+        cohort_var < np.asarray(draws.tau_cohort)[:, None] ** 2
+    )
+    given = summarize_family_given_shifts(
+        draws, cells, cohort_mean[:, cohort], cohort_var[:, cohort], measure, config
+    )
+    for field in ("mean", "sd", "lower", "upper", "p_benefit_ge_mcid", "p_benefit_gt_0"):
+        np.testing.assert_allclose(
+            getattr(given, field), getattr(joint, field), atol=1e-4, rtol=1e-4, err_msg=field
+        )
+    np.testing.assert_allclose(given.shrinkage, joint.shrinkage, atol=1e-4)

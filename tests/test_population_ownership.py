@@ -22,19 +22,34 @@ from streams.schemas import EvidenceBatch, PopulationPosterior
 from streams.settings import Settings
 from streams.telemetry import Telemetry
 
+FAST_SVI = SVIConfig(fresh_steps=50, update_steps=50, num_particles=1)
+
+
+def population_service(
+    name: str,
+    models: dict | None = None,
+    settings: Settings | None = None,
+    topic: FakeTopic | None = None,
+    svi: SVIConfig | None = None,
+) -> PopulationService:
+    """A PopulationService on an app that never connects: ``topic`` receives its
+    posteriors (none: no topics), metrics on a registry of its own."""
+    app = faust.App(name, broker="kafka://127.0.0.1:9", web_enabled=False)
+    topics = SimpleNamespace() if topic is None else SimpleNamespace(population_posterior=topic)
+    return PopulationService(
+        app,
+        topics,  # type: ignore[arg-type]
+        models or {STREAM_MEASURE: STREAM_MODEL},
+        PosteriorBook(),
+        settings or Settings(),
+        Telemetry(create_metrics(CollectorRegistry())),
+        svi=svi,
+    )
+
 
 def test_an_update_finished_after_losing_the_measure_is_not_published():
-    app = faust.App("ownership-test", broker="kafka://127.0.0.1:9", web_enabled=False)
     topic = FakeTopic()
-    service = PopulationService(
-        app,
-        SimpleNamespace(population_posterior=topic),  # type: ignore[arg-type]
-        {STREAM_MEASURE: STREAM_MODEL},
-        PosteriorBook(),
-        Settings(),
-        Telemetry(create_metrics(CollectorRegistry())),
-        svi=SVIConfig(fresh_steps=50, update_steps=50, num_particles=1),
-    )
+    service = population_service("ownership-test", topic=topic, svi=FAST_SVI)
     evidence = _evidence(5, num_patients=20, num_cohorts=2, obs_per_patient=8)
     owner = {"now": True}
     service.owns = lambda measure: owner["now"]  # type: ignore[method-assign]
@@ -57,15 +72,7 @@ def test_a_new_owner_rebuilds_its_book_without_blocking_the_loop(monkeypatch):
     whole rebuild),
     the rebuilt book holds every patient's table value, and an evidence batch
     taken during the rebuild is applied after it (newer than the table value)."""
-    app = faust.App("rebuild-test", broker="kafka://127.0.0.1:9", web_enabled=False)
-    service = PopulationService(
-        app,
-        SimpleNamespace(),  # type: ignore[arg-type]
-        {STREAM_MEASURE: STREAM_MODEL},
-        PosteriorBook(),
-        Settings(),
-        Telemetry(),
-    )
+    service = population_service("rebuild-test")
     evidence = _evidence(6, num_patients=3000, num_cohorts=4, obs_per_patient=4)
     monkeypatch.setattr(population_agent, "REBUILD_CHUNK", 100)
     for item in evidence:  # what recovery leaves in the table (no changelog here)
@@ -124,3 +131,74 @@ def test_evidence_counting_fewer_readings_than_the_book_holds_is_a_stale_copy():
     assert (after.gram == before.gram).all() and book.changes_since_fit == 1
     moved = newer.model_copy(update={"cohort": "elsewhere"})
     assert book.put(moved) and book.snapshot()[2] == [newer.cohort, "elsewhere"]
+
+
+def test_each_measure_is_fitted_before_the_next_book_is_rebuilt(monkeypatch):
+    """After a start, the first posterior waits for one book's rebuild, not for
+    every measure's: the tick rebuilds and fits measure by measure, newly owned
+    measures with a published posterior first."""
+    measures = ["first", "second"]
+    service = population_service("tick-order-test", dict.fromkeys(measures, STREAM_MODEL))
+    service.owns = lambda measure: True  # type: ignore[method-assign]
+    # "second" has a published posterior (a restart: its fit is warm), "first" not.
+    service.posteriors.messages["second"] = None  # type: ignore[assignment]
+    evidence = _evidence(8, num_patients=20, num_cohorts=2, obs_per_patient=4)
+    for measure in measures:
+        for item in evidence:
+            value = item.model_copy(update={"measure": measure}).model_dump_json().encode()
+            service.table.data[f"{measure}/{item.patient_id}"] = value
+    calls: list[tuple[str, str]] = []
+    rebuild = service.rebuild_book
+
+    async def rebuild_and_note(measure: str) -> None:
+        await rebuild(measure)
+        calls.append(("rebuild", measure, service.taking_over))
+
+    async def note_fit(measure: str, book) -> None:
+        assert book.num_patients == len(evidence)
+        calls.append(("fit", measure, service.taking_over))
+        book.changes_since_fit = 0
+
+    monkeypatch.setattr(service, "rebuild_book", rebuild_and_note)
+    monkeypatch.setattr(service, "fit", note_fit)
+    asyncio.run(service._tick())
+    # The warm measure first, taking over (rescoring waits: PatientsService.paused)
+    # until it is fitted; the cold one's first fit does not hold rescoring up.
+    assert calls == [("rebuild", "second", True), ("fit", "second", True),
+                     ("rebuild", "first", False), ("fit", "first", False)]  # fmt: skip
+    assert not service.taking_over
+    service.books["first"].changes_since_fit = 1  # new evidence, nothing newly owned
+    asyncio.run(service._tick())
+    assert calls[4:] == [("fit", "first", False)] and not service.taking_over
+
+
+def test_a_restarted_workers_fit_loads_its_programs_instead_of_tracing_them(tmp_path):
+    """The population agent's fitters keep their traced programs beside the
+    compilation cache (model.exported): a second worker process on the same
+    data directory fits from them, traces nothing and publishes the same
+    posterior."""
+    evidence = _evidence(9, num_patients=20, num_cohorts=2, obs_per_patient=8)
+
+    def first_fit() -> tuple[PopulationService, PopulationPosterior]:
+        topic = FakeTopic()
+        service = population_service(
+            "export-test", settings=Settings(compilation_cache_dir=tmp_path), topic=topic,
+            svi=FAST_SVI,
+        )  # fmt: skip
+        service.owns = lambda measure: True  # type: ignore[method-assign]
+        service.take(EvidenceBatch(measure=STREAM_MEASURE, items=evidence))
+        asyncio.run(service.fit(STREAM_MEASURE, service.book(STREAM_MEASURE)))
+        [(_, value)] = topic.sent
+        return service, PopulationPosterior.model_validate_json(value)
+
+    first, posterior = first_fit()
+    cache = first.fitters.export_cache
+    assert cache is not None and cache.directory.parent == tmp_path
+    assert cache.misses > 0 and cache.hits == 0
+    restarted, again = first_fit()
+    loaded = restarted.fitters.export_cache
+    assert loaded is not None and loaded.misses == 0 and loaded.hits == cache.misses
+    (fitter,) = restarted.fitters._fitters.values()
+    assert fitter.trace_count == 0
+    assert again.summary["effect"].mean == posterior.summary["effect"].mean
+    assert again.summary["effect"].sd == posterior.summary["effect"].sd

@@ -148,3 +148,21 @@ def test_the_records_a_write_caused_never_overtake_an_earlier_writers(pipeline):
         ("scores", b"score-30"),
     ]
     assert len(producer.sent) == 2 * len(rescored) + 2
+
+
+def test_rescoring_waits_while_the_population_agent_takes_over_measures(pipeline):
+    """While the population agent rebuilds and fits measures it newly owns (a
+    start, a rebalance), rescoring waits its turn: the fits come first."""
+    patients, population = pipeline.patients, pipeline.population
+
+    async def scenario() -> tuple[bool, bool]:
+        population._taking_over = True
+        waiting = asyncio.create_task(patients.turn_to_rescore())
+        await asyncio.sleep(0.3)
+        waited = not waiting.done()
+        population._taking_over = False
+        await asyncio.wait_for(waiting, timeout=5)
+        return waited, waiting.done()
+
+    waited, went_on = asyncio.get_event_loop().run_until_complete(scenario())
+    assert waited and went_on

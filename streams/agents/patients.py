@@ -29,6 +29,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -87,8 +88,12 @@ class PatientsService:
         settings: Settings,
         telemetry: Telemetry,
         rule: DecisionRule | None = None,
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
+        # Rescoring waits while this holds (streams.app: while the population
+        # agent takes over measures, PopulationService.taking_over).
+        self.paused = paused
         self.topics = topics
         self.settings = settings
         self.telemetry = telemetry
@@ -218,6 +223,14 @@ class PatientsService:
         topic = self.topics.wearables.get_topic_name()
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
 
+    async def turn_to_rescore(self) -> None:
+        """Wait while a rebalance is under way (between the revocation and the end
+        of recovery faust's assignment is the old one) or rescoring is paused
+        (the population agent is taking over measures: its rebuilds and fits
+        come first, and bring the posteriors that supersede this rescoring)."""
+        while self.app.rebalancing or self.paused():
+            await asyncio.sleep(REBALANCE_POLL_SECONDS)
+
     async def rescore_all(self, measure: str, force: bool = False) -> int:
         """After a new population posterior: rescore every local patient with
         evidence on ``measure`` (streams.patient_step.rescore) and publish what
@@ -231,14 +244,12 @@ class PatientsService:
         owned before a rebalance: rescoring (and saving) those would overwrite
         the owner's newer state, and its latest score, with a stale copy. So
         each chunk keeps only the patients of partitions this worker owns at
-        that moment, and waits while a rebalance is under way (between the
-        revocation and the end of recovery faust's assignment is the old one)."""
+        that moment, and waits for its turn (``turn_to_rescore``) before each."""
         partitions = self.settings.partitions
         keys = list(self.table.keys())
         published = 0
         for start in range(0, len(keys), RESCORE_CHUNK):
-            while self.app.rebalancing:
-                await asyncio.sleep(REBALANCE_POLL_SECONDS)
+            await self.turn_to_rescore()
             # From here to the table writes there is no await: the ownership
             # read is the one the chunk is saved under.
             owned = self.active_partitions()
@@ -265,7 +276,7 @@ def current_records(
 
 
 RESCORE_CHUNK = 1024  # patients scored at a time after a new posterior (~0.3 s of loop)
-REBALANCE_POLL_SECONDS = 0.1  # how often a rescore waiting for a rebalance looks again
+REBALANCE_POLL_SECONDS = 0.1  # how often a rescore waiting for its turn looks again
 
 
 def register(app: faust.App, service: PatientsService) -> None:

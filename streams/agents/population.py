@@ -29,6 +29,7 @@ from faust.types import TP
 
 from model.config import DecisionRule, ModelConfig, SVIConfig
 from model.evidence import PatientStats
+from model.exported import ExportCache
 from model.selection import FitterCache
 from monitoring.drift import (
     DriftConfig,
@@ -101,7 +102,10 @@ class PopulationService:
         self.settings = settings
         self.telemetry = telemetry
         self.svi = svi
-        self.fitters = FitterPool(svi)  # shared by all measures: one compile per shape
+        # Shared by all measures: one compile per shape; the traced programs kept
+        # next to JAX's compilation cache (model.exported), so a restart does not
+        # trace them again.
+        self.fitters = FitterPool(svi, ExportCache.beside(settings.compilation_cache_dir))
         self.books: dict[str, PopulationBook] = {}
         self.fits: dict[str, PopulationModel] = {}
         self.recent_fits: dict[str, PopulationModel] = {}  # recent-window fits
@@ -113,6 +117,7 @@ class PopulationService:
         self._fitting = asyncio.Lock()
         self._ticking = False
         self._owned: set[str] = set()  # measures owned at the last tick
+        self._taking_over = False
         self._rebuilding: dict[str, list[EvidenceBatch]] = {}  # batches taken meanwhile
         self.selection_fitters: FitterCache = {}  # compiled, shared by all measures
         self._last_selection: dict[str, tuple[float, str]] = {}  # (monotonic start, digest)
@@ -182,6 +187,7 @@ class PopulationService:
         self.detectors.pop(measure, None)  # references of an earlier ownership
         book = PopulationBook(measure, self.models[measure])
         self._rebuilding[measure] = pending = []
+        started = time.monotonic()
         try:
             prefix = f"{measure}/"
             keys = [key for key in list(self.table.keys()) if key.startswith(prefix)]
@@ -197,6 +203,23 @@ class PopulationService:
         finally:
             del self._rebuilding[measure]
         self.books[measure] = book
+        log.info(
+            "population book of %s rebuilt: %d patients in %.1f s",
+            measure,
+            book.num_patients,
+            time.monotonic() - started,
+        )
+
+    @property
+    def taking_over(self) -> bool:
+        """This worker is rebuilding and fitting measures it newly owns that have
+        a published posterior (a restart, a rebalance; warm fits of seconds).
+        Rescoring after a posterior waits meanwhile (PatientsService.paused):
+        the posteriors these fits bring supersede the ones it would rescore for,
+        and rescoring on the event loop starves the fit's thread of the GIL (a
+        restart at 20k patients: a 7-second fit took a minute). Cold first fits
+        (minutes at scale) do not hold rescoring up."""
+        return self._taking_over
 
     def ready(self) -> bool:
         """The table is recovered and the posterior feed has read what is
@@ -217,22 +240,44 @@ class PopulationService:
             self._ticking = False
 
     async def _tick(self) -> None:
+        """Each owned measure in turn: its book rebuilt if it is newly owned, then
+        fitted if it has new evidence. One measure's rebuild and fit before the
+        next's rebuild, so the first posterior after a start waits for one
+        book, not all of them. Newly owned measures with a published posterior
+        go first: their fits are warm (seconds), and rescoring waits for them
+        (``taking_over``)."""
         owned = {measure for measure in self.models if self.owns(measure)}
-        for measure in owned - self._owned:
+        self._owned &= owned  # measures a rebalance moved away
+        warm = [
+            m for m in self.models if m in owned - self._owned and m in self.posteriors.messages
+        ]
+        order = warm + [m for m in self.models if m in owned and m not in warm]
+        self._taking_over = bool(warm)
+        try:
+            for measure in order:
+                await self._tick_measure(measure)
+                if measure in warm:
+                    warm.remove(measure)
+                    self._taking_over = bool(warm)
+        finally:
+            self._taking_over = False
+
+    async def _tick_measure(self, measure: str) -> None:
+        if measure not in self._owned:
             await self.rebuild_book(measure)
+            self._owned.add(measure)
             # The first structure selection comes one interval after ownership starts.
             self._last_selection[measure] = (time.monotonic(), "")
-        self._owned = owned
-        for measure, book in list(self.books.items()):
-            if book.changes_since_fit == 0 or not self.owns(measure):
-                continue
-            if book.num_patients < self.settings.population_min_patients:
-                continue
-            try:
-                await self.fit(measure, book)
-            except Exception:  # keep the agent alive; the next tick retries
-                log.exception("population update of %s failed", measure)
-                book.changes_since_fit += 1
+        book = self.books.get(measure)
+        if book is None or book.changes_since_fit == 0 or not self.owns(measure):
+            return
+        if book.num_patients < self.settings.population_min_patients:
+            return
+        try:
+            await self.fit(measure, book)
+        except Exception:  # keep the agent alive; the next tick retries
+            log.exception("population update of %s failed", measure)
+            book.changes_since_fit += 1
 
     async def fit(self, measure: str, book: PopulationBook) -> None:
         model = self.fits.get(measure)
@@ -309,6 +354,8 @@ class PopulationService:
         measure = posterior.measure
         if self.catalogue is None or not self.catalogue.subgroups_of(measure):
             return
+        if self.models[measure].family != "gaussian":  # subgroup means are Gaussian mixtures
+            return
         try:
             state, outputs = await in_thread(
                 subgroup_step,
@@ -340,6 +387,8 @@ class PopulationService:
         book = self.books.get(measure)
         if measure not in self._owned or book is None:
             return False
+        if self.models[measure].family != "gaussian":
+            return False  # the candidates' held-out likelihoods are Gaussian ones
         if book.num_patients < self.settings.selection_min_patients:
             return False
         if self.posteriors.version(measure) < 1:
@@ -451,12 +500,12 @@ def evidence_digest(
 ) -> str:
     """SHA-256 of the multiset of (statistics, reference time, cohort, covariates,
     groups) rows of a book snapshot: independent of the order patients were put in."""
-    n, d, _ = stats.gram.shape
+    n = stats.gram.shape[0]  # (n, d, d) Gram matrices or (n, CELLS) cells
 
     def crc(names: list[str]) -> np.ndarray:
         return np.array([zlib.crc32(name.encode()) for name in names] or [0], dtype=float)
 
-    columns = [stats.gram.reshape(n, d * d), stats.reference_time, crc(cohorts)[cohort]]
+    columns = [stats.gram.reshape(n, -1), stats.reference_time, crc(cohorts)[cohort]]
     if covariates is not None:
         columns.append(np.asarray(covariates, dtype=float).reshape(n, -1))
     if groups is not None:

@@ -1,0 +1,220 @@
+"""The joint model of several measures (model.joint) against per-measure fits
+(issue 16): accuracy on simulated programmes, and the cost of a warm update.
+
+``accuracy``: programmes simulated with seeds seed..seed+N-1
+(model.simulate.simulate_joint), 3 measures, patients with unequal numbers of
+readings of each; each fitted jointly (model.joint, default SVIConfig) and
+measure by measure (model.population + model.scores, the model of ``efficacy
+fit``, no cohort level, no trend). Per measure: RMSE of the patients' posterior
+mean effects against the true ones (joint / per-measure ratio, per programme,
+then averaged with its se over programmes), and the 90% intervals' coverage of
+the true effects (pooled, cluster se of model.operating.rate_with_se). Run once
+with the effects correlating 0.7 and once with 0.
+
+``cost``: one warm update (SVIConfig.update_steps steps, update_particles) of
+q(θ) at P patients × 3 measures: the joint fit against the three measures'
+single fits run one after the other, medians over repeats after a compiling
+call; the ratio is the number to read (the machine is shared).
+
+Run ``python -m benchmarks.joint accuracy --programmes 6`` and
+``python -m benchmarks.joint cost --patients 100000``; progress on stderr,
+results in benchmarks/results/joint_accuracy.json and joint_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks.common import machine, median, say, write_json
+from model.config import MeasureConfig, SVIConfig
+from model.evidence import events_stats
+from model.joint import joint_config_for, joint_fitter, joint_grams, joint_patients, pad_joint
+from model.operating import rate_with_se
+from model.population import PopulationFitter, pad_evidence
+from model.scores import summarize_effects
+from model.simulate import simulate_joint
+
+EFFECT_MEAN = np.array([-1.0, -0.5, 2.0])
+EFFECT_SD = np.array([1.0, 0.5, 1.5])
+INTERCEPT_MEAN = np.array([8.0, 7.0, 60.0])
+INTERCEPT_SD = np.array([1.0, 0.8, 5.0])
+RESIDUAL_SD = np.array([1.0, 0.5, 3.0])
+MEASURE = MeasureConfig(name="m", unit="", mcid=0.0)
+
+
+def programme(patients: int, correlation: float, seed: int, low: int = 2, high: int = 12):
+    """A simulated programme: each patient's readings of each measure uniform in
+    [low, high] (the measures unequally informative per patient)."""
+    rng = np.random.default_rng([seed, 1])
+    readings = rng.integers(low, high + 1, (patients, 3))
+    return simulate_joint(
+        readings,
+        effect_mean=EFFECT_MEAN,
+        effect_sd=EFFECT_SD,
+        effect_correlation=correlation,
+        intercept_mean=INTERCEPT_MEAN,
+        intercept_sd=INTERCEPT_SD,
+        residual_sd=RESIDUAL_SD,
+        seed=seed,
+    )
+
+
+def accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    svi_config = SVIConfig()
+    rows = []
+    for correlation in (0.7, 0.0):
+        joint_fit = separate_fit = None
+        per_programme = []
+        for seed in range(args.seed, args.seed + args.programmes):
+            started = time.perf_counter()
+            events, truth = programme(args.patients, correlation, seed)
+            config = joint_config_for(events)
+            gram = joint_grams(events, config)
+            key = jax.random.PRNGKey(seed)
+            keys = jax.random.split(key, 3)
+            joint_fit = joint_fit or joint_fitter(config, svi_config)
+            evidence = pad_joint(gram)
+            state, _ = joint_fit.update(joint_fit.init(keys[0], evidence), evidence, keys[1])
+            patients = joint_patients(joint_fit.draws(state, keys[2]), gram, config)
+            scale = np.array([c.standardization.effect_to_raw(1.0) for c in config.measures])
+            joint_mean = patients.effect_mean * scale
+            joint_lower, joint_upper = patients.effect_lower * scale, patients.effect_upper * scale
+
+            separate = []
+            for m, measure_config in enumerate(config.measures):
+                separate_fit = separate_fit or PopulationFitter(
+                    measure_config.structure, svi_config
+                )
+                stats = events_stats(events[m], measure_config)
+                cohort = np.zeros(args.patients, dtype=np.int32)
+                single = pad_evidence(stats, cohort, 1)
+                fitted, _ = separate_fit.update(separate_fit.init(keys[0], single), single, keys[1])
+                separate.append(
+                    summarize_effects(
+                        separate_fit.draws(fitted, keys[2]),
+                        stats.gram,
+                        cohort,
+                        single.num_cohorts,
+                        MEASURE,
+                        measure_config,
+                    )
+                )
+            record = {"seed": seed, "seconds": round(time.perf_counter() - started, 1)}
+            for m in range(3):
+                sep = separate[m]
+                record[f"measure{m}"] = {
+                    "rmse_joint": float(np.sqrt(np.mean((joint_mean[:, m] - truth[:, m]) ** 2))),
+                    "rmse_separate": float(np.sqrt(np.mean((sep.mean - truth[:, m]) ** 2))),
+                    "covered_joint": int(
+                        np.sum(
+                            (joint_lower[:, m] <= truth[:, m]) & (truth[:, m] <= joint_upper[:, m])
+                        )
+                    ),
+                    "covered_separate": int(
+                        np.sum((sep.lower <= truth[:, m]) & (truth[:, m] <= sep.upper))
+                    ),
+                    "width_joint": float(np.median(joint_upper[:, m] - joint_lower[:, m])),
+                    "width_separate": float(np.median(sep.upper - sep.lower)),
+                }
+            per_programme.append(record)
+            say(f"correlation {correlation} seed {seed}: {record}")
+        summary = {}
+        for m in range(3):
+            parts = [r[f"measure{m}"] for r in per_programme]
+            ratios = np.array([p["rmse_joint"] / p["rmse_separate"] for p in parts])
+            totals = np.full(len(parts), args.patients)
+            summary[f"measure{m}"] = {
+                "rmse_ratio_mean": float(ratios.mean()),
+                "rmse_ratio_se": float(ratios.std(ddof=1) / np.sqrt(ratios.size)),
+                "coverage_joint": rate_with_se(
+                    np.array([p["covered_joint"] for p in parts]), totals
+                )[:2],
+                "coverage_separate": rate_with_se(
+                    np.array([p["covered_separate"] for p in parts]), totals
+                )[:2],
+                "width_ratio_median": float(
+                    np.median([p["width_joint"] / p["width_separate"] for p in parts])
+                ),
+            }
+        rows.append({"correlation": correlation, "summary": summary, "programmes": per_programme})
+    return {"patients": args.patients, "rows": rows}
+
+
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    svi_config = SVIConfig()
+    events, _ = programme(args.patients, 0.7, args.seed, low=4, high=8)
+    config = joint_config_for(events)
+    gram = joint_grams(events, config)
+    key = jax.random.PRNGKey(args.seed)
+    joint_fit = joint_fitter(config, svi_config)
+    evidence = pad_joint(gram)
+    # A warm state: the step counter past the fresh fit, so update runs update_steps.
+    joint_state = joint_fit.init(key, evidence)._replace(total_steps=1)
+    separate_fit = PopulationFitter(config.measures[0].structure, svi_config)
+    singles = [
+        pad_evidence(
+            events_stats(events[m], config.measures[m]), np.zeros(args.patients, dtype=np.int32), 1
+        )
+        for m in range(3)
+    ]
+    states = [separate_fit.init(key, single)._replace(total_steps=1) for single in singles]
+
+    def joint_update() -> float:
+        started = time.perf_counter()
+        state, _ = joint_fit.update(joint_state, evidence, key)
+        jax.block_until_ready(state.svi_state)
+        return time.perf_counter() - started
+
+    def separate_updates() -> float:
+        started = time.perf_counter()
+        for state, single in zip(states, singles, strict=True):
+            new, _ = separate_fit.update(state, single, key)
+            jax.block_until_ready(new.svi_state)
+        return time.perf_counter() - started
+
+    say("compiling")
+    first_joint, first_separate = joint_update(), separate_updates()
+    joint_times, separate_times = [], []
+    for repeat in range(args.repeats):
+        joint_times.append(joint_update())
+        separate_times.append(separate_updates())
+        say(f"repeat {repeat}: joint {joint_times[-1]:.2f} s, separate {separate_times[-1]:.2f} s")
+    return {
+        "patients": args.patients,
+        "padded_patients": int(evidence.gram.shape[0]),
+        "steps": svi_config.update_steps,
+        "first_call_s": {"joint": first_joint, "separate": first_separate},
+        "joint_s": joint_times,
+        "separate_s": separate_times,
+        "joint_median_s": median(joint_times),
+        "separate_median_s": median(separate_times),
+        "ratio": median(joint_times) / median(separate_times),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    first = sub.add_parser("accuracy")
+    first.add_argument("--programmes", type=int, default=6)
+    first.add_argument("--patients", type=int, default=200)
+    first.add_argument("--seed", type=int, default=0)
+    second = sub.add_parser("cost")
+    second.add_argument("--patients", type=int, default=100_000)
+    second.add_argument("--repeats", type=int, default=3)
+    second.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = accuracy(args) if args.command == "accuracy" else cost(args)
+    result.update(machine=machine(), seconds=round(time.perf_counter() - started, 1))
+    path = write_json(f"joint_{args.command}", result)
+    say(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

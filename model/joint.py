@@ -1,0 +1,568 @@
+"""Several measures of one patient at once: a joint latent-trait model whose
+patient effects are correlated across measures.
+
+Model, standardised units (each measure m = 1..M its own standardisation),
+patient i, reading t of measure m:
+
+    y_imt = a_im + b_im x_imt + z_imtᵀ γ_m + ε_imt,   ε_imt ~ N(0, σ_m²)
+    r_i = (a_i1, b_i1, …, a_iM, b_iM) ~ N(μ, Σ),   Σ = diag(τ) Ω diag(τ)
+
+The whole patient block r_i (dimension D = 2M, intercepts included) shares one
+covariance: τ holds every intercept's and effect's between-patient sd (as each
+measure's model has), Ω ~ LKJ(D, priors.lkj_concentration) their correlation.
+The between-measure correlation of the effects is Ω's effect sub-block
+Ω_b[m, n] = Ω[2m+1, 2n+1]; with D instead of 2 the LKJ prior's marginal on
+each correlation is Beta(η − 1 + D/2, same) on (−1, 1), a little tighter
+around 0 than a single measure's (η = 2, D = 6: sd 0.33). There are no cohort
+or grouping levels and no patient covariates (each measure's own model has
+them; here they are not implemented).
+
+**Patient step.** A measure's Gram matrix gives its Gaussian likelihood of
+(a_im, b_im) given θ (model.likelihood.adjusted_data): precision
+P_im = W_mᵀW_m/σ_m², information h_im = W_mᵀ(y_m − Z_mγ_m)/σ_m², c_im and n_im.
+Measures are independent given r_i, so patient i's likelihood of r_i has the
+block-diagonal precision P_i = blockdiag(P_i1..P_iM) and h_i = (h_i1..h_iM).
+Integrating r_i ~ N(μ, Σ), Σ = L Lᵀ, exactly (the dense form of
+model.likelihood's 2×2 step), with h_μ = h − Pμ, c_μ = Σ_m c_im − 2hᵀμ + μᵀPμ:
+
+    log L_i = −½ Σ_m n_im log(2πσ_m²) − ½ c_μ − ½ log|K| + ½ ‖C⁻¹Lᵀh_μ‖²
+    K = I + LᵀPL = C Cᵀ   (det K ≥ 1: well conditioned for any τ)
+    r_i | y, θ ~ N(μ + L K⁻¹ Lᵀ h_μ, L K⁻¹ Lᵀ)
+
+The D×D Cholesky factor C is unrolled over (P,) arrays, so the step is
+elementwise over patients like the 2×2 one (no batched LAPACK calls). A patient
+without readings of a measure has P_im = 0 there, and one without any readings
+contributes exactly zero: padding needs no mask.
+
+**Fit.** θ = (μ, τ, Ω, σ, γ) by model.population's PopulationFitter (the same
+whitened full-rank SVI) on ``joint_model``; gradients are reverse-mode autodiff
+of the value above. Patient posteriors are Gaussian given θ and mixed over the
+draws of θ as model.scores does (``JointPatients``).
+
+**Latent responsiveness.** ρ_i = (1/M) Σ_m s_m (b_im − μ_bm) / τ_bm: the
+patient's effect deviation on each measure in units of that measure's
+between-patient sd, signed so that benefit is positive (s_m = +1 when higher is
+better), averaged over measures. It is 0 for the typical patient, so
+P(ρ_i > 0) is the probability the patient responds more than the population.
+Linear in r_i, it is Gaussian given θ: mean wᵀ(E r_i − μ), variance wᵀ Cov(r_i) w.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from model.config import ModelConfig, PriorConfig, Standardization, SVIConfig
+from model.events import Events
+from model.evidence import events_stats
+from model.likelihood import EFFECT, Mat2, adjusted_data, sum_over_patients
+from model.population import (
+    MIN_COHORT_BUCKET,
+    MIN_PATIENT_BUCKET,
+    Evidence,
+    FitState,
+    PopulationFitter,
+    UpdateInfo,
+    bucket_size,
+)
+from model.scores import mixture_quantiles
+
+INTERVAL_PROBS = np.array([0.05, 0.95])
+
+
+class JointConfig(BaseModel):
+    """Structure of the joint model: one ModelConfig per measure (its
+    standardisation and whether it has a time trend; all measures alike) and
+    the priors of θ (PriorConfig, shared). Measures have no cohort or grouping
+    levels, covariates or time-varying covariates, and are Gaussian with
+    partial pooling."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    measures: tuple[ModelConfig, ...]
+    priors: PriorConfig = PriorConfig()
+
+    @model_validator(mode="after")
+    def _supported(self) -> JointConfig:
+        if not 2 <= len(self.measures) <= 6:
+            raise ValueError(f"the joint model takes 2-6 measures, got {len(self.measures)}")
+        for config in self.measures:
+            unsupported = [
+                name
+                for name, present in (
+                    ("a cohort level", config.cohort_level),
+                    ("grouping levels", bool(config.grouping_levels)),
+                    ("patient covariates", bool(config.covariates)),
+                    ("time-varying covariates", bool(config.time_covariates)),
+                    ("a non-Gaussian family", config.family != "gaussian"),
+                    ("fixed effect pooling", config.effect_pooling != "partial"),
+                    ("forgetting", config.half_life is not None),
+                )
+                if present
+            ]
+            if unsupported:
+                raise ValueError(f"the joint model has no {', '.join(unsupported)}")
+        if len({config.time_trend for config in self.measures}) != 1:
+            raise ValueError("the joint model's measures must all have a time trend or none")
+        return self
+
+    @property
+    def num_measures(self) -> int:
+        return len(self.measures)
+
+    @property
+    def block_dim(self) -> int:
+        """D = 2M: every measure's (intercept, effect)."""
+        return 2 * len(self.measures)
+
+    @property
+    def fixed_dim(self) -> int:
+        return self.measures[0].fixed_dim
+
+    @property
+    def stat_dim(self) -> int:
+        return self.measures[0].stat_dim
+
+    # What PopulationFitter checks the evidence against: none of either.
+    @property
+    def num_covariates(self) -> int:
+        return 0
+
+    @property
+    def grouping_levels(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def structure(self) -> JointConfig:
+        """This config with each measure's structure (default standardisation):
+        all the fit of standardised evidence depends on (static jit argument)."""
+        return self.model_copy(
+            update={"measures": tuple(config.structure for config in self.measures)}
+        )
+
+
+class JointHyper(NamedTuple):
+    """θ of the joint model, standardised units; may carry leading draw axes.
+
+    mu: (..., M, 2) population mean of each measure's (intercept, effect)
+    tau: (..., D) between-patient sds, ordered (a_1, b_1, …, a_M, b_M)
+    corr_chol: (..., D, D) Cholesky factor of their correlation Ω
+    sigma: (..., M) residual sds
+    gamma: (..., M, d_z) each measure's fixed effects (time trend)
+    """
+
+    mu: jax.Array
+    tau: jax.Array
+    corr_chol: jax.Array
+    sigma: jax.Array
+    gamma: jax.Array
+
+    @property
+    def covariance_chol(self) -> jax.Array:
+        """L with Σ = L Lᵀ."""
+        return self.tau[..., :, None] * self.corr_chol
+
+    @property
+    def effect_correlation(self) -> jax.Array:
+        """(..., M, M) Ω_b, the correlation of the effects across measures."""
+        omega = self.corr_chol @ jnp.swapaxes(self.corr_chol, -1, -2)
+        return omega[..., EFFECT::2, EFFECT::2]
+
+
+class BlockData(NamedTuple):
+    """A patient block's Gaussian likelihood given θ, each entry a (P,) array:
+    ``precision[m]`` measure m's 2×2 block of P_i (Mat2), ``information`` the D
+    entries of h_i, ``c`` Σ_m c_im and ``log_norm`` −½ Σ_m n_im log(2πσ_m²)."""
+
+    precision: list[Mat2]
+    information: list[jax.Array]
+    c: jax.Array
+    log_norm: jax.Array
+
+
+def block_data(theta: JointHyper, gram: jax.Array, config: JointConfig) -> BlockData:
+    """Each measure's statistics of y − Zγ (model.likelihood.adjusted_data) put
+    together into the patient block's likelihood. gram: (P, M, d, d)."""
+    precision, information, c, log_norm = [], [], 0.0, 0.0
+    for m, measure in enumerate(config.measures):
+        data = adjusted_data(theta.gamma[m], gram[:, m], measure)
+        variance = theta.sigma[m] ** 2
+        precision.append(Mat2(*(component / variance for component in data.wtw)))
+        information.extend([data.wy0 / variance, data.wy1 / variance])
+        c = c + data.yy / variance
+        log_norm = log_norm - 0.5 * data.n * jnp.log(2.0 * jnp.pi * variance)
+    return BlockData(precision, information, c, log_norm)
+
+
+def _cholesky_rows(entry: Callable[[int, int], jax.Array], dim: int) -> list[list[jax.Array]]:
+    """Lower Cholesky factor of positive-definite D×D matrices given by
+    ``entry(i, j)`` (i ≥ j, (P,) arrays), unrolled over the D(D+1)/2 entries:
+    elementwise work XLA fuses, where batched LAPACK calls of tiny matrices cost
+    a call per patient."""
+    rows: list[list[jax.Array]] = [[] for _ in range(dim)]
+    for j in range(dim):
+        root = jnp.sqrt(entry(j, j) - sum((rows[j][k] ** 2 for k in range(j)), start=0.0))
+        rows[j].append(root)
+        for i in range(j + 1, dim):
+            off = entry(i, j) - sum((rows[i][k] * rows[j][k] for k in range(j)), start=0.0)
+            rows[i].append(off / root)
+    return rows
+
+
+def _forward_solve(rows: list[list[jax.Array]], vector: list[jax.Array]) -> list[jax.Array]:
+    """z with C z = v, C lower triangular given by rows (unrolled, (P,) arrays)."""
+    solution: list[jax.Array] = []
+    for i, row in enumerate(rows):
+        remainder = vector[i] - sum((row[k] * solution[k] for k in range(i)), start=0.0)
+        solution.append(remainder / row[i])
+    return solution
+
+
+class BlockTerms(NamedTuple):
+    """Per-patient results of integrating out the patient block given θ:
+    ``value`` log L_i (P,); ``whitened`` C⁻¹Lᵀh_μ as D (P,) arrays; ``factor``
+    the rows of C."""
+
+    value: jax.Array
+    whitened: list[jax.Array]
+    factor: list[list[jax.Array]]
+
+
+def block_terms(theta: JointHyper, gram: jax.Array, config: JointConfig) -> BlockTerms:
+    """The patient step (module docstring) for every patient; θ without draw axes.
+
+    Written out entry by entry over (P,) arrays: LᵀPL sums, for each measure's
+    2×2 block of P, the products with L's rows of that block (L is lower
+    triangular, so entries above its diagonal are skipped), then C and C⁻¹Lᵀh_μ
+    are unrolled. Every step is elementwise over patients."""
+    data = block_data(theta, gram, config)
+    dim = config.block_dim
+    mu = theta.mu.reshape(-1)
+    chol = theta.covariance_chol
+    h_mu, c_mu = [], data.c
+    for m, block in enumerate(data.precision):
+        p_mu0, p_mu1 = block.apply(mu[2 * m], mu[2 * m + 1])
+        h0, h1 = data.information[2 * m], data.information[2 * m + 1]
+        h_mu.extend([h0 - p_mu0, h1 - p_mu1])
+        c_mu = c_mu - 2.0 * (h0 * mu[2 * m] + h1 * mu[2 * m + 1])
+        c_mu = c_mu + mu[2 * m] * p_mu0 + mu[2 * m + 1] * p_mu1
+    entries = {}  # (j, k), j ≥ k: (I + LᵀPL)_jk
+    for j in range(dim):
+        for k in range(j + 1):
+            total = jnp.full_like(data.c, float(j == k))
+            for m, block in enumerate(data.precision):
+                rows = (2 * m, 2 * m + 1)
+                for u, a in enumerate(rows):
+                    for v, b in enumerate(rows):
+                        if a >= j and b >= k:  # L[a, j] and L[b, k] not structurally 0
+                            total = total + chol[a, j] * block[2 * u + v] * chol[b, k]
+            entries[j, k] = total
+    factor = _cholesky_rows(lambda j, k: entries[j, k], dim)
+    projected = [sum(chol[a, j] * h_mu[a] for a in range(j, dim)) for j in range(dim)]  # Lᵀh_μ
+    whitened = _forward_solve(factor, projected)
+    logdet = 2.0 * sum(jnp.log(factor[j][j]) for j in range(dim))
+    value = data.log_norm - 0.5 * c_mu - 0.5 * logdet + 0.5 * sum(part**2 for part in whitened)
+    return BlockTerms(value, whitened, factor)
+
+
+def joint_loglik(theta: JointHyper, gram: jax.Array, config: JointConfig) -> jax.Array:
+    """log p(all measures' evidence | θ), every patient block integrated out."""
+    return sum_over_patients(block_terms(theta, gram, config).value)
+
+
+def _lower_inverse(rows: list[list[jax.Array]]) -> jax.Array:
+    """C⁻¹ as a (P, D, D) array, C lower triangular given by rows."""
+    dim = len(rows)
+    columns = []
+    for j in range(dim):
+        unit = [jnp.full_like(rows[0][0], float(i == j)) for i in range(dim)]
+        columns.append(jnp.stack(_forward_solve(rows, unit), -1))
+    return jnp.stack(columns, -1)
+
+
+def block_posterior(
+    theta: JointHyper, gram: jax.Array, config: JointConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Exact posterior of every patient block given θ: mean (P, D) and covariance
+    (P, D, D), μ + L K⁻¹ Lᵀ h_μ and L K⁻¹ Lᵀ with K⁻¹ = C⁻ᵀC⁻¹."""
+    terms = block_terms(theta, gram, config)
+    chol = theta.covariance_chol
+    inverse = _lower_inverse(terms.factor)  # C⁻¹
+    whitened = jnp.stack(terms.whitened, -1)
+    half = jnp.einsum("ab,pcb->pac", chol, inverse)  # L C⁻ᵀ
+    mean = theta.mu.reshape(-1) + jnp.einsum("pac,pc->pa", half, whitened)
+    cov = jnp.einsum("pac,pbc->pab", half, half)
+    return mean, cov
+
+
+def joint_model(
+    gram: jax.Array,
+    cohort: jax.Array,
+    num_cohorts: int,
+    config: JointConfig,
+    covariates: jax.Array | None = None,
+    groups: jax.Array | None = None,
+    num_groups: tuple[int, ...] = (),
+) -> None:
+    """numpyro model over θ alone (hyper_model's signature, for PopulationFitter):
+    priors (PriorConfig, per measure as a single measure's) and the collapsed
+    likelihood. The cohort and group arguments are unused (no such levels)."""
+    del cohort, num_cohorts, covariates, groups, num_groups
+    priors, count, dim = config.priors, config.num_measures, config.block_dim
+    mu = numpyro.sample(
+        "mu", dist.Normal(0.0, priors.population_mean_sd).expand([count, 2]).to_event(2)
+    )
+    tau = numpyro.sample("tau", dist.HalfNormal(priors.patient_scale).expand([dim]).to_event(1))
+    corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(dim, priors.lkj_concentration))
+    sigma = numpyro.sample(
+        "sigma", dist.HalfNormal(priors.residual_scale).expand([count]).to_event(1)
+    )
+    if config.fixed_dim:
+        gamma = numpyro.sample(
+            "gamma",
+            dist.Normal(0.0, priors.trend_sd).expand([count, config.fixed_dim]).to_event(2),
+        )
+    else:
+        gamma = jnp.zeros((count, 0))
+    theta = JointHyper(mu, tau, corr_chol, sigma, gamma)
+    numpyro.factor("collapsed_loglik", joint_loglik(theta, gram, config))
+
+
+def joint_from_sites(sites: dict[str, jax.Array], config: JointConfig) -> JointHyper:
+    """JointHyper from numpyro sample sites (constrained), any leading draw axes."""
+    batch = sites["mu"].shape[:-2]
+    gamma = sites["gamma"] if config.fixed_dim else jnp.zeros((*batch, config.num_measures, 0))
+    return JointHyper(sites["mu"], sites["tau"], sites["L_omega"], sites["sigma"], gamma)
+
+
+def initial_values(config: JointConfig) -> dict[str, np.ndarray]:
+    """The single-measure fit's starting point (model.population), per measure."""
+    count = config.num_measures
+    values = {
+        "mu": np.zeros((count, 2)),
+        "tau": np.tile([0.5, 0.3], count),
+        "L_omega": np.eye(config.block_dim),
+        "sigma": np.full(count, 0.5),
+    }
+    if config.fixed_dim:
+        values["gamma"] = np.zeros((count, config.fixed_dim))
+    return values
+
+
+def joint_fitter(config: JointConfig, svi_config: SVIConfig | None = None) -> PopulationFitter:
+    """model.population's fitter on the joint model (its config's structure)."""
+    structure = config.structure
+    return PopulationFitter(
+        structure,  # type: ignore[arg-type]  # a JointConfig: see PopulationFitter
+        svi_config,
+        model=joint_model,
+        initial_values=initial_values(structure),
+        from_sites=joint_from_sites,
+    )
+
+
+def pad_joint(gram: np.ndarray) -> Evidence:
+    """Stacked Gram matrices (P, M, d, d) padded to a power-of-two patient count
+    (zero blocks add exactly nothing), as the fitter's Evidence."""
+    count = gram.shape[0]
+    padded = np.zeros((bucket_size(count, MIN_PATIENT_BUCKET), *gram.shape[1:]))
+    padded[:count] = gram
+    cohort = np.zeros(padded.shape[0], dtype=np.int32)
+    return Evidence(jax.device_put(padded), jax.device_put(cohort), count, MIN_COHORT_BUCKET)
+
+
+def fit_joint(
+    gram: np.ndarray,
+    config: JointConfig,
+    svi_config: SVIConfig | None = None,
+    seed: int = 0,
+    num_draws: int | None = None,
+) -> tuple[JointHyper, UpdateInfo, PopulationFitter, FitState]:
+    """A fresh fit of q(θ) to stacked standardised Gram matrices (P, M, d, d);
+    returns draws of θ from q (leading draw axis), the fit's diagnostics, and the
+    fitter and its state for warm updates."""
+    fitter = joint_fitter(config, svi_config)
+    evidence = pad_joint(np.asarray(gram, dtype=float))
+    key_init, key_fit, key_draws = jax.random.split(jax.random.PRNGKey(seed), 3)
+    state = fitter.init(key_init, evidence)
+    state, info = fitter.update(state, evidence, key_fit)
+    return fitter.draws(state, key_draws, num_draws), info, fitter, state
+
+
+class JointPatients(NamedTuple):
+    """Every patient's posterior mixed over the draws of θ, standardised units.
+
+    effect_mean, effect_sd: (P, M) mixture mean and sd of each effect b_im;
+    effect_lower, effect_upper: (P, M) its 5% and 95% quantiles;
+    responsiveness_mean, _sd, _lower, _upper: (P,) the same of ρ_i;
+    p_above_population: (P,) P(ρ_i > 0).
+    """
+
+    effect_mean: np.ndarray
+    effect_sd: np.ndarray
+    effect_lower: np.ndarray
+    effect_upper: np.ndarray
+    responsiveness_mean: np.ndarray
+    responsiveness_sd: np.ndarray
+    responsiveness_lower: np.ndarray
+    responsiveness_upper: np.ndarray
+    p_above_population: np.ndarray
+
+
+@partial(jax.jit, static_argnames=("config",))
+def _mixture_components(
+    draws: JointHyper, gram: jax.Array, signs: jax.Array, config: JointConfig
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per draw: effect means and variances (S, P, M), responsiveness mean and
+    variance (S, P)."""
+
+    def one(theta: JointHyper):
+        mean, cov = block_posterior(theta, gram, config)
+        effects = mean[:, EFFECT::2]
+        variances = jnp.diagonal(cov, axis1=-2, axis2=-1)[:, EFFECT::2]
+        weight = signs / (config.num_measures * theta.tau[EFFECT::2])
+        weights = jnp.zeros(config.block_dim, dtype=mean.dtype).at[EFFECT::2].set(weight)
+        rho_mean = (mean - theta.mu.reshape(-1)) @ weights
+        rho_var = jnp.einsum("a,pab,b->p", weights, cov, weights)
+        return effects, variances, rho_mean, rho_var
+
+    return jax.lax.map(one, draws)
+
+
+_quantiles = jax.jit(mixture_quantiles)
+
+
+def joint_patients(
+    draws: JointHyper,
+    gram: np.ndarray,
+    config: JointConfig,
+    signs: np.ndarray | None = None,
+) -> JointPatients:
+    """Summaries of every patient's effects and responsiveness from all evidence
+    (gram (P, M, d, d), standardised) over S draws of θ. signs: (M,) benefit sign
+    of each measure (+1 higher is better; default all +1)."""
+    signs = np.ones(config.num_measures) if signs is None else np.asarray(signs, dtype=float)
+    effects, variances, rho_mean, rho_var = (
+        np.asarray(part)
+        for part in _mixture_components(
+            draws,
+            jax.device_put(np.asarray(gram, dtype=float)),
+            jnp.asarray(signs),
+            config=config.structure,
+        )
+    )
+    probs = jnp.asarray(INTERVAL_PROBS)
+
+    def summary(means: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, ...]:
+        var = np.maximum(var, 1e-24)
+        mean = means.mean(axis=0)
+        sd = np.sqrt(np.mean(var + (means - mean) ** 2, axis=0))
+        q = np.asarray(_quantiles(jnp.asarray(means), jnp.asarray(np.sqrt(var)), probs))
+        return mean, sd, q[0], q[1]
+
+    per_measure = [summary(effects[..., m], variances[..., m]) for m in range(config.num_measures)]
+    stacked = [np.stack([part[k] for part in per_measure], -1) for k in range(4)]
+    rho = summary(rho_mean, rho_var)
+    p_above = np.mean(
+        jax.scipy.stats.norm.cdf(rho_mean / np.sqrt(np.maximum(rho_var, 1e-24))), axis=0
+    )
+    return JointPatients(*stacked, *rho, np.asarray(p_above))
+
+
+def describe_correlation(draws: JointHyper) -> dict[str, Any]:
+    """Posterior of the effects' between-measure correlation from draws of θ:
+    ``mean``, ``sd``, ``q05``, ``q95`` as (M, M) nested lists."""
+    samples = np.asarray(draws.effect_correlation)
+    return {
+        "mean": samples.mean(axis=0).tolist(),
+        "sd": samples.std(axis=0, ddof=1).tolist(),
+        "q05": np.quantile(samples, 0.05, axis=0).tolist(),
+        "q95": np.quantile(samples, 0.95, axis=0).tolist(),
+    }
+
+
+def joint_config_for(
+    events: list[Events], *, time_trend: bool = False, priors: PriorConfig | None = None
+) -> JointConfig:
+    """The joint model of several measures' events (patients indexed alike),
+    each standardised by its own data (model.config.Standardization.from_data)."""
+    measures = tuple(
+        ModelConfig(
+            time_trend=time_trend,
+            cohort_level=False,
+            standardization=Standardization.from_data(
+                each.outcome, each.exposure, each.time if time_trend else None
+            ),
+        )
+        for each in events
+    )
+    return JointConfig(measures=measures, priors=priors or PriorConfig())
+
+
+def joint_grams(events: list[Events], config: JointConfig) -> np.ndarray:
+    """Stacked standardised Gram matrices (P, M, d, d) of every measure's events
+    (model.evidence.events_stats per measure)."""
+    return np.stack(
+        [
+            events_stats(each, measure).gram
+            for each, measure in zip(events, config.measures, strict=True)
+        ],
+        axis=1,
+    )
+
+
+def uncollapsed_model(
+    measure: jax.Array,
+    patient: jax.Array,
+    exposure: jax.Array,
+    time: jax.Array,
+    outcome: jax.Array,
+    num_patients: int,
+    config: JointConfig,
+) -> None:
+    """The joint model with every patient block sampled (non-centred), standardised
+    readings stacked over measures (measure (n,) its index): the NUTS reference.
+    Same priors as ``joint_model``."""
+    priors, count, dim = config.priors, config.num_measures, config.block_dim
+    mu = numpyro.sample(
+        "mu", dist.Normal(0.0, priors.population_mean_sd).expand([count, 2]).to_event(2)
+    )
+    tau = numpyro.sample("tau", dist.HalfNormal(priors.patient_scale).expand([dim]).to_event(1))
+    corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(dim, priors.lkj_concentration))
+    sigma = numpyro.sample(
+        "sigma", dist.HalfNormal(priors.residual_scale).expand([count]).to_event(1)
+    )
+    gamma = jnp.zeros(count)
+    if config.fixed_dim:
+        gamma = numpyro.sample(
+            "gamma", dist.Normal(0.0, priors.trend_sd).expand([count, 1]).to_event(2)
+        )[:, 0]
+    with numpyro.plate("patients", num_patients):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([dim]).to_event(1))
+    blocks = mu.reshape(-1) + z @ (tau[:, None] * corr_chol).T  # (P, D)
+    numpyro.deterministic("effects", blocks[:, EFFECT::2])
+    location = (
+        blocks[patient, 2 * measure]
+        + blocks[patient, 2 * measure + 1] * exposure
+        + gamma[measure] * time
+    )
+    with numpyro.plate("readings", outcome.shape[0]):
+        numpyro.sample("y", dist.Normal(location, sigma[measure]), obs=outcome)
+
+
+def uncollapsed_data(events: list[Events], config: JointConfig) -> tuple[np.ndarray, ...]:
+    """Every measure's standardised readings stacked: (measure, patient,
+    exposure, time, outcome), the data of ``uncollapsed_model``."""
+    parts = []
+    for m, (each, measure) in enumerate(zip(events, config.measures, strict=True)):
+        y, x, t = measure.standardization.apply(each.outcome, each.exposure, each.time)
+        parts.append((np.full(y.size, m), each.patient, x, t, y))
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
