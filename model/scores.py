@@ -34,9 +34,13 @@ from model.likelihood import (
 from model.population import SMALL_BUCKET, bucket_size
 
 PATIENT_BLOCK = 4096
-QUANTILE_STEP_TOLERANCE = 1e-5  # of the smallest component sd: leaves ~1e-10 of it
+#: Quantiles are exact to this fraction of the mixture's smallest component sd
+#: (mixture_quantiles): four orders below the Monte Carlo error of a mixture
+#: over a few hundred draws of θ, and at the resolution of float32 anyway.
+QUANTILE_TOLERANCE = 1e-6
 QUANTILE_MAX_STEPS = 100  # bisection alone from the ±12 sd bracket settles in about 25
 INV_SQRT_2PI = 0.3989422804014327
+DENSITY_SLOPE_BOUND = 0.24197072451914337  # φ(1) = max_z |z φ(z)|
 #: Scores evaluate the mixture's CDF (interval ends, probabilities of benefit)
 #: in float32: 5-7x faster than float64 on CPU, and its error (< 1e-6 in a
 #: probability, in sds for a quantile; tests/test_scores.py) is four orders
@@ -72,21 +76,26 @@ class EffectSummary(NamedTuple):
 
 
 def mixture_quantiles(means: jax.Array, sds: jax.Array, probs: jax.Array) -> jax.Array:
-    """Quantiles of equal-weight Gaussian mixtures: the root q of
-    F(q) = (1/S) Σ_s Φ((q − m_s)/s_s) = p by safeguarded Newton.
+    """Quantiles of equal-weight Gaussian mixtures: the root r of
+    F(r) = (1/S) Σ_s Φ((r − m_s)/s_s) = p by safeguarded Newton, to within
+    ``QUANTILE_TOLERANCE`` times the smallest component sd (or the dtype's
+    resolution of r, if coarser).
 
     Starts from the Cornish-Fisher quantile of the mixture's exact first four
     moments and keeps a bracket [lo, hi] with F(lo) < p ≤ F(hi), initially every
     component's ±12 sd. A Newton step q − (F(q) − p)/f(q) that leaves the
     bracket (or a zero density) is replaced by bisection, so it converges for
-    any mixture, multimodal ones included. A quantile is final once its Newton
-    step is shorter than ``QUANTILE_STEP_TOLERANCE`` times the smallest
-    component sd, the scale of F's curvature (that step is taken: Newton
-    converges quadratically, so it is then exact to about the square of that),
-    or its bracket is narrower than that (F flat at p, between far modes). Settled quantiles are not moved again: near the root F(q) − p
-    is rounding noise, and a step on noise can leave the bracket and trigger a
-    bisection far from the root. Typical score mixtures settle in 2-3
-    evaluations of F and f over all S components.
+    any mixture, multimodal ones included. A quantile is final once the Newton
+    point q + δ is proven within the tolerance of r, and that point is taken.
+    The proof: Taylor's theorem gives (r − q − δ) f(q) = −½ f'(ξ)(r − q)², and a
+    Gaussian mixture's |f'| ≤ D = φ(1) (1/S) Σ_s 1/s_s² everywhere (φ(1) =
+    max |z φ(z)|), so e = |r − q − δ| ≤ K (|δ| + e)² with K = D / (2 f(q)),
+    hence e ≤ 2 K δ² whenever 4 K |δ| ≤ ½. A Cornish-Fisher start is usually
+    close enough for one evaluation of F and f to settle it (a step shorter
+    than the tolerance also settles, as does a bracket narrower than it: F
+    flat at p between far modes). Settled quantiles are not moved again: near
+    the root F(q) − p is rounding noise, and a step on noise can leave the
+    bracket and trigger a bisection far from the root.
 
     means, sds: (S, P) components; probs: (Q,). Returns (Q, P).
     """
@@ -110,7 +119,8 @@ def mixture_quantiles(means: jax.Array, sds: jax.Array, probs: jax.Array) -> jax
     )
     start = jnp.clip(mean + cornish_fisher * sd, low, high)
     resolution = 8.0 * jnp.finfo(means.dtype).eps * (jnp.abs(mean) + sd)  # of q itself
-    tolerance = jnp.maximum(QUANTILE_STEP_TOLERANCE * jnp.min(sds, axis=0), resolution)
+    tolerance = jnp.maximum(QUANTILE_TOLERANCE * jnp.min(sds, axis=0), resolution)
+    slope_bound = DENSITY_SLOPE_BOUND * jnp.mean(1.0 / var_s, axis=0)  # D ≥ |f'| everywhere
     target = probs[:, None]
 
     def step(state):
@@ -120,17 +130,23 @@ def mixture_quantiles(means: jax.Array, sds: jax.Array, probs: jax.Array) -> jax
         density = jnp.mean(jnp.exp(-0.5 * z**2) / sds[None], axis=1) * INV_SQRT_2PI
         below = cdf < target
         lo, hi = jnp.where(below, q, lo), jnp.where(below, hi, q)
-        newton = q - (cdf - target) / density
+        delta = (target - cdf) / density
+        newton = q + delta
         inside = (newton >= lo - tolerance) & (newton <= hi + tolerance)  # False for nan, ±inf
         following = jnp.where(inside, newton, 0.5 * (lo + hi))
-        settled = (inside & (jnp.abs(newton - q) <= tolerance)) | (hi - lo <= tolerance)
+        k_delta = slope_bound / (2.0 * density) * jnp.abs(delta)  # K |δ|, nan-free where inside
+        proven = (k_delta <= 0.125) & (2.0 * k_delta * jnp.abs(delta) <= tolerance)
+        short = jnp.abs(delta) <= tolerance
+        settled = (inside & (proven | short)) | (hi - lo <= tolerance)
         return lo, hi, jnp.where(done, q, following), done | settled, steps + 1
 
     def unsettled(state) -> jax.Array:
         *_, done, steps = state
         return ~jnp.all(done) & (steps < QUANTILE_MAX_STEPS)
 
-    state = (low, high, start, jnp.zeros(start.shape, dtype=bool), 0)
+    # The first step outside the loop: it usually settles every quantile, and
+    # XLA fuses it with the start (a loop body is a separate computation).
+    state = step((low, high, start, jnp.zeros(start.shape, dtype=bool), 0))
     return jax.lax.while_loop(unsettled, step, state)[2]
 
 
@@ -138,8 +154,9 @@ def mixture_quantiles(means: jax.Array, sds: jax.Array, probs: jax.Array) -> jax
 def _block_summary(
     draws: Hyper,
     gram: jax.Array,
-    cohort_mean: jax.Array,
-    cohort_var: jax.Array,
+    shift_mean: jax.Array,
+    shift_var: jax.Array,
+    shift_index: jax.Array,
     mcid_std: jax.Array,
     sign: jax.Array,
     probs: jax.Array,
@@ -148,23 +165,31 @@ def _block_summary(
 ):
     """Mixture summaries of one block of patients, standardised units.
 
-    cohort_mean, cohort_var: (S, B) posterior of each patient's cohort deviation
-    under each draw; covariates: (B, q) standardised, or None.
+    shift_mean, shift_var: (S, K) posterior moments of group deviations under
+    each draw; shift_index: (B,) the column of each patient's (gathered here, so
+    only the small table and the indices cross to the device); covariates:
+    (B, q) standardised, or None.
     """
+    cohort_mean, cohort_var = shift_mean[:, shift_index], shift_var[:, shift_index]
     comps = jax.vmap(patient_effects_given_theta, in_axes=(0, None, 0, 0, None, None))(
         draws, gram, cohort_mean, cohort_var, config, covariates
     )
-    m, v = comps.mean, comps.variance
+    # Materialised once (the barrier): XLA would otherwise fuse, i.e. recompute,
+    # the components into each CDF pass below.
+    m, v, shrinkage, expected = jax.lax.optimization_barrier(
+        (comps.mean, comps.variance, comps.shrinkage, comps.expected)
+    )
     mean = jnp.mean(m, axis=0)
     var = jnp.mean(v + m**2, axis=0) - mean**2
     # The mixture's CDF in MIXTURE_DTYPE (see there); moments stay in float64.
-    m_low = m.astype(MIXTURE_DTYPE)
-    sd_low = jnp.sqrt(v).astype(MIXTURE_DTYPE)
+    m_low, sd_low = jax.lax.optimization_barrier(
+        (m.astype(MIXTURE_DTYPE), jnp.sqrt(v).astype(MIXTURE_DTYPE))
+    )
     quantiles = mixture_quantiles(m_low, sd_low, probs.astype(MIXTURE_DTYPE)).astype(m.dtype)
     sign_low = sign.astype(MIXTURE_DTYPE)
     p_mcid = jnp.mean(ndtr((sign_low * m_low - mcid_std.astype(MIXTURE_DTYPE)) / sd_low), axis=0)
     p_zero = jnp.mean(ndtr(sign_low * m_low / sd_low), axis=0)
-    population = jnp.mean(comps.expected, axis=0)  # μ_b + (B x_i)_b
+    population = jnp.mean(expected, axis=0)  # μ_b + (B x_i)_b
     cohort = jnp.mean(comps.cohort_mean, axis=0)
     return (
         mean,
@@ -174,7 +199,7 @@ def _block_summary(
         p_zero.astype(m.dtype),
         population,
         cohort,
-        jnp.mean(comps.shrinkage, axis=0),
+        jnp.mean(shrinkage, axis=0),
     )
 
 
@@ -379,14 +404,15 @@ def summarize_effects(
                 groups=jax.device_put(np.asarray(groups, dtype=np.int32)),
             )
         )
+        index = None
     else:
-        u_mean, u_var = through(
+        shift_mean, shift_var = through(
             export_cache,
             "scores.cohort_posteriors",
             partial(cohort_posteriors, num_cohorts=num_cohorts, config=config.structure),
             (num_cohorts, config.structure),
         )(draws, jax.device_put(gram), jax.device_put(cohort), covariates=x)
-        shift_mean, shift_var = np.asarray(u_mean)[:, cohort], np.asarray(u_var)[:, cohort]
+        index = cohort
     return summarize_given_cohorts(
         draws,
         gram,
@@ -394,6 +420,7 @@ def summarize_effects(
         shift_var,
         measure,
         config,
+        shift_index=index,
         level=level,
         block=block,
         covariates=covariates,
@@ -409,13 +436,15 @@ def summarize_given_cohorts(
     measure: MeasureConfig,
     config: ModelConfig,
     *,
+    shift_index: np.ndarray | None = None,
     level: float = 0.9,
     block: int = PATIENT_BLOCK,
     covariates: np.ndarray | None = None,
     export_cache: ExportCache | None = None,
 ) -> EffectSummary:
     """Posterior summaries (raw units) of patients whose cohort-deviation posterior
-    under each draw is given: cohort_mean, cohort_var of shape (S, P);
+    under each draw is given: cohort_mean, cohort_var of shape (S, K), patient
+    i's in column shift_index[i] ((P,); None: K = P, patient i's is column i);
     covariates: (P, q) standardised patient covariates when the model has them.
 
     The streaming worker scores its own patients this way with the cohort
@@ -438,13 +467,27 @@ def summarize_given_cohorts(
         partial(_block_summary, config=config.structure),
         config.structure,
     )
+    # A table indexed by patient (shift_index None: K = P) goes to the device a
+    # block of columns at a time; a table of groups once per call, its columns
+    # padded to a bucket size (one compile per bucket, not per number of groups).
+    per_patient = shift_index is None
+    if not per_patient:
+        columns = np.shape(cohort_mean)[1]
+        pad_columns = ((0, 0), (0, bucket_size(max(columns, 1), SMALL_BUCKET) - columns))
+        table_mean = jax.device_put(np.pad(np.asarray(cohort_mean, dtype=float), pad_columns))
+        table_var = jax.device_put(np.pad(np.asarray(cohort_var, dtype=float), pad_columns))
+        shift_index = np.asarray(shift_index, dtype=np.int32)
     parts = []
     for start in range(0, num_patients, block):
         stop = min(start + block, num_patients)
         pad = block - (stop - start)
         g = np.pad(gram[start:stop], ((0, pad), (0, 0), (0, 0)))
-        c_mean = np.pad(cohort_mean[:, start:stop], ((0, 0), (0, pad)))
-        c_var = np.pad(cohort_var[:, start:stop], ((0, 0), (0, pad)))
+        if per_patient:
+            table_mean = jax.device_put(np.pad(cohort_mean[:, start:stop], ((0, 0), (0, pad))))
+            table_var = jax.device_put(np.pad(cohort_var[:, start:stop], ((0, 0), (0, pad))))
+            index = np.arange(block, dtype=np.int32)
+        else:
+            index = np.pad(shift_index[start:stop], (0, pad))
         x = None
         if covariates is not None:
             x = jax.device_put(
@@ -453,8 +496,9 @@ def summarize_given_cohorts(
         out = block_summary(
             draws,
             jax.device_put(g),
-            jax.device_put(c_mean),
-            jax.device_put(c_var),
+            table_mean,
+            table_var,
+            jax.device_put(index),
             mcid_std,
             sign,
             probs,

@@ -152,6 +152,25 @@ class MeasurePosterior:
         parts = self.groups or LevelPosteriors((self.cohort_mean,), (self.cohort_var,), ())
         return shift_moments_by_level(parts, index.T, prior_var)
 
+    def shift_table(
+        self, cohorts: list[str | None], groups: list[dict[str, str]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """cohort_posterior as a table: (S, K) means and variances and each
+        patient's column (P,), for model.scores.summarize_given_cohorts. Without
+        further grouping levels the columns are the cohorts' and one for a
+        cohort the fit has not seen (its prior N(0, τ_u²)), so only the
+        patients' indices vary with the batch; with levels, each patient's own."""
+        if self.levels:
+            mean, var = self.cohort_posterior(cohorts, groups)
+            return mean, var, np.arange(len(cohorts))
+        num_draws = self.cohort_mean.shape[0]
+        unseen = self.cohort_mean.shape[1]
+        at = self.cohort_index
+        index = np.asarray([unseen if c is None else at.get(c, unseen) for c in cohorts], np.int32)
+        prior_var = np.asarray(self.draws.tau_cohort, dtype=float).reshape(num_draws, 1) ** 2
+        mean = np.concatenate([self.cohort_mean, np.zeros((num_draws, 1))], axis=1)
+        return mean, np.concatenate([self.cohort_var, prior_var], axis=1), index
+
 
 def standardized_covariates(rows: list[list[float]], model: ModelConfig) -> np.ndarray | None:
     """Patients' covariate design rows (natural units) as the model's
@@ -175,17 +194,19 @@ def summarize_patients(
     ``covariates``: each patient's design row (PatientRecord.covariates);
     ``groups``: each patient's groups (PatientRecord.groups), for a posterior
     with further grouping levels."""
-    gram = np.stack([np.asarray(s.gram, dtype=float) for s in stats])
-    cohort_mean, cohort_var = posterior.cohort_posterior(cohorts, groups)
+    gram = np.asarray([s.gram for s in stats], dtype=float)  # one conversion of nested lists
     if model.family != "gaussian":
+        cohort_mean, cohort_var = posterior.cohort_posterior(cohorts, groups)
         return _summarize_family(posterior, gram, cohort_mean, cohort_var, covariates, spec, model)
+    shift_mean, shift_var, shift_index = posterior.shift_table(cohorts, groups)
     return summarize_given_cohorts(
         posterior.draws,
         gram,
-        cohort_mean,
-        cohort_var,
+        shift_mean,
+        shift_var,
         spec.measure_config(),
         model,
+        shift_index=shift_index,
         level=LEVEL,
         block=SCORING_BLOCK,
         covariates=standardized_covariates(covariates, model),
@@ -420,29 +441,28 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> Composit
     enough data (binary and count measures' effect scales are left out):
     z_m = sign_m b_m / MCID_m, mean Σ w z / Σ w, sd √(Σ w² sd_z²) / Σ w (measures
     treated as independent), 90% interval mean ± 1.645 sd."""
-    usable = [
-        s
-        for s in scores
-        if s.classification != "insufficient_data"
-        and s.mcid > 0
-        and weights.get(s.measure, 0) > 0
-        and s.effect_scale is None  # a ratio or difference of a family measure is not in units
-    ]
-    if not usable:
+    measures = []
+    total = mean = var = 0.0
+    for s in scores:
+        weight = weights.get(s.measure, 0)
+        if s.classification == "insufficient_data" or s.mcid <= 0 or weight <= 0:
+            continue
+        if s.effect_scale is not None:  # a ratio or difference of a family measure is not in units
+            continue
+        measures.append(s.measure)
+        total += weight
+        effect = s.effect
+        mean += weight * (effect.mean if s.direction == "higher" else -effect.mean) / s.mcid
+        var += (weight * effect.sd / s.mcid) ** 2
+    if not measures:
         return None
-    total = sum(weights[s.measure] for s in usable)
-    mean = sum(
-        weights[s.measure] * (1 if s.direction == "higher" else -1) * s.effect.mean / s.mcid
-        for s in usable
-    )
-    var = sum((weights[s.measure] * s.effect.sd / s.mcid) ** 2 for s in usable)
     mean, sd = mean / total, math.sqrt(var) / total
     return trusted(
         CompositeScore,
         benefit_in_mcid=trusted(
             Interval, mean=mean, sd=sd, lower=mean - Z_LEVEL * sd, upper=mean + Z_LEVEL * sd
         ),
-        measures=[s.measure for s in usable],
+        measures=measures,
     )
 
 
@@ -487,7 +507,10 @@ def efficacy_score(
         f"{s.measure}@{s.population_version}/{s.count_exposed + s.count_unexposed}" for s in scores
     )
     last_times = [s.last_event_time for s in scores if s.last_event_time is not None]
-    return EfficacyScore(
+    # Built without validation (streams.schemas.trusted): every field comes from
+    # validated records and scores, with its type.
+    return trusted(
+        EfficacyScore,
         event_id=bounded_event_id("score", f"{record.patient_id}:{basis}"),
         event_time=max(last_times) if last_times else datetime.now(UTC),
         patient_id=record.patient_id,
