@@ -334,11 +334,10 @@ class Outcome:
 
 
 def _seen_before(
-    record: PatientRecord, event_id: str, origin: Origin, outcome: Outcome, event
+    record: PatientRecord, digest: bytes, event_id: str, origin: Origin, outcome: Outcome, event
 ) -> bool:
     """True when the event must not be applied (replay or duplicate); records it."""
     index = record.seen_index
-    digest = event_digest(event_id)
     position = index.find(digest)
     while position >= 0 and position % SEEN_ENTRY.size:  # inside another entry
         position = index.find(digest, position + 1)
@@ -358,11 +357,9 @@ def _seen_before(
     return True
 
 
-def _remember(record: PatientRecord, event_id: str, origin: Origin) -> None:
-    """Remember an applied event (the module's docstring)."""
-    _remember_at(
-        record, event_digest(event_id), f"{origin.topic}:{origin.partition}", origin.offset
-    )
+def _remember(record: PatientRecord, digest: bytes, origin: Origin) -> None:
+    """Remember an applied event by its id's digest (the module's docstring)."""
+    _remember_at(record, digest, f"{origin.topic}:{origin.partition}", origin.offset)
 
 
 def _remember_at(record: PatientRecord, digest: bytes, partition: str, offset: int) -> None:
@@ -672,8 +669,13 @@ def _add_reading(
 
 
 def _add_observation(
-    record: PatientRecord, observation: Observation, model: ModelConfig, outcome: Outcome
+    record: PatientRecord,
+    observation: Observation,
+    model: ModelConfig,
+    outcome: Outcome,
+    digest: bytes | None = None,
 ) -> None:
+    """Apply a reading not seen before (``digest``: its event id's, when known)."""
     time = days(observation.event_time)
     stats = record.measures.get(observation.measure)
     if stats is None:
@@ -724,7 +726,7 @@ def _add_observation(
         _add_to_window(record, stats, window, exposure, time, observation.value, covariates)
     if stats.last_event_time is None or observation.event_time > stats.last_event_time:
         stats.last_event_time = observation.event_time
-    _remember(record, observation.event_id, observation.origin)
+    _remember(record, digest or event_digest(observation.event_id), observation.origin)
     outcome.touched.add(observation.measure)
 
 
@@ -797,7 +799,8 @@ def apply_event(
         record = _copy(record)
     outcome = Outcome()
     if isinstance(event, Observation):
-        if _seen_before(record, event.event_id, event.origin, outcome, event):
+        digest = event_digest(event.event_id)
+        if _seen_before(record, digest, event.event_id, event.origin, outcome, event):
             return record, outcome
         if not record.enrolled:
             held = next((p for p in record.pending if p.event_id == event.event_id), None)
@@ -816,17 +819,18 @@ def apply_event(
                 record.pending.append(event)
                 outcome.held += 1
             return record, outcome
-        _add_observation(record, event, models[event.measure], outcome)
+        _add_observation(record, event, models[event.measure], outcome, digest)
         return record, outcome
 
     inner = event.event
-    if _seen_before(record, inner.event_id, event.origin, outcome, event):
+    digest = event_digest(inner.event_id)
+    if _seen_before(record, digest, inner.event_id, event.origin, outcome, event):
         return record, outcome
     time = days(inner.event_time)
     exposure = inner.exposure if isinstance(inner, ExposureChange) else float(inner.exposed)
     if not _change_exposure(record, event, time, exposure, models, outcome):
         return record, outcome
-    _remember(record, inner.event_id, event.origin)
+    _remember(record, digest, event.origin)
     if isinstance(inner, Enrollment):
         covariates = list(event.covariates or ())
         levels = {level for model in models.values() for level in model.grouping_levels}
