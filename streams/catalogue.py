@@ -310,6 +310,13 @@ class Catalogue(BaseModel):
                     )
         return self
 
+    def joint_group_of_name(self, name: str) -> JointGroupSpec:
+        """The joint group called ``name`` (KeyError if none)."""
+        for group in self.joint:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
     def joint_group_of(self, measure: str) -> JointGroupSpec | None:
         """The joint group ``measure`` belongs to, or None."""
         return next((group for group in self.joint if measure in group.measures), None)

@@ -13,6 +13,7 @@ patient's block posterior over the posterior's draws of θ
 
 from __future__ import annotations
 
+import hashlib
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -34,8 +35,9 @@ from model.joint import (
     pad_joint,
 )
 from model.offline import describe
-from model.population import FitState, PopulationFitter, UpdateInfo
+from model.population import MIN_PATIENT_BUCKET, FitState, PopulationFitter, UpdateInfo, bucket_size
 from streams.catalogue import Catalogue, CatalogueError, JointGroupSpec, MeasureSpec
+from streams.patient_state import PatientRecord, PublishedJoint
 from streams.population_book import FitterPool, PopulationBook, interval_of
 from streams.schemas import Interval, JointEffect, JointPosterior, JointScore
 
@@ -135,6 +137,18 @@ def joint_snapshot(books: Sequence[PopulationBook | None], config: JointConfig) 
     return JointSnapshot(list(rows), gram, cohort, list(cohort_index))
 
 
+def joint_digest(snapshot: JointSnapshot) -> str:
+    """SHA-256 of the (patient, cohort, statistics) rows of a snapshot,
+    independent of the order of the rows."""
+    order = np.argsort(snapshot.patient_ids)
+    digest = hashlib.sha256()
+    for i in order:
+        digest.update(snapshot.patient_ids[i].encode())
+        digest.update(snapshot.cohorts[snapshot.cohort[i]].encode())
+        digest.update(np.ascontiguousarray(snapshot.gram[i]).tobytes())
+    return digest.hexdigest()
+
+
 def _key(group: str, version: int) -> jax.Array:
     """Draws fixed by (group, version): scores are reproducible."""
     return jax.random.fold_in(
@@ -212,6 +226,7 @@ class JointModel:
             version=version,
             measures=self.measures,
             num_patients=len(snapshot.patient_ids),
+            num_observations=snapshot.gram[:, :, 0, 0].sum(axis=0).tolist(),
             elbo=info.elbo,
             svi_steps=steps,
             converged=info.converged,
@@ -273,12 +288,17 @@ def joint_scores(
     model.joint.joint_patients over the posterior's draws, effects in each
     measure's unit per unit of exposure."""
     config = message_config(message, config)
+    # Padded to a power-of-two patient count (zero blocks: a patient without
+    # evidence), so a batch of any size reuses the compiled shapes.
+    count = gram.shape[0]
+    padded = np.zeros((bucket_size(count, MIN_PATIENT_BUCKET), *gram.shape[1:]))
+    padded[:count] = gram
     found: JointPatients = joint_patients(
-        posterior_draws(message), gram, config, benefit_signs(specs)
+        posterior_draws(message), padded, config, benefit_signs(specs)
     )
     scales = [effect_scale(m.standardization) for m in config.measures]
     scores = []
-    for i in range(gram.shape[0]):
+    for i in range(count):
         effects = [
             JointEffect(
                 measure=spec.name,
@@ -307,4 +327,69 @@ def joint_scores(
                 population_version=message.version,
             )
         )
+    return scores
+
+
+def record_grams(records: Sequence[PatientRecord], measures: Sequence[str], d: int) -> np.ndarray:
+    """(P, M, d, d) each record's all-time statistics of each measure (as its
+    evidence to the population agent: streams.patient_state.measure_evidence),
+    zero where it has none."""
+    gram = np.zeros((len(records), len(measures), d, d))
+    for i, record in enumerate(records):
+        for m, measure in enumerate(measures):
+            stats = record.measures.get(measure)
+            if stats is not None:
+                gram[i, m] = stats.gram
+    return gram
+
+
+def changed_materially(previous: PublishedJoint | None, score: JointScore) -> bool:
+    """Publish when there is no earlier joint score, or responsiveness moved by
+    ≥ 0.1 posterior sd, its sd by ≥ 5%, or P(above the population) by ≥ 0.02
+    (streams.scoring.changed_materially's thresholds)."""
+    if previous is None:
+        return True
+    rho = score.responsiveness
+    sd = max(rho.sd, 1e-12)
+    return (
+        abs(rho.mean - previous.responsiveness_mean) >= 0.1 * sd
+        or abs(rho.sd - previous.responsiveness_sd) >= 0.05 * sd
+        or abs(score.p_above_population - previous.p_above_population) >= 0.02
+    )
+
+
+def published_of(score: JointScore) -> PublishedJoint:
+    return PublishedJoint(
+        population_version=score.population_version,
+        responsiveness_mean=score.responsiveness.mean,
+        responsiveness_sd=score.responsiveness.sd,
+        p_above_population=score.p_above_population,
+    )
+
+
+def patients_joint_scores(
+    records: Sequence[PatientRecord],
+    posteriors: Mapping[str, JointPosterior],
+    configs: Mapping[str, JointConfig],
+    catalogue: Catalogue,
+) -> dict[str, dict[str, JointScore]]:
+    """Each enrolled record's joint score under every joint group with a
+    posterior whose measures it has evidence of: patient id -> group -> score."""
+    scores: dict[str, dict[str, JointScore]] = {}
+    for group, message in posteriors.items():
+        config = configs.get(group)
+        declared = next((g.measures for g in catalogue.joint if g.name == group), ())
+        if config is None or tuple(message.measures) != declared:
+            continue  # a group this catalogue no longer declares, or declares otherwise
+        members = [
+            r
+            for r in records
+            if r.cohort is not None and any(m in r.measures for m in message.measures)
+        ]
+        if not members:
+            continue
+        specs = [catalogue.get(m) for m in message.measures]
+        gram = record_grams(members, message.measures, config.stat_dim)
+        for record, score in zip(members, joint_scores(message, config, specs, gram), strict=True):
+            scores.setdefault(record.patient_id, {})[group] = score
     return scores

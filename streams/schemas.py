@@ -619,6 +619,7 @@ class JointPosterior(Envelope):
     version: int = Field(description="increases with every posterior of the group")
     measures: list[str] = Field(description="the group's measures, in the order of the draws")
     num_patients: int = Field(description="patients with evidence of any of the measures")
+    num_observations: list[float] = Field(description="readings in the fit, per measure")
     elbo: float = Field(description="the fit's evidence lower bound")
     svi_steps: int = Field(description="SVI steps of the fit")
     converged: bool = Field(description="whether the ELBO settled")

@@ -200,6 +200,7 @@ def test_joint_scores_equal_joint_patients_on_the_same_draws_and_grams(tmp_path)
         version=4,
         measures=["hba1c", "fasting_glucose"],
         num_patients=gram.shape[0],
+        num_observations=gram[:, :, 0, 0].sum(axis=0).tolist(),
         elbo=0.0,
         svi_steps=0,
         converged=True,
@@ -260,6 +261,7 @@ def test_the_group_fit_publishes_theta_the_correlation_and_population_effects(tm
     result = model.fit(joint_snapshot(books, config))
     message = JointPosterior.model_validate_json(result.message.model_dump_json())
     assert message.kind == "joint" and message.version == 1 and message.num_patients == 60
+    assert message.num_observations == pytest.approx(readings.sum(axis=0).tolist())
     assert np.asarray(message.draws["corr_chol"]).shape[1:] == (4, 4)
     assert np.asarray(message.effect_correlation["mean"]).shape == (2, 2)
     for name, truth in zip(names, [-0.6, -15.0], strict=True):
