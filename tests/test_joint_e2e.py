@@ -21,82 +21,24 @@ readings, unexposed ones before it. Checked on the topics:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import uuid
-from datetime import timedelta
 
 import numpy as np
 import pytest
 from test_families_e2e import send
-from test_joint_stream import GROUP, SHIPPED
+from test_joint_stream import GROUP, MEASURES, PATIENTS, SHIPPED, raw_records, stream_programme
 
 from cli.kafka_io import read_until
 from cli.worker_process import WorkerProcess
 from model.joint import joint_grams, joint_patients
-from model.simulate import simulate_joint
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.joint_stream import joint_models, message_config, posterior_draws, posterior_key
-from streams.schemas import Enrollment, ExposureChange, JointPosterior, LabResult
+from streams.schemas import JointPosterior
 from streams.settings import Settings
 
 pytestmark = pytest.mark.kafka
-MEASURES = ("hba1c", "fasting_glucose")
-UNITS = ("%", "mg/dL")
-PATIENTS = 24
-
-
-def programme(origin):
-    """Readings per patient of both measures (a few patients lack one), the
-    simulated events with stream times (days since the epoch: unexposed readings
-    in days 0-15 of the programme, exposed in days 15-30) and the patient ids."""
-    rng = np.random.default_rng(11)
-    readings = rng.integers(4, 9, size=(PATIENTS, 2))
-    readings[[3, 10], 0] = 0
-    readings[[7], 1] = 0
-    events, _truth = simulate_joint(
-        readings,
-        effect_mean=np.array([-0.6, -15.0]),
-        effect_sd=np.array([0.4, 10.0]),
-        effect_correlation=0.6,
-        intercept_mean=np.array([7.5, 130.0]),
-        intercept_sd=np.array([1.0, 25.0]),
-        residual_sd=np.array([0.4, 12.0]),
-        seed=4,
-    )
-    start = origin.timestamp() / 86400.0
-    timed = []
-    for each in events:
-        u = rng.uniform(0.0, 15.0, each.patient.size)
-        timed.append(dataclasses.replace(each, time=start + u + 15.0 * (each.exposure > 0)))
-    return timed, [f"joint-{i:02d}" for i in range(PATIENTS)]
-
-
-def records(events, patients, origin, prefix):
-    sends = []
-    for patient in patients:
-        enrol = Enrollment(event_id=f"{patient}-enrol", event_time=origin, patient_id=patient,
-                           cohort="clinic-0", exposed=False)  # fmt: skip
-        change = ExposureChange(event_id=f"{patient}-start", patient_id=patient, exposure=1.0,
-                                event_time=origin + timedelta(days=15.0))  # fmt: skip
-        for message in (enrol, change):
-            sends.append((prefix + "enrollments", patient.encode(), message.model_dump_json()))
-    readings = []
-    for m, each in enumerate(events):
-        for k in range(each.patient.size):
-            patient = patients[each.patient[k]]
-            lab = LabResult(
-                event_id=f"{patient}-{MEASURES[m]}-{k}", patient_id=patient,
-                event_time=origin + timedelta(days=float(each.time[k]) - origin.timestamp() / 86400.0),
-                measure=MEASURES[m], value=float(each.outcome[k]), unit=UNITS[m],
-            )  # fmt: skip
-            readings.append(
-                (each.time[k], (prefix + "labs", patient.encode(), lab.model_dump_json()))
-            )
-    readings.sort(key=lambda pair: pair[0])
-    sends += [record for _, record in readings]
-    return [(topic, key, value.encode()) for topic, key, value in sends]
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +64,8 @@ def run(kafka_bootstrap, tmp_path_factory):
         bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, partitions=2,
         app_id=env["EFFICACY_APP_ID"], measures_file=catalogue_file, max_age_days=36500.0,
     )  # fmt: skip
-    events, patients = programme(settings.time_origin)
-    sends = records(events, patients, settings.time_origin, prefix)
+    events, patients = stream_programme(settings.time_origin)
+    sends = raw_records(events, patients, settings.time_origin, prefix)
     topics = [prefix + "population-posterior", prefix + "scores"]
     totals = [each.patient.size for each in events]
 

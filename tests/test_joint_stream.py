@@ -6,6 +6,8 @@ joint score under it."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from datetime import timedelta
 from pathlib import Path
 
 import jax
@@ -19,14 +21,18 @@ from model.joint import JointHyper, joint_grams, joint_patients
 from model.simulate import simulate_joint
 from streams.app import measure_models
 from streams.catalogue import Catalogue, CatalogueError
+from streams.chunked_consumer import ChunkRecord
 from streams.joint_stream import (
     JointModel,
     joint_models,
     joint_scores,
     joint_snapshot,
 )
+from streams.partitioning import key_partition
+from streams.patient_step import StepContext, batch_keys, process_batch, rescore_joint
 from streams.population_book import FitterPool, PopulationBook
-from streams.schemas import JointPosterior, PatientEvidence
+from streams.posterior_feed import PosteriorBook
+from streams.schemas import Enrollment, ExposureChange, JointPosterior, LabResult, PatientEvidence
 from streams.settings import Settings
 
 SHIPPED = Path(__file__).parent.parent / "streams" / "measures.toml"
@@ -186,18 +192,13 @@ def random_draws(config, count: int = 24, seed: int = 0) -> JointHyper:
     )
 
 
-def test_joint_scores_equal_joint_patients_on_the_same_draws_and_grams(tmp_path):
-    loaded = catalogue(tmp_path)
-    models = measure_models(loaded, SETTINGS)
-    config = joint_models(loaded, models)["glycaemic"]
-    specs = [loaded.get("hba1c"), loaded.get("fasting_glucose")]
-    gram = joint_grams(programme(), config)
-    draws = random_draws(config)
+def joint_message(config, draws: JointHyper, gram: np.ndarray, version: int) -> JointPosterior:
+    """A JointPosterior of ``draws`` as a consumer reads it (through JSON)."""
     message = JointPosterior(
-        event_id="posterior:joint:glycaemic:4",
+        event_id=f"posterior:joint:glycaemic:{version}",
         event_time=SETTINGS.time_origin,
         group="glycaemic",
-        version=4,
+        version=version,
         measures=["hba1c", "fasting_glucose"],
         num_patients=gram.shape[0],
         num_observations=gram[:, :, 0, 0].sum(axis=0).tolist(),
@@ -211,7 +212,17 @@ def test_joint_scores_equal_joint_patients_on_the_same_draws_and_grams(tmp_path)
         unconstrained_loc=[],
         unconstrained_scale_tril=[],
     )
-    message = JointPosterior.model_validate_json(message.model_dump_json())  # as consumed
+    return JointPosterior.model_validate_json(message.model_dump_json())
+
+
+def test_joint_scores_equal_joint_patients_on_the_same_draws_and_grams(tmp_path):
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    config = joint_models(loaded, models)["glycaemic"]
+    specs = [loaded.get("hba1c"), loaded.get("fasting_glucose")]
+    gram = joint_grams(programme(), config)
+    draws = random_draws(config)
+    message = joint_message(config, draws, gram, 4)
     scores = joint_scores(message, config, specs, gram)
     # Both measures are "lower is better": benefit signs −1.
     reference = joint_patients(draws, gram, config, np.array([-1.0, -1.0]))
@@ -269,3 +280,110 @@ def test_the_group_fit_publishes_theta_the_correlation_and_population_effects(tm
         assert abs(effect.mean - truth) < 3.0 * effect.sd + 0.1 * abs(truth), (name, effect)
     # The next fit continues warm: version 2.
     assert model.fit(joint_snapshot(books, config)).message.version == 2
+
+
+# --- the programme of the stream steps and the end-to-end test -------------------
+
+MEASURES = ("hba1c", "fasting_glucose")
+UNITS = ("%", "mg/dL")
+PATIENTS = 24
+
+
+def stream_programme(origin):
+    """The end-to-end programme (tests/test_joint_e2e.py): readings per patient of both measures (a few patients lack one), the
+    simulated events with stream times (days since the epoch: unexposed readings
+    in days 0-15 of the programme, exposed in days 15-30) and the patient ids."""
+    rng = np.random.default_rng(11)
+    readings = rng.integers(4, 9, size=(PATIENTS, 2))
+    readings[[3, 10], 0] = 0
+    readings[[7], 1] = 0
+    events, _truth = simulate_joint(
+        readings,
+        effect_mean=np.array([-0.6, -15.0]),
+        effect_sd=np.array([0.4, 10.0]),
+        effect_correlation=0.6,
+        intercept_mean=np.array([7.5, 130.0]),
+        intercept_sd=np.array([1.0, 25.0]),
+        residual_sd=np.array([0.4, 12.0]),
+        seed=4,
+    )
+    start = origin.timestamp() / 86400.0
+    timed = []
+    for each in events:
+        u = rng.uniform(0.0, 15.0, each.patient.size)
+        timed.append(dataclasses.replace(each, time=start + u + 15.0 * (each.exposure > 0)))
+    return timed, [f"joint-{i:02d}" for i in range(PATIENTS)]
+
+
+def raw_records(events, patients, origin, prefix):
+    sends = []
+    for patient in patients:
+        enrol = Enrollment(event_id=f"{patient}-enrol", event_time=origin, patient_id=patient,
+                           cohort="clinic-0", exposed=False)  # fmt: skip
+        change = ExposureChange(event_id=f"{patient}-start", patient_id=patient, exposure=1.0,
+                                event_time=origin + timedelta(days=15.0))  # fmt: skip
+        for message in (enrol, change):
+            sends.append((prefix + "enrollments", patient.encode(), message.model_dump_json()))
+    readings = []
+    for m, each in enumerate(events):
+        for k in range(each.patient.size):
+            patient = patients[each.patient[k]]
+            lab = LabResult(
+                event_id=f"{patient}-{MEASURES[m]}-{k}", patient_id=patient,
+                event_time=origin + timedelta(days=float(each.time[k]) - origin.timestamp() / 86400.0),
+                measure=MEASURES[m], value=float(each.outcome[k]), unit=UNITS[m],
+            )  # fmt: skip
+            readings.append(
+                (each.time[k], (prefix + "labs", patient.encode(), lab.model_dump_json()))
+            )
+    readings.sort(key=lambda pair: pair[0])
+    sends += [record for _, record in readings]
+    return [(topic, key, value.encode()) for topic, key, value in sends]
+
+
+def test_the_patient_step_publishes_each_patient_joint_score_as_joint_patients(tmp_path):
+    """Raw records -> process_batch under a joint posterior: every patient's
+    score carries the group's joint score, equal to model.joint.joint_patients
+    on the posterior's draws and joint_grams of the simulated events (the same
+    numbers summed in another order: 1e-9 relative). A newer joint posterior
+    rescores every patient (rescore_joint) under its version."""
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    config = joint_models(loaded, models)["glycaemic"]
+    origin = SETTINGS.time_origin
+    events, patients = stream_programme(origin)
+    raw = [
+        ChunkRecord(key, value, topic, key_partition(key, SETTINGS.partitions), k, None)
+        for k, (topic, key, value) in enumerate(raw_records(events, patients, origin,
+                                                            SETTINGS.topic_prefix))
+    ]  # fmt: skip
+    gram = joint_grams(events, config)
+    draws = random_draws(config, seed=2)
+    posteriors = PosteriorBook()
+    assert posteriors.offer(joint_message(config, draws, gram, 3))
+    context = StepContext(loaded, models, posteriors, SETTINGS, joint={"glycaemic": config})
+    now = origin + timedelta(days=60)
+    saves, outputs = process_batch(dict.fromkeys(batch_keys(raw)), raw, context, now=now)
+    assert not outputs.dead_letters
+    latest = {m.key.decode(): json.loads(m.value) for m in outputs.scores}
+    assert sorted(latest) == patients
+    reference = joint_patients(draws, gram, config, np.array([-1.0, -1.0]))
+    scales = np.array([1.2, 30.0])
+    for i, patient in enumerate(patients):
+        (joint,) = latest[patient]["joint"]
+        assert joint["population_version"] == 3
+        got = [[e["effect"][f] for f in ("mean", "sd", "lower", "upper")] for e in joint["effects"]]
+        want = scales[:, None] * np.stack(
+            [reference.effect_mean[i], reference.effect_sd[i],
+             reference.effect_lower[i], reference.effect_upper[i]], -1,
+        )  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+        np.testing.assert_allclose(
+            [joint["responsiveness"]["mean"], joint["p_above_population"]],
+            [reference.responsiveness_mean[i], reference.p_above_population[i]],
+            rtol=1e-9,
+        )
+    assert posteriors.offer(joint_message(config, random_draws(config, seed=3), gram, 4))
+    saves, outputs = rescore_joint(saves, "glycaemic", context, force=True)
+    assert sorted(saves) == patients
+    assert {json.loads(m.value)["joint"][0]["population_version"] for m in outputs.scores} == {4}
