@@ -40,6 +40,7 @@ from streams.catalogue import Catalogue, CatalogueError, JointGroupSpec, Measure
 from streams.patient_state import PatientRecord, PublishedJoint
 from streams.population_book import FitterPool, PopulationBook, interval_of
 from streams.schemas import Interval, JointEffect, JointPosterior, JointScore
+from streams.scoring import SCORING_BLOCK
 
 #: The posterior topic's key prefix of a joint group's posterior (a measure's
 #: posterior is keyed by the measure's name).
@@ -288,14 +289,19 @@ def joint_scores(
     model.joint.joint_patients over the posterior's draws, effects in each
     measure's unit per unit of exposure."""
     config = message_config(message, config)
-    # Padded to a power-of-two patient count (zero blocks: a patient without
-    # evidence), so a batch of any size reuses the compiled shapes.
+    draws, signs = posterior_draws(message), benefit_signs(specs)
     count = gram.shape[0]
-    padded = np.zeros((bucket_size(count, MIN_PATIENT_BUCKET), *gram.shape[1:]))
-    padded[:count] = gram
-    found: JointPatients = joint_patients(
-        posterior_draws(message), padded, config, benefit_signs(specs)
-    )
+    parts = []
+    # In blocks of SCORING_BLOCK patients, each padded to a power-of-two count
+    # (zero blocks: a patient without evidence): a batch of any size reuses the
+    # few compiled shapes (compile_joint_scoring).
+    for start in range(0, count, SCORING_BLOCK):
+        block = gram[start : start + SCORING_BLOCK]
+        padded = np.zeros((bucket_size(block.shape[0], MIN_PATIENT_BUCKET), *gram.shape[1:]))
+        padded[: block.shape[0]] = block
+        found = joint_patients(draws, padded, config, signs)
+        parts.append([np.asarray(field)[: block.shape[0]] for field in found])
+    found = JointPatients(*(np.concatenate(column) for column in zip(*parts, strict=True)))
     scales = [effect_scale(m.standardization) for m in config.measures]
     scores = []
     for i in range(count):
@@ -328,6 +334,20 @@ def joint_scores(
             )
         )
     return scores
+
+
+def compile_joint_scoring(
+    message: JointPosterior, config: JointConfig, specs: Sequence[MeasureSpec]
+) -> int:
+    """Compile every padded shape joint_scores uses (blocks of up to
+    SCORING_BLOCK patients) by scoring empty evidence. Blocking: run it off the
+    event loop, or the patients agent's first batch of each size compiles.
+    Returns the number of shapes run."""
+    d = config.stat_dim
+    sizes = [s for s in (MIN_PATIENT_BUCKET << k for k in range(16)) if s <= SCORING_BLOCK]
+    for size in sizes:
+        joint_scores(message, config, specs, np.zeros((size, config.num_measures, d, d)))
+    return len(sizes)
 
 
 def record_grams(records: Sequence[PatientRecord], measures: Sequence[str], d: int) -> np.ndarray:

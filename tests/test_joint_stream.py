@@ -254,6 +254,10 @@ def test_joint_scores_equal_joint_patients_on_the_same_draws_and_grams(tmp_path)
             ],
             rtol=1e-9,
         )
+    # More patients than a scoring block (256): scored block by block, the same.
+    many = joint_scores(message, config, specs, np.concatenate([gram] * 33))
+    assert len(many) == 33 * gram.shape[0]
+    assert many[-1] == scores[-1] and many[256] == scores[256 % gram.shape[0]]
 
 
 def test_the_group_fit_publishes_theta_the_correlation_and_population_effects(tmp_path):
