@@ -198,6 +198,10 @@ class PopulationService:
         self.fits.pop(measure, None)
         self.recent_fits.pop(measure, None)
         self.detectors.pop(measure, None)  # references of an earlier ownership
+        group = self.catalogue.joint_group_of(measure) if self.catalogue is not None else None
+        if group is not None:  # its joint group's fit continues what is published
+            self.joint_fits.pop(group.name, None)
+            self._joint_fitted.pop(group.name, None)
         book = PopulationBook(measure, self.models[measure])
         self._rebuilding[measure] = pending = []
         started = time.monotonic()
