@@ -229,6 +229,18 @@ class Published(BaseModel):
     classification: str
 
 
+class PublishedJoint(BaseModel):
+    """What was last published of a joint group's score (the material-change
+    test compares a new one with it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    population_version: int
+    responsiveness_mean: float
+    responsiveness_sd: float
+    p_above_population: float
+
+
 class PatientRecord(BaseModel):
     """The value of the patients table (keyed by patient id)."""
 
@@ -248,6 +260,7 @@ class PatientRecord(BaseModel):
     pending: list[Observation] = Field(default_factory=list)
     measures: dict[str, MeasureStats] = Field(default_factory=dict)
     published: dict[str, Published] = Field(default_factory=dict)
+    published_joint: dict[str, PublishedJoint] = Field(default_factory=dict)  # by group
     # The EfficacyScore last sent to the scores topic, as the exact JSON sent (a
     # string, not the model: this record serialises NaN/inf as constants, the
     # score as null, so a nested model would not read back). Served over HTTP

@@ -41,6 +41,7 @@ from streams.agents.drift import conflict_alert
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
 from streams.consumer_seek import fetched_since_rebalance
+from streams.joint_stream import joint_models
 from streams.output import DeliveryFailed, Producer, delivered, stop_now
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
@@ -97,7 +98,10 @@ class PatientsService:
         self.topics = topics
         self.settings = settings
         self.telemetry = telemetry
-        self.context = StepContext(catalogue, models, posteriors, settings, rule or DecisionRule())
+        self.context = StepContext(
+            catalogue, models, posteriors, settings, rule or DecisionRule(),
+            joint=joint_models(catalogue, models),
+        )  # fmt: skip
         # This worker's latest published call per measure and patient (for the
         # classification gauges; rebuilt as patients are rescored after a restart).
         self.calls: dict[str, dict[str, str]] = defaultdict(dict)
@@ -255,9 +259,10 @@ class PatientsService:
         while self.app.rebalancing or self.paused():
             await asyncio.sleep(REBALANCE_POLL_SECONDS)
 
-    async def rescore_all(self, measure: str, force: bool = False) -> int:
+    async def rescore_all(self, measure: str, force: bool = False, step=rescore) -> int:
         """After a new population posterior: rescore every local patient with
-        evidence on ``measure`` (streams.patient_step.rescore) and publish what
+        evidence on ``measure`` (streams.patient_step.rescore; ``step``
+        rescore_joint with a joint group's name for ``measure``) and publish what
         changed materially (everything when ``force``: the posterior itself moved
         materially). In chunks of RESCORE_CHUNK patients, each loaded, scored and
         saved without an await (a batch of the agent may have saved a patient
@@ -283,7 +288,7 @@ class PatientsService:
                 if key_partition(key.encode(), partitions) in owned
             ]
             states = {key: self.table.get(key) for key in chunk}
-            saves, outputs = rescore(states, measure, self.context, force, cache=self.cache)
+            saves, outputs = step(states, measure, self.context, force, cache=self.cache)
             await self.write(saves, outputs, "population")
             published += len(outputs.scores)
         return published
