@@ -2,6 +2,7 @@
 result or of what the pipeline published on its topics.
 
 Per measure: the population effect and the cohort effects as a forest plot,
+the fitted curves of a fit with smooth terms,
 every patient's effect as a forest plot, the calls (over time, from the
 topics), the drift statistics of the population posterior (topics), and per
 patient the readings over time with the exposure periods shaded beside the
@@ -82,6 +83,21 @@ class DriftPoint:
     kinds: list[str]
 
 
+@dataclass(frozen=True)
+class Curve:
+    """A fitted curve (model.smooth.curve_summaries): ``mean`` and its 90% band
+    ``lower``..``upper`` at every ``x``; ``kind`` names its plot (css class)."""
+
+    title: str
+    x_label: str
+    y_label: str
+    kind: str
+    x: list[float]
+    mean: list[float]
+    lower: list[float]
+    upper: list[float]
+
+
 @dataclass
 class MeasureReport:
     name: str
@@ -97,6 +113,8 @@ class MeasureReport:
     drift_alerts: list[dict]
     shown_patients: list[str]
     facts: list[tuple[str, str]] = field(default_factory=list)
+    #: a smooth fit's curves: each smooth covariate's expected effect, the daily cycle
+    curves: list[Curve] = field(default_factory=list)
 
 
 @dataclass
@@ -325,6 +343,7 @@ def from_fit(
         drift_alerts=[],
         shown_patients=ids,
         facts=facts,
+        curves=fitted_curves(result, measure.get("unit", "")),
     )
     return Report(
         title=f"Efficacy report: {measure['name']}",
@@ -332,6 +351,39 @@ def from_fit(
         time_axis=time_column or "observation",
         measures=[report_measure],
     )
+
+
+def fitted_curves(result: dict, unit: str) -> list[Curve]:
+    """The curves of a fit with smooth terms (``curves`` and ``daily_cycle`` of
+    an ``efficacy fit --smooth COL --daily-cycle K`` result); none without."""
+    curves = [
+        Curve(
+            title=f"Expected effect by {curve['covariate']}",
+            x_label=curve["covariate"],
+            y_label="effect per unit exposure",
+            kind=f"curve-effect-{curve['covariate']}",
+            x=curve["grid"],
+            mean=curve["effect"]["mean"],
+            lower=curve["effect"]["q05"],
+            upper=curve["effect"]["q95"],
+        )
+        for curve in result.get("curves", [])
+    ]
+    cycle = result.get("daily_cycle")
+    if cycle:
+        curves.append(
+            Curve(
+                title="Daily cycle",
+                x_label="hour of day",
+                y_label="shift from the day's mean",
+                kind="curve-daily-cycle",
+                x=cycle["hour"],
+                mean=cycle["mean"],
+                lower=cycle["q05"],
+                upper=cycle["q95"],
+            )
+        )
+    return curves
 
 
 def _fact(value: Any) -> str:
@@ -888,6 +940,8 @@ svg .mean { fill: #222; }
 svg g.population .interval, svg g.population-effect .interval { stroke: #4575b4; stroke-width: 3; }
 svg g.population .mean, svg g.population-effect .mean { fill: #4575b4; }
 svg .exposure { fill: #fdae61; }
+svg .band { fill: #4575b4; fill-opacity: 0.25; stroke: none; }
+svg .curve-mean { fill: none; stroke: #4575b4; stroke-width: 2; }
 svg .trace { fill: none; stroke: #777; stroke-width: 1; }
 svg .reading { fill: #2c7bb6; }
 svg .call-line, svg .drift-line { fill: none; stroke-width: 2; }
@@ -903,6 +957,56 @@ def _facts_table(facts: list[tuple[str, str]]) -> str:
         return ""
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in facts)
     return f'<table class="facts">{rows}</table>'
+
+
+def curve_svg(curve: Curve, references: list[tuple[float, str]]) -> str:
+    """A curve: its 90% band shaded, its mean as a line, a dashed line at each
+    (value, css class) of ``references`` (no effect, the MCID)."""
+    width, height, left, right, top, bottom = 640, 220, 60, 20, 10, 40
+    values = [*curve.lower, *curve.upper, *(value for value, _ in references)]
+    x = Scale(min(curve.x), max(curve.x), left, width - right)
+    y = Scale(*_padded(values), height - bottom, top)
+    band = [(x(a), y(b)) for a, b in zip(curve.x, curve.upper, strict=True)]
+    band += [(x(a), y(b)) for a, b in reversed(list(zip(curve.x, curve.lower, strict=True)))]
+    body = []
+    for value, css in references:
+        body.append(
+            f'<line x1="{x.start:.1f}" x2="{x.stop:.1f}" y1="{y(value):.1f}" '
+            f'y2="{y(value):.1f}" class="{css}"/>'
+        )
+    body.append(
+        '<polygon class="band" points="' + " ".join(f"{a:.1f},{b:.1f}" for a, b in band) + '"/>'
+    )
+    body.append(
+        '<polyline class="curve-mean" points="'
+        + " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in zip(curve.x, curve.mean, strict=True))
+        + '"/>'
+    )
+    body += _axis_x(x, height - bottom, nice_ticks(x.low, x.high), tick_text)
+    body += _axis_y(y, left, nice_ticks(y.low, y.high))
+    body.append(
+        f'<text x="{(left + width - right) / 2}" y="{height - 4}" class="tick" '
+        f'text-anchor="middle">{_esc(curve.x_label)}</text>'
+    )
+    body.append(
+        f'<text x="12" y="{(top + height - bottom) / 2}" class="tick" text-anchor="middle" '
+        f'transform="rotate(-90 12 {(top + height - bottom) / 2})">{_esc(curve.y_label)}</text>'
+    )
+    return _svg(curve.kind, width, height, f"{curve.title} with its 90% band", body)
+
+
+def curve_table(curve: Curve, points: int = 5) -> str:
+    """The curve at ``points`` places across its range, as numbers."""
+    picks = sorted({round(k) for k in np.linspace(0, len(curve.x) - 1, points)})
+    rows = "".join(
+        f'<tr><td class="num">{number(curve.x[k])}</td><td class="num">{number(curve.mean[k])}'
+        f'</td><td class="num">{number(curve.lower[k])} to {number(curve.upper[k])}</td></tr>'
+        for k in picks
+    )
+    return (
+        f'<table class="curve" data-curve="{_esc(curve.kind)}"><tr><th>{_esc(curve.x_label)}'
+        f"</th><th>mean</th><th>90% band</th></tr>{rows}</table>"
+    )
 
 
 def _measure_html(measure: MeasureReport, axis: str) -> str:
@@ -936,6 +1040,18 @@ def _measure_html(measure: MeasureReport, axis: str) -> str:
     else:
         parts.append('<p class="note">No population posterior yet.</p>')
     parts.append(_facts_table(measure.facts))
+    for curve in measure.curves:
+        effect = curve.kind.startswith("curve-effect")
+        parts.append(f"<h3>{_esc(curve.title)}</h3>")
+        parts.append(
+            f'<p class="note">{_esc(curve.y_label)} ({_esc(unit or "outcome units")}), '
+            f"posterior mean and 90% band"
+            + (", every other covariate at its typical value" if effect else "")
+            + ".</p>"
+        )
+        references = [(0.0, "zero")] + ([(mcid_line, "mcid")] if effect else [])
+        parts.append(curve_svg(curve, references))
+        parts.append(curve_table(curve))
 
     parts.append("<h3>Calls</h3>")
     if measure.calls:

@@ -3,6 +3,7 @@
 patients     raw topics -> validation (deadletter), patients table, scores, alerts,
              population-evidence
 population   population-evidence -> population table; timer -> population-posterior
+             (each measure's posterior, and each joint group's, key joint:<group>)
 posteriors   population-posterior (all partitions, every worker) -> rescoring
 web          GET /patients/{id}/score, answered by the patient's owner (score_lookup)
 interop      fhir-observations, omh-datapoints -> readings on the source topics (deadletter)
@@ -23,9 +24,11 @@ from streams.agents import drift, interop, patients, population
 from streams.agents.population import in_thread
 from streams.catalogue import Catalogue, CatalogueError
 from streams.chunked_consumer import ChunkedApp
+from streams.joint_stream import compile_joint_scoring
 from streams.kafka_options import faust_credentials
+from streams.patient_step import rescore_joint
 from streams.posterior_feed import PosteriorBook, follow_posteriors
-from streams.schemas import PopulationPosterior
+from streams.schemas import JointPosterior, PopulationPosterior
 from streams.scoring import compile_scoring
 from streams.settings import Settings
 from streams.telemetry import Telemetry
@@ -148,7 +151,26 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         seconds = time.perf_counter() - started
         log.info("compiled scoring for %s: %d shapes in %.1f s", measure, runs, seconds)
 
-    async def on_new_posterior(message: PopulationPosterior) -> None:
+    async def compile_joint_ahead(message: JointPosterior) -> None:
+        """As compile_ahead, for a joint group's scoring."""
+        config = patients_service.context.joint.get(message.group)
+        shapes = (config, len(message.draws["mu"]))
+        if config is None or shapes in compiled:
+            return
+        compiled.add(shapes)
+        try:
+            specs = [catalogue.get(m) for m in message.measures]
+            await in_thread(compile_joint_scoring, message, config, specs)
+        except Exception:  # scoring compiles what it needs on first use instead
+            log.exception("could not compile the joint scoring of %s ahead of use", message.group)
+
+    async def on_new_posterior(message: PopulationPosterior | JointPosterior) -> None:
+        if isinstance(message, JointPosterior):
+            await compile_joint_ahead(message)
+            count = await patients_service.rescore_all(message.group, step=rescore_joint)
+            log.info("joint posterior %s v%d: %d scores republished", message.group,
+                     message.version, count)  # fmt: skip
+            return
         await compile_ahead(message.measure)
         count = await patients_service.rescore_all(message.measure, force=message.rescore)
         log.info(

@@ -28,6 +28,15 @@ Readings a family cannot take are dead-lettered (``invalid_value``).
 ``[subgroups.<name>]`` declares subgroups
 (model.subgroups.SubgroupSpec: cohorts, covariate ranges and levels) whose mean
 effect the population agent publishes (docs/covariates.md).
+
+``[joint.<name>]`` declares a joint group: ``measures`` lists 2-6 Gaussian
+measures of the catalogue (each in at most one group) modelled together by
+model.joint, so each measure's patient effect borrows strength from the
+others' and every patient gets a latent responsiveness score
+(streams.joint_stream; docs/pipeline.md). Example::
+
+    [joint.glycaemic]
+    measures = ["hba1c", "fasting_glucose"]
 """
 
 from __future__ import annotations
@@ -248,12 +257,28 @@ class MeasureSpec(BaseModel):
         )
 
 
+class JointGroupSpec(BaseModel):
+    """A joint group (``[joint.<name>]``): the measures model.joint fits together."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    measures: tuple[str, ...] = Field(min_length=2, max_length=6)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> JointGroupSpec:
+        if len(set(self.measures)) != len(self.measures):
+            raise ValueError(f"measures repeat a name: {list(self.measures)}")
+        return self
+
+
 class Catalogue(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     measures: dict[str, MeasureSpec]
     covariates: tuple[CovariateSpec, ...] = ()
     subgroups: tuple[SubgroupSpec, ...] = ()
+    joint: tuple[JointGroupSpec, ...] = ()
 
     @model_validator(mode="after")
     def _codes_unique(self) -> Catalogue:
@@ -267,7 +292,34 @@ class Catalogue(BaseModel):
             unknown = sorted(set(subgroup.measures) - set(self.measures))
             if unknown:
                 raise ValueError(f"subgroup {subgroup.name}: unknown measure(s) {unknown}")
+        group_of: dict[str, str] = {}
+        for group in self.joint:
+            for name in group.measures:
+                if name not in self.measures:
+                    raise ValueError(f"joint group {group.name}: unknown measure {name!r}")
+                family = self.measures[name].family
+                if family != "gaussian":
+                    raise ValueError(
+                        f"joint group {group.name}: {name} is a {family} measure; "
+                        "the joint model takes Gaussian measures only"
+                    )
+                other = group_of.setdefault(name, group.name)
+                if other != group.name:
+                    raise ValueError(
+                        f"{name} is in joint groups {other} and {group.name}: at most one"
+                    )
         return self
+
+    def joint_group_of_name(self, name: str) -> JointGroupSpec:
+        """The joint group called ``name`` (KeyError if none)."""
+        for group in self.joint:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
+    def joint_group_of(self, measure: str) -> JointGroupSpec | None:
+        """The joint group ``measure`` belongs to, or None."""
+        return next((group for group in self.joint if measure in group.measures), None)
 
     @property
     def patient_covariates(self) -> tuple[CovariateSpec, ...]:
@@ -340,6 +392,14 @@ class Catalogue(BaseModel):
                 subgroups.append(SubgroupSpec(name=name, **entry))
             except (ValidationError, TypeError) as error:
                 raise CatalogueError(f"{path}: [subgroups.{name}]: {error}") from None
+        joint = []
+        for name, entry in (raw.pop("joint", None) or {}).items():
+            if not isinstance(entry, dict):
+                raise CatalogueError(f"{path}: [joint.{name}] must be a table")
+            try:
+                joint.append(JointGroupSpec(name=name, **entry))
+            except (ValidationError, TypeError) as error:
+                raise CatalogueError(f"{path}: [joint.{name}]: {error}") from None
         for name, entry in raw.items():
             if not isinstance(entry, dict):
                 raise CatalogueError(f"{path}: [{name}] must be a table")
@@ -350,7 +410,12 @@ class Catalogue(BaseModel):
         if not measures:
             raise CatalogueError(f"{path}: no measures defined")
         try:
-            return cls(measures=measures, covariates=tuple(covariates), subgroups=tuple(subgroups))
+            return cls(
+                measures=measures,
+                covariates=tuple(covariates),
+                subgroups=tuple(subgroups),
+                joint=tuple(joint),
+            )
         except ValidationError as error:
             raise CatalogueError(f"{path}: {error}") from None
 

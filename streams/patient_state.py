@@ -237,6 +237,18 @@ class Published(BaseModel):
     classification: str
 
 
+class PublishedJoint(BaseModel):
+    """What was last published of a joint group's score (the material-change
+    test compares a new one with it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    population_version: int
+    responsiveness_mean: float
+    responsiveness_sd: float
+    p_above_population: float
+
+
 #: One entry of PatientRecord.seen_index: the event id's digest (event_digest),
 #: the index of its origin's "topic:partition" in seen_partitions, its offset.
 SEEN_ENTRY = struct.Struct("<8sHq")
@@ -277,6 +289,7 @@ class PatientRecord(BaseModel):
     pending: list[Observation] = Field(default_factory=list)
     measures: dict[str, MeasureStats] = Field(default_factory=dict)
     published: dict[str, Published] = Field(default_factory=dict)
+    published_joint: dict[str, PublishedJoint] = Field(default_factory=dict)  # by group
     # The EfficacyScore last sent to the scores topic, as the exact JSON sent (a
     # string, not the model: this record serialises NaN/inf as constants, the
     # score as null, so a nested model would not read back). Served over HTTP
@@ -774,6 +787,7 @@ def _copy(record: PatientRecord) -> PatientRecord:
                 for name, stats in record.measures.items()
             },
             "published": dict(record.published),
+            "published_joint": dict(record.published_joint),
         }
     )
 

@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from model.config import DecisionRule, ModelConfig
+from model.joint import JointConfig
+from streams import joint_stream
 from streams.catalogue import Catalogue
 from streams.partitioning import key_partition, measure_partition
 from streams.patient_state import PatientRecord, apply_event, measure_evidence, origin_key
@@ -90,6 +92,8 @@ class StepContext:
     posteriors: PosteriorBook
     settings: Settings
     rule: DecisionRule = field(default_factory=DecisionRule)
+    #: Every joint group's model (streams.joint_stream.joint_models), by group.
+    joint: dict[str, JointConfig] = field(default_factory=dict)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -433,6 +437,42 @@ def rescore(
     return saves, outputs
 
 
+def rescore_joint(
+    states: Mapping[str, bytes | None],
+    group: str,
+    context: StepContext,
+    force: bool = False,
+    cache: RecordCache | None = None,
+) -> tuple[dict[str, bytes], StepOutputs]:
+    """After a new posterior of joint group ``group``: as ``rescore``, for every
+    patient of ``states`` with evidence of one of the group's measures whose
+    last published joint score of the group is under an older version. The
+    patient's whole score is published (its measures' scores and every joint
+    group's) when the group's score changed materially, or when ``force``."""
+    cache = cache if cache is not None else RecordCache(0)
+    message = context.posteriors.joint.get(group)
+    loaded = {patient_id: cache.take(patient_id, raw) for patient_id, raw in states.items()}
+    if message is None:
+        records = []
+    else:
+        records = [
+            r
+            for r in loaded.values()
+            if r is not None
+            and any(m in r.measures for m in message.measures)
+            and not (
+                group in r.published_joint
+                and r.published_joint[group].population_version == message.version
+            )
+        ]
+    outputs = StepOutputs()
+    forced = {r.patient_id for r in records} if force else ()
+    published = _score(records, context, outputs, forced=forced)
+    saves = {r.patient_id: r.model_dump_json().encode() for r in published}
+    _keep(cache, states, loaded, saves)
+    return saves, outputs
+
+
 def _reject(
     outputs: StepOutputs,
     event: RawRecord,
@@ -529,16 +569,30 @@ def _score(
         )
         for record, score in zip(group, scores, strict=True):
             new_scores[record.patient_id][measure] = score
+    joint = joint_stream.patients_joint_scores(
+        records, context.posteriors.joint, context.joint, context.catalogue
+    )
     by_id = {r.patient_id: r for r in records}
     weights = context.weights
     changed = []
-    for patient_id, scores in new_scores.items():
-        record = by_id[patient_id]
-        material = patient_id in forced or any(
-            changed_materially(record.published.get(m), s) for m, s in scores.items()
+    for patient_id in [*new_scores, *(p for p in joint if p not in new_scores)]:
+        record, scores, groups = (
+            by_id[patient_id],
+            new_scores.get(patient_id, {}),
+            joint.get(patient_id, {}),
+        )
+        material = (
+            patient_id in forced
+            or any(changed_materially(record.published.get(m), s) for m, s in scores.items())
+            or any(
+                joint_stream.changed_materially(record.published_joint.get(g), s)
+                for g, s in groups.items()
+            )
         )
         if not material:
             continue
+        for group, score in groups.items():
+            record.published_joint[group] = joint_stream.published_of(score)
         for measure, score in scores.items():
             previous = record.published.get(measure)
             if previous is not None and previous.classification != score.classification:
@@ -549,7 +603,9 @@ def _score(
                     )
             record.published[measure] = published_of(score)
             outputs.calls[measure][patient_id] = score.classification
-        message = efficacy_score(record, list(scores.values()), weights, context.rule)
+        message = efficacy_score(
+            record, list(scores.values()), weights, context.rule, list(groups.values())
+        )
         record.published_score = message.model_dump_json()
         outputs.scores.append(Message(patient_id.encode(), record.published_score.encode()))
         changed.append(record)

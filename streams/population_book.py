@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import jax
 import numpy as np
@@ -224,7 +225,7 @@ def num_observations(stats: PatientStats, model: ModelConfig) -> float:
     return float(stats.gram[:, 0].sum() + stats.gram[:, 2].sum())
 
 
-def _interval(described: dict[str, float]) -> Interval:
+def interval_of(described: dict[str, float]) -> Interval:
     """model.offline.describe's summary as the messages' Interval (q05-q95: 90%)."""
     return Interval(
         mean=described["mean"], sd=described["sd"], lower=described["q05"], upper=described["q95"]
@@ -266,11 +267,38 @@ class FitterPool:
         self._fitters: dict[ModelConfig, PopulationFitter] = {}
         self._initial: dict[int, FitState] = {}
 
-    def fitter(self, model: ModelConfig) -> PopulationFitter:
+    def fitter(
+        self,
+        model: ModelConfig,
+        build: Callable[[Any, SVIConfig], PopulationFitter] | None = None,
+    ) -> PopulationFitter:
+        """The fitter of ``model``'s structure; ``build(structure, svi)`` makes
+        another model's fitter (model.joint's) the first time."""
         structure = model.structure
         if structure not in self._fitters:
-            self._fitters[structure] = PopulationFitter(structure, self.svi, self.export_cache)
+            if build is None:
+                fitter = PopulationFitter(structure, self.svi, self.export_cache)
+            else:
+                fitter = build(structure, self.svi)
+                fitter.export_cache = self.export_cache
+            self._fitters[structure] = fitter
         return self._fitters[structure]
+
+    def resume(self, fitter: PopulationFitter, initial: FitState, message: Any) -> FitState:
+        """A warm start from a published posterior's q (``unconstrained_loc``,
+        ``unconstrained_scale_tril``, ``svi_steps``, ``version``); ``initial``
+        (a cold fit) when it belongs to another model structure."""
+        try:
+            return fitter.resume(
+                initial,
+                np.asarray(message.unconstrained_loc),
+                np.asarray(message.unconstrained_scale_tril),
+                total_steps=message.svi_steps,
+                version=message.version,
+            )
+        except ValueError as error:
+            log.info("cold fit of %s (%s)", message.event_id, error)
+            return initial
 
     def initial_state(self, fitter: PopulationFitter, evidence: Evidence) -> FitState:
         if id(fitter) not in self._initial:
@@ -312,17 +340,7 @@ class PopulationModel:
         message, self.resume_from = self.resume_from, None
         if message is None:
             return initial
-        try:
-            return self.fitter.resume(
-                initial,
-                np.asarray(message.unconstrained_loc),
-                np.asarray(message.unconstrained_scale_tril),
-                total_steps=message.svi_steps,
-                version=message.version,
-            )
-        except ValueError as error:  # another structure: a cold fit
-            log.info("population %s: cold fit (%s)", self.measure, error)
-            return initial
+        return self.pool.resume(self.fitter, initial, message)
 
     def fit(
         self,
@@ -414,14 +432,14 @@ class PopulationModel:
         coefficients = [
             Coefficient(
                 covariate=row["covariate"],
-                effect=_interval(row["effect"]),
-                intercept=_interval(row["intercept"]),
+                effect=interval_of(row["effect"]),
+                intercept=interval_of(row["intercept"]),
             )
             for row in coefficient_summaries(quantities, self.model)["coefficients"]
         ]
         summary = {}
         for k, level in enumerate(levels):
-            summary[f"effect_sd_{level}"] = _interval(
+            summary[f"effect_sd_{level}"] = interval_of(
                 describe(quantities["effect_sd_groups"][:, k])
             )
         for name, values in quantities.items():
@@ -429,7 +447,7 @@ class PopulationModel:
                 continue
             described = describe(values)
             if described is not None:
-                summary[name] = _interval(described)
+                summary[name] = interval_of(described)
         transform = self.fitter.guide.get_transform(self.fitter.params(state))
         std = self.model.standardization
         message = PopulationPosterior(

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from streams.kafka_options import aiokafka_options
-from streams.schemas import PopulationPosterior
+from streams.schemas import POSTERIOR_RECORD, JointPosterior, PopulationPosterior
 from streams.scoring import MeasurePosterior
 from streams.settings import Settings
 
@@ -25,11 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class PosteriorBook:
-    """Latest MeasurePosterior per measure; ``offer`` keeps only newer versions."""
+    """Latest MeasurePosterior per measure, and latest JointPosterior per joint
+    group (``joint``); ``offer`` keeps only newer versions."""
 
     def __init__(self) -> None:
         self._latest: dict[str, MeasurePosterior] = {}
         self.messages: dict[str, PopulationPosterior] = {}
+        self.joint: dict[str, JointPosterior] = {}
         # True once the feed has read the topic up to its end as of the start:
         # before that, a population owner would not know the latest version.
         self.caught_up = False
@@ -44,8 +46,17 @@ class PosteriorBook:
         current = self._latest.get(measure)
         return current.version if current else 0
 
-    def offer(self, message: PopulationPosterior) -> bool:
+    def joint_version(self, group: str) -> int:
+        current = self.joint.get(group)
+        return current.version if current else 0
+
+    def offer(self, message: PopulationPosterior | JointPosterior) -> bool:
         """Take ``message`` if it is newer than what is held; True if taken."""
+        if isinstance(message, JointPosterior):
+            if message.version <= self.joint_version(message.group):
+                return False
+            self.joint[message.group] = message
+            return True
         if message.version <= self.version(message.measure):
             return False
         self._latest[message.measure] = MeasurePosterior.from_message(message)
@@ -56,7 +67,7 @@ class PosteriorBook:
 async def follow_posteriors(
     settings: Settings,
     book: PosteriorBook,
-    on_new: Callable[[PopulationPosterior], Awaitable[None]],
+    on_new: Callable[[PopulationPosterior | JointPosterior], Awaitable[None]],
     stopping: asyncio.Event | None = None,
 ) -> None:
     """Read the posterior topic forever (until ``stopping``), offering every
@@ -93,7 +104,8 @@ async def follow_posteriors(
         consumer.assign(assigned)
         await consumer.seek_to_beginning()
         end = await consumer.end_offsets(assigned)
-        pending: dict[str, PopulationPosterior] = {}  # newest per measure, while catching up
+        # Newest per measure or joint group (by record key), while catching up.
+        pending: dict[bytes | None, PopulationPosterior | JointPosterior] = {}
         while not (stopping and stopping.is_set()):
             if not book.caught_up:
                 positions = [await consumer.position(tp) for tp in assigned]
@@ -108,7 +120,7 @@ async def follow_posteriors(
             for records in batch.values():
                 for record in records:
                     try:
-                        message = PopulationPosterior.model_validate_json(record.value)
+                        message = POSTERIOR_RECORD.validate_json(record.value)
                     except ValidationError as error:
                         log.warning("ignoring an invalid population posterior: %s", error)
                         continue
@@ -117,9 +129,13 @@ async def follow_posteriors(
                     if book.caught_up:
                         await on_new(message)
                         continue
-                    earlier = pending.get(message.measure)
-                    if earlier is not None and earlier.rescore and not message.rescore:
+                    earlier = pending.get(record.key)
+                    if (
+                        isinstance(earlier, PopulationPosterior)
+                        and earlier.rescore
+                        and not message.rescore
+                    ):
                         message = message.model_copy(update={"rescore": True})
-                    pending[message.measure] = message
+                    pending[record.key] = message
     finally:
         await consumer.stop()

@@ -26,7 +26,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+)
 
 if TYPE_CHECKING:
     from streams.catalogue import Catalogue
@@ -481,6 +489,11 @@ class EfficacyScore(Envelope):
     composite: CompositeScore | None = Field(
         default=None, description="the weighted benefit over measures (with two or more)"
     )
+    joint: list[JointScore] = Field(
+        default_factory=list,
+        description="the patient's scores under each joint group (catalogue [joint.<group>]) "
+        "with a posterior that the patient has evidence of; empty without",
+    )
 
 
 class Coefficient(BaseModel):
@@ -591,6 +604,99 @@ class PopulationPosterior(Envelope):
         default=True,
         description="moved materially: every worker republishes every score under it",
     )
+
+
+class JointPosterior(Envelope):
+    """Versioned posterior of one joint group (catalogue ``[joint.<group>]``,
+    model.joint) on the population-posterior topic, key ``joint:<group>`` (a
+    measure's posterior is keyed by the measure; ``kind`` tells them apart).
+    ``draws`` are fixed draws of the joint model's θ (model.joint.JointHyper,
+    standardised units, each measure by its own standardisation) that define
+    every patient's joint scores."""
+
+    kind: Literal["joint"] = Field(default="joint", description='"joint": a joint group\'s')
+    group: str = Field(description="the joint group")
+    version: int = Field(description="increases with every posterior of the group")
+    measures: list[str] = Field(description="the group's measures, in the order of the draws")
+    num_patients: int = Field(description="patients with evidence of any of the measures")
+    num_observations: list[float] = Field(description="readings in the fit, per measure")
+    elbo: float = Field(description="the fit's evidence lower bound")
+    svi_steps: int = Field(description="SVI steps of the fit")
+    converged: bool = Field(description="whether the ELBO settled")
+    standardization: list[dict[str, float | list[float]]] = Field(
+        description="each measure's standardisation (model.config.Standardization)"
+    )
+    draws: dict[str, list] = Field(
+        description="fixed draws of θ by name (mu (S, M, 2), tau (S, 2M), corr_chol "
+        "(S, 2M, 2M), sigma (S, M), gamma (S, M, d)), standardised units"
+    )
+    effect_correlation: dict[str, list[list[float]]] = Field(
+        description="posterior of the between-measure correlation of the patients' effects "
+        "(M, M): mean, sd, q05, q95 (model.joint.describe_correlation)"
+    )
+    summary: dict[str, Interval] = Field(
+        description="per measure, raw units per unit of exposure, 90% intervals: "
+        "effect_<measure> (population mean effect) and effect_sd_patients_<measure> "
+        "(between-patient sd of the effect)"
+    )
+    unconstrained_loc: list[float] = Field(
+        description="the variational posterior's location (unconstrained θ)"
+    )
+    unconstrained_scale_tril: list[list[float]] = Field(
+        description="the variational posterior's scale (Cholesky factor)"
+    )
+    evidence_digest: str = Field(
+        default="", description="digest of the statistics this version was fitted on"
+    )
+
+
+class JointEffect(BaseModel):
+    """One measure's individual effect under a joint group's model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    measure: str = Field(description="the measure")
+    unit: str = Field(description="the measure's canonical unit")
+    direction: Literal["higher", "lower"] = Field(description="which direction is a benefit")
+    effect: Interval = Field(
+        description="posterior of the patient's effect, ``unit`` per unit of exposure, "
+        "borrowing strength from the group's other measures"
+    )
+
+
+class JointScore(BaseModel):
+    """A patient's scores under one joint group's posterior (model.joint)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: str = Field(description="the joint group")
+    effects: list[JointEffect] = Field(description="one per measure of the group")
+    responsiveness: Interval = Field(
+        description="the latent responsiveness: the patient's benefit deviation from the "
+        "population averaged over the measures, each in units of its between-patient sd "
+        "(0: the typical patient)"
+    )
+    p_above_population: float = Field(
+        description="posterior probability that responsiveness > 0 (responds more than the "
+        "population)"
+    )
+    level: float = Field(default=0.9, description="credible level of the intervals")
+    population_version: int = Field(description="version of the joint posterior")
+
+
+def _posterior_kind(value: object) -> str:
+    """A posterior record's kind: ``joint`` (JointPosterior) or ``measure``."""
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind or "measure"
+
+
+#: The value of a population-posterior record: a measure's (key: the measure) or
+#: a joint group's (key ``joint:<group>``, ``kind`` "joint").
+PosteriorRecord = Annotated[
+    Annotated[PopulationPosterior, Tag("measure")] | Annotated[JointPosterior, Tag("joint")],
+    Discriminator(_posterior_kind),
+]
+POSTERIOR_RECORD = TypeAdapter(PosteriorRecord)
 
 
 class SubgroupScore(Envelope):
@@ -749,7 +855,7 @@ TOPIC_SCHEMAS: dict[str, object] = {
     "pros": PatientReportedOutcome,
     "deadletter": DeadLetter,
     "population-evidence": EvidenceBatch,
-    "population-posterior": PopulationPosterior,
+    "population-posterior": PosteriorRecord,
     "scores": EfficacyScore,
     "alerts": Alert,
     "structure-selection": StructureSelection,

@@ -11,6 +11,7 @@ deterministic function of the patient's evidence and the posterior version.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -40,6 +41,7 @@ from streams.schemas import (
     CompositeScore,
     EfficacyScore,
     Interval,
+    JointScore,
     MeasureScore,
     Observation,
     PopulationPosterior,
@@ -498,13 +500,22 @@ def efficacy_score(
     scores: list[MeasureScore],
     weights: dict[str, float],
     rule: DecisionRule,
+    joint: Sequence[JointScore] = (),
 ) -> EfficacyScore:
-    """The message of a patient's score over every measure scored so far. Its
-    event id is a function of the evidence and posterior versions it rests on, so
-    a re-published identical score has the same id."""
+    """The message of a patient's score over every measure scored so far (and
+    its ``joint`` group scores). Its event id is a function of the evidence and
+    posterior versions it rests on, so a re-published identical score has the
+    same id."""
     scores = sorted(scores, key=lambda s: s.measure)
+    joint = sorted(joint, key=lambda s: s.group)
     basis = ";".join(
-        f"{s.measure}@{s.population_version}/{s.count_exposed + s.count_unexposed}" for s in scores
+        [
+            *(
+                f"{s.measure}@{s.population_version}/{s.count_exposed + s.count_unexposed}"
+                for s in scores
+            ),
+            *(f"joint:{s.group}@{s.population_version}" for s in joint),
+        ]
     )
     last_times = [s.last_event_time for s in scores if s.last_event_time is not None]
     # Built without validation (streams.schemas.trusted): every field comes from
@@ -521,4 +532,5 @@ def efficacy_score(
         decision_rule_version=rule.version,
         measures=scores,
         composite=composite(scores, weights),
+        joint=joint,
     )

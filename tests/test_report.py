@@ -264,6 +264,85 @@ def test_the_report_of_a_fit_looks_drawn(fitted, tmp_path):
     assert (image.sum(axis=2) < 200).mean() > 0.005  # text and lines
 
 
+# --- a fit with curves ----------------------------------------------------------------
+
+
+def tick_scale(svg: Node, anchor: str, position: str) -> tuple[float, float, float, float]:
+    """(pixel, value) of the first and last numeric tick label of one axis: the x
+    axis' labels are centred on their ticks, the y axis' end at them."""
+    ticks = [
+        t
+        for t in svg.find_all("text", "tick")
+        if t.attrs.get("text-anchor") == anchor and NUMBER.fullmatch(t.text().strip())
+    ]
+    first, last = ticks[0], ticks[-1]
+    # a y tick's text sits 4 px below the tick's line (its baseline)
+    shift = 4.0 if position == "y" else 0.0
+    return (float(first.attrs[position]) - shift, float(first.text()),
+            float(last.attrs[position]) - shift, float(last.text()))  # fmt: skip
+
+
+def on_axis(scale: tuple[float, float, float, float], pixel: float) -> float:
+    p0, v0, p1, v1 = scale
+    return v0 + (pixel - p0) * (v1 - v0) / (p1 - p0)
+
+
+def test_the_report_of_a_smooth_fit_draws_its_curves(tmp_path):
+    """`efficacy fit --smooth age --daily-cycle 2` then `efficacy report --fit`:
+    the page has the expected effect by age and the daily cycle, each drawn where
+    the fit puts it: the mean line and both edges of the 90% band read back off
+    the plot's own axes within a pixel at every grid point, and the table of the
+    curve shows the fit's numbers."""
+    from test_smooth import WEARABLE, _write_wearable_csv
+
+    spec = WEARABLE.model_copy(update={"num_patients": 60, "num_cohorts": 4, "obs_per_patient": 20})
+    data = tmp_path / "wearable.csv"
+    _write_wearable_csv(data, spec, seed=2)
+    fit_path, page = tmp_path / "fit.json", tmp_path / "report.html"
+    result = efficacy("fit", "--input", str(data), "--patient", "patient", "--exposure", "dose",
+                      "--outcome", "rhr", "--cohort", "clinic", "--time", "day", "--mcid", "2",
+                      "--direction", "lower", "--smooth", "age", "--daily-cycle", "2",
+                      "--time-of-day", "clock", "--output", str(fit_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = efficacy("report", "--fit", str(fit_path), "--output", str(page))
+    assert result.returncode == 0, result.stderr[-2000:]
+    fit = json.loads(fit_path.read_text())
+    dom = rendered(page)
+    (curve,) = fit["curves"]
+    wanted = {
+        "curve-effect-age": (curve["grid"], curve["effect"]),
+        "curve-daily-cycle": (fit["daily_cycle"]["hour"], fit["daily_cycle"]),
+    }
+    headings = [h.text() for h in dom.find_all("h3")]
+    assert "Expected effect by age" in headings and "Daily cycle" in headings
+    for kind, (grid, band) in wanted.items():
+        svg = dom.find("svg", kind)
+        x_scale, y_scale = tick_scale(svg, "middle", "x"), tick_scale(svg, "end", "y")
+        x_pixel = abs(on_axis(x_scale, 1.0) - on_axis(x_scale, 0.0))
+        y_pixel = abs(on_axis(y_scale, 1.0) - on_axis(y_scale, 0.0))
+
+        def points(node: Node) -> np.ndarray:
+            return np.asarray(
+                [[float(v) for v in p.split(",")] for p in node.attrs["points"].split()]
+            )
+
+        line = points(svg.find("polyline", "curve-mean"))
+        assert line.shape == (len(grid), 2)
+        assert np.allclose([on_axis(x_scale, x) for x in line[:, 0]], grid, atol=x_pixel)
+        assert np.allclose([on_axis(y_scale, y) for y in line[:, 1]], band["mean"], atol=y_pixel)
+        outline = points(svg.find("polygon", "band"))
+        upper, lower = outline[: len(grid)], outline[len(grid) :][::-1]
+        assert np.allclose([on_axis(y_scale, y) for y in upper[:, 1]], band["q95"], atol=y_pixel)
+        assert np.allclose([on_axis(y_scale, y) for y in lower[:, 1]], band["q05"], atol=y_pixel)
+        table = next(t for t in dom.find_all("table", "curve") if t.attrs["data-curve"] == kind)
+        for row in table.find_all("tr")[1:]:
+            cells = [numbers(cell.text()) for cell in row.find_all("td")]
+            (x,), (mean,), (low, high) = cells
+            k = int(np.argmin(np.abs(np.asarray(grid) - x)))
+            assert close(mean, band["mean"][k]), (kind, x, mean)
+            assert close(low, band["q05"][k]) and close(high, band["q95"][k]), (kind, x)
+
+
 def test_cohort_effects_are_the_mixture_over_draws():
     """model.offline.cohort_effects against samples of the mixture it summarises."""
     rng = np.random.default_rng(4)

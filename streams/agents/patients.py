@@ -28,8 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections import Counter, defaultdict, deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -41,6 +41,7 @@ from streams.agents.drift import conflict_alert
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
 from streams.consumer_seek import fetched_since_rebalance
+from streams.joint_stream import joint_models
 from streams.output import DeliveryFailed, Producer, delivered, stop_now
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
@@ -97,7 +98,10 @@ class PatientsService:
         self.topics = topics
         self.settings = settings
         self.telemetry = telemetry
-        self.context = StepContext(catalogue, models, posteriors, settings, rule or DecisionRule())
+        self.context = StepContext(
+            catalogue, models, posteriors, settings, rule or DecisionRule(),
+            joint=joint_models(catalogue, models),
+        )  # fmt: skip
         # This worker's latest published call per measure and patient (for the
         # classification gauges; rebuilt as patients are rescored after a restart).
         self.calls: dict[str, dict[str, str]] = defaultdict(dict)
@@ -110,8 +114,10 @@ class PatientsService:
         raw = self.table.get(patient_id)
         return PatientRecord.model_validate_json(raw) if raw else None
 
-    async def process_chunks(self, events: list[faust.EventT]) -> None:
-        """Process a batch of chunk events in steps of at most ``batch_size`` records.
+    async def process_chunks(self, events: list[faust.EventT]) -> list[Awaitable[None]]:
+        """Process a batch of chunk events in steps of at most ``batch_size``
+        records; returns each step's settlement (``process``): the events may be
+        acknowledged once every one of them has completed.
 
         faust's stream drops an event of an earlier consumer generation when it
         enters the stream, not when the agent gets to it: a batch taken before a
@@ -123,15 +129,21 @@ class PatientsService:
         (streams.consumer_seek), so the partition's owner fetches them again."""
         batch_size = self.settings.batch_size
         pending = [(event.message, record) for event in events for record in event.value.records()]
+        settlements = []
         for start in range(0, len(pending), batch_size):
             records, stale = current_records(self.app, pending[start : start + batch_size])
             if stale:
                 log.info("dropped %d records fetched before a rebalance", stale)
             if records:
-                await self.process(records)
+                settlements.append(await self.process(records))
+        return settlements
 
-    async def process(self, events: list[ChunkRecord]) -> None:
-        """Apply a batch of raw records (streams.patient_step.process_batch).
+    async def process(self, events: list[ChunkRecord]) -> Awaitable[None]:
+        """Apply a batch of raw records (streams.patient_step.process_batch) and
+        send what it caused; returns its settlement, which completes once all of
+        that is in Kafka (``send``). The next batch need not wait for it: the
+        agent acknowledges a batch's events only after its settlement, so no
+        offset is committed past output that is not yet written.
 
         Load, step and save run without an await, so the rescoring after a new
         posterior (``rescore_all``, another task) never sees or writes a record
@@ -140,7 +152,7 @@ class PatientsService:
         table = self.table
         states = {key: table.get(key) for key in batch_keys(events)}
         saves, outputs = process_batch(states, events, self.context, cache=self.cache)
-        await self.write(saves, outputs, "evidence")
+        settled = await self.send(saves, outputs, "evidence")
         try:
             await self.check_conflict(outputs.readings)
         except Exception:  # monitoring must never stop the stream
@@ -151,20 +163,32 @@ class PatientsService:
         telemetry.replays(outputs.replays)
         telemetry.tracked(len(table))
         telemetry.batch(len(events), time.perf_counter() - started)
-        now = time.time()
-        arrival = outputs.arrival
-        telemetry.event_to_score([now - arrival[p] for p in outputs.scored_patients()
-                                  if p in arrival])  # fmt: skip
+
+        async def scored() -> None:
+            await settled
+            now = time.time()
+            arrival = outputs.arrival
+            telemetry.event_to_score([now - arrival[p] for p in outputs.scored_patients()
+                                      if p in arrival])  # fmt: skip
+
+        return asyncio.ensure_future(scored())
 
     async def write(self, saves: dict[str, bytes], outputs: StepOutputs, trigger: str) -> None:
+        """``send``, then wait until all of it is in Kafka."""
+        await (await self.send(saves, outputs, trigger))
+
+    async def send(
+        self, saves: dict[str, bytes], outputs: StepOutputs, trigger: str
+    ) -> Awaitable[None]:
         """Save a step's new states and send what it caused (dead letters,
         evidence, transition alerts, scores) in one ordered section
         (streams.stores.PartitionedByKey.write_many: the rescoring task's
-        outputs never overtake a batch's, nor the reverse), then wait until
-        all of it is in Kafka. A failed delivery stops
-        the worker before the events that caused it are acknowledged, so their
-        offsets are never committed past state or output that was lost.
-        ``trigger`` says why scores were published ("evidence" or "population")."""
+        outputs never overtake a batch's, nor the reverse). Returns the
+        settlement: a task that completes when all of it is in Kafka. A failed
+        delivery stops the worker before the events that caused it are
+        acknowledged, so their offsets are never committed past state or output
+        that was lost. ``trigger`` says why scores were published ("evidence"
+        or "population")."""
         topics = self.topics
         caused = [(topic, m.key, m.value, m.partition) for topic, m in outputs.reroutes]
         for topic, messages in (
@@ -176,18 +200,22 @@ class PatientsService:
             name = topic.get_topic_name()
             caused.extend((name, m.key, m.value, m.partition) for m in messages)
         futures = await self.table.write_many(saves, self.producer, caused)
-        try:
-            await delivered(futures)
-        except DeliveryFailed as error:
-            stop_now(error)
-        for (source, reason), count in outputs.rejected.items():
-            self.telemetry.rejected(source, reason, count)
-        for source, count in outputs.rerouted.items():
-            self.telemetry.rerouted(source, count)
-        self.telemetry.scores_published(len(outputs.scores), trigger)
-        for measure, calls in outputs.calls.items():
-            self.calls[measure].update(calls)
-            self.telemetry.classifications(measure, Counter(self.calls[measure].values()))
+
+        async def settle() -> None:
+            try:
+                await delivered(futures)
+            except DeliveryFailed as error:
+                stop_now(error)
+            for (source, reason), count in outputs.rejected.items():
+                self.telemetry.rejected(source, reason, count)
+            for source, count in outputs.rerouted.items():
+                self.telemetry.rerouted(source, count)
+            self.telemetry.scores_published(len(outputs.scores), trigger)
+            for measure, calls in outputs.calls.items():
+                self.calls[measure].update(calls)
+                self.telemetry.classifications(measure, Counter(self.calls[measure].values()))
+
+        return asyncio.ensure_future(settle())
 
     async def check_conflict(self, readings: dict[str, list[PendingReading]]) -> None:
         """Feed the batch's standardised posterior-predictive residuals to each
@@ -231,9 +259,10 @@ class PatientsService:
         while self.app.rebalancing or self.paused():
             await asyncio.sleep(REBALANCE_POLL_SECONDS)
 
-    async def rescore_all(self, measure: str, force: bool = False) -> int:
+    async def rescore_all(self, measure: str, force: bool = False, step=rescore) -> int:
         """After a new population posterior: rescore every local patient with
-        evidence on ``measure`` (streams.patient_step.rescore) and publish what
+        evidence on ``measure`` (streams.patient_step.rescore; ``step``
+        rescore_joint with a joint group's name for ``measure``) and publish what
         changed materially (everything when ``force``: the posterior itself moved
         materially). In chunks of RESCORE_CHUNK patients, each loaded, scored and
         saved without an await (a batch of the agent may have saved a patient
@@ -259,7 +288,7 @@ class PatientsService:
                 if key_partition(key.encode(), partitions) in owned
             ]
             states = {key: self.table.get(key) for key in chunk}
-            saves, outputs = rescore(states, measure, self.context, force, cache=self.cache)
+            saves, outputs = step(states, measure, self.context, force, cache=self.cache)
             await self.write(saves, outputs, "population")
             published += len(outputs.scores)
         return published
@@ -289,17 +318,47 @@ def register(app: faust.App, service: PatientsService) -> None:
         internal=True,
     )
 
-    # One event per fetched partition chunk (streams.chunked_consumer): a batch
-    # takes at most one chunk of every raw partition, and is processed in steps of
-    # at most ``batch_size`` records.
-    chunks_per_batch = len(service.topics.raw) * settings.partitions
+    # One event per fetched partition chunk (streams.chunked_consumer), processed in
+    # steps of at most ``batch_size`` records. A batch takes up to ``batch_size``
+    # chunks, not one per raw partition: when records trickle in, every fetch
+    # brings chunks of a few records, a backlog waits in faust's stream buffer as
+    # thousands of such chunks, and batches of one chunk per partition (tens of
+    # records) never caught up, each paying a step's fixed cost. The chunks are
+    # in memory already; this only groups them.
+    chunks_per_batch = max(len(service.topics.raw) * settings.partitions, settings.batch_size)
 
     async def patients(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(chunks_per_batch, within=settings.batch_seconds):
-            await service.process_chunks(events)
+        # Batches are pipelined: the next is processed while the earlier ones'
+        # records are still being written (waiting for each write left the agent
+        # idle for a broker round trip per batch). A batch's events are
+        # acknowledged (``noack_take``: by us, not faust) only once everything it
+        # caused is in Kafka, so the committed offsets never pass unwritten
+        # output; at most IN_FLIGHT_BATCHES are unsettled at a time.
+        in_flight: deque[asyncio.Future] = deque()
+
+        async def settle(settlements: list[Awaitable[None]], events: list[faust.EventT]) -> None:
+            for settlement in settlements:
+                await settlement
+            for event in events:
+                await stream.ack(event)
+
+        try:
+            async for events in stream.noack_take(chunks_per_batch, within=settings.batch_seconds):
+                while in_flight and (in_flight[0].done() or len(in_flight) >= IN_FLIGHT_BATCHES):
+                    await in_flight.popleft()
+                settlements = await service.process_chunks(events)
+                in_flight.append(asyncio.ensure_future(settle(settlements, events)))
+        finally:
+            # A clean stop acknowledges what is written by now (the rest is read
+            # again by the next owner and recognised as replays); a broker that
+            # stopped must not hold the shutdown.
+            if in_flight:
+                await asyncio.wait(list(in_flight), timeout=SETTLE_ON_STOP_SECONDS)
 
     app.agent(raw, name="patients")(patients)
     stall_watch.install(app, raw.topics, STALL_WATCH_SECONDS)
 
 
+IN_FLIGHT_BATCHES = 4  # batches whose writes may be pending while the agent goes on
+SETTLE_ON_STOP_SECONDS = 5.0  # how long a stopping agent waits for its pending writes
 STALL_WATCH_SECONDS = 10.0  # how often streams.stall_watch checks the raw partitions

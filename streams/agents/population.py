@@ -39,6 +39,13 @@ from monitoring.drift import (
 )
 from streams.catalogue import Catalogue
 from streams.consumer_seek import fetched_since_rebalance
+from streams.joint_stream import (
+    JointModel,
+    joint_digest,
+    joint_models,
+    joint_snapshot,
+    posterior_key,
+)
 from streams.output import DeliveryFailed, Producer, delivered, stop_now
 from streams.partitioning import measure_partition
 from streams.population_book import (
@@ -53,6 +60,7 @@ from streams.posterior_feed import PosteriorBook
 from streams.schemas import (
     EvidenceBatch,
     Interval,
+    JointPosterior,
     PatientEvidence,
     PopulationPosterior,
     StructureSelection,
@@ -122,6 +130,11 @@ class PopulationService:
         self.selection_fitters: FitterCache = {}  # compiled, shared by all measures
         self._last_selection: dict[str, tuple[float, str]] = {}  # (monotonic start, digest)
         self._selecting = False
+        # Joint groups (streams.joint_stream): fitted by a worker that owns every
+        # measure of the group, after the measures' own fits of a tick.
+        self.joint = joint_models(catalogue, models) if catalogue is not None else {}
+        self.joint_fits: dict[str, JointModel] = {}
+        self._joint_fitted: dict[str, str] = {}  # evidence digest of the last fit, by group
         self.table = MeasurePartitionedTable.register(
             app, "population-evidence", settings.partitions
         )
@@ -185,6 +198,10 @@ class PopulationService:
         self.fits.pop(measure, None)
         self.recent_fits.pop(measure, None)
         self.detectors.pop(measure, None)  # references of an earlier ownership
+        group = self.catalogue.joint_group_of(measure) if self.catalogue is not None else None
+        if group is not None:  # its joint group's fit continues what is published
+            self.joint_fits.pop(group.name, None)
+            self._joint_fitted.pop(group.name, None)
         book = PopulationBook(measure, self.models[measure])
         self._rebuilding[measure] = pending = []
         started = time.monotonic()
@@ -261,6 +278,62 @@ class PopulationService:
                     self._taking_over = bool(warm)
         finally:
             self._taking_over = False
+        for group in self.joint:
+            try:
+                await self.fit_joint(group)
+            except Exception:  # keep the agent alive; the next tick retries
+                log.exception("joint update of %s failed", group)
+                self._joint_fitted.pop(group, None)
+
+    def joint_books(self, group: str) -> list[PopulationBook | None] | None:
+        """The books of a joint group's measures (None for a measure without
+        evidence yet), or None unless this worker owns every measure of it (the
+        measures' books live with their owners: a group whose measures
+        partition to different workers is not fitted)."""
+        measures = self.catalogue.joint_group_of_name(group).measures
+        if not all(m in self._owned and self.owns(m) for m in measures):
+            return None
+        return [self.books.get(m) for m in measures]
+
+    async def fit_joint(self, group: str) -> JointPosterior | None:
+        """Fit a joint group whose evidence changed since its last fit (warm,
+        off the event loop) and publish its posterior on the posterior topic
+        (key ``joint:<group>``). None when nothing was published."""
+        books = self.joint_books(group)
+        if books is None or all(book is None for book in books):
+            return None
+        config = self.joint[group]
+        snapshot = joint_snapshot(books, config)
+        if len(snapshot.patient_ids) < max(self.settings.population_min_patients, 2):
+            return None
+        digest = joint_digest(snapshot)
+        published = self.posteriors.joint.get(group)
+        if self._joint_fitted.get(group) == digest or (
+            group not in self.joint_fits
+            and published is not None
+            and published.evidence_digest == digest
+        ):
+            return None
+        model = self.joint_fits.get(group)
+        if model is None:
+            measures = self.catalogue.joint_group_of_name(group).measures
+            model = self.joint_fits[group] = JointModel(group, measures, config, self.fitters)
+            if published is not None:
+                model.continue_from(published)
+        self._joint_fitted[group] = digest
+        result = await in_thread(model.fit, snapshot)
+        if self.joint_books(group) is None:
+            log.info("joint update of %s dropped: no longer the owner of its measures", group)
+            return None
+        message = result.message.model_copy(update={"evidence_digest": digest})
+        await self.topics.population_posterior.send(
+            key=posterior_key(group).encode(), value=message.model_dump_json().encode()
+        )
+        log.info(
+            "joint %s v%d: %d patients, %d steps in %.2f s",
+            group, message.version, message.num_patients, message.svi_steps, result.seconds,
+        )  # fmt: skip
+        return message
 
     async def _tick_measure(self, measure: str) -> None:
         if measure not in self._owned:

@@ -1,0 +1,415 @@
+"""Joint groups in the stream (catalogue ``[joint.<group>]``, model.joint): the
+group's model, its evidence gathered from the measures' population books, the
+warm-started fit that turns it into a versioned JointPosterior, and a patient's
+joint score under it (pure: no Kafka).
+
+The joint model is fitted on the same standardised Gram matrices the measures'
+own fits see (each measure's streaming standardisation), stacked per patient
+(P, M, d, d); a patient without readings of a measure has a zero block there,
+which adds exactly nothing (model.joint). A patient's joint score mixes the
+patient's block posterior over the posterior's draws of θ
+(model.joint.joint_patients) and reports each effect in its measure's unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig, Standardization
+from model.joint import (
+    JointConfig,
+    JointHyper,
+    JointPatients,
+    describe_correlation,
+    joint_fitter,
+    joint_patients,
+    pad_joint,
+)
+from model.offline import describe
+from model.population import MIN_PATIENT_BUCKET, FitState, PopulationFitter, UpdateInfo, bucket_size
+from streams.catalogue import Catalogue, CatalogueError, JointGroupSpec, MeasureSpec
+from streams.patient_state import PatientRecord, PublishedJoint
+from streams.population_book import FitterPool, PopulationBook, interval_of
+from streams.schemas import Interval, JointEffect, JointPosterior, JointScore
+from streams.scoring import SCORING_BLOCK
+
+#: The posterior topic's key prefix of a joint group's posterior (a measure's
+#: posterior is keyed by the measure's name).
+JOINT_KEY_PREFIX = "joint:"
+
+
+def posterior_key(group: str) -> str:
+    return f"{JOINT_KEY_PREFIX}{group}"
+
+
+def without_cohort_level(model: ModelConfig) -> ModelConfig:
+    """The one place a streamed measure's model loses its cohort level for the
+    joint model, which has none yet (model/joint.py refuses one). The cohort
+    arrays are passed through everywhere else: once model.joint takes a cohort
+    level, drop this copy and keep ``cohort_level``. The recent window (drift
+    monitoring's fast forgetting) is no part of the joint fit either."""
+    return model.model_copy(update={"cohort_level": False, "recent_half_life": None})
+
+
+def joint_config(group: JointGroupSpec, models: Mapping[str, ModelConfig]) -> JointConfig:
+    """The joint model of a group: each measure's streaming model (its
+    standardisation and time trend). CatalogueError for a measure whose model
+    has what the joint model does not (patient or time-varying covariates,
+    further grouping levels, forgetting)."""
+    measures = []
+    for name in group.measures:
+        model = models[name]
+        unsupported = [
+            what
+            for what, present in (
+                ("patient covariates", bool(model.covariates)),
+                ("time-varying covariates", bool(model.time_covariates)),
+                ("grouping_levels", bool(model.grouping_levels)),
+                ("a forgetting half-life (EFFICACY_HALF_LIFE_DAYS)", model.half_life is not None),
+            )
+            if present
+        ]
+        if unsupported:
+            raise CatalogueError(
+                f"joint group {group.name}: {name}'s streaming model has "
+                f"{', '.join(unsupported)}, which the joint model does not take"
+            )
+        measures.append(without_cohort_level(model))
+    try:
+        return JointConfig(measures=tuple(measures))
+    except ValueError as error:
+        raise CatalogueError(f"joint group {group.name}: {error}") from None
+
+
+def joint_models(catalogue: Catalogue, models: Mapping[str, ModelConfig]) -> dict[str, JointConfig]:
+    """Every joint group's model, by group name (CatalogueError as joint_config)."""
+    return {group.name: joint_config(group, models) for group in catalogue.joint}
+
+
+@dataclass(frozen=True)
+class JointSnapshot:
+    """A joint group's evidence: ``patient_ids`` every patient with evidence of
+    any of its measures, ``gram`` (P, M, d, d) their standardised Gram matrices
+    (zero blocks where a patient has none), ``cohort`` (P,) their cohort index
+    into ``cohorts`` (the first measure's book with the patient says)."""
+
+    patient_ids: list[str]
+    gram: np.ndarray
+    cohort: np.ndarray
+    cohorts: list[str]
+
+
+def joint_snapshot(books: Sequence[PopulationBook | None], config: JointConfig) -> JointSnapshot:
+    """The group's evidence from its measures' books (one per measure, in the
+    group's order; None: no evidence of it yet): no second copy of the
+    evidence is kept."""
+    rows: dict[str, int] = {}
+    cohort_index: dict[str, int] = {}  # label -> index into the snapshot's cohorts
+    cohort_of: dict[str, int] = {}
+    parts = []
+    for book in books:
+        if book is None:
+            parts.append(None)
+            continue
+        stats, cohort, labels = book.snapshot()
+        ids = book.patient_ids
+        for patient_id, index in zip(ids, cohort, strict=True):
+            if patient_id not in rows:
+                rows[patient_id] = len(rows)
+                label = labels[index]
+                cohort_of[patient_id] = cohort_index.setdefault(label, len(cohort_index))
+        parts.append((ids, stats.gram))
+    d = config.stat_dim
+    gram = np.zeros((len(rows), config.num_measures, d, d))
+    for m, part in enumerate(parts):
+        if part is not None:
+            ids, grams = part
+            gram[[rows[i] for i in ids], m] = grams
+    cohort = np.array([cohort_of[i] for i in rows], dtype=np.int32)
+    return JointSnapshot(list(rows), gram, cohort, list(cohort_index))
+
+
+def joint_digest(snapshot: JointSnapshot) -> str:
+    """SHA-256 of the (patient, cohort, statistics) rows of a snapshot,
+    independent of the order of the rows."""
+    order = np.argsort(snapshot.patient_ids)
+    digest = hashlib.sha256()
+    for i in order:
+        digest.update(snapshot.patient_ids[i].encode())
+        digest.update(snapshot.cohorts[snapshot.cohort[i]].encode())
+        digest.update(np.ascontiguousarray(snapshot.gram[i]).tobytes())
+    return digest.hexdigest()
+
+
+def _key(group: str, version: int) -> jax.Array:
+    """Draws fixed by (group, version): scores are reproducible."""
+    return jax.random.fold_in(
+        jax.random.PRNGKey(zlib.crc32(posterior_key(group).encode())), version
+    )
+
+
+def joint_fitter_of(pool: FitterPool, config: JointConfig) -> PopulationFitter:
+    """The pool's fitter of a joint model's structure (one compile per shape,
+    through the pool's export cache, as every measure's fit)."""
+    return pool.fitter(config, build=lambda structure, svi: joint_fitter(structure, svi))
+
+
+@dataclass
+class JointFitResult:
+    message: JointPosterior
+    info: UpdateInfo
+    seconds: float
+
+
+class JointModel:
+    """The variational state of one joint group; ``fit`` is the sequential
+    update (warm after the first, as streams.population_book.PopulationModel)."""
+
+    def __init__(
+        self, group: str, measures: Sequence[str], config: JointConfig, pool: FitterPool,
+        max_rounds: int = 20,
+    ) -> None:  # fmt: skip
+        self.group = group
+        self.measures = list(measures)
+        self.config = config
+        self.pool = pool
+        self.fitter = joint_fitter_of(pool, config)
+        self.max_rounds = max_rounds
+        self.state: FitState | None = None
+        self.version = 0
+        self.resume_from: JointPosterior | None = None
+
+    def continue_from(self, message: JointPosterior) -> None:
+        """Continue the published sequence (version and, on the first fit, q)."""
+        self.version = message.version
+        if self.state is None:
+            self.resume_from = message
+
+    def fit(self, snapshot: JointSnapshot) -> JointFitResult:
+        """Continue SVI against all the group's evidence and build the next
+        posterior message. Blocking; run it off the event loop. The cohort
+        index is not used by the fit yet (without_cohort_level)."""
+        started = time.perf_counter()
+        evidence = pad_joint(snapshot.gram)
+        version = self.version + 1
+        key_fit, key_draws, key_summary = jax.random.split(_key(self.group, version), 3)
+        state = self.state
+        if state is None:
+            state = self.pool.initial_state(self.fitter, evidence)
+            message, self.resume_from = self.resume_from, None
+            if message is not None:
+                state = self.pool.resume(self.fitter, state, message)
+        state, info = self.fitter.update(state, evidence, key_fit)
+        steps = info.steps
+        for round_ in range(self.max_rounds):
+            if info.converged:
+                break
+            state, info = self.fitter.update(
+                state, evidence, jax.random.fold_in(key_fit, round_ + 1)
+            )
+            steps += info.steps
+        draws = self.fitter.draws(state, key_draws)
+        summary_draws = self.fitter.draws(state, key_summary, 1000)
+        transform = self.fitter.guide.get_transform(self.fitter.params(state))
+        message = JointPosterior(
+            event_id=f"posterior:{posterior_key(self.group)}:{version}",
+            event_time=datetime.now(UTC),
+            group=self.group,
+            version=version,
+            measures=self.measures,
+            num_patients=len(snapshot.patient_ids),
+            num_observations=snapshot.gram[:, :, 0, 0].sum(axis=0).tolist(),
+            elbo=info.elbo,
+            svi_steps=steps,
+            converged=info.converged,
+            standardization=[m.standardization.model_dump() for m in self.config.measures],
+            draws={f: np.asarray(getattr(draws, f)).tolist() for f in JointHyper._fields},
+            effect_correlation=describe_correlation(summary_draws),
+            summary=population_summary(summary_draws, self.config, self.measures),
+            unconstrained_loc=np.asarray(transform.loc).tolist(),
+            unconstrained_scale_tril=np.asarray(transform.scale_tril).tolist(),
+        )
+        self.state, self.version = state, version
+        return JointFitResult(message, info, time.perf_counter() - started)
+
+
+def effect_scale(standardization: Standardization) -> float:
+    """Raw effect per standardised effect: outcome scale / exposure scale."""
+    return standardization.outcome_scale / standardization.exposure_scale
+
+
+def population_summary(
+    draws: JointHyper, config: JointConfig, measures: Sequence[str]
+) -> dict[str, Interval]:
+    """Each measure's population mean effect and between-patient sd of the
+    effect (raw units) from draws of θ."""
+    summary = {}
+    for m, (name, measure) in enumerate(zip(measures, config.measures, strict=True)):
+        scale = effect_scale(measure.standardization)
+        summary[f"effect_{name}"] = interval_of(describe(np.asarray(draws.mu[:, m, 1]) * scale))
+        summary[f"effect_sd_patients_{name}"] = interval_of(
+            describe(np.asarray(draws.tau[:, 2 * m + 1]) * scale)
+        )
+    return summary
+
+
+def posterior_draws(message: JointPosterior) -> JointHyper:
+    """The draws of θ a JointPosterior carries."""
+    return JointHyper(*(jnp.asarray(message.draws[f], dtype=float) for f in JointHyper._fields))
+
+
+def message_config(message: JointPosterior, config: JointConfig) -> JointConfig:
+    """``config`` with the standardisations the posterior was fitted under."""
+    measures = tuple(
+        measure.model_copy(update={"standardization": Standardization(**std)})
+        for measure, std in zip(config.measures, message.standardization, strict=True)
+    )
+    return config.model_copy(update={"measures": measures})
+
+
+def benefit_signs(specs: Sequence[MeasureSpec]) -> np.ndarray:
+    """+1 where higher is better, −1 where lower is (model.joint's s_m)."""
+    return np.array([1.0 if spec.direction == "higher" else -1.0 for spec in specs])
+
+
+def joint_scores(
+    message: JointPosterior, config: JointConfig, specs: Sequence[MeasureSpec], gram: np.ndarray
+) -> list[JointScore]:
+    """Every patient's joint score under ``message`` from all the patient's
+    evidence of the group (gram (P, M, d, d), standardised as the posterior):
+    model.joint.joint_patients over the posterior's draws, effects in each
+    measure's unit per unit of exposure."""
+    config = message_config(message, config)
+    draws, signs = posterior_draws(message), benefit_signs(specs)
+    count = gram.shape[0]
+    parts = []
+    # In blocks of SCORING_BLOCK patients, each padded to a power-of-two count
+    # (zero blocks: a patient without evidence): a batch of any size reuses the
+    # few compiled shapes (compile_joint_scoring).
+    for start in range(0, count, SCORING_BLOCK):
+        block = gram[start : start + SCORING_BLOCK]
+        padded = np.zeros((bucket_size(block.shape[0], MIN_PATIENT_BUCKET), *gram.shape[1:]))
+        padded[: block.shape[0]] = block
+        found = joint_patients(draws, padded, config, signs)
+        parts.append([np.asarray(field)[: block.shape[0]] for field in found])
+    found = JointPatients(*(np.concatenate(column) for column in zip(*parts, strict=True)))
+    scales = [effect_scale(m.standardization) for m in config.measures]
+    scores = []
+    for i in range(count):
+        effects = [
+            JointEffect(
+                measure=spec.name,
+                unit=spec.unit,
+                direction=spec.direction,
+                effect=Interval(
+                    mean=float(found.effect_mean[i, m] * scale),
+                    sd=float(found.effect_sd[i, m] * scale),
+                    lower=float(found.effect_lower[i, m] * scale),
+                    upper=float(found.effect_upper[i, m] * scale),
+                ),
+            )
+            for m, (spec, scale) in enumerate(zip(specs, scales, strict=True))
+        ]
+        scores.append(
+            JointScore(
+                group=message.group,
+                effects=effects,
+                responsiveness=Interval(
+                    mean=float(found.responsiveness_mean[i]),
+                    sd=float(found.responsiveness_sd[i]),
+                    lower=float(found.responsiveness_lower[i]),
+                    upper=float(found.responsiveness_upper[i]),
+                ),
+                p_above_population=float(found.p_above_population[i]),
+                population_version=message.version,
+            )
+        )
+    return scores
+
+
+def compile_joint_scoring(
+    message: JointPosterior, config: JointConfig, specs: Sequence[MeasureSpec]
+) -> int:
+    """Compile every padded shape joint_scores uses (blocks of up to
+    SCORING_BLOCK patients) by scoring empty evidence. Blocking: run it off the
+    event loop, or the patients agent's first batch of each size compiles.
+    Returns the number of shapes run."""
+    d = config.stat_dim
+    sizes = [s for s in (MIN_PATIENT_BUCKET << k for k in range(16)) if s <= SCORING_BLOCK]
+    for size in sizes:
+        joint_scores(message, config, specs, np.zeros((size, config.num_measures, d, d)))
+    return len(sizes)
+
+
+def record_grams(records: Sequence[PatientRecord], measures: Sequence[str], d: int) -> np.ndarray:
+    """(P, M, d, d) each record's all-time statistics of each measure (as its
+    evidence to the population agent: streams.patient_state.measure_evidence),
+    zero where it has none."""
+    gram = np.zeros((len(records), len(measures), d, d))
+    for i, record in enumerate(records):
+        for m, measure in enumerate(measures):
+            stats = record.measures.get(measure)
+            if stats is not None:
+                gram[i, m] = stats.gram
+    return gram
+
+
+def changed_materially(previous: PublishedJoint | None, score: JointScore) -> bool:
+    """Publish when there is no earlier joint score, or responsiveness moved by
+    ≥ 0.1 posterior sd, its sd by ≥ 5%, or P(above the population) by ≥ 0.02
+    (streams.scoring.changed_materially's thresholds)."""
+    if previous is None:
+        return True
+    rho = score.responsiveness
+    sd = max(rho.sd, 1e-12)
+    return (
+        abs(rho.mean - previous.responsiveness_mean) >= 0.1 * sd
+        or abs(rho.sd - previous.responsiveness_sd) >= 0.05 * sd
+        or abs(score.p_above_population - previous.p_above_population) >= 0.02
+    )
+
+
+def published_of(score: JointScore) -> PublishedJoint:
+    return PublishedJoint(
+        population_version=score.population_version,
+        responsiveness_mean=score.responsiveness.mean,
+        responsiveness_sd=score.responsiveness.sd,
+        p_above_population=score.p_above_population,
+    )
+
+
+def patients_joint_scores(
+    records: Sequence[PatientRecord],
+    posteriors: Mapping[str, JointPosterior],
+    configs: Mapping[str, JointConfig],
+    catalogue: Catalogue,
+) -> dict[str, dict[str, JointScore]]:
+    """Each enrolled record's joint score under every joint group with a
+    posterior whose measures it has evidence of: patient id -> group -> score."""
+    scores: dict[str, dict[str, JointScore]] = {}
+    for group, message in posteriors.items():
+        config = configs.get(group)
+        declared = next((g.measures for g in catalogue.joint if g.name == group), ())
+        if config is None or tuple(message.measures) != declared:
+            continue  # a group this catalogue no longer declares, or declares otherwise
+        members = [
+            r
+            for r in records
+            if r.cohort is not None and any(m in r.measures for m in message.measures)
+        ]
+        if not members:
+            continue
+        specs = [catalogue.get(m) for m in message.measures]
+        gram = record_grams(members, message.measures, config.stat_dim)
+        for record, score in zip(members, joint_scores(message, config, specs, gram), strict=True):
+            scores.setdefault(record.patient_id, {})[group] = score
+    return scores

@@ -1,0 +1,393 @@
+"""Joint groups in the stream without Kafka (streams.joint_stream): the
+catalogue's ``[joint.<group>]`` validation, the group's model, its evidence
+gathered from the measures' books, the fit's posterior record and a patient's
+joint score under it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import jax
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+from model.events import Events
+from model.evidence import events_stats
+from model.joint import JointHyper, joint_grams, joint_patients
+from model.simulate import simulate_joint
+from streams.app import measure_models
+from streams.catalogue import Catalogue, CatalogueError
+from streams.chunked_consumer import ChunkRecord
+from streams.joint_stream import (
+    JointModel,
+    joint_models,
+    joint_scores,
+    joint_snapshot,
+)
+from streams.partitioning import key_partition
+from streams.patient_step import StepContext, batch_keys, process_batch, rescore_joint
+from streams.population_book import FitterPool, PopulationBook
+from streams.posterior_feed import PosteriorBook
+from streams.schemas import Enrollment, ExposureChange, JointPosterior, LabResult, PatientEvidence
+from streams.settings import Settings
+
+SHIPPED = Path(__file__).parent.parent / "streams" / "measures.toml"
+GROUP = '\n[joint.glycaemic]\nmeasures = ["hba1c", "fasting_glucose"]\n'
+SETTINGS = Settings(max_age_days=36500.0)
+
+
+def catalogue(tmp_path: Path, extra: str = GROUP) -> Catalogue:
+    path = tmp_path / "measures.toml"
+    path.write_text(SHIPPED.read_text() + extra)
+    return Catalogue.load(path)
+
+
+def test_a_joint_group_loads_with_its_measures(tmp_path):
+    loaded = catalogue(tmp_path)
+    assert [(g.name, g.measures) for g in loaded.joint] == [
+        ("glycaemic", ("hba1c", "fasting_glucose"))
+    ]
+    assert loaded.joint_group_of("fasting_glucose").name == "glycaemic"
+    assert loaded.joint_group_of("phq9") is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('[joint.g]\nmeasures = ["hba1c"]\n', "at least 2"),
+        ('[joint.g]\nmeasures = ["hba1c", "hba1c"]\n', "repeat"),
+        ('[joint.g]\nmeasures = ["hba1c", "glucose"]\n', "unknown measure 'glucose'"),
+        (
+            '[joint.g]\nmeasures = ["hba1c", "phq9"]\n[joint.h]\nmeasures = ["phq9", "daily_steps"]\n',
+            "phq9 is in joint groups g and h",
+        ),
+        (
+            '[joint.g]\nmeasures = ["hba1c", "phq9", "daily_steps", "sleep_minutes", '
+            '"systolic_bp", "ldl_cholesterol", "fasting_glucose"]\n',
+            "at most 6",
+        ),
+        (
+            '[symptom]\nunit = "yes/no"\ndirection = "lower"\nfamily = "bernoulli"\nmcid = 1.5\n'
+            "plausible = [0.0, 1.0]\ntypical = [0.0, 1.0]\n"
+            '[joint.g]\nmeasures = ["hba1c", "symptom"]\n',
+            "symptom is a bernoulli measure",
+        ),
+        ("[joint.g]\nmeasures = 3\n", r"\[joint.g\]"),
+    ],
+)
+def test_invalid_joint_groups_are_refused_with_a_clear_error(tmp_path, extra, message):
+    with pytest.raises(CatalogueError, match=message):
+        catalogue(tmp_path, "\n" + extra)
+
+
+def test_the_group_model_takes_each_measure_streaming_config_without_cohort_level(tmp_path):
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    config = joint_models(loaded, models)["glycaemic"]
+    for measure, name in zip(config.measures, ["hba1c", "fasting_glucose"], strict=True):
+        assert measure.standardization == models[name].standardization
+        assert measure.time_trend == models[name].time_trend
+        assert not measure.cohort_level
+
+
+def test_a_group_whose_measures_forget_or_have_covariates_is_refused(tmp_path):
+    loaded = catalogue(tmp_path)
+    forgetting = measure_models(loaded, Settings(max_age_days=36500.0, half_life_days=30.0))
+    with pytest.raises(CatalogueError, match=r"glycaemic: hba1c.*half-life"):
+        joint_models(loaded, forgetting)
+    with_covariates = catalogue(
+        tmp_path,
+        GROUP + '[covariates.age]\nkind = "numeric"\nunit = "years"\n'
+        "plausible = [0.0, 120.0]\ntypical = [50.0, 15.0]\n",
+    )
+    with pytest.raises(CatalogueError, match="patient covariates"):
+        joint_models(with_covariates, measure_models(with_covariates, SETTINGS))
+
+
+# --- evidence and scores ------------------------------------------------------
+
+#: Readings of (hba1c, fasting_glucose) per patient: some patients lack one measure.
+READINGS = np.array([[6, 8], [0, 5], [4, 0], [3, 3], [7, 2], [0, 6], [5, 5], [2, 9]])
+
+
+def programme(seed: int = 3, readings: np.ndarray = READINGS) -> list[Events]:
+    """Raw events of hba1c (%) and fasting glucose (mg/dL), times in stream days."""
+    events, _truth = simulate_joint(
+        readings,
+        effect_mean=np.array([-0.6, -15.0]),
+        effect_sd=np.array([0.4, 10.0]),
+        effect_correlation=0.6,
+        intercept_mean=np.array([7.5, 130.0]),
+        intercept_sd=np.array([1.0, 25.0]),
+        residual_sd=np.array([0.4, 12.0]),
+        seed=seed,
+    )
+    origin = SETTINGS.time_origin.timestamp() / 86400.0
+    return [dataclasses.replace(each, time=each.time + origin + 10.0) for each in events]
+
+
+def books_of(events: list[Events], models, names, order) -> list[PopulationBook]:
+    """Each measure's book filled as the population agent fills it: one
+    PatientEvidence per patient with readings, patients put in ``order``."""
+    books = []
+    for each, name in zip(events, names, strict=True):
+        book = PopulationBook(name, models[name])
+        stats = events_stats(each, models[name])
+        for i in order:
+            readings = int(np.sum(each.patient == i))
+            if readings == 0:
+                continue
+            book.put(
+                PatientEvidence(
+                    measure=name,
+                    patient_id=f"p{i}",
+                    cohort="c1" if i % 2 else "c0",
+                    gram=stats.gram[i].tolist(),
+                    reference_time=float(stats.reference_time[i]),
+                    count_exposed=readings,
+                    count_unexposed=0,
+                )
+            )
+        books.append(book)
+    return books
+
+
+def test_the_joint_snapshot_stacks_each_measure_book_as_joint_grams(tmp_path):
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    config = joint_models(loaded, models)["glycaemic"]
+    events = programme()
+    names = ["hba1c", "fasting_glucose"]
+    count = READINGS.shape[0]
+    # The books meet patients in different orders: rows are matched by id.
+    books = [
+        books_of(events, models, names, list(range(count)))[0],
+        books_of(events, models, names, list(range(count))[::-1])[1],
+    ]
+    snapshot = joint_snapshot(books, config)
+    expected = joint_grams(events, config)
+    rows = [int(patient_id[1:]) for patient_id in snapshot.patient_ids]
+    assert sorted(rows) == list(range(count))
+    np.testing.assert_allclose(snapshot.gram, expected[rows], rtol=1e-12, atol=1e-12)
+    assert [snapshot.cohorts[c] for c in snapshot.cohort] == ["c1" if i % 2 else "c0" for i in rows]
+    # A measure without a book yet: zero blocks.
+    alone = joint_snapshot([books[0], None], config)
+    assert np.all(alone.gram[:, 1] == 0.0)
+
+
+def random_draws(config, count: int = 24, seed: int = 0) -> JointHyper:
+    """Plausible draws of θ (standardised units), not from any fit."""
+    key = jax.random.split(jax.random.PRNGKey(seed), 5)
+    m, dim = config.num_measures, config.block_dim
+    return JointHyper(
+        mu=0.3 * jax.random.normal(key[0], (count, m, 2)),
+        tau=0.2 + 0.5 * jax.random.uniform(key[1], (count, dim)),
+        corr_chol=dist.LKJCholesky(dim, 2.0).sample(key[2], (count,)),
+        sigma=0.3 + 0.3 * jax.random.uniform(key[3], (count, m)),
+        gamma=0.05 * jax.random.normal(key[4], (count, m, config.fixed_dim)),
+    )
+
+
+def joint_message(config, draws: JointHyper, gram: np.ndarray, version: int) -> JointPosterior:
+    """A JointPosterior of ``draws`` as a consumer reads it (through JSON)."""
+    message = JointPosterior(
+        event_id=f"posterior:joint:glycaemic:{version}",
+        event_time=SETTINGS.time_origin,
+        group="glycaemic",
+        version=version,
+        measures=["hba1c", "fasting_glucose"],
+        num_patients=gram.shape[0],
+        num_observations=gram[:, :, 0, 0].sum(axis=0).tolist(),
+        elbo=0.0,
+        svi_steps=0,
+        converged=True,
+        standardization=[m.standardization.model_dump() for m in config.measures],
+        draws={f: np.asarray(getattr(draws, f)).tolist() for f in JointHyper._fields},
+        effect_correlation={},
+        summary={},
+        unconstrained_loc=[],
+        unconstrained_scale_tril=[],
+    )
+    return JointPosterior.model_validate_json(message.model_dump_json())
+
+
+def test_joint_scores_equal_joint_patients_on_the_same_draws_and_grams(tmp_path):
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    config = joint_models(loaded, models)["glycaemic"]
+    specs = [loaded.get("hba1c"), loaded.get("fasting_glucose")]
+    gram = joint_grams(programme(), config)
+    draws = random_draws(config)
+    message = joint_message(config, draws, gram, 4)
+    scores = joint_scores(message, config, specs, gram)
+    # Both measures are "lower is better": benefit signs −1.
+    reference = joint_patients(draws, gram, config, np.array([-1.0, -1.0]))
+    scales = np.array([1.2, 30.0])  # the catalogue's typical spreads (outcome scale)
+    assert len(scores) == gram.shape[0]
+    for i, score in enumerate(scores):
+        assert score.group == "glycaemic" and score.population_version == 4
+        for m, effect in enumerate(score.effects):
+            assert effect.measure == specs[m].name and effect.unit == specs[m].unit
+            got = [effect.effect.mean, effect.effect.sd, effect.effect.lower, effect.effect.upper]
+            want = scales[m] * np.array(
+                [
+                    reference.effect_mean[i, m],
+                    reference.effect_sd[i, m],
+                    reference.effect_lower[i, m],
+                    reference.effect_upper[i, m],
+                ]
+            )
+            np.testing.assert_allclose(got, want, rtol=1e-9)
+        rho = score.responsiveness
+        np.testing.assert_allclose(
+            [rho.mean, rho.sd, rho.lower, rho.upper, score.p_above_population],
+            [
+                reference.responsiveness_mean[i],
+                reference.responsiveness_sd[i],
+                reference.responsiveness_lower[i],
+                reference.responsiveness_upper[i],
+                reference.p_above_population[i],
+            ],
+            rtol=1e-9,
+        )
+    # More patients than a scoring block (256): scored block by block, the same.
+    many = joint_scores(message, config, specs, np.concatenate([gram] * 33))
+    assert len(many) == 33 * gram.shape[0]
+    assert many[-1] == scores[-1] and many[256] == scores[256 % gram.shape[0]]
+
+
+def test_the_group_fit_publishes_theta_the_correlation_and_population_effects(tmp_path):
+    """A fit on a simulated programme (60 patients, effects correlated 0.6):
+    the posterior record carries what scoring needs, and the population effects
+    in raw units cover the simulation's truth within their posterior sd."""
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    config = joint_models(loaded, models)["glycaemic"]
+    rng = np.random.default_rng(1)
+    readings = rng.integers(3, 9, size=(60, 2))
+    events = programme(seed=5, readings=readings)
+    names = ["hba1c", "fasting_glucose"]
+    books = books_of(events, models, names, list(range(60)))
+    model = JointModel("glycaemic", names, config, FitterPool())
+    result = model.fit(joint_snapshot(books, config))
+    message = JointPosterior.model_validate_json(result.message.model_dump_json())
+    assert message.kind == "joint" and message.version == 1 and message.num_patients == 60
+    assert message.num_observations == pytest.approx(readings.sum(axis=0).tolist())
+    assert np.asarray(message.draws["corr_chol"]).shape[1:] == (4, 4)
+    assert np.asarray(message.effect_correlation["mean"]).shape == (2, 2)
+    for name, truth in zip(names, [-0.6, -15.0], strict=True):
+        effect = message.summary[f"effect_{name}"]
+        assert abs(effect.mean - truth) < 3.0 * effect.sd + 0.1 * abs(truth), (name, effect)
+    # The next fit continues warm: version 2.
+    assert model.fit(joint_snapshot(books, config)).message.version == 2
+
+
+# --- the programme of the stream steps and the end-to-end test -------------------
+
+MEASURES = ("hba1c", "fasting_glucose")
+UNITS = ("%", "mg/dL")
+PATIENTS = 24
+
+
+def stream_programme(origin):
+    """The end-to-end programme (tests/test_joint_e2e.py): readings per patient of both measures (a few patients lack one), the
+    simulated events with stream times (days since the epoch: unexposed readings
+    in days 0-15 of the programme, exposed in days 15-30) and the patient ids."""
+    rng = np.random.default_rng(11)
+    readings = rng.integers(4, 9, size=(PATIENTS, 2))
+    readings[[3, 10], 0] = 0
+    readings[[7], 1] = 0
+    events, _truth = simulate_joint(
+        readings,
+        effect_mean=np.array([-0.6, -15.0]),
+        effect_sd=np.array([0.4, 10.0]),
+        effect_correlation=0.6,
+        intercept_mean=np.array([7.5, 130.0]),
+        intercept_sd=np.array([1.0, 25.0]),
+        residual_sd=np.array([0.4, 12.0]),
+        seed=4,
+    )
+    start = origin.timestamp() / 86400.0
+    timed = []
+    for each in events:
+        u = rng.uniform(0.0, 15.0, each.patient.size)
+        timed.append(dataclasses.replace(each, time=start + u + 15.0 * (each.exposure > 0)))
+    return timed, [f"joint-{i:02d}" for i in range(PATIENTS)]
+
+
+def raw_records(events, patients, origin, prefix):
+    sends = []
+    for patient in patients:
+        enrol = Enrollment(event_id=f"{patient}-enrol", event_time=origin, patient_id=patient,
+                           cohort="clinic-0", exposed=False)  # fmt: skip
+        change = ExposureChange(event_id=f"{patient}-start", patient_id=patient, exposure=1.0,
+                                event_time=origin + timedelta(days=15.0))  # fmt: skip
+        for message in (enrol, change):
+            sends.append((prefix + "enrollments", patient.encode(), message.model_dump_json()))
+    readings = []
+    for m, each in enumerate(events):
+        for k in range(each.patient.size):
+            patient = patients[each.patient[k]]
+            lab = LabResult(
+                event_id=f"{patient}-{MEASURES[m]}-{k}", patient_id=patient,
+                event_time=origin + timedelta(days=float(each.time[k]) - origin.timestamp() / 86400.0),
+                measure=MEASURES[m], value=float(each.outcome[k]), unit=UNITS[m],
+            )  # fmt: skip
+            readings.append(
+                (each.time[k], (prefix + "labs", patient.encode(), lab.model_dump_json()))
+            )
+    readings.sort(key=lambda pair: pair[0])
+    sends += [record for _, record in readings]
+    return [(topic, key, value.encode()) for topic, key, value in sends]
+
+
+def test_the_patient_step_publishes_each_patient_joint_score_as_joint_patients(tmp_path):
+    """Raw records -> process_batch under a joint posterior: every patient's
+    score carries the group's joint score, equal to model.joint.joint_patients
+    on the posterior's draws and joint_grams of the simulated events (the same
+    numbers summed in another order: 1e-9 relative). A newer joint posterior
+    rescores every patient (rescore_joint) under its version."""
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    config = joint_models(loaded, models)["glycaemic"]
+    origin = SETTINGS.time_origin
+    events, patients = stream_programme(origin)
+    raw = [
+        ChunkRecord(key, value, topic, key_partition(key, SETTINGS.partitions), k, None)
+        for k, (topic, key, value) in enumerate(raw_records(events, patients, origin,
+                                                            SETTINGS.topic_prefix))
+    ]  # fmt: skip
+    gram = joint_grams(events, config)
+    draws = random_draws(config, seed=2)
+    posteriors = PosteriorBook()
+    assert posteriors.offer(joint_message(config, draws, gram, 3))
+    context = StepContext(loaded, models, posteriors, SETTINGS, joint={"glycaemic": config})
+    now = origin + timedelta(days=60)
+    saves, outputs = process_batch(dict.fromkeys(batch_keys(raw)), raw, context, now=now)
+    assert not outputs.dead_letters
+    latest = {m.key.decode(): json.loads(m.value) for m in outputs.scores}
+    assert sorted(latest) == patients
+    reference = joint_patients(draws, gram, config, np.array([-1.0, -1.0]))
+    scales = np.array([1.2, 30.0])
+    for i, patient in enumerate(patients):
+        (joint,) = latest[patient]["joint"]
+        assert joint["population_version"] == 3
+        got = [[e["effect"][f] for f in ("mean", "sd", "lower", "upper")] for e in joint["effects"]]
+        want = scales[:, None] * np.stack(
+            [reference.effect_mean[i], reference.effect_sd[i],
+             reference.effect_lower[i], reference.effect_upper[i]], -1,
+        )  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+        np.testing.assert_allclose(
+            [joint["responsiveness"]["mean"], joint["p_above_population"]],
+            [reference.responsiveness_mean[i], reference.p_above_population[i]],
+            rtol=1e-9,
+        )
+    assert posteriors.offer(joint_message(config, random_draws(config, seed=3), gram, 4))
+    saves, outputs = rescore_joint(saves, "glycaemic", context, force=True)
+    assert sorted(saves) == patients
+    assert {json.loads(m.value)["joint"][0]["population_version"] for m in outputs.scores} == {4}
