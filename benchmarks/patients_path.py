@@ -22,7 +22,11 @@ not here: benchmarks/throughput.py measures the whole worker. The population
 posterior is a cheap fit (100 steps): its quality does not change the cost.
 Timing: CPU seconds of this process (``time.process_time``: on shared cores wall
 time measures the other jobs too; XLA's threads count), median over ``--repeats``
-passes, each pass on fresh state.
+passes, each pass on fresh state. The cyclic garbage collector is tuned as the
+worker tunes it after start-up (``--gc worker``, the default:
+cli.main.tune_garbage_collector); with CPython's defaults (``--gc default``) its
+collections cost about a quarter of a pass, spread over whichever stages
+allocate when they fall due.
 """
 
 from __future__ import annotations
@@ -161,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cprofile", type=Path, default=None, help="write pstats of one pass")
     parser.add_argument("--output", default="patients_path")
     parser.add_argument(
+        "--gc",
+        choices=("worker", "default"),
+        default="worker",
+        help="the garbage collector as the worker tunes it, or CPython's defaults",
+    )
+    parser.add_argument(
         "--quantiles-only",
         action="store_true",
         help="only compare the quantile methods (Newton against bisection)",
@@ -175,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     say("preparing: programme, a cheap population fit (JAX compile)")
     context, messages = prepare(args.patients, args.obs_per_patient)
+    if args.gc == "worker":
+        from cli.main import tune_garbage_collector
+
+        tune_garbage_collector()  # as the worker does once started
     one_pass(context, messages, args.batch_size)  # compile, warm caches
     passes = []
     for repeat in range(args.repeats):

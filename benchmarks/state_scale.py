@@ -100,7 +100,7 @@ def record_sizes(readings_per_measure: list[int], patients: int = 20) -> dict:
         one = statistics.median_low(sizes)
         sample = next(r for r in records.values() if len(r.model_dump_json()) == one)
         parts = {
-            "seen": len(json.dumps(sample.seen)),
+            "seen": len(sample.model_dump_json(include={"seen_index", "seen_partitions"})),
             "recent": sum(len(json.dumps(m.recent)) for m in sample.measures.values()),
             "measures_without_recent": sum(
                 len(m.model_dump_json(exclude={"recent"})) for m in sample.measures.values()
@@ -108,7 +108,7 @@ def record_sizes(readings_per_measure: list[int], patients: int = 20) -> dict:
         }
         out[str(n)] = {
             "readings_per_measure": n,
-            "event_ids_kept": len(sample.seen),
+            "event_ids_kept": len(sample.seen_origins()),
             "record_bytes_median": one,
             "record_bytes_max": max(sizes),
             "bytes_by_part": parts,
@@ -274,7 +274,11 @@ class Cloner:
 
     def clone(self, index: int) -> tuple[str, int, str, dict[str, str]]:
         """(patient id, its partition, record JSON, measure -> evidence JSON)."""
+        from base64 import urlsafe_b64decode as b64decode
+        from base64 import urlsafe_b64encode as b64encode
+
         from streams.partitioning import key_partition
+        from streams.patient_state import SEEN_ENTRY, event_digest
 
         record, evidence = self.templates[index % len(self.templates)]
         record = json.loads(record)  # a fresh copy
@@ -285,14 +289,15 @@ class Cloner:
         b = self.rng.gauss(0.0, 0.3)
         record["patient_id"], record["cohort"] = patient_id, cohort
         start = self.offsets[partition]
-        seen = {}
-        for j, (event_id, origin) in enumerate(record["seen"].items()):
-            topic = origin.split(":", 1)[0]
-            seen[f"{event_id.rsplit('-', 1)[0]}-{index:07d}{j:04d}"] = (
-                f"{topic}:{partition}:{start + 7 * j}"
-            )
-        self.offsets[partition] = start + 7 * len(seen)
-        record["seen"] = seen
+        topics = [p.split(":", 1)[0] for p in record["seen_partitions"]]
+        where = {topic: k for k, topic in enumerate(dict.fromkeys(topics))}
+        entries = []
+        for j, (_, k, _) in enumerate(SEEN_ENTRY.iter_unpack(b64decode(record["seen_index"]))):
+            digest = event_digest(f"{index:07d}-{j:04d}")
+            entries.append(SEEN_ENTRY.pack(digest, where[topics[k]], start + 7 * j))
+        self.offsets[partition] = start + 7 * len(entries)
+        record["seen_partitions"] = [f"{topic}:{partition}" for topic in where]
+        record["seen_index"] = b64encode(b"".join(entries)).decode()
         for stats in record["measures"].values():
             for name in ("gram", "sealed_gram", "sealed_window_gram", "window_gram"):
                 stats[name] = transform_gram(stats.get(name), a, b)
@@ -996,6 +1001,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=200_000, help="records written to RocksDB")
     parser.add_argument("--readings", default="10,30,100,300", help="readings per measure")
     parser.add_argument("--target-patients", type=int, default=1_000_000)
+    parser.add_argument(
+        "--sizes-only",
+        action="store_true",
+        help="only the record sizes (results/record_sizes.json)",
+    )
     end = parser.add_argument_group("end to end (--end-to-end)")
     end.add_argument("--end-to-end", action="store_true", help="changelogs + a real worker")
     end.add_argument("--patients", type=int, default=20_000)
@@ -1043,6 +1053,10 @@ def main(argv: list[str] | None = None) -> int:
     readings = [int(x) for x in args.readings.split(",")]
     say("record sizes (apply_event on a 3-measure programme)")
     sizes = record_sizes(readings)
+    if args.sizes_only:
+        path = write_json("record_sizes", {"record_sizes": sizes, "machine": where})
+        say(f"wrote {path}")
+        return 0
     typical = sizes[str(readings[1] if len(readings) > 1 else readings[0])]
     say(f"rocksdict: {args.records:,} records of {typical['record_bytes_median']:,} bytes")
     rocks = rocksdb_rates(args.records, typical["record_bytes_median"])

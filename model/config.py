@@ -18,7 +18,6 @@ in the measure's unit per unit of exposure (``Standardization.effect_to_raw``).
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import numpy as np
@@ -459,10 +458,24 @@ class DecisionRule(_Frozen):
         return self
 
 
-@functools.lru_cache(maxsize=256)
+#: ModelConfig.recent_window per config object: id -> (config, window). Keyed
+#: by identity, not by value: hashing a config (every field, recursively) cost
+#: more than the reading the patients agent adds for every call. The config is
+#: held, so its id cannot be reused while the entry lives.
+_RECENT_WINDOWS: dict[int, tuple[ModelConfig, ModelConfig]] = {}
+_RECENT_WINDOWS_KEEP = 256
+
+
 def _recent_window(config: ModelConfig) -> ModelConfig:
-    """ModelConfig.recent_window, made once per (frozen, hashable) config: the
-    patients agent asks for it for every touched patient and measure."""
-    return config.model_copy(
+    """ModelConfig.recent_window, made once per config object: the patients
+    agent asks for it for every reading and every touched patient and measure."""
+    entry = _RECENT_WINDOWS.get(id(config))
+    if entry is not None and entry[0] is config:
+        return entry[1]
+    window = config.model_copy(
         update={"half_life": config.recent_half_life, "recent_half_life": None}
     )
+    if len(_RECENT_WINDOWS) >= _RECENT_WINDOWS_KEEP:
+        _RECENT_WINDOWS.clear()
+    _RECENT_WINDOWS[id(config)] = (config, window)
+    return window

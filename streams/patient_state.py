@@ -9,8 +9,11 @@ held until enrolment, and what was last published (the latest score message
 itself too).
 
 Idempotency does not rest on Kafka transactions. The latest ``SEEN_KEEP``
-applied events are remembered by ``event_id`` with the coordinates of the raw
-record each came from (topic, partition, offset):
+applied events are remembered by a 64-bit digest of their ``event_id`` with the
+coordinates of the raw record each came from (topic, partition, offset), packed
+in fixed-width entries (``PatientRecord.seen_index``: ~24 bytes of JSON an event
+where the event id and origin as text took ~45, and one object instead of two
+per event):
 
 - the same event id from the same origin is a *replay* (a worker restarted
   before committing its offsets): ignored;
@@ -23,6 +26,8 @@ delivers a partition in order, so a record at or below it was read before (a
 consumer group reset to old offsets, a backfill into a worker with state) and
 is a replay too, however old. What is lost is only the recognition of a
 producer duplicate sent after ``SEEN_KEEP`` newer events of the same patient.
+(Two different event ids of one patient with the same digest, odds about
+SEEN_KEEP/2^64 per event, would have the newer one taken for the older.)
 
 Exposure at an observation is read off the patient's timeline at the
 observation's event time (enrolment sets the initial exposure; ExposureChange
@@ -45,11 +50,13 @@ enrolment arrives; beyond that they are dead-lettered as ``not_enrolled``.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import struct
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.config import ModelConfig
 from model.covariates import reading_design
@@ -65,6 +72,7 @@ from model.evidence import (
 )
 from model.families import add_cell_reading, family_stats_from_events
 from streams.schemas import (
+    SCHEMA_VERSION,
     Enrollment,
     EnrollmentRecord,
     ExposureChange,
@@ -241,10 +249,25 @@ class PublishedJoint(BaseModel):
     p_above_population: float
 
 
+#: One entry of PatientRecord.seen_index: the event id's digest (event_digest),
+#: the index of its origin's "topic:partition" in seen_partitions, its offset.
+SEEN_ENTRY = struct.Struct("<8sHq")
+
+
+def event_digest(event_id: str) -> bytes:
+    """The 64-bit BLAKE2b digest an event id is remembered by."""
+    return hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+
+
 class PatientRecord(BaseModel):
     """The value of the patients table (keyed by patient id)."""
 
-    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+    model_config = ConfigDict(
+        extra="forbid",
+        ser_json_inf_nan="constants",
+        ser_json_bytes="base64",
+        val_json_bytes="base64",
+    )
 
     patient_id: str
     cohort: str | None = None
@@ -255,7 +278,13 @@ class PatientRecord(BaseModel):
     # (level -> group); a level absent: the attribute was missing.
     groups: dict[str, str] = Field(default_factory=dict)
     timeline: list[tuple[float, float]] = Field(default_factory=list)
-    seen: dict[str, str] = Field(default_factory=dict)  # event id -> origin, oldest first
+    # The applied events remembered (module docstring), oldest first: SEEN_ENTRY
+    # entries, and the "topic:partition" each entry's origin names.
+    seen_index: bytes = b""
+    seen_partitions: list[str] = Field(default_factory=list)
+    # Written by versions before seen_index (event id -> origin "topic:partition:
+    # offset", oldest first): read into seen_index, never written.
+    seen: dict[str, str] = Field(default_factory=dict, exclude=True)
     forgotten: dict[str, int] = Field(default_factory=dict)  # "topic:partition" -> offset
     pending: list[Observation] = Field(default_factory=list)
     measures: dict[str, MeasureStats] = Field(default_factory=dict)
@@ -266,6 +295,31 @@ class PatientRecord(BaseModel):
     # score as null, so a nested model would not read back). Served over HTTP
     # by streams.score_lookup; None until the patient's first score.
     published_score: str | None = None
+
+    @model_validator(mode="after")
+    def _index_seen(self) -> PatientRecord:
+        """Check seen_index; move a record's old ``seen`` into it."""
+        if len(self.seen_index) % SEEN_ENTRY.size:
+            raise ValueError(f"seen_index: {len(self.seen_index)} bytes, not whole entries")
+        if self.seen:  # at most SEEN_KEEP entries, all kept
+            legacy, self.seen = self.seen, {}
+            partitions = self.seen_partitions
+            where = {partition: k for k, partition in enumerate(partitions)}
+            entries = []
+            for event_id, origin in legacy.items():
+                partition, offset = origin.rsplit(":", 1)
+                k = where.setdefault(partition, len(where))
+                entries.append(SEEN_ENTRY.pack(event_digest(event_id), k, int(offset)))
+            partitions.extend(list(where)[len(partitions) :])
+            self.seen_index += b"".join(entries)
+        return self
+
+    def seen_origins(self) -> list[str]:
+        """The origins ("topic:partition:offset") of the events remembered, oldest first."""
+        partitions = self.seen_partitions
+        return [
+            f"{partitions[k]}:{offset}" for _, k, offset in SEEN_ENTRY.iter_unpack(self.seen_index)
+        ]
 
     @property
     def enrolled(self) -> bool:
@@ -293,15 +347,20 @@ class Outcome:
 
 
 def _seen_before(
-    record: PatientRecord, event_id: str, origin: Origin, outcome: Outcome, event
+    record: PatientRecord, digest: bytes, event_id: str, origin: Origin, outcome: Outcome, event
 ) -> bool:
     """True when the event must not be applied (replay or duplicate); records it."""
-    previous = record.seen.get(event_id)
-    if previous is None:
+    index = record.seen_index
+    position = index.find(digest)
+    while position >= 0 and position % SEEN_ENTRY.size:  # inside another entry
+        position = index.find(digest, position + 1)
+    if position < 0:
         if origin.offset <= record.forgotten.get(f"{origin.topic}:{origin.partition}", -1):
             outcome.replays += 1  # read again long after: its id is no longer kept
             return True
         return False
+    _, k, offset = SEEN_ENTRY.unpack_from(index, position)
+    previous = f"{record.seen_partitions[k]}:{offset}"
     if previous == origin_key(origin):
         outcome.replays += 1
     else:
@@ -311,16 +370,29 @@ def _seen_before(
     return True
 
 
-def _remember(record: PatientRecord, event_id: str, origin: Origin) -> None:
-    """Remember an applied event; beyond SEEN_KEEP, forget the oldest, keeping
-    its offset (the module's docstring)."""
-    seen = record.seen
-    seen[event_id] = origin_key(origin)
-    while len(seen) > SEEN_KEEP:
-        oldest = seen.pop(next(iter(seen)))
-        partition, offset = oldest.rsplit(":", 1)
-        if int(offset) > record.forgotten.get(partition, -1):
-            record.forgotten[partition] = int(offset)
+def _remember(record: PatientRecord, digest: bytes, origin: Origin) -> None:
+    """Remember an applied event by its id's digest (the module's docstring)."""
+    _remember_at(record, digest, f"{origin.topic}:{origin.partition}", origin.offset)
+
+
+def _remember_at(record: PatientRecord, digest: bytes, partition: str, offset: int) -> None:
+    """Append an entry to the record's seen_index; beyond SEEN_KEEP, forget the
+    oldest, keeping its offset (``forgotten``)."""
+    partitions = record.seen_partitions
+    try:
+        k = partitions.index(partition)
+    except ValueError:
+        k = len(partitions)
+        partitions.append(partition)
+    index = record.seen_index + SEEN_ENTRY.pack(digest, k, offset)
+    excess = len(index) // SEEN_ENTRY.size - SEEN_KEEP
+    if excess > 0:
+        cut = excess * SEEN_ENTRY.size
+        for _, j, old in SEEN_ENTRY.iter_unpack(index[:cut]):
+            if old > record.forgotten.get(partitions[j], -1):
+                record.forgotten[partitions[j]] = old
+        index = index[cut:]
+    record.seen_index = index
 
 
 def _readings_stats(
@@ -433,18 +505,36 @@ def recent_window_stats_many(
     sealed window statistics plus every recent reading with its exposure
     (model.evidence.add_events, one array computation for all of them),
     re-based to each patient's all-time reference time."""
+    out: list[PatientStats | None] = [None] * len(items)
+    stacked, complete = _recent_windows(items, model)
+    if stacked is None:
+        return out
+    for index, k in enumerate(complete):
+        out[k] = PatientStats(
+            gram=stacked.gram[index : index + 1],
+            reference_time=stacked.reference_time[index : index + 1],
+            count_exposed=stacked.count_exposed[index : index + 1],
+            count_unexposed=stacked.count_unexposed[index : index + 1],
+        )
+    return out
+
+
+def _recent_windows(
+    items: list[tuple[PatientRecord, MeasureStats]], model: ModelConfig
+) -> tuple[PatientStats | None, list[int]]:
+    """The recent-window statistics (``recent_window_stats_many``) of the items
+    that have them, stacked, and those items' indices; (None, []) when none has."""
     window = model.recent_window
     if window is None:
-        return [None] * len(items)
+        return None, []
     complete = [
         k
         for k, (_, stats) in enumerate(items)
         if not stats.reference_time - _window_missing_until(stats, window)
         < WINDOW_COMPLETE_HALF_LIVES * window.half_life
     ]
-    out: list[PatientStats | None] = [None] * len(items)
     if not complete:
-        return out
+        return None, []
     grams, references, totals = [], [], []
     patient: list[int] = []
     exposure: list[float] = []
@@ -478,15 +568,7 @@ def recent_window_stats_many(
             window,
             reading_design([r[3:] for r in readings], window),
         )
-    rebased = decay_to(added, np.asarray(totals, dtype=float), window)
-    for index, k in enumerate(complete):
-        out[k] = PatientStats(
-            gram=rebased.gram[index : index + 1],
-            reference_time=rebased.reference_time[index : index + 1],
-            count_exposed=rebased.count_exposed[index : index + 1],
-            count_unexposed=rebased.count_unexposed[index : index + 1],
-        )
-    return out
+    return decay_to(added, np.asarray(totals, dtype=float), window), complete
 
 
 def _exposures(record: PatientRecord, readings: list[Reading]) -> list[float]:
@@ -523,11 +605,18 @@ def measure_evidence(
         for record in records
         if record.cohort is not None and measure in record.measures
     ]
-    windows = recent_window_stats_many(items, model)
+    # The window Gram matrices as lists in one call (not a slice and a call per item).
+    stacked, complete = _recent_windows(items, model)
+    windows: list[list | None] = [None] * len(items)
+    if stacked is not None:
+        for k, gram in zip(complete, stacked.gram.tolist(), strict=True):
+            windows[k] = gram
+    levels = model.grouping_levels
     # Built without validation: every value comes from a validated record.
     return [
         trusted(
             PatientEvidence,
+            schema_version=SCHEMA_VERSION,
             measure=measure,
             patient_id=record.patient_id,
             cohort=record.cohort,
@@ -536,12 +625,8 @@ def measure_evidence(
             count_exposed=stats.count_exposed,
             count_unexposed=stats.count_unexposed,
             covariates=record.covariates,
-            groups={
-                level: record.groups[level]
-                for level in model.grouping_levels
-                if level in record.groups
-            },
-            recent_gram=None if recent is None else recent.gram[0].tolist(),
+            groups={level: record.groups[level] for level in levels if level in record.groups},
+            recent_gram=recent,
         )
         for (record, stats), recent in zip(items, windows, strict=True)
     ]
@@ -597,8 +682,13 @@ def _add_reading(
 
 
 def _add_observation(
-    record: PatientRecord, observation: Observation, model: ModelConfig, outcome: Outcome
+    record: PatientRecord,
+    observation: Observation,
+    model: ModelConfig,
+    outcome: Outcome,
+    digest: bytes | None = None,
 ) -> None:
+    """Apply a reading not seen before (``digest``: its event id's, when known)."""
     time = days(observation.event_time)
     stats = record.measures.get(observation.measure)
     if stats is None:
@@ -649,7 +739,7 @@ def _add_observation(
         _add_to_window(record, stats, window, exposure, time, observation.value, covariates)
     if stats.last_event_time is None or observation.event_time > stats.last_event_time:
         stats.last_event_time = observation.event_time
-    _remember(record, observation.event_id, observation.origin)
+    _remember(record, digest or event_digest(observation.event_id), observation.origin)
     outcome.touched.add(observation.measure)
 
 
@@ -689,7 +779,7 @@ def _copy(record: PatientRecord) -> PatientRecord:
     return record.model_copy(
         update={
             "timeline": list(record.timeline),
-            "seen": dict(record.seen),
+            "seen_partitions": list(record.seen_partitions),
             "forgotten": dict(record.forgotten),
             "pending": list(record.pending),
             "measures": {
@@ -697,6 +787,7 @@ def _copy(record: PatientRecord) -> PatientRecord:
                 for name, stats in record.measures.items()
             },
             "published": dict(record.published),
+            "published_joint": dict(record.published_joint),
         }
     )
 
@@ -722,7 +813,8 @@ def apply_event(
         record = _copy(record)
     outcome = Outcome()
     if isinstance(event, Observation):
-        if _seen_before(record, event.event_id, event.origin, outcome, event):
+        digest = event_digest(event.event_id)
+        if _seen_before(record, digest, event.event_id, event.origin, outcome, event):
             return record, outcome
         if not record.enrolled:
             held = next((p for p in record.pending if p.event_id == event.event_id), None)
@@ -741,17 +833,18 @@ def apply_event(
                 record.pending.append(event)
                 outcome.held += 1
             return record, outcome
-        _add_observation(record, event, models[event.measure], outcome)
+        _add_observation(record, event, models[event.measure], outcome, digest)
         return record, outcome
 
     inner = event.event
-    if _seen_before(record, inner.event_id, event.origin, outcome, event):
+    digest = event_digest(inner.event_id)
+    if _seen_before(record, digest, inner.event_id, event.origin, outcome, event):
         return record, outcome
     time = days(inner.event_time)
     exposure = inner.exposure if isinstance(inner, ExposureChange) else float(inner.exposed)
     if not _change_exposure(record, event, time, exposure, models, outcome):
         return record, outcome
-    _remember(record, inner.event_id, event.origin)
+    _remember(record, digest, event.origin)
     if isinstance(inner, Enrollment):
         covariates = list(event.covariates or ())
         levels = {level for model in models.values() for level in model.grouping_levels}

@@ -44,6 +44,7 @@ from streams.schemas import (
     Observation,
     Origin,
     bounded_event_id,
+    trusted,
 )
 from streams.scoring import (
     PendingReading,
@@ -286,10 +287,10 @@ def _validate(
             outputs.reroutes.append((event.topic, Message(event.key, event.value, right)))
             outputs.rerouted[source] += 1
             continue
-        origin = Origin(
-            topic=event.topic, partition=event.partition, offset=event.offset,
-            timestamp=event.timestamp,
-        )  # fmt: skip
+        # Built without validation: the consumer's own types (half the cost of Origin()).
+        timestamp = None if event.timestamp is None else float(event.timestamp)
+        origin = trusted(Origin, topic=event.topic, partition=int(event.partition),
+                         offset=int(event.offset), timestamp=timestamp)  # fmt: skip
         try:
             parsed = validate_record(
                 source, event.key, event.value, origin, context.catalogue, context.settings, now

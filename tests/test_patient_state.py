@@ -10,9 +10,12 @@ exactly that exposure, whatever the arrival order, replays and duplicates.
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,7 +375,7 @@ def test_the_event_ids_kept_are_bounded_and_an_offset_reset_is_still_a_replay():
         record, outcome = apply_event(record, reading, MODELS)
         assert outcome.touched and not outcome.replays
     record = PatientRecord.model_validate_json(record.model_dump_json())  # as stored
-    assert len(record.seen) == SEEN_KEEP
+    assert len(record.seen_origins()) == SEEN_KEEP
     assert record.forgotten == {"enrollments:0": 0, "wearables:2": 3 * SEEN_KEEP - 1}
     before = record.measures["resting_heart_rate"].model_dump()
 
@@ -391,3 +394,55 @@ def test_the_event_ids_kept_are_bounded_and_an_offset_reset_is_still_a_replay():
     old = readings[0].model_copy(update={"origin": elsewhere})
     record, outcome = apply_event(record, old, MODELS)
     assert outcome.touched == {"resting_heart_rate"} and not outcome.rejected
+
+
+OLD_RECORDS = Path(__file__).parent / "data" / "patient_records" / "e7725ef.json"
+
+
+def test_records_written_by_earlier_versions_still_read() -> None:
+    """A worker started on a changelog written by an earlier version (the event
+    ids and origins as a JSON object, ``seen``) reads every record: the same
+    fields, the same origins remembered in the same order, written back in the
+    packed form (``seen_index``), and its de-duplication index still tells a
+    replay from a duplicate. The fixture (its ``how`` says what it holds) was
+    written by::
+
+        records = benchmarks.state_scale.simulated_records(2, 150, seed=11)
+        enrolled = next(iter(records.values()))  # .model_dump_json()
+        # and a patient's 3 readings per measure applied without its enrolment
+    """
+    stored = json.loads(OLD_RECORDS.read_text())["records"]
+    for raw in stored:
+        record = PatientRecord.model_validate_json(raw)
+        plain = json.loads(raw)  # the stored form, read without the model
+        assert record.seen_origins() == list(plain.pop("seen").values())
+        written = json.loads(record.model_dump_json())
+        partitions = [origin.rsplit(":", 1)[0] for origin in record.seen_origins()]
+        assert written.pop("seen_partitions") == list(dict.fromkeys(partitions))
+        assert len(base64.urlsafe_b64decode(written.pop("seen_index"))) == 18 * len(
+            record.seen_origins()
+        )
+        assert written.pop("published_joint") == {}  # joint groups came after e7725ef
+        assert written == plain  # every other field as it was
+        again = PatientRecord.model_validate_json(record.model_dump_json())
+        assert again == record and again.seen_origins() == record.seen_origins()
+    enrolled = PatientRecord.model_validate_json(stored[0])
+    assert len(enrolled.seen_origins()) == SEEN_KEEP and enrolled.forgotten
+    event_id, at = next(reversed(json.loads(stored[0])["seen"].items()))
+    topic, partition, offset = at.rsplit(":", 2)
+    measure = next(iter(enrolled.measures))
+
+    def reading(partition: int) -> Observation:
+        return Observation(
+            event_id=event_id, event_time=enrolled.measures[measure].last_event_time,
+            patient_id=enrolled.patient_id, measure=measure, value=1.0,
+            unit=CATALOGUE.get(measure).unit, source="lab",
+            origin=Origin(topic=topic, partition=partition, offset=int(offset)),
+        )  # fmt: skip
+
+    _, replay = apply_event(enrolled, reading(int(partition)), MODELS)
+    assert (replay.replays, replay.touched, replay.rejected) == (1, set(), [])
+    _, duplicate = apply_event(enrolled, reading(int(partition) + 1), MODELS)
+    assert [reason for _, reason, _ in duplicate.rejected] == ["duplicate"]
+    pending = PatientRecord.model_validate_json(stored[1])
+    assert not pending.enrolled and len(pending.pending) == 9

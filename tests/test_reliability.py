@@ -592,7 +592,7 @@ def test_a_failed_changelog_delivery_stops_the_worker_before_its_offsets_are_com
     states = patient_states(run)
     persisted = set()
     for state in states.values():
-        persisted.update(state.seen.values())
+        persisted.update(state.seen_origins())
         persisted.update(origin_key(held.origin) for held in state.pending)
     letters = asyncio.run(read_to_end(kafka_bootstrap, run.prefix + "deadletter"))
     for letter in map(json.loads, (r.value for r in letters)):
@@ -909,7 +909,9 @@ def test_fuzzed_bad_records_are_all_accounted_for_and_never_crash_the_worker(
         log = worker.log_text()
         assert worker.stop() == 0, worker.log_tail()
     assert "Traceback" not in log, log[log.index("Traceback") - 200 :][:3000]
-    accepted = {tuple(origin.rsplit(":", 2)) for s in states.values() for origin in s.seen.values()}
+    accepted = {
+        tuple(origin.rsplit(":", 2)) for s in states.values() for origin in s.seen_origins()
+    }
     accepted = {(t, int(p), int(o)) for t, p, o in accepted}
     held = held_origins(states)
     assert accepted == set(enrolled)

@@ -87,3 +87,34 @@ def test_other_models_go_to_model_construct() -> None:
 
     got = trusted(Aliased, v=1)
     assert got.value == 1 and got.model_fields_set == {"value"}
+
+
+def test_validated_observations_are_what_validation_would_build() -> None:
+    """validate_observation builds its Observation without validation: the same
+    values, types and JSON as pydantic's validated model of the same fields,
+    over a programme's readings in every source, alternative units and adherence."""
+    from cli.programme import build_programme
+    from streams.catalogue import Catalogue
+    from streams.schemas import Observation, Origin
+    from streams.settings import Settings
+    from streams.validation import validate_observation
+
+    catalogue, settings = Catalogue.load(), Settings(max_age_days=36500.0)
+    programme = build_programme(
+        ["resting_heart_rate", "hba1c", "phq9"], num_patients=4, obs_per_patient=20,
+        alternative_unit_fraction=0.5, seed=4,
+    )  # fmt: skip
+    checked = 0
+    for offset, raw in enumerate(programme.send_order()):
+        if raw.topic == "enrollments":
+            continue
+        origin = Origin(topic=raw.topic, partition=0, offset=offset, timestamp=1.7e9)
+        got = validate_observation(raw.topic, raw.key, raw.value, origin, catalogue, settings)
+        expected = Observation(**dict(got))
+        assert [(k, type(v)) for k, v in got.__dict__.items()] == [
+            (k, type(v)) for k, v in expected.__dict__.items()
+        ]
+        assert got.model_dump_json() == expected.model_dump_json()
+        assert got == expected
+        checked += 1
+    assert checked == 3 * 4 * 20
