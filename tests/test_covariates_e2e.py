@@ -20,17 +20,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import uuid
 
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
+from e2e_setup import catalogue_run
 
 from cli.kafka_io import read_until
 from cli.programme import SIMULATED_COVARIATES, build_programme
 from cli.simulate import publish
 from cli.worker_process import WorkerProcess
-from streams.catalogue import DEFAULT_CATALOGUE, Catalogue
+from streams.catalogue import DEFAULT_CATALOGUE
 from streams.kafka_options import aiokafka_options, start_client
 from streams.schemas import Enrollment, WearableReading
 from streams.settings import Settings
@@ -65,26 +65,12 @@ BAD = [  # (key, record, the detail's words)
 @pytest.fixture(scope="module")
 def run(kafka_bootstrap, tmp_path_factory):
     directory = tmp_path_factory.mktemp("covariates")
-    catalogue_file = directory / "measures.toml"
-    catalogue_file.write_text(DEFAULT_CATALOGUE.read_text() + SIMULATED_COVARIATES + SUBGROUPS)
-    catalogue = Catalogue.load(catalogue_file)
-    run_id = uuid.uuid4().hex[:8]
-    prefix = f"cov-{run_id}."
-    env = {
-        "EFFICACY_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "EFFICACY_TOPIC_PREFIX": prefix,
-        "EFFICACY_APP_ID": f"cov-{run_id}",
-        "EFFICACY_PARTITIONS": "2",
-        "EFFICACY_WEB_ENABLED": "false",
-        "EFFICACY_METRICS_PORT": "0",
-        "EFFICACY_DATA_DIR": str(directory / "data"),
-        "EFFICACY_MEASURES_FILE": str(catalogue_file),
-        "EFFICACY_MAX_AGE_DAYS": "36500",
-    }
-    settings = Settings(
-        bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, partitions=2,
-        app_id=env["EFFICACY_APP_ID"], measures_file=catalogue_file,
-    )  # fmt: skip
+    catalogue, _, prefix, env, settings = catalogue_run(
+        kafka_bootstrap,
+        directory,
+        DEFAULT_CATALOGUE.read_text() + SIMULATED_COVARIATES + SUBGROUPS,
+        "cov",
+    )
     programme = build_programme(
         [MEASURE], catalogue=catalogue, num_patients=120, num_cohorts=4, obs_per_patient=16,
         seed=31, spec_overrides={MEASURE: {

@@ -22,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import uuid
 
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
+from e2e_setup import catalogue_run
 from test_families_catalogue import ENTRIES, reading
 from test_families_stream import MEASURES, SETTINGS, family_programme
 
@@ -35,7 +35,6 @@ from cli.worker_process import WorkerProcess
 from model.families import cell_stats
 from model.family_scores import summarize_family_effects
 from streams.app import measure_models
-from streams.catalogue import Catalogue
 from streams.kafka_options import aiokafka_options, start_client
 from streams.schemas import PopulationPosterior
 from streams.scoring import MeasurePosterior
@@ -48,26 +47,7 @@ pytestmark = pytest.mark.kafka
 @pytest.fixture(scope="module")
 def run(kafka_bootstrap, tmp_path_factory):
     directory = tmp_path_factory.mktemp("families")
-    catalogue_file = directory / "measures.toml"
-    catalogue_file.write_text(ENTRIES)
-    catalogue = Catalogue.load(catalogue_file)
-    run_id = uuid.uuid4().hex[:8]
-    prefix = f"fam-{run_id}."
-    env = {
-        "EFFICACY_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "EFFICACY_TOPIC_PREFIX": prefix,
-        "EFFICACY_APP_ID": f"fam-{run_id}",
-        "EFFICACY_PARTITIONS": "2",
-        "EFFICACY_WEB_ENABLED": "false",
-        "EFFICACY_METRICS_PORT": "0",
-        "EFFICACY_DATA_DIR": str(directory / "data"),
-        "EFFICACY_MEASURES_FILE": str(catalogue_file),
-        "EFFICACY_MAX_AGE_DAYS": "36500",
-    }
-    settings = Settings(
-        bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, partitions=2,
-        app_id=env["EFFICACY_APP_ID"], measures_file=catalogue_file, max_age_days=36500.0,
-    )  # fmt: skip
+    catalogue, _, prefix, env, settings = catalogue_run(kafka_bootstrap, directory, ENTRIES, "fam")
     programmes, sends = {}, []
     for measure, family in MEASURES.items():
         records, events, patients = family_programme(family, measure, family[:3])

@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import uuid
 
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
+from e2e_setup import catalogue_run
 from test_groups_stream import CLUSTERS, MEASURE, bad_enrolments, with_clusters
 
 from cli.kafka_io import read_until
@@ -34,7 +34,7 @@ from cli.simulate import publish
 from cli.worker_process import WorkerProcess
 from model.scores import summarize_effects
 from streams.app import measure_models
-from streams.catalogue import DEFAULT_CATALOGUE, Catalogue
+from streams.catalogue import DEFAULT_CATALOGUE
 from streams.kafka_options import aiokafka_options, start_client
 from streams.schemas import MISSING_GROUP, PopulationPosterior
 from streams.scoring import MeasurePosterior
@@ -46,31 +46,10 @@ pytestmark = pytest.mark.kafka
 @pytest.fixture(scope="module")
 def run(kafka_bootstrap, tmp_path_factory):
     directory = tmp_path_factory.mktemp("groups")
-    catalogue_file = directory / "measures.toml"
-    catalogue_file.write_text(
-        DEFAULT_CATALOGUE.read_text().replace(
-            f"[{MEASURE}]\n", f'[{MEASURE}]\ngrouping_levels = ["cluster"]\n', 1
-        )
+    text = DEFAULT_CATALOGUE.read_text().replace(
+        f"[{MEASURE}]\n", f'[{MEASURE}]\ngrouping_levels = ["cluster"]\n', 1
     )
-    catalogue = Catalogue.load(catalogue_file)
-    run_id = uuid.uuid4().hex[:8]
-    prefix = f"grp-{run_id}."
-    env = {
-        "EFFICACY_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "EFFICACY_TOPIC_PREFIX": prefix,
-        "EFFICACY_APP_ID": f"grp-{run_id}",
-        "EFFICACY_PARTITIONS": "2",
-        "EFFICACY_WEB_ENABLED": "false",
-        "EFFICACY_METRICS_PORT": "0",
-        "EFFICACY_DATA_DIR": str(directory / "data"),
-        "EFFICACY_MEASURES_FILE": str(catalogue_file),
-        "EFFICACY_MAX_AGE_DAYS": "36500",
-    }
-    settings = Settings(
-        bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, partitions=2,
-        app_id=env["EFFICACY_APP_ID"], measures_file=catalogue_file,
-        max_age_days=36500.0,
-    )  # fmt: skip
+    catalogue, _, prefix, env, settings = catalogue_run(kafka_bootstrap, directory, text, "grp")
     simulated = build_programme(
         [MEASURE], catalogue=catalogue, num_patients=80, num_cohorts=4, obs_per_patient=12,
         seed=37,

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 
 import numpy as np
 import pytest
+from e2e_setup import catalogue_run
 from test_families_e2e import send
 from test_joint_stream import GROUP, MEASURES, PATIENTS, SHIPPED, raw_records, stream_programme
 
@@ -33,10 +33,8 @@ from cli.kafka_io import read_until
 from cli.worker_process import WorkerProcess
 from model.joint import joint_grams, joint_patients
 from streams.app import measure_models
-from streams.catalogue import Catalogue
 from streams.joint_stream import joint_models, message_config, posterior_draws, posterior_key
 from streams.schemas import JointPosterior
-from streams.settings import Settings
 
 pytestmark = pytest.mark.kafka
 
@@ -44,26 +42,9 @@ pytestmark = pytest.mark.kafka
 @pytest.fixture(scope="module")
 def run(kafka_bootstrap, tmp_path_factory):
     directory = tmp_path_factory.mktemp("joint")
-    catalogue_file = directory / "measures.toml"
-    catalogue_file.write_text(SHIPPED.read_text() + GROUP)
-    catalogue = Catalogue.load(catalogue_file)
-    run_id = uuid.uuid4().hex[:8]
-    prefix = f"joint-{run_id}."
-    env = {
-        "EFFICACY_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "EFFICACY_TOPIC_PREFIX": prefix,
-        "EFFICACY_APP_ID": f"joint-{run_id}",
-        "EFFICACY_PARTITIONS": "2",
-        "EFFICACY_WEB_ENABLED": "false",
-        "EFFICACY_METRICS_PORT": "0",
-        "EFFICACY_DATA_DIR": str(directory / "data"),
-        "EFFICACY_MEASURES_FILE": str(catalogue_file),
-        "EFFICACY_MAX_AGE_DAYS": "36500",
-    }
-    settings = Settings(
-        bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, partitions=2,
-        app_id=env["EFFICACY_APP_ID"], measures_file=catalogue_file, max_age_days=36500.0,
-    )  # fmt: skip
+    catalogue, _, prefix, env, settings = catalogue_run(
+        kafka_bootstrap, directory, SHIPPED.read_text() + GROUP, "joint"
+    )
     events, patients = stream_programme(settings.time_origin)
     sends = raw_records(events, patients, settings.time_origin, prefix)
     topics = [prefix + "population-posterior", prefix + "scores"]
