@@ -187,6 +187,12 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         except asyncio.CancelledError:
             raise
         except Exception:
+            if app.should_stop:
+                # The worker is stopping and its producer closed under a rescoring:
+                # not a crash. The patients it did not reach are rescored on the next
+                # start (their scores are under an older version).
+                log.info("the population-posterior feed stopped with the worker")
+                return
             log.exception("the population-posterior feed stopped")
             raise
 
