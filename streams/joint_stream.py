@@ -38,7 +38,7 @@ from model.offline import describe
 from model.population import MIN_PATIENT_BUCKET, FitState, PopulationFitter, UpdateInfo, bucket_size
 from streams.catalogue import Catalogue, CatalogueError, JointGroupSpec, MeasureSpec
 from streams.patient_state import PatientRecord, PublishedJoint
-from streams.population_book import FitterPool, PopulationBook, interval_of
+from streams.population_book import FitterPool, PopulationBook, fit_until_converged, interval_of
 from streams.schemas import Interval, JointEffect, JointPosterior, JointScore
 from streams.scoring import SCORING_BLOCK
 
@@ -208,15 +208,9 @@ class JointModel:
             message, self.resume_from = self.resume_from, None
             if message is not None:
                 state = self.pool.resume(self.fitter, state, message)
-        state, info = self.fitter.update(state, evidence, key_fit)
-        steps = info.steps
-        for round_ in range(self.max_rounds):
-            if info.converged:
-                break
-            state, info = self.fitter.update(
-                state, evidence, jax.random.fold_in(key_fit, round_ + 1)
-            )
-            steps += info.steps
+        state, info, steps = fit_until_converged(
+            self.fitter, state, evidence, key_fit, self.max_rounds
+        )
         draws = self.fitter.draws(state, key_draws)
         summary_draws = self.fitter.draws(state, key_summary, 1000)
         transform = self.fitter.guide.get_transform(self.fitter.params(state))

@@ -244,6 +244,23 @@ class FitResult:
     seconds: float
 
 
+def fit_until_converged(
+    fitter: PopulationFitter, state: FitState, evidence: Evidence, key: jax.Array, max_rounds: int
+) -> tuple[FitState, UpdateInfo, int]:
+    """A warm update from ``state``, continued while it has not converged, at most
+    ``max_rounds`` more (a warm update is bounded, but when much new evidence
+    arrived at once q has further to go). Returns the state, the last update's
+    info and the steps taken in all."""
+    state, info = fitter.update(state, evidence, key)
+    steps = info.steps
+    for round_ in range(max_rounds):
+        if info.converged:
+            break
+        state, info = fitter.update(state, evidence, jax.random.fold_in(key, round_ + 1))
+        steps += info.steps
+    return state, info, steps
+
+
 class FitterPool:
     """One PopulationFitter per model *structure*, shared by every measure.
 
@@ -378,17 +395,9 @@ class PopulationModel:
         key = _key(self.measure, version)
         key_fit, key_draws, key_summary = jax.random.split(key, 3)
         state = self.state or self._first_state(evidence)
-        state, info = self.fitter.update(state, evidence, key_fit)
-        steps = info.steps
-        # A warm update is bounded, but when much new evidence arrived at once q
-        # has further to go: continue until the ELBO stops moving (or the cap).
-        for round_ in range(self.max_rounds):
-            if info.converged:
-                break
-            state, info = self.fitter.update(
-                state, evidence, jax.random.fold_in(key_fit, round_ + 1)
-            )
-            steps += info.steps
+        state, info, steps = fit_until_converged(
+            self.fitter, state, evidence, key_fit, self.max_rounds
+        )
         draws = self.fitter.draws(state, key_draws)
         g = len(cohorts)
         published_groups = {}
