@@ -24,7 +24,7 @@ import logging
 import sys
 import time
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -419,22 +419,14 @@ def rescore(
     scored (and published) under it. That is what makes a restart cheap: the
     worker is handed the last posterior again and would otherwise rescore, and
     with ``force`` republish, every patient it holds."""
-    cache = cache if cache is not None else RecordCache(0)
     version = context.posteriors.version(measure)
-    loaded = {patient_id: cache.take(patient_id, raw) for patient_id, raw in states.items()}
-    records = [
-        r
-        for r in loaded.values()
-        if r is not None
-        and measure in r.measures
-        and not (measure in r.published and r.published[measure].population_version == version)
-    ]
-    outputs = StepOutputs()
-    forced = {r.patient_id for r in records} if force else ()
-    published = _score(records, context, outputs, forced=forced)
-    saves = {r.patient_id: r.model_dump_json().encode() for r in published}
-    _keep(cache, states, loaded, saves)
-    return saves, outputs
+
+    def behind(r: PatientRecord) -> bool:
+        return measure in r.measures and not (
+            measure in r.published and r.published[measure].population_version == version
+        )
+
+    return _rescore_where(states, behind, context, force, cache)
 
 
 def rescore_joint(
@@ -449,22 +441,34 @@ def rescore_joint(
     last published joint score of the group is under an older version. The
     patient's whole score is published (its measures' scores and every joint
     group's) when the group's score changed materially, or when ``force``."""
-    cache = cache if cache is not None else RecordCache(0)
     message = context.posteriors.joint.get(group)
-    loaded = {patient_id: cache.take(patient_id, raw) for patient_id, raw in states.items()}
-    if message is None:
-        records = []
-    else:
-        records = [
-            r
-            for r in loaded.values()
-            if r is not None
+
+    def behind(r: PatientRecord) -> bool:
+        return (
+            message is not None
             and any(m in r.measures for m in message.measures)
             and not (
                 group in r.published_joint
                 and r.published_joint[group].population_version == message.version
             )
-        ]
+        )
+
+    return _rescore_where(states, behind, context, force, cache)
+
+
+def _rescore_where(
+    states: Mapping[str, bytes | None],
+    behind: Callable[[PatientRecord], bool],
+    context: StepContext,
+    force: bool,
+    cache: RecordCache | None,
+) -> tuple[dict[str, bytes], StepOutputs]:
+    """Score the patients of ``states`` for which ``behind`` holds and keep what
+    changed materially (everything when ``force``): rescore's and rescore_joint's
+    common body."""
+    cache = cache if cache is not None else RecordCache(0)
+    loaded = {patient_id: cache.take(patient_id, raw) for patient_id, raw in states.items()}
+    records = [r for r in loaded.values() if r is not None and behind(r)]
     outputs = StepOutputs()
     forced = {r.patient_id for r in records} if force else ()
     published = _score(records, context, outputs, forced=forced)
