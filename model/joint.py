@@ -9,13 +9,24 @@ patient i, reading t of measure m:
 
 The whole patient block r_i (dimension D = 2M, intercepts included) shares one
 covariance: τ holds every intercept's and effect's between-patient sd (as each
-measure's model has), Ω ~ LKJ(D, priors.lkj_concentration) their correlation.
-The between-measure correlation of the effects is Ω's effect sub-block
-Ω_b[m, n] = Ω[2m+1, 2n+1]; with D instead of 2 the LKJ prior's marginal on
-each correlation is Beta(η − 1 + D/2, same) on (−1, 1), a little tighter
-around 0 than a single measure's (η = 2, D = 6: sd 0.33). There are no cohort
-or grouping levels and no patient covariates (each measure's own model has
-them; here they are not implemented).
+measure's model has); the correlation Ω has two M×M blocks and no
+intercept-effect correlation:
+
+    Ω[2m, 2n] = Ω_a[m, n],   Ω[2m+1, 2n+1] = Ω_b[m, n],   Ω[2m, 2n+1] = 0
+    Ω_a ~ LKJ(M, η) (intercepts, site "L_intercepts"),
+    Ω_b ~ LKJ(M, η) (effects, site "L_effects"),   η = priors.lkj_concentration
+
+Ω_b is the between-measure correlation of the effects. Its Cholesky factor is
+the interleaving of blockdiag(L_a, L_b): L[2m, 2n] = L_a[m, n],
+L[2m+1, 2n+1] = L_b[m, n], zero elsewhere; it is lower triangular (2m ≥ 2n iff
+m ≥ n, and likewise for 2m+1, 2n+1) and L Lᵀ = Ω (``interleave_chol``). The
+LKJ(M) marginal of each correlation is Beta(η − 1 + M/2, same) on (−1, 1)
+(η = 2, M = 3: sd 0.41; M = 2: 0.45, a single measure's 2×2 prior). One LKJ(2M) over intercepts and effects together
+(the D(D−1)/2 correlations including the intercept-effect ones) shrank the
+effect sd τ_b of a noisy measure too far when the effects do not correlate:
+its intervals undercovered against per-measure fits (benchmarks/README.md
+§12). There are no cohort or grouping levels and no patient covariates (each
+measure's own model has them; here they are not implemented).
 
 **Patient step.** A measure's Gram matrix gives its Gaussian likelihood of
 (a_im, b_im) given θ (model.likelihood.adjusted_data): precision
@@ -154,7 +165,8 @@ class JointHyper(NamedTuple):
 
     mu: (..., M, 2) population mean of each measure's (intercept, effect)
     tau: (..., D) between-patient sds, ordered (a_1, b_1, …, a_M, b_M)
-    corr_chol: (..., D, D) Cholesky factor of their correlation Ω
+    corr_chol: (..., D, D) Cholesky factor of their correlation Ω (module
+        docstring: the interleaved blockdiag(L_a, L_b), ``interleave_chol``)
     sigma: (..., M) residual sds
     gamma: (..., M, d_z) each measure's fixed effects (time trend)
     """
@@ -175,6 +187,28 @@ class JointHyper(NamedTuple):
         """(..., M, M) Ω_b, the correlation of the effects across measures."""
         omega = self.corr_chol @ jnp.swapaxes(self.corr_chol, -1, -2)
         return omega[..., EFFECT::2, EFFECT::2]
+
+
+def interleave_chol(intercepts: jax.Array, effects: jax.Array) -> jax.Array:
+    """(..., D, D) Cholesky factor of Ω from the intercepts' and effects'
+    (..., M, M) factors L_a, L_b: blockdiag(L_a, L_b) with rows and columns in
+    the block order (a_1, b_1, …, a_M, b_M), i.e. L[2m, 2n] = L_a[m, n],
+    L[2m+1, 2n+1] = L_b[m, n] and 0 elsewhere. Lower triangular, and L Lᵀ has
+    Ω_a and Ω_b interleaved with no intercept-effect correlation."""
+    count = intercepts.shape[-1]
+    batch = jnp.broadcast_shapes(intercepts.shape[:-2], effects.shape[:-2])
+    dtype = jnp.result_type(intercepts, effects)
+    chol = jnp.zeros((*batch, 2 * count, 2 * count), dtype=dtype)
+    chol = chol.at[..., 0::2, 0::2].set(intercepts)
+    return chol.at[..., 1::2, 1::2].set(effects)
+
+
+def _correlation_priors(config: JointConfig) -> jax.Array:
+    """The two LKJ(M) priors (module docstring); returns the interleaved factor."""
+    count, eta = config.num_measures, config.priors.lkj_concentration
+    intercepts = numpyro.sample("L_intercepts", dist.LKJCholesky(count, eta))
+    effects = numpyro.sample("L_effects", dist.LKJCholesky(count, eta))
+    return interleave_chol(intercepts, effects)
 
 
 class BlockData(NamedTuple):
@@ -321,7 +355,7 @@ def joint_model(
         "mu", dist.Normal(0.0, priors.population_mean_sd).expand([count, 2]).to_event(2)
     )
     tau = numpyro.sample("tau", dist.HalfNormal(priors.patient_scale).expand([dim]).to_event(1))
-    corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(dim, priors.lkj_concentration))
+    corr_chol = _correlation_priors(config)
     sigma = numpyro.sample(
         "sigma", dist.HalfNormal(priors.residual_scale).expand([count]).to_event(1)
     )
@@ -340,7 +374,8 @@ def joint_from_sites(sites: dict[str, jax.Array], config: JointConfig) -> JointH
     """JointHyper from numpyro sample sites (constrained), any leading draw axes."""
     batch = sites["mu"].shape[:-2]
     gamma = sites["gamma"] if config.fixed_dim else jnp.zeros((*batch, config.num_measures, 0))
-    return JointHyper(sites["mu"], sites["tau"], sites["L_omega"], sites["sigma"], gamma)
+    corr_chol = interleave_chol(sites["L_intercepts"], sites["L_effects"])
+    return JointHyper(sites["mu"], sites["tau"], corr_chol, sites["sigma"], gamma)
 
 
 def initial_values(config: JointConfig) -> dict[str, np.ndarray]:
@@ -349,7 +384,8 @@ def initial_values(config: JointConfig) -> dict[str, np.ndarray]:
     values = {
         "mu": np.zeros((count, 2)),
         "tau": np.tile([0.5, 0.3], count),
-        "L_omega": np.eye(config.block_dim),
+        "L_intercepts": np.eye(count),
+        "L_effects": np.eye(count),
         "sigma": np.full(count, 0.5),
     }
     if config.fixed_dim:
@@ -536,7 +572,7 @@ def uncollapsed_model(
         "mu", dist.Normal(0.0, priors.population_mean_sd).expand([count, 2]).to_event(2)
     )
     tau = numpyro.sample("tau", dist.HalfNormal(priors.patient_scale).expand([dim]).to_event(1))
-    corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(dim, priors.lkj_concentration))
+    corr_chol = _correlation_priors(config)
     sigma = numpyro.sample(
         "sigma", dist.HalfNormal(priors.residual_scale).expand([count]).to_event(1)
     )

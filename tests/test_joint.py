@@ -21,7 +21,10 @@ from model.joint import (
     JointConfig,
     JointHyper,
     block_posterior,
+    initial_values,
+    interleave_chol,
     joint_config_for,
+    joint_from_sites,
     joint_grams,
     joint_loglik,
 )
@@ -126,3 +129,54 @@ def test_unsupported_structure_is_refused():
         JointConfig(measures=(plain,))
     with pytest.raises(ValueError, match="time trend"):
         JointConfig(measures=(plain, plain.model_copy(update={"time_trend": True})))
+
+
+@pytest.mark.parametrize("measures", [2, 3, 6])
+def test_interleaved_factor_is_the_cholesky_factor_of_interleaved_omega(measures):
+    """blockdiag(L_a, L_b) interleaved into (a_1, b_1, …) order: lower
+    triangular, positive diagonal, and L Lᵀ = Ω with Ω[2m, 2n] = Ω_a[m, n],
+    Ω[2m+1, 2n+1] = Ω_b[m, n], Ω[2m, 2n+1] = 0 (built entry by entry here)."""
+    import numpyro.distributions as dist
+
+    keys = jax.random.split(jax.random.PRNGKey(measures), 2)
+    intercepts = np.asarray(dist.LKJCholesky(measures, 1.0).sample(keys[0], (4,)))
+    effects = np.asarray(dist.LKJCholesky(measures, 1.0).sample(keys[1], (4,)))
+    chol = np.asarray(interleave_chol(jnp.asarray(intercepts), jnp.asarray(effects)))
+    dim = 2 * measures
+    assert chol.shape == (4, dim, dim)
+    for s in range(4):
+        omega_a = intercepts[s] @ intercepts[s].T
+        omega_b = effects[s] @ effects[s].T
+        omega = np.zeros((dim, dim))
+        for m in range(measures):
+            for n in range(measures):
+                omega[2 * m, 2 * n] = omega_a[m, n]
+                omega[2 * m + 1, 2 * n + 1] = omega_b[m, n]
+        np.testing.assert_array_equal(np.triu(chol[s], 1), 0.0)
+        assert np.all(np.diag(chol[s]) > 0)
+        np.testing.assert_allclose(chol[s] @ chol[s].T, omega, atol=1e-12)
+        np.testing.assert_allclose(np.linalg.cholesky(omega), chol[s], atol=1e-12)
+        theta = JointHyper(
+            jnp.zeros((measures, 2)),
+            jnp.ones(dim),
+            jnp.asarray(chol[s]),
+            jnp.ones(measures),
+            jnp.zeros((measures, 0)),
+        )
+        np.testing.assert_allclose(theta.effect_correlation, omega_b, atol=1e-12)
+
+
+def test_sites_map_to_the_interleaved_factor():
+    plain = ModelConfig(cohort_level=False, time_trend=False)
+    config = JointConfig(measures=(plain, plain, plain))
+    sites = {name: jnp.asarray(value) for name, value in initial_values(config).items()}
+    sites["L_effects"] = jnp.linalg.cholesky(
+        jnp.asarray([[1.0, 0.5, 0.2], [0.5, 1.0, -0.3], [0.2, -0.3, 1.0]])
+    )
+    theta = joint_from_sites(sites, config)
+    assert theta.corr_chol.shape == (6, 6)
+    np.testing.assert_allclose(theta.effect_correlation[0, 1], 0.5, atol=1e-12)
+    np.testing.assert_allclose(theta.effect_correlation[1, 2], -0.3, atol=1e-12)
+    omega = theta.corr_chol @ theta.corr_chol.T
+    np.testing.assert_allclose(omega[0::2, 1::2], 0.0, atol=1e-12)
+    np.testing.assert_allclose(omega[0::2, 0::2], np.eye(3), atol=1e-12)
