@@ -226,7 +226,11 @@ class JointModel:
             svi_steps=steps,
             converged=info.converged,
             standardization=[m.standardization.model_dump() for m in self.config.measures],
-            draws={f: np.asarray(getattr(draws, f)).tolist() for f in JointHyper._fields},
+            draws={
+                f: np.asarray(getattr(draws, f)).tolist()
+                for f in JointHyper._fields
+                if getattr(draws, f) is not None
+            },
             effect_correlation=describe_correlation(summary_draws),
             summary=population_summary(summary_draws, self.config, self.measures),
             unconstrained_loc=np.asarray(transform.loc).tolist(),
@@ -257,8 +261,15 @@ def population_summary(
 
 
 def posterior_draws(message: JointPosterior) -> JointHyper:
-    """The draws of θ a JointPosterior carries."""
-    return JointHyper(*(jnp.asarray(message.draws[f], dtype=float) for f in JointHyper._fields))
+    """The draws of θ a JointPosterior carries (without ``tau_cohort``: a
+    posterior of a model without a cohort level)."""
+    return JointHyper(
+        **{
+            f: jnp.asarray(message.draws[f], dtype=float)
+            for f in JointHyper._fields
+            if message.draws.get(f) is not None
+        }
+    )
 
 
 def message_config(message: JointPosterior, config: JointConfig) -> JointConfig:

@@ -628,7 +628,8 @@ class JointPosterior(Envelope):
     )
     draws: dict[str, list] = Field(
         description="fixed draws of θ by name (mu (S, M, 2), tau (S, 2M), corr_chol "
-        "(S, 2M, 2M), sigma (S, M), gamma (S, M, d)), standardised units"
+        "(S, 2M, 2M), sigma (S, M), gamma (S, M, d), tau_cohort (S, M): zeros without a "
+        "cohort level, absent from older posteriors), standardised units"
     )
     effect_correlation: dict[str, list[list[float]]] = Field(
         description="posterior of the between-measure correlation of the patients' effects "

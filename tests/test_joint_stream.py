@@ -189,6 +189,7 @@ def random_draws(config, count: int = 24, seed: int = 0) -> JointHyper:
         corr_chol=dist.LKJCholesky(dim, 2.0).sample(key[2], (count,)),
         sigma=0.3 + 0.3 * jax.random.uniform(key[3], (count, m)),
         gamma=0.05 * jax.random.normal(key[4], (count, m, config.fixed_dim)),
+        tau_cohort=jax.numpy.zeros((count, m)),  # as joint_from_sites without a cohort level
     )
 
 
