@@ -21,8 +21,9 @@ the interleaving of blockdiag(L_a, L_b): L[2m, 2n] = L_a[m, n],
 L[2m+1, 2n+1] = L_b[m, n], zero elsewhere; it is lower triangular (2m ≥ 2n iff
 m ≥ n, and likewise for 2m+1, 2n+1) and L Lᵀ = Ω (``interleave_chol``). The
 LKJ(M) marginal of each correlation is Beta(η − 1 + M/2, same) on (−1, 1)
-(η = 2, M = 3: sd 0.41; M = 2: 0.45, a single measure's 2×2 prior). One LKJ(2M) over intercepts and effects together
-(the D(D−1)/2 correlations including the intercept-effect ones) shrank the
+(η = 2, M = 3: sd 0.41; M = 2: 0.45, a single measure's 2×2 prior). One
+LKJ(2M) over intercepts and effects together (the D(D−1)/2 correlations
+including the intercept-effect ones) shrank the
 effect sd τ_b of a noisy measure too far when the effects do not correlate:
 its intervals undercovered against per-measure fits (benchmarks/README.md
 §12). There are no grouping levels beyond the cohort and no patient covariates
@@ -56,7 +57,8 @@ contributes exactly zero: padding needs no mask.
 **Cohort step.** log L_i(μ + δ) is quadratic in the shift δ of the prior mean:
 with h_δ = h_μ − Pδ in the patient step,
 
-    log L_i(μ + δ) − log L_i(μ) = δᵀ(h_μ − P L K⁻¹ Lᵀ h_μ) − ½ δᵀ(P − P L K⁻¹ Lᵀ P)δ
+    log L_i(μ + δ) − log L_i(μ)
+        = δᵀ(h_μ − P L K⁻¹ Lᵀ h_μ) − ½ δᵀ(P − P L K⁻¹ Lᵀ P)δ
 
 and P − P L K⁻¹ Lᵀ P = (P⁻¹ + Σ)⁻¹ (Woodbury), written without inverting P or
 L (P may be singular, L → 0 as τ → 0). With V = P L C⁻ᵀ, its row for measure
@@ -75,18 +77,21 @@ B_g = I + T J_g T = F_g F_gᵀ (M×M, unrolled Cholesky over (G,) arrays; det �
 (M = 1: a single measure's ½ τ_u² K² / (1 + τ_u² J) − ½ log(1 + τ_u² J)). An
 empty cohort has J_g = 0, K_g = 0: it contributes 0 and keeps its prior.
 Patient posterior given u: r_i | u ~ N(μ + Eu + L K⁻¹ Lᵀ(h_μ − P E u), L K⁻¹ Lᵀ)
-= N(m_i + A_i u, L K⁻¹ Lᵀ) with A_i = E − L C⁻ᵀ Z_i, Z_i = (z_1..z_M); over
-u_g's posterior N(m_g, V_g): mean m_i + A_i m_g, covariance L K⁻¹ Lᵀ + A_i V_g A_iᵀ.
+= N(m_i + A_i u, L K⁻¹ Lᵀ) with m_i = μ + L K⁻¹ Lᵀ h_μ (the step above),
+A_i = E − L C⁻ᵀ Z_i, Z_i = (z_1..z_M); over u_g's posterior N(m_g, V_g) from
+all evidence: mean m_i + A_i m_g, covariance L K⁻¹ Lᵀ + A_i V_g A_iᵀ, the
+exact marginal of the joint posterior (as model.likelihood's
+patient_effects_given_theta).
 
-**Fit.** θ = (μ, τ, Ω, σ, γ, τ_u) by model.population's PopulationFitter (the same
-whitened full-rank SVI) on ``joint_model``; gradients are reverse-mode autodiff
+**Fit.** θ = (μ, τ, Ω_a, Ω_b, σ, γ, τ_u) by model.population's PopulationFitter
+(the same whitened full-rank SVI) on ``joint_model``; gradients are reverse-mode autodiff
 of the value above. Patient posteriors are Gaussian given θ and mixed over the
 draws of θ as model.scores does (``JointPatients``).
 
 **Latent responsiveness.** ρ_i = (1/M) Σ_m s_m (b_im − μ_bm) / τ_bm: the
-patient's effect deviation (its cohort's deviation included) on each measure in units of that measure's
-between-patient sd, signed so that benefit is positive (s_m = +1 when higher is
-better), averaged over measures. It is 0 for the typical patient, so
+patient's effect deviation (its cohort's shift included) on each measure in
+units of that measure's between-patient sd, signed so that benefit is positive
+(s_m = +1 when higher is better), averaged over measures. It is 0 for the typical patient, so
 P(ρ_i > 0) is the probability the patient responds more than the population.
 Linear in r_i, it is Gaussian given θ: mean wᵀ(E r_i − μ), variance wᵀ Cov(r_i) w.
 """

@@ -15,8 +15,9 @@ readings, unexposed ones before it. Checked on the topics:
   offline computation on the same draws and the patient's evidence
   (model.joint.joint_patients on model.joint.joint_grams of the simulated
   events; every patient is in the one cohort clinic-0, whose u_g posterior the
-  reference computes from all 24 patients as the stream's fit did): the same function of the same numbers, the Gram matrices summed in
-  another order, so 1e-6 of a posterior sd and 1e-6 in probability.
+  reference computes from all 24 patients as the stream's fit did): the same
+  function of the same numbers, the Gram matrices summed in another order,
+  so 1e-6 of a posterior sd and 1e-6 in probability.
 """
 
 from __future__ import annotations
