@@ -614,6 +614,9 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka) -> dict:
         say(f"worker pid {worker.process.pid}; warm-up: {len(warm)} records")
         await send_all(prod, prefix, warm)
         await collector.wait(expected_counts(warm), args.timeout)
+        # The worker compiles its scoring shapes in a thread once the posterior
+        # arrives; measured repeats start after that, so they compare steady states.
+        await asyncio.to_thread(worker.wait_for_log, "compiled scoring for", 1, args.timeout)
         assert worker.alive(), worker.log_tail()
         pids = {"worker": worker.process.pid}
         if kafka_pid:

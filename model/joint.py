@@ -674,7 +674,11 @@ class JointPatients(NamedTuple):
     effect_mean, effect_sd: (P, M) mixture mean and sd of each effect b_im;
     effect_lower, effect_upper: (P, M) its 5% and 95% quantiles;
     responsiveness_mean, _sd, _lower, _upper: (P,) the same of ρ_i;
-    p_above_population: (P,) P(ρ_i > 0).
+    p_above_population: (P,) P(ρ_i > 0);
+    p_benefit_ge_mcid, p_benefit_gt_0: (P, M) P(s_m b_im ≥ t_m) and
+    P(s_m b_im > 0), the benefit (effect signed by s_m) against each measure's
+    threshold t_m (its MCID, standardised): the mixture over the draws of
+    Φ((s_m E[b_im] − t)/sd[b_im]) given θ.
     """
 
     effect_mean: np.ndarray
@@ -686,6 +690,8 @@ class JointPatients(NamedTuple):
     responsiveness_lower: np.ndarray
     responsiveness_upper: np.ndarray
     p_above_population: np.ndarray
+    p_benefit_ge_mcid: np.ndarray
+    p_benefit_gt_0: np.ndarray
 
 
 @partial(jax.jit, static_argnames=("config", "num_cohorts"))
@@ -724,18 +730,23 @@ def joint_patients(
     gram: np.ndarray,
     config: JointConfig,
     signs: np.ndarray | None = None,
+    thresholds: np.ndarray | None = None,
     cohort: np.ndarray | None = None,
     num_cohorts: int = 1,
     cohort_moments: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> JointPatients:
     """Summaries of every patient's effects and responsiveness from all evidence
     (gram (P, M, d, d), standardised) over S draws of θ. signs: (M,) benefit sign
-    of each measure (+1 higher is better; default all +1). With a cohort level,
-    cohort (P,) in [0, num_cohorts) (None: one cohort), and ``cohort_moments``
-    each draw's posterior of every cohort's u_g from all evidence, (S, G, M) and
-    (S, G, M, M) (cohort_posteriors); None: computed from the patients passed,
-    so then pass every patient of their cohorts."""
+    of each measure (+1 higher is better; default all +1); thresholds: (M,) each
+    measure's MCID in standardised effect units (default 0). With a cohort
+    level, cohort (P,) in [0, num_cohorts) (None: one cohort), and
+    ``cohort_moments`` each draw's posterior of every cohort's u_g from all
+    evidence, (S, G, M) and (S, G, M, M) (cohort_posteriors); None: computed
+    from the patients passed, so then pass every patient of their cohorts."""
     signs = np.ones(config.num_measures) if signs is None else np.asarray(signs, dtype=float)
+    thresholds = (
+        np.zeros(config.num_measures) if thresholds is None else np.asarray(thresholds, float)
+    )
     if config.cohort_level and draws.tau_cohort is None:
         raise ValueError("a joint model with a cohort level needs draws of tau_cohort")
     index = np.zeros(np.shape(gram)[0], dtype=np.int32) if cohort is None else cohort
@@ -769,7 +780,13 @@ def joint_patients(
     p_above = np.mean(
         jax.scipy.stats.norm.cdf(rho_mean / np.sqrt(np.maximum(rho_var, 1e-24))), axis=0
     )
-    return JointPatients(*stacked, *rho, np.asarray(p_above))
+    benefit = effects * signs  # (S, P, M)
+    effect_sd = np.sqrt(np.maximum(variances, 1e-24))
+    p_mcid = np.mean(jax.scipy.stats.norm.cdf((benefit - thresholds) / effect_sd), axis=0)
+    p_positive = np.mean(jax.scipy.stats.norm.cdf(benefit / effect_sd), axis=0)
+    return JointPatients(
+        *stacked, *rho, np.asarray(p_above), np.asarray(p_mcid), np.asarray(p_positive)
+    )
 
 
 def describe_correlation(draws: JointHyper) -> dict[str, Any]:

@@ -22,13 +22,14 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig, Standardization
+from model.config import DecisionRule, ModelConfig, Standardization
 from model.joint import (
     JointConfig,
     JointHyper,
@@ -41,6 +42,7 @@ from model.joint import (
 )
 from model.offline import describe
 from model.population import MIN_PATIENT_BUCKET, FitState, PopulationFitter, UpdateInfo, bucket_size
+from model.scores import classify
 from streams.catalogue import Catalogue, CatalogueError, JointGroupSpec, MeasureSpec
 from streams.patient_state import PatientRecord, PublishedJoint
 from streams.population_book import FitterPool, PopulationBook, fit_until_converged, interval_of
@@ -328,25 +330,46 @@ def cohort_moments(
     return index, (mean, cov)
 
 
+@dataclass(frozen=True)
+class JointCallInputs:
+    """What a joint score's calls need besides the posterior, per patient:
+    ``counts`` (P, M, 2) each measure's exposed and unexposed readings (the
+    decision rule's minimums), ``previous`` each patient's last published joint
+    call per measure (its hysteresis), the rule and the care pathways."""
+
+    counts: np.ndarray
+    previous: Sequence[Mapping[str, str]] = ()
+    rule: DecisionRule = dataclass_field(default_factory=DecisionRule)
+    pathways: Mapping[str, str] = dataclass_field(default_factory=dict)
+
+
 def joint_scores(
     message: JointPosterior,
     config: JointConfig,
     specs: Sequence[MeasureSpec],
     gram: np.ndarray,
+    calls: JointCallInputs | None = None,
     cohorts: Sequence[str | None] | None = None,
 ) -> list[JointScore]:
     """Every patient's joint score under ``message`` from all the patient's
     evidence of the group (gram (P, M, d, d), standardised as the posterior):
     model.joint.joint_patients over the posterior's draws, effects in each
-    measure's unit per unit of exposure. With a cohort level, ``cohorts`` (P,)
-    each patient's cohort label (None: unknown): the patient's block posterior
-    mixes over the posterior's u_g of that cohort (cohort_moments)."""
+    measure's unit per unit of exposure, P(benefit ≥ MCID) and P(benefit > 0)
+    under the joint posterior, and each effect's call by the measures' decision
+    rule (model.scores.classify). ``calls``: the inputs of the calls (None: no
+    readings counted, so every call is insufficient data). With a cohort level,
+    ``cohorts`` (P,) each patient's cohort label (None: unknown): the patient's
+    block posterior mixes over the posterior's u_g of that cohort
+    (cohort_moments)."""
     config = message_config(message, config)
     draws, signs = posterior_draws(message), benefit_signs(specs)
+    scales = np.array([effect_scale(m.standardization) for m in config.measures])
+    thresholds = np.array([spec.mcid for spec in specs]) / scales
     count = gram.shape[0]
     index, moments = np.zeros(count, dtype=np.int32), None
     if config.cohort_level:
         index, moments = cohort_moments(message, draws, cohorts, count)
+    calls = calls or JointCallInputs(counts=np.zeros((count, len(specs), 2), dtype=int))
     parts = []
     # In blocks of SCORING_BLOCK patients, each padded to a power-of-two count
     # (zero blocks: a patient without evidence): a batch of any size reuses the
@@ -357,10 +380,24 @@ def joint_scores(
         padded[: block.shape[0]] = block
         where = np.zeros(padded.shape[0], dtype=np.int32)
         where[: block.shape[0]] = index[start : start + SCORING_BLOCK]
-        found = joint_patients(draws, padded, config, signs, cohort=where, cohort_moments=moments)
+        found = joint_patients(
+            draws, padded, config, signs, thresholds, cohort=where, cohort_moments=moments
+        )
         parts.append([np.asarray(field)[: block.shape[0]] for field in found])
     found = JointPatients(*(np.concatenate(column) for column in zip(*parts, strict=True)))
-    scales = [effect_scale(m.standardization) for m in config.measures]
+    classes = [
+        classify(
+            found.p_benefit_ge_mcid[:, m],
+            found.p_benefit_gt_0[:, m],
+            calls.counts[:, m, 0],
+            calls.counts[:, m, 1],
+            calls.rule,
+            previous=np.asarray([p.get(spec.name, "") for p in calls.previous], dtype=object)
+            if calls.previous
+            else None,
+        ).tolist()
+        for m, spec in enumerate(specs)
+    ]
     scores = []
     for i in range(count):
         effects = [
@@ -368,12 +405,17 @@ def joint_scores(
                 measure=spec.name,
                 unit=spec.unit,
                 direction=spec.direction,
+                mcid=spec.mcid,
                 effect=Interval(
                     mean=float(found.effect_mean[i, m] * scale),
                     sd=float(found.effect_sd[i, m] * scale),
                     lower=float(found.effect_lower[i, m] * scale),
                     upper=float(found.effect_upper[i, m] * scale),
                 ),
+                p_benefit_ge_mcid=float(found.p_benefit_ge_mcid[i, m]),
+                p_benefit_gt_0=float(found.p_benefit_gt_0[i, m]),
+                classification=classes[m][i],
+                recommended_action=calls.pathways.get(classes[m][i]),
             )
             for m, (spec, scale) in enumerate(zip(specs, scales, strict=True))
         ]
@@ -408,21 +450,26 @@ def compile_joint_scoring(
     return len(sizes)
 
 
-def record_grams(records: Sequence[PatientRecord], measures: Sequence[str], d: int) -> np.ndarray:
+def record_grams(
+    records: Sequence[PatientRecord], measures: Sequence[str], d: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(P, M, d, d) each record's all-time statistics of each measure (as its
     evidence to the population agent: streams.patient_state.measure_evidence),
-    zero where it has none."""
+    zero where it has none, and (P, M, 2) its exposed and unexposed readings."""
     gram = np.zeros((len(records), len(measures), d, d))
+    counts = np.zeros((len(records), len(measures), 2), dtype=int)
     for i, record in enumerate(records):
         for m, measure in enumerate(measures):
             stats = record.measures.get(measure)
             if stats is not None:
                 gram[i, m] = stats.gram
-    return gram
+                counts[i, m] = stats.count_exposed, stats.count_unexposed
+    return gram, counts
 
 
 def changed_materially(previous: PublishedJoint | None, score: JointScore) -> bool:
-    """Publish when there is no earlier joint score, or responsiveness moved by
+    """Publish when there is no earlier joint score, a measure's joint call
+    changed, or responsiveness moved by
     ≥ 0.1 posterior sd, its sd by ≥ 5%, or P(above the population) by ≥ 0.02
     (streams.scoring.changed_materially's thresholds)."""
     if previous is None:
@@ -430,7 +477,8 @@ def changed_materially(previous: PublishedJoint | None, score: JointScore) -> bo
     rho = score.responsiveness
     sd = max(rho.sd, 1e-12)
     return (
-        abs(rho.mean - previous.responsiveness_mean) >= 0.1 * sd
+        any(previous.calls.get(e.measure) != e.classification for e in score.effects)
+        or abs(rho.mean - previous.responsiveness_mean) >= 0.1 * sd
         or abs(rho.sd - previous.responsiveness_sd) >= 0.05 * sd
         or abs(score.p_above_population - previous.p_above_population) >= 0.02
     )
@@ -442,6 +490,7 @@ def published_of(score: JointScore) -> PublishedJoint:
         responsiveness_mean=score.responsiveness.mean,
         responsiveness_sd=score.responsiveness.sd,
         p_above_population=score.p_above_population,
+        calls={effect.measure: effect.classification for effect in score.effects},
     )
 
 
@@ -450,6 +499,8 @@ def patients_joint_scores(
     posteriors: Mapping[str, JointPosterior],
     configs: Mapping[str, JointConfig],
     catalogue: Catalogue,
+    rule: DecisionRule,
+    pathways: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, JointScore]]:
     """Each enrolled record's joint score under every joint group with a
     posterior whose measures it has evidence of: patient id -> group -> score."""
@@ -467,9 +518,14 @@ def patients_joint_scores(
         if not members:
             continue
         specs = [catalogue.get(m) for m in message.measures]
-        gram = record_grams(members, message.measures, config.stat_dim)
-        cohorts = [r.cohort for r in members]
-        found = joint_scores(message, config, specs, gram, cohorts)
+        gram, counts = record_grams(members, message.measures, config.stat_dim)
+        previous = [
+            record.published_joint[group].calls if group in record.published_joint else {}
+            for record in members
+        ]
+        calls = JointCallInputs(counts, previous, rule, pathways or {})
+        cohorts = [record.cohort for record in members]
+        found = joint_scores(message, config, specs, gram, calls, cohorts)
         for record, score in zip(members, found, strict=True):
             scores.setdefault(record.patient_id, {})[group] = score
     return scores

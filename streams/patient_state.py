@@ -247,6 +247,8 @@ class PublishedJoint(BaseModel):
     responsiveness_mean: float
     responsiveness_sd: float
     p_above_population: float
+    #: each measure's published joint call (the decision rule's hysteresis)
+    calls: dict[str, str] = Field(default_factory=dict)
 
 
 #: One entry of PatientRecord.seen_index: the event id's digest (event_digest),

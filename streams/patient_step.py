@@ -574,7 +574,12 @@ def _score(
         for record, score in zip(group, scores, strict=True):
             new_scores[record.patient_id][measure] = score
     joint = joint_stream.patients_joint_scores(
-        records, context.posteriors.joint, context.joint, context.catalogue
+        records,
+        context.posteriors.joint,
+        context.joint,
+        context.catalogue,
+        context.rule,
+        context.settings.pathways,
     )
     by_id = {r.patient_id: r for r in records}
     weights = context.weights

@@ -676,9 +676,21 @@ class JointEffect(BaseModel):
     measure: str = Field(description="the measure")
     unit: str = Field(description="the measure's canonical unit")
     direction: Literal["higher", "lower"] = Field(description="which direction is a benefit")
+    mcid: float = Field(description="minimal clinically important difference, in ``unit``")
     effect: Interval = Field(
         description="posterior of the patient's effect, ``unit`` per unit of exposure, "
         "borrowing strength from the group's other measures"
+    )
+    p_benefit_ge_mcid: float = Field(
+        description="posterior probability of a benefit of at least the MCID, under the joint model"
+    )
+    p_benefit_gt_0: float = Field(description="posterior probability of any benefit")
+    classification: Literal["responder", "non_responder", "uncertain", "insufficient_data"] = Field(
+        description="the decision rule's call on the joint posterior (the measure's own call "
+        "is in ``measures``)"
+    )
+    recommended_action: str | None = Field(
+        default=None, description="the care pathway's action for the call, if any"
     )
 
 

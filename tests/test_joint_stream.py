@@ -15,9 +15,11 @@ import numpy as np
 import numpyro.distributions as dist
 import pytest
 
+from model.config import DecisionRule
 from model.events import Events
 from model.evidence import events_stats
 from model.joint import JointHyper, cohort_posteriors, joint_grams, joint_patients
+from model.scores import classify
 from model.simulate import simulate_joint
 from streams.app import measure_models
 from streams.catalogue import Catalogue, CatalogueError
@@ -29,6 +31,7 @@ from streams.joint_stream import (
     joint_snapshot,
 )
 from streams.partitioning import key_partition
+from streams.patient_state import PatientRecord
 from streams.patient_step import StepContext, batch_keys, process_batch, rescore_joint
 from streams.population_book import FitterPool, PopulationBook
 from streams.posterior_feed import PosteriorBook
@@ -321,7 +324,7 @@ def test_joint_scores_mix_over_the_posteriors_cohort_shifts(tmp_path):
     signs = np.array([-1.0, -1.0])
     reference = joint_patients(draws, gram, config, signs, cohort=index, num_cohorts=2)
     some = [1, 2, 5]
-    scores = joint_scores(message, config, specs, gram[some], [labels[i] for i in some])
+    scores = joint_scores(message, config, specs, gram[some], cohorts=[labels[i] for i in some])
     scales = np.array([1.2, 30.0])
     for row, i in enumerate(some):
         for m, effect in enumerate(scores[row].effects):
@@ -345,7 +348,7 @@ def test_joint_scores_mix_over_the_posteriors_cohort_shifts(tmp_path):
         draws, gram[:1], config, signs, cohort=np.zeros(1, np.int32), cohort_moments=prior
     )
     for label in ("elsewhere", None):
-        unseen = joint_scores(message, config, specs, gram[:1], [label])[0]
+        unseen = joint_scores(message, config, specs, gram[:1], cohorts=[label])[0]
         np.testing.assert_allclose(
             unseen.effects[0].effect.sd, scales[0] * alone.effect_sd[0, 0], rtol=1e-9
         )
@@ -354,7 +357,9 @@ def test_joint_scores_mix_over_the_posteriors_cohort_shifts(tmp_path):
 
 def scores_sd_known(message, config, specs, gram, labels) -> float:
     """Patient 0's hba1c effect sd in its own (known) cohort."""
-    return joint_scores(message, config, specs, gram[:1], labels[:1])[0].effects[0].effect.sd
+    return (
+        joint_scores(message, config, specs, gram[:1], cohorts=labels[:1])[0].effects[0].effect.sd
+    )
 
 
 # --- the programme of the stream steps and the end-to-end test -------------------
@@ -442,11 +447,36 @@ def test_the_patient_step_publishes_each_patient_joint_score_as_joint_patients(t
     assert not outputs.dead_letters
     latest = {m.key.decode(): json.loads(m.value) for m in outputs.scores}
     assert sorted(latest) == patients
-    reference = joint_patients(draws, gram, config, np.array([-1.0, -1.0]))
     scales = np.array([1.2, 30.0])
+    mcid = np.array([loaded.get("hba1c").mcid, loaded.get("fasting_glucose").mcid])
+    reference = joint_patients(draws, gram, config, np.array([-1.0, -1.0]), mcid / scales)
+    # Each effect's call: the measures' decision rule on the joint probabilities
+    # and the readings each patient has of the measure, exposed and not.
+    calls = [
+        classify(
+            reference.p_benefit_ge_mcid[:, m],
+            reference.p_benefit_gt_0[:, m],
+            np.bincount(each.patient[each.exposure != 0], minlength=len(patients)),
+            np.bincount(each.patient[each.exposure == 0], minlength=len(patients)),
+            DecisionRule(),
+        )
+        for m, each in enumerate(events)
+    ]
     for i, patient in enumerate(patients):
         (joint,) = latest[patient]["joint"]
         assert joint["population_version"] == 3
+        effects = joint["effects"]
+        np.testing.assert_allclose(
+            [[e["p_benefit_ge_mcid"], e["p_benefit_gt_0"]] for e in effects],
+            np.stack([reference.p_benefit_ge_mcid[i], reference.p_benefit_gt_0[i]], -1),
+            rtol=1e-9,
+        )
+        assert [e["classification"] for e in effects] == [calls[0][i], calls[1][i]]
+        published = PatientRecord.model_validate_json(saves[patient]).published_joint
+        assert published["glycaemic"].calls == {
+            "hba1c": calls[0][i],
+            "fasting_glucose": calls[1][i],
+        }
         got = [[e["effect"][f] for f in ("mean", "sd", "lower", "upper")] for e in joint["effects"]]
         want = scales[:, None] * np.stack(
             [reference.effect_mean[i], reference.effect_sd[i],
