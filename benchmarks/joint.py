@@ -14,7 +14,14 @@ with the effects correlating 0.7 and once with 0.
 ``cost``: one warm update (SVIConfig.update_steps steps, update_particles) of
 q(θ) at P patients × 3 measures: the joint fit against the three measures'
 single fits run one after the other, medians over repeats after a compiling
-call; the ratio is the number to read (the machine is shared).
+call; the ratio is the number to read (the machine is shared). ``--cohorts G``
+(G > 0): patients spread over G cohorts and every model with a cohort level.
+
+``nuts-coverage``: on programmes of ``accuracy`` (correlation 0 by default),
+the joint model's θ by NUTS on the collapsed likelihood (θ only) against its
+SVI fit: the noisy measure's (measure 2) median τ_b and 90% coverage of the
+true effects, patient posteriors by the same exact mixture over either's
+draws; it tells q(θ)'s share of a coverage gap from the model's.
 
 Run ``python -m benchmarks.joint accuracy --programmes 6`` and
 ``python -m benchmarks.joint cost --patients 100000``; progress on stderr,
@@ -148,18 +155,18 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
 def cost(args: argparse.Namespace) -> dict[str, Any]:
     svi_config = SVIConfig()
     events, _ = programme(args.patients, 0.7, args.seed, low=4, high=8)
-    config = joint_config_for(events)
+    num_cohorts = max(args.cohorts, 1)
+    cohort = np.arange(args.patients, dtype=np.int32) % num_cohorts
+    config = joint_config_for(events, cohort_level=args.cohorts > 0)
     gram = joint_grams(events, config)
     key = jax.random.PRNGKey(args.seed)
     joint_fit = joint_fitter(config, svi_config)
-    evidence = pad_joint(gram)
+    evidence = pad_joint(gram, cohort, num_cohorts)
     # A warm state: the step counter past the fresh fit, so update runs update_steps.
     joint_state = joint_fit.init(key, evidence)._replace(total_steps=1)
     separate_fit = PopulationFitter(config.measures[0].structure, svi_config)
     singles = [
-        pad_evidence(
-            events_stats(events[m], config.measures[m]), np.zeros(args.patients, dtype=np.int32), 1
-        )
+        pad_evidence(events_stats(events[m], config.measures[m]), cohort, num_cohorts)
         for m in range(3)
     ]
     states = [separate_fit.init(key, single)._replace(total_steps=1) for single in singles]
@@ -186,6 +193,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         say(f"repeat {repeat}: joint {joint_times[-1]:.2f} s, separate {separate_times[-1]:.2f} s")
     return {
         "patients": args.patients,
+        "cohorts": args.cohorts,
         "padded_patients": int(evidence.gram.shape[0]),
         "steps": svi_config.update_steps,
         "first_call_s": {"joint": first_joint, "separate": first_separate},
@@ -195,6 +203,46 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         "separate_median_s": median(separate_times),
         "ratio": median(joint_times) / median(separate_times),
     }
+
+
+def nuts_coverage(args: argparse.Namespace) -> dict[str, Any]:
+    from numpyro.infer import MCMC, NUTS, init_to_value
+
+    from model.joint import fit_joint, initial_values, joint_from_sites, joint_model
+
+    rows = []
+    for seed in args.seeds:
+        started = time.perf_counter()
+        events, truth = programme(args.patients, args.correlation, seed)
+        config = joint_config_for(events)
+        gram = joint_grams(events, config)
+        evidence = pad_joint(gram)
+        kernel = NUTS(joint_model, init_strategy=init_to_value(values=initial_values(config)))
+        mcmc = MCMC(kernel, num_warmup=500, num_samples=1000, progress_bar=False)
+        mcmc.run(
+            jax.random.PRNGKey(seed),
+            evidence.gram,
+            evidence.cohort,
+            evidence.num_cohorts,
+            config.structure,
+        )
+        fitted = {
+            "nuts": joint_from_sites(mcmc.get_samples(), config),
+            "svi": fit_joint(gram, config, seed=seed)[0],
+        }
+        scale = config.measures[2].standardization.effect_to_raw(1.0)
+        record: dict[str, Any] = {"seed": seed}
+        for name, draws in fitted.items():
+            patients = joint_patients(draws, gram, config)
+            lower, upper = patients.effect_lower[:, 2] * scale, patients.effect_upper[:, 2] * scale
+            record[name] = {
+                "tau_b2_median": float(np.median(np.asarray(draws.tau[:, 5]))),
+                "coverage2": float(np.mean((lower <= truth[:, 2]) & (truth[:, 2] <= upper))),
+            }
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        rows.append(record)
+        say(f"seed {seed}: {record}")
+    return {"patients": args.patients, "correlation": args.correlation, "rows": rows}
 
 
 def main() -> None:
@@ -207,12 +255,21 @@ def main() -> None:
     second = sub.add_parser("cost")
     second.add_argument("--patients", type=int, default=100_000)
     second.add_argument("--repeats", type=int, default=3)
+    second.add_argument("--cohorts", type=int, default=0)
     second.add_argument("--seed", type=int, default=0)
+    third = sub.add_parser("nuts-coverage")
+    third.add_argument("--seeds", type=int, nargs="+", default=[2, 4, 9])
+    third.add_argument("--patients", type=int, default=200)
+    third.add_argument("--correlation", type=float, default=0.0)
     args = parser.parse_args()
     started = time.perf_counter()
-    result = accuracy(args) if args.command == "accuracy" else cost(args)
+    commands = {"accuracy": accuracy, "cost": cost, "nuts-coverage": nuts_coverage}
+    result = commands[args.command](args)
     result.update(machine=machine(), seconds=round(time.perf_counter() - started, 1))
-    path = write_json(f"joint_{args.command}", result)
+    name = f"joint_{args.command.replace('-', '_')}"
+    if args.command == "cost" and args.cohorts:
+        name += "_cohorts"
+    path = write_json(name, result)
     say(f"wrote {path}")
 
 

@@ -676,8 +676,9 @@ def joint_measures(args: argparse.Namespace) -> tuple[Any, list[str], list[Any],
     ]
     if given:
         raise InputError(
-            f"--joint does not take {', '.join(given)}: the joint model has no cohort level, "
-            "covariates or smooth terms, fits Gaussian measures by SVI, and reads each "
+            f"--joint does not take {', '.join(given)}: the joint fit here has no cohort "
+            "level (model.joint has one, not offered by the CLI yet), covariates or smooth "
+            "terms, fits Gaussian measures by SVI, and reads each "
             "measure's direction and unit from the catalogue"
         )
     path: Path = args.input

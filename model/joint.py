@@ -9,13 +9,33 @@ patient i, reading t of measure m:
 
 The whole patient block r_i (dimension D = 2M, intercepts included) shares one
 covariance: τ holds every intercept's and effect's between-patient sd (as each
-measure's model has), Ω ~ LKJ(D, priors.lkj_concentration) their correlation.
-The between-measure correlation of the effects is Ω's effect sub-block
-Ω_b[m, n] = Ω[2m+1, 2n+1]; with D instead of 2 the LKJ prior's marginal on
-each correlation is Beta(η − 1 + D/2, same) on (−1, 1), a little tighter
-around 0 than a single measure's (η = 2, D = 6: sd 0.33). There are no cohort
-or grouping levels and no patient covariates (each measure's own model has
-them; here they are not implemented).
+measure's model has); the correlation Ω has two M×M blocks and no
+intercept-effect correlation:
+
+    Ω[2m, 2n] = Ω_a[m, n],   Ω[2m+1, 2n+1] = Ω_b[m, n],   Ω[2m, 2n+1] = 0
+    Ω_a ~ LKJ(M, η) (intercepts, site "L_intercepts"),
+    Ω_b ~ LKJ(M, η) (effects, site "L_effects"),   η = priors.lkj_concentration
+
+Ω_b is the between-measure correlation of the effects. Its Cholesky factor is
+the interleaving of blockdiag(L_a, L_b): L[2m, 2n] = L_a[m, n],
+L[2m+1, 2n+1] = L_b[m, n], zero elsewhere; it is lower triangular (2m ≥ 2n iff
+m ≥ n, and likewise for 2m+1, 2n+1) and L Lᵀ = Ω (``interleave_chol``). The
+LKJ(M) marginal of each correlation is Beta(η − 1 + M/2, same) on (−1, 1)
+(η = 2, M = 3: sd 0.41; M = 2: 0.45, a single measure's 2×2 prior). One
+LKJ(2M) over intercepts and effects together (the D(D−1)/2 correlations
+including the intercept-effect ones) shrank the
+effect sd τ_b of a noisy measure too far when the effects do not correlate:
+its intervals undercovered against per-measure fits (benchmarks/README.md
+§12). There are no grouping levels beyond the cohort and no patient covariates
+(each measure's own model has them; here they are not implemented).
+
+**Cohort level** (optional, all measures or none). Patient i in cohort g:
+
+    r_i ~ N(μ + E u_g, Σ),   u_g ~ N(0, T²),   T = diag(τ_u,1..τ_u,M)
+
+E (D×M) puts u_gm on measure m's effect (E[2m+1, m] = 1): u_g shifts each
+measure's effect mean, each measure with its own between-cohort sd τ_u,m
+(HalfNormal(priors.cohort_scale), as a single measure's τ_u).
 
 **Patient step.** A measure's Gram matrix gives its Gaussian likelihood of
 (a_im, b_im) given θ (model.likelihood.adjusted_data): precision
@@ -34,15 +54,44 @@ elementwise over patients like the 2×2 one (no batched LAPACK calls). A patient
 without readings of a measure has P_im = 0 there, and one without any readings
 contributes exactly zero: padding needs no mask.
 
-**Fit.** θ = (μ, τ, Ω, σ, γ) by model.population's PopulationFitter (the same
-whitened full-rank SVI) on ``joint_model``; gradients are reverse-mode autodiff
+**Cohort step.** log L_i(μ + δ) is quadratic in the shift δ of the prior mean:
+with h_δ = h_μ − Pδ in the patient step,
+
+    log L_i(μ + δ) − log L_i(μ)
+        = δᵀ(h_μ − P L K⁻¹ Lᵀ h_μ) − ½ δᵀ(P − P L K⁻¹ Lᵀ P)δ
+
+and P − P L K⁻¹ Lᵀ P = (P⁻¹ + Σ)⁻¹ (Woodbury), written without inverting P or
+L (P may be singular, L → 0 as τ → 0). With V = P L C⁻ᵀ, its row for measure
+m's effect z_m = C⁻¹ Lᵀ P e_bm (one unrolled forward solve; P e_bm has two
+entries), and δ = E u:
+
+    J_i[m, n] = P_i[bm, bn] − z_mᵀ z_n   (P_i[bm, bn] = 0 for m ≠ n)
+    k_i[m] = h_μ[bm] − z_mᵀ (C⁻¹ Lᵀ h_μ)
+
+Summed over the cohort (segment_sum): J_g = Σ_i J_i, K_g = Σ_i k_i, and with
+B_g = I + T J_g T = F_g F_gᵀ (M×M, unrolled Cholesky over (G,) arrays; det ≥ 1)
+
+    log L = Σ_i log L_i(μ) + Σ_g ½ ‖F_g⁻¹ T K_g‖² − Σ_g log|F_g|
+    u_g | y, θ ~ N(T B_g⁻¹ T K_g, T B_g⁻¹ T)
+
+(M = 1: a single measure's ½ τ_u² K² / (1 + τ_u² J) − ½ log(1 + τ_u² J)). An
+empty cohort has J_g = 0, K_g = 0: it contributes 0 and keeps its prior.
+Patient posterior given u: r_i | u ~ N(μ + Eu + L K⁻¹ Lᵀ(h_μ − P E u), L K⁻¹ Lᵀ)
+= N(m_i + A_i u, L K⁻¹ Lᵀ) with m_i = μ + L K⁻¹ Lᵀ h_μ (the step above),
+A_i = E − L C⁻ᵀ Z_i, Z_i = (z_1..z_M); over u_g's posterior N(m_g, V_g) from
+all evidence: mean m_i + A_i m_g, covariance L K⁻¹ Lᵀ + A_i V_g A_iᵀ, the
+exact marginal of the joint posterior (as model.likelihood's
+patient_effects_given_theta).
+
+**Fit.** θ = (μ, τ, Ω_a, Ω_b, σ, γ, τ_u) by model.population's PopulationFitter
+(the same whitened full-rank SVI) on ``joint_model``; gradients are reverse-mode autodiff
 of the value above. Patient posteriors are Gaussian given θ and mixed over the
 draws of θ as model.scores does (``JointPatients``).
 
 **Latent responsiveness.** ρ_i = (1/M) Σ_m s_m (b_im − μ_bm) / τ_bm: the
-patient's effect deviation on each measure in units of that measure's
-between-patient sd, signed so that benefit is positive (s_m = +1 when higher is
-better), averaged over measures. It is 0 for the typical patient, so
+patient's effect deviation (its cohort's shift included) on each measure in
+units of that measure's between-patient sd, signed so that benefit is positive
+(s_m = +1 when higher is better), averaged over measures. It is 0 for the typical patient, so
 P(ρ_i > 0) is the probability the patient responds more than the population.
 Linear in r_i, it is Gaussian given θ: mean wᵀ(E r_i − μ), variance wᵀ Cov(r_i) w.
 """
@@ -81,9 +130,9 @@ INTERVAL_PROBS = np.array([0.05, 0.95])
 class JointConfig(BaseModel):
     """Structure of the joint model: one ModelConfig per measure (its
     standardisation and whether it has a time trend; all measures alike) and
-    the priors of θ (PriorConfig, shared). Measures have no cohort or grouping
-    levels, covariates or time-varying covariates, and are Gaussian with
-    partial pooling."""
+    the priors of θ (PriorConfig, shared). The measures have a cohort level
+    all or none; no further grouping levels, covariates or time-varying
+    covariates, and are Gaussian with partial pooling."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -98,7 +147,6 @@ class JointConfig(BaseModel):
             unsupported = [
                 name
                 for name, present in (
-                    ("a cohort level", config.cohort_level),
                     ("grouping levels", bool(config.grouping_levels)),
                     ("patient covariates", bool(config.covariates)),
                     ("time-varying covariates", bool(config.time_covariates)),
@@ -112,7 +160,14 @@ class JointConfig(BaseModel):
                 raise ValueError(f"the joint model has no {', '.join(unsupported)}")
         if len({config.time_trend for config in self.measures}) != 1:
             raise ValueError("the joint model's measures must all have a time trend or none")
+        if len({config.cohort_level for config in self.measures}) != 1:
+            raise ValueError("the joint model's measures must all have a cohort level or none")
         return self
+
+    @property
+    def cohort_level(self) -> bool:
+        """u_g ∈ R^M shifts the effects of cohort g's patients (module docstring)."""
+        return self.measures[0].cohort_level
 
     @property
     def num_measures(self) -> int:
@@ -154,9 +209,12 @@ class JointHyper(NamedTuple):
 
     mu: (..., M, 2) population mean of each measure's (intercept, effect)
     tau: (..., D) between-patient sds, ordered (a_1, b_1, …, a_M, b_M)
-    corr_chol: (..., D, D) Cholesky factor of their correlation Ω
+    corr_chol: (..., D, D) Cholesky factor of their correlation Ω (module
+        docstring: the interleaved blockdiag(L_a, L_b), ``interleave_chol``)
     sigma: (..., M) residual sds
     gamma: (..., M, d_z) each measure's fixed effects (time trend)
+    tau_cohort: (..., M) between-cohort sd τ_u of each measure's effect; zeros
+        (or None) without a cohort level
     """
 
     mu: jax.Array
@@ -164,6 +222,7 @@ class JointHyper(NamedTuple):
     corr_chol: jax.Array
     sigma: jax.Array
     gamma: jax.Array
+    tau_cohort: jax.Array | None = None
 
     @property
     def covariance_chol(self) -> jax.Array:
@@ -175,6 +234,28 @@ class JointHyper(NamedTuple):
         """(..., M, M) Ω_b, the correlation of the effects across measures."""
         omega = self.corr_chol @ jnp.swapaxes(self.corr_chol, -1, -2)
         return omega[..., EFFECT::2, EFFECT::2]
+
+
+def interleave_chol(intercepts: jax.Array, effects: jax.Array) -> jax.Array:
+    """(..., D, D) Cholesky factor of Ω from the intercepts' and effects'
+    (..., M, M) factors L_a, L_b: blockdiag(L_a, L_b) with rows and columns in
+    the block order (a_1, b_1, …, a_M, b_M), i.e. L[2m, 2n] = L_a[m, n],
+    L[2m+1, 2n+1] = L_b[m, n] and 0 elsewhere. Lower triangular, and L Lᵀ has
+    Ω_a and Ω_b interleaved with no intercept-effect correlation."""
+    count = intercepts.shape[-1]
+    batch = jnp.broadcast_shapes(intercepts.shape[:-2], effects.shape[:-2])
+    dtype = jnp.result_type(intercepts, effects)
+    chol = jnp.zeros((*batch, 2 * count, 2 * count), dtype=dtype)
+    chol = chol.at[..., 0::2, 0::2].set(intercepts)
+    return chol.at[..., 1::2, 1::2].set(effects)
+
+
+def _correlation_priors(config: JointConfig) -> jax.Array:
+    """The two LKJ(M) priors (module docstring); returns the interleaved factor."""
+    count, eta = config.num_measures, config.priors.lkj_concentration
+    intercepts = numpyro.sample("L_intercepts", dist.LKJCholesky(count, eta))
+    effects = numpyro.sample("L_effects", dist.LKJCholesky(count, eta))
+    return interleave_chol(intercepts, effects)
 
 
 class BlockData(NamedTuple):
@@ -229,11 +310,14 @@ def _forward_solve(rows: list[list[jax.Array]], vector: list[jax.Array]) -> list
 class BlockTerms(NamedTuple):
     """Per-patient results of integrating out the patient block given θ:
     ``value`` log L_i (P,); ``whitened`` C⁻¹Lᵀh_μ as D (P,) arrays; ``factor``
-    the rows of C."""
+    the rows of C; ``h_mu`` the D entries of h_μ; ``precision`` each measure's
+    2×2 block of P_i (BlockData)."""
 
     value: jax.Array
     whitened: list[jax.Array]
     factor: list[list[jax.Array]]
+    h_mu: list[jax.Array]
+    precision: list[Mat2]
 
 
 def block_terms(theta: JointHyper, gram: jax.Array, config: JointConfig) -> BlockTerms:
@@ -270,12 +354,109 @@ def block_terms(theta: JointHyper, gram: jax.Array, config: JointConfig) -> Bloc
     whitened = _forward_solve(factor, projected)
     logdet = 2.0 * sum(jnp.log(factor[j][j]) for j in range(dim))
     value = data.log_norm - 0.5 * c_mu - 0.5 * logdet + 0.5 * sum(part**2 for part in whitened)
-    return BlockTerms(value, whitened, factor)
+    return BlockTerms(value, whitened, factor, h_mu, data.precision)
 
 
-def joint_loglik(theta: JointHyper, gram: jax.Array, config: JointConfig) -> jax.Array:
-    """log p(all measures' evidence | θ), every patient block integrated out."""
-    return sum_over_patients(block_terms(theta, gram, config).value)
+class ShiftTerms(NamedTuple):
+    """Each patient's log-likelihood as a quadratic in the cohort shift u of the
+    effects' means (module docstring, cohort step), (P,) arrays: ``loadings``
+    z_m = C⁻¹LᵀP e_bm (M lists of D), ``curvature`` J_i[m, n] keyed (m, n),
+    m ≥ n, ``slope`` the M entries of k_i."""
+
+    loadings: list[list[jax.Array]]
+    curvature: dict[tuple[int, int], jax.Array]
+    slope: list[jax.Array]
+
+
+def shift_terms(theta: JointHyper, terms: BlockTerms) -> ShiftTerms:
+    """J_i = Eᵀ(P − P L K⁻¹ Lᵀ P)E and k_i = Eᵀ(h_μ − P L K⁻¹ Lᵀ h_μ) from the
+    patient step's C and C⁻¹Lᵀh_μ, unrolled over (P,) arrays."""
+    chol = theta.covariance_chol
+    dim = len(terms.factor)
+    loadings = []
+    for m, block in enumerate(terms.precision):
+        a, b = 2 * m, 2 * m + 1  # P e_b has P[a, b] = block.b and P[b, b] = block.d
+        column = [  # (LᵀP e_b)_j = L[a, j] P[a, b] + L[b, j] P[b, b], L lower triangular
+            (chol[a, j] * block.b if j <= a else 0.0) + chol[b, j] * block.d
+            if j <= b
+            else jnp.zeros_like(block.d)
+            for j in range(dim)
+        ]
+        loadings.append(_forward_solve(terms.factor, column))
+    curvature = {}
+    for m, z_m in enumerate(loadings):
+        for n in range(m + 1):
+            inner = sum(z_m[j] * loadings[n][j] for j in range(dim))
+            curvature[m, n] = (terms.precision[m].d if m == n else 0.0) - inner
+    slope = [
+        terms.h_mu[2 * m + 1] - sum(z_m[j] * terms.whitened[j] for j in range(dim))
+        for m, z_m in enumerate(loadings)
+    ]
+    return ShiftTerms(loadings, curvature, slope)
+
+
+class CohortStep(NamedTuple):
+    """The cohort step given θ: ``value`` Σ_g ½‖F_g⁻¹TK_g‖² − log|F_g|; u_g's
+    posterior ``mean`` (G, M) and ``cov`` (G, M, M)."""
+
+    value: jax.Array
+    mean: jax.Array
+    cov: jax.Array
+
+
+def cohort_step(
+    tau_cohort: jax.Array, shift: ShiftTerms, cohort: jax.Array, num_cohorts: int
+) -> CohortStep:
+    """Integrate out every cohort's u_g ~ N(0, T²) exactly (module docstring):
+    per-cohort sums J_g, K_g by segment_sum, then B_g = I + T J_g T's Cholesky
+    factor F_g unrolled over (G,) arrays."""
+    count = len(shift.slope)
+    total_curvature = {
+        key: jax.ops.segment_sum(value, cohort, num_segments=num_cohorts)
+        for key, value in shift.curvature.items()
+    }
+    total_slope = [
+        jax.ops.segment_sum(value, cohort, num_segments=num_cohorts) for value in shift.slope
+    ]
+    scale = tau_cohort
+
+    def entry(i: int, j: int) -> jax.Array:  # B_g[i, j], i ≥ j
+        return float(i == j) + scale[i] * total_curvature[i, j] * scale[j]
+
+    factor = _cholesky_rows(entry, count)
+    scaled_slope = [scale[m] * total_slope[m] for m in range(count)]
+    whitened = _forward_solve(factor, scaled_slope)  # F⁻¹ T K
+    value = jnp.sum(
+        0.5 * sum(part**2 for part in whitened) - sum(jnp.log(factor[m][m]) for m in range(count))
+    )
+    inverse = _lower_inverse(factor)  # (G, M, M) F⁻¹
+    cov = scale[:, None] * jnp.einsum("gkm,gkn->gmn", inverse, inverse) * scale[None, :]
+    mean = jnp.einsum("gmn,gn->gm", cov, jnp.stack(total_slope, -1))
+    return CohortStep(value, mean, cov)
+
+
+def _cohort_index(cohort: jax.Array | None, gram: jax.Array) -> jax.Array:
+    """Every patient in cohort 0 when no index is given."""
+    return jnp.zeros(gram.shape[0], dtype=jnp.int32) if cohort is None else cohort
+
+
+def joint_loglik(
+    theta: JointHyper,
+    gram: jax.Array,
+    config: JointConfig,
+    cohort: jax.Array | None = None,
+    num_cohorts: int = 1,
+) -> jax.Array:
+    """log p(all measures' evidence | θ), every patient block (and with a cohort
+    level every cohort's u_g) integrated out. cohort: (P,) index in
+    [0, num_cohorts) (None: one cohort)."""
+    terms = block_terms(theta, gram, config)
+    total = sum_over_patients(terms.value)
+    if not config.cohort_level:
+        return total
+    shift = shift_terms(theta, terms)
+    step = cohort_step(theta.tau_cohort, shift, _cohort_index(cohort, gram), num_cohorts)
+    return total + step.value
 
 
 def _lower_inverse(rows: list[list[jax.Array]]) -> jax.Array:
@@ -289,10 +470,20 @@ def _lower_inverse(rows: list[list[jax.Array]]) -> jax.Array:
 
 
 def block_posterior(
-    theta: JointHyper, gram: jax.Array, config: JointConfig
+    theta: JointHyper,
+    gram: jax.Array,
+    config: JointConfig,
+    cohort: jax.Array | None = None,
+    num_cohorts: int = 1,
+    shift: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Exact posterior of every patient block given θ: mean (P, D) and covariance
-    (P, D, D), μ + L K⁻¹ Lᵀ h_μ and L K⁻¹ Lᵀ with K⁻¹ = C⁻ᵀC⁻¹."""
+    """Exact posterior of every patient block given θ and all evidence: mean
+    (P, D) and covariance (P, D, D), μ + L K⁻¹ Lᵀ h_μ and L K⁻¹ Lᵀ with
+    K⁻¹ = C⁻ᵀC⁻¹; with a cohort level mixed over u_g's posterior N(m_g, V_g)
+    (module docstring: + A_i m_g and + A_i V_g A_iᵀ). ``shift``: each
+    patient's (m_g, V_g), (P, M) and (P, M, M), from all evidence
+    (cohort_posterior); None: computed from the patients passed, so pass all
+    of their cohorts' patients."""
     terms = block_terms(theta, gram, config)
     chol = theta.covariance_chol
     inverse = _lower_inverse(terms.factor)  # C⁻¹
@@ -300,7 +491,48 @@ def block_posterior(
     half = jnp.einsum("ab,pcb->pac", chol, inverse)  # L C⁻ᵀ
     mean = theta.mu.reshape(-1) + jnp.einsum("pac,pc->pa", half, whitened)
     cov = jnp.einsum("pac,pbc->pab", half, half)
+    if not config.cohort_level:
+        return mean, cov
+    quadratic = shift_terms(theta, terms)
+    if shift is None:
+        cohort = _cohort_index(cohort, gram)
+        step = cohort_step(theta.tau_cohort, quadratic, cohort, num_cohorts)
+        shift = (step.mean[cohort], step.cov[cohort])
+    loadings = jnp.stack([jnp.stack(z_m, -1) for z_m in quadratic.loadings], -1)  # (P, D, M)
+    count = config.num_measures
+    selection = jnp.zeros((config.block_dim, count), dtype=mean.dtype)
+    selection = selection.at[2 * jnp.arange(count) + EFFECT, jnp.arange(count)].set(1.0)
+    gain = selection - jnp.einsum("pac,pcm->pam", half, loadings)  # A_i
+    mean = mean + jnp.einsum("pam,pm->pa", gain, shift[0])
+    cov = cov + jnp.einsum("pam,pmn,pbn->pab", gain, shift[1], gain)
     return mean, cov
+
+
+def cohort_posterior(
+    theta: JointHyper,
+    gram: jax.Array,
+    config: JointConfig,
+    cohort: jax.Array | None = None,
+    num_cohorts: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """Posterior of every cohort's u_g given θ and all evidence (the cohort
+    step): mean (G, M) and covariance (G, M, M); an empty cohort keeps its
+    prior N(0, T²)."""
+    terms = block_terms(theta, gram, config)
+    step = cohort_step(
+        theta.tau_cohort, shift_terms(theta, terms), _cohort_index(cohort, gram), num_cohorts
+    )
+    return step.mean, step.cov
+
+
+@partial(jax.jit, static_argnames=("config", "num_cohorts"))
+def cohort_posteriors(
+    draws: JointHyper, gram: jax.Array, cohort: jax.Array, num_cohorts: int, config: JointConfig
+) -> tuple[jax.Array, jax.Array]:
+    """cohort_posterior for each of S draws of θ: (S, G, M) and (S, G, M, M)."""
+    return jax.lax.map(
+        lambda theta: cohort_posterior(theta, gram, config, cohort, num_cohorts), draws
+    )
 
 
 def joint_model(
@@ -314,14 +546,15 @@ def joint_model(
 ) -> None:
     """numpyro model over θ alone (hyper_model's signature, for PopulationFitter):
     priors (PriorConfig, per measure as a single measure's) and the collapsed
-    likelihood. The cohort and group arguments are unused (no such levels)."""
-    del cohort, num_cohorts, covariates, groups, num_groups
+    likelihood. cohort: (P,) index in [0, num_cohorts), used with a cohort
+    level; the covariate and group arguments are unused (no such levels)."""
+    del covariates, groups, num_groups
     priors, count, dim = config.priors, config.num_measures, config.block_dim
     mu = numpyro.sample(
         "mu", dist.Normal(0.0, priors.population_mean_sd).expand([count, 2]).to_event(2)
     )
     tau = numpyro.sample("tau", dist.HalfNormal(priors.patient_scale).expand([dim]).to_event(1))
-    corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(dim, priors.lkj_concentration))
+    corr_chol = _correlation_priors(config)
     sigma = numpyro.sample(
         "sigma", dist.HalfNormal(priors.residual_scale).expand([count]).to_event(1)
     )
@@ -332,15 +565,33 @@ def joint_model(
         )
     else:
         gamma = jnp.zeros((count, 0))
-    theta = JointHyper(mu, tau, corr_chol, sigma, gamma)
-    numpyro.factor("collapsed_loglik", joint_loglik(theta, gram, config))
+    tau_cohort = _cohort_prior(config)
+    theta = JointHyper(mu, tau, corr_chol, sigma, gamma, tau_cohort)
+    numpyro.factor("collapsed_loglik", joint_loglik(theta, gram, config, cohort, num_cohorts))
+
+
+def _cohort_prior(config: JointConfig) -> jax.Array:
+    """τ_u ~ HalfNormal(priors.cohort_scale) per measure (site "tau_cohort"),
+    zeros without a cohort level."""
+    count = config.num_measures
+    if not config.cohort_level:
+        return jnp.zeros(count)
+    return numpyro.sample(
+        "tau_cohort", dist.HalfNormal(config.priors.cohort_scale).expand([count]).to_event(1)
+    )
 
 
 def joint_from_sites(sites: dict[str, jax.Array], config: JointConfig) -> JointHyper:
     """JointHyper from numpyro sample sites (constrained), any leading draw axes."""
     batch = sites["mu"].shape[:-2]
     gamma = sites["gamma"] if config.fixed_dim else jnp.zeros((*batch, config.num_measures, 0))
-    return JointHyper(sites["mu"], sites["tau"], sites["L_omega"], sites["sigma"], gamma)
+    corr_chol = interleave_chol(sites["L_intercepts"], sites["L_effects"])
+    tau_cohort = (
+        sites["tau_cohort"]
+        if config.cohort_level
+        else jnp.zeros((*batch, config.num_measures), dtype=sites["tau"].dtype)
+    )
+    return JointHyper(sites["mu"], sites["tau"], corr_chol, sites["sigma"], gamma, tau_cohort)
 
 
 def initial_values(config: JointConfig) -> dict[str, np.ndarray]:
@@ -349,11 +600,14 @@ def initial_values(config: JointConfig) -> dict[str, np.ndarray]:
     values = {
         "mu": np.zeros((count, 2)),
         "tau": np.tile([0.5, 0.3], count),
-        "L_omega": np.eye(config.block_dim),
+        "L_intercepts": np.eye(count),
+        "L_effects": np.eye(count),
         "sigma": np.full(count, 0.5),
     }
     if config.fixed_dim:
         values["gamma"] = np.zeros((count, config.fixed_dim))
+    if config.cohort_level:
+        values["tau_cohort"] = np.full(count, 0.1)
     return values
 
 
@@ -369,14 +623,28 @@ def joint_fitter(config: JointConfig, svi_config: SVIConfig | None = None) -> Po
     )
 
 
-def pad_joint(gram: np.ndarray) -> Evidence:
+def pad_joint(gram: np.ndarray, cohort: np.ndarray | None = None, num_cohorts: int = 1) -> Evidence:
     """Stacked Gram matrices (P, M, d, d) padded to a power-of-two patient count
-    (zero blocks add exactly nothing), as the fitter's Evidence."""
+    (zero blocks add exactly nothing), as the fitter's Evidence; cohort (P,)
+    index in [0, num_cohorts) (None: one cohort), the cohort count padded to a
+    power of two as well (an empty cohort adds nothing)."""
     count = gram.shape[0]
     padded = np.zeros((bucket_size(count, MIN_PATIENT_BUCKET), *gram.shape[1:]))
     padded[:count] = gram
-    cohort = np.zeros(padded.shape[0], dtype=np.int32)
-    return Evidence(jax.device_put(padded), jax.device_put(cohort), count, MIN_COHORT_BUCKET)
+    padded_cohort = np.zeros(padded.shape[0], dtype=np.int32)
+    if cohort is not None:
+        cohort = np.asarray(cohort, dtype=np.int32)
+        if cohort.shape != (count,):
+            raise ValueError(f"cohort must have shape ({count},), got {cohort.shape}")
+        if count and (cohort.min() < 0 or cohort.max() >= num_cohorts):
+            raise ValueError(f"cohort indices must lie in [0, {num_cohorts})")
+        padded_cohort[:count] = cohort
+    return Evidence(
+        jax.device_put(padded),
+        jax.device_put(padded_cohort),
+        count,
+        bucket_size(num_cohorts, MIN_COHORT_BUCKET),
+    )
 
 
 def fit_joint(
@@ -385,12 +653,15 @@ def fit_joint(
     svi_config: SVIConfig | None = None,
     seed: int = 0,
     num_draws: int | None = None,
+    cohort: np.ndarray | None = None,
+    num_cohorts: int = 1,
 ) -> tuple[JointHyper, UpdateInfo, PopulationFitter, FitState]:
-    """A fresh fit of q(θ) to stacked standardised Gram matrices (P, M, d, d);
-    returns draws of θ from q (leading draw axis), the fit's diagnostics, and the
-    fitter and its state for warm updates."""
+    """A fresh fit of q(θ) to stacked standardised Gram matrices (P, M, d, d)
+    (and the patients' cohorts, as pad_joint); returns draws of θ from q
+    (leading draw axis), the fit's diagnostics, and the fitter and its state
+    for warm updates."""
     fitter = joint_fitter(config, svi_config)
-    evidence = pad_joint(np.asarray(gram, dtype=float))
+    evidence = pad_joint(np.asarray(gram, dtype=float), cohort, num_cohorts)
     key_init, key_fit, key_draws = jax.random.split(jax.random.PRNGKey(seed), 3)
     state = fitter.init(key_init, evidence)
     state, info = fitter.update(state, evidence, key_fit)
@@ -423,15 +694,23 @@ class JointPatients(NamedTuple):
     p_benefit_gt_0: np.ndarray
 
 
-@partial(jax.jit, static_argnames=("config",))
+@partial(jax.jit, static_argnames=("config", "num_cohorts"))
 def _mixture_components(
-    draws: JointHyper, gram: jax.Array, signs: jax.Array, config: JointConfig
+    draws: JointHyper,
+    gram: jax.Array,
+    signs: jax.Array,
+    cohort: jax.Array,
+    shifts: tuple[jax.Array, jax.Array] | None,
+    num_cohorts: int,
+    config: JointConfig,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per draw: effect means and variances (S, P, M), responsiveness mean and
-    variance (S, P)."""
+    variance (S, P). shifts: per draw each patient's cohort posterior, (S, P, M)
+    and (S, P, M, M), or None (from the patients passed)."""
 
-    def one(theta: JointHyper):
-        mean, cov = block_posterior(theta, gram, config)
+    def one(args):
+        theta, shift = args
+        mean, cov = block_posterior(theta, gram, config, cohort, num_cohorts, shift)
         effects = mean[:, EFFECT::2]
         variances = jnp.diagonal(cov, axis1=-2, axis2=-1)[:, EFFECT::2]
         weight = signs / (config.num_measures * theta.tau[EFFECT::2])
@@ -440,7 +719,7 @@ def _mixture_components(
         rho_var = jnp.einsum("a,pab,b->p", weights, cov, weights)
         return effects, variances, rho_mean, rho_var
 
-    return jax.lax.map(one, draws)
+    return jax.lax.map(one, (draws, shifts))
 
 
 _quantiles = jax.jit(mixture_quantiles)
@@ -452,21 +731,37 @@ def joint_patients(
     config: JointConfig,
     signs: np.ndarray | None = None,
     thresholds: np.ndarray | None = None,
+    cohort: np.ndarray | None = None,
+    num_cohorts: int = 1,
+    cohort_moments: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> JointPatients:
     """Summaries of every patient's effects and responsiveness from all evidence
     (gram (P, M, d, d), standardised) over S draws of θ. signs: (M,) benefit sign
     of each measure (+1 higher is better; default all +1); thresholds: (M,) each
-    measure's MCID in standardised effect units (default 0)."""
+    measure's MCID in standardised effect units (default 0). With a cohort
+    level, cohort (P,) in [0, num_cohorts) (None: one cohort), and
+    ``cohort_moments`` each draw's posterior of every cohort's u_g from all
+    evidence, (S, G, M) and (S, G, M, M) (cohort_posteriors); None: computed
+    from the patients passed, so then pass every patient of their cohorts."""
     signs = np.ones(config.num_measures) if signs is None else np.asarray(signs, dtype=float)
     thresholds = (
         np.zeros(config.num_measures) if thresholds is None else np.asarray(thresholds, float)
     )
+    if config.cohort_level and draws.tau_cohort is None:
+        raise ValueError("a joint model with a cohort level needs draws of tau_cohort")
+    index = np.zeros(np.shape(gram)[0], dtype=np.int32) if cohort is None else cohort
+    shifts = None
+    if config.cohort_level and cohort_moments is not None:
+        shifts = tuple(jnp.asarray(np.asarray(part)[:, index]) for part in cohort_moments)
     effects, variances, rho_mean, rho_var = (
         np.asarray(part)
         for part in _mixture_components(
             draws,
             jax.device_put(np.asarray(gram, dtype=float)),
             jnp.asarray(signs),
+            jax.device_put(np.asarray(index, dtype=np.int32)),
+            shifts,
+            num_cohorts=int(num_cohorts),
             config=config.structure,
         )
     )
@@ -507,14 +802,18 @@ def describe_correlation(draws: JointHyper) -> dict[str, Any]:
 
 
 def joint_config_for(
-    events: list[Events], *, time_trend: bool = False, priors: PriorConfig | None = None
+    events: list[Events],
+    *,
+    time_trend: bool = False,
+    priors: PriorConfig | None = None,
+    cohort_level: bool = False,
 ) -> JointConfig:
     """The joint model of several measures' events (patients indexed alike),
     each standardised by its own data (model.config.Standardization.from_data)."""
     measures = tuple(
         ModelConfig(
             time_trend=time_trend,
-            cohort_level=False,
+            cohort_level=cohort_level,
             standardization=Standardization.from_data(
                 each.outcome, each.exposure, each.time if time_trend else None
             ),
@@ -536,6 +835,16 @@ def joint_grams(events: list[Events], config: JointConfig) -> np.ndarray:
     )
 
 
+def joint_cohorts(events: list[Events]) -> tuple[np.ndarray, int]:
+    """Every patient's cohort (P,) and the number of cohorts, from the measures'
+    events (patients indexed alike: their cohort_of_patient must agree)."""
+    cohort = np.asarray(events[0].cohort_of_patient, dtype=np.int32)
+    for each in events[1:]:
+        if not np.array_equal(each.cohort_of_patient, cohort):
+            raise ValueError("the measures' events disagree on the patients' cohorts")
+    return cohort, int(cohort.max()) + 1 if cohort.size else 1
+
+
 def uncollapsed_model(
     measure: jax.Array,
     patient: jax.Array,
@@ -544,16 +853,19 @@ def uncollapsed_model(
     outcome: jax.Array,
     num_patients: int,
     config: JointConfig,
+    cohort: jax.Array | None = None,
+    num_cohorts: int = 1,
 ) -> None:
     """The joint model with every patient block sampled (non-centred), standardised
     readings stacked over measures (measure (n,) its index): the NUTS reference.
-    Same priors as ``joint_model``."""
+    Same priors as ``joint_model``. With a cohort level, every cohort's u_g is
+    sampled too (non-centred, u_g = τ_u ⊙ z_g), cohort (P,) each patient's."""
     priors, count, dim = config.priors, config.num_measures, config.block_dim
     mu = numpyro.sample(
         "mu", dist.Normal(0.0, priors.population_mean_sd).expand([count, 2]).to_event(2)
     )
     tau = numpyro.sample("tau", dist.HalfNormal(priors.patient_scale).expand([dim]).to_event(1))
-    corr_chol = numpyro.sample("L_omega", dist.LKJCholesky(dim, priors.lkj_concentration))
+    corr_chol = _correlation_priors(config)
     sigma = numpyro.sample(
         "sigma", dist.HalfNormal(priors.residual_scale).expand([count]).to_event(1)
     )
@@ -565,6 +877,13 @@ def uncollapsed_model(
     with numpyro.plate("patients", num_patients):
         z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([dim]).to_event(1))
     blocks = mu.reshape(-1) + z @ (tau[:, None] * corr_chol).T  # (P, D)
+    if config.cohort_level:
+        tau_cohort = _cohort_prior(config)
+        with numpyro.plate("cohorts", num_cohorts):
+            unit = numpyro.sample("u_unit", dist.Normal(0.0, 1.0).expand([count]).to_event(1))
+        shift = numpyro.deterministic("cohort_effects", unit * tau_cohort)  # (G, M)
+        index = jnp.zeros(num_patients, dtype=jnp.int32) if cohort is None else cohort
+        blocks = blocks.at[:, EFFECT::2].add(shift[index])
     numpyro.deterministic("effects", blocks[:, EFFECT::2])
     location = (
         blocks[patient, 2 * measure]

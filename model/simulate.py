@@ -332,6 +332,8 @@ def simulate_joint(
     intercept_sd: np.ndarray,
     residual_sd: np.ndarray,
     seed: int,
+    cohort_of_patient: np.ndarray | None = None,
+    cohort_effect_sd: np.ndarray | None = None,
 ) -> tuple[list[Events], np.ndarray]:
     """Several measures of the same patients (model.joint), raw units.
 
@@ -340,8 +342,12 @@ def simulate_joint(
     equicorrelation matrix of ``effect_correlation``; intercepts a_im ~
     N(intercept_mean_m, intercept_sd_m²) independent of everything; reading t of
     measure m: y = a_im + b_im x + ε, x ~ Bernoulli(½), ε ~ N(0, residual_sd_m²),
-    at a time uniform over 30 days. One cohort. Returns one Events per measure
-    (patients indexed alike) and the true effects (P, M)."""
+    at a time uniform over 30 days. One cohort, or with cohort_of_patient (P,)
+    and cohort_effect_sd (M,) each cohort g's effects shifted by u_gm ~
+    N(0, cohort_effect_sd_m²) (independent across measures; drawn from their
+    own stream, so the rest of the simulation is the same). Returns one Events
+    per measure (patients indexed alike) and the true effects (P, M), cohort
+    shifts included."""
     readings = np.asarray(readings, dtype=int)
     count, measures = readings.shape
     rng = np.random.default_rng([seed, 7])
@@ -352,6 +358,13 @@ def simulate_joint(
     intercepts = np.asarray(intercept_mean, dtype=float) + np.asarray(
         intercept_sd, dtype=float
     ) * rng.standard_normal((count, measures))
+    cohort = np.zeros(count, dtype=int)
+    if cohort_of_patient is not None:
+        cohort = np.asarray(cohort_of_patient, dtype=int)
+        shifts = np.asarray(cohort_effect_sd, dtype=float) * np.random.default_rng(
+            [seed, 8]
+        ).standard_normal((int(cohort.max()) + 1, measures))
+        effects = effects + shifts[cohort]
     events = []
     for m in range(measures):
         patient = np.repeat(np.arange(count), readings[:, m])
@@ -362,5 +375,5 @@ def simulate_joint(
             + residual_sd[m] * rng.standard_normal(patient.size)
         )
         time = rng.uniform(0.0, 30.0, patient.size)
-        events.append(Events(patient, np.zeros(count, dtype=int), time, exposure, outcome))
+        events.append(Events(patient, cohort, time, exposure, outcome))
     return events, effects

@@ -6,9 +6,13 @@ joint score under it (pure: no Kafka).
 The joint model is fitted on the same standardised Gram matrices the measures'
 own fits see (each measure's streaming standardisation), stacked per patient
 (P, M, d, d); a patient without readings of a measure has a zero block there,
-which adds exactly nothing (model.joint). A patient's joint score mixes the
-patient's block posterior over the posterior's draws of θ
-(model.joint.joint_patients) and reports each effect in its measure's unit.
+which adds exactly nothing (model.joint). With the measures' cohort level the
+group's model has one too (u_g shifts every measure's effect of cohort g's
+patients; the patients' cohorts from the measures' books), and the posterior
+carries each draw's posterior of every cohort's u_g from all the evidence. A
+patient's joint score mixes the patient's block posterior over the posterior's
+draws of θ and its cohort's u_g (model.joint.joint_patients) and reports each
+effect in its measure's unit.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from model.joint import (
     JointConfig,
     JointHyper,
     JointPatients,
+    cohort_posteriors,
     describe_correlation,
     joint_fitter,
     joint_patients,
@@ -53,13 +58,11 @@ def posterior_key(group: str) -> str:
     return f"{JOINT_KEY_PREFIX}{group}"
 
 
-def without_cohort_level(model: ModelConfig) -> ModelConfig:
-    """The one place a streamed measure's model loses its cohort level for the
-    joint model, which has none yet (model/joint.py refuses one). The cohort
-    arrays are passed through everywhere else: once model.joint takes a cohort
-    level, drop this copy and keep ``cohort_level``. The recent window (drift
-    monitoring's fast forgetting) is no part of the joint fit either."""
-    return model.model_copy(update={"cohort_level": False, "recent_half_life": None})
+def joint_measure_model(model: ModelConfig) -> ModelConfig:
+    """A streamed measure's model as part of a joint group: the same
+    (standardisation, time trend, cohort level) without the recent window
+    (drift monitoring's fast forgetting), which is no part of the joint fit."""
+    return model.model_copy(update={"recent_half_life": None})
 
 
 def joint_config(group: JointGroupSpec, models: Mapping[str, ModelConfig]) -> JointConfig:
@@ -85,7 +88,7 @@ def joint_config(group: JointGroupSpec, models: Mapping[str, ModelConfig]) -> Jo
                 f"joint group {group.name}: {name}'s streaming model has "
                 f"{', '.join(unsupported)}, which the joint model does not take"
             )
-        measures.append(without_cohort_level(model))
+        measures.append(joint_measure_model(model))
     try:
         return JointConfig(measures=tuple(measures))
     except ValueError as error:
@@ -198,10 +201,12 @@ class JointModel:
 
     def fit(self, snapshot: JointSnapshot) -> JointFitResult:
         """Continue SVI against all the group's evidence and build the next
-        posterior message. Blocking; run it off the event loop. The cohort
-        index is not used by the fit yet (without_cohort_level)."""
+        posterior message. Blocking; run it off the event loop. With a cohort
+        level the message carries each draw's posterior of every cohort's u_g
+        (the snapshot's cohorts)."""
         started = time.perf_counter()
-        evidence = pad_joint(snapshot.gram)
+        num_cohorts = max(len(snapshot.cohorts), 1)
+        evidence = pad_joint(snapshot.gram, snapshot.cohort, num_cohorts)
         version = self.version + 1
         key_fit, key_draws, key_summary = jax.random.split(_key(self.group, version), 3)
         state = self.state
@@ -216,6 +221,13 @@ class JointModel:
         draws = self.fitter.draws(state, key_draws)
         summary_draws = self.fitter.draws(state, key_summary, 1000)
         transform = self.fitter.guide.get_transform(self.fitter.params(state))
+        cohort_mean = cohort_cov = np.zeros((0,))
+        if self.config.cohort_level:
+            means, covs = cohort_posteriors(
+                draws, evidence.gram, evidence.cohort, evidence.num_cohorts, self.config.structure
+            )
+            count = len(snapshot.cohorts)
+            cohort_mean, cohort_cov = np.asarray(means)[:, :count], np.asarray(covs)[:, :count]
         message = JointPosterior(
             event_id=f"posterior:{posterior_key(self.group)}:{version}",
             event_time=datetime.now(UTC),
@@ -228,11 +240,18 @@ class JointModel:
             svi_steps=steps,
             converged=info.converged,
             standardization=[m.standardization.model_dump() for m in self.config.measures],
-            draws={f: np.asarray(getattr(draws, f)).tolist() for f in JointHyper._fields},
+            draws={
+                f: np.asarray(getattr(draws, f)).tolist()
+                for f in JointHyper._fields
+                if getattr(draws, f) is not None
+            },
             effect_correlation=describe_correlation(summary_draws),
             summary=population_summary(summary_draws, self.config, self.measures),
             unconstrained_loc=np.asarray(transform.loc).tolist(),
             unconstrained_scale_tril=np.asarray(transform.scale_tril).tolist(),
+            cohorts=list(snapshot.cohorts) if self.config.cohort_level else [],
+            cohort_mean=cohort_mean.tolist(),
+            cohort_cov=cohort_cov.tolist(),
         )
         self.state, self.version = state, version
         return JointFitResult(message, info, time.perf_counter() - started)
@@ -259,14 +278,26 @@ def population_summary(
 
 
 def posterior_draws(message: JointPosterior) -> JointHyper:
-    """The draws of θ a JointPosterior carries."""
-    return JointHyper(*(jnp.asarray(message.draws[f], dtype=float) for f in JointHyper._fields))
+    """The draws of θ a JointPosterior carries (without ``tau_cohort``: a
+    posterior of a model without a cohort level)."""
+    return JointHyper(
+        **{
+            f: jnp.asarray(message.draws[f], dtype=float)
+            for f in JointHyper._fields
+            if message.draws.get(f) is not None
+        }
+    )
 
 
 def message_config(message: JointPosterior, config: JointConfig) -> JointConfig:
-    """``config`` with the standardisations the posterior was fitted under."""
+    """``config`` with the standardisations the posterior was fitted under, and
+    without a cohort level when the posterior has no draws of τ_u (one
+    published before the joint model had a cohort level)."""
+    cohort_level = config.cohort_level and message.draws.get("tau_cohort") is not None
     measures = tuple(
-        measure.model_copy(update={"standardization": Standardization(**std)})
+        measure.model_copy(
+            update={"standardization": Standardization(**std), "cohort_level": cohort_level}
+        )
         for measure, std in zip(config.measures, message.standardization, strict=True)
     )
     return config.model_copy(update={"measures": measures})
@@ -275,6 +306,28 @@ def message_config(message: JointPosterior, config: JointConfig) -> JointConfig:
 def benefit_signs(specs: Sequence[MeasureSpec]) -> np.ndarray:
     """+1 where higher is better, −1 where lower is (model.joint's s_m)."""
     return np.array([1.0 if spec.direction == "higher" else -1.0 for spec in specs])
+
+
+def cohort_moments(
+    message: JointPosterior, draws: JointHyper, cohorts: Sequence[str | None] | None, count: int
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Each patient's index into the posterior's cohorts (P,) and the cohorts'
+    posteriors of u_g per draw, (S, G + 1, M) and (S, G + 1, M, M): the last
+    slot is u_g's prior N(0, diag(τ_u²)), for a patient whose cohort the
+    posterior does not know (or without a cohort: None)."""
+    tau = np.asarray(draws.tau_cohort, dtype=float)  # (S, M)
+    num_draws, measures = tau.shape
+    known = {label: g for g, label in enumerate(message.cohorts)}
+    unseen = len(known)
+    labels = [None] * count if cohorts is None else list(cohorts)
+    index = np.array([known.get(label, unseen) for label in labels], dtype=np.int32)
+    mean = np.zeros((num_draws, unseen + 1, measures))
+    cov = np.zeros((num_draws, unseen + 1, measures, measures))
+    if unseen:
+        mean[:, :unseen] = np.asarray(message.cohort_mean, dtype=float)
+        cov[:, :unseen] = np.asarray(message.cohort_cov, dtype=float)
+    cov[:, unseen] = tau[:, :, None] * np.eye(measures) * tau[:, None, :]
+    return index, (mean, cov)
 
 
 @dataclass(frozen=True)
@@ -296,6 +349,7 @@ def joint_scores(
     specs: Sequence[MeasureSpec],
     gram: np.ndarray,
     calls: JointCallInputs | None = None,
+    cohorts: Sequence[str | None] | None = None,
 ) -> list[JointScore]:
     """Every patient's joint score under ``message`` from all the patient's
     evidence of the group (gram (P, M, d, d), standardised as the posterior):
@@ -303,12 +357,18 @@ def joint_scores(
     measure's unit per unit of exposure, P(benefit ≥ MCID) and P(benefit > 0)
     under the joint posterior, and each effect's call by the measures' decision
     rule (model.scores.classify). ``calls``: the inputs of the calls (None: no
-    readings counted, so every call is insufficient data)."""
+    readings counted, so every call is insufficient data). With a cohort level,
+    ``cohorts`` (P,) each patient's cohort label (None: unknown): the patient's
+    block posterior mixes over the posterior's u_g of that cohort
+    (cohort_moments)."""
     config = message_config(message, config)
     draws, signs = posterior_draws(message), benefit_signs(specs)
     scales = np.array([effect_scale(m.standardization) for m in config.measures])
     thresholds = np.array([spec.mcid for spec in specs]) / scales
     count = gram.shape[0]
+    index, moments = np.zeros(count, dtype=np.int32), None
+    if config.cohort_level:
+        index, moments = cohort_moments(message, draws, cohorts, count)
     calls = calls or JointCallInputs(counts=np.zeros((count, len(specs), 2), dtype=int))
     parts = []
     # In blocks of SCORING_BLOCK patients, each padded to a power-of-two count
@@ -318,7 +378,11 @@ def joint_scores(
         block = gram[start : start + SCORING_BLOCK]
         padded = np.zeros((bucket_size(block.shape[0], MIN_PATIENT_BUCKET), *gram.shape[1:]))
         padded[: block.shape[0]] = block
-        found = joint_patients(draws, padded, config, signs, thresholds)
+        where = np.zeros(padded.shape[0], dtype=np.int32)
+        where[: block.shape[0]] = index[start : start + SCORING_BLOCK]
+        found = joint_patients(
+            draws, padded, config, signs, thresholds, cohort=where, cohort_moments=moments
+        )
         parts.append([np.asarray(field)[: block.shape[0]] for field in found])
     found = JointPatients(*(np.concatenate(column) for column in zip(*parts, strict=True)))
     classes = [
@@ -460,7 +524,8 @@ def patients_joint_scores(
             for record in members
         ]
         calls = JointCallInputs(counts, previous, rule, pathways or {})
-        found = joint_scores(message, config, specs, gram, calls)
+        cohorts = [record.cohort for record in members]
+        found = joint_scores(message, config, specs, gram, calls, cohorts)
         for record, score in zip(members, found, strict=True):
             scores.setdefault(record.patient_id, {})[group] = score
     return scores

@@ -612,7 +612,9 @@ class JointPosterior(Envelope):
     measure's posterior is keyed by the measure; ``kind`` tells them apart).
     ``draws`` are fixed draws of the joint model's θ (model.joint.JointHyper,
     standardised units, each measure by its own standardisation) that define
-    every patient's joint scores."""
+    every patient's joint scores, with a cohort level together with each
+    draw's posterior of every cohort's u_g (``cohort_mean``, ``cohort_cov``): a
+    patient of a cohort the posterior does not know gets u_g's prior."""
 
     kind: Literal["joint"] = Field(default="joint", description='"joint": a joint group\'s')
     group: str = Field(description="the joint group")
@@ -628,7 +630,8 @@ class JointPosterior(Envelope):
     )
     draws: dict[str, list] = Field(
         description="fixed draws of θ by name (mu (S, M, 2), tau (S, 2M), corr_chol "
-        "(S, 2M, 2M), sigma (S, M), gamma (S, M, d)), standardised units"
+        "(S, 2M, 2M), sigma (S, M), gamma (S, M, d), tau_cohort (S, M): zeros without a "
+        "cohort level, absent from older posteriors), standardised units"
     )
     effect_correlation: dict[str, list[list[float]]] = Field(
         description="posterior of the between-measure correlation of the patients' effects "
@@ -647,6 +650,21 @@ class JointPosterior(Envelope):
     )
     evidence_digest: str = Field(
         default="", description="digest of the statistics this version was fitted on"
+    )
+    cohorts: list[str] = Field(
+        default_factory=list,
+        description="the cohorts, in the order of cohort_mean's and cohort_cov's axis G "
+        "(empty without a cohort level)",
+    )
+    cohort_mean: list = Field(
+        default_factory=list,
+        description="(S, G, M) each draw's posterior mean of every cohort's shift u_g of the "
+        "measures' effects given θ and all the group's evidence (model.joint."
+        "cohort_posteriors), standardised units",
+    )
+    cohort_cov: list = Field(
+        default_factory=list,
+        description="(S, G, M, M) the same posterior's covariance",
     )
 
 

@@ -14,8 +14,10 @@ readings, unexposed ones before it. Checked on the topics:
   rests on all the patient's readings under that final posterior it equals the
   offline computation on the same draws and the patient's evidence
   (model.joint.joint_patients on model.joint.joint_grams of the simulated
-  events): the same function of the same numbers, the Gram matrices summed in
-  another order, so 1e-6 of a posterior sd and 1e-6 in probability.
+  events; every patient is in the one cohort clinic-0, whose u_g posterior the
+  reference computes from all 24 patients as the stream's fit did): the same
+  function of the same numbers, the Gram matrices summed in another order,
+  so 1e-6 of a posterior sd and 1e-6 in probability.
 """
 
 from __future__ import annotations
@@ -104,8 +106,14 @@ def test_every_patient_joint_score_equals_the_offline_computation(run):
     latest = {r.key.decode(): json.loads(r.value) for r in found if r.topic == topics[1]}
     counts = [np.bincount(e.patient, minlength=PATIENTS) for e in events]
     config = message_config(posterior, config)
+    assert config.cohort_level and posterior.cohorts == ["clinic-0"]
     reference = joint_patients(
-        posterior_draws(posterior), joint_grams(events, config), config, np.array([-1.0, -1.0])
+        posterior_draws(posterior),
+        joint_grams(events, config),
+        config,
+        np.array([-1.0, -1.0]),
+        cohort=np.zeros(PATIENTS, dtype=np.int32),
+        num_cohorts=1,
     )
     scales = [m.standardization.outcome_scale for m in config.measures]
     compared = 0

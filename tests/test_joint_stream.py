@@ -18,7 +18,7 @@ import pytest
 from model.config import DecisionRule
 from model.events import Events
 from model.evidence import events_stats
-from model.joint import JointHyper, joint_grams, joint_patients
+from model.joint import JointHyper, cohort_posteriors, joint_grams, joint_patients
 from model.scores import classify
 from model.simulate import simulate_joint
 from streams.app import measure_models
@@ -87,14 +87,16 @@ def test_invalid_joint_groups_are_refused_with_a_clear_error(tmp_path, extra, me
         catalogue(tmp_path, "\n" + extra)
 
 
-def test_the_group_model_takes_each_measure_streaming_config_without_cohort_level(tmp_path):
+def test_the_group_model_takes_each_measure_streaming_config_with_its_cohort_level(tmp_path):
     loaded = catalogue(tmp_path)
     models = measure_models(loaded, SETTINGS)
     config = joint_models(loaded, models)["glycaemic"]
+    assert config.cohort_level  # the shipped measures stream with a cohort level
     for measure, name in zip(config.measures, ["hba1c", "fasting_glucose"], strict=True):
         assert measure.standardization == models[name].standardization
         assert measure.time_trend == models[name].time_trend
-        assert not measure.cohort_level
+        assert measure.cohort_level == models[name].cohort_level
+        assert measure.recent_half_life is None
 
 
 def test_a_group_whose_measures_forget_or_have_covariates_is_refused(tmp_path):
@@ -192,6 +194,7 @@ def random_draws(config, count: int = 24, seed: int = 0) -> JointHyper:
         corr_chol=dist.LKJCholesky(dim, 2.0).sample(key[2], (count,)),
         sigma=0.3 + 0.3 * jax.random.uniform(key[3], (count, m)),
         gamma=0.05 * jax.random.normal(key[4], (count, m, config.fixed_dim)),
+        tau_cohort=jax.numpy.zeros((count, m)),  # as joint_from_sites without a cohort level
     )
 
 
@@ -282,11 +285,81 @@ def test_the_group_fit_publishes_theta_the_correlation_and_population_effects(tm
     assert message.num_observations == pytest.approx(readings.sum(axis=0).tolist())
     assert np.asarray(message.draws["corr_chol"]).shape[1:] == (4, 4)
     assert np.asarray(message.effect_correlation["mean"]).shape == (2, 2)
+    assert message.cohorts == ["c0", "c1"] or message.cohorts == ["c1", "c0"]
+    draws_count = np.asarray(message.draws["tau_cohort"]).shape[0]
+    assert np.asarray(message.cohort_mean).shape == (draws_count, 2, 2)
+    assert np.asarray(message.cohort_cov).shape == (draws_count, 2, 2, 2)
     for name, truth in zip(names, [-0.6, -15.0], strict=True):
         effect = message.summary[f"effect_{name}"]
         assert abs(effect.mean - truth) < 3.0 * effect.sd + 0.1 * abs(truth), (name, effect)
     # The next fit continues warm: version 2.
     assert model.fit(joint_snapshot(books, config)).message.version == 2
+
+
+def test_joint_scores_mix_over_the_posteriors_cohort_shifts(tmp_path):
+    """With a cohort level the posterior carries each draw's u_g posterior from
+    all evidence: scores of any subset of patients equal joint_patients over
+    all of them (the cohort posteriors computed there from the same grams); a
+    patient of a cohort the posterior does not know gets u_g's prior."""
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    config = joint_models(loaded, models)["glycaemic"]
+    specs = [loaded.get("hba1c"), loaded.get("fasting_glucose")]
+    gram = joint_grams(programme(), config)
+    count = gram.shape[0]
+    labels = ["c1" if i % 2 else "c0" for i in range(count)]
+    index = np.array([i % 2 for i in range(count)], dtype=np.int32)
+    draws = random_draws(config)._replace(
+        tau_cohort=0.3 + 0.4 * jax.random.uniform(jax.random.PRNGKey(9), (24, 2))
+    )
+    means, covs = cohort_posteriors(draws, gram, index, 2, config.structure)
+    message = joint_message(config, draws, gram, 4).model_copy(
+        update={
+            "cohorts": ["c0", "c1"],
+            "cohort_mean": np.asarray(means).tolist(),
+            "cohort_cov": np.asarray(covs).tolist(),
+        }
+    )
+    message = JointPosterior.model_validate_json(message.model_dump_json())
+    signs = np.array([-1.0, -1.0])
+    reference = joint_patients(draws, gram, config, signs, cohort=index, num_cohorts=2)
+    some = [1, 2, 5]
+    scores = joint_scores(message, config, specs, gram[some], cohorts=[labels[i] for i in some])
+    scales = np.array([1.2, 30.0])
+    for row, i in enumerate(some):
+        for m, effect in enumerate(scores[row].effects):
+            got = [effect.effect.mean, effect.effect.sd, effect.effect.lower, effect.effect.upper]
+            want = scales[m] * np.array(
+                [
+                    reference.effect_mean[i, m],
+                    reference.effect_sd[i, m],
+                    reference.effect_lower[i, m],
+                    reference.effect_upper[i, m],
+                ]
+            )
+            np.testing.assert_allclose(got, want, rtol=1e-9)
+        np.testing.assert_allclose(
+            scores[row].p_above_population, reference.p_above_population[i], rtol=1e-9
+        )
+    # An unknown cohort (or none): u_g's prior N(0, diag(τ_u²)) under each draw.
+    tau = np.asarray(draws.tau_cohort)
+    prior = (np.zeros((24, 1, 2)), tau[:, None, :, None] * np.eye(2) * tau[:, None, None, :])
+    alone = joint_patients(
+        draws, gram[:1], config, signs, cohort=np.zeros(1, np.int32), cohort_moments=prior
+    )
+    for label in ("elsewhere", None):
+        unseen = joint_scores(message, config, specs, gram[:1], cohorts=[label])[0]
+        np.testing.assert_allclose(
+            unseen.effects[0].effect.sd, scales[0] * alone.effect_sd[0, 0], rtol=1e-9
+        )
+        assert unseen.effects[0].effect.sd > scores_sd_known(message, config, specs, gram, labels)
+
+
+def scores_sd_known(message, config, specs, gram, labels) -> float:
+    """Patient 0's hba1c effect sd in its own (known) cohort."""
+    return (
+        joint_scores(message, config, specs, gram[:1], cohorts=labels[:1])[0].effects[0].effect.sd
+    )
 
 
 # --- the programme of the stream steps and the end-to-end test -------------------
