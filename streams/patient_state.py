@@ -103,7 +103,24 @@ def origin_key(origin: Origin) -> str:
 Statistics = list[list[float]] | list[float]
 
 
-class MeasureStats(BaseModel):
+class Mutable(BaseModel):
+    """A model this module updates field by field, on every reading: an
+    assignment stores the value (as a plain object's would) instead of going
+    through pydantic's ``__setattr__``, which costs twice as much and records
+    the name in ``model_fields_set``. The values assigned here are computed
+    with their field's type (assignment was never validated: no
+    ``validate_assignment``), and nothing reads these models'
+    ``model_fields_set`` (serialisation does not exclude unset fields). A name
+    that is not a field is still refused, by pydantic."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self.__pydantic_fields__:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
+
+class MeasureStats(Mutable):
     """One measure's evidence of one patient.
 
     ``gram``/``reference_time``/counts: the sufficient statistics of every
@@ -261,7 +278,7 @@ def event_digest(event_id: str) -> bytes:
     return hashlib.blake2b(event_id.encode(), digest_size=8).digest()
 
 
-class PatientRecord(BaseModel):
+class PatientRecord(Mutable):
     """The value of the patients table (keyed by patient id)."""
 
     model_config = ConfigDict(

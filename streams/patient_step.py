@@ -49,7 +49,7 @@ from streams.schemas import (
 from streams.scoring import (
     PendingReading,
     changed_materially,
-    efficacy_score,
+    efficacy_score_json,
     measure_scores,
     pending_reading,
     published_of,
@@ -612,11 +612,11 @@ def _score(
                     )
             record.published[measure] = published_of(score)
             outputs.calls[measure][patient_id] = score.classification
-        message = efficacy_score(
+        message = efficacy_score_json(
             record, list(scores.values()), weights, context.rule, list(groups.values())
         )
-        record.published_score = message.model_dump_json()
-        outputs.scores.append(Message(patient_id.encode(), record.published_score.encode()))
+        record.published_score = message.decode()
+        outputs.scores.append(Message(patient_id.encode(), message))
         changed.append(record)
     return changed
 

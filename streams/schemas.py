@@ -76,12 +76,19 @@ def trusted(cls: type[M], **values: object) -> M:
             else factories[name]()  # type: ignore[operator]
             for name in names
         }
-    m = cls.__new__(cls)
-    object.__setattr__(m, "__dict__", values)
-    object.__setattr__(m, "__pydantic_fields_set__", fields_set)
-    object.__setattr__(m, "__pydantic_extra__", None)
-    object.__setattr__(m, "__pydantic_private__", None)
+    m = _new(cls)
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", fields_set)
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
     return m
+
+
+# object's own, looked up once: ``cls.__new__`` and ``object.__setattr__`` are
+# attribute look-ups through the class hierarchy on every call (a fifth of
+# ``trusted``); _trusted_spec refuses a model with its own ``__new__``.
+_new = object.__new__
+_set = object.__setattr__
 
 
 def _trusted_spec(
@@ -94,6 +101,7 @@ def _trusted_spec(
         or cls.__pydantic_root_model__
         or cls.model_config.get("extra") == "allow"
         or cls.__private_attributes__
+        or cls.__new__ is not object.__new__
     ):
         return None
     defaults: dict[str, object] = {}

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 import jax.numpy as jnp
 import numpy as np
+from pydantic_core import to_json
 
 from model.config import DecisionRule, ModelConfig, default_scale
 from model.covariates import patient_design, reading_design
@@ -38,8 +39,7 @@ from streams.catalogue import MeasureSpec
 from streams.patient_state import MeasureStats, PatientRecord, Published, days
 from streams.schemas import (
     MISSING_GROUP,
-    CompositeScore,
-    EfficacyScore,
+    SCHEMA_VERSION,
     Interval,
     JointScore,
     MeasureScore,
@@ -438,8 +438,10 @@ def reading_residuals(
     )
 
 
-def composite(scores: list[MeasureScore], weights: dict[str, float]) -> CompositeScore | None:
-    """Weighted mean of the benefit in MCID units over Gaussian measures with
+def composite(scores: list[MeasureScore], weights: dict[str, float]) -> dict | None:
+    """The CompositeScore of ``scores`` as its JSON fields (the score message's
+    ``composite``: efficacy_score_json writes them without building the model).
+    Weighted mean of the benefit in MCID units over Gaussian measures with
     enough data (binary and count measures' effect scales are left out):
     z_m = sign_m b_m / MCID_m, mean Σ w z / Σ w, sd √(Σ w² sd_z²) / Σ w (measures
     treated as independent), 90% interval mean ± 1.645 sd."""
@@ -459,13 +461,15 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> Composit
     if not measures:
         return None
     mean, sd = mean / total, math.sqrt(var) / total
-    return trusted(
-        CompositeScore,
-        benefit_in_mcid=trusted(
-            Interval, mean=mean, sd=sd, lower=mean - Z_LEVEL * sd, upper=mean + Z_LEVEL * sd
-        ),
-        measures=measures,
-    )
+    return {
+        "benefit_in_mcid": {
+            "mean": mean,
+            "sd": sd,
+            "lower": mean - Z_LEVEL * sd,
+            "upper": mean + Z_LEVEL * sd,
+        },
+        "measures": measures,
+    }
 
 
 def changed_materially(previous: Published | None, score: MeasureScore) -> bool:
@@ -495,17 +499,26 @@ def published_of(score: MeasureScore) -> Published:
     )
 
 
-def efficacy_score(
+def efficacy_score_json(
     record: PatientRecord,
     scores: list[MeasureScore],
     weights: dict[str, float],
     rule: DecisionRule,
     joint: Sequence[JointScore] = (),
-) -> EfficacyScore:
+) -> bytes:
     """The message of a patient's score over every measure scored so far (and
-    its ``joint`` group scores). Its event id is a function of the evidence and
-    posterior versions it rests on, so a re-published identical score has the
-    same id."""
+    its ``joint`` group scores), as the JSON sent: ``EfficacyScore`` (the score
+    topic's schema) serialised, without building the model. Its event id is a
+    function of the evidence and posterior versions it rests on, so a
+    re-published identical score has the same id.
+
+    The fields are written in the model's order by pydantic's own serialiser
+    (``pydantic_core.to_json``: the same float, time and string formatting),
+    each nested score by its model's, so the bytes are those of
+    ``EfficacyScore(...).model_dump_json()`` of the same values
+    (tests/test_patient_step.py checks every score of a programme), in a
+    fraction of the time: building the envelope model and its composite was
+    most of a score's Python."""
     scores = sorted(scores, key=lambda s: s.measure)
     joint = sorted(joint, key=lambda s: s.group)
     basis = ";".join(
@@ -518,19 +531,22 @@ def efficacy_score(
         ]
     )
     last_times = [s.last_event_time for s in scores if s.last_event_time is not None]
-    # Built without validation (streams.schemas.trusted): every field comes from
-    # validated records and scores, with its type.
-    return trusted(
-        EfficacyScore,
-        event_id=bounded_event_id("score", f"{record.patient_id}:{basis}"),
-        event_time=max(last_times) if last_times else datetime.now(UTC),
-        patient_id=record.patient_id,
-        cohort=record.cohort or "",
-        score_version=sum(
-            s.population_version + s.count_exposed + s.count_unexposed for s in scores
-        ),
-        decision_rule_version=rule.version,
-        measures=scores,
-        composite=composite(scores, weights),
-        joint=joint,
+    # Every field of EfficacyScore, in its order; the values come from validated
+    # records and scores, with their field's type.
+    return to_json(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "event_id": bounded_event_id("score", f"{record.patient_id}:{basis}"),
+            "event_time": max(last_times) if last_times else datetime.now(UTC),
+            "patient_id": record.patient_id,
+            "cohort": record.cohort or "",
+            "score_version": sum(
+                s.population_version + s.count_exposed + s.count_unexposed for s in scores
+            ),
+            "decision_rule_version": rule.version,
+            "measures": scores,
+            "composite": composite(scores, weights),
+            "joint": joint,
+        },
+        inf_nan_mode="null",  # EfficacyScore's (pydantic's default)
     )

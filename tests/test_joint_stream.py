@@ -35,7 +35,14 @@ from streams.patient_state import PatientRecord
 from streams.patient_step import StepContext, batch_keys, process_batch, rescore_joint
 from streams.population_book import FitterPool, PopulationBook
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import Enrollment, ExposureChange, JointPosterior, LabResult, PatientEvidence
+from streams.schemas import (
+    EfficacyScore,
+    Enrollment,
+    ExposureChange,
+    JointPosterior,
+    LabResult,
+    PatientEvidence,
+)
 from streams.settings import Settings
 
 SHIPPED = Path(__file__).parent.parent / "streams" / "measures.toml"
@@ -447,6 +454,8 @@ def test_the_patient_step_publishes_each_patient_joint_score_as_joint_patients(t
     assert not outputs.dead_letters
     latest = {m.key.decode(): json.loads(m.value) for m in outputs.scores}
     assert sorted(latest) == patients
+    for m in outputs.scores:  # written without the model: its own serialisation, byte for byte
+        assert EfficacyScore.model_validate_json(m.value).model_dump_json().encode() == m.value
     scales = np.array([1.2, 30.0])
     mcid = np.array([loaded.get("hba1c").mcid, loaded.get("fasting_glucose").mcid])
     reference = joint_patients(draws, gram, config, np.array([-1.0, -1.0]), mcid / scales)

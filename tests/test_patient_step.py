@@ -39,8 +39,8 @@ from streams.patient_step import (
     transition_alert,
 )
 from streams.posterior_feed import PosteriorBook
-from streams.schemas import Alert, EfficacyScore
-from streams.scoring import efficacy_score, measure_scores
+from streams.schemas import Alert, EfficacyScore, Interval, JointEffect, JointScore
+from streams.scoring import efficacy_score_json, measure_scores
 from streams.settings import Settings
 
 MEASURE = "resting_heart_rate"  # the measure statistics_mismatch checks
@@ -394,13 +394,71 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
 
     # The longest patient id the schema allows still gives valid, stable event ids.
     longest = PatientRecord(patient_id="p" * 128, cohort="c")
-    message = efficacy_score(longest, expected[:1], ctx.weights, ctx.rule)
-    EfficacyScore.model_validate_json(message.model_dump_json())
-    assert message.event_id == efficacy_score(longest, expected[:1], ctx.weights,
-                                              ctx.rule).event_id  # fmt: skip
+    message = EfficacyScore.model_validate_json(
+        efficacy_score_json(longest, expected[:1], ctx.weights, ctx.rule)
+    )
+    again = efficacy_score_json(longest, expected[:1], ctx.weights, ctx.rule)
+    assert message.event_id == json.loads(again)["event_id"]
     other = expected[0].model_copy(update={"classification": "non_responder"})
     alert = transition_alert("p" * 128, "uncertain", other)
     Alert.model_validate_json(alert.model_dump_json())
+
+
+def as_the_model_writes_it(value: bytes) -> bytes:
+    """``value`` read into EfficacyScore (validated) and serialised by the model."""
+    return EfficacyScore.model_validate_json(value).model_dump_json().encode()
+
+
+def test_score_messages_are_byte_for_byte_the_models_serialisation(programme):
+    """The score messages are written without building EfficacyScore
+    (scoring.efficacy_score_json); each must be a valid EfficacyScore whose own
+    serialisation is the same bytes (field order, defaults, float and time
+    formatting): every score of a simulated programme, each patient's table copy
+    of it (``published_score``), and a score of two measures with a composite, a
+    joint group's score and floats whose shortest form is an exponent."""
+    ctx = context()
+    posterior_of(programme, ctx)
+    states: dict[str, bytes] = {}
+    sent = [m for o in run_batches(states, raw_records(programme), ctx, 50) for m in o.scores]
+    assert len({m.key for m in sent}) == len(programme.truth.patients)
+    for message in sent:
+        assert as_the_model_writes_it(message.value) == message.value
+    for record in parsed(states).values():
+        published = record.published_score.encode()
+        assert published in {m.value for m in sent if m.key == record.patient_id.encode()}
+
+    first = parsed(states)[min(states)]
+    (score,) = measure_scores(
+        ctx.posteriors[MEASURE],
+        [first.measures[MEASURE]],
+        [first.cohort],
+        [[]],
+        ctx.catalogue.get(MEASURE),
+        ctx.models[MEASURE],
+        ctx.rule,
+    )
+    odd = score.model_copy(
+        update={
+            "measure": "zz_other",
+            "effect": Interval(mean=1e-7, sd=1.5e16, lower=-2.5e-300, upper=0.1),
+            "recommended_action": 'review \u00e9 "now"',
+        }
+    )
+    effect = JointEffect(
+        measure=MEASURE, unit="bpm", direction="lower", mcid=5.0, effect=score.effect,
+        p_benefit_ge_mcid=0.25, p_benefit_gt_0=0.75, classification="uncertain",
+    )  # fmt: skip
+    joint = JointScore(
+        group="cardio", effects=[effect], responsiveness=Interval(mean=0.1, sd=1.0, lower=-1.5,
+        upper=1.7), p_above_population=1 / 3, population_version=7,
+    )  # fmt: skip
+    weights = {MEASURE: 1.0, "zz_other": 2.0}
+    value = efficacy_score_json(first, [odd, score], weights, ctx.rule, [joint])
+    assert as_the_model_writes_it(value) == value
+    message = json.loads(value)
+    assert [m["measure"] for m in message["measures"]] == [MEASURE, "zz_other"]
+    assert message["composite"]["measures"] == [MEASURE, "zz_other"]
+    assert message["joint"][0]["group"] == "cardio"
 
 
 def test_a_record_on_another_partition_than_its_keys_is_rerouted_not_applied(programme):

@@ -88,6 +88,17 @@ def test_other_models_go_to_model_construct() -> None:
     got = trusted(Aliased, v=1)
     assert got.value == 1 and got.model_fields_set == {"value"}
 
+    class Counted(BaseModel):  # trusted creates instances with object.__new__
+        value: int
+
+        def __new__(cls, *args: object, **kwargs: object) -> Counted:
+            made.append(cls)
+            return super().__new__(cls)
+
+    made: list[type] = []
+    got = trusted(Counted, value=2)
+    assert got.value == 2 and made == [Counted]
+
 
 def test_validated_observations_are_what_validation_would_build() -> None:
     """validate_observation builds its Observation without validation: the same
