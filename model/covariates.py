@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.config import ModelConfig
+from model.splines import own_columns, with_spline_columns
 
 
 class CovariateError(ValueError):
@@ -179,7 +180,18 @@ def encode_patient(specs: Sequence[CovariateSpec], values: Mapping[str, Any]) ->
 
 def patient_design(rows: Sequence[Sequence[float]], config: ModelConfig) -> np.ndarray | None:
     """Patients' design rows (natural units) as a (P, q) array for ``config``'s
-    covariates; None when it has none. See _rows_or_centre."""
+    covariates; None when it has none. See _rows_or_centre. With smooth
+    covariates (ModelConfig.splines) a row of the covariates' own columns (what
+    an enrolment carries) gets the spline columns appended
+    (model.splines.with_spline_columns); a row that has them already is kept."""
+    if config.splines:
+        own = own_columns(config)
+        rows = list(rows)
+        short = [k for k, row in enumerate(rows) if len(row) == own]
+        if short:
+            full = with_spline_columns(np.asarray([rows[k] for k in short], dtype=float), config)
+            for k, row in zip(short, full, strict=True):
+                rows[k] = row
     return _rows_or_centre(rows, config.standardization.covariate_location, config.num_covariates)
 
 
