@@ -259,13 +259,32 @@ class Programme:
             records.append(ChunkRecord(record.key, record.value, topic, partition, offset, stamp))
         return records
 
+    @staticmethod
+    def _reading_row(record: Record, model: ModelConfig, spec: MeasureSpec | None) -> list[float]:
+        """A reading's time covariates as the stream builds them: sent without the
+        catalogue's ones, each is at its centre (the validation encodes an absent
+        optional value so), then the measure's daily-cycle terms."""
+        values = list(record.time_covariates)
+        if spec is None:
+            return values
+        own = len(model.time_covariates) - 2 * spec.daily_cycle
+        if len(values) != own:
+            values = list(model.standardization.time_covariate_location[:own])
+        return spec.reading_covariates(values, record.event_time)
+
     def expected_statistics(
-        self, measure: str, model: ModelConfig, patients: Sequence[str] | None = None
+        self,
+        measure: str,
+        model: ModelConfig,
+        patients: Sequence[str] | None = None,
+        spec: MeasureSpec | None = None,
     ) -> PatientStats:
         """The batch computation over the unique valid readings of ``measure``
         with the simulated exposure: what the pipeline's patient statistics must
         equal, whatever the arrival order, replays and duplicates. Rows follow
-        ``patients`` (default: every patient id, sorted)."""
+        ``patients`` (default: every patient id, sorted). ``spec``: the
+        measure's catalogue entry, whose daily cycle (if any) adds its terms to
+        each reading's covariates as the stream does (MeasureSpec.reading_covariates)."""
         patients = sorted(self.truth.patients) if patients is None else list(patients)
         index = {p: i for i, p in enumerate(patients)}
         topic = self.truth.measures[measure].source_topic
@@ -277,8 +296,11 @@ class Programme:
             np.array([days(r.event_time) for r in valid]),
             np.array([r.canonical_value for r in valid]),
             model,
-            # A reading without them is taken at their centre, as the stream does.
-            time_covariates=reading_design([r.time_covariates for r in valid], model),
+            # A reading without them is taken at their centre, as the stream does;
+            # with a daily cycle, the measure's row ends with its terms.
+            time_covariates=reading_design(
+                [self._reading_row(r, model, spec) for r in valid], model
+            ),
         )
 
 

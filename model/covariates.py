@@ -23,7 +23,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.config import ModelConfig
-from model.splines import own_columns, with_spline_columns
+from model.splines import DEFAULT_KNOTS, SplineBasis, own_columns, with_spline_columns
+
+#: A stream's smooth covariate bends within this many scales of its typical value
+#: (CovariateSpec.spline): 99.7% of a normal spread, where patients are.
+SPLINE_SPREAD = 3.0
 
 
 class CovariateError(ValueError):
@@ -119,6 +123,28 @@ class CovariateSpec(BaseModel):
                 f"[{low:g}, {high:g}] {self.unit}".rstrip()
             )
         return [number]
+
+    def spline(self, num_knots: int = DEFAULT_KNOTS) -> SplineBasis:
+        """The spline basis of this numeric covariate as a smooth covariate of
+        the stream, from its specification alone (the catalogue fixes the
+        standardisation forever, so the knots cannot follow the data): the
+        boundary is the plausible range cut to SPLINE_SPREAD scales either
+        side of the location, the knots at quantiles of N(0, 1) truncated to it
+        (SplineBasis.from_spread). Beyond the boundary the curve continues with
+        its linear slope. ValueError for a categorical covariate, or when the
+        plausible range lies outside that span."""
+        if self.kind != "numeric" or self.varies != "patient":
+            raise ValueError(f"{self.name}: a smooth covariate is a numeric patient covariate")
+        low, high = self.plausible_range
+        low = max(low, self.location - SPLINE_SPREAD * self.scale)
+        high = min(high, self.location + SPLINE_SPREAD * self.scale)
+        if not low < high:
+            raise ValueError(
+                f"{self.name}: the plausible range {list(self.plausible_range)} lies outside "
+                f"{SPLINE_SPREAD:g} scales of the typical value {self.location:g}: no spline"
+            )
+        boundary = ((low - self.location) / self.scale, (high - self.location) / self.scale)
+        return SplineBasis.from_spread(self.name, boundary, num_knots)
 
     def _indicators(self, level: int) -> list[float]:
         return [1.0 if level == k else 0.0 for k in range(1, len(self.levels))]
