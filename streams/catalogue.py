@@ -25,6 +25,12 @@ rescue-inhaler uses), and ``effect_scale`` the scale of its effect and MCID
 (model.family_scores: odds_ratio, risk_difference or log_odds_ratio for
 Bernoulli; rate_ratio, rate_difference or log_rate_ratio for Poisson).
 Readings a family cannot take are dead-lettered (``invalid_value``).
+A Gaussian measure's ``smooth`` names numeric patient covariates whose effect
+is a penalised spline rather than a line, and ``daily_cycle = K`` adds K
+Fourier harmonics of each reading's hour of day on its own clock
+(model.smooth; CovariateSpec.spline fixes the knots from the covariate's
+entry, MeasureSpec.reading_covariates adds the Fourier terms). The measure's
+posterior publishes the fitted curves (docs/covariates.md).
 ``[subgroups.<name>]`` declares subgroups
 (model.subgroups.SubgroupSpec: cohorts, covariate ranges and levels) whose mean
 effect the population agent publishes (docs/covariates.md).
