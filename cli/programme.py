@@ -586,15 +586,23 @@ def build_programme(
         reading_us = _micros(events.time)
         # The exposure-change events carry the dose; a reading's adherence scales it.
         scheduled = np.where(events.exposure > 0, sim.spec.dose, 0.0)
-        reading_us = _honour_exposure(
-            reading_us, events.patient, scheduled, enrol_us, change_us, changes
+        keep = np.ones(reading_us.size, dtype=bool)
+        if sim.spec.daily_amplitudes:
+            # A wearable reads at a random hour of each day (model.simulate): a
+            # reading whose hour falls before its patient's enrolment or across an
+            # exposure change has an exposure no enrolment or exposure-change event
+            # can give it (the dose in force at its time) and is left out.
+            keep = _expressible(reading_us, events.patient, scheduled, enrol_us, change_us, changes)
+        reading_us = reading_us.copy()
+        reading_us[keep] = _honour_exposure(
+            reading_us[keep], events.patient[keep], scheduled[keep], enrol_us, change_us, changes
         )
         alternatives = list(spec_m.units.items())
         use_alternative = rng.uniform(size=reading_us.size) < alternative_unit_fraction
         unit_choice = rng.integers(0, max(len(alternatives), 1), reading_us.size)
         bucket = readings.setdefault(topic, [])
         dose = sim.spec.dose
-        for row in range(reading_us.size):
+        for row in np.flatnonzero(keep):
             i = int(events.patient[row])
             extras: dict[str, Any] = {}
             if sim.spec.adherence_low < 1.0 and events.exposure[row] > 0:
@@ -752,6 +760,35 @@ def _enrollment_record(event: Enrollment | ExposureChange, label: Label) -> Reco
     )
 
 
+def _expressible(
+    reading_us: np.ndarray,
+    patient: np.ndarray,
+    exposure: np.ndarray,
+    enrol_us: np.ndarray,
+    change_us: list[np.ndarray],
+    changes: list[tuple[float, float]],
+) -> np.ndarray:
+    """Which readings the enrolment and exposure-change events can express: at
+    or after their patient's enrolment, with the dose in force at their time
+    (or 1 µs earlier, as _honour_exposure moves them)."""
+    at = _dose_at(reading_us, patient, change_us, changes)
+    before = _dose_at(reading_us - 1, patient, change_us, changes)
+    return ((at == exposure) | (before == exposure)) & (reading_us >= enrol_us[patient])
+
+
+def _dose_at(
+    reading_us: np.ndarray,
+    patient: np.ndarray,
+    change_us: list[np.ndarray],
+    changes: list[tuple[float, float]],
+) -> np.ndarray:
+    """The dose in force at each reading's time: the last change at or before it."""
+    value = np.zeros(reading_us.shape)
+    for (_, x), times in zip(changes, change_us, strict=True):
+        value = np.where(times[patient] <= reading_us, x, value)
+    return value
+
+
 def _honour_exposure(
     reading_us: np.ndarray,
     patient: np.ndarray,
@@ -769,10 +806,7 @@ def _honour_exposure(
     reading_us = reading_us.copy()
 
     def derived() -> np.ndarray:
-        value = np.zeros(reading_us.shape)
-        for (_, x), times in zip(changes, change_us, strict=True):
-            value = np.where(times[patient] <= reading_us, x, value)
-        return value
+        return _dose_at(reading_us, patient, change_us, changes)
 
     wrong = derived() != exposure
     reading_us[wrong] -= 1

@@ -167,14 +167,8 @@ def simulate(spec: ProgrammeSpec, seed: int) -> Simulated:
     time = enrolment[patient] + phase * spec.time_span
     if spec.daily_amplitudes:
         # A wearable reads at any hour: a random time of day for every reading (its
-        # own stream, so the other draws of a seed stay as they were). A reading
-        # whose new hour would put it before its patient's enrolment or across an
-        # exposure change keeps its time: its exposure is the one in force then
-        # (what a stream of enrolment and exposure-change events can express).
-        hours = np.floor(time) + np.random.default_rng([seed, 2]).uniform(0.0, 1.0, time.size)
-        moved_phase = (hours - enrolment[patient]) / spec.time_span
-        keeps_side = exposure_schedule(spec, moved_phase) == exposure_schedule(spec, phase)
-        time = np.where((hours >= enrolment[patient]) & keeps_side, hours, time)
+        # own stream, so the other draws of a seed stay as they were).
+        time = np.floor(time) + np.random.default_rng([seed, 2]).uniform(0.0, 1.0, time.size)
     exposure = exposure_schedule(spec, phase)
     if spec.adherence_low < 1.0:
         exposure = exposure * rng.uniform(spec.adherence_low, 1.0, exposure.size)

@@ -30,7 +30,7 @@ SETTINGS = Settings(max_age_days=36500.0, partitions=PARTITIONS)
 
 #: The shipped catalogue with the simulated covariates (age: typical 55 years,
 #: sd 12) and a smooth age and two daily harmonics on RHR.
-SMOOTH_ENTRY = '[resting_heart_rate]\nsmooth = ["age"]\ndaily_cycle = 2\n'
+SMOOTH_ENTRY = '\n[resting_heart_rate]\nsmooth = ["age"]\ndaily_cycle = 2\n'
 
 #: benefit fading over ten years of age around 55 (4 bpm either side) and a
 #: daily cycle of 4 and 1.5 bpm: tests/test_smooth.py's WEARABLE programme.
@@ -47,7 +47,8 @@ WEARABLE = {
 
 def smooth_catalogue(directory: Path) -> Catalogue:
     path = directory / "measures.toml"
-    text = DEFAULT_CATALOGUE.read_text().replace("[resting_heart_rate]\n", SMOOTH_ENTRY, 1)
+    text = DEFAULT_CATALOGUE.read_text().replace("\n[resting_heart_rate]\n", SMOOTH_ENTRY)
+    assert text.count(SMOOTH_ENTRY) == 1
     # The simulated ages are N(55, 12): a plausible range from 0 keeps the rare
     # one under 18 (seed 3 has one) in; the spline bends over 19-91 years either way.
     covariates = SIMULATED_COVARIATES.replace(
@@ -127,6 +128,10 @@ def test_a_smooth_measure_publishes_its_curves_and_scores_on_them(catalogue, pro
         states.update(saves)
         outputs.append(out)
     assert not [m for o in outputs for m in o.dead_letters]
+    # The programme leaves out the few readings whose random hour falls before
+    # their patient's enrolment or across the exposure change (29 of 6 000 here).
+    valid = programme.truth.measures[MEASURE].valid_unique_readings
+    assert 0.98 * 6000 <= valid < 6000
 
     # The statistics carry each reading's daily-cycle terms: the batch
     # computation with the same terms (MeasureSpec.reading_covariates) equals them.
