@@ -270,7 +270,7 @@ class Programme:
         own = len(model.time_covariates) - 2 * spec.daily_cycle
         if len(values) != own:
             values = list(model.standardization.time_covariate_location[:own])
-        return spec.reading_covariates(values, record.event_time)
+        return spec.time_covariate_row(values, record.event_time)
 
     def expected_statistics(
         self,
@@ -284,7 +284,7 @@ class Programme:
         equal, whatever the arrival order, replays and duplicates. Rows follow
         ``patients`` (default: every patient id, sorted). ``spec``: the
         measure's catalogue entry, whose daily cycle (if any) adds its terms to
-        each reading's covariates as the stream does (MeasureSpec.reading_covariates)."""
+        each reading's covariates as the stream does (MeasureSpec.time_covariate_row)."""
         patients = sorted(self.truth.patients) if patients is None else list(patients)
         index = {p: i for i, p in enumerate(patients)}
         topic = self.truth.measures[measure].source_topic

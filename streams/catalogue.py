@@ -29,7 +29,7 @@ A Gaussian measure's ``smooth`` names numeric patient covariates whose effect
 is a penalised spline rather than a line, and ``daily_cycle = K`` adds K
 Fourier harmonics of each reading's hour of day on its own clock
 (model.smooth; CovariateSpec.spline fixes the knots from the covariate's
-entry, MeasureSpec.reading_covariates adds the Fourier terms). The measure's
+entry, MeasureSpec.time_covariate_row adds the Fourier terms). The measure's
 posterior publishes the fitted curves (docs/covariates.md).
 ``[subgroups.<name>]`` declares subgroups
 (model.subgroups.SubgroupSpec: cohorts, covariate ranges and levels) whose mean
@@ -203,7 +203,7 @@ class MeasureSpec(BaseModel):
         low, high = self.plausible
         return math.isfinite(value) and low <= value <= high
 
-    def reading_covariates(self, values: list[float], event_time: datetime) -> list[float]:
+    def time_covariate_row(self, values: list[float], event_time: datetime) -> list[float]:
         """A reading's time-varying covariate row for this measure's model
         (ModelConfig.time_covariates, natural units): the catalogue's reading
         covariates (``values``) and, with a ``daily_cycle`` of K, the K Fourier

@@ -286,7 +286,7 @@ class Observation(Envelope):
     source: Literal["wearable", "lab", "pro"]
     origin: Origin
     adherence: float = 1.0
-    # The measure's time covariates (MeasureSpec.reading_covariates): the
+    # The measure's time covariates (MeasureSpec.time_covariate_row): the
     # catalogue's reading covariates in its order, then the daily cycle's terms.
     time_covariates: list[float] = Field(default_factory=list)
 

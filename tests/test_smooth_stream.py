@@ -7,12 +7,14 @@ simulation's truth, the statistics against the batch computation."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cli.programme import SIMULATED_COVARIATES, build_programme
+from model.covariates import patient_design
 from model.simulate import true_daily_cycle, true_effect_at
 from model.smooth import hour_of_day
 from streams.app import measure_models
@@ -85,13 +87,9 @@ def test_the_measure_model_carries_the_catalogue_smooth_terms(catalogue):
     assert models["daily_steps"].covariates == ("age", "group=B")  # the others stay linear
     assert models["daily_steps"].time_covariates == ("activity",)
 
-    from datetime import datetime
-
     spec = catalogue.get(MEASURE)
-    row = spec.reading_covariates([0.3], datetime.fromisoformat("2026-03-01T18:00:00-05:00"))
+    row = spec.time_covariate_row([0.3], datetime.fromisoformat("2026-03-01T18:00:00-05:00"))
     np.testing.assert_allclose(row, [0.3, 0.0, -1.0, -1.0, 0.0], atol=1e-12)  # 18:00 local
-    from model.covariates import patient_design
-
     design = patient_design([[55.0 + 12.0, 1.0]], model)[0]
     np.testing.assert_allclose(design[:2], [67.0, 1.0])
     np.testing.assert_allclose(design[2:], basis.design(np.ones(1))[0])
@@ -134,7 +132,7 @@ def test_a_smooth_measure_publishes_its_curves_and_scores_on_them(catalogue, pro
     assert 0.98 * 6000 <= valid < 6000
 
     # The statistics carry each reading's daily-cycle terms: the batch
-    # computation with the same terms (MeasureSpec.reading_covariates) equals them.
+    # computation with the same terms (MeasureSpec.time_covariate_row) equals them.
     patients = sorted(programme.truth.patients)
     expected = programme.expected_statistics(MEASURE, model, patients, spec=catalogue.get(MEASURE))
     gram = np.stack(
