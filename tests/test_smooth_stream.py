@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from cli.programme import SIMULATED_COVARIATES, build_programme
+from cli.report import Report, render, report_from_records
 from model.covariates import patient_design
 from model.simulate import true_daily_cycle, true_effect_at
 from model.smooth import hour_of_day
@@ -95,6 +97,14 @@ def test_the_measure_model_carries_the_catalogue_smooth_terms(catalogue):
     np.testing.assert_allclose(design[2:], basis.design(np.ones(1))[0])
 
 
+def topics_report(directory: Path, posterior: PopulationPosterior) -> Report:
+    """The report of topics holding only ``posterior`` (cli.report.report_from_records)."""
+    smooth_catalogue(directory)  # directory / "measures.toml", as the fixture's
+    settings = Settings(measures_file=directory / "measures.toml")
+    record = SimpleNamespace(value=posterior.model_dump_json().encode())
+    return report_from_records(settings, {"population-posterior": [record]})
+
+
 @pytest.fixture(scope="module")
 def programme(catalogue):
     return build_programme(
@@ -103,7 +113,7 @@ def programme(catalogue):
     )  # fmt: skip
 
 
-def test_a_smooth_measure_publishes_its_curves_and_scores_on_them(catalogue, programme):
+def test_a_smooth_measure_publishes_its_curves_and_scores_on_them(catalogue, programme, tmp_path):
     """Seeded (programme seed 3, 200 patients × 30 readings), against the
     simulation's truth, with tests/test_smooth.py's tolerances for the same
     programme offline: the effect curve's 90% band covers the true expected
@@ -177,6 +187,15 @@ def test_a_smooth_measure_publishes_its_curves_and_scores_on_them(catalogue, pro
     assert np.all(np.asarray(cycle.q05) <= cycle.mean) and np.all(cycle.mean <= cycle.q95)
     # The Fourier and spline coefficients are listed too (read the curves, not them).
     assert {c.covariate for c in posterior.coefficients} >= {"age", "age:s1", "age:s6"}
+
+    # efficacy report, from the topics, draws the posterior's curves (the shape
+    # of a fit's JSON, so cli.report.fitted_curves reads both).
+    page = topics_report(tmp_path, posterior)
+    html = render(page)
+    for kind, band in (("curve-effect-age", curve.effect), ("curve-daily-cycle", cycle)):
+        drawn = next(c for c in page.measures[0].curves if c.kind == kind)
+        assert (drawn.mean, drawn.lower, drawn.upper) == (band.mean, band.q05, band.q95)
+        assert f'<svg class="plot {kind}"' in html
 
     # The scores use the basis model: a patient's population effect μ_b + B_b x_i
     # with x_i their spline columns. For group A (the reference level) it is the
