@@ -352,7 +352,10 @@ class Catalogue(BaseModel):
                         f"{spec.name}: smooth covariate {name!r} is not a numeric patient "
                         f"covariate of the catalogue (those are {', '.join(sorted(numeric)) or 'none'})"
                     )
-                by_name[name].spline()  # a plausible range that leaves room for a curve
+                try:  # a plausible range that leaves room for a curve
+                    by_name[name].spline()
+                except ValueError as error:
+                    raise ValueError(f"{spec.name}: smooth covariate {error}") from None
         group_of: dict[str, str] = {}
         for group in self.joint:
             for name in group.measures:

@@ -289,10 +289,13 @@ def test_smooth_terms_the_catalogue_refuses(tmp_path, keys, extra, message):
 
 def test_a_smooth_covariate_needs_room_for_its_curve(tmp_path):
     """A plausible range outside 3 scales of the typical value leaves no span
-    to bend in: a CatalogueError naming the covariate."""
+    to bend in: a CatalogueError naming the measure and the covariate."""
     path = _with_grip(tmp_path, 'smooth = ["age"]')
     path.write_text(
         path.read_text().replace("plausible = [18.0, 110.0]", "plausible = [95.0, 110.0]")
     )
-    with pytest.raises(CatalogueError, match=r"age: the plausible range .* lies outside 3 scales"):
+    with pytest.raises(
+        CatalogueError,
+        match=r"grip_strength: smooth covariate age: the plausible range .* lies outside 3 scales",
+    ):
         Catalogue.load(path)
