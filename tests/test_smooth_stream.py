@@ -16,14 +16,16 @@ import pytest
 
 from cli.programme import SIMULATED_COVARIATES, build_programme
 from cli.report import Report, render, report_from_records
-from model.covariates import patient_design
+from model.config import ModelConfig
+from model.covariates import column_blocks, patient_design
+from model.selection import candidate_structures
 from model.simulate import true_daily_cycle, true_effect_at
 from model.smooth import hour_of_day
 from streams.app import measure_models
 from streams.catalogue import DEFAULT_CATALOGUE, Catalogue
 from streams.patient_state import PatientRecord
 from streams.patient_step import StepContext, batch_keys, process_batch, rescore
-from streams.population_book import PopulationBook, PopulationModel
+from streams.population_book import PopulationBook, PopulationModel, StructureSelectionRun
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import EvidenceBatch, PopulationPosterior
 from streams.settings import Settings
@@ -92,6 +94,12 @@ def test_the_measure_model_carries_the_catalogue_smooth_terms(catalogue):
     spec = catalogue.get(MEASURE)
     row = spec.time_covariate_row([0.3], datetime.fromisoformat("2026-03-01T18:00:00-05:00"))
     np.testing.assert_allclose(row, [0.3, 0.0, -1.0, -1.0, 0.0], atol=1e-12)  # 18:00 local
+    # The structure selection's candidates keep a spline only with its columns.
+    for structure in candidate_structures(model, ["cohort"], column_blocks(model.covariates)):
+        config = ModelConfig.model_validate(structure.config.model_dump())
+        assert [b.covariate for b in config.splines] == (
+            ["age"] if {"age", "age:s1"} <= set(config.covariates) else []
+        ), structure.name
     design = patient_design([[55.0 + 12.0, 1.0]], model)[0]
     np.testing.assert_allclose(design[:2], [67.0, 1.0])
     np.testing.assert_allclose(design[2:], basis.design(np.ones(1))[0])
@@ -187,6 +195,14 @@ def test_a_smooth_measure_publishes_its_curves_and_scores_on_them(catalogue, pro
     assert np.all(np.asarray(cycle.q05) <= cycle.mean) and np.all(cycle.mean <= cycle.q95)
     # The Fourier and spline coefficients are listed too (read the curves, not them).
     assert {c.covariate for c in posterior.coefficients} >= {"age", "age:s1", "age:s6"}
+
+    # The population agent's structure selection compares the straight line
+    # with the curve (the x:age:smooth block) on the stream's design rows.
+    selection = StructureSelectionRun(
+        MEASURE, model, (stats, cohort, cohorts), num_folds=2, covariates=covariates
+    ).run()
+    compared = {row.structure for row in selection.structures}
+    assert {"partial+x:age+x:group+x:age:smooth", "partial+x:age+x:group"} <= compared
 
     # efficacy report, from the topics, draws the posterior's curves (the shape
     # of a fit's JSON, so cli.report.fitted_curves reads both).
