@@ -21,7 +21,10 @@ latest ``ExposureChange`` with ``event_time <= t``, or 0 when there is none
 (the ``Enrollment`` says ``exposed=False``). A change at exactly a reading's
 event time governs that reading. ``build_programme`` checks this contract on
 every reading at microsecond resolution (the resolution of ``event_time``)
-before returning.
+before returning. A simulated wearable with a daily cycle (``daily_amplitudes``)
+reads at a random hour of each day, which can put a reading before its
+patient's enrolment or across an exposure change; no event can give such a
+reading its simulated exposure, so it is left out (about 0.5% of readings).
 
 Known simplification: since all measures come from the same seed, a patient's
 standardised latent deviations (intercept, effect, residuals) are shared
