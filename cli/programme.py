@@ -21,7 +21,10 @@ latest ``ExposureChange`` with ``event_time <= t``, or 0 when there is none
 (the ``Enrollment`` says ``exposed=False``). A change at exactly a reading's
 event time governs that reading. ``build_programme`` checks this contract on
 every reading at microsecond resolution (the resolution of ``event_time``)
-before returning.
+before returning. A simulated wearable with a daily cycle (``daily_amplitudes``)
+reads at a random hour of each day, which can put a reading before its
+patient's enrolment or across an exposure change; no event can give such a
+reading its simulated exposure, so it is left out (about 0.5% of readings).
 
 Known simplification: since all measures come from the same seed, a patient's
 standardised latent deviations (intercept, effect, residuals) are shared
@@ -259,13 +262,32 @@ class Programme:
             records.append(ChunkRecord(record.key, record.value, topic, partition, offset, stamp))
         return records
 
+    @staticmethod
+    def _reading_row(record: Record, model: ModelConfig, spec: MeasureSpec | None) -> list[float]:
+        """A reading's time covariates as the stream builds them: sent without the
+        catalogue's ones, each is at its centre (the validation encodes an absent
+        optional value so), then the measure's daily-cycle terms."""
+        values = list(record.time_covariates)
+        if spec is None:
+            return values
+        own = len(model.time_covariates) - 2 * spec.daily_cycle
+        if len(values) != own:
+            values = list(model.standardization.time_covariate_location[:own])
+        return spec.time_covariate_row(values, record.event_time)
+
     def expected_statistics(
-        self, measure: str, model: ModelConfig, patients: Sequence[str] | None = None
+        self,
+        measure: str,
+        model: ModelConfig,
+        patients: Sequence[str] | None = None,
+        spec: MeasureSpec | None = None,
     ) -> PatientStats:
         """The batch computation over the unique valid readings of ``measure``
         with the simulated exposure: what the pipeline's patient statistics must
         equal, whatever the arrival order, replays and duplicates. Rows follow
-        ``patients`` (default: every patient id, sorted)."""
+        ``patients`` (default: every patient id, sorted). ``spec``: the
+        measure's catalogue entry, whose daily cycle (if any) adds its terms to
+        each reading's covariates as the stream does (MeasureSpec.time_covariate_row)."""
         patients = sorted(self.truth.patients) if patients is None else list(patients)
         index = {p: i for i, p in enumerate(patients)}
         topic = self.truth.measures[measure].source_topic
@@ -277,8 +299,11 @@ class Programme:
             np.array([days(r.event_time) for r in valid]),
             np.array([r.canonical_value for r in valid]),
             model,
-            # A reading without them is taken at their centre, as the stream does.
-            time_covariates=reading_design([r.time_covariates for r in valid], model),
+            # A reading without them is taken at their centre, as the stream does;
+            # with a daily cycle, the measure's row ends with its terms.
+            time_covariates=reading_design(
+                [self._reading_row(r, model, spec) for r in valid], model
+            ),
         )
 
 
@@ -564,15 +589,23 @@ def build_programme(
         reading_us = _micros(events.time)
         # The exposure-change events carry the dose; a reading's adherence scales it.
         scheduled = np.where(events.exposure > 0, sim.spec.dose, 0.0)
-        reading_us = _honour_exposure(
-            reading_us, events.patient, scheduled, enrol_us, change_us, changes
+        keep = np.ones(reading_us.size, dtype=bool)
+        if sim.spec.daily_amplitudes:
+            # A wearable reads at a random hour of each day (model.simulate): a
+            # reading whose hour falls before its patient's enrolment or across an
+            # exposure change has an exposure no enrolment or exposure-change event
+            # can give it (the dose in force at its time) and is left out.
+            keep = _expressible(reading_us, events.patient, scheduled, enrol_us, change_us, changes)
+        reading_us = reading_us.copy()
+        reading_us[keep] = _honour_exposure(
+            reading_us[keep], events.patient[keep], scheduled[keep], enrol_us, change_us, changes
         )
         alternatives = list(spec_m.units.items())
         use_alternative = rng.uniform(size=reading_us.size) < alternative_unit_fraction
         unit_choice = rng.integers(0, max(len(alternatives), 1), reading_us.size)
         bucket = readings.setdefault(topic, [])
         dose = sim.spec.dose
-        for row in range(reading_us.size):
+        for row in np.flatnonzero(keep):
             i = int(events.patient[row])
             extras: dict[str, Any] = {}
             if sim.spec.adherence_low < 1.0 and events.exposure[row] > 0:
@@ -730,6 +763,35 @@ def _enrollment_record(event: Enrollment | ExposureChange, label: Label) -> Reco
     )
 
 
+def _expressible(
+    reading_us: np.ndarray,
+    patient: np.ndarray,
+    exposure: np.ndarray,
+    enrol_us: np.ndarray,
+    change_us: list[np.ndarray],
+    changes: list[tuple[float, float]],
+) -> np.ndarray:
+    """Which readings the enrolment and exposure-change events can express: at
+    or after their patient's enrolment, with the dose in force at their time
+    (or 1 µs earlier, as _honour_exposure moves them)."""
+    at = _dose_at(reading_us, patient, change_us, changes)
+    before = _dose_at(reading_us - 1, patient, change_us, changes)
+    return ((at == exposure) | (before == exposure)) & (reading_us >= enrol_us[patient])
+
+
+def _dose_at(
+    reading_us: np.ndarray,
+    patient: np.ndarray,
+    change_us: list[np.ndarray],
+    changes: list[tuple[float, float]],
+) -> np.ndarray:
+    """The dose in force at each reading's time: the last change at or before it."""
+    value = np.zeros(reading_us.shape)
+    for (_, x), times in zip(changes, change_us, strict=True):
+        value = np.where(times[patient] <= reading_us, x, value)
+    return value
+
+
 def _honour_exposure(
     reading_us: np.ndarray,
     patient: np.ndarray,
@@ -747,10 +809,7 @@ def _honour_exposure(
     reading_us = reading_us.copy()
 
     def derived() -> np.ndarray:
-        value = np.zeros(reading_us.shape)
-        for (_, x), times in zip(changes, change_us, strict=True):
-            value = np.where(times[patient] <= reading_us, x, value)
-        return value
+        return _dose_at(reading_us, patient, change_us, changes)
 
     wrong = derived() != exposure
     reading_us[wrong] -= 1

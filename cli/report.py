@@ -355,7 +355,8 @@ def from_fit(
 
 def fitted_curves(result: dict, unit: str) -> list[Curve]:
     """The curves of a fit with smooth terms (``curves`` and ``daily_cycle`` of
-    an ``efficacy fit --smooth COL --daily-cycle K`` result); none without."""
+    an ``efficacy fit --smooth COL --daily-cycle K`` result, or of a smooth
+    measure's PopulationPosterior: the same shape); none without."""
     curves = [
         Curve(
             title=f"Expected effect by {curve['covariate']}",
@@ -592,6 +593,8 @@ def report_from_records(
                 drift_alerts=[a for a in alerts if a["kind"] == "drift" and a["measure"] == name],
                 shown_patients=ids,
                 facts=facts,
+                # a smooth measure's posterior carries its curves as a fit's JSON does
+                curves=fitted_curves(mine[-1], spec.unit if spec else "") if mine else [],
             )
         )
     return Report(

@@ -23,6 +23,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model.splines import SplineBasis
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -305,6 +307,15 @@ class ModelConfig(_Frozen):
 
     The last two exist to be compared against the first (model.selection).
 
+    ``splines`` are the bases of the smooth covariates (model.smooth): each
+    names a numeric column of ``covariates``, and ``covariates`` end with their
+    penalised columns (``<covariate>:s1`` …) in the bases' order. They say how a
+    covariate value becomes those columns: the curves are drawn through them
+    (model.smooth.curve_summaries), and a patient's design row of the
+    covariates' own columns gets them appended (model.covariates.patient_design,
+    the stream's rows). The daily cycle needs no field: its Fourier columns
+    (``hour:cos1`` …) are time covariates whose values each reading carries.
+
     ``family`` is the outcome's distribution: ``"gaussian"`` (the model above),
     or ``"bernoulli"`` (0/1, logit link) and ``"poisson"`` (counts, log link),
     whose likelihood is integrated out per patient by a Laplace step
@@ -321,11 +332,19 @@ class ModelConfig(_Frozen):
     recent_half_life: float | None = Field(default=None, gt=0.0)
     effect_pooling: Literal["partial", "complete", "none"] = "partial"
     family: Literal["gaussian", "bernoulli", "poisson"] = "gaussian"
+    splines: tuple[SplineBasis, ...] = ()
     priors: PriorConfig = PriorConfig()
     standardization: Standardization = Standardization()
 
     @model_validator(mode="after")
     def _grouping_levels_need_cohorts(self) -> ModelConfig:
+        if self.splines:
+            tail = tuple(column for basis in self.splines for column in basis.columns)
+            names = {basis.covariate for basis in self.splines}
+            if self.covariates[len(self.covariates) - len(tail) :] != tail:
+                raise ValueError(f"covariates must end with the splines' columns {tail}")
+            if len(names) != len(self.splines) or not names <= set(self.covariates):
+                raise ValueError(f"each spline must name a distinct covariate of {self.covariates}")
         if self.grouping_levels and not self.cohort_level:
             raise ValueError("grouping_levels need the cohort level (cohort_level=True)")
         if len(set(self.grouping_levels)) != len(self.grouping_levels):
@@ -348,16 +367,19 @@ class ModelConfig(_Frozen):
 
     @property
     def structure(self) -> ModelConfig:
-        """This config with the default standardisation and no forgetting: all
-        that the fit and the scores of *standardised* evidence depend on
-        (forgetting acts on the evidence, model.evidence, before either).
-        jit-compiled functions take it as their static argument, so measures that
-        differ only in units or half-lives share one compilation."""
+        """This config with the default standardisation, no forgetting and no
+        spline knots: all that the fit and the scores of *standardised* evidence
+        depend on (forgetting acts on the evidence, model.evidence, before
+        either; the knots make the spline columns' values, which the evidence
+        carries). jit-compiled functions take it as their static argument, so
+        measures that differ only in units, half-lives or knots share one
+        compilation."""
         return self.model_copy(
             update={
                 "standardization": Standardization(),
                 "half_life": None,
                 "recent_half_life": None,
+                "splines": (),  # the fit sees the spline columns' values, not the knots
             }
         )
 

@@ -23,6 +23,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.config import ModelConfig
+from model.splines import DEFAULT_KNOTS, SplineBasis, own_columns, with_spline_columns
+
+#: A stream's smooth covariate bends within this many scales of its typical value
+#: (CovariateSpec.spline): 99.7% of a normal spread, where patients are.
+SPLINE_SPREAD = 3.0
 
 
 class CovariateError(ValueError):
@@ -119,6 +124,28 @@ class CovariateSpec(BaseModel):
             )
         return [number]
 
+    def spline(self, num_knots: int = DEFAULT_KNOTS) -> SplineBasis:
+        """The spline basis of this numeric covariate as a smooth covariate of
+        the stream, from its specification alone (the catalogue fixes the
+        standardisation forever, so the knots cannot follow the data): the
+        boundary is the plausible range cut to SPLINE_SPREAD scales either
+        side of the location, the knots at quantiles of N(0, 1) truncated to it
+        (SplineBasis.from_spread). Beyond the boundary the curve continues with
+        its linear slope. ValueError for a categorical covariate, or when the
+        plausible range lies outside that span."""
+        if self.kind != "numeric" or self.varies != "patient":
+            raise ValueError(f"{self.name}: a smooth covariate is a numeric patient covariate")
+        low, high = self.plausible_range
+        low = max(low, self.location - SPLINE_SPREAD * self.scale)
+        high = min(high, self.location + SPLINE_SPREAD * self.scale)
+        if not low < high:
+            raise ValueError(
+                f"{self.name}: the plausible range {list(self.plausible_range)} lies outside "
+                f"{SPLINE_SPREAD:g} scales of the typical value {self.location:g}: no spline"
+            )
+        boundary = ((low - self.location) / self.scale, (high - self.location) / self.scale)
+        return SplineBasis.from_spread(self.name, boundary, num_knots)
+
     def _indicators(self, level: int) -> list[float]:
         return [1.0 if level == k else 0.0 for k in range(1, len(self.levels))]
 
@@ -179,7 +206,18 @@ def encode_patient(specs: Sequence[CovariateSpec], values: Mapping[str, Any]) ->
 
 def patient_design(rows: Sequence[Sequence[float]], config: ModelConfig) -> np.ndarray | None:
     """Patients' design rows (natural units) as a (P, q) array for ``config``'s
-    covariates; None when it has none. See _rows_or_centre."""
+    covariates; None when it has none. See _rows_or_centre. With smooth
+    covariates (ModelConfig.splines) a row of the covariates' own columns (what
+    an enrolment carries) gets the spline columns appended
+    (model.splines.with_spline_columns); a row that has them already is kept."""
+    if config.splines:
+        own = own_columns(config)
+        rows = list(rows)
+        short = [k for k, row in enumerate(rows) if len(row) == own]
+        if short:
+            full = with_spline_columns(np.asarray([rows[k] for k in short], dtype=float), config)
+            for k, row in zip(short, full, strict=True):
+                rows[k] = row
     return _rows_or_centre(rows, config.standardization.covariate_location, config.num_covariates)
 
 

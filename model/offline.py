@@ -302,6 +302,8 @@ def fit_programme(
     config = model_config_for(
         events, time_trend=time_trend, cohort_level=cohort_level, family=family
     )
+    if smooth is not None:  # the curves are drawn through the knots of these bases
+        config = config.model_copy(update={"splines": smooth.splines})
     if family == "gaussian":
         stats = events_stats(events, config)
     else:  # cell statistics in place of the Gram matrices (model.families)
@@ -498,7 +500,7 @@ def fit_programme(
         "diagnostics": diagnostics,
     }
     if smooth is not None:
-        result.update(curve_summaries(smooth, population, config, population["effect"]))
+        result.update(curve_summaries(population, config, population["effect"]))
     if cohorts:  # by cohort index; the caller attaches the labels
         result["cohorts"] = [{"cohort": str(g), "effect": c} for g, c in enumerate(cohorts)]
     if config.grouping_levels:

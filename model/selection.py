@@ -109,15 +109,22 @@ class Structure(BaseModel):
 
 def with_covariate_columns(config: ModelConfig, columns: Sequence[int]) -> ModelConfig:
     """``config`` with only the given columns of its patient covariates (their
-    names and standardisation)."""
+    names and standardisation), and the spline bases (ModelConfig.splines) whose
+    covariate and columns all remain."""
     std = config.standardization
 
     def pick(values: tuple[float, ...]) -> tuple[float, ...]:
         return tuple(values[k] for k in columns) if values else ()
 
+    kept = {config.covariates[k] for k in columns}
     return config.model_copy(
         update={
             "covariates": tuple(config.covariates[k] for k in columns),
+            "splines": tuple(
+                basis
+                for basis in config.splines
+                if basis.covariate in kept and set(basis.columns) <= kept
+            ),
             "standardization": std.model_copy(
                 update={
                     "covariate_location": pick(std.covariate_location),

@@ -36,7 +36,6 @@ spline columns by these names (``spline_blocks``), so any subset of columns
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 from collections.abc import Sequence
 
@@ -45,101 +44,15 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.interpolate import BSpline
 
 from model.config import ModelConfig
 from model.events import Events
+from model.splines import DEFAULT_KNOTS, SPLINE_COLUMN, SplineBasis
+from model.splines import roughness_penalty as roughness_penalty  # re-exported
 
-SPLINE_COLUMN = re.compile(r"^(?P<covariate>.+):s(?P<index>[0-9]+)$")
-DEFAULT_KNOTS = 4
+FOURIER_COLUMN = re.compile(r"^(?P<column>.+):(?P<kind>cos|sin)(?P<k>[0-9]+)$")
 HOURS_PER_DAY = 24.0
 CURVE_POINTS = 41
-
-
-class SplineBasis(BaseModel):
-    """The spline of one covariate, standardised units: interior ``knots`` and the
-    ``boundary`` (low, high) of the cubic B-spline basis; K knots give K + 2
-    penalised columns (module docstring)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    covariate: str = Field(min_length=1)
-    knots: tuple[float, ...] = Field(min_length=1)
-    boundary: tuple[float, float]
-
-    @model_validator(mode="after")
-    def _ordered(self) -> SplineBasis:
-        points = (self.boundary[0], *self.knots, self.boundary[1])
-        if not all(a < b for a, b in itertools.pairwise(points)):
-            raise ValueError(
-                f"{self.covariate}: knots must increase strictly inside the boundary, got "
-                f"knots {self.knots} in {self.boundary}"
-            )
-        return self
-
-    @classmethod
-    def from_values(cls, covariate: str, values: np.ndarray, num_knots: int = DEFAULT_KNOTS):
-        """Interior knots at the quantiles k/(K+1) of the (standardised) values, the
-        boundary at their range."""
-        values = np.asarray(values, dtype=float)
-        distinct = np.unique(values)
-        if distinct.size < num_knots + 2:
-            raise ValueError(
-                f"covariate {covariate!r} has {distinct.size} distinct values: too few for a "
-                f"spline with {num_knots} knots (a smooth covariate needs at least {num_knots + 2})"
-            )
-        knots = np.quantile(values, np.arange(1, num_knots + 1) / (num_knots + 1))
-        return cls(
-            covariate=covariate,
-            knots=tuple(float(k) for k in np.unique(knots)),
-            boundary=(float(distinct[0]), float(distinct[-1])),
-        )
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """Names of the penalised columns: ``<covariate>:s1`` … ``:s{K+2}``."""
-        return tuple(f"{self.covariate}:s{j + 1}" for j in range(len(self.knots) + 2))
-
-    def design(self, values: np.ndarray) -> np.ndarray:
-        """Z(v') of standardised values (n,): (n, K + 2)."""
-        return _osullivan(self.knots, self.boundary, np.asarray(values, dtype=float))
-
-
-def _knot_vector(knots: Sequence[float], boundary: tuple[float, float]) -> np.ndarray:
-    low, high = boundary
-    return np.concatenate([[low] * 4, list(knots), [high] * 4])
-
-
-def _osullivan(knots: Sequence[float], boundary: tuple[float, float], values: np.ndarray):
-    vector = _knot_vector(knots, boundary)
-    count = len(knots) + 4
-    basis = BSpline.design_matrix(np.clip(values, *boundary), vector, 3).toarray()
-    eigenvalues, eigenvectors = np.linalg.eigh(roughness_penalty(knots, boundary))
-    order = np.argsort(eigenvalues)[::-1][: count - 2]
-    return basis @ eigenvectors[:, order] / np.sqrt(eigenvalues[order])
-
-
-def roughness_penalty(knots: Sequence[float], boundary: tuple[float, float]) -> np.ndarray:
-    """Ω_kl = ∫ B_k''(v) B_l''(v) dv over the boundary, exactly: B'' is linear
-    between knots, so Simpson's rule on every interval is exact."""
-    vector = _knot_vector(knots, boundary)
-    count = len(knots) + 4
-    points = np.unique(vector)
-    left, right = points[:-1], points[1:]
-    nodes = np.concatenate([left, (left + right) / 2.0, right])
-    second = np.stack(
-        [BSpline(vector, np.eye(count)[k], 3).derivative(2)(nodes) for k in range(count)], axis=-1
-    )
-    m = left.size
-    a, mid, b = second[:m], second[m : 2 * m], second[2 * m :]
-    width = (right - left)[:, None, None]
-    outer = (
-        a[:, :, None] * a[:, None, :]
-        + 4.0 * mid[:, :, None] * mid[:, None, :]
-        + b[:, :, None] * b[:, None, :]
-    )
-    return np.sum(width * outer / 6.0, axis=0)
 
 
 def spline_blocks(columns: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -321,17 +234,35 @@ def cycle_curve_draws(
     return time_coefficients[:, columns] @ fourier_design(hours, harmonics).T
 
 
-def curve_summaries(
-    design: SmoothDesign, population: dict, config: ModelConfig, effect: np.ndarray
-) -> dict[str, object]:
-    """JSON-ready curves: for every smooth covariate the expected effect (the
-    population effect plus the modifier) and intercept shift over a grid of
-    CURVE_POINTS values across the knots' boundary, natural units; the daily
-    cycle over the hours 0..24. Mean and 90% band pointwise."""
+def daily_cycle(config: ModelConfig) -> tuple[str, int] | None:
+    """(hour column, K) of the daily cycle among ``config``'s time covariates
+    (their names ``<column>:cos1``, ``<column>:sin1``, … ``:sin{K}``), or None."""
+    harmonics: dict[str, int] = {}
+    for name in config.time_covariates:
+        match = FOURIER_COLUMN.match(name)
+        if match:
+            column = match["column"]
+            harmonics[column] = max(harmonics.get(column, 0), int(match["k"]))
+    if not harmonics:
+        return None
+    column, count = next(iter(harmonics.items()))
+    return column, count
+
+
+def curve_summaries(population: dict, config: ModelConfig, effect: np.ndarray) -> dict[str, object]:
+    """JSON-ready curves of ``config``'s smooth terms: for every smooth covariate
+    (ModelConfig.splines) the expected effect (the population effect plus the
+    modifier) and intercept shift over a grid of CURVE_POINTS values across the
+    knots' boundary, natural units; the daily cycle (``daily_cycle``) over the
+    hours 0..24. Mean and 90% band pointwise. ``population``: the draws of
+    ``coefficients`` and ``time_coefficients`` in natural units
+    (model.offline.population_quantities); ``effect``: the population effect's
+    draws, raw units. The one computation of the curves: ``efficacy fit``'s JSON
+    and the stream's PopulationPosterior both publish it."""
     result: dict[str, object] = {}
     curves = []
     std = config.standardization
-    for basis in design.splines:
+    for basis in config.splines:
         k = list(config.covariates).index(basis.covariate)
         low, high = (
             std.covariate_location[k] + std.covariate_scale[k] * edge for edge in basis.boundary
@@ -346,12 +277,11 @@ def curve_summaries(
                 "intercept_shift": band(draws[:, 0]),
             }
         )
-    if design.splines:
+    if config.splines:
         result["curves"] = curves
-    if design.harmonics:
+    cycle = daily_cycle(config)
+    if cycle is not None:
         hours = np.linspace(0.0, HOURS_PER_DAY, CURVE_POINTS)
-        draws = cycle_curve_draws(
-            design.cycle_column, design.harmonics, hours, population["time_coefficients"], config
-        )
+        draws = cycle_curve_draws(*cycle, hours, population["time_coefficients"], config)
         result["daily_cycle"] = {"hour": hours.tolist(), **band(draws)}
     return result

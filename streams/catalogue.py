@@ -25,6 +25,12 @@ rescue-inhaler uses), and ``effect_scale`` the scale of its effect and MCID
 (model.family_scores: odds_ratio, risk_difference or log_odds_ratio for
 Bernoulli; rate_ratio, rate_difference or log_rate_ratio for Poisson).
 Readings a family cannot take are dead-lettered (``invalid_value``).
+A Gaussian measure's ``smooth`` names numeric patient covariates whose effect
+is a penalised spline rather than a line, and ``daily_cycle = K`` adds K
+Fourier harmonics of each reading's hour of day on its own clock
+(model.smooth; CovariateSpec.spline fixes the knots from the covariate's
+entry, MeasureSpec.time_covariate_row adds the Fourier terms). The measure's
+posterior publishes the fitted curves (docs/covariates.md).
 ``[subgroups.<name>]`` declares subgroups
 (model.subgroups.SubgroupSpec: cohorts, covariate ranges and levels) whose mean
 effect the population agent publishes (docs/covariates.md).
@@ -44,9 +50,11 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -58,12 +66,20 @@ from pydantic import (
 
 from model.config import MeasureConfig, ModelConfig, Standardization, check_scale, default_scale
 from model.covariates import CovariateSpec, design_columns, design_standardization
+from model.smooth import fourier_columns, fourier_design
 from model.subgroups import SubgroupSpec
 
 DEFAULT_CATALOGUE = Path(__file__).with_name("measures.toml")
 Source = Literal["wearable", "lab", "pro"]
 LOINC_CODE = re.compile(r"^[0-9]{1,7}-[0-9]$")
 OMH_CODE = re.compile(r"^[a-z0-9-]+:[a-z0-9-]+#[a-z0-9_]+(\?[^?]+)?$")
+
+
+#: Most harmonics of a measure's daily cycle: the sixth has a 4-hour period,
+#: finer than the cycles of the clock that wearables show; more would chase noise.
+MAX_DAILY_HARMONICS = 6
+#: The daily cycle's Fourier columns are named after it: hour:cos1, hour:sin1, …
+CYCLE_COLUMN = "hour"
 
 
 class CatalogueError(ValueError):
@@ -117,6 +133,8 @@ class MeasureSpec(BaseModel):
     grouping_levels: tuple[GroupingLevel, ...] = ()
     family: Literal["gaussian", "bernoulli", "poisson"] = "gaussian"
     effect_scale: str | None = None
+    smooth: tuple[str, ...] = ()
+    daily_cycle: int = Field(default=0, ge=0, le=MAX_DAILY_HARMONICS)
 
     @model_validator(mode="after")
     def _consistent(self) -> MeasureSpec:
@@ -137,6 +155,14 @@ class MeasureSpec(BaseModel):
         if len(set(self.grouping_levels)) != len(self.grouping_levels):
             raise ValueError(f"grouping_levels repeat a name: {list(self.grouping_levels)}")
         check_scale(self.family, self.effect_scale or default_scale(self.family), self.mcid)
+        if len(set(self.smooth)) != len(self.smooth):
+            raise ValueError(f"smooth repeats a covariate: {list(self.smooth)}")
+        if self.family != "gaussian" and (self.smooth or self.daily_cycle):
+            raise ValueError(
+                f"a {self.family} measure takes no smooth or daily_cycle: its effect is read on "
+                "a ratio or link scale and it has no time-varying covariates; smooth terms are "
+                "for gaussian measures"
+            )
         if self.family == "bernoulli" and not (low <= 0.0 and high >= 1.0):
             raise ValueError(
                 f"a bernoulli measure's plausible range must hold 0 and 1, got {self.plausible}"
@@ -176,6 +202,18 @@ class MeasureSpec(BaseModel):
     def plausible_value(self, value: float) -> bool:
         low, high = self.plausible
         return math.isfinite(value) and low <= value <= high
+
+    def time_covariate_row(self, values: list[float], event_time: datetime) -> list[float]:
+        """A reading's time-varying covariate row for this measure's model
+        (ModelConfig.time_covariates, natural units): the catalogue's reading
+        covariates (``values``) and, with a ``daily_cycle`` of K, the K Fourier
+        pairs of the reading's hour of day on its own clock (the UTC offset its
+        event_time carries: 07:30+02:00 is 7.5)."""
+        if not self.daily_cycle:
+            return values
+        clock = event_time.time()
+        hour = clock.hour + clock.minute / 60.0 + (clock.second + clock.microsecond / 1e6) / 3600.0
+        return [*values, *fourier_design(np.array([hour]), self.daily_cycle)[0].tolist()]
 
     def measure_config(self) -> MeasureConfig:
         return MeasureConfig(
@@ -233,14 +271,27 @@ class MeasureSpec(BaseModel):
         location, scale = self.typical
         baseline = [c for c in covariates if c.varies == "patient"]
         by_reading = [c for c in covariates if c.varies == "reading"]
+        columns = design_columns(baseline)
         covariate_location, covariate_scale = design_standardization(baseline)
+        time_columns = design_columns(by_reading)
         time_location, time_scale = design_standardization(by_reading)
+        by_name = {c.name: c for c in baseline}
+        splines = tuple(by_name[name].spline() for name in self.smooth)
+        for basis in splines:  # centred at the typical value; unscaled: Σ u² = ∫ f''²
+            columns += basis.columns
+            covariate_location += tuple(basis.design(np.zeros(1))[0].tolist())
+            covariate_scale += (1.0,) * len(basis.columns)
+        if self.daily_cycle:  # a Fourier term's mean and sd over a day: 0 and √½
+            time_columns += fourier_columns(CYCLE_COLUMN, self.daily_cycle)
+            time_location += (0.0,) * (2 * self.daily_cycle)
+            time_scale += (math.sqrt(0.5),) * (2 * self.daily_cycle)
         return ModelConfig(
             time_trend=True,
             cohort_level=True,
             grouping_levels=self.grouping_levels,
-            covariates=design_columns(baseline),
-            time_covariates=design_columns(by_reading),
+            covariates=columns,
+            time_covariates=time_columns,
+            splines=splines,
             half_life=half_life_days,
             recent_half_life=recent_half_life_days,
             standardization=Standardization(
@@ -292,6 +343,19 @@ class Catalogue(BaseModel):
             unknown = sorted(set(subgroup.measures) - set(self.measures))
             if unknown:
                 raise ValueError(f"subgroup {subgroup.name}: unknown measure(s) {unknown}")
+        numeric = {c.name for c in self.patient_covariates if c.kind == "numeric"}
+        by_name = {c.name: c for c in self.patient_covariates}
+        for spec in self.measures.values():
+            for name in spec.smooth:
+                if name not in numeric:
+                    raise ValueError(
+                        f"{spec.name}: smooth covariate {name!r} is not a numeric patient "
+                        f"covariate of the catalogue (those are {', '.join(sorted(numeric)) or 'none'})"
+                    )
+                try:  # a plausible range that leaves room for a curve
+                    by_name[name].spline()
+                except ValueError as error:
+                    raise ValueError(f"{spec.name}: smooth covariate {error}") from None
         group_of: dict[str, str] = {}
         for group in self.joint:
             for name in group.measures:
@@ -302,6 +366,11 @@ class Catalogue(BaseModel):
                     raise ValueError(
                         f"joint group {group.name}: {name} is a {family} measure; "
                         "the joint model takes Gaussian measures only"
+                    )
+                if self.measures[name].smooth or self.measures[name].daily_cycle:
+                    raise ValueError(
+                        f"joint group {group.name}: {name} declares smooth or daily_cycle; "
+                        "the joint model takes no covariates"
                     )
                 other = group_of.setdefault(name, group.name)
                 if other != group.name:

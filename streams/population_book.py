@@ -43,6 +43,7 @@ from model.selection import (
     cross_validate_folds,
     patient_folds,
 )
+from model.smooth import curve_summaries
 from streams.schemas import (
     MISSING_GROUP,
     Coefficient,
@@ -446,6 +447,7 @@ class PopulationModel:
             )
             for row in coefficient_summaries(quantities, self.model)["coefficients"]
         ]
+        curves = curve_summaries(quantities, self.model, quantities["effect"])
         summary = {}
         for k, level in enumerate(levels):
             summary[f"effect_sd_{level}"] = interval_of(
@@ -481,6 +483,8 @@ class PopulationModel:
             **published_groups,
             summary=summary,
             coefficients=coefficients,
+            curves=curves.get("curves", []),
+            daily_cycle=curves.get("daily_cycle"),
             unconstrained_loc=np.asarray(transform.loc).tolist(),
             unconstrained_scale_tril=np.asarray(transform.scale_tril).tolist(),
         )

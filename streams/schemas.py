@@ -294,7 +294,9 @@ class Observation(Envelope):
     source: Literal["wearable", "lab", "pro"]
     origin: Origin
     adherence: float = 1.0
-    time_covariates: list[float] = Field(default_factory=list)  # the catalogue's order
+    # The measure's time covariates (MeasureSpec.time_covariate_row): the
+    # catalogue's reading covariates in its order, then the daily cycle's terms.
+    time_covariates: list[float] = Field(default_factory=list)
 
 
 class EnrollmentRecord(BaseModel):
@@ -517,6 +519,46 @@ class Coefficient(BaseModel):
     intercept: Interval = Field(description="shift of the baseline, outcome unit per unit")
 
 
+class CurveBand(BaseModel):
+    """A fitted curve's posterior over its grid, pointwise: the mean and the 90%
+    band (5% and 95% quantiles)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: list[float] = Field(description="posterior mean at each grid point")
+    q05: list[float] = Field(description="5% quantile at each grid point")
+    q95: list[float] = Field(description="95% quantile at each grid point")
+
+
+class SmoothCurve(BaseModel):
+    """A smooth covariate's curves (catalogue ``smooth``; model.smooth), as
+    ``efficacy fit --smooth`` writes them in its JSON's ``curves``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    covariate: str = Field(description="the smooth covariate")
+    grid: list[float] = Field(
+        description="41 covariate values (its unit) across the spline's boundary: the "
+        "plausible range cut to 3 scales either side of the typical value"
+    )
+    effect: CurveBand = Field(
+        description="the expected effect of a patient of that value, per unit exposure (the "
+        "population effect plus the modifier; other covariates at their typical values)"
+    )
+    intercept_shift: CurveBand = Field(
+        description="the shift of that patient's expected baseline against a patient at the "
+        "typical value, outcome unit"
+    )
+
+
+class DailyCycle(CurveBand):
+    """The outcome's daily cycle (catalogue ``daily_cycle``), as ``efficacy fit
+    --daily-cycle`` writes it in its JSON's ``daily_cycle``: the shift of a
+    reading at each hour of its own clock from the day's mean, outcome unit."""
+
+    hour: list[float] = Field(description="41 hours of day from 0 to 24")
+
+
 class PopulationPosterior(Envelope):
     """Versioned population posterior of one measure (compacted topic, key =
     measure). ``draws`` are fixed draws of θ (standardised units) that define
@@ -584,6 +626,16 @@ class PopulationPosterior(Envelope):
         default_factory=list,
         description="each patient covariate's coefficients (effect modifier and intercept "
         "shift), natural units, 90% intervals; empty without covariates",
+    )
+    curves: list[SmoothCurve] = Field(
+        default_factory=list,
+        description="each smooth covariate's expected effect and baseline shift over its "
+        "range with 90% bands (catalogue smooth; model.smooth.curve_summaries); empty without",
+    )
+    daily_cycle: DailyCycle | None = Field(
+        default=None,
+        description="the outcome's daily cycle over the hours with its 90% band (catalogue "
+        "daily_cycle); null without",
     )
     unconstrained_loc: list[float] = Field(
         description="the variational posterior's location (unconstrained θ)"

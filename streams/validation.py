@@ -118,6 +118,7 @@ def validate_observation(
         time_covariates = encode_patient(catalogue.reading_covariates, record.covariates)
     except CovariateError as error:
         raise Rejected("invalid_covariate", str(error)) from None
+    time_covariates = spec.time_covariate_row(time_covariates, record.event_time)
     # Built without validation: every field comes from the validated record,
     # the catalogue or the caller's Origin (a third of this function's time).
     return trusted(

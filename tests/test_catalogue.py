@@ -180,3 +180,122 @@ def test_grouping_levels_name_enrolment_attributes(tmp_path):
         )
         with pytest.raises(CatalogueError, match="grouping_levels"):
             Catalogue.load(path)
+
+
+SMOOTH_COVARIATES = """
+[covariates.age]
+kind = "numeric"
+unit = "years"
+plausible = [18.0, 110.0]
+typical = [55.0, 12.0]
+
+[covariates.sex]
+kind = "categorical"
+levels = ["female", "male"]
+
+[covariates.activity]
+kind = "numeric"
+varies = "reading"
+required = false
+"""
+
+GRIP_BP_JOINT = """
+[diastolic]
+unit = "mmHg"
+direction = "lower"
+mcid = 3.0
+plausible = [20.0, 200.0]
+typical = [80.0, 10.0]
+
+[joint.strength]
+measures = ["grip_strength", "diastolic"]
+"""
+
+
+def _with_grip(tmp_path, keys: str, extra: str = "") -> Path:
+    path = tmp_path / "measures.toml"
+    path.write_text(
+        USER_FILE.replace("[grip_strength]\n", f"[grip_strength]\n{keys}\n") + SMOOTH_COVARIATES
+        + extra
+    )  # fmt: skip
+    return path
+
+
+def test_smooth_terms_are_declared_per_measure(tmp_path):
+    """``smooth`` names numeric patient covariates whose effect is a curve and
+    ``daily_cycle`` the harmonics of the readings' daily cycle; the measure's
+    streaming model gets their columns (the others' stays linear) and the
+    spline's knots from the covariate's entry alone: its boundary is the
+    plausible range cut to 3 scales either side of the typical value (here 19
+    to 91 years, standardised ±3), the knots inside it."""
+    catalogue = Catalogue.load(_with_grip(tmp_path, 'smooth = ["age"]\ndaily_cycle = 3'))
+    spec = catalogue.get("grip_strength")
+    assert spec.smooth == ("age",) and spec.daily_cycle == 3
+    model = spec.model_config_for(
+        time_origin_days=0.0, time_scale_days=30.0, half_life_days=None,
+        covariates=catalogue.covariates,
+    )  # fmt: skip
+    assert model.covariates == ("age", "sex=male", *(f"age:s{k}" for k in range(1, 7)))
+    assert model.time_covariates[0] == "activity" and len(model.time_covariates) == 7
+    assert model.time_covariates[-2:] == ("hour:cos3", "hour:sin3")
+    (basis,) = model.splines
+    assert basis.boundary == (-3.0, 3.0) and len(basis.knots) == 4
+    assert all(-3.0 < knot < 3.0 for knot in basis.knots)
+    # Without the keys: no spline, no cycle (the shipped catalogue declares none).
+    plain = Catalogue.load(_with_grip(tmp_path, "")).get("grip_strength")
+    assert plain.smooth == () and plain.daily_cycle == 0
+    assert not any(spec.smooth or spec.daily_cycle for spec in Catalogue.load().measures.values())
+    # A narrow plausible range is the boundary where it is inside the 3 scales.
+    narrow = catalogue.covariates[0].model_copy(update={"plausible_range": (40.0, 110.0)})
+    assert narrow.spline().boundary == pytest.approx(((40.0 - 55.0) / 12.0, 3.0))
+
+
+@pytest.mark.parametrize(
+    ("keys", "extra", "message"),
+    [
+        ('smooth = ["height"]', "", "'height' is not a numeric patient covariate"),
+        ('smooth = ["sex"]', "", "'sex' is not a numeric patient covariate"),
+        ('smooth = ["activity"]', "", "'activity' is not a numeric patient covariate"),
+        ('smooth = ["age", "age"]', "", "smooth repeats"),
+        ("daily_cycle = 7", "", "daily_cycle"),
+        ("daily_cycle = -1", "", "daily_cycle"),
+        ('smooth = "age"', "", "smooth"),
+        ('family = "poisson"\nsmooth = ["age"]', "", "poisson measure takes no smooth"),
+        ('family = "bernoulli"\ndaily_cycle = 1', "", "bernoulli measure takes no smooth"),
+        ('smooth = ["age"]', GRIP_BP_JOINT, "joint group strength: grip_strength declares"),
+        ("daily_cycle = 2", GRIP_BP_JOINT, "the joint model takes no covariates"),
+    ],
+)
+def test_smooth_terms_the_catalogue_refuses(tmp_path, keys, extra, message):
+    """An unknown, categorical or reading covariate, a repeated name, harmonics
+    out of 0-6, a family measure (its effect is read on a ratio or link scale
+    and it has no time covariates) and a joint group's measure (the joint
+    model takes no covariates) are CatalogueErrors naming the measure."""
+    if "family" in keys:
+        plausible = "plausible = [0.0, 100.0]" if "poisson" in keys else "plausible = [0.0, 1.0]"
+        text = USER_FILE.replace("mcid = 6.5", "mcid = 1.5").replace(
+            "plausible = [0.0, 100.0]", plausible
+        )
+        path = tmp_path / "measures.toml"
+        path.write_text(
+            text.replace("[grip_strength]\n", f"[grip_strength]\n{keys}\n") + SMOOTH_COVARIATES
+        )
+    else:
+        path = _with_grip(tmp_path, keys, extra)
+    with pytest.raises(CatalogueError, match=message) as error:
+        Catalogue.load(path)
+    assert "grip_strength" in str(error.value) or "strength" in str(error.value)
+
+
+def test_a_smooth_covariate_needs_room_for_its_curve(tmp_path):
+    """A plausible range outside 3 scales of the typical value leaves no span
+    to bend in: a CatalogueError naming the measure and the covariate."""
+    path = _with_grip(tmp_path, 'smooth = ["age"]')
+    path.write_text(
+        path.read_text().replace("plausible = [18.0, 110.0]", "plausible = [95.0, 110.0]")
+    )
+    with pytest.raises(
+        CatalogueError,
+        match=r"grip_strength: smooth covariate age: the plausible range .* lies outside 3 scales",
+    ):
+        Catalogue.load(path)
