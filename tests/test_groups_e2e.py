@@ -47,7 +47,7 @@ pytestmark = pytest.mark.kafka
 def run(kafka_bootstrap, tmp_path_factory):
     directory = tmp_path_factory.mktemp("groups")
     text = DEFAULT_CATALOGUE.read_text().replace(
-        f"[{MEASURE}]\n", f'[{MEASURE}]\ngrouping_levels = ["cluster"]\n', 1
+        f"\n[{MEASURE}]\n", f'\n[{MEASURE}]\ngrouping_levels = ["cluster"]\n', 1
     )
     catalogue, _, prefix, env, settings = catalogue_run(kafka_bootstrap, directory, text, "grp")
     simulated = build_programme(

@@ -52,7 +52,7 @@ CLUSTERS = ("north", "south", "east")
 def catalogue(tmp_path_factory) -> Catalogue:
     """The shipped catalogue with ``cluster`` a grouping level of the measure."""
     text = DEFAULT_CATALOGUE.read_text().replace(
-        f"[{MEASURE}]\n", f'[{MEASURE}]\ngrouping_levels = ["cluster"]\n', 1
+        f"\n[{MEASURE}]\n", f'\n[{MEASURE}]\ngrouping_levels = ["cluster"]\n', 1
     )
     text += '\n[subgroups.first-clinic]\ncohorts = ["clinic-00"]\n'
 

@@ -30,7 +30,7 @@ from streams.scoring import (
 from streams.settings import Settings
 
 MEASURE = "resting_heart_rate"
-DRAWS = 24  # a draw count no other test uses, so every shape here starts uncompiled
+DRAWS = 24
 
 
 def _posterior(model) -> MeasurePosterior:
@@ -83,6 +83,9 @@ def test_no_batch_size_compiles_after_compile_scoring():
         z = reading_residuals(posterior, [reading] * count, model)
         assert z.shape == (count,) and np.all(np.isfinite(z))
 
+    # Other tests may have compiled these shapes in this process: start from none.
+    _block_summary.clear_cache()
+    _residuals.clear_cache()
     before = _compiled()
     runs = compile_scoring(posterior, spec, model, max_readings=100)
     after = _compiled()
