@@ -17,11 +17,15 @@ single fits run one after the other, medians over repeats after a compiling
 call; the ratio is the number to read (the machine is shared). ``--cohorts G``
 (G > 0): patients spread over G cohorts and every model with a cohort level.
 
-``nuts-coverage``: on programmes of ``accuracy`` (correlation 0 by default),
-the joint model's θ by NUTS on the collapsed likelihood (θ only) against its
-SVI fit: the noisy measure's (measure 2) median τ_b and 90% coverage of the
-true effects, patient posteriors by the same exact mixture over either's
-draws; it tells q(θ)'s share of a coverage gap from the model's.
+``--effect-correlation-concentration η`` (accuracy, exact): the LKJ η of
+the effects' correlation (PriorConfig; results then in ``*_eta<η>.json``).
+
+``exact``: on programmes of ``accuracy`` (correlation 0 by default), the
+joint and the per-measure models each with θ by NUTS on its collapsed
+likelihood (θ only: the exact posterior up to Monte Carlo error) and by SVI,
+the patients' posteriors by the same exact mixture over either's draws: RMSE
+ratio and coverage per measure, by NUTS and by SVI. It tells the models apart
+from their approximations q(θ).
 
 Run ``python -m benchmarks.joint accuracy --programmes 6`` and
 ``python -m benchmarks.joint cost --patients 100000``; progress on stderr,
@@ -38,7 +42,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import machine, median, say, write_json
-from model.config import MeasureConfig, SVIConfig
+from model.config import MeasureConfig, PriorConfig, SVIConfig
 from model.evidence import events_stats
 from model.joint import joint_config_for, joint_fitter, joint_grams, joint_patients, pad_joint
 from model.operating import rate_with_se
@@ -80,7 +84,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         for seed in range(args.seed, args.seed + args.programmes):
             started = time.perf_counter()
             events, truth = programme(args.patients, correlation, seed)
-            config = joint_config_for(events)
+            config = joint_config_for(events, priors=_priors(args))
             gram = joint_grams(events, config)
             key = jax.random.PRNGKey(seed)
             keys = jax.random.split(key, 3)
@@ -205,44 +209,117 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def nuts_coverage(args: argparse.Namespace) -> dict[str, Any]:
+def _nuts_draws(model, values: dict, seed: int, *model_args) -> dict[str, jax.Array]:
+    """NUTS on a collapsed model over θ alone (500 warm-up, 1000 draws)."""
     from numpyro.infer import MCMC, NUTS, init_to_value
 
+    kernel = NUTS(model, init_strategy=init_to_value(values=values))
+    mcmc = MCMC(kernel, num_warmup=500, num_samples=1000, progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(seed), *model_args)
+    return mcmc.get_samples()
+
+
+def exact(args: argparse.Namespace) -> dict[str, Any]:
+    """Joint against per-measure, each model's θ by NUTS (the exact posterior up
+    to Monte Carlo error) and by SVI; patients by the same exact mixture over
+    either's draws. Tells the models apart from their approximations."""
     from model.joint import fit_joint, initial_values, joint_from_sites, joint_model
+    from model.population import _initial_values, hyper_from_sites, hyper_model
 
     rows = []
     for seed in args.seeds:
         started = time.perf_counter()
         events, truth = programme(args.patients, args.correlation, seed)
-        config = joint_config_for(events)
+        config = joint_config_for(events, priors=_priors(args))
         gram = joint_grams(events, config)
         evidence = pad_joint(gram)
-        kernel = NUTS(joint_model, init_strategy=init_to_value(values=initial_values(config)))
-        mcmc = MCMC(kernel, num_warmup=500, num_samples=1000, progress_bar=False)
-        mcmc.run(
-            jax.random.PRNGKey(seed),
+        sites = _nuts_draws(
+            joint_model,
+            initial_values(config),
+            seed,
             evidence.gram,
             evidence.cohort,
             evidence.num_cohorts,
             config.structure,
         )
-        fitted = {
-            "nuts": joint_from_sites(mcmc.get_samples(), config),
-            "svi": fit_joint(gram, config, seed=seed)[0],
+        joint = {
+            "nuts": joint_patients(joint_from_sites(sites, config), gram, config),
+            "svi": joint_patients(fit_joint(gram, config, seed=seed)[0], gram, config),
         }
-        scale = config.measures[2].standardization.effect_to_raw(1.0)
         record: dict[str, Any] = {"seed": seed}
-        for name, draws in fitted.items():
-            patients = joint_patients(draws, gram, config)
-            lower, upper = patients.effect_lower[:, 2] * scale, patients.effect_upper[:, 2] * scale
-            record[name] = {
-                "tau_b2_median": float(np.median(np.asarray(draws.tau[:, 5]))),
-                "coverage2": float(np.mean((lower <= truth[:, 2]) & (truth[:, 2] <= upper))),
+        for m, measure_config in enumerate(config.measures):
+            structure = measure_config.structure
+            stats = events_stats(events[m], measure_config)
+            cohort = np.zeros(args.patients, dtype=np.int32)
+            single = pad_evidence(stats, cohort, 1)
+            nuts_sites = _nuts_draws(
+                hyper_model,
+                _initial_values(structure),
+                seed,
+                single.gram,
+                single.cohort,
+                single.num_cohorts,
+                structure,
+            )
+            fitter = PopulationFitter(structure, SVIConfig())
+            keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+            fitted, _ = fitter.update(fitter.init(keys[0], single), single, keys[1])
+            separate = {
+                "nuts": hyper_from_sites(nuts_sites, structure),
+                "svi": fitter.draws(fitted, keys[2]),
             }
+            scale = measure_config.standardization.effect_to_raw(1.0)
+            true = truth[:, m]
+            record[f"measure{m}"] = {}
+            for method in ("nuts", "svi"):
+                mine = joint[method]
+                summary = summarize_effects(
+                    separate[method], stats.gram, cohort, single.num_cohorts, MEASURE,
+                    measure_config,
+                )  # fmt: skip
+                lower, upper = mine.effect_lower[:, m] * scale, mine.effect_upper[:, m] * scale
+                record[f"measure{m}"][method] = {
+                    "rmse_joint": _rmse(mine.effect_mean[:, m] * scale, true),
+                    "rmse_separate": _rmse(summary.mean, true),
+                    "covered_joint": int(np.sum((lower <= true) & (true <= upper))),
+                    "covered_separate": int(
+                        np.sum((summary.lower <= true) & (true <= summary.upper))
+                    ),
+                }
         record["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(record)
         say(f"seed {seed}: {record}")
-    return {"patients": args.patients, "correlation": args.correlation, "rows": rows}
+    summary = {}
+    for m in range(3):
+        summary[f"measure{m}"] = {}
+        for method in ("nuts", "svi"):
+            parts = [r[f"measure{m}"][method] for r in rows]
+            ratios = np.array([p["rmse_joint"] / p["rmse_separate"] for p in parts])
+            totals = np.full(len(parts), args.patients)
+            summary[f"measure{m}"][method] = {
+                "rmse_ratio_mean": float(ratios.mean()),
+                "rmse_ratio_se": float(ratios.std(ddof=1) / np.sqrt(ratios.size)),
+                "coverage_joint": rate_with_se(
+                    np.array([p["covered_joint"] for p in parts]), totals
+                )[:2],
+                "coverage_separate": rate_with_se(
+                    np.array([p["covered_separate"] for p in parts]), totals
+                )[:2],
+            }
+    return {
+        "patients": args.patients,
+        "correlation": args.correlation,
+        "summary": summary,
+        "rows": rows,
+    }
+
+
+def _priors(args: argparse.Namespace) -> PriorConfig:
+    return PriorConfig(effect_correlation_concentration=args.effect_correlation_concentration)
+
+
+def _rmse(estimate: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(estimate) - truth) ** 2)))
 
 
 def main() -> None:
@@ -257,18 +334,28 @@ def main() -> None:
     second.add_argument("--repeats", type=int, default=3)
     second.add_argument("--cohorts", type=int, default=0)
     second.add_argument("--seed", type=int, default=0)
-    third = sub.add_parser("nuts-coverage")
-    third.add_argument("--seeds", type=int, nargs="+", default=[2, 4, 9])
+    third = sub.add_parser("exact")
+    third.add_argument("--seeds", type=int, nargs="+", default=list(range(12)))
     third.add_argument("--patients", type=int, default=200)
     third.add_argument("--correlation", type=float, default=0.0)
+    for each in (first, third):
+        each.add_argument(
+            "--effect-correlation-concentration",
+            type=float,
+            default=PriorConfig().effect_correlation_concentration,
+            help="η of the LKJ prior on the effects' correlation (PriorConfig)",
+        )
     args = parser.parse_args()
     started = time.perf_counter()
-    commands = {"accuracy": accuracy, "cost": cost, "nuts-coverage": nuts_coverage}
+    commands = {"accuracy": accuracy, "cost": cost, "exact": exact}
     result = commands[args.command](args)
     result.update(machine=machine(), seconds=round(time.perf_counter() - started, 1))
     name = f"joint_{args.command.replace('-', '_')}"
     if args.command == "cost" and args.cohorts:
         name += "_cohorts"
+    eta = getattr(args, "effect_correlation_concentration", None)
+    if eta is not None and eta != PriorConfig().effect_correlation_concentration:
+        name += f"_eta{eta:g}"
     path = write_json(name, result)
     say(f"wrote {path}")
 

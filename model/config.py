@@ -244,6 +244,10 @@ class PriorConfig(_Frozen):
     - population means μ = (intercept, effect) ~ Normal(0, population_mean_sd²)
     - between-patient scales of (intercept, effect) ~ HalfNormal(patient_scale)
     - correlation of (intercept, effect) ~ LKJ(lkj_concentration)
+    - between-measure correlation of the effects in a joint model (model.joint)
+      ~ LKJ(M, effect_correlation_concentration): each correlation's prior sd is
+      0.41 for three measures at 2; larger values pull the correlations towards
+      0, a trade-off measured in benchmarks/README.md §12
     - between-cohort scale of the effect ~ HalfNormal(cohort_scale)
     - residual sd σ ~ HalfNormal(residual_scale)
     - time-trend slope γ ~ Normal(0, trend_sd²)
@@ -259,6 +263,7 @@ class PriorConfig(_Frozen):
     population_mean_sd: float = Field(default=3.0, gt=0.0)
     patient_scale: float = Field(default=1.0, gt=0.0)
     lkj_concentration: float = Field(default=2.0, gt=0.0)
+    effect_correlation_concentration: float = Field(default=2.0, gt=0.0)
     cohort_scale: float = Field(default=0.5, gt=0.0)
     residual_scale: float = Field(default=1.0, gt=0.0)
     trend_sd: float = Field(default=1.0, gt=0.0)

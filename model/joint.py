@@ -13,19 +13,24 @@ measure's model has); the correlation Ω has two M×M blocks and no
 intercept-effect correlation:
 
     Ω[2m, 2n] = Ω_a[m, n],   Ω[2m+1, 2n+1] = Ω_b[m, n],   Ω[2m, 2n+1] = 0
-    Ω_a ~ LKJ(M, η) (intercepts, site "L_intercepts"),
-    Ω_b ~ LKJ(M, η) (effects, site "L_effects"),   η = priors.lkj_concentration
+    Ω_a ~ LKJ(M, η_a) (intercepts, site "L_intercepts"),   η_a = priors.lkj_concentration
+    Ω_b ~ LKJ(M, η_b) (effects, site "L_effects"),   η_b = priors.effect_correlation_concentration
 
 Ω_b is the between-measure correlation of the effects. Its Cholesky factor is
 the interleaving of blockdiag(L_a, L_b): L[2m, 2n] = L_a[m, n],
 L[2m+1, 2n+1] = L_b[m, n], zero elsewhere; it is lower triangular (2m ≥ 2n iff
 m ≥ n, and likewise for 2m+1, 2n+1) and L Lᵀ = Ω (``interleave_chol``). The
-LKJ(M) marginal of each correlation is Beta(η − 1 + M/2, same) on (−1, 1)
-(η = 2, M = 3: sd 0.41; M = 2: 0.45, a single measure's 2×2 prior). One
-LKJ(2M) over intercepts and effects together (the D(D−1)/2 correlations
-including the intercept-effect ones) shrank the
-effect sd τ_b of a noisy measure too far when the effects do not correlate:
-its intervals undercovered against per-measure fits (benchmarks/README.md
+LKJ(M) marginal of each correlation is Beta(η − 1 + M/2, same) on (−1, 1):
+sd 0.41 for η = 2, M = 3 (0.45 for M = 2, a single measure's 2×2 prior), 0.27
+for η = 6, 0.20 for η = 12. η_b trades two things (benchmarks/README.md §12).
+With no correlation in the truth a weakly measured effect pays an Occam price:
+a correlation with effect m is identified only when τ_b,m is large enough to
+be seen, so under a diffuse LKJ the posterior pulls τ_b,m down and its
+intervals undercover against per-measure fits (by NUTS on both models as by
+SVI). A concentrated LKJ removes that price but pulls real correlations
+towards 0, and with them the strength a sparse measure borrows. The default
+(η_b = 2) keeps the borrowing. One LKJ(2M) over
+intercepts and effects together did worse (benchmarks/README.md
 §12). There are no grouping levels beyond the cohort and no patient covariates
 (each measure's own model has them; here they are not implemented).
 
@@ -252,9 +257,11 @@ def interleave_chol(intercepts: jax.Array, effects: jax.Array) -> jax.Array:
 
 def _correlation_priors(config: JointConfig) -> jax.Array:
     """The two LKJ(M) priors (module docstring); returns the interleaved factor."""
-    count, eta = config.num_measures, config.priors.lkj_concentration
-    intercepts = numpyro.sample("L_intercepts", dist.LKJCholesky(count, eta))
-    effects = numpyro.sample("L_effects", dist.LKJCholesky(count, eta))
+    count, priors = config.num_measures, config.priors
+    intercepts = numpyro.sample("L_intercepts", dist.LKJCholesky(count, priors.lkj_concentration))
+    effects = numpyro.sample(
+        "L_effects", dist.LKJCholesky(count, priors.effect_correlation_concentration)
+    )
     return interleave_chol(intercepts, effects)
 
 
