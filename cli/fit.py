@@ -192,7 +192,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "holds every measure's value. Reports each measure's population effect, the "
         "correlation of the effects across measures and every patient's effect on each; "
         "directions and units come from the catalogue (else higher is better). Takes "
-        "--time, --seed, --output and the cache flags only",
+        "--time, --cohort (one column: each cohort shifts every measure's effect, with "
+        "each measure's own between-cohort sd), --seed, --output and the cache flags only",
     )
     parser.add_argument("--method", choices=["svi", "nuts"], default="svi")
     parser.add_argument("--seed", type=int, default=0)
@@ -640,7 +641,6 @@ def run(args: argparse.Namespace) -> int:
 #: Options of a single-measure fit that ``--joint`` does not take, with their
 #: defaults (argparse's): any other value is an error, not silently ignored.
 JOINT_UNSUPPORTED = {
-    "cohort": None,
     "covariates": None,
     "time_covariates": None,
     "smooth": [],
@@ -659,11 +659,15 @@ JOINT_UNSUPPORTED = {
 }
 
 
-def joint_measures(args: argparse.Namespace) -> tuple[Any, list[str], list[Any], list[Any]]:
+def joint_measures(
+    args: argparse.Namespace,
+) -> tuple[Any, list[str], list[Any], list[Any], list[str]]:
     """The long CSV split by the --joint column: all rows' Events, the patient
     labels, one Events per measure (patients indexed alike, in order of first
-    appearance) and each measure's MeasureConfig (the catalogue's direction and
-    unit when it knows the name, else higher is better; the MCID is not used)."""
+    appearance, each patient's cohort under the --cohort column as a
+    single-measure fit reads it), each measure's MeasureConfig (the catalogue's
+    direction and unit when it knows the name, else higher is better; the MCID
+    is not used) and the cohorts' labels by index (["all"] without --cohort)."""
     from model.config import MeasureConfig
     from model.events import Events
     from streams.catalogue import Catalogue, UnknownMeasure
@@ -676,13 +680,18 @@ def joint_measures(args: argparse.Namespace) -> tuple[Any, list[str], list[Any],
     ]
     if given:
         raise InputError(
-            f"--joint does not take {', '.join(given)}: the joint fit here has no cohort "
-            "level (model.joint has one, not offered by the CLI yet), covariates or smooth "
-            "terms, fits Gaussian measures by SVI, and reads each "
+            f"--joint does not take {', '.join(given)}: the joint fit here has a cohort "
+            "level (--cohort, one column) but no further grouping levels, covariates or "
+            "smooth terms, fits Gaussian measures by SVI, and reads each "
             "measure's direction and unit from the catalogue"
         )
+    if len(cohort_columns(args)) > 1:
+        raise InputError(
+            f"--joint takes one --cohort column, got {', '.join(cohort_columns(args))}: "
+            "the joint model has a cohort level but no further grouping levels"
+        )
     path: Path = args.input
-    events, patients, _ = read_table(args)
+    events, patients, _, (cohorts,) = read_table_with_levels(args)
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         if args.joint not in (reader.fieldnames or []):
@@ -699,7 +708,7 @@ def joint_measures(args: argparse.Namespace) -> tuple[Any, list[str], list[Any],
         per_measure.append(
             Events(
                 events.patient[rows],
-                np.zeros(len(patients), dtype=np.int64),
+                events.cohort_of_patient,
                 events.time[rows],
                 events.exposure[rows],
                 events.outcome[rows],
@@ -717,7 +726,7 @@ def joint_measures(args: argparse.Namespace) -> tuple[Any, list[str], list[Any],
                 mcid=spec.mcid if spec else 0.0,
             )
         )
-    return events, patients, per_measure, configs
+    return events, patients, per_measure, configs, cohorts
 
 
 def run_joint(args: argparse.Namespace, say: Any) -> int:
@@ -725,20 +734,34 @@ def run_joint(args: argparse.Namespace, say: Any) -> int:
     from model.joint_offline import fit_joint_programme
 
     try:
-        _, patients, per_measure, measures = joint_measures(args)
+        events, patients, per_measure, measures, cohorts = joint_measures(args)
     except InputError as error:
         say(f"efficacy fit: error: {error}")
         return 2
+    # A cohort level as a single-measure fit has one: with more than one cohort.
+    cohort_level = len(cohorts) > 1
+    if cohort_columns(args) and not cohort_level:
+        say(f"--cohort column {cohort_columns(args)[0]!r} has a single group: no cohort level")
     result = fit_joint_programme(
         per_measure,
         measures,
         time_trend=args.time is not None,
+        cohort_level=cohort_level,
         seed=args.seed,
         progress=say,
     )
+    for record, label in zip(result.get("cohorts", []), cohorts, strict=False):
+        record["cohort"] = label  # by index from the fit (a cohort level: more than one)
+    labelled = bool(cohort_columns(args))  # each patient's cohort, as a single-measure fit's
     result["patients"] = [
-        {"patient_id": patient, **record}
-        for patient, record in zip(patients, result["patients"], strict=True)
+        {
+            "patient_id": patient,
+            **({"cohort": cohorts[g]} if labelled else {}),
+            **record,
+        }
+        for patient, g, record in zip(
+            patients, events.cohort_of_patient, result["patients"], strict=True
+        )
     ]
     text = json.dumps(result, indent=2)
     if not args.output:
@@ -760,6 +783,12 @@ def run_joint(args: argparse.Namespace, say: Any) -> int:
                 f"{correlation['mean'][j][k]:+.2f} (90% interval {correlation['q05'][j][k]:+.2f} "
                 f"to {correlation['q95'][j][k]:+.2f})"
             )
+    for row in result["measures"] if cohort_level else []:
+        sd = row["effect_sd_cohorts"]
+        say(
+            f"  {row['measure']}: effect sd between {len(cohorts)} cohorts {sd['mean']:.3f} "
+            f"(90% interval {sd['q05']:.3f} to {sd['q95']:.3f})"
+        )
     say(f"wrote {args.output}")
     return 0
 

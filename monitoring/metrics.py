@@ -25,6 +25,7 @@ Label values used by the pipeline:
   covariates in the catalogue ``partial+x:<covariate>…`` (catalogue names).
 - ``covariate`` / ``statistic`` (effect modifiers): a catalogue covariate's
   design column; ``mean``, ``q05`` or ``q95``.
+- ``group``: a catalogue joint group's name (``[joint.<group>]``).
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ class Metrics(NamedTuple):
     selection_seconds: Histogram  # efficacy_selection_seconds{measure}
     selection_last_run: Gauge  # efficacy_selection_last_run_timestamp_seconds{measure}
     selection_failures: Counter  # efficacy_selection_failures_total{measure}
+    # Joint groups
+    joint_posteriors_thinned: Counter  # efficacy_joint_posteriors_thinned_total{group}
 
 
 def create_metrics(registry: CollectorRegistry) -> Metrics:
@@ -318,6 +321,12 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
         ),
         selection_failures=counter(
             "selection_failures_total", "Structure selections that failed.", m
+        ),
+        joint_posteriors_thinned=counter(
+            "joint_posteriors_thinned_total",
+            "Joint posteriors over the topic's message limit, published with their draws "
+            "thinned evenly to fit.",
+            ("group",),
         ),
     )
 

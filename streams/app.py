@@ -32,7 +32,7 @@ from streams.schemas import JointPosterior, PopulationPosterior
 from streams.scoring import compile_scoring
 from streams.settings import Settings
 from streams.telemetry import Telemetry
-from streams.topics import Topics, declare_topics
+from streams.topics import MAX_MESSAGE_BYTES, Topics, declare_topics
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         producer_acks=-1,
         producer_linger_ms=settings.producer_linger_ms,
         producer_request_timeout=settings.producer_request_timeout_seconds,
-        producer_max_request_size=16 * 1024 * 1024,
-        consumer_max_fetch_size=16 * 1024 * 1024,
+        producer_max_request_size=MAX_MESSAGE_BYTES,
+        consumer_max_fetch_size=MAX_MESSAGE_BYTES,
         key_serializer="raw",
         value_serializer="raw",
     )

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +49,16 @@ from streams.patient_state import PatientRecord, PublishedJoint
 from streams.population_book import FitterPool, PopulationBook, fit_until_converged, interval_of
 from streams.schemas import Interval, JointEffect, JointPosterior, JointScore
 from streams.scoring import SCORING_BLOCK
+from streams.topics import MAX_MESSAGE_BYTES
 
 #: The posterior topic's key prefix of a joint group's posterior (a measure's
 #: posterior is keyed by the measure's name).
 JOINT_KEY_PREFIX = "joint:"
+
+#: The largest JointPosterior value (JSON bytes) the population agent sends: the
+#: topic's message limit less room for the key and Kafka's record framing
+#: (aiokafka counts key, value and under 100 bytes of framing against it).
+POSTERIOR_VALUE_LIMIT = MAX_MESSAGE_BYTES - 4096
 
 
 def posterior_key(group: str) -> str:
@@ -255,6 +262,91 @@ class JointModel:
         )
         self.state, self.version = state, version
         return JointFitResult(message, info, time.perf_counter() - started)
+
+
+def thin_draws(message: JointPosterior, keep: int) -> JointPosterior:
+    """The posterior with ``keep`` of its S draws, evenly spaced (draw ⌊kS/keep⌋
+    for k < keep): the same draws of θ and of the cohort tables (``cohort_mean``
+    and ``cohort_cov`` are per draw of θ), so the posterior stays consistent.
+    The summaries (from their own draws) and q(θ) are kept as they are."""
+    count = len(message.draws["mu"])
+    if not 1 <= keep <= count:
+        raise ValueError(f"keep must lie in [1, {count}], got {keep}")
+    index = (np.arange(keep) * count) // keep
+
+    def pick(values: list) -> list:
+        return [values[i] for i in index] if values else values
+
+    return message.model_copy(
+        update={
+            "draws": {name: pick(values) for name, values in message.draws.items()},
+            "cohort_mean": pick(message.cohort_mean),
+            "cohort_cov": pick(message.cohort_cov),
+        }
+    )
+
+
+class PosteriorTooLarge(ValueError):
+    """Even one draw of a joint posterior exceeds the message limit."""
+
+
+class SizedPosterior(NamedTuple):
+    """A posterior that fits the message limit: ``message`` and its JSON
+    ``value``, and the size and number of draws of the posterior it came from
+    (``thinned``: fewer draws than that)."""
+
+    message: JointPosterior
+    value: bytes
+    original_bytes: int
+    original_draws: int
+
+    @property
+    def draws(self) -> int:
+        return len(self.message.draws["mu"])
+
+    @property
+    def thinned(self) -> bool:
+        return self.draws < self.original_draws
+
+
+def fit_to_size(message: JointPosterior, limit: int) -> SizedPosterior:
+    """``message`` as JSON if it is at most ``limit`` bytes, else thinned
+    (thin_draws) to the largest number of draws whose JSON fits. The size is
+    nearly linear in the draws: a binary search over the count, its first
+    probes where the line through one draw and all of them crosses the limit
+    (two or three serialisations in all, typically). PosteriorTooLarge if one
+    draw does not fit (the rest of the message alone is too large)."""
+    count = len(message.draws["mu"])
+    value = message.model_dump_json().encode()
+    if len(value) <= limit:
+        return SizedPosterior(message, value, len(value), count)
+    encoded: dict[int, tuple[JointPosterior, bytes]] = {count: (message, value)}
+
+    def size(keep: int) -> int:
+        if keep not in encoded:
+            thinned = thin_draws(message, keep)
+            encoded[keep] = (thinned, thinned.model_dump_json().encode())
+        return len(encoded[keep][1])
+
+    if size(1) > limit:
+        raise PosteriorTooLarge(
+            f"joint posterior {message.group} v{message.version}: {size(1)} bytes with one "
+            f"draw, over the limit of {limit}"
+        )
+    per_draw = max((len(value) - size(1)) / max(count - 1, 1), 1.0)
+    estimate = 1 + int((limit - size(1)) // per_draw)
+    probes = [estimate, estimate + 1]
+    low, high = 1, count  # size(low) <= limit < size(high)
+    while high - low > 1:
+        while probes and not low < probes[0] < high:
+            probes.pop(0)
+        middle = probes.pop(0) if probes else (low + high) // 2
+        if size(middle) <= limit:
+            low = middle
+        else:
+            high = middle
+    thinned, thinned_value = encoded[low]
+    return SizedPosterior(thinned, thinned_value, len(value), count)
 
 
 def effect_scale(standardization: Standardization) -> float:

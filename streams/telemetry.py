@@ -33,6 +33,7 @@ class Telemetry:
         self.batches = 0
         self.selections = 0
         self.max_loop_lag = 0.0
+        self.joint_thinned: Counter[str] = Counter()  # by joint group
         self._structures: dict[str, set[str]] = {}  # compared by the latest selection
 
     def accepted(self, source: str, count: int = 1) -> None:
@@ -179,3 +180,9 @@ class Telemetry:
     def selection_failed(self, measure: str) -> None:
         if self.metrics is not None:
             self.metrics.selection_failures.labels(measure=measure).inc()
+
+    def joint_posterior_thinned(self, group: str) -> None:
+        """A joint group's posterior was published with fewer draws to fit the topic."""
+        self.joint_thinned[group] += 1
+        if self.metrics is not None:
+            self.metrics.joint_posteriors_thinned.labels(group=group).inc()

@@ -142,19 +142,27 @@ def topic_name(field: str) -> str:
     return field.replace("_", "-")
 
 
+#: The largest message the app sends or fetches (its producer's max_request_size,
+#: its consumer's max_fetch_size) and the broker limit of the topics that carry
+#: large messages (their max.message.bytes): 16 MiB.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
 #: Broker-side settings of topics the app creates. The posterior topic keeps the
 #: latest posterior per measure forever (compacted); its messages carry the draws.
 #: The structure-selection topic keeps the latest selection per measure. Evidence
 #: messages carry many patients' statistics each.
 TOPIC_CONFIG: dict[str, dict[str, str]] = {
-    "population-posterior": {"cleanup.policy": "compact", "max.message.bytes": "16777216"},
+    "population-posterior": {
+        "cleanup.policy": "compact",
+        "max.message.bytes": str(MAX_MESSAGE_BYTES),
+    },
     "structure-selection": {"cleanup.policy": "compact"},
     # The latest score per patient is the current state: a new consumer reads it
     # without replaying every score ever published.
     "scores": {"cleanup.policy": "compact"},
     "subgroup-scores": {"cleanup.policy": "compact"},
     # One message carries the statistics of up to EVIDENCE_CHUNK patients.
-    "population-evidence": {"max.message.bytes": "16777216"},
+    "population-evidence": {"max.message.bytes": str(MAX_MESSAGE_BYTES)},
     # Who read whose score: kept until an operator decides otherwise (a broker's
     # default retention would delete the audit trail after a week).
     "audit": {"retention.ms": "-1"},

@@ -5,6 +5,7 @@ joint score under it."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from datetime import timedelta
@@ -26,9 +27,13 @@ from streams.catalogue import Catalogue, CatalogueError
 from streams.chunked_consumer import ChunkRecord
 from streams.joint_stream import (
     JointModel,
+    PosteriorTooLarge,
+    fit_to_size,
     joint_models,
     joint_scores,
     joint_snapshot,
+    posterior_draws,
+    thin_draws,
 )
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
@@ -501,3 +506,148 @@ def test_the_patient_step_publishes_each_patient_joint_score_as_joint_patients(t
     saves, outputs = rescore_joint(saves, "glycaemic", context, force=True)
     assert sorted(saves) == patients
     assert {json.loads(m.value)["joint"][0]["population_version"] for m in outputs.scores} == {4}
+
+
+def test_an_oversized_posterior_is_thinned_evenly_to_fit_the_limit(tmp_path):
+    """fit_to_size on a posterior with a cohort level (40 cohorts, 24 draws)
+    against a limit of 40% of its size: the value is under the limit with the
+    largest number of draws that fits, the draws kept are evenly spread, and the
+    cohort tables kept are those of the kept draws of θ (recomputed from them by
+    cohort_posteriors). Consumers score the thinned posterior as joint_patients
+    does on the same draws. Under the limit, nothing changes; a limit that not
+    even one draw fits is an error."""
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    config = joint_models(loaded, models)["glycaemic"]
+    specs = [loaded.get("hba1c"), loaded.get("fasting_glucose")]
+    gram = joint_grams(programme(), config)
+    count, num_cohorts, num_draws = gram.shape[0], 40, 24
+    index = np.arange(count, dtype=np.int32) % num_cohorts  # 8 patients: 32 cohorts empty
+    draws = random_draws(config, num_draws)._replace(
+        tau_cohort=0.3 + 0.4 * jax.random.uniform(jax.random.PRNGKey(9), (num_draws, 2))
+    )
+    means, covs = cohort_posteriors(draws, gram, index, num_cohorts, config.structure)
+    full = joint_message(config, draws, gram, 4).model_copy(
+        update={
+            "cohorts": [f"c{g}" for g in range(num_cohorts)],
+            "cohort_mean": np.asarray(means).tolist(),
+            "cohort_cov": np.asarray(covs).tolist(),
+        }
+    )
+    size = len(full.model_dump_json().encode())
+
+    same = fit_to_size(full, size)
+    assert (
+        not same.thinned and same.message is full and same.value == full.model_dump_json().encode()
+    )
+
+    limit = int(0.4 * size)
+    sized = fit_to_size(full, limit)
+    assert sized.thinned and sized.original_bytes == size and sized.original_draws == num_draws
+    assert len(sized.value) <= limit
+    kept = sized.draws
+    assert 1 <= kept < num_draws
+    assert len(thin_draws(full, kept + 1).model_dump_json().encode()) > limit  # the largest
+    message = JointPosterior.model_validate_json(sized.value)
+    assert message == sized.message
+    # Which draws were kept: each kept draw of θ is one of the original's, in order.
+    original = np.asarray(full.draws["sigma"])
+    thinned = np.asarray(message.draws["sigma"])
+    picked = [int(np.flatnonzero(np.all(original == row, axis=1))[0]) for row in thinned]
+    gaps = np.diff(picked)
+    assert np.all(gaps > 0) and gaps.max() - gaps.min() <= 1  # evenly spread
+    assert picked[0] == 0 and num_draws - 1 - picked[-1] < gaps.max()  # over all the draws
+    for field in JointHyper._fields:
+        np.testing.assert_array_equal(
+            np.asarray(message.draws[field]), np.asarray(full.draws[field])[picked]
+        )
+    # The cohort tables are those of the kept draws: recomputed from them.
+    kept_draws = posterior_draws(message)
+    kept_means, kept_covs = cohort_posteriors(
+        kept_draws, gram, index, num_cohorts, config.structure
+    )
+    np.testing.assert_allclose(message.cohort_mean, np.asarray(kept_means), rtol=1e-12)
+    np.testing.assert_allclose(message.cohort_cov, np.asarray(kept_covs), rtol=1e-12)
+    # What is not per draw is kept.
+    assert message.cohorts == full.cohorts and message.standardization == full.standardization
+
+    # Consumers take the fewer draws: the scores are joint_patients' on them.
+    labels = [f"c{g}" for g in index]
+    scores = joint_scores(message, config, specs, gram, cohorts=labels)
+    reference = joint_patients(
+        kept_draws, gram, config, np.array([-1.0, -1.0]), cohort=index, num_cohorts=num_cohorts
+    )
+    for i, score in enumerate(scores):
+        np.testing.assert_allclose(
+            score.effects[0].effect.mean, 1.2 * reference.effect_mean[i, 0], rtol=1e-9
+        )
+        np.testing.assert_allclose(
+            score.p_above_population, reference.p_above_population[i], rtol=1e-9
+        )
+
+    one = len(thin_draws(full, 1).model_dump_json().encode())
+    with pytest.raises(PosteriorTooLarge, match="with one draw"):
+        fit_to_size(full, one - 1)
+
+
+class SentTopic:
+    """Stands for the posterior topic: keeps what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bytes]] = []
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        self.sent.append((key, value))
+
+
+def test_the_population_agent_thins_a_joint_posterior_over_the_limit(tmp_path, monkeypatch, caplog):
+    """The agent's joint update with the message limit lowered below its
+    posterior: it publishes the posterior thinned to fit, logs a warning naming
+    the group (no patient), and counts it in the group's metric."""
+    from types import SimpleNamespace
+
+    import faust
+    from prometheus_client import CollectorRegistry
+
+    from model.config import SVIConfig
+    from monitoring.metrics import create_metrics
+    from streams.agents import population as population_agent
+    from streams.telemetry import Telemetry
+
+    loaded = catalogue(tmp_path)
+    models = measure_models(loaded, SETTINGS)
+    names = ["hba1c", "fasting_glucose"]
+    topic = SentTopic()
+    registry = CollectorRegistry()
+    service = population_agent.PopulationService(
+        faust.App("joint-size-test", broker="kafka://127.0.0.1:9", web_enabled=False),
+        SimpleNamespace(population_posterior=topic),  # type: ignore[arg-type]
+        models,
+        PosteriorBook(),
+        SETTINGS.model_copy(update={"population_min_patients": 2}),
+        Telemetry(create_metrics(registry)),
+        svi=SVIConfig(fresh_steps=50, update_steps=50, num_particles=1),
+        catalogue=loaded,
+    )
+    for book in books_of(programme(), models, names, list(range(READINGS.shape[0]))):
+        service.books[book.measure] = book
+    service._owned.update(names)
+    service.owns = lambda measure: True  # type: ignore[method-assign]
+    limit = 60_000
+    monkeypatch.setattr(population_agent, "POSTERIOR_VALUE_LIMIT", limit)
+    with caplog.at_level("WARNING", logger=population_agent.__name__):
+        published = asyncio.run(service.fit_joint("glycaemic"))
+    [(key, value)] = topic.sent
+    assert key == b"joint:glycaemic" and len(value) <= limit
+    message = JointPosterior.model_validate_json(value)
+    assert message == published
+    kept = len(message.draws["mu"])
+    assert 1 <= kept < 400 and np.asarray(message.cohort_mean).shape[0] == kept
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    text = warning.getMessage()
+    assert "joint glycaemic v1" in text and f"with {kept} of its 400 draws" in text
+    assert not any(f"p{i}" in text.split() for i in range(READINGS.shape[0]))
+    thinned = registry.get_sample_value(
+        "efficacy_joint_posteriors_thinned_total", {"group": "glycaemic"}
+    )
+    assert thinned == 1.0

@@ -59,6 +59,7 @@ EXPECTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "efficacy_selection_seconds": (Histogram, ("measure",)),
     "efficacy_selection_last_run_timestamp_seconds": (Gauge, ("measure",)),
     "efficacy_selection_failures": (Counter, ("measure",)),
+    "efficacy_joint_posteriors_thinned": (Counter, ("group",)),
 }
 
 
@@ -113,6 +114,7 @@ def test_no_label_identifies_a_patient(registry: CollectorRegistry, metrics: Met
     assert labels, "no labelled metric at all"
     allowed = {"source", "reason", "measure", "classification", "kind", "trigger", "structure"}
     allowed |= {"covariate", "statistic"}  # catalogue covariate names, mean/q05/q95
+    allowed |= {"group"}  # catalogue joint group names
     assert labels <= allowed
     for label in labels:
         assert not re.search(r"patient|subject|person|user|_id$|^id$", label), label

@@ -40,7 +40,9 @@ from monitoring.drift import (
 from streams.catalogue import Catalogue
 from streams.consumer_seek import fetched_since_rebalance
 from streams.joint_stream import (
+    POSTERIOR_VALUE_LIMIT,
     JointModel,
+    fit_to_size,
     joint_digest,
     joint_models,
     joint_snapshot,
@@ -326,8 +328,20 @@ class PopulationService:
             log.info("joint update of %s dropped: no longer the owner of its measures", group)
             return None
         message = result.message.model_copy(update={"evidence_digest": digest})
+        # Serialised off the event loop; over the topic's limit (a cohort level's
+        # tables grow with the cohorts) it goes out with fewer draws, never not at all.
+        sized = await in_thread(fit_to_size, message, POSTERIOR_VALUE_LIMIT)
+        if sized.thinned:
+            log.warning(
+                "joint %s v%d: posterior of %d bytes exceeds the limit of %d bytes: published "
+                "with %d of its %d draws, evenly thinned (%d bytes)",
+                group, message.version, sized.original_bytes, POSTERIOR_VALUE_LIMIT,
+                sized.draws, sized.original_draws, len(sized.value),
+            )  # fmt: skip
+            self.telemetry.joint_posterior_thinned(group)
+        message = sized.message
         await self.topics.population_posterior.send(
-            key=posterior_key(group).encode(), value=message.model_dump_json().encode()
+            key=posterior_key(group).encode(), value=sized.value
         )
         log.info(
             "joint %s v%d: %d patients, %d steps in %.2f s",
