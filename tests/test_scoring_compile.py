@@ -5,10 +5,16 @@ second each on two cores) on the patients agent's event loop, which held the
 stream up for seconds whenever batches changed size. The worker compiles every
 shape once, off the loop, when a measure's first posterior arrives: afterwards
 no batch size the agent can produce may compile again. JAX counts the compiled
-shapes of a jitted function (``_cache_size``), which is what is checked.
+shapes of a jitted function (``_cache_size``), which is what is checked, in a
+process of its own: a worker's, not one whose caches other tests have used.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +64,20 @@ def _compiled() -> tuple[int, int]:
 
 
 def test_no_batch_size_compiles_after_compile_scoring():
+    result = subprocess.run(
+        [sys.executable, "-c", "import test_scoring_compile as t; t.check_compilations()"],
+        cwd=Path(__file__).resolve().parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip() == "checked", result.stdout[-2000:]
+
+
+def check_compilations() -> None:
     catalogue = Catalogue.load()
     model = measure_models(catalogue, Settings())[MEASURE]
     spec = catalogue.get(MEASURE)
@@ -83,9 +103,6 @@ def test_no_batch_size_compiles_after_compile_scoring():
         z = reading_residuals(posterior, [reading] * count, model)
         assert z.shape == (count,) and np.all(np.isfinite(z))
 
-    # Other tests may have compiled these shapes in this process: start from none.
-    _block_summary.clear_cache()
-    _residuals.clear_cache()
     before = _compiled()
     runs = compile_scoring(posterior, spec, model, max_readings=100)
     after = _compiled()
@@ -100,3 +117,4 @@ def test_no_batch_size_compiles_after_compile_scoring():
     # The check can fail: more readings than compiled for is a new shape.
     residuals(200)
     assert _compiled()[1] == after[1] + 1
+    print("checked")
