@@ -302,8 +302,9 @@ class PopulationService:
     def joint_books(self, group: str) -> list[PopulationBook | None] | None:
         """The books of a joint group's measures (None for a measure without
         evidence yet), or None unless this worker owns every measure of it (the
-        measures' books live with their owners: a group whose measures
-        partition to different workers is not fitted)."""
+        measures' books live with their owners; the measures share the group's
+        evidence partition, streams.partitioning.EvidencePartitions, so one
+        worker owns them all, and none while a rebalance moves it)."""
         measures = self.catalogue.joint_group_of_name(group).measures
         if not all(m in self._owned and self.owns(m) for m in measures):
             return None
