@@ -329,13 +329,15 @@ async def produce_state(
     tables: ``{app_id}-patients-changelog`` (key: the patient id as JSON, faust's
     serializer for ``key_type=str``; value: the record bytes; partition: murmur2
     of the raw id, KeyPartitionedTable) and ``{app_id}-population-evidence-
-    changelog`` (key ``"measure/patient id"`` as JSON; partition: the measure's,
-    measure_partition, which the population agent's table inherits from the
-    population-evidence event)."""
+    changelog`` (key ``"measure/patient id"`` as JSON; partition: the measure's
+    evidence partition under the shipped catalogue the worker runs,
+    streams.partitioning.EvidencePartitions, where the population agent's table
+    puts it)."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    from streams.partitioning import measure_partition
+    from streams.catalogue import Catalogue
+    from streams.partitioning import EvidencePartitions
 
     patients_topic = f"{app_id}-patients-changelog"
     evidence_topic = f"{app_id}-population-evidence-changelog"
@@ -359,7 +361,8 @@ async def produce_state(
         compression_type=None,
     )
     await producer.start()
-    measure_partitions = {m: measure_partition(m, partitions) for m in MEASURES}
+    evidence_partition = EvidencePartitions.of(Catalogue.load(), partitions)
+    measure_partitions = {m: evidence_partition(m) for m in MEASURES}
     record_bytes = evidence_bytes = 0
     started = last = time.perf_counter()
     pending = []
@@ -422,14 +425,17 @@ async def send_evidence_updates(
 ) -> dict:
     """New statistics for the patients ``indices`` on the population-evidence
     topic, as the patients agent forwards them (EvidenceBatch messages of up to
-    EVIDENCE_CHUNK patients, keyed by measure, on the measure's partition): the
-    population agent's next tick is a warm update."""
+    EVIDENCE_CHUNK patients, keyed by measure, on the measure's evidence
+    partition under the shipped catalogue the worker runs): the population
+    agent's next tick is a warm update."""
     from aiokafka import AIOKafkaProducer
 
-    from streams.partitioning import measure_partition
+    from streams.catalogue import Catalogue
+    from streams.partitioning import EvidencePartitions
     from streams.patient_step import EVIDENCE_CHUNK
     from streams.schemas import EvidenceBatch, PatientEvidence
 
+    evidence_partition = EvidencePartitions.of(Catalogue.load(), partitions)
     by_measure: dict[str, list[PatientEvidence]] = {}
     for index in indices:
         _, _, _, evidence = cloner.clone(index)  # new a, b: new statistics
@@ -450,7 +456,7 @@ async def send_evidence_updates(
                         f"{prefix}population-evidence",
                         batch.model_dump_json().encode(),
                         key=measure.encode(),
-                        partition=measure_partition(measure, partitions),
+                        partition=evidence_partition(measure),
                     )
                 )
         await asyncio.gather(*pending)

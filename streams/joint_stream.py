@@ -45,24 +45,17 @@ from model.offline import describe
 from model.population import MIN_PATIENT_BUCKET, FitState, PopulationFitter, UpdateInfo, bucket_size
 from model.scores import classify
 from streams.catalogue import Catalogue, CatalogueError, JointGroupSpec, MeasureSpec
+from streams.partitioning import posterior_key
 from streams.patient_state import PatientRecord, PublishedJoint
 from streams.population_book import FitterPool, PopulationBook, fit_until_converged, interval_of
 from streams.schemas import Interval, JointEffect, JointPosterior, JointScore
 from streams.scoring import SCORING_BLOCK
 from streams.topics import MAX_MESSAGE_BYTES
 
-#: The posterior topic's key prefix of a joint group's posterior (a measure's
-#: posterior is keyed by the measure's name).
-JOINT_KEY_PREFIX = "joint:"
-
 #: The largest JointPosterior value (JSON bytes) the population agent sends: the
 #: topic's message limit less room for the key and Kafka's record framing
 #: (aiokafka counts key, value and under 100 bytes of framing against it).
 POSTERIOR_VALUE_LIMIT = MAX_MESSAGE_BYTES - 4096
-
-
-def posterior_key(group: str) -> str:
-    return f"{JOINT_KEY_PREFIX}{group}"
 
 
 def joint_measure_model(model: ModelConfig) -> ModelConfig:

@@ -20,6 +20,7 @@ all of them when the posterior itself moved materially.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -33,7 +34,7 @@ from model.config import DecisionRule, ModelConfig
 from model.joint import JointConfig
 from streams import joint_stream
 from streams.catalogue import Catalogue
-from streams.partitioning import key_partition, measure_partition
+from streams.partitioning import EvidencePartitions, key_partition
 from streams.patient_state import PatientRecord, apply_event, measure_evidence, origin_key
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import (
@@ -94,6 +95,12 @@ class StepContext:
     rule: DecisionRule = field(default_factory=DecisionRule)
     #: Every joint group's model (streams.joint_stream.joint_models), by group.
     joint: dict[str, JointConfig] = field(default_factory=dict)
+
+    @functools.cached_property
+    def evidence_partitions(self) -> EvidencePartitions:
+        """Each measure's population-evidence partition (its joint group's for a
+        measure of one)."""
+        return EvidencePartitions.of(self.catalogue, self.settings.partitions)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -517,12 +524,13 @@ def _evidence(
 ) -> None:
     """The whole statistics of each (patient, changed measures) for the
     population agent: per measure, EvidenceBatch messages of up to EVIDENCE_CHUNK
-    patients, on the measure's partition (one owner per measure)."""
+    patients, on the measure's evidence partition (one owner per measure, and
+    per joint group: streams.partitioning.EvidencePartitions)."""
     by_measure: dict[str, list[PatientRecord]] = defaultdict(list)
     for record, measures in changes:
         for measure in measures:
             by_measure[measure].append(record)
-    partitions = context.settings.partitions
+    partition_of = context.evidence_partitions
     for measure, records in by_measure.items():
         items = measure_evidence(records, measure, context.models[measure])
         for start in range(0, len(items), EVIDENCE_CHUNK):
@@ -531,7 +539,7 @@ def _evidence(
                 Message(
                     measure.encode(),
                     batch.model_dump_json().encode(),
-                    measure_partition(measure, partitions),
+                    partition_of(measure),
                 )
             )
 

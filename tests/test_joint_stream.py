@@ -407,7 +407,9 @@ def stream_programme(origin):
     return timed, [f"joint-{i:02d}" for i in range(PATIENTS)]
 
 
-def raw_records(events, patients, origin, prefix):
+def raw_records(events, patients, origin, prefix, measures=MEASURES):
+    """The programme's raw records: each patient's enrolment and exposure change,
+    then the readings in time order (the k-th events' measure ``measures[k]``)."""
     sends = []
     for patient in patients:
         enrol = Enrollment(event_id=f"{patient}-enrol", event_time=origin, patient_id=patient,
@@ -421,9 +423,9 @@ def raw_records(events, patients, origin, prefix):
         for k in range(each.patient.size):
             patient = patients[each.patient[k]]
             lab = LabResult(
-                event_id=f"{patient}-{MEASURES[m]}-{k}", patient_id=patient,
+                event_id=f"{patient}-{measures[m]}-{k}", patient_id=patient,
                 event_time=origin + timedelta(days=float(each.time[k]) - origin.timestamp() / 86400.0),
-                measure=MEASURES[m], value=float(each.outcome[k]), unit=UNITS[m],
+                measure=measures[m], value=float(each.outcome[k]), unit=UNITS[m],
             )  # fmt: skip
             readings.append(
                 (each.time[k], (prefix + "labs", patient.encode(), lab.model_dump_json()))

@@ -14,7 +14,8 @@ import pytest
 from faust.streams import _current_event
 
 from streams.app import create_pipeline
-from streams.partitioning import key_partition, measure_partition
+from streams.catalogue import Catalogue
+from streams.partitioning import EvidencePartitions, key_partition
 from streams.settings import Settings
 from streams.stores import KeyPartitionedRocksDB
 
@@ -97,10 +98,11 @@ def test_population_table_keeps_each_key_in_its_measures_partition(pipeline):
                 table[f"{measure}/p{i}"] = b"{}"
     finally:
         _current_event.reset(token)
+    evidence_partition = EvidencePartitions.of(Catalogue.load(), PARTITIONS)
     for measure in measures:
         for i in range(5):
             key = f"{measure}/p{i}"
-            assert _database_of(store, key) == measure_partition(measure, PARTITIONS)
+            assert _database_of(store, key) == evidence_partition(measure)
             assert table.get(key) == b"{}"
 
 

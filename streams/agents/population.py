@@ -22,6 +22,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Self
 
 import faust
 import numpy as np
@@ -49,7 +50,7 @@ from streams.joint_stream import (
     posterior_key,
 )
 from streams.output import DeliveryFailed, Producer, delivered, stop_now
-from streams.partitioning import measure_partition
+from streams.partitioning import EvidencePartitions
 from streams.population_book import (
     FitResult,
     FitterPool,
@@ -82,12 +83,21 @@ REBUILD_CHUNK = 2000  # table values parsed between yields to the event loop (~4
 
 class MeasurePartitionedTable(PartitionedByKey):
     """A table keyed ``measure/patient`` whose changelog partition (and RocksDB
-    database) is the measure's partition of the population-evidence topic,
-    whatever event is being processed (streams.stores)."""
+    database) is the measure's partition of the population-evidence topic
+    (``evidence``, streams.partitioning.EvidencePartitions), whatever event is
+    being processed (streams.stores)."""
+
+    evidence: EvidencePartitions
+
+    @classmethod
+    def of_evidence(cls, app: faust.App, name: str, evidence: EvidencePartitions) -> Self:
+        """The table ``name`` on ``app``, partitioned as ``evidence``."""
+        table = cls.register(app, name, evidence.partitions)
+        table.evidence = evidence
+        return table
 
     def partition_for_key(self, key: str) -> int:
-        measure = key.partition("/")[0]
-        return measure_partition(measure, self.partitions or self.app.conf.topic_partitions)
+        return self.evidence(key.partition("/")[0])
 
 
 class PopulationService:
@@ -137,8 +147,13 @@ class PopulationService:
         self.joint = joint_models(catalogue, models) if catalogue is not None else {}
         self.joint_fits: dict[str, JointModel] = {}
         self._joint_fitted: dict[str, str] = {}  # evidence digest of the last fit, by group
-        self.table = MeasurePartitionedTable.register(
-            app, "population-evidence", settings.partitions
+        # Each measure's evidence partition: a joint group's measures share one,
+        # so the worker that owns it has every book of the group.
+        self.evidence_partitions = EvidencePartitions(
+            settings.partitions, catalogue.joint if catalogue is not None else ()
+        )
+        self.table = MeasurePartitionedTable.of_evidence(
+            app, "population-evidence", self.evidence_partitions
         )
         self.producer = Producer(app)
 
@@ -179,10 +194,7 @@ class PopulationService:
 
     def owns(self, measure: str) -> bool:
         """This worker actively owns the measure's evidence partition."""
-        tp = TP(
-            self.topics.population_evidence.get_topic_name(),
-            measure_partition(measure, self.settings.partitions),
-        )
+        tp = TP(self.topics.population_evidence.get_topic_name(), self.evidence_partitions(measure))
         return tp in self.app.assignor.assigned_actives()
 
     async def rebuild_book(self, measure: str) -> None:
@@ -290,8 +302,9 @@ class PopulationService:
     def joint_books(self, group: str) -> list[PopulationBook | None] | None:
         """The books of a joint group's measures (None for a measure without
         evidence yet), or None unless this worker owns every measure of it (the
-        measures' books live with their owners: a group whose measures
-        partition to different workers is not fitted)."""
+        measures' books live with their owners; the measures share the group's
+        evidence partition, streams.partitioning.EvidencePartitions, so one
+        worker owns them all, and none while a rebalance moves it)."""
         measures = self.catalogue.joint_group_of_name(group).measures
         if not all(m in self._owned and self.owns(m) for m in measures):
             return None
