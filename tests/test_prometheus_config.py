@@ -214,6 +214,7 @@ def _populate(registry: CollectorRegistry) -> None:
         "structure": STRUCTURES,
         "covariate": ("age", "group=B"),
         "statistic": ("mean", "q05", "q95"),
+        "group": ("glycaemic",),
     }
     for metric in metrics:
         names = metric._labelnames
