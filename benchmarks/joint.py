@@ -137,17 +137,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         summary = {}
         for m in range(3):
             parts = [r[f"measure{m}"] for r in per_programme]
-            ratios = np.array([p["rmse_joint"] / p["rmse_separate"] for p in parts])
-            totals = np.full(len(parts), args.patients)
             summary[f"measure{m}"] = {
-                "rmse_ratio_mean": float(ratios.mean()),
-                "rmse_ratio_se": float(ratios.std(ddof=1) / np.sqrt(ratios.size)),
-                "coverage_joint": rate_with_se(
-                    np.array([p["covered_joint"] for p in parts]), totals
-                )[:2],
-                "coverage_separate": rate_with_se(
-                    np.array([p["covered_separate"] for p in parts]), totals
-                )[:2],
+                **_compare(parts, args.patients),
                 "width_ratio_median": float(
                     np.median([p["width_joint"] / p["width_separate"] for p in parts])
                 ),
@@ -294,23 +285,27 @@ def exact(args: argparse.Namespace) -> dict[str, Any]:
         summary[f"measure{m}"] = {}
         for method in ("nuts", "svi"):
             parts = [r[f"measure{m}"][method] for r in rows]
-            ratios = np.array([p["rmse_joint"] / p["rmse_separate"] for p in parts])
-            totals = np.full(len(parts), args.patients)
-            summary[f"measure{m}"][method] = {
-                "rmse_ratio_mean": float(ratios.mean()),
-                "rmse_ratio_se": float(ratios.std(ddof=1) / np.sqrt(ratios.size)),
-                "coverage_joint": rate_with_se(
-                    np.array([p["covered_joint"] for p in parts]), totals
-                )[:2],
-                "coverage_separate": rate_with_se(
-                    np.array([p["covered_separate"] for p in parts]), totals
-                )[:2],
-            }
+            summary[f"measure{m}"][method] = _compare(parts, args.patients)
     return {
         "patients": args.patients,
         "correlation": args.correlation,
         "summary": summary,
         "rows": rows,
+    }
+
+
+def _compare(parts: list[dict[str, Any]], patients: int) -> dict[str, Any]:
+    """One measure over programmes: the joint / per-measure RMSE ratio (mean and
+    se over programmes) and each model's pooled coverage with its cluster se."""
+    ratios = np.array([p["rmse_joint"] / p["rmse_separate"] for p in parts])
+    totals = np.full(len(parts), patients)
+    return {
+        "rmse_ratio_mean": float(ratios.mean()),
+        "rmse_ratio_se": float(ratios.std(ddof=1) / np.sqrt(ratios.size)),
+        "coverage_joint": rate_with_se(np.array([p["covered_joint"] for p in parts]), totals)[:2],
+        "coverage_separate": rate_with_se(np.array([p["covered_separate"] for p in parts]), totals)[
+            :2
+        ],
     }
 
 
