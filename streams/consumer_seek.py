@@ -30,14 +30,33 @@ mid-stream left 1 and 19 readings of the partitions the old members kept
 unprocessed, for good. ``install`` also wraps ``Consumer.ack`` so that a
 message of an earlier generation is not acknowledged: it is delivered again
 after the seek and recognised as a replay if it had been applied.
+
+A third, at the end of every recovery (``Recovery.on_recovery_completed``;
+``_resume_streams`` in an app without tables): faust resumes the stream
+partitions, *then* seeks them (a committed-offset request per partition),
+*then* calls ``flow_control.resume()``, which clears every agent's queue and
+the changelog reader's. In an app with tables flow control is running by then
+(recovery resumed it to read the changelogs), so records fetched during the
+seek are queued, and those an agent has not taken yet (it is busy with its
+first batch, say) are dropped by the clear with the fetch position past them:
+never delivered, and the partition's commit stuck below them. A CI run saw it
+with two workers on RocksDB: the enrolments of a partition, published during
+a worker's seek, were never applied, and its patients never scored.
+tests/test_rebalance_recovery.py makes it happen on every run of stock faust.
+``install`` replaces both: the stream partitions are seeked while still
+paused and resumed only after, with no await before the flow resumes; the
+queues are cleared only if flow control was stopped (nothing current is in
+them then).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
+from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 
 _ORIGINAL = AIOKafkaConsumer.seek_to_committed
@@ -76,11 +95,86 @@ def _ack(self: Consumer, message) -> bool:
     return _ORIGINAL_ACK(self, message)
 
 
+async def _seek_then_resume_streams(recovery: Recovery, assignment: set) -> None:
+    """The end of a recovery: seek the stream partitions while they are still
+    paused, then resume them and the flow with no await in between, so nothing
+    of them is fetched before the flow resumes; clear the queues (faust's
+    ``flow_control.resume()``) only if flow control was stopped."""
+    app = recovery.app
+    consumer = app.consumer
+    if assignment:
+        recovery.log.info("Seek stream partitions to committed offsets.")
+        await recovery._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
+        consumer.resume_partitions({tp for tp in assignment if not recovery._is_changelog_tp(tp)})
+    recovery.completed.set()
+    if not app.flow_control.is_active():
+        app.flow_control.resume()
+    consumer.resume_flow()
+
+
+async def _resume_streams(self: Recovery, generation_id: int = 0) -> None:
+    """faust 0.15.3's Recovery._resume_streams (an app without tables), with
+    ``_seek_then_resume_streams``."""
+    app = self.app
+    await app.on_rebalance_complete.send()
+    assignment = app.consumer.assignment()
+    if app.consumer_generation_id != generation_id:
+        self.log.warning("Recovery rebalancing again")
+        return
+    await _seek_then_resume_streams(self, assignment)
+    await app._fetcher.maybe_start()
+    self.tables.on_actives_ready()
+    self.tables.on_standbys_ready()
+    app.on_rebalance_end()
+    self.log.info("Worker ready")
+
+
+async def _on_recovery_completed(self: Recovery, generation_id: int = 0) -> None:
+    """faust 0.15.3's Recovery.on_recovery_completed (an app with tables),
+    with ``_seek_then_resume_streams``."""
+    app = self.app
+    self.log.info("Restore complete!")
+    await app.on_rebalance_complete.send()
+    self._set_recovery_ended()
+    completions = [
+        asyncio.ensure_future(
+            table.on_recovery_completed(
+                self.actives_for_table[table], self.standbys_for_table[table]
+            )
+        )
+        for table in self.tables.values()
+    ]
+    if completions:
+        await asyncio.wait(completions)
+    assignment = app.consumer.assignment()
+    if app.consumer_generation_id != generation_id:
+        self.log.warning(
+            "Recovery rebalancing again app id %s param %s",
+            app.consumer_generation_id, generation_id,
+        )  # fmt: skip
+        return
+    await _seek_then_resume_streams(self, assignment)
+    await app._fetcher.maybe_start()
+    self.tables.on_actives_ready()
+    if not app.assignor.assigned_standbys():
+        self.tables.on_standbys_ready()
+    app.on_rebalance_end()
+    self.log.info("Worker ready")
+
+
 def install() -> None:
-    """Patch AIOKafkaConsumer.seek_to_committed and faust's Consumer.ack (idempotent)."""
+    """Patch AIOKafkaConsumer.seek_to_committed, faust's Consumer.ack and the
+    end of Recovery (``_resume_streams``, ``on_recovery_completed``); idempotent."""
     AIOKafkaConsumer.seek_to_committed = _seek_to_committed
     Consumer.ack = _ack  # type: ignore[method-assign]
+    Recovery._resume_streams = _resume_streams  # type: ignore[method-assign]
+    Recovery.on_recovery_completed = _on_recovery_completed  # type: ignore[method-assign]
 
 
 def installed() -> bool:
-    return AIOKafkaConsumer.seek_to_committed is _seek_to_committed and Consumer.ack is _ack
+    return (
+        AIOKafkaConsumer.seek_to_committed is _seek_to_committed
+        and Consumer.ack is _ack
+        and Recovery._resume_streams is _resume_streams
+        and Recovery.on_recovery_completed is _on_recovery_completed
+    )

@@ -165,8 +165,11 @@ def test_two_unprivileged_workers_on_a_read_only_copy_score_every_patient(
         asyncio.run(publish(programme, settings))
         scored = asyncio.run(read_until(
             kafka_bootstrap, [prefix + "scores"],
-            done=lambda rs: len({r.key for r in rs}) >= PATIENTS, timeout=900,
+            done=lambda rs: len({r.key for r in rs}) >= PATIENTS, timeout=420,
         ))  # fmt: skip
+        missing = set(programme.truth.patients) - {r.key.decode() for r in scored}
+        assert not missing, (f"{len(missing)} patients never scored",
+                             [w.log()[-6000:] for w in workers])  # fmt: skip
         for worker in workers:
             assert worker.process.poll() is None, worker.log()[-4000:]
     finally:
