@@ -27,7 +27,7 @@ import json
 
 import numpy as np
 import pytest
-from e2e_setup import catalogue_run
+from e2e_setup import JointSettling, catalogue_run
 from test_families_e2e import send
 from test_joint_stream import GROUP, MEASURES, PATIENTS, SHIPPED, raw_records, stream_programme
 
@@ -35,8 +35,7 @@ from cli.kafka_io import read_until
 from cli.worker_process import WorkerProcess
 from model.joint import joint_grams, joint_patients
 from streams.app import measure_models
-from streams.joint_stream import joint_models, message_config, posterior_draws, posterior_key
-from streams.schemas import JointPosterior
+from streams.joint_stream import joint_models, message_config, posterior_draws
 
 pytestmark = pytest.mark.kafka
 
@@ -49,42 +48,17 @@ def run(kafka_bootstrap, tmp_path_factory):
     )
     events, patients = stream_programme(settings.time_origin)
     sends = raw_records(events, patients, settings.time_origin, prefix)
-    topics = [prefix + "population-posterior", prefix + "scores"]
-    totals = [each.patient.size for each in events]
-
-    def final(found) -> JointPosterior | None:
-        joint = [
-            JointPosterior.model_validate_json(r.value)
-            for r in found
-            if r.topic == topics[0] and r.key.decode() == posterior_key("glycaemic")
-        ]
-        latest = max(joint, key=lambda p: p.version, default=None)
-        if latest is None or [round(n) for n in latest.num_observations] != totals:
-            return None
-        return latest
-
-    def settled(found) -> bool:
-        posterior = final(found)
-        if posterior is None:
-            return False
-        latest = {r.key.decode(): json.loads(r.value) for r in found if r.topic == topics[1]}
-        return all(
-            p in latest
-            and any(
-                j["group"] == "glycaemic" and j["population_version"] == posterior.version
-                for j in latest[p]["joint"]
-            )
-            for p in patients
-        )
+    settling = JointSettling(prefix, patients, [e.patient.size for e in events], "glycaemic")
+    topics = settling.topics
 
     with WorkerProcess(env) as worker:
         asyncio.run(send(settings, sends))
-        found = asyncio.run(read_until(kafka_bootstrap, topics, settled, timeout=600))
+        found = asyncio.run(read_until(kafka_bootstrap, topics, settling.settled, timeout=600))
         log = worker.log_tail(60)
         assert worker.stop() == 0, log
-    assert settled(found), log
+    assert settling.settled(found), log
     config = joint_models(catalogue, measure_models(catalogue, settings))["glycaemic"]
-    return events, patients, found, topics, final(found), config
+    return events, patients, found, topics, settling.final(found), config
 
 
 def test_the_joint_posterior_covers_every_reading_with_the_correlation(run):

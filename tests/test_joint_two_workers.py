@@ -15,19 +15,17 @@ carry the group's joint score under it.
 from __future__ import annotations
 
 import asyncio
-import json
 import zlib
 
 import pytest
-from e2e_setup import catalogue_run
+from e2e_setup import JointSettling, catalogue_run, start_in_turn
 from test_families_e2e import send
 from test_joint_stream import PATIENTS, SHIPPED, raw_records, stream_programme
-from test_scale_out import SYNCED, assigned
+from test_scale_out import assigned
 
 from cli.kafka_io import read_until
-from cli.worker_process import READY, WorkerProcess
-from streams.partitioning import EvidencePartitions, posterior_key
-from streams.schemas import JointPosterior
+from cli.worker_process import WorkerProcess
+from streams.partitioning import EvidencePartitions
 
 pytestmark = pytest.mark.kafka
 
@@ -49,56 +47,28 @@ def test_a_joint_group_split_by_its_measures_names_is_fitted_by_two_workers(
     assert evidence("hba1c") == evidence("glucose")
     events, patients = stream_programme(settings.time_origin)
     sends = raw_records(events, patients, settings.time_origin, prefix, measures=MEASURES)
-    topics = [prefix + "population-posterior", prefix + "scores"]
-    totals = [each.patient.size for each in events]
-
-    def final(found) -> JointPosterior | None:
-        joint = [
-            JointPosterior.model_validate_json(r.value)
-            for r in found
-            if r.topic == topics[0] and r.key.decode() == posterior_key("glycaemic")
-        ]
-        latest = max(joint, key=lambda p: p.version, default=None)
-        if latest is None or [round(n) for n in latest.num_observations] != totals:
-            return None
-        return latest
-
-    def settled(found) -> bool:
-        posterior = final(found)
-        if posterior is None:
-            return False
-        latest = {r.key.decode(): json.loads(r.value) for r in found if r.topic == topics[1]}
-        return all(
-            p in latest
-            and any(
-                j["group"] == "glycaemic" and j["population_version"] == posterior.version
-                for j in latest[p]["joint"]
-            )
-            for p in patients
-        )
+    settling = JointSettling(prefix, patients, [e.patient.size for e in events], "glycaemic")
 
     workers = [WorkerProcess({**env, "EFFICACY_DATA_DIR": str(tmp_path / name)}) for name in "ab"]
     first, second = workers
     try:
-        first.start()
-        first.wait_for_log(READY, timeout=180)
-        second.start()
-        second.wait_for_log(READY, timeout=180)
-        first.wait_for_log(SYNCED, count=2)  # both hold partitions before the first record
+        start_in_turn(first, second)  # both hold partitions before the first record
         # One population-evidence partition each: the measures' own partitions
         # would be on different workers.
         owned = [assigned(w, prefix + "population-evidence") for w in workers]
         print(f"population-evidence partitions: {owned}")
         assert sorted(owned) == ["{0}", "{1}"], owned
         asyncio.run(send(settings, sends))
-        found = asyncio.run(read_until(kafka_bootstrap, topics, settled, timeout=420))
+        found = asyncio.run(
+            read_until(kafka_bootstrap, settling.topics, settling.settled, timeout=420)
+        )
         logs = [w.log_tail(40) for w in workers]
         for worker in workers:
             assert worker.alive(), worker.log_tail()
     finally:
         codes = [w.stop() for w in workers]
     assert codes == [0, 0], [w.log_tail() for w in workers]
-    assert settled(found), logs
-    posterior = final(found)
+    assert settling.settled(found), logs
+    posterior = settling.final(found)
     assert posterior.measures == list(MEASURES)
     assert posterior.num_patients == PATIENTS

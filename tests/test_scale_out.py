@@ -17,6 +17,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from e2e_setup import SYNCED, start_in_turn
 from faust.transport.consumer import Consumer
 from test_reliability import (
     MEASURE,
@@ -38,7 +39,6 @@ pytestmark = pytest.mark.kafka
 # partitions the two workers' 2 + 2 already fit the cap of three workers (2)
 # and a newcomer gets nothing; with six, each gives up one (3 + 3 -> 2 + 2 + 2).
 PARTITIONS = "6"
-SYNCED = r"Successfully synced group .* with generation \d+"
 
 
 def assigned(worker: WorkerProcess, topic: str) -> str:
@@ -64,11 +64,7 @@ def test_a_third_worker_joining_mid_stream_loses_nothing_and_counts_nothing_twic
     ]
     first, second, third = workers
     try:
-        first.start()
-        first.wait_for_log(READY, timeout=180)
-        second.start()
-        second.wait_for_log(READY, timeout=180)
-        first.wait_for_log(SYNCED, count=2)  # both hold partitions before the first record
+        start_in_turn(first, second)  # both hold partitions before the first record
         # ~4200 records at 80/s: the stream lasts ~50 s. The third worker starts
         # a tenth of the way in; its start (imports, group join) takes 15-40 s
         # on two loaded cores, so it joins the group while records flow.
