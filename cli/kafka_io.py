@@ -147,6 +147,18 @@ async def committed_offsets(bootstrap_servers: Broker, group: str) -> dict:
     return {tp: meta.offset for tp, meta in offsets.items()}
 
 
+async def create_topic(bootstrap_servers: Broker, name: str, partitions: int) -> None:
+    """Create topic ``name`` with ``partitions`` partitions (replication 1)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap_servers))
+    await start_client(admin, bootstrap_servers)
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+
+
 async def group_lag(bootstrap_servers: Broker, group: str, topics: list[str]) -> int:
     """Records of ``topics`` not yet committed by consumer group ``group`` (0: the
     group has committed every partition up to its end offset)."""

@@ -95,11 +95,14 @@ def _ack(self: Consumer, message) -> bool:
     return _ORIGINAL_ACK(self, message)
 
 
-async def _seek_then_resume_streams(recovery: Recovery, assignment: set) -> None:
-    """The end of a recovery: seek the stream partitions while they are still
-    paused, then resume them and the flow with no await in between, so nothing
-    of them is fetched before the flow resumes; clear the queues (faust's
-    ``flow_control.resume()``) only if flow control was stopped."""
+async def _seek_then_resume_streams(
+    recovery: Recovery, assignment: set, standbys_ready: bool
+) -> None:
+    """The end of a recovery, as faust's but for the order: seek the stream
+    partitions while they are still paused, then resume them and the flow with
+    no await in between, so nothing of them is fetched before the flow resumes;
+    clear the queues (faust's ``flow_control.resume()``) only if flow control
+    was stopped. ``standbys_ready``: whether the standby tables are ready too."""
     app = recovery.app
     consumer = app.consumer
     if assignment:
@@ -110,6 +113,12 @@ async def _seek_then_resume_streams(recovery: Recovery, assignment: set) -> None
     if not app.flow_control.is_active():
         app.flow_control.resume()
     consumer.resume_flow()
+    await app._fetcher.maybe_start()
+    recovery.tables.on_actives_ready()
+    if standbys_ready:
+        recovery.tables.on_standbys_ready()
+    app.on_rebalance_end()
+    recovery.log.info("Worker ready")
 
 
 async def _resume_streams(self: Recovery, generation_id: int = 0) -> None:
@@ -121,12 +130,7 @@ async def _resume_streams(self: Recovery, generation_id: int = 0) -> None:
     if app.consumer_generation_id != generation_id:
         self.log.warning("Recovery rebalancing again")
         return
-    await _seek_then_resume_streams(self, assignment)
-    await app._fetcher.maybe_start()
-    self.tables.on_actives_ready()
-    self.tables.on_standbys_ready()
-    app.on_rebalance_end()
-    self.log.info("Worker ready")
+    await _seek_then_resume_streams(self, assignment, standbys_ready=True)
 
 
 async def _on_recovery_completed(self: Recovery, generation_id: int = 0) -> None:
@@ -153,13 +157,9 @@ async def _on_recovery_completed(self: Recovery, generation_id: int = 0) -> None
             app.consumer_generation_id, generation_id,
         )  # fmt: skip
         return
-    await _seek_then_resume_streams(self, assignment)
-    await app._fetcher.maybe_start()
-    self.tables.on_actives_ready()
-    if not app.assignor.assigned_standbys():
-        self.tables.on_standbys_ready()
-    app.on_rebalance_end()
-    self.log.info("Worker ready")
+    await _seek_then_resume_streams(
+        self, assignment, standbys_ready=not app.assignor.assigned_standbys()
+    )
 
 
 def install() -> None:

@@ -14,27 +14,48 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from typing import Any
 
 from streams.chunked_consumer import ChunkedApp
+
+
+def reader_app(bootstrap: str, app_id: str, topic_name: str, **settings: Any) -> ChunkedApp:
+    """A ChunkedApp of group ``app_id`` that reads ``topic_name`` by chunk as raw
+    bytes from its earliest offset, keeps tables in memory and commits every
+    0.5 s; ``settings`` adds faust settings or overrides these."""
+    return ChunkedApp(
+        app_id,
+        **{
+            "broker": f"kafka://{bootstrap}",
+            "store": "memory://",
+            "web_enabled": False,
+            "key_serializer": "raw",
+            "value_serializer": "raw",
+            "consumer_auto_offset_reset": "earliest",
+            "broker_commit_interval": 0.5,
+            "broker_heartbeat_interval": 1.0,
+            "datadir": f"/tmp/{app_id}",
+            "chunked_topics": [topic_name],
+            **settings,
+        },
+    )
+
+
+def run_worker(app: ChunkedApp, loglevel: str) -> None:
+    """Run ``app`` as faust's worker command (no web server), until it is stopped."""
+    sys.argv = [sys.argv[0], "worker", "--without-web", "--loglevel", loglevel]
+    app.main()
 
 
 def main() -> None:
     bootstrap, app_id, topic_name, offsets_file = sys.argv[1:5]
     hold_after = int(sys.argv[5]) if len(sys.argv) > 5 else None
-    app = ChunkedApp(
+    app = reader_app(
+        bootstrap,
         app_id,
-        broker=f"kafka://{bootstrap}",
-        store="memory://",
-        web_enabled=False,
-        key_serializer="raw",
-        value_serializer="raw",
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=0.5,
+        topic_name,
         consumer_max_fetch_size=8 * 1024,  # small chunks: many per partition
         broker_session_timeout=6.0,  # a killed reader leaves the group quickly
-        broker_heartbeat_interval=1.0,
-        datadir=f"/tmp/{app_id}",
-        chunked_topics=[topic_name],
     )
     topic = app.topic(topic_name)
     seen = 0
@@ -53,8 +74,7 @@ def main() -> None:
             with open(offsets_file, "a") as out:
                 out.write(json.dumps(line, default=bytes.decode) + "\n")
 
-    sys.argv = [sys.argv[0], "worker", "--loglevel", "warn"]
-    app.main()
+    run_worker(app, "warn")
 
 
 if __name__ == "__main__":

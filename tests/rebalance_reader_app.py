@@ -26,11 +26,11 @@ import json
 import os
 import sys
 
+from chunk_reader_app import reader_app, run_worker
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 
 from streams import consumer_seek
-from streams.chunked_consumer import ChunkedApp
 
 SEEK_DELAY_SECONDS = 4.0
 FIRST_CHUNK_SECONDS = 6.0
@@ -52,22 +52,15 @@ def main() -> None:
     if stock:
         Recovery._resume_streams, Recovery.on_recovery_completed = _STOCK
     Consumer.perform_seek = slow_perform_seek
-    app = ChunkedApp(
+    app = reader_app(
+        bootstrap,
         app_id,
-        broker=f"kafka://{bootstrap}",
-        store="memory://",
-        web_enabled=False,
-        key_serializer="raw",
-        value_serializer="raw",
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=0.5,
+        topic_name,
         consumer_max_fetch_size=1024,  # small chunks: several per partition and second
         broker_session_timeout=10.0,
-        broker_heartbeat_interval=1.0,
         table_standby_replicas=1,
         topic_partitions=PARTITIONS,
-        datadir=f"/tmp/{app_id}-{os.getpid()}",
-        chunked_topics=[topic_name],
+        datadir=f"/tmp/{app_id}-{os.getpid()}",  # two readers of one group
     )
     topic = app.topic(topic_name)
     counts = app.Table("chunks", default=int, partitions=PARTITIONS)
@@ -85,8 +78,7 @@ def main() -> None:
                 out.write(json.dumps(line) + "\n")
             counts[f"partition-{chunk.partition}"] += len(chunk)
 
-    sys.argv = [sys.argv[0], "worker", "--without-web", "--loglevel", "info"]
-    app.main()
+    run_worker(app, "info")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from settling import poll
 
-from cli.kafka_io import committed_offsets, end_offsets, produce
+from cli.kafka_io import committed_offsets, create_topic, end_offsets, produce
 from streams.kafka_options import aiokafka_options
 
 pytestmark = pytest.mark.kafka
@@ -59,15 +58,6 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-async def create_topic(bootstrap: str, name: str) -> None:
-    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
-    finally:
-        await admin.close()
-
-
 async def partition_ends(bootstrap: str, name: str) -> dict[int, int]:
     """The end offset of each partition of ``name``, by partition number."""
     return {tp.partition: offset for tp, offset in (await end_offsets(bootstrap, [name])).items()}
@@ -79,7 +69,7 @@ def topic(kafka_bootstrap) -> tuple[str, dict[int, int]]:
     name = f"chunked-{uuid.uuid4().hex[:8]}"
 
     async def create_and_fill() -> dict[int, int]:
-        await create_topic(kafka_bootstrap, name)
+        await create_topic(kafka_bootstrap, name, PARTITIONS)
         records = [(b"key-%d" % (i % 997), b"%d" % i) for i in range(RECORDS)]
         await produce(kafka_bootstrap, name, records)
         return await partition_ends(kafka_bootstrap, name)
@@ -189,7 +179,7 @@ def test_offsets_skipped_by_transaction_markers_are_committed_past(kafka_bootstr
     transactions, per_transaction = 200, 10
 
     async def create_and_fill() -> dict[int, int]:
-        await create_topic(kafka_bootstrap, name)
+        await create_topic(kafka_bootstrap, name, PARTITIONS)
         producer = AIOKafkaProducer(
             **aiokafka_options(kafka_bootstrap), transactional_id=f"tx-{name}"
         )

@@ -1,5 +1,6 @@
 """The end of faust's recovery on the real broker: no record fetched while the
-stream partitions are seeked is lost (streams.consumer_seek, ``_resume_streams``).
+stream partitions are seeked is lost (streams.consumer_seek,
+``_on_recovery_completed``).
 
 A worker of tests/rebalance_reader_app.py reads a topic written to at a steady
 rate. A second joins; the first keeps half of the partitions, with standby
@@ -26,10 +27,9 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from settling import poll
 
-from cli.kafka_io import committed_offsets, end_offsets, start_client
+from cli.kafka_io import committed_offsets, create_topic, end_offsets, start_client
 from streams.kafka_options import aiokafka_options
 
 pytestmark = pytest.mark.kafka
@@ -92,15 +92,6 @@ def publish_steadily(bootstrap: str, topic: str, total: int, rate: float) -> thr
     return thread
 
 
-async def create_topic(bootstrap: str, name: str) -> None:
-    admin = AIOKafkaAdminClient(**aiokafka_options(bootstrap))
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
-    finally:
-        await admin.close()
-
-
 def missing(readers: list[Reader], ends: dict[int, int]) -> dict[int, int]:
     """How many offsets of each partition no reader handled."""
     handled: dict[int, set[int]] = {p: set() for p in ends}
@@ -112,7 +103,7 @@ def missing(readers: list[Reader], ends: dict[int, int]) -> dict[int, int]:
 
 def test_records_fetched_while_recovery_seeks_are_all_delivered(kafka_bootstrap, tmp_path):
     topic, group = f"rebalance-{uuid.uuid4().hex[:8]}", f"rebalance-{uuid.uuid4().hex[:8]}"
-    asyncio.run(create_topic(kafka_bootstrap, topic))
+    asyncio.run(create_topic(kafka_bootstrap, topic, PARTITIONS))
     first = Reader(kafka_bootstrap, group, topic, tmp_path / "first.jsonl")
     readers = [first]
     try:
