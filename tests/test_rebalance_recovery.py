@@ -10,7 +10,7 @@ busy one is). Stock faust resumes the stream partitions before that seek and
 clears the agent's queue after it: the chunks fetched meanwhile and not yet
 taken are dropped, with the fetch position past them, and never delivered.
 With the fix, every offset of every partition reaches an agent. (With faust's
-own code, ``rebalance_reader_app.py ... stock``, this test failed 3 of 3 runs,
+own code, ``rebalance_reader_app.py ... stock``, this test failed 4 of 4 runs,
 45-57 of 300 offsets per partition never delivered.)
 """
 
