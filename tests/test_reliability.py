@@ -848,8 +848,14 @@ def generate_fuzz(count: int, now) -> list[tuple[str, str, bytes | None, bytes]]
 async def produce_with_origins(bootstrap: str, prefix: str, records) -> list:
     from aiokafka import AIOKafkaProducer
 
+    # A generous request timeout: a CI run saw this producer's batch wait ~90 s
+    # for the shared broker (KafkaTimeoutError) before the worker was tested.
     producer = AIOKafkaProducer(
-        **aiokafka_options(bootstrap), acks="all", linger_ms=20, max_request_size=4 * 1024 * 1024
+        **aiokafka_options(bootstrap),
+        acks="all",
+        linger_ms=20,
+        max_request_size=4 * 1024 * 1024,
+        request_timeout_ms=300_000,
     )
     await producer.start()
     try:
