@@ -112,6 +112,12 @@ class WorkerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_warnings(self, lines: int = 20) -> str:
+        """The last ``lines`` lines logged at WARNING or above (a failing test's
+        first clue)."""
+        found = re.findall(r"^.*\[(?:WARNING|ERROR|CRITICAL)\].*$", self.log_text(), re.MULTILINE)
+        return "\n".join(found[-lines:])
+
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():
             return ""

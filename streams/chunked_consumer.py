@@ -21,6 +21,18 @@ overlap.)
 Generation checks, flow control, the assignor's co-assignment and the commit
 after the producer flush are unchanged: only the unit of delivery is.
 
+Records are never dropped past the fetch position. faust's drain reads its
+*live* set of active partitions on every wake-up of aiokafka's
+``fetched_records``, where an empty set means every partition: at the end of a
+recovery, with all partitions paused before the seek, aiokafka handed over the
+records of a paused partition, faust skipped them as inactive, and the
+position stayed past them. A SIGKILL test (tests/test_reliability.py) lost
+the rest of two taken-over partitions this way, one run in four. So the
+consumer thread gets a copy of the set (``_getmany``), and the records of any
+partition not delivered (paused meanwhile, or a rebalance) are fetched again:
+``seek_back`` puts the position back to the first of them unless a seek
+(recovery's to the committed offsets) moved it since.
+
 Relies on faust-streaming 0.15.3 internals (``getmany``, ``_wait_next_records``,
 ``_add_gap``, ``_buffered_partitions``); the pin is in pyproject.toml.
 """
@@ -31,6 +43,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any, NamedTuple
 
 import faust
+from aiokafka import AIOKafkaConsumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
@@ -98,6 +111,31 @@ def chunk_of(tp: TP, records: Iterable[Any]) -> Chunk:
     return Chunk(tp.topic, tp.partition, offsets, keys, values, stamps)
 
 
+def fetched_span(item: tuple[TP, list[Any]]) -> tuple[TP, tuple[int, int]]:
+    """(partition, (first offset, offset after the last)) of fetched records."""
+    tp, records = item
+    return tp, (records[0].offset, records[-1].offset + 1)
+
+
+async def seek_back(consumer: AIOKafkaConsumer, undelivered: dict[TP, tuple[int, int]]) -> None:
+    """Seek each partition of ``undelivered`` (its records fetched but not
+    delivered: paused meanwhile, or a rebalance) back to the first of them, so
+    they are fetched again, unless its position moved back since (a seek, such
+    as recovery's to the committed offsets: that one stands) or it is no longer
+    assigned. Runs in the consumer's thread, without an await: nothing fetches
+    between the check and the seek."""
+    assigned = consumer.assignment()
+    if not assigned:
+        return
+    assignment = consumer._subscription.subscription.assignment
+    for tp, (first, after) in undelivered.items():
+        if tp not in assigned:
+            continue
+        state = assignment.state_value(tp)
+        if state.has_valid_position and state.position >= after:
+            consumer.seek(tp, first)
+
+
 class ChunkedConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer delivering one message per partition chunk for
     the app's ``chunked_topics`` (stock per-record delivery for the others)."""
@@ -115,17 +153,22 @@ class ChunkedConsumer(faust_aiokafka.Consumer):
                 self.log.warning("exception performing seek when flow not active %r", error)
             return
         chunked: frozenset[str] = getattr(self.app, "chunked_topics", frozenset())
-        for tp, tp_records in records.items():
+        undelivered: dict[TP, tuple[int, int]] = {}
+        fetched = [(tp, tp_records) for tp, tp_records in records.items() if tp_records]
+        for index, (tp, tp_records) in enumerate(fetched):
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
-                break  # a rebalance: what is left is fetched again after the seek
+                # a rebalance: fetched again after its seek, or after ours
+                undelivered.update(fetched_span(rest) for rest in fetched[index:])
+                break
             if not (
                 active_partitions is None
                 or tp in active_partitions
                 or tp in self._buffered_partitions
             ):
+                undelivered.update([fetched_span((tp, tp_records))])  # paused meanwhile
                 continue
             self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
-            if tp.topic in chunked and tp_records:
+            if tp.topic in chunked:
                 first, last = tp_records[0], tp_records[-1]
                 # The gap runs from the offset after the last one handed over
                 # (offsets a compacted topic or a transaction marker skipped)
@@ -143,6 +186,23 @@ class ChunkedConsumer(faust_aiokafka.Consumer):
             else:
                 for record in tp_records:
                     yield tp, self._to_message(tp, record)
+        if undelivered:
+            await self._thread.call_thread(seek_back, self._thread._ensure_consumer(), undelivered)
+
+    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
+        """faust's, but the consumer thread gets a copy of the active partitions.
+        faust hands it its live set, which aiokafka's ``fetched_records`` reads
+        again on every wake-up; emptied meanwhile (every partition paused, as at
+        the end of a recovery before the seek) it means *all* partitions to
+        aiokafka, which then hands over, and moves past, records of partitions
+        that are paused and will not be delivered."""
+        if active_partitions is None:
+            return await super()._getmany(None, timeout)
+        snapshot = set(active_partitions)
+        if not snapshot:
+            await self.sleep(timeout)
+            return {}
+        return await super()._getmany(snapshot, timeout)
 
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
         """faust's gap bookkeeping, merging overlapping gaps only when the new

@@ -3,11 +3,13 @@
 Faust fetches only the partitions in its consumer's *active* set. It removes a
 partition from that set while the agent's buffer is under pressure
 (``Consumer.on_buffer_full``) and during a rebalance, and adds it back when the
-buffer drains or recovery ends. Once, under heavy CPU contention, a SIGKILL test
-(tests/test_reliability.py) ended with two partitions of the survivor never
-fetched again: committed 326 of 716 and 323 of 688 records, the worker idle for
-ten minutes, every other partition consumed to its end. We could not reproduce
-it, so we could not tell which of those paths lost the partitions.
+buffer drains or recovery ends. A SIGKILL test (tests/test_reliability.py)
+once ended with two partitions of the survivor never fetched again, its
+worker idle for ten minutes: that one was records aiokafka handed over for a
+paused partition and faust skipped, the fetch position past them
+(streams.chunked_consumer fetches such records again). The log line gives the
+fetch position: at the partition's end while the read offset is behind means
+records were fetched and not delivered, which resuming cannot repair.
 
 ``StallWatch`` checks every ``interval`` seconds each assigned raw-topic
 partition: one that has records beyond the worker's read position, and whose
@@ -76,9 +78,10 @@ class StallWatch:
                 continue
             active = consumer._get_active_partitions()
             log.warning(
-                "partition %s:%d not fetched for %d checks (read %d, end %d; active %s, "
-                "paused %s, buffered %s): resuming it",
-                tp.topic, tp.partition, count, position, ends[tp], tp in active,
+                "partition %s:%d not fetched for %d checks (read %d, end %d, fetch position "
+                "%s; active %s, paused %s, buffered %s): resuming it",
+                tp.topic, tp.partition, count, position, ends[tp], await consumer.position(tp),
+                tp in active,
                 tp in consumer._paused_partitions, tp in consumer._buffered_partitions,
             )  # fmt: skip
             consumer._buffered_partitions.discard(tp)

@@ -225,3 +225,69 @@ def test_offsets_skipped_by_transaction_markers_are_committed_past(kafka_bootstr
     assert len(offsets) < offsets[-1] + 1 - 100  # holes inside the stream, passed
     values = [v for c in chunks for v in c["values"]]
     assert sorted(values, key=int) == [str(i) for i in range(records)]
+
+
+async def fetch_all(consumer, partitions: set, wanted: int) -> dict:
+    """aiokafka's fetched_records (what faust's consumer thread calls) until
+    ``wanted`` records came, by partition."""
+    got: dict = {}
+    for _ in range(50):
+        for tp, records in (await consumer._fetcher.fetched_records(partitions, 1.0)).items():
+            got.setdefault(tp, []).extend(records)
+        if sum(map(len, got.values())) >= wanted:
+            break
+    return got
+
+
+def test_records_fetched_but_not_delivered_are_fetched_again(kafka_bootstrap):
+    """streams.chunked_consumer.seek_back on the real broker. aiokafka, asked for
+    an *empty* set of partitions, hands over the records of every partition and
+    moves past them (why ChunkedConsumer gives its thread a copy of faust's live
+    set, which a recovery empties). seek_back puts a partition whose records were
+    not delivered back to the first of them, so they are fetched again; it
+    leaves one that a seek moved back since (recovery's seek stands) and one no
+    longer assigned."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from streams.chunked_consumer import seek_back
+
+    topic = f"seek-back-{uuid.uuid4().hex[:8]}"
+    per_partition = 10
+
+    async def scenario() -> None:
+        await create_topic(kafka_bootstrap, topic, 2)
+        records = [(b"k", b"%d" % i) for i in range(2 * per_partition)]
+        await produce(kafka_bootstrap, topic, records, partition_of=lambda key: 0)
+        await produce(kafka_bootstrap, topic, records[:per_partition], partition_of=lambda key: 1)
+        consumer = AIOKafkaConsumer(
+            **aiokafka_options(kafka_bootstrap),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=1 << 20,
+        )
+        await consumer.start()
+        try:
+            first, second = TopicPartition(topic, 0), TopicPartition(topic, 1)
+            consumer.assign([first, second])
+            fetched = await fetch_all(consumer, set(), 3 * per_partition)
+            assert {tp: len(r) for tp, r in fetched.items()} == {
+                first: 2 * per_partition,
+                second: per_partition,
+            }, "aiokafka no longer reads an empty set as every partition"
+            assert await consumer.position(first) == 2 * per_partition
+
+            consumer.seek(second, 3)  # as recovery's seek to the committed offsets
+            gone = TopicPartition(topic, 7)  # not assigned
+            await seek_back(
+                consumer,
+                {first: (5, 2 * per_partition), second: (0, per_partition), gone: (0, 1)},
+            )
+            assert await consumer.position(first) == 5
+            assert await consumer.position(second) == 3
+            again = await fetch_all(consumer, {first, second}, 2 * per_partition - 5 + 7)
+            assert [r.offset for r in again[first]] == list(range(5, 2 * per_partition))
+            assert [r.offset for r in again[second]] == list(range(3, per_partition))
+        finally:
+            await consumer.stop()
+
+    asyncio.run(scenario())

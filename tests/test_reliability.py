@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,9 +171,12 @@ def settled_reader(run: Run) -> Settling:
     return Settling(run.programme, run.prefix, MEASURE)
 
 
-def wait_settled(run: Run, timeout: float) -> tuple[float, list]:
+def wait_settled(
+    run: Run, timeout: float, workers: Sequence[WorkerProcess] = ()
+) -> tuple[float, list]:
     """Seconds until settled (or the timeout, or quiet with the evidence complete:
-    Settling) and the posterior and score records; asserts it settled."""
+    Settling) and the posterior and score records; asserts it settled, showing
+    what ``workers`` logged at WARNING or above if not."""
     started = time.monotonic()
     settling = settled_reader(run)
     records = asyncio.run(
@@ -186,7 +190,9 @@ def wait_settled(run: Run, timeout: float) -> tuple[float, list]:
     seconds = time.monotonic() - started
     problems = settling.problems(records)
     assert not problems, f"not settled after {seconds:.0f} s: {len(problems)} problems, " + (
-        f"e.g. {problems[:5]}\n" + diagnosis(run, records, problems[0])
+        f"e.g. {problems[:5]}\n"
+        + diagnosis(run, records, problems[0])
+        + "".join(f"\nworker {i} warned:\n{w.log_warnings()}" for i, w in enumerate(workers))
     )
     return seconds, records
 
@@ -367,7 +373,7 @@ def test_sigkilled_worker_loses_nothing_and_counts_nothing_twice(
             time.sleep(2.0)  # down for a moment before it comes back (no assertion waits on it)
             victim.start()
         publisher.finish()
-        wait_settled(run, timeout=600)
+        wait_settled(run, timeout=600, workers=[first, second])
         recovered = time.monotonic() - killed_at
         survivors = [first, victim] if restart else [first]
         for worker in survivors:
@@ -463,7 +469,7 @@ def test_broker_restart_mid_stream_resumes_with_the_same_invariant(tmp_path):
             kafka.start()
             print(f"broker down for {time.monotonic() - down:.1f} s")
             asyncio.run(publish(after, run.settings))
-            wait_settled(run, timeout=600)
+            wait_settled(run, timeout=600, workers=[worker])
             print(f"settled {time.monotonic() - down:.1f} s after the broker stopped")
             assert worker.alive(), worker.log_tail()
             assert_statistics_equal_batch(run)
@@ -515,7 +521,7 @@ def test_a_worker_killed_with_writes_waiting_on_a_stopped_broker_loses_nothing(t
             first.kill()
         kafka.start()
         with WorkerProcess(run.env(tmp_path / "w")) as second:
-            wait_settled(run, timeout=600)
+            wait_settled(run, timeout=600, workers=[second])
             assert second.alive(), second.log_tail()
             assert_statistics_equal_batch(run)
             assert_every_record_accounted_for(run)
@@ -609,7 +615,7 @@ def test_a_failed_changelog_delivery_stops_the_worker_before_its_offsets_are_com
 
     asyncio.run(set_topic_configs(kafka_bootstrap, changelog, {"max.message.bytes": "1048588"}))
     with WorkerProcess(run.env(tmp_path / "b")) as second:
-        wait_settled(run, timeout=600)
+        wait_settled(run, timeout=600, workers=[second])
         assert second.alive(), second.log_tail()
         assert_statistics_equal_batch(run)
         assert_every_record_accounted_for(run)
@@ -662,7 +668,7 @@ def test_replay_from_the_beginning_leaves_every_posterior_unchanged(kafka_bootst
         worker.start()
         worker.wait_for_log(READY)
         asyncio.run(publish(run.programme, run.settings))
-        wait_settled(run, timeout=600)
+        wait_settled(run, timeout=600, workers=[worker])
         assert worker.stop() == 0, worker.log_tail()
         states = assert_statistics_equal_batch(run, timeout=5)
         first = {t: asyncio.run(read_to_end(kafka_bootstrap, t)) for t in outputs}
