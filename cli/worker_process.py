@@ -112,6 +112,14 @@ class WorkerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def assigned(self, topic: str) -> str:
+        """The partitions of ``topic`` in the worker's latest assignment, as
+        faust's table in the log shows them (e.g. "{0-1}"; "" before any)."""
+        rows = re.findall(
+            rf"\|[ \t]*{re.escape(topic)}[ \t]*\|[ \t]*([^|\n]*?)[ \t]*\|", self.log_text()
+        )
+        return rows[-1] if rows else ""
+
     def log_warnings(self, lines: int = 20) -> str:
         """The last ``lines`` lines logged at WARNING or above (a failing test's
         first clue)."""

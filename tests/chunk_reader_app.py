@@ -14,9 +14,18 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from streams.chunked_consumer import ChunkedApp
+
+
+def read_chunks(path: Path) -> list[dict]:
+    """The chunk lines written so far to ``path`` (a line still being written is
+    left out)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 def reader_app(bootstrap: str, app_id: str, topic_name: str, **settings: Any) -> ChunkedApp:

@@ -16,13 +16,13 @@ partition chunk, acknowledged through faust's own commit.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from chunk_reader_app import read_chunks
 from settling import poll
 
 from cli.kafka_io import committed_offsets, create_topic, end_offsets, produce
@@ -50,12 +50,6 @@ def test_the_faust_and_aiokafka_versions_are_the_pinned_ones():
     pins = dict(d.split("==") for d in project["project"]["dependencies"] if "==" in d)
     assert faust.__version__ == pins["faust-streaming[rocksdict]"]
     assert aiokafka.__version__ == pins["aiokafka"]
-
-
-def read_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 async def partition_ends(bootstrap: str, name: str) -> dict[int, int]:
@@ -94,7 +88,7 @@ def test_every_record_once_in_order_and_committed_to_the_end(kafka_bootstrap, to
     group, reader = start_reader(kafka_bootstrap, name, out)
     try:
         delivered = poll(
-            lambda: sum(len(c["offsets"]) for c in read_lines(out)),
+            lambda: sum(len(c["offsets"]) for c in read_chunks(out)),
             lambda n: n >= RECORDS,
             timeout=180,
         )
@@ -108,7 +102,7 @@ def test_every_record_once_in_order_and_committed_to_the_end(kafka_bootstrap, to
     finally:
         reader.kill()
         reader.wait()
-    chunks = read_lines(out)
+    chunks = read_chunks(out)
     assert sum(len(c["offsets"]) for c in chunks) == RECORDS  # nothing delivered twice
     assert len(chunks) < RECORDS / 10, "records were not delivered by chunk"
     values = set()
@@ -127,10 +121,10 @@ def test_an_unacked_chunk_holds_its_partition_commit_and_a_restart_resumes(
     out = tmp_path / "offsets.jsonl"
     group, reader = start_reader(kafka_bootstrap, name, out, RECORDS // 4)
     try:
-        held = poll(lambda: [c for c in read_lines(out) if c.get("held")], timeout=180)
+        held = poll(lambda: [c for c in read_chunks(out) if c.get("held")], timeout=180)
         assert held, "no chunk was held in 180 s"
         (held,) = held
-        done = [c for c in read_lines(out) if not c.get("held")]
+        done = [c for c in read_chunks(out) if not c.get("held")]
         processed = {}
         for chunk in done:
             processed[chunk["partition"]] = max(chunk["offsets"]) + 1
@@ -162,7 +156,7 @@ def test_an_unacked_chunk_holds_its_partition_commit_and_a_restart_resumes(
     finally:
         reader.kill()
         reader.wait()
-    again = read_lines(resumed)
+    again = read_chunks(resumed)
     for partition, end in ends.items():
         start = committed.get(partition, 0)
         offsets = [o for c in again if c["partition"] == partition for o in c["offsets"]]
@@ -201,12 +195,12 @@ def test_offsets_skipped_by_transaction_markers_are_committed_past(kafka_bootstr
     group, reader = start_reader(kafka_bootstrap, name, out)
     try:
         delivered = poll(
-            lambda: sum(len(c["offsets"]) for c in read_lines(out)),
+            lambda: sum(len(c["offsets"]) for c in read_chunks(out)),
             lambda n: n >= records,
             timeout=180,
         )
         assert delivered == records
-        chunks = read_lines(out)
+        chunks = read_chunks(out)
         # The last record of each partition (its last offset is the last
         # transaction's marker, which no consumer is handed).
         last = {p: max(o for c in chunks if c["partition"] == p for o in c["offsets"])

@@ -21,7 +21,6 @@ import pytest
 from e2e_setup import JointSettling, catalogue_run, start_in_turn
 from test_families_e2e import send
 from test_joint_stream import PATIENTS, SHIPPED, raw_records, stream_programme
-from test_scale_out import assigned
 
 from cli.kafka_io import read_until
 from cli.worker_process import WorkerProcess
@@ -55,7 +54,7 @@ def test_a_joint_group_split_by_its_measures_names_is_fitted_by_two_workers(
         start_in_turn(first, second)  # both hold partitions before the first record
         # One population-evidence partition each: the measures' own partitions
         # would be on different workers.
-        owned = [assigned(w, prefix + "population-evidence") for w in workers]
+        owned = [w.assigned(prefix + "population-evidence") for w in workers]
         print(f"population-evidence partitions: {owned}")
         assert sorted(owned) == ["{0}", "{1}"], owned
         asyncio.run(send(settings, sends))

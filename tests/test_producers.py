@@ -30,7 +30,6 @@ from test_reliability import (
     assert_statistics_equal_batch,
     wait_settled,
 )
-from test_scale_out import assigned
 
 from cli.broker import resolve_jars
 from cli.kafka_io import produce, read_to_end
@@ -65,7 +64,7 @@ def test_a_java_producer_and_a_misplacing_producer_both_reach_the_scores(kafka_b
         # The group has settled on both workers before anything is misplaced.
         wearables = run.settings.topic("wearables")
         owned = poll(
-            lambda: [assigned(w, wearables) for w in workers], lambda a: all(a), timeout=180
+            lambda: [w.assigned(wearables) for w in workers], lambda a: all(a), timeout=180
         )
         assert all(owned), owned
         lines = "".join(

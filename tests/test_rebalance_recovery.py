@@ -17,7 +17,6 @@ own code, ``rebalance_reader_app.py ... stock``, this test failed 4 of 4 runs,
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from chunk_reader_app import read_chunks
 from settling import poll
 
 from cli.kafka_io import committed_offsets, create_topic, end_offsets, start_client
@@ -57,11 +57,8 @@ class Reader:
 
     def offsets(self) -> dict[int, set[int]]:
         found: dict[int, set[int]] = {}
-        if self.out.exists():
-            for line in self.out.read_text().splitlines():
-                if line.endswith("}"):
-                    chunk = json.loads(line)
-                    found.setdefault(chunk["partition"], set()).update(chunk["offsets"])
+        for chunk in read_chunks(self.out):
+            found.setdefault(chunk["partition"], set()).update(chunk["offsets"])
         return found
 
     def stop(self) -> None:

@@ -12,7 +12,6 @@ posterior, up to the worker's materiality thresholds).
 
 from __future__ import annotations
 
-import re
 import time
 from types import SimpleNamespace
 
@@ -39,14 +38,6 @@ pytestmark = pytest.mark.kafka
 # partitions the two workers' 2 + 2 already fit the cap of three workers (2)
 # and a newcomer gets nothing; with six, each gives up one (3 + 3 -> 2 + 2 + 2).
 PARTITIONS = "6"
-
-
-def assigned(worker: WorkerProcess, topic: str) -> str:
-    """The partitions of ``topic`` in the worker's latest assignment (faust's table)."""
-    rows = re.findall(
-        rf"\|[ \t]*{re.escape(topic)}[ \t]*\|[ \t]*([^|\n]*?)[ \t]*\|", worker.log_text()
-    )
-    return rows[-1] if rows else ""
 
 
 def test_a_third_worker_joining_mid_stream_loses_nothing_and_counts_nothing_twice(
@@ -82,7 +73,7 @@ def test_a_third_worker_joining_mid_stream_loses_nothing_and_counts_nothing_twic
             assert worker.alive(), worker.log_tail()
         # The newcomer took over raw partitions (with their patients' state).
         owned = {
-            name: assigned(w, run.prefix + "wearables")
+            name: w.assigned(run.prefix + "wearables")
             for name, w in zip("abc", workers, strict=True)
         }
         print(f"third worker joined after {joined_at}/{publisher.total} records; "
