@@ -19,6 +19,8 @@ call; the ratio is the number to read (the machine is shared). ``--cohorts G``
 
 ``--effect-correlation-concentration η`` (accuracy, exact): the LKJ η of
 the effects' correlation (PriorConfig; results then in ``*_eta<η>.json``).
+``--spike-weight π --spike-concentration η_s``: the mixture prior π LKJ(η_s) +
+(1 − π) LKJ(η) instead (results in ``*_spike<π>x<η_s>.json``).
 
 ``exact``: on programmes of ``accuracy`` (correlation 0 by default), the
 joint and the per-measure models each with θ by NUTS on its collapsed
@@ -310,7 +312,11 @@ def _compare(parts: list[dict[str, Any]], patients: int) -> dict[str, Any]:
 
 
 def _priors(args: argparse.Namespace) -> PriorConfig:
-    return PriorConfig(effect_correlation_concentration=args.effect_correlation_concentration)
+    return PriorConfig(
+        effect_correlation_concentration=args.effect_correlation_concentration,
+        effect_correlation_spike_weight=args.spike_weight,
+        effect_correlation_spike_concentration=args.spike_concentration,
+    )
 
 
 def _rmse(estimate: np.ndarray, truth: np.ndarray) -> float:
@@ -340,6 +346,18 @@ def main() -> None:
             default=PriorConfig().effect_correlation_concentration,
             help="η of the LKJ prior on the effects' correlation (PriorConfig)",
         )
+        each.add_argument(
+            "--spike-weight",
+            type=float,
+            default=PriorConfig().effect_correlation_spike_weight,
+            help="weight of the spike at independence in that prior (PriorConfig)",
+        )
+        each.add_argument(
+            "--spike-concentration",
+            type=float,
+            default=PriorConfig().effect_correlation_spike_concentration,
+            help="η of the spike's LKJ (PriorConfig)",
+        )
     args = parser.parse_args()
     started = time.perf_counter()
     commands = {"accuracy": accuracy, "cost": cost, "exact": exact}
@@ -351,6 +369,9 @@ def main() -> None:
     eta = getattr(args, "effect_correlation_concentration", None)
     if eta is not None and eta != PriorConfig().effect_correlation_concentration:
         name += f"_eta{eta:g}"
+    spike = getattr(args, "spike_weight", 0.0)
+    if spike:
+        name += f"_spike{spike:g}x{args.spike_concentration:g}"
     path = write_json(name, result)
     say(f"wrote {path}")
 

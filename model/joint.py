@@ -255,13 +255,26 @@ def interleave_chol(intercepts: jax.Array, effects: jax.Array) -> jax.Array:
     return chol.at[..., 1::2, 1::2].set(effects)
 
 
+def effect_correlation_prior(count: int, priors: PriorConfig) -> dist.Distribution:
+    """The prior of the effects' correlation factor L_b: LKJ(M, η_b), or with
+    ``effect_correlation_spike_weight`` π > 0 the mixture π LKJ(M, η_spike) +
+    (1 − π) LKJ(M, η_b), whose density near independence does not fall with
+    the slab's spread (PriorConfig)."""
+    slab = dist.LKJCholesky(count, priors.effect_correlation_concentration)
+    weight = priors.effect_correlation_spike_weight
+    if weight == 0.0:
+        return slab
+    spike = dist.LKJCholesky(count, priors.effect_correlation_spike_concentration)
+    return dist.MixtureGeneral(
+        dist.Categorical(probs=jnp.array([weight, 1.0 - weight])), [spike, slab]
+    )
+
+
 def _correlation_priors(config: JointConfig) -> jax.Array:
     """The two LKJ(M) priors (module docstring); returns the interleaved factor."""
     count, priors = config.num_measures, config.priors
     intercepts = numpyro.sample("L_intercepts", dist.LKJCholesky(count, priors.lkj_concentration))
-    effects = numpyro.sample(
-        "L_effects", dist.LKJCholesky(count, priors.effect_correlation_concentration)
-    )
+    effects = numpyro.sample("L_effects", effect_correlation_prior(count, priors))
     return interleave_chol(intercepts, effects)
 
 

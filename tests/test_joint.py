@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from model.config import ModelConfig
+from model.config import ModelConfig, PriorConfig
 from model.events import Events
 from model.joint import (
     JointConfig,
@@ -25,6 +25,7 @@ from model.joint import (
     block_posterior,
     cohort_posterior,
     cohort_posteriors,
+    effect_correlation_prior,
     initial_values,
     interleave_chol,
     joint_config_for,
@@ -304,3 +305,27 @@ def test_benefit_probabilities_equal_sampling_the_dense_posteriors():
             positive[i] += (benefit > 0).mean(axis=0) / len(thetas)
     np.testing.assert_allclose(found.p_benefit_ge_mcid, above, atol=0.01)
     np.testing.assert_allclose(found.p_benefit_gt_0, positive, atol=0.01)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_the_effect_correlation_prior_is_the_lkj_mixture_it_declares(weight):
+    """effect_correlation_prior for two measures against the closed form: the
+    LKJ(2, η) density of the one correlation r is Beta(η, η) on (−1, 1), and
+    with a spike weight π the density is π Beta(η_s, η_s) + (1 − π) Beta(η, η)
+    on (−1, 1); it integrates to 1."""
+    priors = PriorConfig(
+        effect_correlation_concentration=2.0,
+        effect_correlation_spike_weight=weight,
+        effect_correlation_spike_concentration=30.0,
+    )
+    prior = effect_correlation_prior(2, priors)
+    r = np.linspace(-0.999, 0.999, 4001)
+    chol = np.zeros((r.size, 2, 2))
+    chol[:, 0, 0], chol[:, 1, 0], chol[:, 1, 1] = 1.0, r, np.sqrt(1.0 - r**2)
+    density = np.exp(np.asarray(prior.log_prob(jnp.asarray(chol))))
+    on_r = (r + 1.0) / 2.0  # Beta on (0, 1), scaled to (−1, 1)
+    expected = (
+        weight * sps.beta.pdf(on_r, 30.0, 30.0) + (1.0 - weight) * sps.beta.pdf(on_r, 2.0, 2.0)
+    ) / 2.0
+    np.testing.assert_allclose(density, expected, rtol=1e-6, atol=1e-12)
+    assert abs(np.trapezoid(density, r) - 1.0) < 1e-3
