@@ -19,8 +19,10 @@ call; the ratio is the number to read (the machine is shared). ``--cohorts G``
 
 ``--effect-correlation-concentration η`` (accuracy, exact): the LKJ η of
 the effects' correlation (PriorConfig; results then in ``*_eta<η>.json``).
-``--spike-weight π --spike-concentration η_s``: the mixture prior π LKJ(η_s) +
-(1 − π) LKJ(η) instead (results in ``*_spike<π>x<η_s>.json``).
+``--spike-weight π --spike-concentration η_s``: the weight and η of the spike
+at independence in that prior, π LKJ(η_s) + (1 − π) LKJ(η) (PriorConfig;
+results in ``*_spike<π>.json``, ``*_spike_eta<η_s>.json``; ``--spike-weight 0``
+is the plain LKJ).
 
 ``exact``: on programmes of ``accuracy`` (correlation 0 by default), the
 joint and the per-measure models each with θ by NUTS on its collapsed
@@ -369,9 +371,15 @@ def main() -> None:
     eta = getattr(args, "effect_correlation_concentration", None)
     if eta is not None and eta != PriorConfig().effect_correlation_concentration:
         name += f"_eta{eta:g}"
-    spike = getattr(args, "spike_weight", 0.0)
-    if spike:
-        name += f"_spike{spike:g}x{args.spike_concentration:g}"
+    defaults = PriorConfig()
+    spike = getattr(args, "spike_weight", defaults.effect_correlation_spike_weight)
+    if spike != defaults.effect_correlation_spike_weight:
+        name += f"_spike{spike:g}"
+    spike_eta = getattr(
+        args, "spike_concentration", defaults.effect_correlation_spike_concentration
+    )
+    if spike and spike_eta != defaults.effect_correlation_spike_concentration:
+        name += f"_spike_eta{spike_eta:g}"
     path = write_json(name, result)
     say(f"wrote {path}")
 

@@ -245,14 +245,12 @@ class PriorConfig(_Frozen):
     - between-patient scales of (intercept, effect) ~ HalfNormal(patient_scale)
     - correlation of (intercept, effect) ~ LKJ(lkj_concentration)
     - between-measure correlation of the effects in a joint model (model.joint)
-      ~ LKJ(M, effect_correlation_concentration): each correlation's prior sd is
-      0.41 for three measures at 2; larger values pull the correlations towards
-      0, a trade-off measured in benchmarks/README.md §12. With
-      effect_correlation_spike_weight π > 0 the prior is the mixture
-      π LKJ(M, effect_correlation_spike_concentration) + (1 − π) LKJ(M,
-      effect_correlation_concentration): a spike at independence next to the
-      diffuse slab, so that data without correlation need not pay the slab's
-      Occam price (model.joint)
+      ~ π LKJ(M, effect_correlation_spike_concentration) + (1 − π) LKJ(M,
+      effect_correlation_concentration), π = effect_correlation_spike_weight: a
+      spike at independence (correlation sd 0.10 at 50) next to a diffuse slab
+      (0.41 for three measures at 2), so that effects that do not correlate
+      pay no Occam price for the slab and effects that do borrow fully
+      (benchmarks/README.md §12); π = 0 is the slab alone
     - between-cohort scale of the effect ~ HalfNormal(cohort_scale)
     - residual sd σ ~ HalfNormal(residual_scale)
     - time-trend slope γ ~ Normal(0, trend_sd²)
@@ -269,7 +267,7 @@ class PriorConfig(_Frozen):
     patient_scale: float = Field(default=1.0, gt=0.0)
     lkj_concentration: float = Field(default=2.0, gt=0.0)
     effect_correlation_concentration: float = Field(default=2.0, gt=0.0)
-    effect_correlation_spike_weight: float = Field(default=0.0, ge=0.0, lt=1.0)
+    effect_correlation_spike_weight: float = Field(default=0.2, ge=0.0, lt=1.0)
     effect_correlation_spike_concentration: float = Field(default=50.0, gt=0.0)
     cohort_scale: float = Field(default=0.5, gt=0.0)
     residual_scale: float = Field(default=1.0, gt=0.0)
