@@ -368,10 +368,10 @@ def main() -> None:
     name = f"joint_{args.command.replace('-', '_')}"
     if args.command == "cost" and args.cohorts:
         name += "_cohorts"
-    eta = getattr(args, "effect_correlation_concentration", None)
-    if eta is not None and eta != PriorConfig().effect_correlation_concentration:
-        name += f"_eta{eta:g}"
     defaults = PriorConfig()
+    eta = getattr(args, "effect_correlation_concentration", None)
+    if eta is not None and eta != defaults.effect_correlation_concentration:
+        name += f"_eta{eta:g}"
     spike = getattr(args, "spike_weight", defaults.effect_correlation_spike_weight)
     if spike != defaults.effect_correlation_spike_weight:
         name += f"_spike{spike:g}"

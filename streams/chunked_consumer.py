@@ -111,10 +111,9 @@ def chunk_of(tp: TP, records: Iterable[Any]) -> Chunk:
     return Chunk(tp.topic, tp.partition, offsets, keys, values, stamps)
 
 
-def fetched_span(item: tuple[TP, list[Any]]) -> tuple[TP, tuple[int, int]]:
-    """(partition, (first offset, offset after the last)) of fetched records."""
-    tp, records = item
-    return tp, (records[0].offset, records[-1].offset + 1)
+def fetched_span(records: list[Any]) -> tuple[int, int]:
+    """(first offset, offset after the last) of one partition's fetched records."""
+    return records[0].offset, records[-1].offset + 1
 
 
 async def seek_back(consumer: AIOKafkaConsumer, undelivered: dict[TP, tuple[int, int]]) -> None:
@@ -158,14 +157,14 @@ class ChunkedConsumer(faust_aiokafka.Consumer):
         for index, (tp, tp_records) in enumerate(fetched):
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 # a rebalance: fetched again after its seek, or after ours
-                undelivered.update(fetched_span(rest) for rest in fetched[index:])
+                undelivered.update((later, fetched_span(rs)) for later, rs in fetched[index:])
                 break
             if not (
                 active_partitions is None
                 or tp in active_partitions
                 or tp in self._buffered_partitions
             ):
-                undelivered.update([fetched_span((tp, tp_records))])  # paused meanwhile
+                undelivered[tp] = fetched_span(tp_records)  # paused meanwhile
                 continue
             self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
             if tp.topic in chunked:
@@ -195,13 +194,9 @@ class ChunkedConsumer(faust_aiokafka.Consumer):
         again on every wake-up; emptied meanwhile (every partition paused, as at
         the end of a recovery before the seek) it means *all* partitions to
         aiokafka, which then hands over, and moves past, records of partitions
-        that are paused and will not be delivered."""
-        if active_partitions is None:
-            return await super()._getmany(None, timeout)
-        snapshot = set(active_partitions)
-        if not snapshot:
-            await self.sleep(timeout)
-            return {}
+        that are paused and will not be delivered. (faust calls this only with
+        a non-empty set, and nothing runs between its check and the copy.)"""
+        snapshot = None if active_partitions is None else set(active_partitions)
         return await super()._getmany(snapshot, timeout)
 
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
