@@ -190,7 +190,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="fit several measures jointly, their patients' effects correlated (model.joint): "
         "the file is long, COL (default: measure) names each row's measure and --outcome "
         "holds every measure's value. Reports each measure's population effect, the "
-        "correlation of the effects across measures and every patient's effect on each; "
+        "correlation of the effects across measures, their common factor (loadings, "
+        "variance share) and every patient's effect on each; "
         "directions and units come from the catalogue (else higher is better). Takes "
         "--time, --cohort (one column: each cohort shifts every measure's effect, with "
         "each measure's own between-cohort sd), --seed, --output and the cache flags only",
@@ -783,6 +784,18 @@ def run_joint(args: argparse.Namespace, say: Any) -> int:
                 f"{correlation['mean'][j][k]:+.2f} (90% interval {correlation['q05'][j][k]:+.2f} "
                 f"to {correlation['q95'][j][k]:+.2f})"
             )
+    factor = result["effect_factor"]
+    share = factor["variance_share"]
+    loadings = ", ".join(
+        f"{name} {mean:+.2f} ({low:+.2f} to {high:+.2f})"
+        for name, mean, low, high in zip(
+            names, *(factor["loadings"][k] for k in ("mean", "q05", "q95")), strict=True
+        )
+    )
+    say(
+        f"  one common factor carries {share['mean']:.0%} of the benefits' between-patient "
+        f"variance (90% interval {share['q05']:.0%} to {share['q95']:.0%}); loadings {loadings}"
+    )
     for row in result["measures"] if cohort_level else []:
         sd = row["effect_sd_cohorts"]
         say(

@@ -104,6 +104,11 @@ units of that measure's between-patient sd, signed so that benefit is positive
 (s_m = +1 when higher is better), averaged over measures. It is 0 for the typical patient, so
 P(ρ_i > 0) is the probability the patient responds more than the population.
 Linear in r_i, it is Gaussian given θ: mean wᵀ(E r_i − μ), variance wᵀ Cov(r_i) w.
+
+**Common factor.** How much one trait carries the benefit on every measure is
+read off Ω_b per draw (``common_factor``): the loadings √λ₁ v₁ of the principal
+axis of S Ω_b S and the share λ₁ / M of the standardised benefits' variance it
+explains, published with their posterior intervals.
 """
 
 from __future__ import annotations
@@ -814,16 +819,56 @@ def joint_patients(
     )
 
 
-def describe_correlation(draws: JointHyper) -> dict[str, Any]:
-    """Posterior of the effects' between-measure correlation from draws of θ:
-    ``mean``, ``sd``, ``q05``, ``q95`` as (M, M) nested lists."""
-    samples = np.asarray(draws.effect_correlation)
+def _describe(samples: np.ndarray) -> dict[str, Any]:
+    """``mean``, ``sd``, ``q05``, ``q95`` over the first axis (draws), as lists."""
     return {
         "mean": samples.mean(axis=0).tolist(),
         "sd": samples.std(axis=0, ddof=1).tolist(),
         "q05": np.quantile(samples, 0.05, axis=0).tolist(),
         "q95": np.quantile(samples, 0.95, axis=0).tolist(),
     }
+
+
+def describe_correlation(draws: JointHyper) -> dict[str, Any]:
+    """Posterior of the effects' between-measure correlation from draws of θ:
+    ``mean``, ``sd``, ``q05``, ``q95`` as (M, M) nested lists."""
+    return _describe(np.asarray(draws.effect_correlation))
+
+
+def common_factor(correlation: np.ndarray, signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The common factor of the patients' benefits, per draw of the effects'
+    correlation Ω_b (S, M, M): the principal axis of the benefit-signed
+    correlation S Ω_b S (S = diag(signs), s_m = +1 where higher is better).
+
+    With λ₁ its largest eigenvalue and v₁ the unit eigenvector, oriented so that
+    Σ_m v₁m ≥ 0, the ``loadings`` (S, M) are √λ₁ v₁: measure m's loading is the
+    correlation between its standardised benefit and the factor (the first
+    principal component of the M standardised benefits), so loadings near 1 on
+    every measure mean one trait carries the benefit on all of them (when
+    Σ_m v₁m = 0, as for two anti-correlated benefits, the first measure's
+    loading is the positive one). The
+    ``variance share`` (S,) λ₁ / M is the part of the standardised benefits'
+    between-patient variance the factor explains: 1 when the benefits move as
+    one, 1/M when they are uncorrelated (then v₁ is arbitrary, and so the
+    loadings' posterior is wide). Derived from the full correlation, not a
+    separate factor model."""
+    signs = np.asarray(signs, dtype=float)
+    signed = np.asarray(correlation) * signs[:, None] * signs[None, :]
+    values, vectors = np.linalg.eigh(signed)  # ascending eigenvalues
+    leading, largest = vectors[..., -1], np.maximum(values[..., -1], 0.0)
+    total = leading.sum(axis=-1)  # 0 for two measures whose benefits anti-correlate
+    tied = np.abs(total) < 1e-9
+    orient = np.where(np.where(tied, leading[..., 0], total) < 0.0, -1.0, 1.0)
+    loadings = leading * orient[..., None] * np.sqrt(largest)[..., None]
+    return loadings, largest / signs.size
+
+
+def describe_common_factor(draws: JointHyper, signs: np.ndarray) -> dict[str, Any]:
+    """Posterior of the benefits' common factor (``common_factor``) from draws
+    of θ: ``loadings`` and ``variance_share``, each ``mean``, ``sd``, ``q05``,
+    ``q95`` (loadings as (M,) lists)."""
+    loadings, share = common_factor(np.asarray(draws.effect_correlation), signs)
+    return {"loadings": _describe(loadings), "variance_share": _describe(share)}
 
 
 def joint_config_for(

@@ -4,7 +4,8 @@
 Arrays in (one model.events.Events per measure, patients indexed alike), a
 JSON-ready dict out: each measure's population quantities (raw units, as
 model.offline reports a single measure's), the between-measure correlation of
-the patients' effects, and every patient's effect on every measure and latent
+the patients' effects and their common factor (loadings and variance share),
+and every patient's effect on every measure and latent
 responsiveness (model.joint's docstring defines it). With a cohort level, each
 measure's between-cohort sd τ_u and every cohort's shift u_g of each measure's
 effect; the patients' effects then include their cohort's shift.
@@ -26,6 +27,7 @@ from model.joint import (
     JointConfig,
     JointHyper,
     cohort_posteriors,
+    describe_common_factor,
     describe_correlation,
     fit_joint,
     joint_cohorts,
@@ -171,6 +173,7 @@ def fit_joint_programme(
     return {
         "measures": population,
         "effect_correlation": {"measures": names, **describe_correlation(summary_draws)},
+        "effect_factor": {"measures": names, **describe_common_factor(summary_draws, signs)},
         **({"cohorts": cohorts} if cohort_level else {}),
         "patients": records,
         "diagnostics": {

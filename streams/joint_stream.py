@@ -36,6 +36,7 @@ from model.joint import (
     JointHyper,
     JointPatients,
     cohort_posteriors,
+    describe_common_factor,
     describe_correlation,
     joint_fitter,
     joint_patients,
@@ -181,10 +182,12 @@ class JointModel:
 
     def __init__(
         self, group: str, measures: Sequence[str], config: JointConfig, pool: FitterPool,
-        max_rounds: int = 20,
+        max_rounds: int = 20, signs: np.ndarray | None = None,
     ) -> None:  # fmt: skip
         self.group = group
         self.measures = list(measures)
+        # each measure's benefit sign, for the common factor (benefit_signs)
+        self.signs = np.ones(len(self.measures)) if signs is None else np.asarray(signs)
         self.config = config
         self.pool = pool
         self.fitter = joint_fitter_of(pool, config)
@@ -246,6 +249,7 @@ class JointModel:
                 if getattr(draws, f) is not None
             },
             effect_correlation=describe_correlation(summary_draws),
+            effect_factor=describe_common_factor(summary_draws, self.signs),
             summary=population_summary(summary_draws, self.config, self.measures),
             unconstrained_loc=np.asarray(transform.loc).tolist(),
             unconstrained_scale_tril=np.asarray(transform.scale_tril).tolist(),

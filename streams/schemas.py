@@ -697,6 +697,14 @@ class JointPosterior(Envelope):
         description="posterior of the between-measure correlation of the patients' effects "
         "(M, M): mean, sd, q05, q95 (model.joint.describe_correlation)"
     )
+    effect_factor: dict[str, dict[str, list[float] | float]] = Field(
+        default_factory=dict,
+        description="posterior of the common factor of the patients' benefits "
+        "(model.joint.common_factor): loadings (M,) (each measure's standardised "
+        "benefit's correlation with the factor) and variance_share (the part of the "
+        "benefits' between-patient variance it explains), each mean, sd, q05, q95; "
+        "empty in posteriors published before it",
+    )
     summary: dict[str, Interval] = Field(
         description="per measure, raw units per unit of exposure, 90% intervals: "
         "effect_<measure> (population mean effect) and effect_sd_patients_<measure> "

@@ -67,6 +67,15 @@ def test_fit_joint_reports_measures_correlation_and_patients(tmp_path):
     # the effects' correlation is 0.7: its 90% interval holds it, and excludes 0
     assert correlation["q05"][0][1] <= 0.7 <= correlation["q95"][0][1]
     assert correlation["q05"][0][1] > 0.0
+    # the benefits' common factor: with two benefits correlating 0.7 it explains
+    # (1 + 0.7) / 2 of their variance and loads √0.85 on each; 90% intervals hold both
+    factor = result["effect_factor"]
+    assert factor["measures"] == list(NAMES)
+    share = factor["variance_share"]
+    assert share["q05"] <= 0.85 <= share["q95"]
+    for m in range(2):
+        assert factor["loadings"]["q05"][m] <= 0.85**0.5 <= factor["loadings"]["q95"][m]
+    assert "one common factor carries" in done.stderr + done.stdout
 
     patients = result["patients"]
     assert [p["patient_id"] for p in patients] == [f"p{i:03d}" for i in range(80)]

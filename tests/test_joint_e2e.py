@@ -70,6 +70,11 @@ def test_the_joint_posterior_covers_every_reading_with_the_correlation(run):
     assert correlation.shape == (2, 2) and np.allclose(np.diag(correlation), 1.0)
     lower, upper = (np.asarray(posterior.effect_correlation[q]) for q in ("q05", "q95"))
     assert np.all(lower <= correlation + 1e-12) and np.all(correlation <= upper + 1e-12)
+    # the benefits' common factor, under the catalogue's directions (both lower is
+    # better, the effects correlate 0.6: one factor loading positively on both)
+    factor = posterior.effect_factor
+    assert 0.5 <= factor["variance_share"]["mean"] <= 1.0
+    assert len(factor["loadings"]["mean"]) == 2 and min(factor["loadings"]["mean"]) > 0
     assert set(posterior.summary) == {
         f"{kind}_{m}" for kind in ("effect", "effect_sd_patients") for m in MEASURES
     }

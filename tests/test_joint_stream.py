@@ -297,6 +297,14 @@ def test_the_group_fit_publishes_theta_the_correlation_and_population_effects(tm
     assert message.num_observations == pytest.approx(readings.sum(axis=0).tolist())
     assert np.asarray(message.draws["corr_chol"]).shape[1:] == (4, 4)
     assert np.asarray(message.effect_correlation["mean"]).shape == (2, 2)
+    loadings = message.effect_factor["loadings"]
+    assert (
+        len(loadings["mean"]) == 2 and 0.5 <= message.effect_factor["variance_share"]["mean"] <= 1
+    )
+    assert all(
+        lo <= mean <= hi
+        for lo, mean, hi in zip(loadings["q05"], loadings["mean"], loadings["q95"], strict=True)
+    )
     assert message.cohorts == ["c0", "c1"] or message.cohorts == ["c1", "c0"]
     draws_count = np.asarray(message.draws["tau_cohort"]).shape[0]
     assert np.asarray(message.cohort_mean).shape == (draws_count, 2, 2)

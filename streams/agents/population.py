@@ -43,6 +43,7 @@ from streams.consumer_seek import fetched_since_rebalance
 from streams.joint_stream import (
     POSTERIOR_VALUE_LIMIT,
     JointModel,
+    benefit_signs,
     fit_to_size,
     joint_digest,
     joint_models,
@@ -332,7 +333,10 @@ class PopulationService:
         model = self.joint_fits.get(group)
         if model is None:
             measures = self.catalogue.joint_group_of_name(group).measures
-            model = self.joint_fits[group] = JointModel(group, measures, config, self.fitters)
+            signs = benefit_signs([self.catalogue.get(name) for name in measures])
+            model = self.joint_fits[group] = JointModel(
+                group, measures, config, self.fitters, signs=signs
+            )
             if published is not None:
                 model.continue_from(published)
         self._joint_fitted[group] = digest
