@@ -52,13 +52,8 @@ from model.joint import joint_config_for, joint_fitter, joint_grams, joint_patie
 from model.operating import rate_with_se
 from model.population import PopulationFitter, pad_evidence
 from model.scores import summarize_effects
-from model.simulate import simulate_joint
+from model.simulate import joint_design, simulate_joint
 
-EFFECT_MEAN = np.array([-1.0, -0.5, 2.0])
-EFFECT_SD = np.array([1.0, 0.5, 1.5])
-INTERCEPT_MEAN = np.array([8.0, 7.0, 60.0])
-INTERCEPT_SD = np.array([1.0, 0.8, 5.0])
-RESIDUAL_SD = np.array([1.0, 0.5, 3.0])
 MEASURE = MeasureConfig(name="m", unit="", mcid=0.0)
 
 
@@ -67,16 +62,7 @@ def programme(patients: int, correlation: float, seed: int, low: int = 2, high: 
     [low, high] (the measures unequally informative per patient)."""
     rng = np.random.default_rng([seed, 1])
     readings = rng.integers(low, high + 1, (patients, 3))
-    return simulate_joint(
-        readings,
-        effect_mean=EFFECT_MEAN,
-        effect_sd=EFFECT_SD,
-        effect_correlation=correlation,
-        intercept_mean=INTERCEPT_MEAN,
-        intercept_sd=INTERCEPT_SD,
-        residual_sd=RESIDUAL_SD,
-        seed=seed,
-    )
+    return simulate_joint(readings, **joint_design(), effect_correlation=correlation, seed=seed)
 
 
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:

@@ -322,6 +322,24 @@ def true_daily_cycle(spec: ProgrammeSpec, hour: np.ndarray) -> np.ndarray:
     )
 
 
+def joint_design(measures: int = 3) -> dict[str, np.ndarray]:
+    """The first ``measures`` (1-3) of the joint model's reference design, as
+    ``simulate_joint``'s keyword arguments: a glucose-like measure (effect
+    −1 ± 1, residual sd 1), a lower-variance one (−0.5 ± 0.5, residual 0.5) and a
+    noisy wearable-like one (2 ± 1.5, residual 3, against its effect sd 1.5: the
+    weakly measured effect the correlation prior must not shrink away)."""
+    if not 1 <= measures <= 3:
+        raise ValueError(f"the reference design has 1-3 measures, not {measures}")
+    design = {
+        "effect_mean": [-1.0, -0.5, 2.0],
+        "effect_sd": [1.0, 0.5, 1.5],
+        "intercept_mean": [8.0, 7.0, 60.0],
+        "intercept_sd": [1.0, 0.8, 5.0],
+        "residual_sd": [1.0, 0.5, 3.0],
+    }
+    return {name: np.array(values[:measures]) for name, values in design.items()}
+
+
 def simulate_joint(
     readings: np.ndarray,
     *,

@@ -21,7 +21,7 @@ import numpy as np
 from model.config import MeasureConfig, PriorConfig
 from model.joint import fit_joint, joint_config_for, joint_grams, joint_patients
 from model.offline import fit_programme
-from model.simulate import simulate_joint
+from model.simulate import joint_design, simulate_joint
 
 jax.config.update("jax_enable_x64", True)
 
@@ -33,12 +33,8 @@ def test_sparse_measure_borrows_from_the_rich_one():
     readings = np.column_stack([np.full(count, 30), np.where(np.arange(count) < RICH, 12, 2)])
     events, truth = simulate_joint(
         readings,
-        effect_mean=[-1.0, -0.5],
-        effect_sd=[1.0, 0.5],
+        **joint_design(2),
         effect_correlation=0.7,
-        intercept_mean=[8.0, 7.0],
-        intercept_sd=[1.0, 0.8],
-        residual_sd=np.array([1.0, 0.5]),
         seed=5,
     )
     sparse = np.arange(count) >= RICH
@@ -77,12 +73,8 @@ def zero_correlation_comparison(
         readings = np.random.default_rng([seed, 1]).integers(2, 13, (200, 3))
         events, truth = simulate_joint(
             readings,
-            effect_mean=[-1.0, -0.5, 2.0],
-            effect_sd=[1.0, 0.5, 1.5],
+            **joint_design(3),
             effect_correlation=0.0,
-            intercept_mean=[8.0, 7.0, 60.0],
-            intercept_sd=[1.0, 0.8, 5.0],
-            residual_sd=np.array([1.0, 0.5, 3.0]),
             seed=seed,
         )
         config = joint_config_for(events, priors=priors)

@@ -28,7 +28,7 @@ from model.joint import (
     uncollapsed_data,
     uncollapsed_model,
 )
-from model.simulate import simulate_joint
+from model.simulate import joint_design, simulate_joint
 
 jax.config.update("jax_enable_x64", True)
 
@@ -38,12 +38,8 @@ PATIENTS, READINGS = 30, 6
 def test_joint_svi_matches_nuts():
     events, _ = simulate_joint(
         np.full((PATIENTS, 3), READINGS),
-        effect_mean=[-1.0, -0.5, 2.0],
-        effect_sd=[1.0, 0.5, 1.5],
+        **joint_design(3),
         effect_correlation=0.7,
-        intercept_mean=[8.0, 7.0, 60.0],
-        intercept_sd=[1.0, 0.8, 5.0],
-        residual_sd=np.array([1.0, 0.5, 3.0]),
         seed=1,
     )
     config = joint_config_for(events)
@@ -99,12 +95,8 @@ def test_joint_svi_with_a_cohort_level_matches_nuts():
     cohort = np.repeat(np.arange(COHORTS), PER_COHORT)
     events, _ = simulate_joint(
         np.full((count, 2), READINGS),
-        effect_mean=[-1.0, -0.5],
-        effect_sd=[1.0, 0.5],
+        **joint_design(2),
         effect_correlation=0.7,
-        intercept_mean=[8.0, 7.0],
-        intercept_sd=[1.0, 0.8],
-        residual_sd=np.array([1.0, 0.5]),
         seed=2,
         cohort_of_patient=cohort,
         cohort_effect_sd=[0.6, 0.3],
