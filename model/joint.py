@@ -137,7 +137,7 @@ from model.population import (
     UpdateInfo,
     bucket_size,
 )
-from model.scores import mixture_quantiles
+from model.scores import describe, mixture_quantiles
 
 INTERVAL_PROBS = np.array([0.05, 0.95])
 
@@ -819,20 +819,10 @@ def joint_patients(
     )
 
 
-def _describe(samples: np.ndarray) -> dict[str, Any]:
-    """``mean``, ``sd``, ``q05``, ``q95`` over the first axis (draws), as lists."""
-    return {
-        "mean": samples.mean(axis=0).tolist(),
-        "sd": samples.std(axis=0, ddof=1).tolist(),
-        "q05": np.quantile(samples, 0.05, axis=0).tolist(),
-        "q95": np.quantile(samples, 0.95, axis=0).tolist(),
-    }
-
-
 def describe_correlation(draws: JointHyper) -> dict[str, Any]:
     """Posterior of the effects' between-measure correlation from draws of θ:
     ``mean``, ``sd``, ``q05``, ``q95`` as (M, M) nested lists."""
-    return _describe(np.asarray(draws.effect_correlation))
+    return describe(np.asarray(draws.effect_correlation))
 
 
 def common_factor(correlation: np.ndarray, signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -868,7 +858,7 @@ def describe_common_factor(draws: JointHyper, signs: np.ndarray) -> dict[str, An
     of θ: ``loadings`` and ``variance_share``, each ``mean``, ``sd``, ``q05``,
     ``q95`` (loadings as (M,) lists)."""
     loadings, share = common_factor(np.asarray(draws.effect_correlation), signs)
-    return {"loadings": _describe(loadings), "variance_share": _describe(share)}
+    return {"loadings": describe(loadings), "variance_share": describe(share)}
 
 
 def joint_config_for(

@@ -36,7 +36,8 @@ from model.joint import (
     joint_patients,
 )
 from model.likelihood import Hyper
-from model.offline import SUMMARY_DRAWS, cohort_effects, describe, population_quantities
+from model.offline import SUMMARY_DRAWS, cohort_effects, population_quantities
+from model.scores import describe
 
 MEASURE_POPULATION = ("effect", "intercept", "sigma", "effect_sd_patients", "time_trend")
 

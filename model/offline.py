@@ -30,6 +30,7 @@ from model.scores import (
     EffectSummary,
     classify,
     cohort_posteriors,
+    describe,
     group_posteriors,
     mixture_quantiles,
     summarize_effects,
@@ -46,19 +47,6 @@ POPULATION_NAMES = (
     "effect_sd_cohorts",
     "time_trend",
 )
-
-
-def describe(samples: np.ndarray | None) -> dict[str, float] | None:
-    """mean, sd, 5% and 95% quantiles of posterior samples (None passes through)."""
-    if samples is None:
-        return None
-    samples = np.asarray(samples, dtype=float)
-    return {
-        "mean": float(samples.mean()),
-        "sd": float(samples.std(ddof=1)),
-        "q05": float(np.quantile(samples, 0.05)),
-        "q95": float(np.quantile(samples, 0.95)),
-    }
 
 
 COHORT_PROBS = np.array([0.05, 0.95])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +148,21 @@ def mixture_quantiles(means: jax.Array, sds: jax.Array, probs: jax.Array) -> jax
     # XLA fuses it with the start (a loop body is a separate computation).
     state = step((low, high, start, jnp.zeros(start.shape, dtype=bool), 0))
     return jax.lax.while_loop(unsettled, step, state)[2]
+
+
+def describe(samples: np.ndarray | None) -> Any:
+    """mean, sd, 5% and 95% quantiles of posterior samples along their first
+    axis (the draws): floats for draws of a scalar, nested lists for draws of an
+    array (None passes through)."""
+    if samples is None:
+        return None
+    samples = np.asarray(samples, dtype=float)
+    return {
+        "mean": samples.mean(axis=0).tolist(),
+        "sd": samples.std(axis=0, ddof=1).tolist(),
+        "q05": np.quantile(samples, 0.05, axis=0).tolist(),
+        "q95": np.quantile(samples, 0.95, axis=0).tolist(),
+    }
 
 
 @partial(jax.jit, static_argnames=("config",))

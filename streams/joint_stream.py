@@ -42,9 +42,8 @@ from model.joint import (
     joint_patients,
     pad_joint,
 )
-from model.offline import describe
 from model.population import MIN_PATIENT_BUCKET, FitState, PopulationFitter, UpdateInfo, bucket_size
-from model.scores import classify
+from model.scores import classify, describe
 from streams.catalogue import Catalogue, CatalogueError, JointGroupSpec, MeasureSpec
 from streams.partitioning import posterior_key
 from streams.patient_state import PatientRecord, PublishedJoint

@@ -26,14 +26,15 @@ from model.covariates import column_blocks, patient_design
 from model.evidence import PatientStats, decay_to, gram_stats
 from model.exported import ExportCache
 from model.family_scores import family_cohort_posteriors
-from model.offline import (
-    SUMMARY_DRAWS,
-    coefficient_summaries,
-    describe,
-    population_quantities,
-)
+from model.offline import SUMMARY_DRAWS, coefficient_summaries, population_quantities
 from model.population import Evidence, FitState, PopulationFitter, UpdateInfo, pad_evidence
-from model.scores import LevelPosteriors, cohort_posteriors, level_pairs, level_posteriors
+from model.scores import (
+    LevelPosteriors,
+    cohort_posteriors,
+    describe,
+    level_pairs,
+    level_posteriors,
+)
 from model.selection import (
     SELECTION_SVI,
     FitterCache,
@@ -227,7 +228,7 @@ def num_observations(stats: PatientStats, model: ModelConfig) -> float:
 
 
 def interval_of(described: dict[str, float]) -> Interval:
-    """model.offline.describe's summary as the messages' Interval (q05-q95: 90%)."""
+    """model.scores.describe's summary as the messages' Interval (q05-q95: 90%)."""
     return Interval(
         mean=described["mean"], sd=described["sd"], lower=described["q05"], upper=described["q95"]
     )
