@@ -48,7 +48,14 @@ import numpy as np
 from benchmarks.common import machine, median, say, write_json
 from model.config import MeasureConfig, PriorConfig, SVIConfig
 from model.evidence import events_stats
-from model.joint import joint_config_for, joint_fitter, joint_grams, joint_patients, pad_joint
+from model.joint import (
+    describe_common_factor,
+    joint_config_for,
+    joint_fitter,
+    joint_grams,
+    joint_patients,
+    pad_joint,
+)
 from model.operating import rate_with_se
 from model.population import PopulationFitter, pad_evidence
 from model.scores import summarize_effects
@@ -81,7 +88,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
             joint_fit = joint_fit or joint_fitter(config, svi_config)
             evidence = pad_joint(gram)
             state, _ = joint_fit.update(joint_fit.init(keys[0], evidence), evidence, keys[1])
-            patients = joint_patients(joint_fit.draws(state, keys[2]), gram, config)
+            draws = joint_fit.draws(state, keys[2])
+            patients = joint_patients(draws, gram, config)
             scale = np.array([c.standardization.effect_to_raw(1.0) for c in config.measures])
             joint_mean = patients.effect_mean * scale
             joint_lower, joint_upper = patients.effect_lower * scale, patients.effect_upper * scale
@@ -122,6 +130,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                     "width_joint": float(np.median(joint_upper[:, m] - joint_lower[:, m])),
                     "width_separate": float(np.median(sep.upper - sep.lower)),
                 }
+            record["factor"] = _factor_against_truth(draws, correlation)
             per_programme.append(record)
             say(f"correlation {correlation} seed {seed}: {record}")
         summary = {}
@@ -133,8 +142,38 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                     np.median([p["width_joint"] / p["width_separate"] for p in parts])
                 ),
             }
+        factors = [r["factor"] for r in per_programme]
+        summary["factor"] = {
+            "true_variance_share": factors[0]["true_variance_share"],
+            "variance_share_mean": float(np.mean([f["variance_share"]["mean"] for f in factors])),
+            "variance_share_covered": int(sum(f["variance_share_covered"] for f in factors)),
+            "loadings_covered": int(sum(f["loadings_covered"] for f in factors)),
+            "programmes": len(factors),
+        }
         rows.append({"correlation": correlation, "summary": summary, "programmes": per_programme})
     return {"patients": args.patients, "rows": rows}
+
+
+def _factor_against_truth(draws, correlation: float) -> dict[str, Any]:
+    """The effects' common factor (model.joint.describe_common_factor) against the
+    simulation's: three effects correlating r pairwise have λ₁ = 1 + 2r, so the
+    true variance share is (1 + 2r)/3 and every loading √that share. At r = 0 the
+    share's truth, 1/3, is its lower bound (λ₁ ≥ 1 for any correlation), so no
+    interval covers it there: the mean share says how far it stays from it."""
+    factor = describe_common_factor(draws, np.ones(3))
+    share = (1.0 + 2.0 * correlation) / 3.0
+    lows, highs = factor["loadings"]["q05"], factor["loadings"]["q95"]
+    return {
+        "true_variance_share": share,
+        "variance_share": factor["variance_share"],
+        "variance_share_covered": bool(
+            factor["variance_share"]["q05"] <= share <= factor["variance_share"]["q95"]
+        ),
+        "loadings": factor["loadings"],
+        "loadings_covered": int(
+            sum(low <= np.sqrt(share) <= high for low, high in zip(lows, highs, strict=True))
+        ),
+    }
 
 
 def cost(args: argparse.Namespace) -> dict[str, Any]:
