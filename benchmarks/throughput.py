@@ -99,11 +99,11 @@ TOPICS = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--patients", type=int, default=2000, help="patients per throughput repeat")
+    add("--patients", type=int, default=None, help="patients per throughput repeat (2000)")
     add("--obs-per-patient", type=int, default=10, help="readings per patient (throughput)")
-    add("--repeats", type=int, default=3)
+    add("--repeats", type=int, default=None, help="throughput repeats (3)")
     add("--warm-patients", type=int, default=300)
-    add("--latency-seconds", type=float, default=40.0)
+    add("--latency-seconds", type=float, default=None, help="(40)")
     add("--latency-obs-per-patient", type=int, default=10)
     add(
         "--latency-rate",
@@ -112,7 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="readings/s of the latency phase when --repeats is 0 (no throughput phase)",
     )
     add("--partitions", type=int, default=4)
-    add("--quick", action="store_true", help="1000 patients, 2 repeats, 20 s latency")
+    add(
+        "--quick",
+        action="store_true",
+        help="1000 patients, 2 repeats, 20 s latency, unless given explicitly",
+    )
     add("--py-spy", default=None, help="py-spy executable: profile the worker in one phase")
     add(
         "--py-spy-phase",
@@ -137,8 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="throughput on plaintext, then on SASL_SSL, and their ratio (implies --throughput-only)",
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.patients, args.repeats, args.latency_seconds = 1000, 2, 20.0
+    # --quick changes the defaults only: --quick --repeats 0 is a quick latency run
+    defaults = (1000, 2, 20.0) if args.quick else (2000, 3, 40.0)
+    for name, default in zip(("patients", "repeats", "latency_seconds"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.compare_security:
         args.throughput_only = True
     return args
