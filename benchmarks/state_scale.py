@@ -477,6 +477,7 @@ MARKS = {
     "ready": r"\[\^Worker\]: Ready",
 }
 FIT = re.compile(r"population (\S+) v(\d+): (\d+) patients, effect \S+, (\d+) steps in ([\d.]+) s")
+REVOKING = re.compile(r"Revoking previously assigned partitions")
 RESCORED = re.compile(r"posterior (\S+) v(\d+): rescored, (\d+) scores republished")
 
 
@@ -700,6 +701,101 @@ def run_worker_phase(
     return result
 
 
+def standby_takeover(
+    env: dict[str, str], data_dir: Path, spare_dir: Path, args, update, patients_topic: str
+) -> dict:
+    """A worker with standby copies takes over a killed one's partitions.
+
+    Two workers with ``EFFICACY_STANDBY_REPLICAS=1``: A on ``data_dir`` (the
+    earlier phases left it complete), B on the empty ``spare_dir``. B joins, is
+    assigned half of the partitions and keeps standby copies of A's; once B's
+    CPU has been idle for 10 s (its standby copies are read), A is SIGKILLed and
+    new evidence is sent. B's takeover, from its log: seconds from the kill to
+    faust's ``Worker ready`` of the rebalance that gives it A's partitions, the
+    patients-changelog records that recovery read against those the partitions
+    hold (a full replay reads all of them), the first population posterior
+    after it, and B's event-loop lag over the takeover."""
+    from cli.worker_process import READY
+
+    env = {**env, "EFFICACY_STANDBY_REPLICAS": "1"}
+    first = worker_process({**env, "EFFICACY_DATA_DIR": str(data_dir)})
+    second = worker_process({**env, "EFFICACY_DATA_DIR": str(spare_dir)})
+    result: dict = {"name": "standby takeover"}
+    try:
+        say(f"standby: worker A on {data_dir} (log {first.log_path})")
+        first.start()
+        first.wait_for_log(READY, timeout=args.timeout)
+        say(f"standby: worker B on {spare_dir} (log {second.log_path})")
+        second.start()
+        second.wait_for_log(READY, timeout=args.timeout)
+        settled_at = wait_idle(second.process.pid, idle_seconds=10.0, timeout=args.timeout)
+        result["b_idle_after_start_s"] = settled_at
+        before = scrape_metrics(second.log_text())
+        lines_before = len(second.log_text().splitlines())
+        say(f"standby: B idle after {settled_at:.0f} s; SIGKILL to A")
+        killed_at = time.time()
+        first.kill()
+        result["evidence_update"] = update()
+        deadline = time.monotonic() + args.timeout
+        ready_at = None
+        while time.monotonic() < deadline and second.alive():
+            new_lines = "\n".join(second.log_text().splitlines()[lines_before:])
+            marks = [when for when, _ in log_seconds(new_lines, r"\[\^---Recovery\]: Worker ready")]
+            fits = [when for when, _ in log_seconds(new_lines, FIT) if when > killed_at]
+            if marks and ready_at is None:
+                ready_at = marks[-1]
+                say(f"  B ready after the takeover: {ready_at - killed_at:.1f} s after the kill")
+            if ready_at is not None and fits:
+                break
+            time.sleep(0.5)
+        time.sleep(args.observe)
+        new_lines = "\n".join(second.log_text().splitlines()[lines_before:])
+        fits = [when for when, _ in log_seconds(new_lines, FIT) if when > killed_at]
+        revoked = [when for when, _ in log_seconds(new_lines, REVOKING) if when > killed_at]
+        replayed, held = second.takeover_replay(patients_topic)
+        result.update(
+            {
+                # the group notices the kill after the session timeout
+                "rebalance_after_kill_s": revoked[0] - killed_at if revoked else None,
+                "ready_after_rebalance_s": (
+                    ready_at - revoked[0] if revoked and ready_at is not None else None
+                ),
+                "ready_after_kill_s": None if ready_at is None else ready_at - killed_at,
+                "first_posterior_after_kill_s": fits[0] - killed_at if fits else None,
+                "first_posterior_after_ready_s": (
+                    fits[0] - ready_at if fits and ready_at is not None else None
+                ),
+                "patients_changelog_records_replayed": replayed,
+                "patients_changelog_records_held": held,
+                "event_loop_lag": loop_lag(scrape_metrics(second.log_text()), since=before),
+                "faust_timer_drift_max_s": timer_drift_max(new_lines),
+                "b_rss_mb": proc_status(second.process.pid).get("VmRSS"),
+                "log_path": str(second.log_path),
+            }
+        )
+        say(f"standby: {result}")
+    finally:
+        for worker in (first, second):
+            if worker.alive():
+                worker.stop(timeout=300)
+    return result
+
+
+def wait_idle(pid: int, idle_seconds: float, timeout: float) -> float:
+    """Seconds until process ``pid`` has used under 5% of a core for
+    ``idle_seconds`` in a row."""
+    started = time.monotonic()
+    window: list[tuple[float, float]] = []
+    while time.monotonic() - started < timeout:
+        now, cpu = time.monotonic(), proc_status(pid).get("cpu_s", 0.0)
+        window = [(t, c) for t, c in window if now - t <= idle_seconds] + [(now, cpu)]
+        span = now - window[0][0]
+        if span >= idle_seconds * 0.9 and (cpu - window[0][1]) / span < 0.05:
+            return now - started
+        time.sleep(1.0)
+    raise TimeoutError(f"process {pid} not idle within {timeout:.0f} s")
+
+
 OFFSET_KEY = b"__faust\x00offset__"  # faust's persisted changelog offset, in every partition db
 
 
@@ -883,7 +979,8 @@ def with_broker(function):
 def end_to_end(args) -> dict:
     """Changelogs of ``args.patients`` patients × 3 measures, then a worker: first
     start on an empty data dir, restart on the same data dir, restart on a deleted
-    one."""
+    one; with ``--standby`` then a standby takeover (``standby_takeover``), with
+    ``--only-standby`` the first start and the takeover only."""
     import uuid
 
     from streams.settings import Settings
@@ -970,6 +1067,11 @@ def end_to_end(args) -> dict:
         say(f"  store: {phases['first_start']['store']}")
         result["phases"] = phases
         write_json(args.out, result)
+        if args.only_standby:
+            phases["standby_takeover"] = standby_takeover(
+                env, data_dir, root / "standby", args, update, produced["patients_topic"]
+            )
+            return result
         phases["same_host_restart"] = run_worker_phase(
             "restart on the same data dir",
             env,
@@ -993,6 +1095,11 @@ def end_to_end(args) -> dict:
             )
             phases["fresh_host_restart"]["store"] = check_store(data_dir, args.patients, written)
             say(f"  store: {phases['fresh_host_restart']['store']}")
+            write_json(args.out, result)
+        if args.standby:
+            phases["standby_takeover"] = standby_takeover(
+                env, data_dir, root / "standby", args, update, produced["patients_topic"]
+            )
         result["broker_bytes_end"] = kafka_topic_bytes(kafka, topics)
     finally:
         if kafka is not None:
@@ -1023,6 +1130,16 @@ def main(argv: list[str] | None = None) -> int:
     end.add_argument("--observe", type=float, default=60.0, help="seconds after ready (and fits)")
     end.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker phase")
     end.add_argument("--skip-fresh-host", action="store_true")
+    end.add_argument(
+        "--standby",
+        action="store_true",
+        help="then two workers with standby replicas; one is killed, the other's takeover timed",
+    )
+    end.add_argument(
+        "--only-standby",
+        action="store_true",
+        help="skip the restarts: a first start fills the data dir, then the standby phase",
+    )
     end.add_argument("--data-root", help="folder for the worker's data dir (default: a temp dir)")
     end.add_argument("--keep", action="store_true", help="keep the data dir")
     end.add_argument("--out", default="state_scale_e2e", help="results/<out>.json")

@@ -120,6 +120,22 @@ class WorkerProcess:
         )
         return rows[-1] if rows else ""
 
+    def takeover_replay(self, changelog: str) -> tuple[int, int]:
+        """For the partitions of ``changelog`` the worker's last recovery made it
+        active for that it was not active for before (a takeover): the records that
+        recovery read, and the records those partitions hold (from faust's
+        recovery tables in the log)."""
+        log = self.log_text()
+        *before, highwater = recovery_tables(log, "Highwater - Active")
+        starts = recovery_tables(log, "Reading Starts At - Active")[-1]
+        earlier = before[-1] if before else {}
+        replayed = written = 0
+        for (topic, partition), last in highwater.items():
+            if topic == changelog and (topic, partition) not in earlier:
+                written += last + 1
+                replayed += max(0, last - starts.get((topic, partition), -1))
+        return replayed, written
+
     def log_warnings(self, lines: int = 20) -> str:
         """The last ``lines`` lines logged at WARNING or above (a failing test's
         first clue)."""
@@ -130,3 +146,20 @@ class WorkerProcess:
         if not self.log_path.exists():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def recovery_tables(log: str, title: str) -> list[dict[tuple[str, int], int]]:
+    """Every table ``title`` faust's recovery logged ("Highwater - Active",
+    "Reading Starts At - Active"), in order: (changelog topic, partition) ->
+    offset; a ditto mark repeats the topic of the row above."""
+    tables = []
+    for block in log.split(f"+{title}-")[1:]:
+        table, topic = {}, ""
+        for line in block.splitlines()[3:]:
+            if not line.startswith("|"):
+                break
+            cell_topic, partition, offset = (c.strip() for c in line.strip("| ").split("|"))
+            topic = topic if cell_topic == "〃" else cell_topic
+            table[(topic, int(partition))] = int(offset)
+        tables.append(table)
+    return tables

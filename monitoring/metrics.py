@@ -152,6 +152,7 @@ class Metrics(NamedTuple):
     # Patients and scores
     patients_by_classification: Gauge  # efficacy_patients{measure, classification}
     patients_tracked: Gauge  # efficacy_patients_tracked (no labels)
+    raw_backlog_records: Gauge  # efficacy_raw_backlog_records (no labels)
     scores_published: Counter  # efficacy_scores_published_total{trigger}
     # Structure selection (advisory: the pipeline keeps its structure)
     selection_elpd_diff: Gauge  # efficacy_selection_elpd_diff{measure, structure}
@@ -288,6 +289,11 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
         ),
         patients_tracked=gauge(
             "patients_tracked", "Patients with state in this worker's partitions."
+        ),
+        raw_backlog_records=gauge(
+            "raw_backlog_records",
+            "Input records waiting on this worker's raw partitions as of its latest batch "
+            "(rescoring after a new posterior defers to a backlog of more than a batch).",
         ),
         scores_published=counter(
             "scores_published_total", "Efficacy scores published.", ("trigger",)

@@ -26,8 +26,8 @@ from streams.catalogue import Catalogue, CatalogueError
 from streams.chunked_consumer import ChunkedApp
 from streams.joint_stream import compile_joint_scoring
 from streams.kafka_options import faust_credentials
-from streams.patient_step import rescore_joint
 from streams.posterior_feed import PosteriorBook, follow_posteriors
+from streams.rescore_queue import RescoreQueue
 from streams.schemas import JointPosterior, PopulationPosterior
 from streams.scoring import compile_scoring
 from streams.settings import Settings
@@ -164,26 +164,23 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         except Exception:  # scoring compiles what it needs on first use instead
             log.exception("could not compile the joint scoring of %s ahead of use", message.group)
 
+    rescoring = RescoreQueue(settings.rescore_max_delay_seconds)
+
     async def on_new_posterior(message: PopulationPosterior | JointPosterior) -> None:
+        """Compile its scoring, then queue the rescoring of this worker's
+        patients (streams.rescore_queue: versions that arrive before the pass
+        starts merge into it)."""
+        now = time.monotonic()
         if isinstance(message, JointPosterior):
             await compile_joint_ahead(message)
-            count = await patients_service.rescore_all(message.group, step=rescore_joint)
-            log.info("joint posterior %s v%d: %d scores republished", message.group,
-                     message.version, count)  # fmt: skip
-            return
-        await compile_ahead(message.measure)
-        count = await patients_service.rescore_all(message.measure, force=message.rescore)
-        log.info(
-            "posterior %s v%d: rescored, %d scores republished",
-            message.measure,
-            message.version,
-            count,
-        )
+            rescoring.request(message.group, joint=True, force=False, now=now)
+        else:
+            await compile_ahead(message.measure)
+            rescoring.request(message.measure, joint=False, force=message.rescore, now=now)
 
-    @app.task
-    async def posteriors_feed() -> None:
+    async def guarded(task) -> None:
         try:
-            await follow_posteriors(settings, posteriors, on_new_posterior)
+            await task
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -191,10 +188,18 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
                 # The worker is stopping and its producer closed under a rescoring:
                 # not a crash. The patients it did not reach are rescored on the next
                 # start (their scores are under an older version).
-                log.info("the population-posterior feed stopped with the worker")
+                log.info("%s stopped with the worker", task.__qualname__)
                 return
-            log.exception("the population-posterior feed stopped")
+            log.exception("%s stopped", task.__qualname__)
             raise
+
+    @app.task
+    async def posteriors_feed() -> None:
+        await guarded(follow_posteriors(settings, posteriors, on_new_posterior))
+
+    @app.task
+    async def rescore_patients() -> None:
+        await guarded(patients_service.rescore_queued(rescoring))
 
     return Pipeline(
         app,

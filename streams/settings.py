@@ -145,6 +145,13 @@ class Settings(BaseSettings):
     population_interval_seconds: float = Field(
         default=2.0, gt=0.0, description="how often the population agent considers an update"
     )
+    rescore_max_delay_seconds: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="how long the rescoring of every patient after a new population posterior "
+        "may wait while the raw topics have a backlog (the backlog's patients are scored under "
+        "the new posterior as their readings are applied; 0: rescore at once)",
+    )
     population_min_patients: int = Field(
         default=5, ge=1, description="patients with evidence before the first population fit"
     )

@@ -60,6 +60,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.patients_tracked.set(patients)
 
+    def raw_backlog(self, records: int) -> None:
+        if self.metrics is not None:
+            self.metrics.raw_backlog_records.set(records)
+
     def classifications(self, measure: str, counts: Counter[str]) -> None:
         """Current number of this worker's patients per classification of ``measure``."""
         if self.metrics is not None:

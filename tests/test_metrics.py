@@ -51,6 +51,7 @@ EXPECTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "efficacy_drift_alerts": (Counter, ("measure", "kind")),
     "efficacy_patients": (Gauge, ("measure", "classification")),
     "efficacy_patients_tracked": (Gauge, ()),
+    "efficacy_raw_backlog_records": (Gauge, ()),
     "efficacy_population_posterior_version": (Gauge, ("measure",)),
     "efficacy_scores_published": (Counter, ("trigger",)),
     "efficacy_selection_elpd_diff": (Gauge, ("measure", "structure")),

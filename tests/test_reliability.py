@@ -391,45 +391,12 @@ def test_sigkilled_worker_loses_nothing_and_counts_nothing_twice(
             # The survivor held standby copies of the victim's partitions
             # (EFFICACY_STANDBY_REPLICAS, 1 by default): its takeover reads at most a
             # tail of the changelog, not all of it.
-            replayed, written = takeover_replay(first, f"{run.app_id}-patients-changelog")
+            replayed, written = first.takeover_replay(f"{run.app_id}-patients-changelog")
             print(f"takeover replayed {replayed} of {written} patients changelog records")
             assert written > 0 and replayed <= written / 4, (replayed, written)
     finally:
         for worker in (first, second):
             worker.stop()
-
-
-def recovery_tables(log: str, title: str) -> list[dict[tuple[str, int], int]]:
-    """Every table ``title`` faust's recovery logged ("Highwater - Active",
-    "Reading Starts At - Active"), in order: (changelog topic, partition) ->
-    offset; a ditto mark repeats the topic of the row above."""
-    tables = []
-    for block in log.split(f"+{title}-")[1:]:
-        table, topic = {}, ""
-        for line in block.splitlines()[3:]:
-            if not line.startswith("|"):
-                break
-            cell_topic, partition, offset = (c.strip() for c in line.strip("| ").split("|"))
-            topic = topic if cell_topic == "〃" else cell_topic
-            table[(topic, int(partition))] = int(offset)
-        tables.append(table)
-    return tables
-
-
-def takeover_replay(worker: WorkerProcess, changelog: str) -> tuple[int, int]:
-    """For the partitions of ``changelog`` the worker's last recovery made it
-    active for that it was not active for before (a takeover): the records that
-    recovery read, and the records those partitions hold."""
-    log = worker.log_text()
-    *before, highwater = recovery_tables(log, "Highwater - Active")
-    starts = recovery_tables(log, "Reading Starts At - Active")[-1]
-    earlier = before[-1] if before else {}
-    replayed = written = 0
-    for (topic, partition), last in highwater.items():
-        if topic == changelog and (topic, partition) not in earlier:
-            written += last + 1
-            replayed += max(0, last - starts.get((topic, partition), -1))
-    return replayed, written
 
 
 # --- 2. the broker restarts ----------------------------------------------------------

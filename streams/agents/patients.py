@@ -52,8 +52,10 @@ from streams.patient_step import (
     batch_keys,
     process_batch,
     rescore,
+    rescore_joint,
 )
 from streams.posterior_feed import PosteriorBook
+from streams.rescore_queue import RawBacklog, RescoreQueue
 from streams.scoring import PendingReading, reading_residuals
 from streams.settings import Settings
 from streams.stores import PartitionedByKey
@@ -109,6 +111,7 @@ class PatientsService:
         self.table = KeyPartitionedTable.register(app, "patients", settings.partitions)
         self.producer = Producer(app)
         self.cache = RecordCache(settings.state_cache_patients)
+        self.backlog = RawBacklog(settings.batch_size)
 
     def load(self, patient_id: str) -> PatientRecord | None:
         raw = self.table.get(patient_id)
@@ -129,14 +132,38 @@ class PatientsService:
         (streams.consumer_seek), so the partition's owner fetches them again."""
         batch_size = self.settings.batch_size
         pending = [(event.message, record) for event in events for record in event.value.records()]
+        self.observe_backlog(events, len(pending))
         settlements = []
         for start in range(0, len(pending), batch_size):
+            self.backlog.in_hand = len(pending) - start
             records, stale = current_records(self.app, pending[start : start + batch_size])
             if stale:
                 log.info("dropped %d records fetched before a rebalance", stale)
             if records:
                 settlements.append(await self.process(records))
+        self.backlog.in_hand = 0
         return settlements
+
+    def observe_backlog(self, events: list[faust.EventT], taken: int) -> None:
+        """Note the raw records waiting: the ``taken`` records of ``events`` and
+        those behind each partition's last chunk (``backlog``: rescoring defers
+        to the stream while there are more than a batch)."""
+        now = time.monotonic()
+        self.backlog.in_hand = taken
+        last: dict[Any, int] = {}
+        for event in events:  # a chunk's message offset is its last record's
+            message = event.message
+            last[message.tp] = max(last.get(message.tp, -1), message.offset)
+        for tp, offset in last.items():
+            try:
+                end = self.app.consumer.highwater(tp)
+            except Exception:  # not assigned any more, or no fetch answered yet
+                end = None
+            self.backlog.observe(tp, offset + 1, end, now)
+        self.telemetry.raw_backlog(self.backlog.records(now))
+
+    def backlogged(self) -> bool:
+        return self.backlog.backlogged(time.monotonic())
 
     async def process(self, events: list[ChunkRecord]) -> Awaitable[None]:
         """Apply a batch of raw records (streams.patient_step.process_batch) and
@@ -251,15 +278,47 @@ class PatientsService:
         topic = self.topics.wearables.get_topic_name()
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
 
-    async def turn_to_rescore(self) -> None:
+    async def turn_to_rescore(self, defer_until: float = 0.0) -> None:
         """Wait while a rebalance is under way (between the revocation and the end
         of recovery faust's assignment is the old one) or rescoring is paused
         (the population agent is taking over measures: its rebuilds and fits
-        come first, and bring the posteriors that supersede this rescoring)."""
-        while self.app.rebalancing or self.paused():
+        come first, and bring the posteriors that supersede this rescoring),
+        and until ``defer_until`` (monotonic) while the raw topics have a
+        backlog (streams.rescore_queue)."""
+        while (
+            self.app.rebalancing
+            or self.paused()
+            or (time.monotonic() < defer_until and self.backlogged())
+        ):
             await asyncio.sleep(REBALANCE_POLL_SECONDS)
 
-    async def rescore_all(self, measure: str, force: bool = False, step=rescore) -> int:
+    async def rescore_queued(self, queue: RescoreQueue) -> None:
+        """Run ``queue``'s rescoring passes as they fall due, forever
+        (streams.rescore_queue): each under the newest posterior held when
+        each chunk is scored, deferring to a raw backlog up to the request's
+        deadline, also between chunks."""
+        while True:
+            request = queue.take_due(time.monotonic(), self.backlogged())
+            if request is None:
+                await asyncio.sleep(REBALANCE_POLL_SECONDS)
+                continue
+            started = time.monotonic()
+            step = rescore_joint if request.joint else rescore
+            count = await self.rescore_all(
+                request.key, request.force, step, defer_until=queue.deadline(request)
+            )
+            queue.done(request, time.monotonic() - started)
+            posteriors = self.context.posteriors
+            if request.joint:
+                log.info("joint posterior %s v%d: %d scores republished", request.key,
+                         posteriors.joint_version(request.key), count)  # fmt: skip
+            else:
+                log.info("posterior %s v%d: rescored, %d scores republished", request.key,
+                         posteriors.version(request.key), count)  # fmt: skip
+
+    async def rescore_all(
+        self, measure: str, force: bool = False, step=rescore, defer_until: float = 0.0
+    ) -> int:
         """After a new population posterior: rescore every local patient with
         evidence on ``measure`` (streams.patient_step.rescore; ``step``
         rescore_joint with a joint group's name for ``measure``) and publish what
@@ -273,12 +332,13 @@ class PatientsService:
         owned before a rebalance: rescoring (and saving) those would overwrite
         the owner's newer state, and its latest score, with a stale copy. So
         each chunk keeps only the patients of partitions this worker owns at
-        that moment, and waits for its turn (``turn_to_rescore``) before each."""
+        that moment, and waits for its turn (``turn_to_rescore``, with
+        ``defer_until``) before each."""
         partitions = self.settings.partitions
         keys = list(self.table.keys())
         published = 0
         for start in range(0, len(keys), RESCORE_CHUNK):
-            await self.turn_to_rescore()
+            await self.turn_to_rescore(defer_until)
             # From here to the table writes there is no await: the ownership
             # read is the one the chunk is saved under.
             owned = self.active_partitions()
