@@ -29,7 +29,8 @@ its per-message buffer and only logs a failed changelog delivery.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Self
 
 import faust
@@ -91,6 +92,16 @@ class PartitionedByKey(faust.Table):
                 futures.append(await producer.send(topic_name, key, value, partition))
         return futures
 
+    def prefix_values(self, partition: int, prefix: str) -> Iterator[bytes]:
+        """The values of the keys of ``partition`` that start with ``prefix``.
+        A RocksDB store reads that partition's database from the prefix on,
+        under RocksDB's implicit snapshot (the reader may yield to the event
+        loop while the table is written); another store lists the keys first."""
+        if isinstance(self.data, KeyPartitionedRocksDB) and self.data.use_rocksdict:
+            return self.data.prefix_values(partition, prefix)
+        keys = [key for key in list(self.keys()) if key.startswith(prefix)]
+        return (value for key in keys if (value := self.get(key)))
+
     @property
     def _send_order(self) -> asyncio.Lock:
         lock = self.__dict__.get("_send_lock")
@@ -145,3 +156,16 @@ class KeyPartitionedRocksDB(rocksdb.Store):
 
     def _contains(self, key: bytes) -> bool:
         return self._get(key) is not None
+
+    def prefix_values(self, partition: int, prefix: str) -> Iterator[bytes]:
+        """PartitionedByKey.prefix_values: a seek to the prefix in the
+        partition's database, not a scan of every key of every partition
+        (the population table holds every measure's evidence)."""
+        # faust's table keys are JSON strings: the serialised prefix, unclosed
+        raw_prefix = json.dumps(prefix).encode()[:-1]
+        db = self._db_for_partition(partition)
+        for key, value in db.items(from_key=raw_prefix):
+            if not key.startswith(raw_prefix):
+                break
+            if value is not None:
+                yield value

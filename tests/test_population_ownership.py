@@ -17,6 +17,7 @@ from model.config import SVIConfig
 from monitoring.metrics import create_metrics
 from streams.agents import population as population_agent
 from streams.agents.population import PopulationService
+from streams.catalogue import Catalogue
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import EvidenceBatch, PopulationPosterior
 from streams.settings import Settings
@@ -202,3 +203,49 @@ def test_a_restarted_workers_fit_loads_its_programs_instead_of_tracing_them(tmp_
     assert fitter.trace_count == 0
     assert again.summary["effect"].mean == posterior.summary["effect"].mean
     assert again.summary["effect"].sd == posterior.summary["effect"].sd
+
+
+def test_a_new_owner_publishes_before_its_cold_recent_window_fit():
+    """A new owner (a restart, a rebalance) continues the published posterior
+    warm, but its recent-window fit starts cold (a minute at 100k patients):
+    the posterior goes out without the window comparison, the window fit runs
+    after the tick's posteriors (``warm_up_recent_fits``), and the next update
+    compares windows again. A first owner fits both windows together."""
+    model = (
+        Catalogue.load()
+        .get(STREAM_MEASURE)
+        .model_config_for(
+            time_origin_days=0.0, time_scale_days=30.0, half_life_days=None,
+            recent_half_life_days=7.0,
+        )
+    )  # fmt: skip
+    evidence = [
+        item.model_copy(update={"recent_gram": item.gram})  # every reading in the window
+        for item in _evidence(9, num_patients=24, num_cohorts=2, obs_per_patient=8)
+    ]
+    published = FakeTopic()
+    first = population_service(
+        "first-owner", {STREAM_MEASURE: model}, topic=published, svi=FAST_SVI
+    )
+    first.owns = lambda measure: True  # type: ignore[method-assign]
+    first.take(EvidenceBatch(measure=STREAM_MEASURE, items=evidence[:16]))
+    asyncio.run(first.fit(STREAM_MEASURE, first.book(STREAM_MEASURE)))
+    v1 = PopulationPosterior.model_validate_json(published.sent[-1][1])
+    assert v1.version == 1 and "window_shift" in v1.drift
+
+    service = population_service(
+        "new-owner", {STREAM_MEASURE: model}, topic=published, svi=FAST_SVI
+    )
+    service.owns = lambda measure: True  # type: ignore[method-assign]
+    service.posteriors.messages[STREAM_MEASURE] = v1
+    service.take(EvidenceBatch(measure=STREAM_MEASURE, items=evidence[:20]))
+    asyncio.run(service.fit(STREAM_MEASURE, service.book(STREAM_MEASURE)))
+    v2 = PopulationPosterior.model_validate_json(published.sent[-1][1])
+    assert v2.version == 2 and "window_shift" not in v2.drift
+    assert service.recent_fits[STREAM_MEASURE].state is None  # published before it
+    asyncio.run(service.warm_up_recent_fits())
+    assert service.recent_fits[STREAM_MEASURE].state is not None
+    service.take(EvidenceBatch(measure=STREAM_MEASURE, items=evidence[20:]))
+    asyncio.run(service.fit(STREAM_MEASURE, service.book(STREAM_MEASURE)))
+    v3 = PopulationPosterior.model_validate_json(published.sent[-1][1])
+    assert v3.version == 3 and "window_shift" in v3.drift

@@ -106,6 +106,38 @@ def test_population_table_keeps_each_key_in_its_measures_partition(pipeline):
             assert table.get(key) == b"{}"
 
 
+@pytest.mark.parametrize("store_url", ["rocksdb://", "memory://"])
+def test_prefix_values_read_one_measures_evidence_and_nothing_else(tmp_path, store_url):
+    """The population book's rebuild reads a measure's values by a seek to its
+    prefix in its partition's database: the same values as filtering every key,
+    also for measures that share a partition or whose names extend another's."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        settings = Settings(
+            store_url=store_url, data_dir=tmp_path, partitions=PARTITIONS, web_enabled=False,
+            metrics_enabled=False, compilation_cache_dir=None,
+        )  # fmt: skip
+        table = create_pipeline(settings).population.table
+        measures = ["hba1c", "hba1c_2", "phq9", "resting_heart_rate", "daily_steps", "ldl"]
+        partition_of = table.evidence
+        written = {}
+        for m, measure in enumerate(measures):
+            for i in range(30 + m):
+                key, value = f"{measure}/p{i}", f"{measure}:{i}".encode()
+                table[key] = value
+                written[key] = value
+        shared = [m for m in measures if partition_of(m) == partition_of("hba1c")]
+        assert len(shared) >= 2  # measures sharing a partition are kept apart by the prefix
+        for measure in measures:
+            expected = sorted(v for k, v in written.items() if k.startswith(f"{measure}/"))
+            found = sorted(table.prefix_values(partition_of(measure), f"{measure}/"))
+            assert found == expected, measure
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
 class _SendLog:
     """A producer that records what it is handed, in order, and yields to the
     loop at every send (as aiokafka's send may, when it waits for a batch)."""

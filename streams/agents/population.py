@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -130,6 +131,8 @@ class PopulationService:
         self.books: dict[str, PopulationBook] = {}
         self.fits: dict[str, PopulationModel] = {}
         self.recent_fits: dict[str, PopulationModel] = {}  # recent-window fits
+        # A new owner's cold recent-window fits, run after its first posteriors (fit).
+        self._recent_warmups: dict[str, tuple] = {}
         self.drift = drift or DriftConfig()
         self.detectors: dict[str, DriftDetectors] = {}
         # Held by every SVI fit (population updates and each selection fold): one
@@ -205,8 +208,9 @@ class PopulationService:
         owner), and the fit state and version of an earlier ownership are stale.
 
         Without blocking the event loop (at 1M patients the parse takes tens of
-        seconds): the keys are listed first and the values parsed REBUILD_CHUNK at
-        a time, yielding between chunks. Evidence batches that arrive meanwhile
+        seconds): the measure's values are read from its partition
+        (``prefix_values``) and parsed REBUILD_CHUNK at a time, yielding between
+        chunks. Evidence batches that arrive meanwhile
         are applied after, in order: the agent writes the table before it takes
         a batch, so a patient's last pending batch is never older than the table
         value read for it."""
@@ -221,13 +225,10 @@ class PopulationService:
         self._rebuilding[measure] = pending = []
         started = time.monotonic()
         try:
-            prefix = f"{measure}/"
-            keys = [key for key in list(self.table.keys()) if key.startswith(prefix)]
-            for start in range(0, len(keys), REBUILD_CHUNK):
-                for key in keys[start : start + REBUILD_CHUNK]:
-                    raw = self.table.get(key)
-                    if raw:
-                        book.put(PatientEvidence.model_validate_json(raw))
+            values = self.table.prefix_values(self.evidence_partitions(measure), f"{measure}/")
+            while chunk := list(itertools.islice(values, REBUILD_CHUNK)):
+                for raw in chunk:
+                    book.put(PatientEvidence.model_validate_json(raw))
                 await asyncio.sleep(0)
             for batch in pending:
                 for evidence in batch.items:
@@ -293,12 +294,30 @@ class PopulationService:
                     self._taking_over = bool(warm)
         finally:
             self._taking_over = False
+        await self.warm_up_recent_fits()
         for group in self.joint:
             try:
                 await self.fit_joint(group)
             except Exception:  # keep the agent alive; the next tick retries
                 log.exception("joint update of %s failed", group)
                 self._joint_fitted.pop(group, None)
+
+    async def warm_up_recent_fits(self) -> None:
+        """The recent-window fits the tick's posteriors went out without (a
+        new owner's, ``fit``): fitted now, so the next update of the measure
+        compares windows again at the cost of a warm fit."""
+        while self._recent_warmups:
+            measure, (model, *evidence) = self._recent_warmups.popitem()
+            if model is not self.recent_fits.get(measure) or not self.owns(measure):
+                continue  # the measure moved, or its book was rebuilt, meanwhile
+            started = time.monotonic()
+            try:
+                await in_thread(model.fit, *evidence)
+            except Exception:  # drift monitoring must not stop the agent
+                log.exception("the recent-window fit of %s failed", measure)
+                continue
+            log.info("recent-window fit of %s warmed up in %.1f s", measure,
+                     time.monotonic() - started)  # fmt: skip
 
     def joint_books(self, group: str) -> list[PopulationBook | None] | None:
         """The books of a joint group's measures (None for a measure without
@@ -414,6 +433,15 @@ class PopulationService:
                 recent_model = self.recent_fits[measure] = PopulationModel(
                     measure, self.models[measure], pool=self.fitters
                 )
+        if recent_model is not None and recent_model.state is None and published is not None:
+            # A new owner continuing the published sequence: its all-time fit is
+            # warm (seconds), the recent-window fit cold (a minute at 100k
+            # patients). The posterior goes out first, without the window
+            # comparison; the window fit starts after this tick's posteriors.
+            self._recent_warmups[measure] = (
+                recent_model, recent_stats, cohort, cohorts, covariates, groups,
+            )  # fmt: skip
+            recent_model = None
         result, recent = await in_thread(
             fit_with_window,
             model,
@@ -642,8 +670,8 @@ def fit_with_window(
 ) -> tuple[FitResult, Interval | None]:
     """The all-time update and, when there is a recent-window model, the
     recent-window update on the fast-forgetting statistics of the same patients
-    (both warm-started, one thread). Returns the all-time result and the recent
-    fit's population effect (raw units)."""
+    (one thread). Returns the all-time result and the recent fit's population
+    effect (raw units)."""
     result = model.fit(stats, cohort, cohorts, covariates, groups)
     if recent_model is None or recent_stats is None:
         return result, None
