@@ -247,18 +247,26 @@ class FitResult:
 
 
 def fit_until_converged(
-    fitter: PopulationFitter, state: FitState, evidence: Evidence, key: jax.Array, max_rounds: int
+    fitter: PopulationFitter,
+    state: FitState,
+    evidence: Evidence,
+    key: jax.Array,
+    max_rounds: int,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[FitState, UpdateInfo, int]:
     """A warm update from ``state``, continued while it has not converged, at most
     ``max_rounds`` more (a warm update is bounded, but when much new evidence
     arrived at once q has further to go). Returns the state, the last update's
-    info and the steps taken in all."""
-    state, info = fitter.update(state, evidence, key)
+    info and the steps taken in all. ``progress``: PopulationFitter.update's,
+    called after every chunk of steps (an exception it raises ends the fit)."""
+    state, info = fitter.update(state, evidence, key, progress=progress)
     steps = info.steps
     for round_ in range(max_rounds):
         if info.converged:
             break
-        state, info = fitter.update(state, evidence, jax.random.fold_in(key, round_ + 1))
+        state, info = fitter.update(
+            state, evidence, jax.random.fold_in(key, round_ + 1), progress=progress
+        )
         steps += info.steps
     return state, info, steps
 
@@ -368,12 +376,14 @@ class PopulationModel:
         cohorts: list[str],
         covariates: np.ndarray | None = None,
         groups: GroupLabels | None = None,
+        progress: Callable[[int, int, float], None] | None = None,
     ) -> FitResult:
         """Continue SVI against all evidence (fresh on the first call) and build
         the next posterior message. ``covariates``: (P, q) design rows, natural
         units (PopulationBook.covariates_snapshot); ``groups``: the further
         grouping levels' groups (PopulationBook.groups_snapshot), needed when
-        the model has them. Blocking; run it off the event loop."""
+        the model has them; ``progress`` as for fit_until_converged (a fit it
+        ends leaves the model's state as it was). Blocking; run it off the event loop."""
         started = time.perf_counter()
         std_covariates = None
         if self.model.num_covariates:
@@ -398,7 +408,7 @@ class PopulationModel:
         key_fit, key_draws, key_summary = jax.random.split(key, 3)
         state = self.state or self._first_state(evidence)
         state, info, steps = fit_until_converged(
-            self.fitter, state, evidence, key_fit, self.max_rounds
+            self.fitter, state, evidence, key_fit, self.max_rounds, progress
         )
         draws = self.fitter.draws(state, key_draws)
         g = len(cohorts)

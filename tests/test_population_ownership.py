@@ -242,7 +242,16 @@ def test_a_new_owner_publishes_before_its_cold_recent_window_fit():
     asyncio.run(service.fit(STREAM_MEASURE, service.book(STREAM_MEASURE)))
     v2 = PopulationPosterior.model_validate_json(published.sent[-1][1])
     assert v2.version == 2 and "window_shift" not in v2.drift
+    pending = service._recent_warmups[STREAM_MEASURE]
     assert service.recent_fits[STREAM_MEASURE].state is None  # published before it
+    # A worker that stops meanwhile abandons the window fit after its first chunk
+    # (it waits for its fit thread, and this fit's result is never published).
+    running_app = service.app
+    service.app = SimpleNamespace(should_stop=True)  # type: ignore[assignment]
+    asyncio.run(service.warm_up_recent_fits())
+    assert service.recent_fits[STREAM_MEASURE].state is None
+    service.app = running_app
+    service._recent_warmups[STREAM_MEASURE] = pending
     asyncio.run(service.warm_up_recent_fits())
     assert service.recent_fits[STREAM_MEASURE].state is not None
     service.take(EvidenceBatch(measure=STREAM_MEASURE, items=evidence[20:]))

@@ -16,6 +16,7 @@ a time, so an update waits for at most one fold's fit, never for a whole selecti
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import logging
@@ -306,13 +307,23 @@ class PopulationService:
         """The recent-window fits the tick's posteriors went out without (a
         new owner's, ``fit``): fitted now, so the next update of the measure
         compares windows again at the cost of a warm fit."""
+        app = self.app
+
+        def unless_stopping(*_: object) -> None:
+            # A cold fit takes a minute at 100k patients, and a stopping worker
+            # waits for its fit thread: this one's result is never published.
+            if app.should_stop:
+                raise FitAbandoned("the worker is stopping")
+
         while self._recent_warmups:
             measure, (model, *evidence) = self._recent_warmups.popitem()
             if model is not self.recent_fits.get(measure) or not self.owns(measure):
                 continue  # the measure moved, or its book was rebuilt, meanwhile
             started = time.monotonic()
             try:
-                await in_thread(model.fit, *evidence)
+                await in_thread(functools.partial(model.fit, progress=unless_stopping), *evidence)
+            except FitAbandoned:
+                return
             except Exception:  # drift monitoring must not stop the agent
                 log.exception("the recent-window fit of %s failed", measure)
                 continue
@@ -592,6 +603,10 @@ class PopulationService:
         )
         self.telemetry.selection_published(message)
         return message
+
+
+class FitAbandoned(Exception):
+    """Raised from a fit's progress callback to end a fit nobody will use."""
 
 
 async def in_thread(function, *args):
