@@ -135,7 +135,9 @@ class PatientsService:
         self.observe_backlog(events, len(pending))
         settlements = []
         for start in range(0, len(pending), batch_size):
+            # a backfill's take holds every chunk faust buffered: minutes of steps
             self.backlog.in_hand = len(pending) - start
+            self.telemetry.raw_backlog(self.backlog.records(time.monotonic()))
             records, stale = current_records(self.app, pending[start : start + batch_size])
             if stale:
                 log.info("dropped %d records fetched before a rebalance", stale)
