@@ -132,7 +132,7 @@ class PatientsService:
         (streams.consumer_seek), so the partition's owner fetches them again."""
         batch_size = self.settings.batch_size
         pending = [(event.message, record) for event in events for record in event.value.records()]
-        self.observe_backlog(events, len(pending))
+        self.observe_backlog(events)
         settlements = []
         for start in range(0, len(pending), batch_size):
             # a backfill's take holds every chunk faust buffered: minutes of steps
@@ -146,12 +146,11 @@ class PatientsService:
         self.backlog.in_hand = 0
         return settlements
 
-    def observe_backlog(self, events: list[faust.EventT], taken: int) -> None:
-        """Note the raw records waiting: the ``taken`` records of ``events`` and
-        those behind each partition's last chunk (``backlog``: rescoring defers
-        to the stream while there are more than a batch)."""
+    def observe_backlog(self, events: list[faust.EventT]) -> None:
+        """Note the raw records still in Kafka behind each partition's last
+        chunk of ``events`` (``backlog``; the records in hand are counted step
+        by step in process_chunks, which reports the gauge)."""
         now = time.monotonic()
-        self.backlog.in_hand = taken
         last: dict[Any, int] = {}
         for event in events:  # a chunk's message offset is its last record's
             message = event.message
@@ -162,7 +161,6 @@ class PatientsService:
             except Exception:  # not assigned any more, or no fetch answered yet
                 end = None
             self.backlog.observe(tp, offset + 1, end, now)
-        self.telemetry.raw_backlog(self.backlog.records(now))
 
     def backlogged(self) -> bool:
         return self.backlog.backlogged(time.monotonic())
