@@ -363,13 +363,15 @@ def _apply(
     Returns the patients with an event applied (an ordered set), the measures
     whose evidence changed per patient, and the patients with a replayed event.
 
-    A record just parsed from its state is handed to apply_event to modify in
-    place (a copy costs a third of apply_event); after that each event works
-    on a copy, so an event whose application raises leaves the record as it
-    was before that event (a record it broke in place is parsed again)."""
+    Every event modifies its patient's record in place (a copy per event cost
+    a third of apply_event). An event whose application raises leaves the
+    record as it was before that event all the same: the record is rebuilt
+    from its stored state and the batch's events applied to it before
+    (``_reapply``; apply_event is a function of the record and the event)."""
     applied: dict[str, None] = {}
     touched: dict[str, set[str]] = defaultdict(set)
     replayed: dict[str, None] = {}
+    history: dict[str, list[Observation | EnrollmentRecord]] = defaultdict(list)
     models = context.models
     for event, source, origin, parsed in valid:
         patient_id = parsed.patient_id
@@ -377,10 +379,9 @@ def _apply(
             _reject(outputs, event, source, "processing_error", broken[patient_id], origin)
             continue
         before = records[patient_id]
-        in_place = patient_id not in applied
         try:
             reading = _pending(before, parsed, context)
-            record, outcome = apply_event(before, parsed, models, copy=not in_place)
+            record, outcome = apply_event(before, parsed, models, copy=False)
         except Exception as error:  # a bug must not stop the stream or lose the event
             log_failure(
                 "could not apply the event from %s:%d:%d", origin.topic, origin.partition,
@@ -388,9 +389,9 @@ def _apply(
             )  # fmt: skip
             detail = f"{type(error).__name__}: {error}"
             _reject(outputs, event, source, "processing_error", detail, origin)
-            if in_place and before is not None:
-                records[patient_id] = _parse_state(states.get(patient_id))
+            records[patient_id] = _reapply(states.get(patient_id), history[patient_id], models)
             continue
+        history[patient_id].append(parsed)
         applied[patient_id] = None
         records[patient_id] = record
         if reading is not None and parsed.measure in outcome.touched:
@@ -407,6 +408,20 @@ def _apply(
         if outcome.replays:
             replayed[patient_id] = None
     return applied, touched, replayed
+
+
+def _reapply(
+    state: bytes | None,
+    events: list[Observation | EnrollmentRecord],
+    models: dict[str, ModelConfig],
+) -> PatientRecord | None:
+    """The record of ``state`` with ``events`` applied in order: a patient's
+    record as it was before the event of the batch that failed (each of
+    ``events`` was applied once already, to the same record, without error)."""
+    record = _parse_state(state)
+    for event in events:
+        record, _ = apply_event(record, event, models, copy=False)
+    return record
 
 
 def rescore(

@@ -143,7 +143,9 @@ def test_a_replayed_batch_changes_no_statistics_and_resends_its_evidence(program
     assert valid_readers and valid_readers <= forwarded
 
 
-@pytest.mark.parametrize("batch_size", [1, 25])  # 1: the failing record is always fresh
+# 1: the failing record is always the first of its patient in its batch; 100000:
+# one batch, which applied the patient's earlier readings to the record it breaks
+@pytest.mark.parametrize("batch_size", [1, 25, 100000])
 def test_an_event_whose_application_fails_is_dead_lettered_and_the_patient_continues(
     programme, monkeypatch, batch_size
 ):
