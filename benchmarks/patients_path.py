@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine, median, say, write_json
+from streams.settings import Settings
 
 MEASURE = "resting_heart_rate"
 PARTITIONS = 4
@@ -75,15 +76,18 @@ def prepare(patients: int, obs: int):
     return StepContext(catalogue, models, book, settings), records
 
 
-def one_pass(context, records, batch_size: int) -> dict[str, float]:
-    """CPU seconds per stage of one pass over ``records`` on an empty table."""
-    from streams.patient_step import STAGES, RecordCache, batch_keys, process_batch
+def one_pass(context, records, batch_size: int, batch_patients: int) -> dict[str, float]:
+    """CPU seconds per stage of one pass over ``records`` on an empty table, in
+    the worker's steps (streams.patient_step.step_bounds)."""
+    from streams.patient_step import STAGES, RecordCache, batch_keys, process_batch, step_bounds
 
     table: dict[str, bytes] = {}
     cache = RecordCache(context.settings.state_cache_patients)
     times = dict.fromkeys(STAGES, 0.0)
-    for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
+    start = 0
+    for end in step_bounds([r.key for r in records], batch_size, batch_patients):
+        batch = records[start:end]
+        start = end
         states = {key: table.get(key) for key in batch_keys(batch)}
         saves, _ = process_batch(states, batch, context, times=times, cache=cache)
         table.update(saves)
@@ -160,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=2000)
     parser.add_argument("--obs-per-patient", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=1000)
+    defaults = Settings()
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="most records per step (EFFICACY_BATCH_SIZE)")  # fmt: skip
+    parser.add_argument("--batch-patients", type=int, default=defaults.batch_patients,
+                        help="most patients per step (EFFICACY_BATCH_PATIENTS)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cprofile", type=Path, default=None, help="write pstats of one pass")
     parser.add_argument("--output", default="patients_path")
@@ -189,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         from cli.main import tune_garbage_collector
 
         tune_garbage_collector()  # as the worker does once started
-    one_pass(context, messages, args.batch_size)  # compile, warm caches
+    one_pass(context, messages, args.batch_size, args.batch_patients)  # compile, warm caches
     passes = []
     for repeat in range(args.repeats):
-        seconds = one_pass(context, messages, args.batch_size)
+        seconds = one_pass(context, messages, args.batch_size, args.batch_patients)
         passes.append(seconds)
         total = sum(seconds.values())
         say(f"pass {repeat}: {len(messages) / total:,.0f} events/s "
@@ -202,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cprofile:
         profiler = cProfile.Profile(time.process_time)
         profiler.enable()
-        one_pass(context, messages, args.batch_size)
+        one_pass(context, messages, args.batch_size, args.batch_patients)
         profiler.disable()
         profiler.dump_stats(str(args.cprofile))
         say(f"cProfile of one pass in {args.cprofile}")
     result = {
         "events": len(messages),
+        "batch_size": args.batch_size,
+        "batch_patients": args.batch_patients,
         "patients_agent_events_per_s": len(messages) / total,
         "patients_agent_seconds": total,
         "stage_seconds": stages,

@@ -201,6 +201,10 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
     async def rescore_patients() -> None:
         await guarded(patients_service.rescore_queued(rescoring))
 
+    @app.task
+    async def count_patients() -> None:
+        await guarded(patients_service.keep_held_counted())
+
     return Pipeline(
         app,
         topics,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
 from collections import Counter
 from types import SimpleNamespace
 
@@ -36,6 +37,7 @@ from streams.patient_step import (
     batch_keys,
     process_batch,
     rescore,
+    step_bounds,
     transition_alert,
 )
 from streams.posterior_feed import PosteriorBook
@@ -486,3 +488,31 @@ def test_a_record_on_another_partition_than_its_keys_is_rerouted_not_applied(pro
              for i, (topic, m) in enumerate(reroutes)]  # fmt: skip
     run_batches(states, again, context(), 50)
     assert statistics_mismatch(as_run(programme), parsed(states)) is None
+
+
+def test_steps_are_bounded_by_records_and_by_patients():
+    """step_bounds cuts a run of records, in order and without a gap, into
+    steps of at most max_records records naming at most max_patients
+    patients, each as long as those bounds allow; keyless records count as a
+    patient each. Checked against a brute force: the greedy cut of every
+    prefix."""
+    rng = random.Random(7)
+    for _ in range(300):
+        keys = [
+            None if rng.random() < 0.05 else str(rng.randrange(rng.randint(1, 30))).encode()
+            for _ in range(rng.randint(0, 120))
+        ]
+        max_records, max_patients = rng.randint(1, 40), rng.randint(1, 12)
+        ends = step_bounds(keys, max_records, max_patients)
+        expected, start = [], 0
+        while start < len(keys):
+            end = start
+            while end < len(keys):
+                step = keys[start : end + 1]
+                patients = len({k for k in step if k is not None}) + step.count(None)
+                if len(step) > max_records or patients > max_patients:
+                    break
+                end += 1
+            expected.append(end)
+            start = end
+        assert ends == expected

@@ -17,7 +17,7 @@ from streams.app import create_pipeline
 from streams.catalogue import Catalogue
 from streams.partitioning import EvidencePartitions, key_partition
 from streams.settings import Settings
-from streams.stores import KeyPartitionedRocksDB
+from streams.stores import KeyCounts, KeyPartitionedRocksDB
 
 PARTITIONS = 4
 
@@ -200,3 +200,60 @@ def test_rescoring_waits_while_the_population_agent_takes_over_measures(pipeline
 
     waited, went_on = asyncio.get_event_loop().run_until_complete(scenario())
     assert waited and went_on
+
+
+@pytest.mark.parametrize("store_url", ["rocksdb://", "memory://"])
+def test_partition_keys_and_key_counts_list_each_partition_exactly(tmp_path, store_url):
+    """partition_keys lists the keys of one partition and nothing else, under a
+    snapshot on RocksDB (a key set while the listing is under way is not in
+    it); KeyCounts counts each partition once through it and then adds the
+    new keys it is told of, which is len(table) by partition, never off by
+    a key set during a count."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        settings = Settings(
+            store_url=store_url, data_dir=tmp_path, partitions=PARTITIONS, web_enabled=False,
+            metrics_enabled=False, compilation_cache_dir=None,
+        )  # fmt: skip
+        table = create_pipeline(settings).patients.table
+        written = [f"patient-{i}" for i in range(200)]
+        for key in written:
+            table[key] = b"{}"
+        by_partition = {
+            p: sorted(k for k in written if table.partition_for_key(k) == p)
+            for p in range(PARTITIONS)
+        }
+        assert all(by_partition.values())
+        for partition, expected in by_partition.items():
+            assert sorted(table.partition_keys(partition)) == expected
+
+        counts = KeyCounts(table.partition_for_key)
+        late = [f"late-{i}" for i in range(40)]
+
+        async def count_while_writing() -> None:
+            counting = asyncio.create_task(counts.count(table, range(PARTITIONS), chunk=7))
+            for key in late:  # new keys, as the agent sets them while the count yields
+                await asyncio.sleep(0)
+                table[key] = b"{}"
+                counts.added([key])
+            await counting
+
+        loop.run_until_complete(count_while_writing())
+        for partition in range(PARTITIONS):
+            expected = by_partition[partition] + [
+                k for k in late if table.partition_for_key(k) == partition
+            ]
+            assert counts.counts[partition] == len(expected), partition
+        assert counts.total(range(PARTITIONS)) == len(written) + len(late)
+        assert counts.total([0, PARTITIONS]) is None  # a partition never counted
+        loop.run_until_complete(counts.count(table, [0], chunk=7))  # the others are given up
+        assert counts.total([0]) == len(
+            [k for k in written + late if table.partition_for_key(k) == 0]
+        )
+        assert counts.total([1]) is None
+        counts.forget()  # a rebalance: everything is counted again
+        assert counts.total([0]) is None
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
