@@ -42,8 +42,9 @@ PIT_CLIP = 1e-12  # keeps Φ⁻¹ finite for readings far in a tail (|z| ≤ 7)
 def _residuals(
     draws: Hyper,
     gram: jax.Array,
-    cohort_mean: jax.Array,
-    cohort_var: jax.Array,
+    shift_mean: jax.Array,
+    shift_var: jax.Array,
+    columns: jax.Array,
     exposure: jax.Array,
     fixed: jax.Array,
     outcome: jax.Array,
@@ -52,10 +53,12 @@ def _residuals(
 ) -> jax.Array:
     """Standardised residuals of a block of readings (standardised units).
 
-    gram: (B, d, d) each reading's patient evidence; cohort_mean, cohort_var:
-    (S, B); exposure, outcome: (B,); fixed: (B, d_z); covariates: (B, q)
-    standardised patient covariates or None.
+    gram: (B, d, d) each reading's patient evidence; shift_mean, shift_var:
+    (S, K) a table of group-shift moments, columns: (B,) each reading's column
+    of it (gathered here, on the device); exposure, outcome: (B,); fixed:
+    (B, d_z); covariates: (B, q) standardised patient covariates or None.
     """
+    cohort_mean, cohort_var = shift_mean[:, columns], shift_var[:, columns]
 
     def moments(theta: Hyper, c_mean: jax.Array, c_var: jax.Array):
         terms = patient_terms(theta, gram, config, covariates)
@@ -84,16 +87,20 @@ def predictive_residuals(
     config: ModelConfig,
     covariates: np.ndarray | None = None,
     time_covariates: np.ndarray | None = None,
+    columns: np.ndarray | None = None,
 ) -> np.ndarray:
     """z of each reading (raw exposure, time and outcome, shape (R,)) under the
     mixture predictive given its patient's evidence *before* the reading.
 
     gram: (R, d, d) standardised evidence of each reading's patient, weighted as
     of the reading's time (model.evidence.decay_to); cohort_mean, cohort_var:
-    (S, R) as for model.scores.summarize_given_cohorts; covariates: (R, q)
-    standardised covariates of each reading's patient, or None; time_covariates:
-    (R, k) the readings' time-varying covariates, natural units. Readings are
-    padded to a bucket size, so repeated calls compile once per bucket.
+    (S, R) as for model.scores.summarize_given_cohorts, or, with ``columns``
+    (R,), an (S, K) table of which reading r takes column ``columns[r]``
+    (streams.scoring.MeasurePosterior.shift_table: no (S, R) array built per
+    batch); covariates: (R, q) standardised covariates of each reading's
+    patient, or None; time_covariates: (R, k) the readings' time-varying
+    covariates, natural units. Readings are padded to a bucket size, so
+    repeated calls compile once per bucket (and table width).
     """
     count = int(np.shape(outcome)[0])
     if count == 0:
@@ -103,10 +110,10 @@ def predictive_residuals(
         np.asarray(exposure, dtype=float),
         np.asarray(time, dtype=float),
     )
-    columns = [t[:, None]] if config.time_trend else []
+    parts = [t[:, None]] if config.time_trend else []
     if config.time_covariates:
-        columns.append(config.standardization.time_covariates(time_covariates))
-    fixed = np.concatenate(columns, axis=-1) if columns else np.zeros((count, 0))
+        parts.append(config.standardization.time_covariates(time_covariates))
+    fixed = np.concatenate(parts, axis=-1) if parts else np.zeros((count, 0))
     size = bucket_size(count, SMALL_BUCKET)
     pad = size - count
 
@@ -115,11 +122,21 @@ def predictive_residuals(
         widths[axis] = (0, pad)
         return jnp.asarray(np.pad(np.asarray(array, dtype=float), widths))
 
+    if columns is None:  # one column per reading
+        cohort_mean, cohort_var = padded(cohort_mean, axis=1), padded(cohort_var, axis=1)
+        columns = np.arange(size)
+    else:  # the table's width padded too: one compile per bucket of it
+        columns = np.pad(np.asarray(columns, dtype=np.int32), (0, pad))
+        width = np.shape(cohort_mean)[1]
+        extra = [(0, 0), (0, bucket_size(width, SMALL_BUCKET) - width)]
+        cohort_mean = np.pad(np.asarray(cohort_mean, dtype=float), extra)
+        cohort_var = np.pad(np.asarray(cohort_var, dtype=float), extra, constant_values=1.0)
     z = _residuals(
         draws,
         padded(gram),
-        padded(cohort_mean, axis=1),
-        padded(cohort_var, axis=1),
+        jnp.asarray(cohort_mean, dtype=float),
+        jnp.asarray(cohort_var, dtype=float),
+        jnp.asarray(columns, dtype=np.int32),
         padded(x),
         padded(fixed),
         padded(y),

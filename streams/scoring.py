@@ -416,25 +416,26 @@ def reading_residuals(
     patient's evidence before it (model.predictive), evidence weighted as of the
     reading's time: N(0, 1) while the population posterior describes the data."""
     d = model.stat_dim
-    gram = np.stack(
-        [np.zeros((d, d)) if r.gram is None else np.asarray(r.gram, dtype=float) for r in readings]
-    )
+    empty = [[0.0] * d for _ in range(d)]
+    # one conversion of the nested lists (not an array per reading)
+    gram = np.asarray([empty if r.gram is None else r.gram for r in readings], dtype=float)
     times = np.asarray([r.time for r in readings])
     before = decay_to(gram_stats(gram, [r.reference_time for r in readings]), times, model)
-    cohort_mean, cohort_var = posterior.cohort_posterior(
+    shift_mean, shift_var, columns = posterior.shift_table(
         [r.cohort for r in readings], [r.groups for r in readings]
     )
     return predictive_residuals(
         posterior.draws,
         before.gram,
-        cohort_mean,
-        cohort_var,
+        shift_mean,
+        shift_var,
         np.asarray([r.exposure for r in readings]),
         times,
         np.asarray([r.value for r in readings]),
         model,
         standardized_covariates([list(r.covariates) for r in readings], model),
         reading_design([r.time_covariates for r in readings], model),
+        columns=columns,
     )
 
 
