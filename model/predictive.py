@@ -35,6 +35,9 @@ from model.config import ModelConfig
 from model.likelihood import Hyper, patient_terms
 from model.population import SMALL_BUCKET, bucket_size
 
+#: Readings per call of the jitted residuals: a step of thousands of readings
+#: under 400 draws would hold gigabytes of (S, B, d, d) intermediates.
+RESIDUAL_BLOCK = 1024
 PIT_CLIP = 1e-12  # keeps Φ⁻¹ finite for readings far in a tail (|z| ≤ 7)
 
 
@@ -105,6 +108,31 @@ def predictive_residuals(
     count = int(np.shape(outcome)[0])
     if count == 0:
         return np.zeros(0)
+    if count > RESIDUAL_BLOCK:  # blocks: memory (S × B × d² per intermediate) and compiles
+        return np.concatenate(
+            [
+                predictive_residuals(
+                    draws,
+                    gram[start : start + RESIDUAL_BLOCK],
+                    cohort_mean
+                    if columns is not None
+                    else cohort_mean[:, start : start + RESIDUAL_BLOCK],
+                    cohort_var
+                    if columns is not None
+                    else cohort_var[:, start : start + RESIDUAL_BLOCK],
+                    exposure[start : start + RESIDUAL_BLOCK],
+                    time[start : start + RESIDUAL_BLOCK],
+                    outcome[start : start + RESIDUAL_BLOCK],
+                    config,
+                    None if covariates is None else covariates[start : start + RESIDUAL_BLOCK],
+                    None
+                    if time_covariates is None
+                    else time_covariates[start : start + RESIDUAL_BLOCK],
+                    None if columns is None else columns[start : start + RESIDUAL_BLOCK],
+                )
+                for start in range(0, count, RESIDUAL_BLOCK)
+            ]
+        )
     y, x, t = config.standardization.apply(
         np.asarray(outcome, dtype=float),
         np.asarray(exposure, dtype=float),

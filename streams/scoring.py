@@ -25,7 +25,7 @@ from model.evidence import decay_to, gram_stats
 from model.family_scores import summarize_family_given_shifts
 from model.likelihood import Hyper
 from model.population import SMALL_BUCKET, bucket_size
-from model.predictive import predictive_residuals
+from model.predictive import RESIDUAL_BLOCK, predictive_residuals
 from model.scores import (
     EffectSummary,
     LevelPosteriors,
@@ -273,7 +273,7 @@ def compile_scoring(
     if model.family != "gaussian":  # no predictive check (patient_step._pending)
         return runs
     reading = PendingReading(None, float("-inf"), cohort, 0.0, 0.0, 0.0, "")
-    for size in _bucket_sizes(bucket_size(max_readings, SMALL_BUCKET)):
+    for size in _bucket_sizes(bucket_size(min(max_readings, RESIDUAL_BLOCK), SMALL_BUCKET)):
         reading_residuals(posterior, [reading] * size, model)
         runs += 1
     return runs

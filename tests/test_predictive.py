@@ -128,3 +128,15 @@ def test_a_shifted_stream_moves_the_residuals():
     # outcome units moves z by about 0.9: far beyond the 0.016 se of the mean.
     z = _simulated_stream(shift=0.6)
     assert 0.6 < z.mean() < 1.0
+
+
+def test_residuals_in_blocks_equal_one_call(monkeypatch):
+    """A batch larger than RESIDUAL_BLOCK is computed in blocks (bounded memory
+    and compiles): the same residuals as one call over every reading."""
+    import model.predictive as predictive
+
+    blocked = _simulated_stream(shift=0.0)
+    assert blocked.size > predictive.RESIDUAL_BLOCK
+    monkeypatch.setattr(predictive, "RESIDUAL_BLOCK", 1 << 20)
+    whole = _simulated_stream(shift=0.0)
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-9)
