@@ -106,36 +106,45 @@ def test_population_table_keeps_each_key_in_its_measures_partition(pipeline):
             assert table.get(key) == b"{}"
 
 
+@pytest.fixture
+def own_loop():
+    """A new event loop, the current one for the test (faust's app needs one)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+def _pipeline(tmp_path, store_url: str):
+    """A pipeline whose tables use ``store_url`` in ``tmp_path``, no web, no metrics."""
+    settings = Settings(
+        store_url=store_url, data_dir=tmp_path, partitions=PARTITIONS, web_enabled=False,
+        metrics_enabled=False, compilation_cache_dir=None,
+    )  # fmt: skip
+    return create_pipeline(settings)
+
+
 @pytest.mark.parametrize("store_url", ["rocksdb://", "memory://"])
-def test_prefix_values_read_one_measures_evidence_and_nothing_else(tmp_path, store_url):
+def test_prefix_values_read_one_measures_evidence_and_nothing_else(tmp_path, store_url, own_loop):
     """The population book's rebuild reads a measure's values by a seek to its
     prefix in its partition's database: the same values as filtering every key,
     also for measures that share a partition or whose names extend another's."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        settings = Settings(
-            store_url=store_url, data_dir=tmp_path, partitions=PARTITIONS, web_enabled=False,
-            metrics_enabled=False, compilation_cache_dir=None,
-        )  # fmt: skip
-        table = create_pipeline(settings).population.table
-        measures = ["hba1c", "hba1c_2", "phq9", "resting_heart_rate", "daily_steps", "ldl"]
-        partition_of = table.evidence
-        written = {}
-        for m, measure in enumerate(measures):
-            for i in range(30 + m):
-                key, value = f"{measure}/p{i}", f"{measure}:{i}".encode()
-                table[key] = value
-                written[key] = value
-        shared = [m for m in measures if partition_of(m) == partition_of("hba1c")]
-        assert len(shared) >= 2  # measures sharing a partition are kept apart by the prefix
-        for measure in measures:
-            expected = sorted(v for k, v in written.items() if k.startswith(f"{measure}/"))
-            found = sorted(table.prefix_values(partition_of(measure), f"{measure}/"))
-            assert found == expected, measure
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
+    table = _pipeline(tmp_path, store_url).population.table
+    measures = ["hba1c", "hba1c_2", "phq9", "resting_heart_rate", "daily_steps", "ldl"]
+    partition_of = table.evidence
+    written = {}
+    for m, measure in enumerate(measures):
+        for i in range(30 + m):
+            key, value = f"{measure}/p{i}", f"{measure}:{i}".encode()
+            table[key] = value
+            written[key] = value
+    shared = [m for m in measures if partition_of(m) == partition_of("hba1c")]
+    assert len(shared) >= 2  # measures sharing a partition are kept apart by the prefix
+    for measure in measures:
+        expected = sorted(v for k, v in written.items() if k.startswith(f"{measure}/"))
+        found = sorted(table.prefix_values(partition_of(measure), f"{measure}/"))
+        assert found == expected, measure
 
 
 class _SendLog:
@@ -203,57 +212,44 @@ def test_rescoring_waits_while_the_population_agent_takes_over_measures(pipeline
 
 
 @pytest.mark.parametrize("store_url", ["rocksdb://", "memory://"])
-def test_partition_keys_and_key_counts_list_each_partition_exactly(tmp_path, store_url):
+def test_partition_keys_and_key_counts_list_each_partition_exactly(tmp_path, store_url, own_loop):
     """partition_keys lists the keys of one partition and nothing else, under a
     snapshot on RocksDB (a key set while the listing is under way is not in
     it); KeyCounts counts each partition once through it and then adds the
     new keys it is told of, which is len(table) by partition, never off by
     a key set during a count."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        settings = Settings(
-            store_url=store_url, data_dir=tmp_path, partitions=PARTITIONS, web_enabled=False,
-            metrics_enabled=False, compilation_cache_dir=None,
-        )  # fmt: skip
-        table = create_pipeline(settings).patients.table
-        written = [f"patient-{i}" for i in range(200)]
-        for key in written:
+    table = _pipeline(tmp_path, store_url).patients.table
+    written = [f"patient-{i}" for i in range(200)]
+    for key in written:
+        table[key] = b"{}"
+    by_partition = {
+        p: sorted(k for k in written if table.partition_for_key(k) == p) for p in range(PARTITIONS)
+    }
+    assert all(by_partition.values())
+    for partition, expected in by_partition.items():
+        assert sorted(table.partition_keys(partition)) == expected
+
+    counts = KeyCounts(table.partition_for_key)
+    late = [f"late-{i}" for i in range(40)]
+
+    async def count_while_writing() -> None:
+        counting = asyncio.create_task(counts.count(table, range(PARTITIONS), chunk=7))
+        for key in late:  # new keys, as the agent sets them while the count yields
+            await asyncio.sleep(0)
             table[key] = b"{}"
-        by_partition = {
-            p: sorted(k for k in written if table.partition_for_key(k) == p)
-            for p in range(PARTITIONS)
-        }
-        assert all(by_partition.values())
-        for partition, expected in by_partition.items():
-            assert sorted(table.partition_keys(partition)) == expected
+            counts.added([key])
+        await counting
 
-        counts = KeyCounts(table.partition_for_key)
-        late = [f"late-{i}" for i in range(40)]
-
-        async def count_while_writing() -> None:
-            counting = asyncio.create_task(counts.count(table, range(PARTITIONS), chunk=7))
-            for key in late:  # new keys, as the agent sets them while the count yields
-                await asyncio.sleep(0)
-                table[key] = b"{}"
-                counts.added([key])
-            await counting
-
-        loop.run_until_complete(count_while_writing())
-        for partition in range(PARTITIONS):
-            expected = by_partition[partition] + [
-                k for k in late if table.partition_for_key(k) == partition
-            ]
-            assert counts.counts[partition] == len(expected), partition
-        assert counts.total(range(PARTITIONS)) == len(written) + len(late)
-        assert counts.total([0, PARTITIONS]) is None  # a partition never counted
-        loop.run_until_complete(counts.count(table, [0], chunk=7))  # the others are given up
-        assert counts.total([0]) == len(
-            [k for k in written + late if table.partition_for_key(k) == 0]
-        )
-        assert counts.total([1]) is None
-        counts.forget()  # a rebalance: everything is counted again
-        assert counts.total([0]) is None
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
+    own_loop.run_until_complete(count_while_writing())
+    for partition in range(PARTITIONS):
+        expected = by_partition[partition] + [
+            k for k in late if table.partition_for_key(k) == partition
+        ]
+        assert counts.counts[partition] == len(expected), partition
+    assert counts.total(range(PARTITIONS)) == len(written) + len(late)
+    assert counts.total([0, PARTITIONS]) is None  # a partition never counted
+    own_loop.run_until_complete(counts.count(table, [0], chunk=7))  # the others are given up
+    assert counts.total([0]) == len([k for k in written + late if table.partition_for_key(k) == 0])
+    assert counts.total([1]) is None
+    counts.forget()  # a rebalance: everything is counted again
+    assert counts.total([0]) is None
