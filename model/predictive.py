@@ -109,26 +109,30 @@ def predictive_residuals(
     if count == 0:
         return np.zeros(0)
     if count > RESIDUAL_BLOCK:  # blocks: memory (S × B × d² per intermediate) and compiles
+
+        def cut(array, start: int, axis: int = 0):
+            """``array``'s readings start … start + RESIDUAL_BLOCK along ``axis``."""
+            if array is None:
+                return None
+            return np.asarray(array)[
+                (slice(None),) * axis + (slice(start, start + RESIDUAL_BLOCK),)
+            ]
+
+        per_reading = columns is None  # the moments have a column per reading, else a table
         return np.concatenate(
             [
                 predictive_residuals(
                     draws,
-                    gram[start : start + RESIDUAL_BLOCK],
-                    cohort_mean
-                    if columns is not None
-                    else cohort_mean[:, start : start + RESIDUAL_BLOCK],
-                    cohort_var
-                    if columns is not None
-                    else cohort_var[:, start : start + RESIDUAL_BLOCK],
-                    exposure[start : start + RESIDUAL_BLOCK],
-                    time[start : start + RESIDUAL_BLOCK],
-                    outcome[start : start + RESIDUAL_BLOCK],
+                    cut(gram, start),
+                    cut(cohort_mean, start, axis=1) if per_reading else cohort_mean,
+                    cut(cohort_var, start, axis=1) if per_reading else cohort_var,
+                    cut(exposure, start),
+                    cut(time, start),
+                    cut(outcome, start),
                     config,
-                    None if covariates is None else covariates[start : start + RESIDUAL_BLOCK],
-                    None
-                    if time_covariates is None
-                    else time_covariates[start : start + RESIDUAL_BLOCK],
-                    None if columns is None else columns[start : start + RESIDUAL_BLOCK],
+                    cut(covariates, start),
+                    cut(time_covariates, start),
+                    cut(columns, start),
                 )
                 for start in range(0, count, RESIDUAL_BLOCK)
             ]

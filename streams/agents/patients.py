@@ -359,17 +359,18 @@ class PatientsService:
         evidence on ``measure`` (streams.patient_step.rescore; ``step``
         rescore_joint with a joint group's name for ``measure``) and publish what
         changed materially (everything when ``force``: the posterior itself moved
-        materially). In chunks of RESCORE_CHUNK patients, each loaded, scored and
-        saved without an await (a batch of the agent may have saved a patient
-        since the keys were listed), so memory stays bounded by a chunk however
-        many patients. Returns the number of scores published.
+        materially). A partition at a time, its keys listed a chunk at a time
+        (``partition_keys``), in chunks of RESCORE_CHUNK patients, each loaded,
+        scored and saved without an await (a batch of the agent may have saved a
+        patient since the keys were listed), so memory stays bounded by a chunk
+        however many patients. Returns the number of scores published.
 
         The local store also holds standby replicas and partitions this worker
         owned before a rebalance: rescoring (and saving) those would overwrite
-        the owner's newer state, and its latest score, with a stale copy. So
-        each chunk keeps only the patients of partitions this worker owns at
-        that moment, and waits for its turn (``turn_to_rescore``, with
-        ``defer_until``) before each."""
+        the owner's newer state, and its latest score, with a stale copy. So a
+        chunk is scored only while this worker owns its partition at that
+        moment, after waiting for its turn (``turn_to_rescore``, with
+        ``defer_until``)."""
         published = 0
         for partition in range(self.settings.partitions):
             if partition not in self.active_partitions():
