@@ -36,6 +36,12 @@ from streams.topics import MAX_MESSAGE_BYTES, Topics, declare_topics
 
 log = logging.getLogger(__name__)
 
+# aiokafka sends one produce request per broker at a time, holding at most one
+# batch per partition, and a send to a partition whose batch is full waits for
+# that request: with faust's 16 KB batches (three patients' changelog records)
+# a step's writes became a chain of small requests, one broker round trip each.
+PRODUCER_BATCH_BYTES = 1024 * 1024
+
 
 @dataclass
 class Pipeline:
@@ -106,6 +112,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         producer_linger_ms=settings.producer_linger_ms,
         producer_request_timeout=settings.producer_request_timeout_seconds,
         producer_max_request_size=MAX_MESSAGE_BYTES,
+        producer_max_batch_size=PRODUCER_BATCH_BYTES,
         consumer_max_fetch_size=MAX_MESSAGE_BYTES,
         key_serializer="raw",
         value_serializer="raw",
