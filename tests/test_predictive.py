@@ -70,7 +70,18 @@ def test_residual_equals_dense_conditioning(config, seed):
 
 def _simulated_stream(shift: float, seed: int = 0):
     """Patients simulated from one known θ; for each, the evidence of its first
-    readings and one further reading (shifted by ``shift`` outcome units)."""
+    readings and one further reading (shifted by ``shift`` outcome units): the
+    residuals of those readings."""
+    draws, gram, exposure, outcome, config = _stream_inputs(shift, seed)
+    zeros = np.zeros((1, gram.shape[0]))
+    return predictive_residuals(
+        draws, gram, zeros, zeros, exposure, np.zeros(gram.shape[0]), outcome, config
+    )
+
+
+def _stream_inputs(shift: float, seed: int = 0):
+    """_simulated_stream's draws, each reading's patient's Gram matrix, the
+    readings' exposures and outcomes, and the config."""
     config = ModelConfig(time_trend=False, cohort_level=False)
     rng = np.random.default_rng(seed)
     theta = Hyper(
@@ -101,17 +112,7 @@ def _simulated_stream(shift: float, seed: int = 0):
         outcome[:, :-1].ravel(),
         config,
     )
-    zeros = np.zeros((1, num_patients))
-    return predictive_residuals(
-        _one_draw(theta),
-        stats.gram,
-        zeros,
-        zeros,
-        exposure[:, -1],
-        np.zeros(num_patients),
-        outcome[:, -1],
-        config,
-    )
+    return _one_draw(theta), stats.gram, exposure[:, -1], outcome[:, -1], config
 
 
 def test_residuals_of_readings_from_the_model_are_standard_normal():
@@ -140,3 +141,34 @@ def test_residuals_in_blocks_equal_one_call(monkeypatch):
     monkeypatch.setattr(predictive, "RESIDUAL_BLOCK", 1 << 20)
     whole = _simulated_stream(shift=0.0)
     np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-9)
+
+
+def test_a_table_of_group_moments_equals_each_readings_own_column():
+    """The conflict check's path: each reading's cohort moments gathered from
+    an (S, K) table by ``columns`` (streams.scoring.MeasurePosterior.shift_table),
+    over more readings than one RESIDUAL_BLOCK, give the residuals of the same
+    moments given per reading (the path test_residual_equals_dense_conditioning
+    checks against dense conditioning)."""
+    import model.predictive as predictive
+
+    draws, gram, exposure, outcome, config = _stream_inputs(shift=0.0)
+    count = gram.shape[0]
+    assert count > predictive.RESIDUAL_BLOCK
+    rng = np.random.default_rng(5)
+    groups = 37  # not a bucket size: the table's width is padded
+    table_mean = rng.normal(0.0, 0.5, (1, groups))
+    table_var = rng.uniform(0.05, 0.5, (1, groups))
+    columns = rng.integers(0, groups, count)
+    time = np.zeros(count)
+    from_table = predictive_residuals(
+        draws, gram, table_mean, table_var, exposure, time, outcome, config, columns=columns
+    )
+    per_reading = predictive_residuals(
+        draws, gram, table_mean[:, columns], table_var[:, columns], exposure, time, outcome,
+        config,
+    )  # fmt: skip
+    np.testing.assert_allclose(from_table, per_reading, rtol=0, atol=1e-9)
+    # the moments matter: without them the residuals differ
+    zeros = np.zeros((1, count))
+    without = predictive_residuals(draws, gram, zeros, zeros, exposure, time, outcome, config)
+    assert np.max(np.abs(without - from_table)) > 0.1
