@@ -29,6 +29,7 @@ its per-message buffer and only logs a failed changelog delivery.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -170,6 +171,29 @@ class KeyPartitionedRocksDB(rocksdb.Store):
 
     def _contains(self, key: bytes) -> bool:
         return self._get(key) is not None
+
+    def revoke_partitions(self, table: Any, tps: set[TP]) -> None:
+        """Drop the databases of ``tps`` (faust's, without its full garbage
+        collection on every rebalance). faust collects so that a dropped
+        database's RocksDB lock is released before the partition can come
+        back; it collected even with nothing revoked, twice per rebalance (one
+        per table), which blocked the event loop ~0.4 s each at 20k patients
+        and ~1 s at 100k, in a standby's takeover. Reference counting releases
+        a dropped database at once; the rare handle kept alive by a reference
+        cycle is collected when its partition is opened again
+        (``_open_for_partition``)."""
+        for tp in tps:
+            if tp.topic in table.changelog_topic.topics:
+                self._dbs.pop(tp.partition, None)
+
+    def _open_for_partition(self, partition: int) -> Any:
+        try:
+            return super()._open_for_partition(partition)
+        except Exception as error:  # rocksdict raises Exception itself
+            if "lock" not in str(error):
+                raise
+        gc.collect()  # an earlier handle of this partition, left in a reference cycle
+        return super()._open_for_partition(partition)
 
     def partition_keys(self, partition: int) -> Iterator[str]:
         """PartitionedByKey.partition_keys: the partition's database under a snapshot."""
