@@ -32,6 +32,7 @@ import asyncio
 import gc
 import itertools
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Self
 
@@ -153,6 +154,11 @@ class KeyPartitionedRocksDB(rocksdb.Store):
 
     table: PartitionedByKey
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Revoked partitions whose database handle outlived the revocation.
+        self._lingering: set[int] = set()
+
     def _partition(self, key: bytes) -> int:
         """The partition of a key as the store holds it (serialised)."""
         return self.table.partition_for_key(self._decode_key(key))
@@ -179,21 +185,32 @@ class KeyPartitionedRocksDB(rocksdb.Store):
         back; it collected even with nothing revoked, twice per rebalance (one
         per table), which blocked the event loop ~0.4 s each at 20k patients
         and ~1 s at 100k, in a standby's takeover. Reference counting releases
-        a dropped database at once; the rare handle kept alive by a reference
-        cycle is collected when its partition is opened again
-        (``_open_for_partition``)."""
+        a dropped database at once; a handle still referenced elsewhere (an
+        iterator, a reference cycle) is noted, and collected for once when its
+        partition is opened again (``_open_for_partition``)."""
         for tp in tps:
             if tp.topic in table.changelog_topic.topics:
-                self._dbs.pop(tp.partition, None)
+                db = self._dbs.pop(tp.partition, None)
+                # references: the local name and getrefcount's argument
+                if db is not None and sys.getrefcount(db) > 2:
+                    self._lingering.add(tp.partition)
+                del db
 
     def _open_for_partition(self, partition: int) -> Any:
-        try:
-            return super()._open_for_partition(partition)
-        except Exception as error:  # rocksdict raises Exception itself
-            if "lock" not in str(error):
-                raise
-        gc.collect()  # an earlier handle of this partition, left in a reference cycle
+        if partition in self._lingering:
+            self._lingering.discard(partition)
+            gc.collect()  # its earlier handle, if a reference cycle keeps it
         return super()._open_for_partition(partition)
+
+    def set_persisted_offset(self, tp: TP, offset: int) -> None:
+        """Record the changelog offset written, in the partition's database if
+        it is open: a delivery that completes after a rebalance took the
+        partition away, or after the store stopped, must not open it again
+        (faust's would, and hold its lock; the next owner replays from its own
+        offset)."""
+        db = self._dbs.get(tp.partition)
+        if db is not None:
+            db.put(self.offset_key, str(offset).encode())
 
     def partition_keys(self, partition: int) -> Iterator[str]:
         """PartitionedByKey.partition_keys: the partition's database under a snapshot."""

@@ -454,15 +454,20 @@ def test_a_worker_killed_with_writes_waiting_on_a_stopped_broker_loses_nothing(t
     the batch nor commits past it), and is then killed with writes undelivered.
     With the broker back, a new worker on the same data resumes from the
     committed offsets: nothing lost and nothing counted twice. One record per
-    batch, so the worker is mid-way through its fetched records when the
-    broker stops."""
+    batch, a producer linger of 100 ms and 600 patients (21k records), so the
+    worker is mid-way through its fetched records when the broker stops: it
+    writes about a thousand records a second between two polls (3.1-4.7k of
+    21k written when the broker stopped; at 300 patients without the linger,
+    7.2k of 10.5k, past the middle)."""
     from cli.broker import LocalKafka
 
     kafka = LocalKafka(log=lambda m: print(f"[kafka] {m}", flush=True))
     bootstrap = kafka.start()
     try:
-        run = Run(bootstrap, "deliverywait", small_programme(seed=26, patients=300))
-        first = WorkerProcess(run.env(tmp_path / "w", EFFICACY_BATCH_SIZE="1"))
+        run = Run(bootstrap, "deliverywait", small_programme(seed=26, patients=600))
+        first = WorkerProcess(
+            run.env(tmp_path / "w", EFFICACY_BATCH_SIZE="1", EFFICACY_PRODUCER_LINGER_MS="100")
+        )
         try:
             # The worker creates the topics; the whole programme then waits for it.
             first.start()

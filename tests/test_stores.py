@@ -284,7 +284,7 @@ def test_a_rebalance_keeps_the_stores_without_a_garbage_collection(pipeline, mon
     assert collections == []
     for patient_id in ids:
         assert table.get(patient_id) == patient_id.encode()
-    # partition 0's handle held by a cycle: reopening it collects, then succeeds
+    # partition 0's handle held by a cycle: reopening it collects, once, then succeeds
     cycle: list = [store._dbs[0]]
     cycle.append(cycle)
     del cycle
@@ -293,3 +293,25 @@ def test_a_rebalance_keeps_the_stores_without_a_garbage_collection(pipeline, mon
     assert len(collections) == 1
     for patient_id in ids:
         assert table.get(patient_id) == patient_id.encode()
+
+
+def test_a_changelog_delivery_after_its_partition_left_does_not_reopen_it(pipeline):
+    """The changelog offset a delivery marks as persisted goes to the
+    partition's database only while it is open: after a rebalance took the
+    partition away (or the store stopped) with its handle still in use
+    elsewhere, faust's store reopened it and failed on the RocksDB lock, once
+    per delivery."""
+    table = pipeline.patients.table
+    store = table.data
+    table["patient-1"] = b"x"
+    partition = key_partition(b"patient-1", PARTITIONS)
+    in_use = store._dbs[partition]  # an iterator or snapshot still reading it
+    topic = table.changelog_topic.get_topic_name()
+    every = {TP(topic, p) for p in range(PARTITIONS)}
+    gone = {TP(topic, partition)}
+    asyncio.get_event_loop().run_until_complete(store.on_rebalance(every - gone, gone, set()))
+    store.set_persisted_offset(TP(topic, partition), 7)
+    assert partition not in store._dbs
+    del in_use
+    asyncio.get_event_loop().run_until_complete(store.on_rebalance(every, set(), gone))
+    assert table.get("patient-1") == b"x"
