@@ -186,7 +186,7 @@ class KeyPartitionedRocksDB(rocksdb.Store):
         per table), which blocked the event loop ~0.4 s each at 20k patients
         and ~1 s at 100k, in a standby's takeover. Reference counting releases
         a dropped database at once; a handle still referenced elsewhere (an
-        iterator, a reference cycle) is noted, and collected for once when its
+        iterator, a reference cycle) is noted, and collected once when its
         partition is opened again (``_open_for_partition``)."""
         for tp in tps:
             if tp.topic in table.changelog_topic.topics:
