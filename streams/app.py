@@ -132,6 +132,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         app, topics, catalogue, models, posteriors, settings, telemetry,
         paused=lambda: population_service.taking_over,
     )  # fmt: skip
+    population_service.backlogged = patients_service.backlogged
     patients.register(app, patients_service)
     population.register(app, population_service)
     drift.register(app, topics, telemetry)

@@ -164,6 +164,14 @@ class Settings(BaseSettings):
         "may wait while the raw topics have a backlog (the backlog's patients are scored under "
         "the new posterior as their readings are applied; 0: rescore at once)",
     )
+    population_backlog_share: float = Field(
+        default=0.2,
+        gt=0.0,
+        le=1.0,
+        description="while the raw topics have a backlog, the most of the worker's time a "
+        "measure's population fits take: a fit of d seconds is followed by the next no sooner "
+        "than d × (1 − share) / share seconds after it (at most 60 s; 1: every interval)",
+    )
     population_min_patients: int = Field(
         default=5, ge=1, description="patients with evidence before the first population fit"
     )

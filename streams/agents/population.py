@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
 
@@ -42,6 +43,7 @@ from monitoring.drift import (
 )
 from streams.catalogue import Catalogue
 from streams.consumer_seek import fetched_since_rebalance
+from streams.fit_pace import FitPace
 from streams.joint_stream import (
     POSTERIOR_VALUE_LIMIT,
     JointModel,
@@ -115,8 +117,13 @@ class PopulationService:
         svi: SVIConfig | None = None,
         drift: DriftConfig | None = None,
         catalogue: Catalogue | None = None,
+        backlogged: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
+        # Whether the patients agent has a backlog (PatientsService.backlogged):
+        # fits are then paced (streams.fit_pace).
+        self.backlogged = backlogged
+        self.pace = FitPace(settings.population_backlog_share)
         self.catalogue = catalogue  # its subgroups are scored after every posterior
         self.subgroups: dict[str, dict[str, SubgroupScore]] = {}  # last published
         self.topics = topics
@@ -281,7 +288,9 @@ class PopulationService:
         go first: their fits are warm (seconds), and rescoring waits for them
         (``taking_over``)."""
         owned = {measure for measure in self.models if self.owns(measure)}
-        self._owned &= owned  # measures a rebalance moved away
+        for measure in self._owned - owned:  # moved away by a rebalance
+            self.pace.forget(measure)
+        self._owned &= owned
         warm = [
             m for m in self.models if m in owned - self._owned and m in self.posteriors.messages
         ]
@@ -297,8 +306,12 @@ class PopulationService:
             self._taking_over = False
         await self.warm_up_recent_fits()
         for group in self.joint:
+            started = time.monotonic()
+            if not self.pace.due(posterior_key(group), started, self.backlogged()):
+                continue
             try:
-                await self.fit_joint(group)
+                if await self.fit_joint(group) is not None:
+                    self.pace.done(posterior_key(group), started, time.monotonic())
             except Exception:  # keep the agent alive; the next tick retries
                 log.exception("joint update of %s failed", group)
                 self._joint_fitted.pop(group, None)
@@ -407,11 +420,15 @@ class PopulationService:
             return
         if book.num_patients < self.settings.population_min_patients:
             return
+        started = time.monotonic()
+        if not self.pace.due(measure, started, self.backlogged()):
+            return
         try:
             await self.fit(measure, book)
         except Exception:  # keep the agent alive; the next tick retries
             log.exception("population update of %s failed", measure)
             book.changes_since_fit += 1
+        self.pace.done(measure, started, time.monotonic())
 
     async def fit(self, measure: str, book: PopulationBook) -> None:
         model = self.fits.get(measure)
