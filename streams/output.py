@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import NoReturn
 
 import faust
@@ -29,14 +30,72 @@ class DeliveryFailed(RuntimeError):
     """A record the worker produced was not written to Kafka."""
 
 
+#: A record to send: (topic, key, value, partition); partition None: the
+#: producer's partitioner on the key (Kafka's murmur2, as faust's own sends).
+Outbound = tuple[str, bytes | None, bytes | None, int | None]
+
+
+@dataclass(frozen=True)
+class SentBatch:
+    """Records queued as one batch of one partition: ``future`` resolves to
+    the batch's RecordMetadata, whose offset is its first record's, once the
+    broker has written all ``count`` of them (or fails for all of them)."""
+
+    topic: str
+    partition: int
+    count: int
+    future: asyncio.Future
+
+    @property
+    def last_offset(self) -> int:
+        """The offset of the batch's last record (once written)."""
+        return self.future.result().offset + self.count - 1
+
+
 class Producer:
     """Sends raw (bytes) records through the faust app's aiokafka producer.
 
-    The producer is faust-streaming 0.15.3's ``Producer._producer`` (the version
-    pyproject pins; tests/test_chunked_consumer.py checks the pin)."""
+    The producer is faust-streaming 0.15.3's ``Producer._producer`` and
+    aiokafka 0.14.0 (the versions pyproject pins; tests/test_chunked_consumer.py
+    checks the pins)."""
 
     def __init__(self, app: faust.App) -> None:
         self.app = app
+
+    async def send_many(self, records: Iterable[Outbound]) -> list[SentBatch]:
+        """Queue ``records`` as one batch per partition (``send_batch``: a
+        record costs its append to the batch, ~1 µs, where ``send`` builds a
+        future and goes through the accumulator, ~10 µs), each partition's
+        records in their order. A partition's batch that reaches the
+        producer's batch size goes out and the next one starts. Waits while an
+        earlier batch of the partition has not been taken by the producer's
+        sender (aiokafka's accumulator): back-pressure of about one request."""
+        producer = self.app.producer._ensure_producer()
+        open_batches: dict[tuple[str, int], list] = {}  # (topic, partition) -> [builder, count]
+        sent: list[SentBatch] = []
+        known_topics: set[str] = set()
+        for topic, key, value, partition in records:
+            if partition is None:
+                if topic not in known_topics:
+                    await producer.client._wait_on_metadata(topic)
+                    known_topics.add(topic)
+                partition = producer._partition(topic, None, key, value, key, value)
+            entry = open_batches.get((topic, partition))
+            if entry is None:
+                entry = open_batches[(topic, partition)] = [producer.create_batch(), 0]
+            if entry[0].append(timestamp=None, key=key, value=value) is None:  # full
+                sent.append(await self._submit(producer, topic, partition, *entry))
+                entry[0], entry[1] = producer.create_batch(), 0
+                entry[0].append(timestamp=None, key=key, value=value)  # a first record fits
+            entry[1] += 1
+        for (topic, partition), (builder, count) in open_batches.items():
+            sent.append(await self._submit(producer, topic, partition, builder, count))
+        return sent
+
+    @staticmethod
+    async def _submit(producer, topic: str, partition: int, builder, count: int) -> SentBatch:
+        future = await producer.send_batch(builder, topic, partition=partition)
+        return SentBatch(topic, partition, count, future)
 
     async def send(
         self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None

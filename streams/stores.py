@@ -41,10 +41,7 @@ from faust.stores import rocksdb
 from faust.types import TP
 from yarl import URL
 
-from streams.output import Producer
-
-Outbound = tuple[str, bytes | None, bytes | None, int | None]
-"""A record to send: topic name, key, value, partition (None: the key's)."""
+from streams.output import Outbound, Producer, SentBatch
 
 
 class PartitionedByKey(faust.Table):
@@ -69,9 +66,11 @@ class PartitionedByKey(faust.Table):
         """Set every key of ``items`` in the local store, send its changelog
         record (keyed and serialised as faust's own path does), then the
         ``caused`` records (topic, key, value, partition), all through
-        ``producer``. Returns the delivery futures; a changelog record's marks
-        its offset as persisted in the store when it completes (what faust's
-        changelog callback does, so a restart replays only the changelog past it).
+        ``producer`` in one batch per partition (``Producer.send_many``).
+        Returns the delivery futures; a changelog batch's marks its last
+        offset as persisted in the store when it completes (what faust's
+        changelog callback does per record, so a restart replays only the
+        changelog past it).
 
         Writers send one at a time, in the order their values were set
         (asyncio.Lock is FIFO): a key's last changelog record is its value, and
@@ -82,18 +81,17 @@ class PartitionedByKey(faust.Table):
             self.data[key] = value
         topic = self.changelog_topic
         name = topic.get_topic_name()
-        futures = []
+        changelog = []
+        for key, value in items.items():
+            raw_key, _ = topic.prepare_key(key, self.key_serializer)
+            raw_value, _ = topic.prepare_value(value, self.value_serializer)
+            changelog.append((name, raw_key, raw_value, self.partition_for_key(key)))
         async with self._send_order:
-            for key, value in items.items():
-                raw_key, _ = topic.prepare_key(key, self.key_serializer)
-                raw_value, _ = topic.prepare_value(value, self.value_serializer)
-                partition = self.partition_for_key(key)
-                future = await producer.send(name, raw_key, raw_value, partition)
-                future.add_done_callback(self._persisted)
-                futures.append(future)
-            for topic_name, key, value, partition in caused:
-                futures.append(await producer.send(topic_name, key, value, partition))
-        return futures
+            batches = await producer.send_many(changelog)
+            for batch in batches:
+                batch.future.add_done_callback(lambda _, batch=batch: self._persisted(batch))
+            batches += await producer.send_many(caused)
+        return [batch.future for batch in batches]
 
     def prefix_values(self, partition: int, prefix: str) -> Iterator[bytes]:
         """The values of the keys of ``partition`` that start with ``prefix``.
@@ -125,11 +123,11 @@ class PartitionedByKey(faust.Table):
             lock = self.__dict__["_send_lock"] = asyncio.Lock()
         return lock
 
-    def _persisted(self, future: asyncio.Future) -> None:
+    def _persisted(self, batch: SentBatch) -> None:
+        future = batch.future
         if future.cancelled() or future.exception() is not None:
             return  # the caller's await of the future raises
-        metadata = future.result()
-        self.data.set_persisted_offset(TP(metadata.topic, metadata.partition), metadata.offset)
+        self.data.set_persisted_offset(TP(batch.topic, batch.partition), batch.last_offset)
 
     def _new_store_by_url(self, url: str | URL) -> Any:
         if URL(str(url)).scheme != "rocksdb":

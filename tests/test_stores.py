@@ -16,6 +16,7 @@ from faust.types import TP
 
 from streams.app import create_pipeline
 from streams.catalogue import Catalogue
+from streams.output import SentBatch
 from streams.partitioning import EvidencePartitions, key_partition
 from streams.settings import Settings
 from streams.stores import KeyCounts, KeyPartitionedRocksDB
@@ -155,10 +156,14 @@ class _SendLog:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes | None]] = []
 
-    async def send(self, topic, key, value, partition=None) -> asyncio.Future:
-        await asyncio.sleep(0)
-        self.sent.append((topic, key, value))
-        return asyncio.get_running_loop().create_future()
+    async def send_many(self, records) -> list[SentBatch]:
+        batches = []
+        for topic, key, value, partition in records:
+            await asyncio.sleep(0)
+            self.sent.append((topic, key, value))
+            future = asyncio.get_running_loop().create_future()
+            batches.append(SentBatch(topic, partition or 0, 1, future))
+        return batches
 
 
 def test_the_records_a_write_caused_never_overtake_an_earlier_writers(pipeline):
