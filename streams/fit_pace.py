@@ -2,9 +2,9 @@
 
 The agent considers an update of every owned measure with new evidence each
 ``EFFICACY_POPULATION_INTERVAL_SECONDS``. A fit at 100k patients takes seconds,
-so during a backfill the fits ran back to back (a 1M-reading backfill: 94 fits,
-354 s of its 1,215 s), each competing with the patients agent for the cores
-and each publishing a posterior that asked every worker to rescore. The
+so unpaced, a backfill's fits run back to back, each competing with the
+patients agent for the cores and each publishing a posterior that asks every
+worker to rescore (benchmarks/README.md §6, the 1M-reading backfill). The
 backlog's patients are scored under whatever posterior is newest when their
 readings are applied, and a posterior of 100k patients hardly moves in a few
 seconds of readings.
@@ -20,6 +20,8 @@ times in, decisions out.
 """
 
 from __future__ import annotations
+
+from streams.rescore_queue import paced_wait
 
 
 class FitPace:
@@ -42,7 +44,7 @@ class FitPace:
         if last is None:
             return float("-inf")
         ended, seconds = last
-        return ended + min(seconds * (1.0 - self.share) / self.share, self.max_wait)
+        return ended + min(paced_wait(seconds, self.share), self.max_wait)
 
     def due(self, key: str, now: float, backlogged: bool) -> bool:
         """Whether ``key`` may be fitted at ``now``."""

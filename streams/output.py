@@ -63,10 +63,10 @@ class Producer:
         self.app = app
 
     async def send_many(self, records: Iterable[Outbound]) -> list[SentBatch]:
-        """Queue ``records`` as one batch per partition (``send_batch``: a
-        record costs its append to the batch, ~1 µs, where ``send`` builds a
-        future and goes through the accumulator, ~10 µs), each partition's
-        records in their order. A partition's batch that reaches the
+        """Queue ``records`` as one batch per partition (``send_batch``: no
+        future and no pass through the accumulator per record; the producer's
+        whole work is about half that of a ``send`` per record,
+        benchmarks/producer_batches.py), each partition's records in their order. A partition's batch that reaches the
         producer's batch size goes out and the next one starts. Waits while an
         earlier batch of the partition has not been taken by the producer's
         sender (aiokafka's accumulator): back-pressure of about one request."""

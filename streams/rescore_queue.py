@@ -45,6 +45,13 @@ class RescoreRequest:
         return f"joint {self.key}" if self.joint else self.key
 
 
+def paced_wait(last_seconds: float, share: float) -> float:
+    """How long to wait after a piece of work of ``last_seconds`` so that such
+    work takes at most ``share`` of the time: ``last_seconds (1 - share) / share``
+    (the rule both rescoring passes and population fits follow under a backlog)."""
+    return last_seconds * (1.0 - share) / share
+
+
 class RescoreQueue:
     """Pending rescoring requests, one per (key, joint), oldest first."""
 
@@ -69,7 +76,7 @@ class RescoreQueue:
     def deadline(self, request: RescoreRequest) -> float:
         """Until when ``request`` may wait for a backlog to clear."""
         last_pass = self._last_pass.get((request.key, request.joint), 0.0)
-        return request.since + max(self.max_delay, last_pass * (1.0 - self.share) / self.share)
+        return request.since + max(self.max_delay, paced_wait(last_pass, self.share))
 
     def done(self, request: RescoreRequest, seconds: float) -> None:
         """``request``'s pass took ``seconds`` (paces the next one under a backlog)."""

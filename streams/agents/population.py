@@ -306,12 +306,12 @@ class PopulationService:
             self._taking_over = False
         await self.warm_up_recent_fits()
         for group in self.joint:
-            started = time.monotonic()
-            if not self.pace.due(posterior_key(group), started, self.backlogged()):
+            key, started = posterior_key(group), time.monotonic()
+            if not self.pace.due(key, started, self.backlogged()):
                 continue
             try:
                 if await self.fit_joint(group) is not None:
-                    self.pace.done(posterior_key(group), started, time.monotonic())
+                    self.pace.done(key, started, time.monotonic())
             except Exception:  # keep the agent alive; the next tick retries
                 log.exception("joint update of %s failed", group)
                 self._joint_fitted.pop(group, None)
