@@ -125,3 +125,36 @@ class RawBacklog:
     def backlogged(self, now: float) -> bool:
         """More than ``threshold`` records (a batch) are waiting."""
         return self.records(now) > self.threshold
+
+
+class ChunkBudget:
+    """How many patients the next rescoring chunk takes so that it holds the
+    event loop for about ``target_seconds``.
+
+    A chunk is loaded, scored and saved without an await (the ownership read
+    it is saved under must stay true), so its length is event-loop lag. Its
+    cost per patient varies several-fold: a record-cache miss parses the
+    stored state, and the population fit's thread takes the GIL for part of
+    the time. So the size follows the last chunk's measured cost per patient,
+    ``count · target / seconds``, at most doubling per chunk and kept within
+    [``smallest``, ``largest``]; the first chunk is ``first`` patients."""
+
+    def __init__(
+        self,
+        target_seconds: float = 0.1,
+        first: int = 64,
+        smallest: int = 8,
+        largest: int = 4096,
+    ) -> None:
+        self.target_seconds = target_seconds
+        self.smallest = smallest
+        self.largest = largest
+        self.size = first
+
+    def record(self, count: int, seconds: float) -> None:
+        """A chunk of ``count`` patients held the loop for ``seconds``."""
+        if count <= 0:
+            return
+        fitting = count * self.target_seconds / max(seconds, 1e-6)
+        size = min(int(fitting), 2 * self.size)
+        self.size = max(self.smallest, min(self.largest, size))

@@ -4,7 +4,7 @@ last posterior once a run settles) is tests/test_pipeline_e2e.py's."""
 
 from __future__ import annotations
 
-from streams.rescore_queue import RawBacklog, RescoreQueue
+from streams.rescore_queue import ChunkBudget, RawBacklog, RescoreQueue
 
 
 def test_versions_before_the_pass_merge_into_one_request_and_keep_its_age() -> None:
@@ -87,3 +87,31 @@ def test_records_taken_but_not_yet_applied_count_as_waiting() -> None:
     assert backlog.records(now=0.0) == 8000 and backlog.backlogged(now=0.0)
     backlog.in_hand = 0
     assert not backlog.backlogged(now=0.0)
+
+
+def test_chunks_settle_at_the_loop_budget_for_a_steady_cost_per_patient() -> None:
+    budget = ChunkBudget(target_seconds=0.1, first=64)
+    per_patient = 0.4e-3  # a rescoring chunk's measured cost at 100k patients
+    sizes = []
+    for _ in range(12):
+        sizes.append(budget.size)
+        budget.record(budget.size, budget.size * per_patient)
+    assert sizes[:3] == [64, 128, 250]  # growth at most doubles a chunk
+    assert budget.size == 250  # 0.1 s / 0.4 ms
+    assert all(size * per_patient <= 0.1 + 1e-9 for size in sizes)
+
+
+def test_a_slow_chunk_shrinks_the_next_one_at_once() -> None:
+    budget = ChunkBudget(target_seconds=0.1, first=1000)
+    budget.record(1000, 2.0)  # the fit's thread held the GIL
+    assert budget.size == 50
+    budget.record(50, 60.0)
+    assert budget.size == budget.smallest
+    budget.record(0, 0.0)  # an empty chunk says nothing
+    assert budget.size == budget.smallest
+
+
+def test_chunks_stay_within_their_bounds() -> None:
+    budget = ChunkBudget(target_seconds=0.1, first=4096, largest=4096)
+    budget.record(4096, 1e-9)
+    assert budget.size == 4096

@@ -57,7 +57,7 @@ from streams.patient_step import (
     step_bounds,
 )
 from streams.posterior_feed import PosteriorBook
-from streams.rescore_queue import RawBacklog, RescoreQueue
+from streams.rescore_queue import ChunkBudget, RawBacklog, RescoreQueue
 from streams.scoring import PendingReading, reading_residuals
 from streams.settings import Settings
 from streams.stores import KeyCounts, PartitionedByKey
@@ -113,6 +113,7 @@ class PatientsService:
         self.table = KeyPartitionedTable.register(app, "patients", settings.partitions)
         self.producer = Producer(app)
         self.cache = RecordCache(settings.state_cache_patients)
+        self.rescore_budget = ChunkBudget()  # patients per rescoring chunk
         self.backlog = RawBacklog(settings.batch_size)
         # Patients held in the partitions this worker owns (the tracked gauge):
         # faust's len(table) reads every RocksDB key, ~1 s per 100k patients.
@@ -360,10 +361,10 @@ class PatientsService:
         rescore_joint with a joint group's name for ``measure``) and publish what
         changed materially (everything when ``force``: the posterior itself moved
         materially). A partition at a time, its keys listed a chunk at a time
-        (``partition_keys``), in chunks of RESCORE_CHUNK patients, each loaded,
-        scored and saved without an await (a batch of the agent may have saved a
-        patient since the keys were listed), so memory stays bounded by a chunk
-        however many patients. Returns the number of scores published.
+        (``partition_keys``), in chunks sized to hold the event loop for about
+        0.1 s each (``ChunkBudget``), each loaded, scored and saved without an
+        await (a batch of the agent may have saved a patient since the keys were
+        listed), so memory stays bounded by a chunk however many patients. Returns the number of scores published.
 
         The local store also holds standby replicas and partitions this worker
         owned before a rebalance: rescoring (and saving) those would overwrite
@@ -382,11 +383,13 @@ class PatientsService:
                 # read is the one the chunk is saved under.
                 if partition not in self.active_partitions():
                     break
-                chunk = list(itertools.islice(keys, RESCORE_CHUNK))
+                started = time.perf_counter()
+                chunk = list(itertools.islice(keys, self.rescore_budget.size))
                 if not chunk:
                     break
                 states = {key: self.table.get(key) for key in chunk}
                 saves, outputs = step(states, measure, self.context, force, cache=self.cache)
+                self.rescore_budget.record(len(chunk), time.perf_counter() - started)
                 await self.write(saves, outputs, "population")
                 published += len(outputs.scores)
         return published
@@ -402,7 +405,6 @@ def current_records(
     return records, len(pending) - len(records)
 
 
-RESCORE_CHUNK = 1024  # patients scored at a time after a new posterior (~0.3 s of loop)
 COUNT_CHUNK = 10_000  # keys counted between yields to the event loop (~0.1 s)
 COUNT_INTERVAL_SECONDS = 5.0  # how often the worker looks for partitions to count
 REBALANCE_POLL_SECONDS = 0.1  # how often a rescore waiting for its turn looks again
