@@ -82,7 +82,7 @@ def one_pass(context, records, batch_size: int, batch_patients: int) -> dict[str
     from streams.patient_step import STAGES, RecordCache, batch_keys, process_batch, step_bounds
 
     table: dict[str, bytes] = {}
-    cache = RecordCache(context.settings.state_cache_patients)
+    cache = RecordCache(context.settings.state_cache_mb * 2**20)
     times = dict.fromkeys(STAGES, 0.0)
     start = 0
     for end in step_bounds([r.key for r in records], batch_size, batch_patients):

@@ -132,12 +132,13 @@ class Settings(BaseSettings):
         "for several readings)",
     )
     batch_seconds: float = Field(default=0.1, gt=0.0, description="longest wait to fill a batch")
-    state_cache_patients: int = Field(
-        default=20_000,
+    state_cache_mb: int = Field(
+        default=1024,
         ge=0,
-        description="parsed patient records the patients agent keeps between batches "
-        "(5 KB each at 10 readings, 33 KB at 200: the event ids seen; 0: parse every record "
-        "from the table on every batch)",
+        description="memory for the parsed patient records the patients agent keeps between "
+        "batches (a record costs about 4 times its table value: ~14 KB at 10 readings of one "
+        "measure, ~40 KB at 30 readings of three; 0: parse every record from the table on "
+        "every batch)",
     )
     producer_linger_ms: int = Field(
         default=5,

@@ -31,6 +31,7 @@ from streams.chunked_consumer import ChunkRecord
 from streams.partitioning import key_partition
 from streams.patient_state import PatientRecord
 from streams.patient_step import (
+    CACHED_BYTES_PER_VALUE_BYTE,
     RecordCache,
     StepContext,
     StepOutputs,
@@ -294,7 +295,7 @@ def _letter(message) -> dict:
     return letter
 
 
-@pytest.mark.parametrize("capacity", [3, 10_000])
+@pytest.mark.parametrize("capacity", [50_000, 10**9])
 def test_the_record_cache_changes_no_table_value_and_no_output(programme, capacity):
     """The same batches with and without a RecordCache (evicting, or holding
     everyone) give byte-identical table values and outputs, also when a
@@ -314,7 +315,10 @@ def test_the_record_cache_changes_no_table_value_and_no_output(programme, capaci
     early = dict(plain)
     run_batches(plain, records[third : 2 * third], ctx, 40)
     run_batches(cached, records[third : 2 * third], ctx, 40, cache)
-    assert cached == plain and len(cache) <= capacity
+    assert cached == plain and cache.bytes <= capacity
+    assert cache.bytes == CACHED_BYTES_PER_VALUE_BYTE * sum(
+        len(cached[p]) for p in cached if p in cache
+    )
     for patient in sorted(plain)[:5]:  # another worker's older copy restored
         plain[patient] = cached[patient] = early[patient]
     plain_out = run_batches(plain, records[2 * third :], ctx, 40)
@@ -326,7 +330,7 @@ def test_the_record_cache_changes_no_table_value_and_no_output(programme, capaci
     assert rescore(plain, MEASURE, ctx, force=True) == rescore(
         cached, MEASURE, ctx, force=True, cache=cache
     )
-    if capacity > len(plain):
+    if capacity > 4 * sum(map(len, plain.values())):
         assert cache.hits > 0
 
 
@@ -516,3 +520,70 @@ def test_steps_are_bounded_by_records_and_by_patients():
             expected.append(end)
             start = end
         assert ends == expected
+
+
+def _cached(patient_id: str, padding: int = 0):
+    """A patient's record and its table value (``padding`` spaces longer)."""
+    from streams.patient_state import PatientRecord
+
+    record = PatientRecord(patient_id=patient_id)
+    return record, record.model_dump_json().encode() + b" " * padding
+
+
+def test_the_record_cache_keeps_about_the_share_that_fits_of_patients_in_cycles() -> None:
+    """Patients touched in a cycle (a backfill in event-time order, devices
+    syncing in turn), three times as many as fit: the cache keeps about the
+    third that fits for their next turn (least-recently-used eviction would
+    keep none, random eviction of every miss ~6%); the bytes held never exceed
+    the budget, and a record is used only for the table value it was kept with."""
+    patients = [f"p{i:04d}" for i in range(3000)]  # values of one length
+    kept = {p: _cached(p) for p in patients}
+    cost = CACHED_BYTES_PER_VALUE_BYTE * len(kept[patients[0]][1])
+    cache = RecordCache(capacity_bytes=cost * 1000, seed=1)
+    hits_by_cycle = []
+    for _ in range(4):
+        before = cache.hits
+        for patient in patients:
+            record, value = kept[patient]
+            found = cache.take(patient, value)
+            assert found == record  # the kept object on a hit, a parse of the value otherwise
+            cache.put(patient, value, record)
+            assert cache.bytes <= cache.capacity_bytes
+        hits_by_cycle.append(cache.hits - before)
+    assert len(cache) == 1000
+    # after the first cycle ~1/3 of the patients hit: a full cache admits a
+    # new record with probability 0.1, so it turns over slowly (a simulation
+    # of this loop gives 0.31 over later cycles); the bound is ±0.1
+    assert hits_by_cycle[0] == 0
+    assert all(abs(hits / 3000 - 1 / 3) < 0.1 for hits in hits_by_cycle[1:])
+    held = cache.keys()[0]
+    stale = kept[held][1] + b" "  # another writer's value: a miss, and the entry is dropped
+    assert cache.take(held, stale) is not kept[held][0]
+    assert held not in cache and len(cache) == 999
+
+
+def test_the_record_cache_refuses_what_cannot_fit_and_frees_what_it_hands_out() -> None:
+    def sized(patient_id: str, length: int):
+        return _cached(patient_id, padding=length - len(_cached(patient_id)[1]))
+
+    big, big_value = _cached("big", padding=1000)
+    cache = RecordCache(capacity_bytes=CACHED_BYTES_PER_VALUE_BYTE * 1000)
+    cache.put("big", big_value, big)  # never kept: more than the whole budget
+    assert len(cache) == 0 and cache.bytes == 0
+    (a, a_value), (b, b_value) = sized("a", 400), sized("b", 400)
+    cache.put("a", a_value, a)
+    cache.put("b", b_value, b)
+    assert cache.bytes == CACHED_BYTES_PER_VALUE_BYTE * 800
+    assert cache.take("a", a_value) is a
+    assert cache.bytes == CACHED_BYTES_PER_VALUE_BYTE * 400 and cache.keys() == ["b"]
+    grown, grown_value = sized("a", 700)  # a step saved it, longer: "b" makes room
+    cache.put("a", grown_value, grown)
+    assert cache.keys() == ["a"] and cache.bytes == CACHED_BYTES_PER_VALUE_BYTE * 700
+    # a record the full cache did not hand out is admitted one time in ten
+    admitted = 0
+    for i in range(400):
+        record, value = sized(f"n{i:03d}", 700)
+        cache.put(f"n{i:03d}", value, record)
+        admitted += f"n{i:03d}" in cache
+        assert len(cache) == 1
+    assert 20 <= admitted <= 60  # binomial(400, 0.1): mean 40, sd 6

@@ -112,7 +112,7 @@ class PatientsService:
         self.conflicts: dict[str, PriorDataConflictDetector] = {}  # per measure
         self.table = KeyPartitionedTable.register(app, "patients", settings.partitions)
         self.producer = Producer(app)
-        self.cache = RecordCache(settings.state_cache_patients)
+        self.cache = RecordCache(settings.state_cache_mb * 2**20)
         self.rescore_budget = ChunkBudget()  # patients per rescoring chunk
         self.backlog = RawBacklog(settings.batch_size)
         # Patients held in the partitions this worker owns (the tracked gauge):
