@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -109,35 +109,65 @@ class PopulationBook:
         count fewer readings than the ones recorded: a patient's readings only
         accumulate, so such evidence is a stale copy (an earlier owner's,
         delivered late around a rebalance). Returns whether it was recorded."""
-        readings = evidence.count_exposed + evidence.count_unexposed
-        row = self._rows.get(evidence.patient_id)
-        if row is not None and readings < self._readings[row]:
-            return False
-        if row is None:
+        return self.put_many([evidence]) == 1
+
+    def put_many(self, items: Sequence[PatientEvidence]) -> int:
+        """``put`` of each item in order, the arrays written once for all of
+        them (an evidence message holds up to a thousand patients, and a
+        conversion per item cost more than the rest of the agent's work on it).
+        Returns how many were recorded."""
+        ids = [evidence.patient_id for evidence in items]
+        if len(set(ids)) != len(ids):  # one patient twice: in order, one at a time
+            return sum(self.put_many([evidence]) for evidence in items)
+        count = len(items)
+        readings = np.fromiter(
+            (e.count_exposed + e.count_unexposed for e in items), dtype=np.int64, count=count
+        )
+        rows = np.fromiter((self._rows.get(p, -1) for p in ids), dtype=np.int64, count=count)
+        known = rows >= 0
+        keep = ~known | (readings >= self._readings[np.where(known, rows, 0)])
+        kept = np.flatnonzero(keep)
+        if kept.size == 0:
+            return 0
+        for k in kept[~known[kept]]:  # new patients: the next rows
             row = len(self._rows)
             if row == self._gram.shape[0]:
                 self._grow()
-            self._rows[evidence.patient_id] = row
-        self._readings[row] = readings
-        cohort = self._cohort_index.get(evidence.cohort)
-        if cohort is None:
-            cohort = self._cohort_index[evidence.cohort] = len(self.cohorts)
-            self.cohorts.append(evidence.cohort)
-        self._gram[row] = np.asarray(evidence.gram, dtype=float)
-        self._recent[row] = 0.0 if evidence.recent_gram is None else evidence.recent_gram
-        self._reference[row] = evidence.reference_time
-        self._cohort[row] = cohort
+            self._rows[ids[k]] = rows[k] = row
+        rows = rows[kept]
+        chosen = [items[k] for k in kept]
+        self._readings[rows] = readings[kept]
+        self._gram[rows] = np.asarray([e.gram for e in chosen], dtype=float)
+        self._recent[rows] = 0.0  # zeros: no recent-window statistics
+        with_recent = [j for j, e in enumerate(chosen) if e.recent_gram is not None]
+        if with_recent:
+            self._recent[rows[with_recent]] = np.asarray(
+                [chosen[j].recent_gram for j in with_recent], dtype=float
+            )
+        self._reference[rows] = [e.reference_time for e in chosen]
+        self._cohort[rows] = [self._cohort_of(e.cohort) for e in chosen]
         if self.model.num_covariates:
-            self._covariates[row] = patient_design([evidence.covariates], self.model)[0]
+            self._covariates[rows] = patient_design([e.covariates for e in chosen], self.model)
         for level, name in enumerate(self.model.grouping_levels):
-            label = evidence.groups.get(name, MISSING_GROUP)
-            index = self._group_index[level].get(label)
-            if index is None:
-                index = self._group_index[level][label] = len(self.group_labels[level])
-                self.group_labels[level].append(label)
-            self._groups[row, level] = index
-        self.changes_since_fit += 1
-        return True
+            self._groups[rows, level] = [
+                self._group_of(level, e.groups.get(name, MISSING_GROUP)) for e in chosen
+            ]
+        self.changes_since_fit += len(chosen)
+        return len(chosen)
+
+    def _cohort_of(self, cohort: str) -> int:
+        index = self._cohort_index.get(cohort)
+        if index is None:
+            index = self._cohort_index[cohort] = len(self.cohorts)
+            self.cohorts.append(cohort)
+        return index
+
+    def _group_of(self, level: int, label: str) -> int:
+        index = self._group_index[level].get(label)
+        if index is None:
+            index = self._group_index[level][label] = len(self.group_labels[level])
+            self.group_labels[level].append(label)
+        return index
 
     def _grow(self) -> None:
         size = 2 * self._gram.shape[0]

@@ -186,9 +186,7 @@ class PopulationService:
         if pending is not None:
             pending.append(batch)
             return
-        book = self.book(batch.measure)
-        for evidence in batch.items:
-            book.put(evidence)
+        self.book(batch.measure).put_many(batch.items)
 
     async def keep(self, batch: EvidenceBatch) -> None:
         """Each patient's latest statistics into the table (keyed
@@ -235,12 +233,10 @@ class PopulationService:
         try:
             values = self.table.prefix_values(self.evidence_partitions(measure), f"{measure}/")
             while chunk := list(itertools.islice(values, REBUILD_CHUNK)):
-                for raw in chunk:
-                    book.put(PatientEvidence.model_validate_json(raw))
+                book.put_many([PatientEvidence.model_validate_json(raw) for raw in chunk])
                 await asyncio.sleep(0)
             for batch in pending:
-                for evidence in batch.items:
-                    book.put(evidence)
+                book.put_many(batch.items)
         finally:
             del self._rebuilding[measure]
         self.books[measure] = book
