@@ -12,6 +12,7 @@ state lives (streams.patient_state). Pure: no Kafka here.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -65,10 +66,20 @@ def _check_envelope(key: bytes | None, patient_id: str, event_time: datetime, no
                     settings: Settings) -> None:  # fmt: skip
     if key is None or key.decode(errors="replace") != patient_id:
         raise Rejected("key_mismatch", "record key must be the patient_id")
-    if event_time > now + timedelta(days=settings.max_future_days):
+    earliest, latest = _time_window(now, settings.max_age_days, settings.max_future_days)
+    if event_time > latest:
         raise Rejected("future_time", f"event_time {event_time.isoformat()} is in the future")
-    if event_time < now - timedelta(days=settings.max_age_days):
+    if event_time < earliest:
         raise Rejected("ancient_time", f"event_time {event_time.isoformat()} is too old")
+
+
+@functools.lru_cache(maxsize=4)
+def _time_window(
+    now: datetime, max_age_days: float, max_future_days: float
+) -> tuple[datetime, datetime]:
+    """The event times accepted at ``now``: the same for every record of a
+    step (``now`` is the step's), so computed once."""
+    return now - timedelta(days=max_age_days), now + timedelta(days=max_future_days)
 
 
 def _check_size(value: bytes | None) -> bytes:
