@@ -48,7 +48,7 @@ from streams.catalogue import Catalogue, CatalogueError, JointGroupSpec, Measure
 from streams.partitioning import posterior_key
 from streams.patient_state import PatientRecord, PublishedJoint
 from streams.population_book import FitterPool, PopulationBook, fit_until_converged, interval_of
-from streams.schemas import Interval, JointEffect, JointPosterior, JointScore
+from streams.schemas import Interval, JointEffect, JointPosterior, JointScore, json_bytes
 from streams.scoring import SCORING_BLOCK
 from streams.topics import MAX_MESSAGE_BYTES
 
@@ -313,7 +313,7 @@ def fit_to_size(message: JointPosterior, limit: int) -> SizedPosterior:
     (two or three serialisations in all, typically). PosteriorTooLarge if one
     draw does not fit (the rest of the message alone is too large)."""
     count = len(message.draws["mu"])
-    value = message.model_dump_json().encode()
+    value = json_bytes(message)
     if len(value) <= limit:
         return SizedPosterior(message, value, len(value), count)
     encoded: dict[int, tuple[JointPosterior, bytes]] = {count: (message, value)}
@@ -321,7 +321,7 @@ def fit_to_size(message: JointPosterior, limit: int) -> SizedPosterior:
     def size(keep: int) -> int:
         if keep not in encoded:
             thinned = thin_draws(message, keep)
-            encoded[keep] = (thinned, thinned.model_dump_json().encode())
+            encoded[keep] = (thinned, json_bytes(thinned))
         return len(encoded[keep][1])
 
     if size(1) > limit:

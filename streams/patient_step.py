@@ -46,6 +46,7 @@ from streams.schemas import (
     Observation,
     Origin,
     bounded_event_id,
+    json_bytes,
     trusted,
 )
 from streams.scoring import (
@@ -338,7 +339,7 @@ def process_batch(
             forwards[patient_id] = set(records[patient_id].measures)
     _evidence(((records[p], measures) for p, measures in forwards.items()), context, outputs)
     lap("evidence")
-    saves = {p: records[p].model_dump_json().encode() for p in applied}
+    saves = {p: json_bytes(records[p]) for p in applied}
     _keep(cache, states, records, saves)
     lap("save")
     return saves, outputs
@@ -582,7 +583,7 @@ def _rescore_where(
     outputs = StepOutputs()
     forced = {r.patient_id for r in records} if force else ()
     published = _score(records, context, outputs, forced=forced)
-    saves = {r.patient_id: r.model_dump_json().encode() for r in published}
+    saves = {r.patient_id: json_bytes(r) for r in published}
     _keep(cache, states, loaded, saves)
     return saves, outputs
 
@@ -600,7 +601,7 @@ def _reject(
     letter = dead_letter(
         reason, detail, origin.topic, origin.partition, origin.offset, event.key, event.value
     )
-    outputs.dead_letters.append(Message(event.key, letter.model_dump_json().encode()))
+    outputs.dead_letters.append(Message(event.key, json_bytes(letter)))
     outputs.rejected[(source, reason)] += 1
 
 
@@ -641,7 +642,7 @@ def _evidence(
             outputs.evidence.append(
                 Message(
                     measure.encode(),
-                    batch.model_dump_json().encode(),
+                    json_bytes(batch),
                     partition_of(measure),
                 )
             )
@@ -718,9 +719,7 @@ def _score(
             if previous is not None and previous.classification != score.classification:
                 alert = transition_alert(record.patient_id, previous.classification, score)
                 if alert is not None:
-                    outputs.alerts.append(
-                        Message(patient_id.encode(), alert.model_dump_json().encode())
-                    )
+                    outputs.alerts.append(Message(patient_id.encode(), json_bytes(alert)))
             record.published[measure] = published_of(score)
             outputs.calls[measure][patient_id] = score.classification
         message = efficacy_score_json(

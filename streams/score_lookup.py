@@ -66,7 +66,7 @@ from yarl import URL
 
 from streams.agents.patients import PatientsService
 from streams.output import Producer
-from streams.schemas import LookupAudit, utc_now
+from streams.schemas import LookupAudit, json_bytes, utc_now
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class ScoreLookup:
             delivery = await self.producer.send(
                 self.audit_topic,
                 record.patient_id.encode("utf-8", "surrogateescape"),
-                record.model_dump_json().encode(),
+                json_bytes(record),
             )
             await asyncio.wait_for(delivery, timeout=self.forward_timeout)
         except Exception as error:  # an unaudited lookup is refused, not a crash

@@ -21,7 +21,7 @@ import faust
 from pydantic import ValidationError
 
 from monitoring.drift import PriorDataConflictDetector
-from streams.schemas import Alert, PopulationPosterior
+from streams.schemas import Alert, PopulationPosterior, json_bytes
 from streams.telemetry import Telemetry
 from streams.topics import Topics
 
@@ -99,8 +99,6 @@ def register(app: faust.App, topics: Topics, telemetry: Telemetry) -> None:
             alert = drift_alert(message)
             if alert is not None:
                 log.warning("%s", alert.message)
-                await topics.alerts.send(
-                    key=message.measure.encode(), value=alert.model_dump_json().encode()
-                )
+                await topics.alerts.send(key=message.measure.encode(), value=json_bytes(alert))
 
     app.agent(topics.population_posterior, name="drift")(drift)

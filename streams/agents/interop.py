@@ -18,7 +18,7 @@ import faust
 from streams.catalogue import Catalogue
 from streams.interop import fhir, open_mhealth
 from streams.interop.readings import Outcome, Parser, Reading, readings
-from streams.schemas import Origin
+from streams.schemas import Origin, json_bytes
 from streams.settings import Settings
 from streams.telemetry import Telemetry
 from streams.topics import Topics
@@ -65,7 +65,7 @@ def register(
         log.debug("rejected %s:%s: %s", origin.topic, origin.offset, outcome)
         letter = dead_letter(outcome.reason, outcome.detail, origin.topic, origin.partition,
                              origin.offset, event.key, event.value)  # fmt: skip
-        await topics.deadletter.send(key=event.key, value=letter.model_dump_json().encode())
+        await topics.deadletter.send(key=event.key, value=json_bytes(letter))
         telemetry.rejected(name, outcome.reason)
 
     for topic, parse in ((topics.fhir_observations, fhir.parse),

@@ -58,6 +58,7 @@ from streams.patient_step import (
 )
 from streams.posterior_feed import PosteriorBook
 from streams.rescore_queue import ChunkBudget, RawBacklog, RescoreQueue
+from streams.schemas import json_bytes
 from streams.scoring import PendingReading, reading_residuals
 from streams.settings import Settings
 from streams.stores import KeyCounts, PartitionedByKey
@@ -280,7 +281,7 @@ class PatientsService:
                     await self.producer.send(
                         self.topics.alerts.get_topic_name(),
                         measure.encode(),
-                        alert.model_dump_json().encode(),
+                        json_bytes(alert),
                     )
             self.telemetry.conflict(measure, detector.statistic, detected)
 

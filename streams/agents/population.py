@@ -73,6 +73,7 @@ from streams.schemas import (
     PopulationPosterior,
     StructureSelection,
     SubgroupScore,
+    json_bytes,
 )
 from streams.settings import Settings
 from streams.stores import PartitionedByKey
@@ -194,7 +195,7 @@ class PopulationService:
         from which a new owner rebuilds the book; delivered before the batch is
         acknowledged (streams.stores.PartitionedByKey.write_many)."""
         items = {
-            f"{evidence.measure}/{evidence.patient_id}": evidence.model_dump_json().encode()
+            f"{evidence.measure}/{evidence.patient_id}": json_bytes(evidence)
             for evidence in batch.items
         }
         try:
@@ -486,7 +487,7 @@ class PopulationService:
         result.message = result.message.model_copy(update={"evidence_digest": digest})
         result.message = judge_drift(self.detector(measure), result.message, recent)
         await self.topics.population_posterior.send(
-            key=measure.encode(), value=result.message.model_dump_json().encode()
+            key=measure.encode(), value=json_bytes(result.message)
         )
         self.telemetry.population_updated(result)
         await self.score_subgroups(
@@ -529,12 +530,10 @@ class PopulationService:
         for score in outputs.scores:
             await self.topics.subgroup_scores.send(
                 key=f"{measure}:{score.subgroup}".encode(),
-                value=score.model_dump_json().encode(),
+                value=json_bytes(score),
             )
         for alert in outputs.alerts:
-            await self.topics.alerts.send(
-                key=measure.encode(), value=alert.model_dump_json().encode()
-            )
+            await self.topics.alerts.send(key=measure.encode(), value=json_bytes(alert))
 
     def selection_due(self, measure: str) -> bool:
         """An owned measure (its book rebuilt by a tick) with enough patients and a
@@ -611,9 +610,7 @@ class PopulationService:
                 if not await in_thread(run.step):
                     break
         message = run.message()
-        await self.topics.structure_selection.send(
-            key=measure.encode(), value=message.model_dump_json().encode()
-        )
+        await self.topics.structure_selection.send(key=measure.encode(), value=json_bytes(message))
         self.telemetry.selection_published(message)
         return message
 
