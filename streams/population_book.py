@@ -23,7 +23,7 @@ import numpy as np
 
 from model.config import ModelConfig, SVIConfig
 from model.covariates import column_blocks, patient_design
-from model.evidence import PatientStats, decay_to, gram_stats
+from model.evidence import PatientStats, decay_to, gram_stats, stacked
 from model.exported import ExportCache
 from model.family_scores import family_cohort_posteriors
 from model.offline import SUMMARY_DRAWS, coefficient_summaries, population_quantities
@@ -137,12 +137,12 @@ class PopulationBook:
         rows = rows[kept]
         chosen = [items[k] for k in kept]
         self._readings[rows] = readings[kept]
-        self._gram[rows] = np.asarray([e.gram for e in chosen], dtype=float)
+        self._gram[rows] = stacked([e.gram for e in chosen], self.model.stat_shape)
         self._recent[rows] = 0.0  # zeros: no recent-window statistics
         with_recent = [j for j, e in enumerate(chosen) if e.recent_gram is not None]
         if with_recent:
-            self._recent[rows[with_recent]] = np.asarray(
-                [chosen[j].recent_gram for j in with_recent], dtype=float
+            self._recent[rows[with_recent]] = stacked(
+                [chosen[j].recent_gram for j in with_recent], self.model.stat_shape
             )
         self._reference[rows] = [e.reference_time for e in chosen]
         self._cohort[rows] = [self._cohort_of(e.cohort) for e in chosen]

@@ -23,7 +23,7 @@ from pydantic_core import to_json
 
 from model.config import DecisionRule, ModelConfig, default_scale
 from model.covariates import patient_design, reading_design
-from model.evidence import decay_to, gram_stats
+from model.evidence import decay_to, gram_stats, stacked
 from model.family_scores import summarize_family_given_shifts
 from model.likelihood import Hyper
 from model.population import SMALL_BUCKET, bucket_size
@@ -198,7 +198,7 @@ def summarize_patients(
     ``covariates``: each patient's design row (PatientRecord.covariates);
     ``groups``: each patient's groups (PatientRecord.groups), for a posterior
     with further grouping levels."""
-    gram = np.asarray([s.gram for s in stats], dtype=float)  # one conversion of nested lists
+    gram = stacked([s.gram for s in stats], model.stat_shape)
     if model.family != "gaussian":
         cohort_mean, cohort_var = posterior.cohort_posterior(cohorts, groups)
         return _summarize_family(posterior, gram, cohort_mean, cohort_var, covariates, spec, model)
@@ -422,8 +422,7 @@ def reading_residuals(
     reading's time: N(0, 1) while the population posterior describes the data."""
     d = model.stat_dim
     empty = [[0.0] * d for _ in range(d)]
-    # one conversion of the nested lists (not an array per reading)
-    gram = np.asarray([empty if r.gram is None else r.gram for r in readings], dtype=float)
+    gram = stacked([empty if r.gram is None else r.gram for r in readings], (d, d))
     times = np.asarray([r.time for r in readings])
     before = decay_to(gram_stats(gram, [r.reference_time for r in readings]), times, model)
     shift_mean, shift_var, columns = posterior.shift_table(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,6 +19,29 @@ if TYPE_CHECKING:
     from streams.schemas import PopulationPosterior, StructureSelection
 
 log = logging.getLogger(__name__)
+
+
+class CallTally:
+    """Each patient's latest published call of one measure, and how many
+    patients hold each call (the classification gauge): kept up to date call
+    by call, where recounting every patient the worker holds on every batch
+    cost time in proportion to them. A call no patient holds any more stays at
+    0 (its gauge is set to 0, not left at its last count)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, str] = {}
+        self.counts: Counter[str] = Counter()
+
+    def update(self, calls: Mapping[str, str]) -> None:
+        """The new calls of some patients (by patient id)."""
+        for patient_id, call in calls.items():
+            previous = self._calls.get(patient_id)
+            if previous == call:
+                continue
+            if previous is not None:
+                self.counts[previous] -= 1
+            self.counts[call] += 1
+            self._calls[patient_id] = call
 
 
 class Telemetry:

@@ -15,6 +15,7 @@ from model.evidence import (
     decay_to,
     empty_stats,
     merge_stats,
+    stacked,
     stats_from_events,
 )
 
@@ -163,3 +164,16 @@ def test_inputs_are_not_mutated_and_bad_index_is_rejected():
     np.testing.assert_array_equal(stats.gram, before)
     with pytest.raises(IndexError, match="patient index"):
         add_events(stats, np.array([2]), np.array([1.0]), np.array([0.0]), np.array([1.0]), config)
+
+
+def test_stacked_statistics_equal_numpy_s_conversion_and_refuse_a_wrong_size() -> None:
+    rng = np.random.default_rng(0)
+    grams = rng.normal(size=(7, 4, 4))
+    cells = rng.normal(size=(5, 5))
+    assert np.array_equal(stacked(grams.tolist(), (4, 4)), grams)
+    assert np.array_equal(stacked(cells.tolist(), (5,)), cells)
+    assert stacked([], (4, 4)).shape == (0, 4, 4)
+    short = grams.tolist()
+    short[3] = short[3][:3]  # a 3×4 "Gram matrix"
+    with pytest.raises(ValueError):
+        stacked(short, (4, 4))

@@ -29,7 +29,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -62,7 +62,7 @@ from streams.schemas import json_bytes
 from streams.scoring import PendingReading, reading_residuals
 from streams.settings import Settings
 from streams.stores import KeyCounts, PartitionedByKey
-from streams.telemetry import Telemetry
+from streams.telemetry import CallTally, Telemetry
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class PatientsService:
         )  # fmt: skip
         # This worker's latest published call per measure and patient (for the
         # classification gauges; rebuilt as patients are rescored after a restart).
-        self.calls: dict[str, dict[str, str]] = defaultdict(dict)
+        self.calls: dict[str, CallTally] = defaultdict(CallTally)
         self.conflicts: dict[str, PriorDataConflictDetector] = {}  # per measure
         self.table = KeyPartitionedTable.register(app, "patients", settings.partitions)
         self.producer = Producer(app)
@@ -252,8 +252,9 @@ class PatientsService:
                 self.telemetry.rerouted(source, count)
             self.telemetry.scores_published(len(outputs.scores), trigger)
             for measure, calls in outputs.calls.items():
-                self.calls[measure].update(calls)
-                self.telemetry.classifications(measure, Counter(self.calls[measure].values()))
+                tally = self.calls[measure]
+                tally.update(calls)
+                self.telemetry.classifications(measure, tally.counts)
 
         return asyncio.ensure_future(settle())
 
