@@ -258,6 +258,23 @@ def transform_gram(gram: list[list[float]] | None, a: float, b: float) -> list |
     return out
 
 
+def transform_packed(gram: str | None, a: float, b: float) -> str | None:
+    """``transform_gram`` of a Gram matrix as the worker writes it in evidence
+    (streams.schemas.PatientEvidence: float64 bytes, URL-safe base64)."""
+    if gram is None:
+        return None
+    from base64 import urlsafe_b64decode, urlsafe_b64encode
+
+    import numpy as np
+
+    from model.evidence import packed
+
+    values = np.frombuffer(urlsafe_b64decode(gram), dtype="<f8")
+    d = round(values.size**0.5)
+    out = transform_gram(values.reshape(d, d).tolist(), a, b)
+    return urlsafe_b64encode(packed(np.asarray(out))).decode()
+
+
 class Cloner:
     """New patients from the templates: new id, cohort, event ids and origins in
     the idempotency index, and statistics perturbed (y -> a·y + b per patient, the
@@ -305,8 +322,8 @@ class Cloner:
         values = {}
         for measure, template in evidence.items():
             value = dict(template, patient_id=patient_id, cohort=cohort)
-            value["gram"] = transform_gram(template["gram"], a, b)
-            value["recent_gram"] = transform_gram(template.get("recent_gram"), a, b)
+            value["gram"] = transform_packed(template["gram"], a, b)
+            value["recent_gram"] = transform_packed(template.get("recent_gram"), a, b)
             values[measure] = dumps(value)
         return patient_id, partition, dumps(record), values
 

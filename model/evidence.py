@@ -73,17 +73,31 @@ def empty_stats(num_patients: int, config: ModelConfig) -> PatientStats:
     )
 
 
-def stacked(rows: Sequence[Sequence], shape: tuple[int, ...]) -> np.ndarray:
-    """Patients' statistics held as nested lists of floats (each of ``shape``:
-    a d×d Gram matrix, or a family measure's cells) as one (n, *shape) array,
-    read in one pass over their floats: ``np.asarray`` walks nested lists an
-    element at a time, at about twice the cost. A row of another size raises
-    (ValueError), unless rows of other sizes add up to the same total."""
+def stacked(rows: Sequence[Sequence | bytes], shape: tuple[int, ...]) -> np.ndarray:
+    """Patients' statistics (each of ``shape``: a d×d Gram matrix, or a family
+    measure's cells) as one (n, *shape) array. A row is nested lists of floats,
+    or ``packed`` bytes. Lists are read in one pass over their floats
+    (``np.asarray`` walks nested lists an element at a time, at about twice
+    the cost); bytes are joined and read as one buffer. A row of another size
+    raises ValueError (for lists, unless rows of other sizes add up to the
+    same total)."""
+    size = math.prod(shape)
+    if rows and all(isinstance(row, bytes) for row in rows):
+        if any(len(row) != 8 * size for row in rows):
+            raise ValueError(f"packed statistics are not {shape} float64 values")
+        return np.frombuffer(b"".join(rows), dtype="<f8").reshape(len(rows), *shape)
+    if any(isinstance(row, bytes) for row in rows):  # mixed: a row at a time
+        return np.stack([stacked([row], shape)[0] for row in rows])
     flat = chain.from_iterable(rows)
     for _ in shape[1:]:
         flat = chain.from_iterable(flat)
-    size = math.prod(shape)
     return np.fromiter(flat, dtype=float, count=len(rows) * size).reshape(len(rows), *shape)
+
+
+def packed(statistics: np.ndarray) -> bytes:
+    """One patient's statistics as bytes: float64, little-endian, row-major
+    (what ``stacked`` reads back)."""
+    return np.ascontiguousarray(statistics, dtype="<f8").tobytes()
 
 
 def gram_stats(gram: np.ndarray, reference_time: np.ndarray) -> PatientStats:

@@ -68,6 +68,8 @@ from model.evidence import (
     empty_stats,
     gram_stats,
     merge_stats,
+    packed,
+    stacked,
     stats_from_events,
 )
 from model.families import add_cell_reading, family_stats_from_events
@@ -576,7 +578,7 @@ def _recent_windows(
         values.extend(r[1] for r in recent)
         exposure.extend(_exposures(record, recent))
         readings.extend(recent)
-    added = gram_stats(np.asarray(grams, dtype=float), np.asarray(references, dtype=float))
+    added = gram_stats(stacked(grams, window.stat_shape), np.asarray(references, dtype=float))
     if patient:
         added = add_events(
             added,
@@ -624,12 +626,15 @@ def measure_evidence(
         for record in records
         if record.cohort is not None and measure in record.measures
     ]
-    # The window Gram matrices as lists in one call (not a slice and a call per item).
-    stacked, complete = _recent_windows(items, model)
-    windows: list[list | None] = [None] * len(items)
-    if stacked is not None:
-        for k, gram in zip(complete, stacked.gram.tolist(), strict=True):
-            windows[k] = gram
+    # Statistics packed as bytes (streams.schemas.PatientEvidence), the
+    # all-time ones read from the records' lists and the window ones computed
+    # in one call, each as one array.
+    grams = stacked([stats.gram for _, stats in items], model.stat_shape)
+    recent_windows, complete = _recent_windows(items, model)
+    windows: list[bytes | None] = [None] * len(items)
+    if recent_windows is not None:
+        for k, gram in zip(complete, recent_windows.gram, strict=True):
+            windows[k] = packed(gram)
     levels = model.grouping_levels
     # Built without validation: every value comes from a validated record.
     return [
@@ -639,7 +644,7 @@ def measure_evidence(
             measure=measure,
             patient_id=record.patient_id,
             cohort=record.cohort,
-            gram=stats.gram,
+            gram=packed(gram),
             reference_time=stats.reference_time,
             count_exposed=stats.count_exposed,
             count_unexposed=stats.count_unexposed,
@@ -647,7 +652,7 @@ def measure_evidence(
             groups={level: record.groups[level] for level in levels if level in record.groups},
             recent_gram=recent,
         )
-        for (record, stats), recent in zip(items, windows, strict=True)
+        for (record, stats), gram, recent in zip(items, grams, windows, strict=True)
     ]
 
 

@@ -354,7 +354,12 @@ class PatientEvidence(BaseModel):
     """The latest sufficient statistics of one patient for one measure (not a
     delta: last write wins, so a replay is harmless). Standardised units."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Statistics as bytes are float64 values, little-endian, row-major: base64
+    # in JSON (what the worker writes: parsing and writing 32 decimal floats an
+    # item was most of the population agent's work on it).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
+    )
 
     schema_version: Literal[1] = Field(
         default=SCHEMA_VERSION, description="version of the message layout (1)"
@@ -362,10 +367,12 @@ class PatientEvidence(BaseModel):
     measure: str = Field(description="the measure")
     patient_id: PatientId
     cohort: str = Field(description="the patient's cohort")
-    gram: list[list[float]] | list[float] = Field(
+    gram: list[list[float]] | list[float] | bytes = Field(
         description="sufficient statistics: the Gram matrix of the design columns and the "
         "outcome, standardised, under the long forgetting; for a Bernoulli or Poisson "
-        "measure its five cell statistics (n_0, s_0, n_1, s_1, k: model.families)"
+        "measure its five cell statistics (n_0, s_0, n_1, s_1, k: model.families). As "
+        "numbers, or as a string: their float64 values, little-endian, row-major, in "
+        "URL-safe base64 (what the worker writes)"
     )
     reference_time: float = Field(
         description="the time (standardised) the forgetting weights are relative to"
@@ -383,10 +390,11 @@ class PatientEvidence(BaseModel):
         "(its enrolment's attribute of that name); a level left out: the attribute was "
         'missing, and the patient sits in the level\'s group "" (MISSING_GROUP)',
     )
-    recent_gram: list[list[float]] | None = Field(
+    recent_gram: list[list[float]] | bytes | None = Field(
         default=None,
         description="the statistics under the recent-window forgetting (fast half-life), at "
-        "the same reference time; drift monitoring fits them against the all-time ones",
+        "the same reference time, written as ``gram``; drift monitoring fits them against "
+        "the all-time ones",
     )
 
 

@@ -15,6 +15,7 @@ from model.evidence import (
     decay_to,
     empty_stats,
     merge_stats,
+    packed,
     stacked,
     stats_from_events,
 )
@@ -177,3 +178,10 @@ def test_stacked_statistics_equal_numpy_s_conversion_and_refuse_a_wrong_size() -
     short[3] = short[3][:3]  # a 3×4 "Gram matrix"
     with pytest.raises(ValueError):
         stacked(short, (4, 4))
+    # packed rows (PatientEvidence as the worker writes it), alone or mixed with lists
+    rows = [packed(g) for g in grams]
+    assert np.array_equal(stacked(rows, (4, 4)), grams)
+    mixed = [rows[0], grams[1].tolist(), *rows[2:]]
+    assert np.array_equal(stacked(mixed, (4, 4)), grams)
+    with pytest.raises(ValueError):
+        stacked([*rows[:-1], rows[-1][:-8]], (4, 4))

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
+from model.evidence import stacked
 from model.families import add_cell_reading, cell_stats, family_stats_from_events
 from streams.app import measure_models
 from streams.patient_state import RECENT_KEEP, PatientRecord, apply_event, days, patient_evidence
@@ -161,7 +162,9 @@ def test_a_record_keeps_the_batch_cells_in_any_order(tmp_path, half_life, shuffl
         assert stats.count_exposed == int(exposure.sum())
         assert stats.count_unexposed == int(times.size - exposure.sum())
         evidence = patient_evidence(records[pid], measure, model)
-        assert evidence.gram == stats.gram and evidence.recent_gram is None
+        # forwarded packed: exactly the record's floats
+        assert stacked([evidence.gram], model.stat_shape)[0].tolist() == stats.gram
+        assert evidence.recent_gram is None
 
 
 MEASURES = {"symptom_today": "bernoulli", "rescue_inhaler_uses": "poisson"}

@@ -29,6 +29,8 @@ def _variants(seed: int) -> list[PatientEvidence]:
         for version in range(rng.randint(1, 4)):
             extra = rng.choice([-1, 0, 1, 2]) if version else 0
             gram = (np.asarray(evidence.gram) * rng.uniform(0.5, 2.0)).tolist()
+            if rng.random() < 0.5:  # as the worker writes them (PatientEvidence)
+                gram = np.asarray(gram, dtype="<f8").tobytes()
             fields = {
                 "count_exposed": max(0, evidence.count_exposed + extra),
                 "gram": gram,
@@ -41,6 +43,13 @@ def _variants(seed: int) -> list[PatientEvidence]:
             items.append(evidence.model_copy(update=fields))
     rng.shuffle(items)
     return items
+
+
+def _matrix(gram) -> np.ndarray:
+    """A Gram matrix as numbers, from lists or float64 bytes."""
+    if isinstance(gram, bytes):
+        return np.frombuffer(gram, dtype="<f8").reshape(MODEL.stat_shape)
+    return np.asarray(gram)
 
 
 def _winners(items: list[PatientEvidence]) -> dict[str, PatientEvidence]:
@@ -69,9 +78,12 @@ def test_recording_messages_at_once_holds_what_recording_items_in_order_would() 
     assert book.patient_ids == list(winners)
     n = book.num_patients
     expected = list(winners.values())
-    assert np.array_equal(book._gram[:n], np.asarray([e.gram for e in expected]))
-    recent = [np.zeros_like(e.gram) if e.recent_gram is None else e.recent_gram for e in expected]
-    assert np.array_equal(book._recent[:n], np.asarray(recent))
+    assert np.array_equal(book._gram[:n], [_matrix(e.gram) for e in expected])
+    recent = [
+        np.zeros(MODEL.stat_shape) if e.recent_gram is None else _matrix(e.recent_gram)
+        for e in expected
+    ]
+    assert np.array_equal(book._recent[:n], recent)
     assert np.array_equal(book._reference[:n], [e.reference_time for e in expected])
     assert [book.cohorts[c] for c in book._cohort[:n]] == [e.cohort for e in expected]
     assert np.array_equal(
