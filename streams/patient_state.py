@@ -311,15 +311,20 @@ class PatientRecord(Mutable):
     measures: dict[str, MeasureStats] = Field(default_factory=dict)
     published: dict[str, Published] = Field(default_factory=dict)
     published_joint: dict[str, PublishedJoint] = Field(default_factory=dict)  # by group
-    # The EfficacyScore last sent to the scores topic, as the exact JSON sent (a
-    # string, not the model: this record serialises NaN/inf as constants, the
-    # score as null, so a nested model would not read back). Served over HTTP
-    # by streams.score_lookup; None until the patient's first score.
-    published_score: str | None = None
+    # The EfficacyScore last sent to the scores topic, as the exact JSON bytes
+    # sent (base64 in this record: not a nested model, which this record would
+    # write with NaN/inf as constants where the score has null, and not a string,
+    # whose escaping cost a third of writing the record). Served over HTTP by
+    # streams.score_lookup; None until the patient's first score.
+    published_score_json: bytes | None = None
+    # Written by earlier versions (the same JSON as a string): read into
+    # published_score_json, never written.
+    published_score: str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
     def _index_seen(self) -> PatientRecord:
-        """Check seen_index; move a record's old ``seen`` into it."""
+        """Check seen_index; move a record's old ``seen`` into it, and its old
+        ``published_score`` into ``published_score_json``."""
         if len(self.seen_index) % SEEN_ENTRY.size:
             raise ValueError(f"seen_index: {len(self.seen_index)} bytes, not whole entries")
         if self.seen:  # at most SEEN_KEEP entries, all kept
@@ -333,6 +338,9 @@ class PatientRecord(Mutable):
                 entries.append(SEEN_ENTRY.pack(event_digest(event_id), k, int(offset)))
             partitions.extend(list(where)[len(partitions) :])
             self.seen_index += b"".join(entries)
+        if self.published_score is not None:
+            legacy, self.published_score = self.published_score, None
+            self.published_score_json = legacy.encode()
         return self
 
     def seen_origins(self) -> list[str]:

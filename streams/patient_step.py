@@ -657,7 +657,7 @@ def _score(
     """Score ``records`` (every measure with a posterior) under the current
     posteriors; for those whose score changed materially (or whose id is in
     ``forced``) record the new score in the record (``published``,
-    ``published_score``, modified in place) and add the score message and its
+    ``published_score_json``, modified in place) and add the score message and its
     responder transitions to ``outputs``. Returns the records so changed."""
     by_measure: dict[str, list[PatientRecord]] = defaultdict(list)
     for record in records:
@@ -725,7 +725,7 @@ def _score(
         message = efficacy_score_json(
             record, list(scores.values()), weights, context.rule, list(groups.values())
         )
-        record.published_score = message.decode()
+        record.published_score_json = message
         outputs.scores.append(Message(patient_id.encode(), message))
         changed.append(record)
     return changed

@@ -297,11 +297,11 @@ class ScoreLookup:
         record = self.service.load(patient_id)
         if record is None:
             return self.error(view, 404, "unknown patient", partition)
-        if record.published_score is None:
+        if record.published_score_json is None:
             return self.error(view, 404, "no score yet for this patient", partition)
         log.debug("score of %s served from partition %d", patient_id, partition)
         return view.bytes(
-            record.published_score.encode(),
+            record.published_score_json,
             content_type="application/json",
             headers={SERVED_BY: self.url},
         )

@@ -399,6 +399,23 @@ def test_the_event_ids_kept_are_bounded_and_an_offset_reset_is_still_a_replay():
 OLD_RECORDS = Path(__file__).parent / "data" / "patient_records" / "e7725ef.json"
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+def test_a_score_stored_as_a_string_by_an_earlier_version_is_still_served() -> None:
+    """``published_score`` (the score's JSON as a string) is read into
+    ``published_score_json``, the same bytes, and written only there."""
+    score = '{"schema_version":1,"patient_id":"p-1","note":"quotes \\" and ü"}'
+    old = json.dumps({"patient_id": "p-1", "published_score": score})
+    record = PatientRecord.model_validate_json(old)
+    assert record.published_score_json == score.encode()
+    written = json.loads(record.model_dump_json())
+    assert "published_score" not in written
+    assert base64.urlsafe_b64decode(written["published_score_json"]) == score.encode()
+    assert PatientRecord.model_validate_json(record.model_dump_json()) == record
+
+
 def test_records_written_by_earlier_versions_still_read() -> None:
     """A worker started on a changelog written by an earlier version (the event
     ids and origins as a JSON object, ``seen``) reads every record: the same
@@ -423,6 +440,8 @@ def test_records_written_by_earlier_versions_still_read() -> None:
             record.seen_origins()
         )
         assert written.pop("published_joint") == {}  # joint groups came after e7725ef
+        score, packed = plain.pop("published_score"), written.pop("published_score_json")
+        assert packed == (None if score is None else _b64(score.encode()))
         assert written == plain  # every other field as it was
         again = PatientRecord.model_validate_json(record.model_dump_json())
         assert again == record and again.seen_origins() == record.seen_origins()

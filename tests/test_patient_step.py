@@ -422,7 +422,7 @@ def test_score_messages_are_byte_for_byte_the_models_serialisation(programme):
     (scoring.efficacy_score_json); each must be a valid EfficacyScore whose own
     serialisation is the same bytes (field order, defaults, float and time
     formatting): every score of a simulated programme, each patient's table copy
-    of it (``published_score``), and a score of two measures with a composite, a
+    of it (``published_score_json``), and a score of two measures with a composite, a
     joint group's score and floats whose shortest form is an exponent."""
     ctx = context()
     posterior_of(programme, ctx)
@@ -432,7 +432,7 @@ def test_score_messages_are_byte_for_byte_the_models_serialisation(programme):
     for message in sent:
         assert as_the_model_writes_it(message.value) == message.value
     for record in parsed(states).values():
-        published = record.published_score.encode()
+        published = record.published_score_json
         assert published in {m.value for m in sent if m.key == record.patient_id.encode()}
 
     first = parsed(states)[min(states)]
