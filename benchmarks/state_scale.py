@@ -175,6 +175,9 @@ def rocksdb_rates(records: int, value_bytes: int, partitions: int = 4) -> dict:
 
 
 def parse_rates(sample_json: str, repeats: int = 20000) -> dict:
+    import numpy as np
+
+    from model.evidence import packed
     from streams.patient_state import PatientRecord
     from streams.schemas import PatientEvidence
 
@@ -184,7 +187,7 @@ def parse_rates(sample_json: str, repeats: int = 20000) -> dict:
         measure="resting_heart_rate",
         patient_id=record.patient_id,
         cohort=record.cohort or "clinic-00",
-        gram=stats.gram,
+        gram=packed(np.asarray(stats.gram)),  # as the worker writes it
         reference_time=stats.reference_time,
         count_exposed=stats.count_exposed,
         count_unexposed=stats.count_unexposed,

@@ -78,9 +78,10 @@ def stacked(rows: Sequence[Sequence | bytes], shape: tuple[int, ...]) -> np.ndar
     measure's cells) as one (n, *shape) array. A row is nested lists of floats,
     or ``packed`` bytes. Lists are read in one pass over their floats
     (``np.asarray`` walks nested lists an element at a time, at about twice
-    the cost); bytes are joined and read as one buffer. A row of another size
-    raises ValueError (for lists, unless rows of other sizes add up to the
-    same total)."""
+    the cost); bytes are joined and read as one buffer. Statistics of another
+    size raise ValueError (for nested lists: rows of another length, or more
+    or fewer floats in all; inner rows of different lengths that add up to
+    the expected count are not told apart)."""
     size = math.prod(shape)
     if rows and all(isinstance(row, bytes) for row in rows):
         if any(len(row) != 8 * size for row in rows):
@@ -88,10 +89,15 @@ def stacked(rows: Sequence[Sequence | bytes], shape: tuple[int, ...]) -> np.ndar
         return np.frombuffer(b"".join(rows), dtype="<f8").reshape(len(rows), *shape)
     if any(isinstance(row, bytes) for row in rows):  # mixed: a row at a time
         return np.stack([stacked([row], shape)[0] for row in rows])
+    if any(len(row) != shape[0] for row in rows):
+        raise ValueError(f"statistics are not of shape {shape}")
     flat = chain.from_iterable(rows)
     for _ in shape[1:]:
         flat = chain.from_iterable(flat)
-    return np.fromiter(flat, dtype=float, count=len(rows) * size).reshape(len(rows), *shape)
+    values = np.fromiter(flat, dtype=float, count=len(rows) * size)
+    if next(flat, None) is not None:  # more floats than rows of ``shape`` hold
+        raise ValueError(f"statistics are not of shape {shape}")
+    return values.reshape(len(rows), *shape)
 
 
 def packed(statistics: np.ndarray) -> bytes:

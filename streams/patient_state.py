@@ -340,7 +340,8 @@ class PatientRecord(Mutable):
             self.seen_index += b"".join(entries)
         if self.published_score is not None:
             legacy, self.published_score = self.published_score, None
-            self.published_score_json = legacy.encode()
+            if self.published_score_json is None:
+                self.published_score_json = legacy.encode()
         return self
 
     def seen_origins(self) -> list[str]:

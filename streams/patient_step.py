@@ -255,6 +255,7 @@ class RecordCache:
             self.hits += 1
             self._taken.add(patient_id)
             return entry[1]
+        self._taken.discard(patient_id)  # one handed out before and never put back
         return _parse_state(raw)
 
     def put(self, patient_id: str, raw: bytes, record: PatientRecord) -> None:

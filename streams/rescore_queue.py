@@ -137,14 +137,18 @@ class ChunkBudget:
     stored state, and the population fit's thread takes the GIL for part of
     the time. So the size follows the last chunk's measured cost per patient,
     ``count · target / seconds``, at most doubling per chunk and kept within
-    [``smallest``, ``largest``]; the first chunk is ``first`` patients."""
+    [``smallest``, ``largest``]; the first chunk is ``first`` patients. The
+    bound keeps a chunk of expensive patients after a run of cheap ones (cache
+    hits, patients without the measure) to what a fixed chunk held before. The
+    time measured leaves out the chunk's writes, whose synchronous part (the
+    store's puts, the records' serialisation for the producer) comes after."""
 
     def __init__(
         self,
         target_seconds: float = 0.1,
         first: int = 64,
         smallest: int = 8,
-        largest: int = 4096,
+        largest: int = 1024,
     ) -> None:
         self.target_seconds = target_seconds
         self.smallest = smallest

@@ -7,6 +7,7 @@ the Kafka client for real clusters.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from datetime import UTC, datetime
@@ -19,6 +20,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from monitoring.drift import DriftConfig
 from streams.compilation_cache import parse_directory
 from streams.data_dir import default_data_dir
+
+#: Environment variables of settings that were replaced, and what replaced them.
+RETIRED_SETTINGS = {
+    "EFFICACY_STATE_CACHE_PATIENTS": "EFFICACY_STATE_CACHE_MB (memory for the parsed "
+    "records, in MB; 0: no cache)",
+}
 
 
 class Settings(BaseSettings):
@@ -216,6 +223,15 @@ class Settings(BaseSettings):
     @classmethod
     def _cache_off(cls, value: object) -> object:
         return parse_directory(value) if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_retired_settings(cls, values: object) -> object:
+        """A setting that no longer exists is an error, not silently ignored."""
+        for name, instead in RETIRED_SETTINGS.items():
+            if name in os.environ:
+                raise ValueError(f"{name} is no longer read: set {instead}")
+        return values
 
     @model_validator(mode="after")
     def _cache_in_data_dir(self) -> Settings:

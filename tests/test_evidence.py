@@ -178,6 +178,10 @@ def test_stacked_statistics_equal_numpy_s_conversion_and_refuse_a_wrong_size() -
     short[3] = short[3][:3]  # a 3×4 "Gram matrix"
     with pytest.raises(ValueError):
         stacked(short, (4, 4))
+    with pytest.raises(ValueError):  # a model with fewer columns than the statistics
+        stacked(grams.tolist(), (3, 3))
+    with pytest.raises(ValueError):
+        stacked(grams[:, :3, :3].tolist(), (4, 4))
     # packed rows (PatientEvidence as the worker writes it), alone or mixed with lists
     rows = [packed(g) for g in grams]
     assert np.array_equal(stacked(rows, (4, 4)), grams)

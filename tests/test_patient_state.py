@@ -414,6 +414,10 @@ def test_a_score_stored_as_a_string_by_an_earlier_version_is_still_served() -> N
     assert "published_score" not in written
     assert base64.urlsafe_b64decode(written["published_score_json"]) == score.encode()
     assert PatientRecord.model_validate_json(record.model_dump_json()) == record
+    both = json.dumps(
+        {"patient_id": "p-1", "published_score": score, "published_score_json": _b64(b"{}")}
+    )
+    assert PatientRecord.model_validate_json(both).published_score_json == b"{}"
 
 
 def test_records_written_by_earlier_versions_still_read() -> None:

@@ -23,7 +23,7 @@ def _variants(seed: int) -> list[PatientEvidence]:
     copies (fewer readings), another cohort, covariates, groups, with and
     without recent-window statistics, shuffled."""
     rng = random.Random(seed)
-    base = _evidence(seed, num_patients=40, num_cohorts=4, obs_per_patient=6)
+    base = _evidence(seed, num_patients=150, num_cohorts=4, obs_per_patient=6)
     items = []
     for evidence in base:
         for version in range(rng.randint(1, 4)):
@@ -68,12 +68,25 @@ def test_recording_messages_at_once_holds_what_recording_items_in_order_would() 
     items = _variants(3)
     book = PopulationBook(STREAM_MEASURE, MODEL)
     recorded = 0
-    start = 0
     rng = random.Random(5)
-    while start < len(items):  # messages of 1-30 items, some naming a patient twice
-        size = rng.randint(1, 30)
-        recorded += book.put_many(items[start : start + size])
-        start += size
+    first: dict[str, PatientEvidence] = {}
+    for item in items:  # a first message naming every patient once: the book grows in it
+        first.setdefault(item.patient_id, item)
+    items = [*first.values(), *(e for e in items if first[e.patient_id] is not e)]
+    messages: list[list[PatientEvidence]] = [list(first.values()), []]
+    limit, repeats = rng.randint(1, 100), rng.random() < 0.2
+    for item in items[len(first) :]:  # then messages of 1-100 items; most name a patient
+        # once, as the worker's do, some twice (recorded one at a time)
+        current = messages[-1]
+        named = any(e.patient_id == item.patient_id for e in current)
+        if len(current) >= limit or (named and not repeats):
+            messages.append([])
+            limit, repeats = rng.randint(1, 100), rng.random() < 0.2
+        messages[-1].append(item)
+    assert any(len({e.patient_id for e in m}) == len(m) > 64 for m in messages)
+    assert any(len({e.patient_id for e in m}) < len(m) for m in messages)
+    for message in messages:  # in arrival order
+        recorded += book.put_many(message)
     winners = _winners(items)
     assert book.patient_ids == list(winners)
     n = book.num_patients

@@ -59,6 +59,15 @@ def test_invalid_values_are_rejected(monkeypatch):
         Settings()
 
 
+def test_a_retired_setting_is_an_error_naming_its_replacement(monkeypatch):
+    monkeypatch.setenv("EFFICACY_STATE_CACHE_PATIENTS", "0")
+    with pytest.raises(ValidationError, match="EFFICACY_STATE_CACHE_MB"):
+        Settings()
+    monkeypatch.delenv("EFFICACY_STATE_CACHE_PATIENTS")
+    monkeypatch.setenv("EFFICACY_STATE_CACHE_MB", "0")
+    assert Settings().state_cache_mb == 0
+
+
 def test_drift_thresholds_from_the_environment(monkeypatch):
     monkeypatch.setenv("EFFICACY_DRIFT__SHIFT_THRESHOLD", "5.5")
     monkeypatch.setenv("EFFICACY_DRIFT__KL_THRESHOLD", "20")
