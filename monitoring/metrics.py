@@ -153,6 +153,8 @@ class Metrics(NamedTuple):
     patients_by_classification: Gauge  # efficacy_patients{measure, classification}
     patients_tracked: Gauge  # efficacy_patients_tracked (no labels)
     raw_backlog_records: Gauge  # efficacy_raw_backlog_records (no labels)
+    state_cache_lookups: Counter  # efficacy_state_cache_lookups_total{result}
+    state_cache_bytes: Gauge  # efficacy_state_cache_bytes (no labels)
     scores_published: Counter  # efficacy_scores_published_total{trigger}
     # Structure selection (advisory: the pipeline keeps its structure)
     selection_elpd_diff: Gauge  # efficacy_selection_elpd_diff{measure, structure}
@@ -294,6 +296,17 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             "raw_backlog_records",
             "Input records waiting on this worker's raw partitions as of its latest batch "
             "(rescoring after a new posterior defers to a backlog of more than a batch).",
+        ),
+        state_cache_lookups=counter(
+            "state_cache_lookups_total",
+            "Stored patient records the patients agent looked up, by whether it held them "
+            "parsed (hit) or parsed them (miss).",
+            ("result",),
+        ),
+        state_cache_bytes=gauge(
+            "state_cache_bytes",
+            "Memory the patients agent's parsed records are counted at (at most "
+            "EFFICACY_STATE_CACHE_MB).",
         ),
         scores_published=counter(
             "scores_published_total", "Efficacy scores published.", ("trigger",)

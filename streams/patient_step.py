@@ -237,6 +237,7 @@ class RecordCache:
         self._taken: set[str] = set()  # hits not put back yet: they are re-admitted
         self._random = random.Random(seed)
         self.hits = 0
+        self.misses = 0  # stored values parsed (a patient without one is neither)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -256,6 +257,8 @@ class RecordCache:
             self._taken.add(patient_id)
             return entry[1]
         self._taken.discard(patient_id)  # one handed out before and never put back
+        if raw:
+            self.misses += 1
         return _parse_state(raw)
 
     def put(self, patient_id: str, raw: bytes, record: PatientRecord) -> None:

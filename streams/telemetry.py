@@ -59,6 +59,7 @@ class Telemetry:
         self.max_loop_lag = 0.0
         self.joint_thinned: Counter[str] = Counter()  # by joint group
         self._structures: dict[str, set[str]] = {}  # compared by the latest selection
+        self._cache_counted = (0, 0)  # the record cache's hits and misses counted so far
 
     def accepted(self, source: str, count: int = 1) -> None:
         self.accepted_by_source[source] += count
@@ -83,6 +84,15 @@ class Telemetry:
     def tracked(self, patients: int) -> None:
         if self.metrics is not None:
             self.metrics.patients_tracked.set(patients)
+
+    def state_cache(self, hits: int, misses: int, size_bytes: int) -> None:
+        """The record cache's running totals (streams.patient_step.RecordCache)."""
+        if self.metrics is not None:
+            lookups = self.metrics.state_cache_lookups
+            lookups.labels(result="hit").inc(hits - self._cache_counted[0])
+            lookups.labels(result="miss").inc(misses - self._cache_counted[1])
+            self.metrics.state_cache_bytes.set(size_bytes)
+        self._cache_counted = (hits, misses)
 
     def raw_backlog(self, records: int) -> None:
         if self.metrics is not None:

@@ -52,6 +52,8 @@ EXPECTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "efficacy_patients": (Gauge, ("measure", "classification")),
     "efficacy_patients_tracked": (Gauge, ()),
     "efficacy_raw_backlog_records": (Gauge, ()),
+    "efficacy_state_cache_lookups": (Counter, ("result",)),
+    "efficacy_state_cache_bytes": (Gauge, ()),
     "efficacy_population_posterior_version": (Gauge, ("measure",)),
     "efficacy_scores_published": (Counter, ("trigger",)),
     "efficacy_selection_elpd_diff": (Gauge, ("measure", "structure")),
@@ -116,6 +118,7 @@ def test_no_label_identifies_a_patient(registry: CollectorRegistry, metrics: Met
     allowed = {"source", "reason", "measure", "classification", "kind", "trigger", "structure"}
     allowed |= {"covariate", "statistic"}  # catalogue covariate names, mean/q05/q95
     allowed |= {"group"}  # catalogue joint group names
+    allowed |= {"result"}  # hit / miss
     assert labels <= allowed
     for label in labels:
         assert not re.search(r"patient|subject|person|user|_id$|^id$", label), label
@@ -269,3 +272,23 @@ def test_install_faust_sensor_puts_faust_metrics_on_our_registry(
     assert "faust_topic_partition_offset_commited" in names
     assert "efficacy_events_accepted_total" in names  # one endpoint serves both
     assert type(app.monitor).__name__ == "PrometheusMonitor"
+
+
+def test_the_record_cache_totals_become_counters_once(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    """Telemetry.state_cache gets the cache's running totals after every batch and
+    adds only what is new to the counters."""
+    from streams.telemetry import Telemetry
+
+    telemetry = Telemetry(metrics)
+    telemetry.state_cache(hits=5, misses=2, size_bytes=4000)
+    telemetry.state_cache(hits=8, misses=2, size_bytes=6000)
+    telemetry.state_cache(hits=8, misses=3, size_bytes=5000)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("efficacy_state_cache_lookups_total", result="hit") == 8
+    assert sample("efficacy_state_cache_lookups_total", result="miss") == 3
+    assert sample("efficacy_state_cache_bytes") == 5000

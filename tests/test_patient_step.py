@@ -551,6 +551,7 @@ def test_the_record_cache_keeps_about_the_share_that_fits_of_patients_in_cycles(
             assert cache.bytes <= cache.capacity_bytes
         hits_by_cycle.append(cache.hits - before)
     assert len(cache) == 1000
+    assert cache.hits + cache.misses == 4 * 3000  # every lookup of a stored value counted
     # after the first cycle ~1/3 of the patients hit: a full cache admits a
     # new record with probability 0.1, so it turns over slowly (a simulation
     # of this loop gives 0.31 over later cycles); the bound is ±0.1

@@ -193,6 +193,11 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
             calls = value(base, f'sum(efficacy_patients{{measure="{measure}"}})')
             assert calls == PATIENTS
         assert value(base, "sum(efficacy_scores_published_total)") >= PATIENTS
+        # every patient's record is kept parsed (far below the default 1 GB) and
+        # looked up again by later batches and the rescoring after each posterior
+        hits = value(base, 'efficacy_state_cache_lookups_total{result="hit"}')
+        assert hits >= PATIENTS, hits
+        assert value(base, "efficacy_state_cache_bytes") > 0
         for measure in MEASURES:
             assert value(base, f'sum(efficacy_selection_chosen{{measure="{measure}"}})') == 1
             diffs = query(base, f'efficacy_selection_elpd_diff{{measure="{measure}"}}')

@@ -191,6 +191,8 @@ class PatientsService:
         table = self.table
         states = {key: table.get(key) for key in batch_keys(events)}
         saves, outputs = process_batch(states, events, self.context, cache=self.cache)
+        cache = self.cache
+        self.telemetry.state_cache(cache.hits, cache.misses, cache.bytes)
         self.held.added(key for key in saves if states.get(key) is None)
         settled = await self.send(saves, outputs, "evidence")
         try:
