@@ -49,6 +49,10 @@ SCORE_TRIGGERS: tuple[str, ...] = ("evidence", "population")
 """Values of the ``trigger`` label of ``efficacy_scores_published_total``: new
 patient evidence, or a rescore under a new population posterior version."""
 
+CACHE_RESULTS: tuple[str, ...] = ("hit", "miss")
+"""Values of the ``result`` label of ``efficacy_state_cache_lookups_total``: the
+stored record was held parsed, or was parsed."""
+
 STRUCTURES: tuple[str, ...] = ("complete", "none", "partial", "partial+cohort")
 """Values of the ``structure`` label: the streaming structure selection's
 candidates (model.selection.candidate_structures with the cohort attribute),

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from monitoring.metrics import CACHE_RESULTS
+
 if TYPE_CHECKING:
     from monitoring.metrics import Metrics
     from streams.population_book import FitResult
@@ -89,8 +91,10 @@ class Telemetry:
         """The record cache's running totals (streams.patient_step.RecordCache)."""
         if self.metrics is not None:
             lookups = self.metrics.state_cache_lookups
-            lookups.labels(result="hit").inc(hits - self._cache_counted[0])
-            lookups.labels(result="miss").inc(misses - self._cache_counted[1])
+            for result, total, counted in zip(
+                CACHE_RESULTS, (hits, misses), self._cache_counted, strict=True
+            ):
+                lookups.labels(result=result).inc(total - counted)
             self.metrics.state_cache_bytes.set(size_bytes)
         self._cache_counted = (hits, misses)
 

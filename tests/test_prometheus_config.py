@@ -48,6 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from monitoring.faust_sensor import FAUST_SENSOR_PREFIX
 from monitoring.metrics import (
+    CACHE_RESULTS,
     CLASSIFICATIONS,
     DRIFT_KINDS,
     SCORE_TRIGGERS,
@@ -215,6 +216,7 @@ def _populate(registry: CollectorRegistry) -> None:
         "covariate": ("age", "group=B"),
         "statistic": ("mean", "q05", "q95"),
         "group": ("glycaemic",),
+        "result": CACHE_RESULTS,
     }
     for metric in metrics:
         names = metric._labelnames
