@@ -195,7 +195,11 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
         assert value(base, "sum(efficacy_scores_published_total)") >= PATIENTS
         # every patient's record is kept parsed (far below the default 1 GB) and
         # looked up again by later batches and the rescoring after each posterior
-        hits = value(base, 'efficacy_state_cache_lookups_total{result="hit"}')
+        hits = poll(
+            lambda: values(base, ['efficacy_state_cache_lookups_total{result="hit"}'])[0] or 0.0,
+            lambda v: v >= PATIENTS,
+            timeout=30,
+        )
         assert hits >= PATIENTS, hits
         assert value(base, "efficacy_state_cache_bytes") > 0
         for measure in MEASURES:

@@ -191,8 +191,7 @@ class PatientsService:
         table = self.table
         states = {key: table.get(key) for key in batch_keys(events)}
         saves, outputs = process_batch(states, events, self.context, cache=self.cache)
-        cache = self.cache
-        self.telemetry.state_cache(cache.hits, cache.misses, cache.bytes)
+        self.report_cache()
         self.held.added(key for key in saves if states.get(key) is None)
         settled = await self.send(saves, outputs, "evidence")
         try:
@@ -357,6 +356,11 @@ class PatientsService:
                 log.info("posterior %s v%d: rescored, %d scores republished", request.key,
                          posteriors.version(request.key), count)  # fmt: skip
 
+    def report_cache(self) -> None:
+        """The record cache's totals to the metrics (after each batch and chunk)."""
+        cache = self.cache
+        self.telemetry.state_cache(cache.hits, cache.misses, cache.bytes)
+
     async def rescore_all(
         self, measure: str, force: bool = False, step=rescore, defer_until: float = 0.0
     ) -> int:
@@ -394,6 +398,7 @@ class PatientsService:
                 states = {key: self.table.get(key) for key in chunk}
                 saves, outputs = step(states, measure, self.context, force, cache=self.cache)
                 self.rescore_budget.record(len(chunk), time.perf_counter() - started)
+                self.report_cache()
                 await self.write(saves, outputs, "population")
                 published += len(outputs.scores)
         return published
