@@ -372,7 +372,8 @@ class PatientsService:
         (``partition_keys``), in chunks sized to hold the event loop for about
         0.1 s each (``ChunkBudget``), each loaded, scored and saved without an
         await (a batch of the agent may have saved a patient since the keys were
-        listed), so memory stays bounded by a chunk however many patients. Returns the number of scores published.
+        listed), so memory stays bounded by a chunk however many patients.
+        Returns the number of scores published.
 
         The local store also holds standby replicas and partitions this worker
         owned before a rebalance: rescoring (and saving) those would overwrite
