@@ -166,6 +166,49 @@ class _SendLog:
         return batches
 
 
+@pytest.mark.parametrize("store_url", ["rocksdb://", "memory://"])
+def test_write_many_and_values_of_are_fausts_own_table_path(tmp_path, store_url, own_loop):
+    """write_many and values_of serialise keys themselves and go to the store
+    directly: what they write is what faust's table reads (``table.get``),
+    what they read is what faust's table writes (``table[key] = value``), and
+    each changelog record is keyed and valued as faust's own path would
+    (``prepare_key``/``prepare_value``), for plain keys and for keys that JSON
+    escapes (quotes, backslashes, control characters, non-ASCII)."""
+    table = _pipeline(tmp_path, store_url).patients.table
+    keys = [
+        "patient-1",
+        "p 2:x/y",
+        'quote"d',
+        "back\\slash",
+        "tab\tkey",
+        "caf\u00e9",
+        "\u6f22\u5b57",
+    ]
+    keys += [f"patient-{i}" for i in range(2, 40)]
+    written = {key: f'{{"k":{i}}}'.encode() for i, key in enumerate(keys)}
+    producer = _SendLog()
+    own_loop.run_until_complete(table.write_many(written, producer))
+    assert {key: table.get(key) for key in keys} == written  # faust reads what was written
+    topic = table.changelog_topic
+    expected = [
+        (
+            topic.get_topic_name(),
+            topic.prepare_key(key, table.key_serializer)[0],
+            topic.prepare_value(value, table.value_serializer)[0],
+        )
+        for key, value in written.items()
+    ]
+    assert sorted(producer.sent) == sorted(expected)
+    if store_url.startswith("rocksdb"):
+        assert all(_database_of(table.data, key) == table.partition_for_key(key) for key in keys)
+
+    faust_written = {f"faust-{key}": f"v{i}".encode() for i, key in enumerate(keys)}
+    for key, value in faust_written.items():
+        table[key] = value
+    wanted = [*faust_written, *keys, "never-written"]
+    assert table.values_of(wanted) == {**faust_written, **written, "never-written": None}
+
+
 def test_the_records_a_write_caused_never_overtake_an_earlier_writers(pipeline):
     """The rescoring task saves patient 29 and sends its scores; a batch then saves
     patient 30 and sends its score. The patient's last score on the topic must

@@ -122,7 +122,7 @@ class PatientsService:
         self._counted_generation: int | None = None  # the consumer generation counted in
 
     def load(self, patient_id: str) -> PatientRecord | None:
-        raw = self.table.get(patient_id)
+        raw = self.table.values_of([patient_id])[patient_id]
         return PatientRecord.model_validate_json(raw) if raw else None
 
     async def process_chunks(self, events: list[faust.EventT]) -> list[Awaitable[None]]:
@@ -188,8 +188,7 @@ class PatientsService:
         posterior (``rescore_all``, another task) never sees or writes a record
         this batch has loaded but not yet saved."""
         started = time.perf_counter()
-        table = self.table
-        states = {key: table.get(key) for key in batch_keys(events)}
+        states = self.table.values_of(batch_keys(events))
         saves, outputs = process_batch(states, events, self.context, cache=self.cache)
         self.report_cache()
         self.held.added(key for key in saves if states.get(key) is None)
@@ -396,7 +395,7 @@ class PatientsService:
                 chunk = list(itertools.islice(keys, self.rescore_budget.size))
                 if not chunk:
                     break
-                states = {key: self.table.get(key) for key in chunk}
+                states = self.table.values_of(chunk)
                 saves, outputs = step(states, measure, self.context, force, cache=self.cache)
                 self.rescore_budget.record(len(chunk), time.perf_counter() - started)
                 self.report_cache()
