@@ -24,6 +24,7 @@ The prior-data conflict detector (monitoring.drift) runs a CUSUM over z.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -79,7 +80,12 @@ def _residuals(
     return ndtri(jnp.clip(pit, PIT_CLIP, 1.0 - PIT_CLIP))
 
 
-def predictive_residuals(
+def predictive_residuals(*args, **kwargs) -> np.ndarray:
+    """``dispatch_residuals(...)()``: the residuals, waited for."""
+    return dispatch_residuals(*args, **kwargs)()
+
+
+def dispatch_residuals(
     draws: Hyper,
     gram: np.ndarray,
     cohort_mean: np.ndarray,
@@ -91,9 +97,11 @@ def predictive_residuals(
     covariates: np.ndarray | None = None,
     time_covariates: np.ndarray | None = None,
     columns: np.ndarray | None = None,
-) -> np.ndarray:
+) -> Callable[[], np.ndarray]:
     """z of each reading (raw exposure, time and outcome, shape (R,)) under the
-    mixture predictive given its patient's evidence *before* the reading.
+    mixture predictive given its patient's evidence *before* the reading, as
+    dispatched to the device: the returned function waits for it (the caller
+    goes on meanwhile; on the host, so no shape of the result is compiled).
 
     gram: (R, d, d) standardised evidence of each reading's patient, weighted as
     of the reading's time (model.evidence.decay_to); cohort_mean, cohort_var:
@@ -107,7 +115,7 @@ def predictive_residuals(
     """
     count = int(np.shape(outcome)[0])
     if count == 0:
-        return np.zeros(0)
+        return lambda: np.zeros(0)
     if count > RESIDUAL_BLOCK:  # blocks: memory (S × B × d² per intermediate) and compiles
 
         def cut(array, start: int, axis: int = 0):
@@ -119,24 +127,23 @@ def predictive_residuals(
             ]
 
         per_reading = columns is None  # the moments have a column per reading, else a table
-        return np.concatenate(
-            [
-                predictive_residuals(
-                    draws,
-                    cut(gram, start),
-                    cut(cohort_mean, start, axis=1) if per_reading else cohort_mean,
-                    cut(cohort_var, start, axis=1) if per_reading else cohort_var,
-                    cut(exposure, start),
-                    cut(time, start),
-                    cut(outcome, start),
-                    config,
-                    cut(covariates, start),
-                    cut(time_covariates, start),
-                    cut(columns, start),
-                )
-                for start in range(0, count, RESIDUAL_BLOCK)
-            ]
-        )
+        blocks = [
+            dispatch_residuals(
+                draws,
+                cut(gram, start),
+                cut(cohort_mean, start, axis=1) if per_reading else cohort_mean,
+                cut(cohort_var, start, axis=1) if per_reading else cohort_var,
+                cut(exposure, start),
+                cut(time, start),
+                cut(outcome, start),
+                config,
+                cut(covariates, start),
+                cut(time_covariates, start),
+                cut(columns, start),
+            )
+            for start in range(0, count, RESIDUAL_BLOCK)
+        ]
+        return lambda: np.concatenate([block() for block in blocks])
     y, x, t = config.standardization.apply(
         np.asarray(outcome, dtype=float),
         np.asarray(exposure, dtype=float),
@@ -175,4 +182,4 @@ def predictive_residuals(
         config.structure,
         None if covariates is None else padded(covariates),
     )
-    return np.asarray(z)[:count]
+    return lambda: np.asarray(z)[:count]

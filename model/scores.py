@@ -13,6 +13,7 @@ where sign = +1 when higher is better, −1 when lower is better.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from functools import partial
 from typing import Any, NamedTuple
@@ -443,7 +444,12 @@ def summarize_effects(
     )
 
 
-def summarize_given_cohorts(
+def summarize_given_cohorts(*args, **kwargs) -> EffectSummary:
+    """``dispatch_given_cohorts(...)()``: the summaries, waited for."""
+    return dispatch_given_cohorts(*args, **kwargs)()
+
+
+def dispatch_given_cohorts(
     draws: Hyper,
     gram: np.ndarray,
     cohort_mean: np.ndarray,
@@ -456,11 +462,13 @@ def summarize_given_cohorts(
     block: int = PATIENT_BLOCK,
     covariates: np.ndarray | None = None,
     export_cache: ExportCache | None = None,
-) -> EffectSummary:
+) -> Callable[[], EffectSummary]:
     """Posterior summaries (raw units) of patients whose cohort-deviation posterior
     under each draw is given: cohort_mean, cohort_var of shape (S, K), patient
     i's in column shift_index[i] ((P,); None: K = P, patient i's is column i);
     covariates: (P, q) standardised patient covariates when the model has them.
+    Returned as dispatched to the device: the returned function waits for
+    them and finishes them on the host (the caller goes on meanwhile).
 
     The streaming worker scores its own patients this way with the cohort
     posteriors published by the population agent. Patients are processed in
@@ -519,12 +527,21 @@ def summarize_given_cohorts(
             probs,
             covariates=x,
         )
-        parts.append([np.asarray(x)[..., : stop - start] for x in out])
+        parts.append((out, stop - start))
+    return partial(_finish_summary, parts, to_raw)
+
+
+def _finish_summary(parts: list, to_raw: float) -> EffectSummary:
+    """The summaries of dispatched blocks (each ``(outputs, patients)``), waited
+    for, unpadded and joined, in raw units."""
     if not parts:
         empty = np.zeros(0)
         return EffectSummary(*([empty] * len(EffectSummary._fields)))
     mean, sd, quantiles, p_mcid, p_zero, population, cohort_dev, shrinkage = (
-        np.concatenate(col, axis=-1) for col in zip(*parts, strict=True)
+        np.concatenate(col, axis=-1)
+        for col in zip(
+            *([np.asarray(x)[..., :count] for x in out] for out, count in parts), strict=True
+        )
     )
     return EffectSummary(
         mean=mean * to_raw,

@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+import numpy as np
+
 from model.config import DecisionRule, ModelConfig
 from model.joint import JointConfig
+from model.scores import EffectSummary
 from streams import joint_stream
 from streams.catalogue import Catalogue
 from streams.partitioning import EvidencePartitions, key_partition
@@ -52,6 +55,8 @@ from streams.schemas import (
 from streams.scoring import (
     PendingReading,
     changed_materially,
+    dispatch_patients,
+    dispatch_reading_residuals,
     efficacy_score_json,
     measure_scores,
     pending_reading,
@@ -133,7 +138,9 @@ class StepOutputs:
     scored, for the classification gauges); ``arrival`` (the earliest raw-record
     timestamp, in seconds, of each patient whose evidence changed, for the
     event-to-score latency of the scores sent); ``readings`` (per measure, the
-    readings for the prior-data conflict check, in arrival order)."""
+    readings for the prior-data conflict check, in arrival order) and
+    ``residuals`` (per measure, their standardised residuals as dispatched to
+    the device: calling it waits for them)."""
 
     dead_letters: list[Message] = field(default_factory=list)
     reroutes: list[tuple[str, Message]] = field(default_factory=list)  # (topic, record)
@@ -147,6 +154,7 @@ class StepOutputs:
     calls: dict[str, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
     arrival: dict[str, float] = field(default_factory=dict)
     readings: dict[str, list[PendingReading]] = field(default_factory=lambda: defaultdict(list))
+    residuals: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)
 
     def scored_patients(self) -> list[str]:
         return [message.key.decode() for message in self.scores if message.key is not None]
@@ -329,13 +337,14 @@ def process_batch(
     records, broken = _load(states, valid, cache)
     lap("load")
     applied, touched, replayed = _apply(states, records, broken, valid, context, outputs)
+    _start_residuals(context, outputs)
     lap("apply")
     # new evidence always republishes: the score's counts and last event changed
     to_score = [records[p] for p in applied if touched[p] or p in replayed]
-    try:
-        _score(to_score, context, outputs, forced={r.patient_id for r in to_score})
-    except Exception:  # the evidence is saved and forwarded all the same
-        log_failure("scoring a batch of %d patients failed", len(to_score))
+    try:  # the summaries compute on the device while the evidence is built
+        summaries = _start_summaries(_by_measure(to_score, context), context)
+    except Exception:  # _score tries again, and logs
+        summaries = {}
     lap("score")
     forwards = {p: measures for p, measures in touched.items() if measures}
     for patient_id in replayed:
@@ -343,6 +352,11 @@ def process_batch(
             forwards[patient_id] = set(records[patient_id].measures)
     _evidence(((records[p], measures) for p, measures in forwards.items()), context, outputs)
     lap("evidence")
+    try:
+        _score(to_score, context, outputs, {r.patient_id for r in to_score}, summaries)
+    except Exception:  # the evidence is saved and forwarded all the same
+        log_failure("scoring a batch of %d patients failed", len(to_score))
+    lap("score")
     saves = {p: json_bytes(records[p]) for p in applied}
     _keep(cache, states, records, saves)
     lap("save")
@@ -627,6 +641,19 @@ def _pending(record: PatientRecord | None, event, context: StepContext) -> Pendi
         return None
 
 
+def _start_residuals(context: StepContext, outputs: StepOutputs) -> None:
+    """Dispatch the prior-data conflict check's residuals of the step's
+    readings (streams.scoring.dispatch_reading_residuals): the device computes
+    them while the step scores and saves."""
+    for measure, readings in outputs.readings.items():
+        try:
+            outputs.residuals[measure] = dispatch_reading_residuals(
+                context.posteriors[measure], readings, context.models[measure]
+            )
+        except Exception:  # monitoring must never dead-letter or drop a valid reading
+            log_failure("could not start the predictive check of %d readings", len(readings))
+
+
 def _evidence(
     changes: Iterable[tuple[PatientRecord, set[str]]], context: StepContext, outputs: StepOutputs
 ) -> None:
@@ -652,17 +679,10 @@ def _evidence(
             )
 
 
-def _score(
-    records: list[PatientRecord],
-    context: StepContext,
-    outputs: StepOutputs,
-    forced: Collection[str] = (),
-) -> list[PatientRecord]:
-    """Score ``records`` (every measure with a posterior) under the current
-    posteriors; for those whose score changed materially (or whose id is in
-    ``forced``) record the new score in the record (``published``,
-    ``published_score_json``, modified in place) and add the score message and its
-    responder transitions to ``outputs``. Returns the records so changed."""
+def _by_measure(
+    records: list[PatientRecord], context: StepContext
+) -> dict[str, list[PatientRecord]]:
+    """The enrolled records with evidence of each measure that has a posterior."""
     by_measure: dict[str, list[PatientRecord]] = defaultdict(list)
     for record in records:
         if record.cohort is None:
@@ -670,6 +690,44 @@ def _score(
         for measure in record.measures:
             if measure in context.posteriors:
                 by_measure[measure].append(record)
+    return by_measure
+
+
+def _start_summaries(
+    by_measure: dict[str, list[PatientRecord]], context: StepContext
+) -> dict[str, Callable[[], EffectSummary]]:
+    """Each measure's mixture summaries of its records, dispatched to the
+    device (streams.scoring.dispatch_patients): calling one waits for it."""
+    return {
+        measure: dispatch_patients(
+            context.posteriors[measure],
+            [r.measures[measure] for r in group],
+            [r.cohort for r in group],
+            [r.covariates for r in group],
+            context.catalogue.get(measure),
+            context.models[measure],
+            [r.groups for r in group],
+        )
+        for measure, group in by_measure.items()
+    }
+
+
+def _score(
+    records: list[PatientRecord],
+    context: StepContext,
+    outputs: StepOutputs,
+    forced: Collection[str] = (),
+    summaries: Mapping[str, Callable[[], EffectSummary]] | None = None,
+) -> list[PatientRecord]:
+    """Score ``records`` (every measure with a posterior) under the current
+    posteriors; for those whose score changed materially (or whose id is in
+    ``forced``) record the new score in the record (``published``,
+    ``published_score_json``, modified in place) and add the score message and its
+    responder transitions to ``outputs``. Returns the records so changed.
+    ``summaries``: measures' summaries of these records already dispatched
+    (``_start_summaries``)."""
+    by_measure = _by_measure(records, context)
+    summaries = summaries or {}
     new_scores: dict[str, dict[str, MeasureScore]] = defaultdict(dict)
     for measure, group in by_measure.items():
         scores = measure_scores(
@@ -686,6 +744,7 @@ def _score(
                 for r in group
             ],
             groups=[r.groups for r in group],
+            summary=summaries[measure]() if measure in summaries else None,
         )
         for record, score in zip(group, scores, strict=True):
             new_scores[record.patient_id][measure] = score

@@ -11,7 +11,7 @@ deterministic function of the patient's evidence and the posterior version.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -27,14 +27,14 @@ from model.evidence import decay_to, gram_stats, stacked
 from model.family_scores import summarize_family_given_shifts
 from model.likelihood import Hyper
 from model.population import SMALL_BUCKET, bucket_size
-from model.predictive import RESIDUAL_BLOCK, predictive_residuals
+from model.predictive import RESIDUAL_BLOCK, dispatch_residuals
 from model.scores import (
     EffectSummary,
     LevelPosteriors,
     classify,
+    dispatch_given_cohorts,
     level_pairs,
     shift_moments_by_level,
-    summarize_given_cohorts,
 )
 from model.subgroups import SubgroupSummary
 from streams.catalogue import MeasureSpec
@@ -185,7 +185,12 @@ def standardized_covariates(rows: list[list[float]], model: ModelConfig) -> np.n
     return None if design is None else model.standardization.covariates(design)
 
 
-def summarize_patients(
+def summarize_patients(*args, **kwargs) -> EffectSummary:
+    """``dispatch_patients(...)()``: the summaries, waited for."""
+    return dispatch_patients(*args, **kwargs)()
+
+
+def dispatch_patients(
     posterior: MeasurePosterior,
     stats: list[MeasureStats],
     cohorts: list[str | None],
@@ -193,17 +198,22 @@ def summarize_patients(
     spec: MeasureSpec,
     model: ModelConfig,
     groups: list[dict[str, str]] | None = None,
-) -> EffectSummary:
-    """Mixture summaries of a batch of patients for one measure (raw units);
-    ``covariates``: each patient's design row (PatientRecord.covariates);
-    ``groups``: each patient's groups (PatientRecord.groups), for a posterior
-    with further grouping levels."""
+) -> Callable[[], EffectSummary]:
+    """Mixture summaries of a batch of patients for one measure (raw units),
+    as dispatched to the device: the returned function waits for them
+    (model.scores.dispatch_given_cohorts; a Bernoulli or Poisson measure's are
+    computed at once). ``covariates``: each patient's design row
+    (PatientRecord.covariates); ``groups``: each patient's groups
+    (PatientRecord.groups), for a posterior with further grouping levels."""
     gram = stacked([s.gram for s in stats], model.stat_shape)
     if model.family != "gaussian":
         cohort_mean, cohort_var = posterior.cohort_posterior(cohorts, groups)
-        return _summarize_family(posterior, gram, cohort_mean, cohort_var, covariates, spec, model)
+        summary = _summarize_family(
+            posterior, gram, cohort_mean, cohort_var, covariates, spec, model
+        )
+        return lambda: summary
     shift_mean, shift_var, shift_index = posterior.shift_table(cohorts, groups)
-    return summarize_given_cohorts(
+    return dispatch_given_cohorts(
         posterior.draws,
         gram,
         shift_mean,
@@ -307,16 +317,19 @@ def measure_scores(
     pathways: dict[str, str] | None = None,
     previous: list[str | None] | None = None,
     groups: list[dict[str, str]] | None = None,
+    summary: EffectSummary | None = None,
 ) -> list[MeasureScore]:
     """Scores of a batch of patients for one measure, with the decision rule
     (with hysteresis against each patient's ``previous`` published call) and the
     recommended action of each call from ``pathways`` (Settings.pathways);
-    ``groups`` as for summarize_patients."""
+    ``groups`` as for summarize_patients. ``summary``: the patients'
+    summarize_patients, when already computed."""
     pathways = pathways or {}
     scale = None
     if model.family != "gaussian":
         scale = spec.effect_scale or default_scale(model.family)
-    summary = summarize_patients(posterior, stats, cohorts, covariates, spec, model, groups)
+    if summary is None:
+        summary = summarize_patients(posterior, stats, cohorts, covariates, spec, model, groups)
     counts_exposed = np.asarray([s.count_exposed for s in stats])
     counts_unexposed = np.asarray([s.count_unexposed for s in stats])
     calls = classify(
@@ -417,9 +430,17 @@ def pending_reading(
 def reading_residuals(
     posterior: MeasurePosterior, readings: list[PendingReading], model: ModelConfig
 ) -> np.ndarray:
+    """``dispatch_reading_residuals(...)()``: the residuals, waited for."""
+    return dispatch_reading_residuals(posterior, readings, model)()
+
+
+def dispatch_reading_residuals(
+    posterior: MeasurePosterior, readings: list[PendingReading], model: ModelConfig
+) -> Callable[[], np.ndarray]:
     """Standardised posterior-predictive residual of each reading given its
     patient's evidence before it (model.predictive), evidence weighted as of the
-    reading's time: N(0, 1) while the population posterior describes the data."""
+    reading's time: N(0, 1) while the population posterior describes the data.
+    As dispatched to the device: the returned function waits for them."""
     d = model.stat_dim
     empty = [[0.0] * d for _ in range(d)]
     gram = stacked([empty if r.gram is None else r.gram for r in readings], (d, d))
@@ -428,7 +449,7 @@ def reading_residuals(
     shift_mean, shift_var, columns = posterior.shift_table(
         [r.cohort for r in readings], [r.groups for r in readings]
     )
-    return predictive_residuals(
+    return dispatch_residuals(
         posterior.draws,
         before.gram,
         shift_mean,

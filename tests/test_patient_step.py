@@ -588,3 +588,26 @@ def test_the_record_cache_refuses_what_cannot_fit_and_frees_what_it_hands_out() 
         admitted += f"n{i:03d}" in cache
         assert len(cache) == 1
     assert 20 <= admitted <= 60  # binomial(400, 0.1): mean 40, sd 6
+
+
+def test_a_steps_residuals_are_those_of_its_readings_under_the_posterior(programme):
+    """A step dispatches the prior-data conflict check's residuals of its
+    readings to the device (computed while it scores and saves): once waited
+    for, they are reading_residuals of those readings, one per reading, and a
+    step without a posterior has no readings to check."""
+    from streams.scoring import reading_residuals
+
+    ctx = context()
+    records = raw_records(programme)
+    half = len(records) // 2
+    states: dict[str, bytes] = {}
+    (before,) = run_batches(states, records[:half], ctx, 100_000)
+    assert not before.readings and not before.residuals  # no posterior yet
+    posterior_of(programme, ctx)
+    (outputs,) = run_batches(states, records[half:], ctx, 100_000)
+    readings = outputs.readings[MEASURE]
+    assert len(readings) > 50 and set(outputs.residuals) == {MEASURE}
+    residuals = outputs.residuals[MEASURE]()
+    expected = reading_residuals(ctx.posteriors[MEASURE], readings, ctx.models[MEASURE])
+    assert residuals.shape == (len(readings),)
+    np.testing.assert_array_equal(residuals, expected)

@@ -30,10 +30,11 @@ import itertools
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import faust
+import numpy as np
 
 from model.config import DecisionRule, ModelConfig
 from monitoring.drift import PriorDataConflictDetector
@@ -59,7 +60,7 @@ from streams.patient_step import (
 from streams.posterior_feed import PosteriorBook
 from streams.rescore_queue import ChunkBudget, RawBacklog, RescoreQueue
 from streams.schemas import json_bytes
-from streams.scoring import PendingReading, reading_residuals
+from streams.scoring import PendingReading
 from streams.settings import Settings
 from streams.stores import KeyCounts, PartitionedByKey
 from streams.telemetry import CallTally, Telemetry
@@ -194,7 +195,7 @@ class PatientsService:
         self.held.added(key for key in saves if states.get(key) is None)
         settled = await self.send(saves, outputs, "evidence")
         try:
-            await self.check_conflict(outputs.readings)
+            await self.check_conflict(outputs.readings, outputs.residuals)
         except Exception:  # monitoring must never stop the stream
             log.exception("the prior-data conflict check failed")
         telemetry = self.telemetry
@@ -258,26 +259,32 @@ class PatientsService:
 
         return asyncio.ensure_future(settle())
 
-    async def check_conflict(self, readings: dict[str, list[PendingReading]]) -> None:
-        """Feed the batch's standardised posterior-predictive residuals to each
+    async def check_conflict(
+        self,
+        readings: dict[str, list[PendingReading]],
+        residuals: Mapping[str, Callable[[], np.ndarray]],
+    ) -> None:
+        """Feed the batch's standardised posterior-predictive residuals (its
+        step's ``residuals`` of its ``readings``, streams.patient_step) to each
         measure's prior-data conflict detector (monitoring.drift); alert on the
         alerts topic when it fires. A per-worker CUSUM over its own patients:
         no patient is named in the alert, the metric or the log."""
-        posteriors, models = self.context.posteriors, self.context.models
+        posteriors = self.context.posteriors
         for measure, batch in readings.items():
-            posterior = posteriors[measure]
-            residuals = reading_residuals(posterior, batch, models[measure])
+            if measure not in residuals:  # could not be computed (logged by the step)
+                continue
             detector = self.conflicts.get(measure)
             if detector is None:
                 detector = self.conflicts[measure] = PriorDataConflictDetector.from_config(
                     self.settings.drift
                 )
             detected = False
-            for reading, z in zip(batch, residuals, strict=True):
-                detector.update(float(z))
+            for reading, z in zip(batch, residuals[measure]().tolist(), strict=True):
+                detector.update(z)
                 if detector.drift_detected:
                     detected = True
-                    alert = conflict_alert(measure, detector, posterior.version, reading.origin)
+                    version = posteriors[measure].version
+                    alert = conflict_alert(measure, detector, version, reading.origin)
                     log.warning("%s", alert.message)
                     await self.producer.send(
                         self.topics.alerts.get_topic_name(),
