@@ -700,16 +700,24 @@ def _start_summaries(
     device (streams.scoring.dispatch_patients): calling one waits for it."""
     return {
         measure: dispatch_patients(
-            context.posteriors[measure],
-            [r.measures[measure] for r in group],
-            [r.cohort for r in group],
-            [r.covariates for r in group],
-            context.catalogue.get(measure),
-            context.models[measure],
-            [r.groups for r in group],
+            *_patients_of(measure, group, context), [r.groups for r in group]
         )
         for measure, group in by_measure.items()
     }
+
+
+def _patients_of(measure: str, group: list[PatientRecord], context: StepContext) -> tuple:
+    """What streams.scoring's summaries and scores take of ``group``'s patients
+    of ``measure``: its posterior, their statistics, cohorts and covariates,
+    its spec and model."""
+    return (
+        context.posteriors[measure],
+        [r.measures[measure] for r in group],
+        [r.cohort for r in group],
+        [r.covariates for r in group],
+        context.catalogue.get(measure),
+        context.models[measure],
+    )
 
 
 def _score(
@@ -727,16 +735,12 @@ def _score(
     ``summaries``: measures' summaries of these records already dispatched
     (``_start_summaries``)."""
     by_measure = _by_measure(records, context)
-    summaries = summaries or {}
+    if not summaries:
+        summaries = _start_summaries(by_measure, context)
     new_scores: dict[str, dict[str, MeasureScore]] = defaultdict(dict)
     for measure, group in by_measure.items():
         scores = measure_scores(
-            context.posteriors[measure],
-            [r.measures[measure] for r in group],
-            [r.cohort for r in group],
-            [r.covariates for r in group],
-            context.catalogue.get(measure),
-            context.models[measure],
+            *_patients_of(measure, group, context),
             context.rule,
             pathways=context.settings.pathways,
             previous=[
@@ -744,7 +748,7 @@ def _score(
                 for r in group
             ],
             groups=[r.groups for r in group],
-            summary=summaries[measure]() if measure in summaries else None,
+            summary=summaries[measure](),
         )
         for record, score in zip(group, scores, strict=True):
             new_scores[record.patient_id][measure] = score
