@@ -20,10 +20,10 @@ changelog record handed straight to the producer, then the records the writes
 caused (scores, evidence, alerts), returning the delivery futures for the
 caller to await before the events that caused the writes are acknowledged.
 ``values_of`` is their read path. Both serialise each key once, as faust does
-(``key_bytes``), and go to the store directly (a RocksDB write batch per
-partition): through faust, a key passed its serialiser registry three times
-and every read its sensors, a fifth of a worker's time when each step touches
-each patient once.
+(``key_bytes``), and go to the store directly, a step's writes in one RocksDB
+write batch per partition (through faust, a key passed its serialiser registry
+three times and every read its sensors; benchmarks/README.md section 6
+measured no difference in throughput either way).
 One writer sends at a time, in the order the writers set their values: the
 agent's batches and the rescoring task write the same patients, and a score
 sent out of that order would leave a patient's latest score older than its
@@ -119,7 +119,7 @@ class PartitionedByKey(faust.Table):
         ``table.get`` returns it, read from the store directly."""
         store = self.data
         if isinstance(store, KeyPartitionedRocksDB):
-            return store.values_of(keys, self.key_bytes)
+            return store.values_of(keys)
         return {key: store.get(key) for key in keys}
 
     @functools.cached_property
@@ -233,11 +233,9 @@ class KeyPartitionedRocksDB(rocksdb.Store):
     def _contains(self, key: bytes) -> bool:
         return self._get(key) is not None
 
-    def values_of(
-        self, keys: Iterable[str], key_bytes: Callable[[str], bytes]
-    ) -> dict[str, bytes | None]:
+    def values_of(self, keys: Iterable[str]) -> dict[str, bytes | None]:
         """PartitionedByKey.values_of: each key read from its partition's database."""
-        partition_for_key = self.table.partition_for_key
+        partition_for_key, key_bytes = self.table.partition_for_key, self.table.key_bytes
         return {
             key: self._db_for_partition(partition_for_key(key)).get(key_bytes(key)) for key in keys
         }
