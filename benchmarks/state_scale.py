@@ -175,9 +175,7 @@ def rocksdb_rates(records: int, value_bytes: int, partitions: int = 4) -> dict:
 
 
 def parse_rates(sample_json: str, repeats: int = 20000) -> dict:
-    import numpy as np
 
-    from model.evidence import packed
     from streams.patient_state import PatientRecord
     from streams.schemas import PatientEvidence
 
@@ -187,7 +185,7 @@ def parse_rates(sample_json: str, repeats: int = 20000) -> dict:
         measure="resting_heart_rate",
         patient_id=record.patient_id,
         cohort=record.cohort or "clinic-00",
-        gram=packed(np.asarray(stats.gram)),  # as the worker writes it
+        gram=stats.gram,  # packed, as the worker writes it
         reference_time=stats.reference_time,
         count_exposed=stats.count_exposed,
         count_unexposed=stats.count_unexposed,
@@ -262,8 +260,8 @@ def transform_gram(gram: list[list[float]] | None, a: float, b: float) -> list |
 
 
 def transform_packed(gram: str | None, a: float, b: float) -> str | None:
-    """``transform_gram`` of a Gram matrix as the worker writes it in evidence
-    (streams.schemas.PatientEvidence: float64 bytes, URL-safe base64)."""
+    """``transform_gram`` of a Gram matrix as the worker writes it in records
+    and evidence (model.evidence.packed: float64 bytes, URL-safe base64)."""
     if gram is None:
         return None
     from base64 import urlsafe_b64decode, urlsafe_b64encode
@@ -320,7 +318,7 @@ class Cloner:
         record["seen_index"] = b64encode(b"".join(entries)).decode()
         for stats in record["measures"].values():
             for name in ("gram", "sealed_gram", "sealed_window_gram", "window_gram"):
-                stats[name] = transform_gram(stats.get(name), a, b)
+                stats[name] = transform_packed(stats.get(name), a, b)
             stats["recent"] = [[t, v * (1.0 + 0.05 * (a - 1.0))] for t, v in stats["recent"]]
         values = {}
         for measure, template in evidence.items():

@@ -25,7 +25,9 @@ stream's one-reading-at-a-time step.
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from collections.abc import Sequence
 from itertools import chain
 from typing import TYPE_CHECKING, NamedTuple
@@ -86,7 +88,8 @@ def stacked(rows: Sequence[Sequence | bytes], shape: tuple[int, ...]) -> np.ndar
     if rows and all(isinstance(row, bytes) for row in rows):
         if any(len(row) != 8 * size for row in rows):
             raise ValueError(f"packed statistics are not {shape} float64 values")
-        return np.frombuffer(b"".join(rows), dtype="<f8").reshape(len(rows), *shape)
+        # joined into a bytearray: one copy, and an array its caller may modify
+        return np.frombuffer(bytearray().join(rows), dtype="<f8").reshape(len(rows), *shape)
     if any(isinstance(row, bytes) for row in rows):  # mixed: a row at a time
         return np.stack([stacked([row], shape)[0] for row in rows])
     if any(len(row) != shape[0] for row in rows):
@@ -240,23 +243,25 @@ def merge_stats(first: PatientStats, second: PatientStats, config: ModelConfig) 
 
 
 def add_reading(
-    gram: list[list[float]],
+    gram: bytes,
     reference_time: float,
     exposure: float,
     time: float,
     outcome: float,
     config: ModelConfig,
     time_covariates: tuple[float, ...] = (),
-) -> tuple[list[list[float]], float]:
+) -> tuple[bytes, float]:
     """One patient's statistics plus one observation, in plain Python floats.
 
-    ``gram`` (d×d nested lists) and ``reference_time`` (−inf: no events) are one
-    patient's statistics; returns the new (gram, reference_time). The same as
-    ``merge_stats`` of the statistics with ``stats_from_events`` of the one
-    reading, up to rounding (exactly the same without forgetting). The stream
-    applies readings one at a time, where numpy's per-call overhead costs ~50×
-    the d² multiply-adds. Does not modify ``gram``. ``time_covariates``: the
-    reading's time-varying covariates (natural units), one per config.time_covariates.
+    ``gram`` (a d×d Gram matrix as ``packed`` bytes) and ``reference_time`` (−inf:
+    no events) are one patient's statistics; returns the new (gram, reference_time),
+    packed. The same as ``merge_stats`` of the statistics with ``stats_from_events``
+    of the one reading, up to rounding (exactly the same without forgetting). The
+    stream applies readings one at a time, where numpy's per-call overhead costs
+    ~50× the d² multiply-adds; the statistics stay packed between readings (one
+    object of contiguous floats instead of d + 1 lists of d² float objects).
+    ``time_covariates``: the reading's time-varying covariates (natural units),
+    one per config.time_covariates.
     """
     std = config.standardization
     vector = [1.0, exposure / std.exposure_scale]
@@ -273,22 +278,35 @@ def add_reading(
         )
     vector.extend(time_covariates)
     vector.append((outcome - std.outcome_location) / std.outcome_scale)
+    layout = _packed_layout(len(vector))
+    if len(gram) != layout.size:
+        raise ValueError(f"statistics of {len(gram)} bytes, not a {len(vector)}² Gram matrix")
     reference = max(reference_time, time)
+    values = layout.unpack(gram)
     if config.half_life is None:
-        return [
-            [g + vi * vj for g, vj in zip(row, vector, strict=True)]
-            for row, vi in zip(gram, vector, strict=True)
-        ], reference
+        return layout.pack(
+            *[g + a * b for g, (a, b) in zip(values, _pairs(vector), strict=True)]
+        ), reference
     old = (
         2.0 ** (-(reference - reference_time) / config.half_life)
         if reference_time > -math.inf
         else 1.0
     )
     new = 2.0 ** (-(reference - time) / config.half_life)
-    return [
-        [g * old + vi * vj * new for g, vj in zip(row, vector, strict=True)]
-        for row, vi in zip(gram, vector, strict=True)
-    ], reference
+    return layout.pack(
+        *[g * old + a * b * new for g, (a, b) in zip(values, _pairs(vector), strict=True)]
+    ), reference
+
+
+def _pairs(vector: list[float]) -> list[tuple[float, float]]:
+    """(v_i, v_j) in the row-major order of v vᵀ."""
+    return [(a, b) for a in vector for b in vector]
+
+
+@functools.lru_cache(maxsize=16)
+def _packed_layout(d: int) -> struct.Struct:
+    """The ``packed`` layout of a d×d Gram matrix."""
+    return struct.Struct(f"<{d * d}d")
 
 
 def stats_from_events(

@@ -56,6 +56,7 @@ them on the measure's effect scale.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Literal, NamedTuple
 
 import jax
@@ -174,7 +175,7 @@ def cell_stats(
 
 
 def add_cell_reading(
-    cells: list[float],
+    cells: bytes,
     reference_time: float,
     exposure: float,
     time: float,
@@ -182,11 +183,12 @@ def add_cell_reading(
     family: Family,
     half_life: float | None = None,
     offset: float = 1.0,
-) -> tuple[list[float], float]:
+) -> tuple[bytes, float]:
     """One patient's cell statistics plus one reading, in plain Python floats
     (the stream's one-reading-at-a-time step, as model.evidence.add_reading for
     Gram matrices). ``cells``: the CELLS floats at ``reference_time`` (−inf: no
-    readings); returns the new (cells, reference_time). With forgetting, weights
+    readings), ``packed`` (model.evidence); returns the new (cells,
+    reference_time), packed. With forgetting, weights
     are relative to the later reference time, so the result equals cell_stats of
     all readings with weights 2^(−(T − t)/half_life) (model.evidence.decay_to
     re-bases cell statistics like Gram matrices). FamilyError for a value the
@@ -206,12 +208,17 @@ def add_cell_reading(
     constant = 0.0
     if family == "poisson":
         constant = outcome * math.log(offset) - math.lgamma(outcome + 1.0)
-    updated = [value * old for value in cells]
+    if len(cells) != _CELL_LAYOUT.size:
+        raise ValueError(f"cell statistics of {len(cells)} bytes, not {CELLS} float64 values")
+    updated = [value * old for value in _CELL_LAYOUT.unpack(cells)]
     cell = 2 if exposure == 1.0 else 0
     updated[cell] += new * offset
     updated[cell + 1] += new * outcome
     updated[4] += new * constant
-    return updated, reference
+    return _CELL_LAYOUT.pack(*updated), reference
+
+
+_CELL_LAYOUT = struct.Struct(f"<{CELLS}d")  # model.evidence.packed cell statistics
 
 
 def family_stats_from_events(

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import DecisionRule, ModelConfig, Standardization
+from model.evidence import stacked
 from model.joint import (
     JointConfig,
     JointHyper,
@@ -550,7 +551,7 @@ def record_grams(
         for m, measure in enumerate(measures):
             stats = record.measures.get(measure)
             if stats is not None:
-                gram[i, m] = stats.gram
+                gram[i, m] = stacked([stats.gram], (d, d))[0]
                 counts[i, m] = stats.count_exposed, stats.count_unexposed
     return gram, counts
 

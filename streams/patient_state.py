@@ -51,12 +51,14 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from model.config import ModelConfig
 from model.covariates import reading_design
@@ -100,9 +102,24 @@ def origin_key(origin: Origin) -> str:
     return f"{origin.topic}:{origin.partition}:{origin.offset}"
 
 
-#: One patient's statistics of one measure as JSON: a Gram matrix (d×d), or the
-#: cell statistics of a Bernoulli or Poisson measure (model.families.CELLS).
-Statistics = list[list[float]] | list[float]
+def _packed_from_lists(value: object) -> object:
+    """Statistics written as nested lists of numbers (by earlier versions, or
+    given so by a caller) as ``packed`` bytes; anything else is left to the
+    bytes validator (base64 in JSON)."""
+    if isinstance(value, list):
+        return packed(np.asarray(value, dtype=float))
+    return value
+
+
+#: One patient's statistics of one measure: a Gram matrix (d×d), or the cell
+#: statistics of a Bernoulli or Poisson measure (model.families.CELLS), as
+#: ``model.evidence.packed`` bytes (float64, little-endian, row-major; URL-safe
+#: base64 in JSON). Kept packed in memory too: one object of contiguous floats
+#: per statistic, which the stream updates reading by reading
+#: (model.evidence.add_reading) and stacks per batch (model.evidence.stacked)
+#: without walking d + 1 lists of float objects. Nested lists (records written
+#: before) are read.
+Statistics = Annotated[bytes, BeforeValidator(_packed_from_lists)]
 
 
 class Mutable(BaseModel):
@@ -140,7 +157,12 @@ class MeasureStats(Mutable):
 
     # −inf marks "no evidence yet" / "nothing sealed"; the table is internal, so
     # JSON's Infinity extension is fine here.
-    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+    model_config = ConfigDict(
+        extra="forbid",
+        ser_json_inf_nan="constants",
+        ser_json_bytes="base64",
+        val_json_bytes="base64",
+    )
 
     # A Gram matrix, or a Bernoulli or Poisson measure's CELLS cell statistics
     # (model.families; ModelConfig.stat_shape).
@@ -161,7 +183,7 @@ class MeasureStats(Mutable):
     # are missing from them (a record from before the window existed, or one
     # whose half-life changed): recent_window_stats waits until they weigh
     # nothing.
-    sealed_window_gram: list[list[float]] | None = None
+    sealed_window_gram: Statistics | None = None
     sealed_window_reference_time: float = float("-inf")
     sealed_window_half_life: float | None = None
     sealed_window_missing_until: float = float("-inf")
@@ -170,18 +192,21 @@ class MeasureStats(Mutable):
     # ``window_half_life`` so that the evidence sent on every batch does not
     # recompute them from the recent readings (up to 2·RECENT_KEEP a patient).
     # None: not kept (a record saved before, or another half-life).
-    window_gram: list[list[float]] | None = None
+    window_gram: Statistics | None = None
     window_reference_time: float = float("-inf")
     window_half_life: float | None = None
 
-    def as_stats(self) -> PatientStats:
-        return _stats(self.gram, self.reference_time, self.count_exposed, self.count_unexposed)
+    def as_stats(self, model: ModelConfig) -> PatientStats:
+        return _stats(
+            self.gram, model, self.reference_time, self.count_exposed, self.count_unexposed
+        )
 
     def sealed_stats(self, model: ModelConfig) -> PatientStats:
         if self.sealed_gram is None:
             return empty_stats(1, model)
         return _stats(
             self.sealed_gram,
+            model,
             self.sealed_reference_time,
             self.sealed_count_exposed,
             self.sealed_count_unexposed,
@@ -191,27 +216,26 @@ class MeasureStats(Mutable):
         """The window statistics are kept reading by reading for ``window``."""
         return self.window_gram is not None and self.window_half_life == window.half_life
 
-    def sealed_window(self, window: ModelConfig) -> tuple[list[list[float]], float]:
+    def sealed_window(self, window: ModelConfig) -> tuple[bytes, float]:
         """The sealed readings' window statistics as (gram, reference time);
         empty (zeros, −inf) unless they were kept for ``window``'s half-life."""
         if self.sealed_window_gram is None or self.sealed_window_half_life != window.half_life:
-            d = window.stat_dim
-            return [[0.0] * d for _ in range(d)], float("-inf")
+            return empty_packed(window), float("-inf")
         return self.sealed_window_gram, self.sealed_window_reference_time
 
     def sealed_window_stats(self, window: ModelConfig) -> PatientStats:
         """``sealed_window`` as PatientStats."""
         gram, reference = self.sealed_window(window)
-        return _stats(gram, reference, 0, 0)
+        return _stats(gram, window, reference, 0, 0)
 
     def set_total(self, stats: PatientStats) -> None:
-        self.gram = stats.gram[0].tolist()
+        self.gram = packed(stats.gram[0])
         self.reference_time = float(stats.reference_time[0])
         self.count_exposed = int(stats.count_exposed[0])
         self.count_unexposed = int(stats.count_unexposed[0])
 
     def set_sealed(self, stats: PatientStats, until: float) -> None:
-        self.sealed_gram = stats.gram[0].tolist()
+        self.sealed_gram = packed(stats.gram[0])
         self.sealed_reference_time = float(stats.reference_time[0])
         self.sealed_count_exposed = int(stats.count_exposed[0])
         self.sealed_count_unexposed = int(stats.count_unexposed[0])
@@ -234,9 +258,16 @@ def _adherence(reading: Reading) -> float:
     return reading[2] if len(reading) > 2 else 1.0
 
 
-def _stats(gram, reference_time: float, exposed: int, unexposed: int) -> PatientStats:
+def empty_packed(model: ModelConfig) -> bytes:
+    """``packed`` statistics of no readings (zeros of the model's shape)."""
+    return bytes(8 * math.prod(model.stat_shape))
+
+
+def _stats(
+    gram: bytes, model: ModelConfig, reference_time: float, exposed: int, unexposed: int
+) -> PatientStats:
     return PatientStats(
-        gram=np.asarray(gram, dtype=float)[None],
+        gram=stacked([gram], model.stat_shape),
         reference_time=np.asarray([reference_time], dtype=float),
         count_exposed=np.asarray([exposed]),
         count_unexposed=np.asarray([unexposed]),
@@ -466,7 +497,7 @@ def _refresh_window(record: PatientRecord, stats: MeasureStats, window: ModelCon
     total = merge_stats(
         stats.sealed_window_stats(window), _readings_stats(record, stats.recent, window), window
     )
-    stats.window_gram = total.gram[0].tolist()
+    stats.window_gram = packed(total.gram[0])
     stats.window_reference_time = float(total.reference_time[0])
     stats.window_half_life = window.half_life
 
@@ -635,10 +666,8 @@ def measure_evidence(
         for record in records
         if record.cohort is not None and measure in record.measures
     ]
-    # Statistics packed as bytes (streams.schemas.PatientEvidence), the
-    # all-time ones read from the records' lists and the window ones computed
-    # in one call, each as one array.
-    grams = stacked([stats.gram for _, stats in items], model.stat_shape)
+    # Statistics packed as bytes (streams.schemas.PatientEvidence): the
+    # all-time ones as the records hold them, the window ones computed in one call.
     recent_windows, complete = _recent_windows(items, model)
     windows: list[bytes | None] = [None] * len(items)
     if recent_windows is not None:
@@ -653,7 +682,7 @@ def measure_evidence(
             measure=measure,
             patient_id=record.patient_id,
             cohort=record.cohort,
-            gram=packed(gram),
+            gram=stats.gram,
             reference_time=stats.reference_time,
             count_exposed=stats.count_exposed,
             count_unexposed=stats.count_unexposed,
@@ -661,7 +690,7 @@ def measure_evidence(
             groups={level: record.groups[level] for level in levels if level in record.groups},
             recent_gram=recent,
         )
-        for (record, stats), gram, recent in zip(items, grams, windows, strict=True)
+        for (record, stats), recent in zip(items, windows, strict=True)
     ]
 
 
@@ -684,7 +713,7 @@ def _seal(record: PatientRecord, stats: MeasureStats, model: ModelConfig) -> Non
         sealed = merge_stats(
             stats.sealed_window_stats(window), _readings_stats(record, old, window), window
         )
-        stats.sealed_window_gram = sealed.gram[0].tolist()
+        stats.sealed_window_gram = packed(sealed.gram[0])
         stats.sealed_window_reference_time = float(sealed.reference_time[0])
     stats.recent = [r for r in stats.recent if r[0] >= horizon]
 
@@ -725,7 +754,7 @@ def _add_observation(
     time = days(observation.event_time)
     stats = record.measures.get(observation.measure)
     if stats is None:
-        empty = empty_stats(1, model).gram[0].tolist()
+        empty = empty_packed(model)
         stats = MeasureStats(gram=empty, reference_time=float("-inf"))
         if model.recent_window is not None:  # kept from the first reading on
             stats.window_gram, stats.window_half_life = empty, model.recent_window.half_life
@@ -740,7 +769,7 @@ def _add_observation(
     stats.count_exposed += exposed
     stats.count_unexposed += not exposed
     if time < stats.sealed_until:  # older than the window: its exposure is final
-        sealed = stats.sealed_gram or empty_stats(1, model).gram[0].tolist()
+        sealed = stats.sealed_gram or empty_packed(model)
         stats.sealed_gram, stats.sealed_reference_time = _add_reading(
             sealed,
             stats.sealed_reference_time,
@@ -755,7 +784,7 @@ def _add_observation(
         if window is not None:
             _sync_window(stats, window)
             stats.sealed_window_gram, stats.sealed_window_reference_time = add_reading(
-                stats.sealed_window_gram or empty_stats(1, window).gram[0].tolist(),
+                stats.sealed_window_gram or empty_packed(window),
                 stats.sealed_window_reference_time,
                 exposure,
                 time,

@@ -38,7 +38,7 @@ from model.scores import (
 )
 from model.subgroups import SubgroupSummary
 from streams.catalogue import MeasureSpec
-from streams.patient_state import MeasureStats, PatientRecord, Published, days
+from streams.patient_state import MeasureStats, PatientRecord, Published, days, empty_packed
 from streams.schemas import (
     MISSING_GROUP,
     SCHEMA_VERSION,
@@ -276,7 +276,7 @@ def compile_scoring(
     event loop. Otherwise each new batch size compiles on the patients agent's
     first batch of that size and holds up the stream meanwhile. Returns the
     number of shapes run."""
-    empty = MeasureStats(gram=np.zeros(model.stat_shape).tolist(), reference_time=0.0)
+    empty = MeasureStats(gram=empty_packed(model), reference_time=0.0)
     cohort = next(iter(posterior.cohort_index), None)
     runs = 0
     for size in _bucket_sizes(SCORING_BLOCK):
@@ -391,7 +391,7 @@ class PendingReading(NamedTuple):
     are the record's own objects, which apply_event replaces and never
     modifies."""
 
-    gram: list[list[float]] | None  # None: the patient's first reading of the measure
+    gram: bytes | None  # packed (PatientRecord's); None: the patient's first reading of the measure
     reference_time: float
     cohort: str | None
     exposure: float
@@ -441,9 +441,8 @@ def dispatch_reading_residuals(
     patient's evidence before it (model.predictive), evidence weighted as of the
     reading's time: N(0, 1) while the population posterior describes the data.
     As dispatched to the device: the returned function waits for them."""
-    d = model.stat_dim
-    empty = [[0.0] * d for _ in range(d)]
-    gram = stacked([empty if r.gram is None else r.gram for r in readings], (d, d))
+    empty = empty_packed(model)
+    gram = stacked([empty if r.gram is None else r.gram for r in readings], model.stat_shape)
     times = np.asarray([r.time for r in readings])
     before = decay_to(gram_stats(gram, [r.reference_time for r in readings]), times, model)
     shift_mean, shift_var, columns = posterior.shift_table(

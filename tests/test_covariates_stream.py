@@ -20,6 +20,7 @@ import pytest
 
 from cli.programme import SIMULATED_COVARIATES, build_programme
 from model.config import DecisionRule
+from model.evidence import stacked
 from streams.app import measure_models
 from streams.catalogue import DEFAULT_CATALOGUE, Catalogue
 from streams.chunked_consumer import ChunkRecord
@@ -119,8 +120,9 @@ def test_covariates_flow_from_enrolment_to_effect_modifiers_and_scores(catalogue
     # statistics equal the batch computation over the simulated exposures.
     patients = sorted(programme.truth.patients)
     expected = programme.expected_statistics(MEASURE, model, patients)
-    gram = np.stack(
-        [PatientRecord.model_validate_json(states[p]).measures[MEASURE].gram for p in patients]
+    gram = stacked(
+        [PatientRecord.model_validate_json(states[p]).measures[MEASURE].gram for p in patients],
+        model.stat_shape,
     )
     np.testing.assert_allclose(gram, expected.gram, rtol=1e-9, atol=1e-8)
 

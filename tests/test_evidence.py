@@ -91,25 +91,25 @@ def test_one_event_at_a_time_matches_batch_after_every_update(name, batch, order
 @settings(max_examples=40, deadline=None)
 @given(batch=event_batches(), order_seed=st.integers(0, 1000))
 def test_add_reading_in_plain_python_matches_batch_after_every_update(name, batch, order_seed):
-    """The stream's per-reading step (lists, no numpy) against the definition."""
+    """The stream's per-reading step (packed floats, no numpy) against the definition."""
     config = CONFIGS[name]
     num_patients, patient, exposure, time, outcome = batch
     order = np.random.default_rng(order_seed).permutation(len(patient))
     empty = empty_stats(1, config)
-    grams = [empty.gram[0].tolist() for _ in range(num_patients)]
+    grams = [packed(empty.gram[0]) for _ in range(num_patients)]
     references = [float("-inf")] * num_patients
     for step, k in enumerate(order, start=1):
         i = int(patient[k])
-        given, before = grams[i], [row[:] for row in grams[i]]
         grams[i], references[i] = add_reading(
-            given, references[i], float(exposure[k]), float(time[k]), float(outcome[k]), config
+            grams[i], references[i], float(exposure[k]), float(time[k]), float(outcome[k]), config
         )
-        assert given == before  # the input is left alone
         seen = order[:step]
         expected = dense_reference(
             num_patients, patient[seen], exposure[seen], time[seen], outcome[seen], config
         )
-        np.testing.assert_allclose(np.array(grams), expected, rtol=1e-10, atol=1e-10)
+        d = config.stat_dim
+        got = np.frombuffer(b"".join(grams), dtype="<f8").reshape(num_patients, d, d)
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
     batch_stats = stats_from_events(num_patients, patient, exposure, time, outcome, config)
     np.testing.assert_array_equal(np.array(references), batch_stats.reference_time)
 
@@ -189,3 +189,12 @@ def test_stacked_statistics_equal_numpy_s_conversion_and_refuse_a_wrong_size() -
     assert np.array_equal(stacked(mixed, (4, 4)), grams)
     with pytest.raises(ValueError):
         stacked([*rows[:-1], rows[-1][:-8]], (4, 4))
+    out = stacked(rows, (4, 4))
+    out[0, 0, 0] += 1.0  # the caller's own array (add_events and decay_to build on it)
+    assert np.array_equal(stacked(rows, (4, 4)), grams)
+
+
+def test_add_reading_refuses_statistics_of_another_size() -> None:
+    config = ModelConfig()  # 4×4 with the time trend
+    with pytest.raises(ValueError, match="Gram matrix"):
+        add_reading(packed(np.zeros((3, 3))), float("-inf"), 1.0, 0.0, 1.0, config)

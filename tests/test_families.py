@@ -307,7 +307,7 @@ def test_cell_statistics_one_reading_at_a_time_equal_the_batch(family, half_life
     outcome = (
         rng.integers(0, 2, n) if family == "bernoulli" else rng.poisson(2.0 * offset)
     ).astype(float)
-    cells, reference = [0.0] * 5, -np.inf
+    cells, reference = bytes(8 * 5), -np.inf
     for t in rng.permutation(n):
         cells, reference = add_cell_reading(
             cells, reference, exposure[t], time[t], outcome[t], family, half_life, offset[t]
@@ -317,7 +317,7 @@ def test_cell_statistics_one_reading_at_a_time_equal_the_batch(family, half_life
         1, np.zeros(n, int), exposure, outcome, family,
         offset if family == "poisson" else None, weights,
     )  # fmt: skip
-    np.testing.assert_allclose(cells, batch[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.frombuffer(cells), batch[0], rtol=1e-12, atol=1e-12)
     config = ModelConfig(time_trend=False, family=family, half_life=half_life)
     halves = []
     for rows in (time < 5.0, time >= 5.0):

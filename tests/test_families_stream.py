@@ -74,12 +74,12 @@ def test_family_stats_from_events_are_the_weighted_cells():
         stats.count_exposed, [np.sum((patient == p) & (exposure > 0)) for p in range(4)]
     )
     # the one-reading step agrees with the batch one
-    cells, reference = [0.0] * 5, -np.inf
+    cells, reference = bytes(8 * 5), -np.inf
     for k in np.flatnonzero(patient == 0):
         cells, reference = add_cell_reading(
             cells, reference, float(exposure[k] > 0), time[k], outcome[k], "poisson", 10.0
         )
-    np.testing.assert_allclose(cells, stats.gram[0], rtol=1e-10)
+    np.testing.assert_allclose(np.frombuffer(cells), stats.gram[0], rtol=1e-10)
 
 
 def _readings(rng, family, count, span):
@@ -157,13 +157,13 @@ def test_a_record_keeps_the_batch_cells_in_any_order(tmp_path, half_life, shuffl
         )
         stats = records[pid].measures[measure]
         assert len(stats.recent) <= 2 * RECENT_KEEP and stats.sealed_gram is not None
-        np.testing.assert_allclose(stats.gram, expected.gram[0], rtol=1e-9, atol=1e-9)
+        cells = stacked([stats.gram], model.stat_shape)[0]
+        np.testing.assert_allclose(cells, expected.gram[0], rtol=1e-9, atol=1e-9)
         assert stats.reference_time == pytest.approx(day.max())
         assert stats.count_exposed == int(exposure.sum())
         assert stats.count_unexposed == int(times.size - exposure.sum())
         evidence = patient_evidence(records[pid], measure, model)
-        # forwarded packed: exactly the record's floats
-        assert stacked([evidence.gram], model.stat_shape)[0].tolist() == stats.gram
+        assert evidence.gram == stats.gram  # forwarded as the record holds them
         assert evidence.recent_gram is None
 
 

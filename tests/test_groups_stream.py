@@ -26,6 +26,7 @@ import pytest
 
 from cli.programme import build_programme
 from model.config import DecisionRule
+from model.evidence import stacked
 from model.likelihood import collapsed_loglik
 from model.scores import summarize_effects
 from model.subgroups import summarize_subgroups
@@ -136,7 +137,7 @@ def test_two_levels_in_the_stream_equal_the_batch_computation(catalogue):
         expected = {} if cluster_of[p] is None else {"cluster": cluster_of[p]}
         assert saved[p].groups == expected
     batch = programme.expected_statistics(MEASURE, model, patients)
-    gram = np.stack([saved[p].measures[MEASURE].gram for p in patients])
+    gram = stacked([saved[p].measures[MEASURE].gram for p in patients], model.stat_shape)
     np.testing.assert_allclose(gram, batch.gram, rtol=1e-9, atol=1e-8)
 
     book = PopulationBook(MEASURE, model)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from cli.programme import build_programme
-from model.evidence import stats_from_events
+from model.evidence import stacked, stats_from_events
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.patient_state import (
@@ -131,7 +131,9 @@ def test_state_equals_batch_over_unique_events_in_any_order(programme, shuffle_s
     assert all(records[p].enrolled and not records[p].pending for p in patients)
     for measure in ("resting_heart_rate", "hba1c"):
         expected = programme.expected_statistics(measure, MODELS[measure], patients)
-        gram = np.stack([records[p].measures[measure].gram for p in patients])
+        gram = stacked(
+            [records[p].measures[measure].gram for p in patients], expected.gram.shape[1:]
+        )
         np.testing.assert_allclose(gram, expected.gram, rtol=1e-10, atol=1e-9)
         exposed = [records[p].measures[measure].count_exposed for p in patients]
         unexposed = [records[p].measures[measure].count_unexposed for p in patients]
@@ -156,7 +158,7 @@ def assert_recent_window_is_batch(records, patients, measure, programme):
     )
     np.testing.assert_allclose(gram, expected.gram, rtol=1e-9, atol=1e-9)
     # Fast forgetting: the recent window weighs less than all readings.
-    all_time = np.stack([records[p].measures[measure].gram for p in patients])
+    all_time = stacked([records[p].measures[measure].gram for p in patients], gram.shape[1:])
     assert np.all(gram[:, 0, 0] < all_time[:, 0, 0])
 
 
@@ -257,7 +259,12 @@ def test_long_follow_up_seals_old_evidence_and_refuses_too_late_exposure_changes
         stats = records[patient].measures["resting_heart_rate"]
         assert len(stats.recent) <= 2 * RECENT_KEEP
         assert stats.sealed_until > days(programme.truth.start)
-        np.testing.assert_allclose(stats.gram, expected.gram[i], rtol=1e-10, atol=1e-8)
+        np.testing.assert_allclose(
+            stacked([stats.gram], expected.gram.shape[1:])[0],
+            expected.gram[i],
+            rtol=1e-10,
+            atol=1e-8,
+        )
     assert not reasons
     assert_recent_window_is_batch(records, patients, "resting_heart_rate", programme)
 
@@ -422,9 +429,10 @@ def test_a_score_stored_as_a_string_by_an_earlier_version_is_still_served() -> N
 
 def test_records_written_by_earlier_versions_still_read() -> None:
     """A worker started on a changelog written by an earlier version (the event
-    ids and origins as a JSON object, ``seen``) reads every record: the same
-    fields, the same origins remembered in the same order, written back in the
-    packed form (``seen_index``), and its de-duplication index still tells a
+    ids and origins as a JSON object, ``seen``; statistics as nested lists) reads
+    every record: the same fields, the same origins remembered in the same order,
+    written back in the packed forms (``seen_index``; the statistics as float64
+    bytes, the same floats), and its de-duplication index still tells a
     replay from a duplicate. The fixture (its ``how`` says what it holds) was
     written by::
 
@@ -446,6 +454,10 @@ def test_records_written_by_earlier_versions_still_read() -> None:
         assert written.pop("published_joint") == {}  # joint groups came after e7725ef
         score, packed = plain.pop("published_score"), written.pop("published_score_json")
         assert packed == (None if score is None else _b64(score.encode()))
+        for stats in plain["measures"].values():  # statistics as lists: now packed float64
+            for name in ("gram", "sealed_gram", "sealed_window_gram", "window_gram"):
+                if stats.get(name) is not None:
+                    stats[name] = _b64(np.asarray(stats[name], dtype="<f8").tobytes())
         assert written == plain  # every other field as it was
         again = PatientRecord.model_validate_json(record.model_dump_json())
         assert again == record and again.seen_origins() == record.seen_origins()

@@ -25,6 +25,7 @@ from test_reliability import statistics_mismatch
 
 import streams.patient_step as patient_step
 from cli.programme import build_programme
+from model.evidence import stacked
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.chunked_consumer import ChunkRecord
@@ -259,7 +260,7 @@ def test_published_scores_equal_the_float64_mixture_of_the_programme(programme):
     model = ctx.models[MEASURE]
     posterior = ctx.posteriors[MEASURE]
     spec = ctx.catalogue.get(MEASURE)
-    gram = np.asarray([records[p].measures[MEASURE].gram for p in ids], dtype=float)
+    gram = stacked([records[p].measures[MEASURE].gram for p in ids], model.stat_shape)
     cohort_mean, cohort_var = posterior.cohort_posterior([records[p].cohort for p in ids])
     comps = jax.vmap(patient_effects_given_theta, in_axes=(0, None, 0, 0, None))(
         posterior.draws, gram, cohort_mean, cohort_var, model.structure

@@ -46,6 +46,7 @@ from cli.programme import build_programme
 from cli.simulate import publish
 from cli.worker_process import WorkerProcess
 from model.events import Events
+from model.evidence import stacked
 from model.reference import fit_nuts
 from streams.app import measure_models
 from streams.catalogue import Catalogue
@@ -171,7 +172,7 @@ def test_statistics_equal_the_batch_computation_over_unique_events(run):
     patients = sorted(programme.truth.patients)
     assert set(state) == set(patients), sorted(state)[:5]
     expected = programme.expected_statistics(MEASURE, models[MEASURE], patients)
-    gram = np.stack([state[p].measures[MEASURE].gram for p in patients])
+    gram = stacked([state[p].measures[MEASURE].gram for p in patients], expected.gram.shape[1:])
     np.testing.assert_allclose(gram, expected.gram, rtol=1e-9, atol=1e-8)
     unexposed = np.array([state[p].measures[MEASURE].count_unexposed for p in patients])
     np.testing.assert_array_equal(unexposed, expected.count_unexposed)

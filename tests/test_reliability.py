@@ -50,6 +50,7 @@ from cli.kafka_io import (
 from cli.programme import Programme, build_programme
 from cli.simulate import publish
 from cli.worker_process import READY, WorkerProcess
+from model.evidence import stacked
 from streams.app import measure_models
 from streams.catalogue import Catalogue
 from streams.kafka_options import aiokafka_options
@@ -285,7 +286,7 @@ def statistics_mismatch(run: Run, states: dict[str, PatientRecord]) -> str | Non
             f"{wrong.size} patients with wrong counts: {lost} readings lost, {extra} counted "
             f"twice; e.g. {patients[wrong[0]]}: {counts[wrong[0]]} vs {truth[wrong[0]]}"
         )
-    gram = np.stack([states[p].measures[MEASURE].gram for p in patients])
+    gram = stacked([states[p].measures[MEASURE].gram for p in patients], expected.gram.shape[1:])
     if not np.allclose(gram, expected.gram, rtol=1e-9, atol=1e-8):
         return f"Gram matrices differ by up to {np.abs(gram - expected.gram).max():.3g}"
     return None

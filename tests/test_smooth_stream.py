@@ -18,6 +18,7 @@ from cli.programme import SIMULATED_COVARIATES, build_programme
 from cli.report import Report, render, report_from_records
 from model.config import ModelConfig
 from model.covariates import column_blocks, patient_design
+from model.evidence import stacked
 from model.selection import candidate_structures
 from model.simulate import true_daily_cycle, true_effect_at
 from model.smooth import hour_of_day
@@ -153,8 +154,9 @@ def test_a_smooth_measure_publishes_its_curves_and_scores_on_them(catalogue, pro
     # computation with the same terms (MeasureSpec.time_covariate_row) equals them.
     patients = sorted(programme.truth.patients)
     expected = programme.expected_statistics(MEASURE, model, patients, spec=catalogue.get(MEASURE))
-    gram = np.stack(
-        [PatientRecord.model_validate_json(states[p]).measures[MEASURE].gram for p in patients]
+    gram = stacked(
+        [PatientRecord.model_validate_json(states[p]).measures[MEASURE].gram for p in patients],
+        expected.gram.shape[1:],
     )
     np.testing.assert_allclose(gram, expected.gram, rtol=1e-9, atol=1e-8)
     # ... and the simulation's hour is the reading's clock: midnight at whole days.
