@@ -109,6 +109,11 @@ def packed(statistics: np.ndarray) -> bytes:
     return np.ascontiguousarray(statistics, dtype="<f8").tobytes()
 
 
+def empty_packed(config: ModelConfig) -> bytes:
+    """``packed`` statistics of no readings: zeros of ``config.stat_shape``."""
+    return bytes(8 * math.prod(config.stat_shape))
+
+
 def gram_stats(gram: np.ndarray, reference_time: np.ndarray) -> PatientStats:
     """Statistics from Gram matrices and reference times alone, with zero counts:
     all that fits, drift checks and predictive residuals use."""

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import math
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -67,6 +66,7 @@ from model.evidence import (
     add_events,
     add_reading,
     decay_to,
+    empty_packed,
     empty_stats,
     gram_stats,
     merge_stats,
@@ -196,11 +196,6 @@ class MeasureStats(Mutable):
     window_reference_time: float = float("-inf")
     window_half_life: float | None = None
 
-    def as_stats(self, model: ModelConfig) -> PatientStats:
-        return _stats(
-            self.gram, model, self.reference_time, self.count_exposed, self.count_unexposed
-        )
-
     def sealed_stats(self, model: ModelConfig) -> PatientStats:
         if self.sealed_gram is None:
             return empty_stats(1, model)
@@ -256,11 +251,6 @@ def reading_of(time: float, value: float, adherence: float, covariates: list[flo
 
 def _adherence(reading: Reading) -> float:
     return reading[2] if len(reading) > 2 else 1.0
-
-
-def empty_packed(model: ModelConfig) -> bytes:
-    """``packed`` statistics of no readings (zeros of the model's shape)."""
-    return bytes(8 * math.prod(model.stat_shape))
 
 
 def _stats(

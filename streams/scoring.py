@@ -23,7 +23,7 @@ from pydantic_core import to_json
 
 from model.config import DecisionRule, ModelConfig, default_scale
 from model.covariates import patient_design, reading_design
-from model.evidence import decay_to, gram_stats, stacked
+from model.evidence import decay_to, empty_packed, gram_stats, stacked
 from model.family_scores import summarize_family_given_shifts
 from model.likelihood import Hyper
 from model.population import SMALL_BUCKET, bucket_size
@@ -38,7 +38,7 @@ from model.scores import (
 )
 from model.subgroups import SubgroupSummary
 from streams.catalogue import MeasureSpec
-from streams.patient_state import MeasureStats, PatientRecord, Published, days, empty_packed
+from streams.patient_state import MeasureStats, PatientRecord, Published, days
 from streams.schemas import (
     MISSING_GROUP,
     SCHEMA_VERSION,
