@@ -175,7 +175,6 @@ def rocksdb_rates(records: int, value_bytes: int, partitions: int = 4) -> dict:
 
 
 def parse_rates(sample_json: str, repeats: int = 20000) -> dict:
-
     from streams.patient_state import PatientRecord
     from streams.schemas import PatientEvidence
 

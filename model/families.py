@@ -188,10 +188,10 @@ def add_cell_reading(
     (the stream's one-reading-at-a-time step, as model.evidence.add_reading for
     Gram matrices). ``cells``: the CELLS floats at ``reference_time`` (−inf: no
     readings), ``packed`` (model.evidence); returns the new (cells,
-    reference_time), packed. With forgetting, weights
-    are relative to the later reference time, so the result equals cell_stats of
-    all readings with weights 2^(−(T − t)/half_life) (model.evidence.decay_to
-    re-bases cell statistics like Gram matrices). FamilyError for a value the
+    reference_time), packed. With forgetting, weights are relative to the later
+    reference time, so the result equals cell_stats of all readings with weights
+    2^(−(T − t)/half_life) (model.evidence.decay_to re-bases cell statistics like
+    Gram matrices). FamilyError for a value the
     family cannot take."""
     check_outcomes(np.asarray([outcome]), family)
     check_exposure(np.asarray([exposure]))
