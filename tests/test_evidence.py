@@ -198,3 +198,25 @@ def test_add_reading_refuses_statistics_of_another_size() -> None:
     config = ModelConfig()  # 4×4 with the time trend
     with pytest.raises(ValueError, match="Gram matrix"):
         add_reading(packed(np.zeros((3, 3))), float("-inf"), 1.0, 0.0, 1.0, config)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    d=st.integers(2, 9),
+    decayed=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_unrolled_gram_update_is_the_entrywise_expression_bit_for_bit(d, decayed, seed) -> None:
+    """add_reading's generated per-entry update computes, for every entry,
+    G_ij·old + v_i v_j·new (or G_ij + v_i v_j) in that order: numpy's
+    elementwise operations in the same order give the same bits."""
+    from model.evidence import _gram_update
+
+    rng = np.random.default_rng(seed)
+    gram = rng.normal(size=(d, d)) * 10.0 ** rng.integers(-3, 4, size=(d, d))
+    vector = rng.normal(size=d) * 10.0 ** rng.integers(-3, 4, size=d)
+    old, new = (float(w) for w in rng.uniform(0.0, 1.0, 2)) if decayed else (1.0, 1.0)
+    outer = vector[:, None] * vector[None, :]
+    expected = gram * old + outer * new if decayed else gram + outer
+    got = _gram_update(d, decayed)(packed(gram), vector.tolist(), old, new)
+    assert got == packed(expected)
