@@ -10,7 +10,7 @@ every programme (same padded shapes: compiled once). The population effect's
 interval coverage of the simulated μ_b is reported too (one per programme), and
 per programme the coverage and the sample sd of the patients' true effects
 (cohort deviations included) against the fitted τ_b (a programme whose data favour a small τ_b over-shrinks every
-patient: exact inference does too, see benchmarks/README.md section 10).
+patient: exact inference does too, see benchmarks/README.md section 11).
 
 Pooled patient coverage has the cluster (ratio-estimator) se of
 model.operating.rate_with_se (a programme's patients share one fit).

@@ -64,9 +64,9 @@ def _run_worker(args: argparse.Namespace) -> int:
 def tune_garbage_collector() -> None:
     """Freeze what start-up allocated (JAX, faust, pydantic, the app) out of the
     cyclic collector's reach, and collect the young generation less often. The
-    worker's heap is large and long-lived: with the defaults, perf put ~18% of a
-    busy worker's CPU in ``gc_collect_main`` and its traversals (benchmarks/README.md,
-    section 6). Reference counting still frees everything acyclic at once."""
+    worker's heap is large and long-lived: with the defaults, collections take
+    about a quarter of the patients agent's step (benchmarks/README.md, section 6).
+    Reference counting still frees everything acyclic at once."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)

@@ -34,10 +34,9 @@ by pulling τ_b,m down, and its intervals undercover against per-measure fits
 pulls real correlations towards 0, and with them the strength a sparse measure
 borrows. Under the mixture the price is bounded by log(1/π): data without
 correlation sit in the spike, and data with correlation in the slab, which
-costs them at most log(1/(1 − π)). One LKJ(2M) over
-intercepts and effects together did worse (benchmarks/README.md
-§12). There are no grouping levels beyond the cohort and no patient covariates
-(each measure's own model has them; here they are not implemented).
+costs them at most log(1/(1 − π)). There are no grouping levels beyond the
+cohort and no patient covariates (each measure's own model has them; here they
+are not implemented).
 
 **Cohort level** (optional, all measures or none). Patient i in cohort g:
 

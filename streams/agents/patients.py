@@ -12,7 +12,7 @@ conflict detector.
 
 Validation runs here, not in an agent of its own that forwards to an internal
 topic: that hop cost a produce and a consume per record and left this agent
-batches of a few dozen events (benchmarks/README.md, section 6).
+batches of a few dozen events.
 
 The table's changelog is partitioned by key with Kafka's default partitioner
 (``KeyPartitionedTable``): producers key every raw record by the patient id
