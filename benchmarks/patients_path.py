@@ -12,7 +12,7 @@ reports the CPU time of each of its stages (``STAGES``):
 - ``load``: ``PatientRecord.model_validate_json`` of the batch's patients' states;
 - ``apply``: ``apply_event`` per event (streams.patient_state), with the
   readings' prior-data conflict inputs;
-- ``score``: ``measure_scores`` of the touched patients (JAX mixture summaries)
+- ``score``: ``measure_score_rows`` of the touched patients (JAX mixture summaries)
   and their score messages;
 - ``evidence``: the ``EvidenceBatch`` messages of the touched patients;
 - ``save``: ``model_dump_json`` of each changed state.

@@ -406,7 +406,8 @@ def _seen_before(
     while position >= 0 and position % SEEN_ENTRY.size:  # inside another entry
         position = index.find(digest, position + 1)
     if position < 0:
-        if origin.offset <= record.forgotten.get(f"{origin.topic}:{origin.partition}", -1):
+        forgotten = record.forgotten  # empty until SEEN_KEEP events: no key to build
+        if forgotten and origin.offset <= forgotten.get(f"{origin.topic}:{origin.partition}", -1):
             outcome.replays += 1  # read again long after: its id is no longer kept
             return True
         return False

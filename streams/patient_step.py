@@ -45,7 +45,6 @@ from streams.schemas import (
     Alert,
     EnrollmentRecord,
     EvidenceBatch,
-    MeasureScore,
     Observation,
     Origin,
     bounded_event_id,
@@ -54,11 +53,12 @@ from streams.schemas import (
 )
 from streams.scoring import (
     PendingReading,
+    ScoreRow,
     changed_materially,
     dispatch_patients,
     dispatch_reading_residuals,
     efficacy_score_json,
-    measure_scores,
+    measure_score_rows,
     pending_reading,
     published_of,
 )
@@ -737,9 +737,9 @@ def _score(
     by_measure = _by_measure(records, context)
     if not summaries:
         summaries = _start_summaries(by_measure, context)
-    new_scores: dict[str, dict[str, MeasureScore]] = defaultdict(dict)
+    new_scores: dict[str, dict[str, ScoreRow]] = defaultdict(dict)
     for measure, group in by_measure.items():
-        scores = measure_scores(
+        scores = measure_score_rows(
             *_patients_of(measure, group, context),
             context.rule,
             pathways=context.settings.pathways,
@@ -798,7 +798,7 @@ def _score(
     return changed
 
 
-def transition_alert(patient_id: str, previous: str, score: MeasureScore) -> Alert | None:
+def transition_alert(patient_id: str, previous: str, score: ScoreRow) -> Alert | None:
     """The alert for a patient's call moving to responder or non-responder (None
     for a move to uncertain). Its event id is stable across a replay."""
     if score.classification not in ("responder", "non_responder"):

@@ -10,6 +10,7 @@ deterministic function of the patient's evidence and the posterior version.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -306,7 +307,111 @@ def interval_at(summary: EffectSummary | SubgroupSummary, index: int) -> Interva
     )
 
 
-def measure_scores(
+class ScoreRow(NamedTuple):
+    """One patient's score of one measure: MeasureScore's fields in its order,
+    the effect's interval flattened (``mean`` … ``upper``). What the step
+    compares, records and publishes: a named tuple, where the models
+    (MeasureScore and its Interval) and their serialisation cost more per
+    patient than the mixture summaries. ``model()`` is the MeasureScore,
+    ``json()`` its serialisation."""
+
+    measure: str
+    unit: str
+    direction: str
+    mcid: float
+    mean: float
+    sd: float
+    lower: float
+    upper: float
+    level: float
+    p_benefit_ge_mcid: float
+    p_benefit_gt_0: float
+    classification: str
+    recommended_action: str | None
+    population_effect: float
+    cohort_deviation: float | None
+    individual_deviation: float | None
+    effect_scale: str | None
+    shrinkage: float
+    count_exposed: int
+    count_unexposed: int
+    last_event_time: datetime | None
+    population_version: int
+
+    @classmethod
+    def of(cls, score: MeasureScore) -> ScoreRow:
+        values = score.model_dump()
+        effect = values.pop("effect")
+        return cls(**values, **effect)
+
+    def model(self) -> MeasureScore:
+        """The MeasureScore of these values (no validation: computed with their types)."""
+        values = self._asdict()
+        effect = {name: values.pop(name) for name in INTERVAL_FIELDS}
+        return trusted(MeasureScore, **(values | {"effect": trusted(Interval, **effect)}))
+
+    def json(self) -> bytes:
+        """``json_bytes(self.model())``, the same bytes, without the models:
+        the numbers and the time formatted by pydantic's serialiser in one call,
+        between the field names in MeasureScore's order
+        (tests/test_score_rows.py checks it against the model's serialisation)."""
+        numbers = to_json(
+            [
+                self.mcid, self.mean, self.sd, self.lower, self.upper, self.level,
+                self.p_benefit_ge_mcid, self.p_benefit_gt_0, self.population_effect,
+                self.cohort_deviation, self.individual_deviation, self.shrinkage,
+                self.count_exposed, self.count_unexposed, self.last_event_time,
+                self.population_version,
+            ],
+            inf_nan_mode="null",  # MeasureScore's (pydantic's default)
+        )[1:-1].split(b",")  # no number or time has a comma  # fmt: skip
+        values = (
+            *numbers[:8],
+            _json_text(self.classification),
+            _json_text(self.recommended_action),
+            *numbers[8:11],
+            _json_text(self.effect_scale),
+            *numbers[11:],
+        )
+        keys = _score_keys(self.measure, self.unit, self.direction)
+        parts = [b""] * (len(keys) + len(values))  # key, value, …, key: the closing brace
+        parts[::2] = keys
+        parts[1::2] = values
+        return b"".join(parts)
+
+
+INTERVAL_FIELDS = ("mean", "sd", "lower", "upper")
+
+
+@functools.lru_cache(maxsize=256)
+def _score_keys(measure: str, unit: str, direction: str) -> tuple[bytes, ...]:
+    """What ScoreRow.json writes before each of its values, in MeasureScore's
+    order: the measure's own fields (the same for all its patients) with the
+    next field name, then each field name, then the closing brace. (The MCID
+    is formatted with the numbers: a cache would take -0.0 for 0.0.)"""
+    head = to_json({"measure": measure, "unit": unit, "direction": direction})
+    return (
+        head[:-1] + b',"mcid":', b',"effect":{"mean":', b',"sd":', b',"lower":', b',"upper":',
+        b'},"level":', b',"p_benefit_ge_mcid":', b',"p_benefit_gt_0":',
+        b',"classification":', b',"recommended_action":', b',"population_effect":',
+        b',"cohort_deviation":', b',"individual_deviation":', b',"effect_scale":',
+        b',"shrinkage":', b',"count_exposed":', b',"count_unexposed":',
+        b',"last_event_time":', b',"population_version":', b"}",
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _json_text(value: str | None) -> bytes:
+    """A string (a call, an action, a scale: a few distinct values) as JSON."""
+    return to_json(value)
+
+
+def measure_scores(*args, **kwargs) -> list[MeasureScore]:
+    """``measure_score_rows`` as MeasureScore models."""
+    return [row.model() for row in measure_score_rows(*args, **kwargs)]
+
+
+def measure_score_rows(
     posterior: MeasurePosterior,
     stats: list[MeasureStats],
     cohorts: list[str | None],
@@ -318,7 +423,7 @@ def measure_scores(
     previous: list[str | None] | None = None,
     groups: list[dict[str, str]] | None = None,
     summary: EffectSummary | None = None,
-) -> list[MeasureScore]:
+) -> list[ScoreRow]:
     """Scores of a batch of patients for one measure, with the decision rule
     (with hysteresis against each patient's ``previous`` published call) and the
     recommended action of each call from ``pathways`` (Settings.pathways);
@@ -340,9 +445,7 @@ def measure_scores(
         rule,
         previous=None if previous is None else np.asarray(previous, dtype=object),
     )
-    # Python floats of every summary at once, and the messages built without
-    # pydantic's validation (every value is computed here with its field's type):
-    # per patient, validation cost more than the mixture summaries themselves.
+    # Python floats of every summary at once (a NaN deviation is null).
     columns = zip(
         *(
             np.asarray(column, dtype=float).tolist()
@@ -354,34 +457,21 @@ def measure_scores(
         ),
         strict=True,
     )  # fmt: skip
-    scores = []
+    name, unit, direction, mcid, version = (
+        spec.name, spec.unit, spec.direction, spec.mcid, posterior.version,
+    )  # fmt: skip
+    rows = []
     for s, call, row in zip(stats, calls.tolist(), columns, strict=True):
         mean, sd, lower, upper, p_mcid, p_any, population, cohort, individual, shrink = row
-        scores.append(
-            trusted(
-                MeasureScore,
-                measure=spec.name,
-                unit=spec.unit,
-                direction=spec.direction,
-                mcid=spec.mcid,
-                effect=trusted(Interval, mean=mean, sd=sd, lower=lower, upper=upper),
-                level=LEVEL,
-                p_benefit_ge_mcid=p_mcid,
-                p_benefit_gt_0=p_any,
-                classification=str(call),
-                recommended_action=pathways.get(call),
-                population_effect=population,
-                cohort_deviation=None if math.isnan(cohort) else cohort,
-                individual_deviation=None if math.isnan(individual) else individual,
-                effect_scale=scale,
-                shrinkage=shrink,
-                count_exposed=s.count_exposed,
-                count_unexposed=s.count_unexposed,
-                last_event_time=s.last_event_time,
-                population_version=posterior.version,
-            )
-        )
-    return scores
+        call = str(call)
+        cohort = None if math.isnan(cohort) else cohort
+        individual = None if math.isnan(individual) else individual
+        score = ScoreRow(name, unit, direction, mcid, mean, sd, lower, upper, LEVEL, p_mcid,
+                         p_any, call, pathways.get(call), population, cohort, individual, scale,
+                         shrink, s.count_exposed, s.count_unexposed, s.last_event_time,
+                         version)  # fmt: skip
+        rows.append(score)
+    return rows
 
 
 class PendingReading(NamedTuple):
@@ -463,7 +553,7 @@ def dispatch_reading_residuals(
     )
 
 
-def composite(scores: list[MeasureScore], weights: dict[str, float]) -> dict | None:
+def composite(scores: Sequence[ScoreRow], weights: dict[str, float]) -> dict | None:
     """The CompositeScore of ``scores`` as its JSON fields (the score message's
     ``composite``: efficacy_score_json writes them without building the model).
     Weighted mean of the benefit in MCID units over Gaussian measures with
@@ -480,9 +570,8 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> dict | N
             continue
         measures.append(s.measure)
         total += weight
-        effect = s.effect
-        mean += weight * (effect.mean if s.direction == "higher" else -effect.mean) / s.mcid
-        var += (weight * effect.sd / s.mcid) ** 2
+        mean += weight * (s.mean if s.direction == "higher" else -s.mean) / s.mcid
+        var += (weight * s.sd / s.mcid) ** 2
     if not measures:
         return None
     mean, sd = mean / total, math.sqrt(var) / total
@@ -497,28 +586,28 @@ def composite(scores: list[MeasureScore], weights: dict[str, float]) -> dict | N
     }
 
 
-def changed_materially(previous: Published | None, score: MeasureScore) -> bool:
+def changed_materially(previous: Published | None, score: ScoreRow) -> bool:
     """Publish when there is no earlier score, the call changed, or the effect
     moved by ≥ 0.1 posterior sd, its sd by ≥ 5%, or P(benefit ≥ MCID) by ≥ 0.02.
     (A new population version alone does not count: when the population
     posterior moves materially, every score is republished regardless.)"""
     if previous is None:
         return True
-    sd = max(score.effect.sd, 1e-12)
+    sd = max(score.sd, 1e-12)
     return (
         previous.classification != score.classification
-        or abs(score.effect.mean - previous.mean) >= 0.1 * sd
-        or abs(score.effect.sd - previous.sd) >= 0.05 * sd
+        or abs(score.mean - previous.mean) >= 0.1 * sd
+        or abs(score.sd - previous.sd) >= 0.05 * sd
         or abs(score.p_benefit_ge_mcid - previous.p_benefit_ge_mcid) >= 0.02
     )
 
 
-def published_of(score: MeasureScore) -> Published:
+def published_of(score: ScoreRow) -> Published:
     return trusted(
         Published,
         population_version=score.population_version,
-        mean=score.effect.mean,
-        sd=score.effect.sd,
+        mean=score.mean,
+        sd=score.sd,
         p_benefit_ge_mcid=score.p_benefit_ge_mcid,
         classification=score.classification,
     )
@@ -526,7 +615,7 @@ def published_of(score: MeasureScore) -> Published:
 
 def efficacy_score_json(
     record: PatientRecord,
-    scores: list[MeasureScore],
+    scores: Sequence[ScoreRow],
     weights: dict[str, float],
     rule: DecisionRule,
     joint: Sequence[JointScore] = (),
@@ -539,7 +628,7 @@ def efficacy_score_json(
 
     The fields are written in the model's order by pydantic's own serialiser
     (``pydantic_core.to_json``: the same float, time and string formatting),
-    each nested score by its model's, so the bytes are those of
+    each measure's score by ScoreRow.json, so the bytes are those of
     ``EfficacyScore(...).model_dump_json()`` of the same values
     (tests/test_patient_step.py checks every score of a programme), in a
     fraction of the time: building the envelope model and its composite was
@@ -556,9 +645,10 @@ def efficacy_score_json(
         ]
     )
     last_times = [s.last_event_time for s in scores if s.last_event_time is not None]
-    # Every field of EfficacyScore, in its order; the values come from validated
-    # records and scores, with their field's type.
-    return to_json(
+    # Every field of EfficacyScore, in its order (the measures' scores between
+    # the fields before and after them); the values come from validated records
+    # and scores, with their field's type.
+    before = to_json(
         {
             "schema_version": SCHEMA_VERSION,
             "event_id": bounded_event_id("score", f"{record.patient_id}:{basis}"),
@@ -569,9 +659,11 @@ def efficacy_score_json(
                 s.population_version + s.count_exposed + s.count_unexposed for s in scores
             ),
             "decision_rule_version": rule.version,
-            "measures": scores,
-            "composite": composite(scores, weights),
-            "joint": joint,
         },
+    )
+    after = to_json(
+        {"composite": composite(scores, weights), "joint": joint},
         inf_nan_mode="null",  # EfficacyScore's (pydantic's default)
     )
+    measures = b",".join([s.json() for s in scores])
+    return b"".join((before[:-1], b',"measures":[', measures, b"],", after[1:]))

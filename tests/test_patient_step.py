@@ -44,7 +44,7 @@ from streams.patient_step import (
 )
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import Alert, EfficacyScore, Interval, JointEffect, JointScore
-from streams.scoring import efficacy_score_json, measure_scores
+from streams.scoring import ScoreRow, efficacy_score_json, measure_scores
 from streams.settings import Settings
 
 MEASURE = "resting_heart_rate"  # the measure statistics_mismatch checks
@@ -404,12 +404,12 @@ def test_scores_count_every_reading_and_a_forced_rescore_equals_the_batch_statis
     # The longest patient id the schema allows still gives valid, stable event ids.
     longest = PatientRecord(patient_id="p" * 128, cohort="c")
     message = EfficacyScore.model_validate_json(
-        efficacy_score_json(longest, expected[:1], ctx.weights, ctx.rule)
+        efficacy_score_json(longest, [ScoreRow.of(expected[0])], ctx.weights, ctx.rule)
     )
-    again = efficacy_score_json(longest, expected[:1], ctx.weights, ctx.rule)
+    again = efficacy_score_json(longest, [ScoreRow.of(expected[0])], ctx.weights, ctx.rule)
     assert message.event_id == json.loads(again)["event_id"]
     other = expected[0].model_copy(update={"classification": "non_responder"})
-    alert = transition_alert("p" * 128, "uncertain", other)
+    alert = transition_alert("p" * 128, "uncertain", ScoreRow.of(other))
     Alert.model_validate_json(alert.model_dump_json())
 
 
@@ -462,7 +462,8 @@ def test_score_messages_are_byte_for_byte_the_models_serialisation(programme):
         upper=1.7), p_above_population=1 / 3, population_version=7,
     )  # fmt: skip
     weights = {MEASURE: 1.0, "zz_other": 2.0}
-    value = efficacy_score_json(first, [odd, score], weights, ctx.rule, [joint])
+    rows = [ScoreRow.of(odd), ScoreRow.of(score)]
+    value = efficacy_score_json(first, rows, weights, ctx.rule, [joint])
     assert as_the_model_writes_it(value) == value
     message = json.loads(value)
     assert [m["measure"] for m in message["measures"]] == [MEASURE, "zz_other"]
