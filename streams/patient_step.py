@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -66,6 +66,8 @@ from streams.settings import Settings
 from streams.validation import Rejected, dead_letter, validate_record
 
 log = logging.getLogger(__name__)
+
+_Item = TypeVar("_Item")
 
 EVIDENCE_CHUNK = 1000  # patients per EvidenceBatch message (~0.5 MB of JSON at most)
 
@@ -171,6 +173,20 @@ def batch_keys(events: Iterable[RawRecord]) -> list[str]:
             except UnicodeDecodeError:
                 continue
     return list(keys)
+
+
+def by_patient(items: Sequence[_Item], key: Callable[[_Item], bytes | None]) -> list[_Item]:
+    """``items`` (raw records, or what carries them) grouped by their patient
+    ``key``, each patient's in their given order (a stable sort; keyless ones
+    first).
+
+    For records that are acknowledged together (the patients agent's take), so
+    that only each patient's own order matters. Grouped, a patient with several
+    records in a take pays its load, scoring, save and messages once per step
+    for all of them (step_bounds then cuts by patient); in the order read, a
+    backlog in event-time order names each patient once per step and pays them
+    once per record."""
+    return sorted(items, key=lambda item: key(item) or b"")
 
 
 def step_bounds(keys: Sequence[bytes | None], max_records: int, max_patients: int) -> list[int]:

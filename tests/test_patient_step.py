@@ -37,6 +37,7 @@ from streams.patient_step import (
     StepContext,
     StepOutputs,
     batch_keys,
+    by_patient,
     process_batch,
     rescore,
     step_bounds,
@@ -522,6 +523,76 @@ def test_steps_are_bounded_by_records_and_by_patients():
             expected.append(end)
             start = end
         assert ends == expected
+
+
+def test_a_take_grouped_by_patient_ends_in_the_same_states_and_scores_with_fewer_messages(
+    programme,
+):
+    """The patients agent processes a take's records grouped by patient
+    (by_patient). Each patient's records keep their order, so every table value
+    ends as in the order read and each patient's last published score is the
+    same, but for the responder call inside the decision rule's hysteresis band:
+    that call depends on the previous one published, and a patient with several
+    records in a step is scored once for all of them, so fewer score messages
+    go out (as with any step holding several of a patient's records)."""
+    ctx = context()
+    posterior_of(programme, ctx)
+    records = raw_records(programme)
+    take = 200  # records acknowledged together
+    grouped = [
+        record
+        for start in range(0, len(records), take)
+        for record in by_patient(records[start : start + take], lambda r: r.key)
+    ]
+    assert sorted(map(id, grouped)) == sorted(map(id, records))
+    for start in range(0, len(records), take):
+        part = grouped[start : start + take]
+        for patient in {r.key for r in part}:
+            mine = [r.offset for r in records[start : start + take] if r.key == patient]
+            assert [r.offset for r in part if r.key == patient] == mine
+        keys = [r.key for r in part]
+        assert keys == sorted(keys, key=lambda k: k or b"")
+    runs = {}
+    for name, order in (("read", records), ("grouped", grouped)):
+        states: dict[str, bytes] = {}
+        outputs = run_batches(states, order, ctx, 50)
+        last = {m.key: m.value for out in outputs for m in out.scores}
+        count = sum(len(out.scores) for out in outputs)
+        runs[name] = (states, last, count)
+    (states, last, count), (grouped_states, grouped_last, grouped_count) = runs.values()
+    assert grouped_states.keys() == states.keys()
+    assert grouped_last.keys() == last.keys() and len(last) == len(programme.truth.patients)
+    assert grouped_count < count
+    rule = ctx.rule
+    banded = 0
+    for key in states:
+        value, grouped_value = json.loads(states[key]), json.loads(grouped_states[key])
+        for record in (value, grouped_value):  # the last score, compared below
+            del record["published"], record["published_score_json"]
+        assert grouped_value == value
+    for key in last:
+        score, grouped_score = json.loads(last[key]), json.loads(grouped_last[key])
+        for measure, grouped_measure in zip(
+            score["measures"], grouped_score["measures"], strict=True
+        ):
+            calls = {m.pop("classification") for m in (measure, grouped_measure)}
+            actions = {m.pop("recommended_action") for m in (measure, grouped_measure)}
+            if len(calls) > 1:
+                banded += 1
+                in_band = (
+                    rule.responder_leave_probability
+                    <= measure["p_benefit_ge_mcid"]
+                    < rule.responder_probability
+                ) or (
+                    rule.nonresponder_probability
+                    < measure["p_benefit_gt_0"]
+                    <= rule.nonresponder_leave_probability
+                )
+                assert in_band, (key, calls)
+            else:
+                assert len(actions) == 1
+        assert grouped_score == score
+    assert banded <= len(last) // 4
 
 
 def _cached(patient_id: str, padding: int = 0):

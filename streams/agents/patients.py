@@ -52,6 +52,7 @@ from streams.patient_step import (
     StepContext,
     StepOutputs,
     batch_keys,
+    by_patient,
     process_batch,
     rescore,
     rescore_joint,
@@ -142,6 +143,9 @@ class PatientsService:
         (streams.consumer_seek), so the partition's owner fetches them again."""
         settings = self.settings
         pending = [(event.message, record) for event in events for record in event.value.records()]
+        # The take is acknowledged as a whole once all its steps settle: the
+        # order across patients is free (streams.patient_step.by_patient).
+        pending = by_patient(pending, lambda item: item[1].key)
         self.observe_backlog(events)
         settlements = []
         start = 0
