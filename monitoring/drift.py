@@ -137,6 +137,16 @@ class DriftConfig(BaseModel):
             "posterior predictive is still settling."
         ),
     )
+    conflict_readings_per_step: int = Field(
+        default=500,
+        ge=1,
+        description=(
+            "Most readings of one step of the patients agent whose residual the check "
+            "computes: of a step with more, every ⌈n / this⌉-th (evenly spaced, so across "
+            "its patients). A residual costs about as much as scoring a patient; a live "
+            "worker's steps are smaller and check every reading, a backlog's are sampled."
+        ),
+    )
 
 
 _DEFAULTS = DriftConfig()

@@ -490,20 +490,27 @@ def _apply(
     a third of apply_event). An event whose application raises leaves the
     record as it was before that event all the same: the record is rebuilt
     from its stored state and the batch's events applied to it before
-    (``_reapply``; apply_event is a function of the record and the event)."""
+    (``_reapply``; apply_event is a function of the record and the event).
+
+    The readings the prior-data conflict check gets (``outputs.readings``) are
+    those of every ⌈n / DriftConfig.conflict_readings_per_step⌉-th of the n
+    events: all of a live worker's small steps, an evenly spaced sample of a
+    backlog's (a residual costs about what a patient's score does)."""
     applied: dict[str, None] = {}
     touched: dict[str, set[str]] = defaultdict(set)
     replayed: dict[str, None] = {}
     history: dict[str, list[Observation | EnrollmentRecord]] = defaultdict(list)
     models = context.models
-    for event, source, origin, parsed in valid:
+    # The prior-data conflict check's sample: every stride-th event of the step.
+    stride = -(-len(valid) // context.settings.drift.conflict_readings_per_step) or 1
+    for index, (event, source, origin, parsed) in enumerate(valid):
         patient_id = parsed.patient_id
         if patient_id in broken:
             _reject(outputs, event, source, "processing_error", broken[patient_id], origin)
             continue
         before = records[patient_id]
         try:
-            reading = _pending(before, parsed, context)
+            reading = _pending(before, parsed, context) if index % stride == 0 else None
             record, outcome = apply_event(before, parsed, models, copy=False)
         except Exception as error:  # a bug must not stop the stream or lose the event
             log_failure(

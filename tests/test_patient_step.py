@@ -663,6 +663,48 @@ def test_the_record_cache_refuses_what_cannot_fit_and_frees_what_it_hands_out() 
     assert 20 <= admitted <= 60  # binomial(400, 0.1): mean 40, sd 6
 
 
+def test_a_large_steps_conflict_check_takes_an_evenly_spaced_sample_of_its_readings(programme):
+    """Of a step of more events than DriftConfig.conflict_readings_per_step, the
+    prior-data conflict check gets a sample: at most that many readings, spread
+    over the step's patients, each with the residual it has when every reading
+    is checked (a reading's residual depends on its patient's evidence before
+    it, not on the sample); the table values and scores are those of the
+    unsampled step."""
+    from monitoring.drift import DriftConfig
+
+    records = raw_records(programme)
+    half = len(records) // 2
+    runs = []
+    for cap in (100_000, 13):
+        settings = SETTINGS.model_copy(
+            update={"drift": DriftConfig(conflict_readings_per_step=cap)}
+        )
+        ctx = StepContext(Catalogue.load(), context().models, PosteriorBook(), settings)
+        states: dict[str, bytes] = {}
+        run_batches(states, records[:half], ctx, 100_000)
+        posterior_of(programme, ctx)
+        (outputs,) = run_batches(states, records[half:], ctx, 100_000)
+        residuals = dict(
+            zip(
+                [r.origin for r in outputs.readings[MEASURE]],
+                outputs.residuals[MEASURE]().tolist(),
+                strict=True,
+            )
+        )
+        runs.append((states, outputs, residuals))
+    (states, outputs, every), (sampled_states, sampled_outputs, sample) = runs
+    assert len(every) > 100 and 13 // 2 <= len(sample) <= 13
+    patient_of = {f"{r.topic}:{r.partition}:{r.offset}": r.key for r in records}
+    assert len({patient_of[origin] for origin in sample}) >= 13 // 2
+    order = list(every)  # the step's readings in order: the sample spans them
+    positions = sorted(order.index(origin) for origin in sample)
+    assert positions[-1] - positions[0] >= len(order) // 2
+    for origin, z in sample.items():
+        assert z == pytest.approx(every[origin], rel=1e-9, abs=1e-12)
+    assert sampled_states == states
+    assert [m.value for m in sampled_outputs.scores] == [m.value for m in outputs.scores]
+
+
 def test_a_steps_residuals_are_those_of_its_readings_under_the_posterior(programme):
     """A step dispatches the prior-data conflict check's residuals of its
     readings to the device (computed while it scores and saves): once waited
