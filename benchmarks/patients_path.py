@@ -17,6 +17,10 @@ reports the CPU time of each of its stages (``STAGES``):
 - ``evidence``: the ``EvidenceBatch`` messages of the touched patients;
 - ``save``: ``model_dump_json`` of each changed state.
 
+The records go in the order read, each reading its patient's only one in a
+step; ``--take N`` groups them by patient in takes of N records
+(streams.patient_step.by_patient), as the worker groups a backlog's.
+
 Kafka's own costs (consumer, producer, faust's stream machinery, changelog) are
 not here: benchmarks/throughput.py measures the whole worker. The population
 posterior is a cheap fit (100 steps): its quality does not change the cost.
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="most records per step (EFFICACY_BATCH_SIZE)")  # fmt: skip
     parser.add_argument("--batch-patients", type=int, default=defaults.batch_patients,
                         help="most patients per step (EFFICACY_BATCH_PATIENTS)")  # fmt: skip
+    parser.add_argument("--take", type=int, default=0,
+                        help="group the records by patient in takes of this many, as the "
+                             "worker groups what it has at hand (0: in the order read)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cprofile", type=Path, default=None, help="write pstats of one pass")
     parser.add_argument("--output", default="patients_path")
@@ -193,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     say("preparing: programme, a cheap population fit (JAX compile)")
     context, messages = prepare(args.patients, args.obs_per_patient)
+    if args.take:
+        from streams.patient_step import by_patient
+
+        messages = [record
+                    for start in range(0, len(messages), args.take)
+                    for record in by_patient(messages[start : start + args.take], lambda r: r.key)]  # fmt: skip
     if args.gc == "worker":
         from cli.main import tune_garbage_collector
 
