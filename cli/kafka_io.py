@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
+from streams.group_offsets import GroupOffsets, all_partitions
 from streams.kafka_options import aiokafka_options, start_client
 from streams.settings import Settings
 
@@ -115,24 +116,6 @@ async def read_to_end(
     return records
 
 
-async def all_partitions(consumer: AIOKafkaConsumer, topics: list[str], timeout: float = 30.0):
-    """Every partition of ``topics`` (TopicPartitions), waiting for the consumer's
-    metadata to list them (``partitions_for_topic`` reads cached metadata,
-    refreshed in the background every ``metadata_max_age_ms``)."""
-    from aiokafka import TopicPartition
-
-    deadline = time.monotonic() + timeout
-    while True:
-        found = {t: consumer.partitions_for_topic(t) for t in topics}
-        if all(found.values()):
-            return [TopicPartition(t, p) for t in topics for p in sorted(found[t])]
-        if time.monotonic() > deadline:
-            missing = [t for t, ps in found.items() if not ps]
-            raise TimeoutError(f"no partitions found for {missing}")
-        await consumer.topics()
-        await asyncio.sleep(0.5)
-
-
 async def committed_offsets(bootstrap_servers: Broker, group: str) -> dict:
     """The offset consumer group ``group`` has committed for each topic partition
     (a partition it never committed is absent)."""
@@ -162,9 +145,12 @@ async def create_topic(bootstrap_servers: Broker, name: str, partitions: int) ->
 async def group_lag(bootstrap_servers: Broker, group: str, topics: list[str]) -> int:
     """Records of ``topics`` not yet committed by consumer group ``group`` (0: the
     group has committed every partition up to its end offset)."""
-    committed = await committed_offsets(bootstrap_servers, group)
-    end = await end_offsets(bootstrap_servers, topics)
-    return sum(end[tp] - committed.get(tp, 0) for tp in end)
+    offsets = GroupOffsets(bootstrap_servers, group, topics)
+    try:
+        ends, committed = await offsets.read()
+    finally:
+        await offsets.close()
+    return sum(max(end - committed[tp], 0) for tp, end in ends.items())
 
 
 async def end_offsets(bootstrap_servers: Broker, topics: list[str]) -> dict:

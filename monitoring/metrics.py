@@ -157,6 +157,7 @@ class Metrics(NamedTuple):
     patients_by_classification: Gauge  # efficacy_patients{measure, classification}
     patients_tracked: Gauge  # efficacy_patients_tracked (no labels)
     raw_backlog_records: Gauge  # efficacy_raw_backlog_records (no labels)
+    group_lag_records: Gauge  # efficacy_group_lag_records (no labels)
     state_cache_lookups: Counter  # efficacy_state_cache_lookups_total{result}
     state_cache_bytes: Gauge  # efficacy_state_cache_bytes (no labels)
     scores_published: Counter  # efficacy_scores_published_total{trigger}
@@ -300,6 +301,11 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             "raw_backlog_records",
             "Input records waiting on this worker's raw partitions as of its latest batch "
             "(rescoring after a new posterior defers to a backlog of more than a batch).",
+        ),
+        group_lag_records=gauge(
+            "group_lag_records",
+            "Input records in the raw topics not yet committed by the worker's consumer group "
+            "(all its workers), as of the latest poll (streams.group_backlog).",
         ),
         state_cache_lookups=counter(
             "state_cache_lookups_total",

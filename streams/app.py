@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import faust
 
 from model.config import ModelConfig
-from streams import consumer_seek, loop_lag, score_lookup
+from streams import consumer_seek, group_offsets, loop_lag, score_lookup
 from streams.agents import drift, interop, patients, population
 from streams.agents.population import in_thread
 from streams.catalogue import Catalogue, CatalogueError
 from streams.chunked_consumer import ChunkedApp
+from streams.group_offsets import GroupOffsets
 from streams.joint_stream import compile_joint_scoring
 from streams.kafka_options import faust_credentials
 from streams.posterior_feed import PosteriorBook, follow_posteriors
@@ -133,6 +134,13 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         paused=lambda: population_service.taking_over,
     )  # fmt: skip
     population_service.backlogged = patients_service.backlogged
+    if settings.group_backlog_horizon_seconds > 0:
+        raw_names = [topic.get_topic_name() for topic in topics.raw]
+        offsets = GroupOffsets(settings, settings.app_id, raw_names)
+        group_offsets.watch(
+            app, offsets, population_service.group, telemetry,
+            interval=settings.population_interval_seconds,
+        )  # fmt: skip
     patients.register(app, patients_service)
     population.register(app, population_service)
     drift.register(app, topics, telemetry)

@@ -165,6 +165,13 @@ class Settings(BaseSettings):
     population_interval_seconds: float = Field(
         default=2.0, gt=0.0, description="how often the population agent considers an update"
     )
+    group_backlog_horizon_seconds: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="population fits are paced while any worker of the consumer group has raw "
+        "records older than this many seconds not committed (streams.group_backlog; polled every "
+        "population interval; 0: paced by this worker's own backlog only)",
+    )
     rescore_max_delay_seconds: float = Field(
         default=30.0,
         ge=0.0,

@@ -102,6 +102,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.raw_backlog_records.set(records)
 
+    def group_lag(self, records: int) -> None:
+        if self.metrics is not None:
+            self.metrics.group_lag_records.set(records)
+
     def classifications(self, measure: str, counts: Counter[str]) -> None:
         """Current number of this worker's patients per classification of ``measure``."""
         if self.metrics is not None:

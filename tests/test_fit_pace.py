@@ -5,6 +5,7 @@ service's app never connects)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from test_population_ownership import FAST_SVI, population_service
@@ -68,3 +69,27 @@ def test_the_population_agent_skips_a_fit_that_is_not_due_under_a_backlog() -> N
     backlog["now"] = True
     service.pace.max_wait = 0.0
     assert tick_with(evidence[25:]) == 3  # due again (no wait allowed)
+
+
+def test_another_workers_backlog_paces_the_owners_fits() -> None:
+    # the owner has caught up, but a partition of the group still holds records
+    # older than the horizon (streams.group_backlog): its fits stay paced
+    topic = FakeTopic()
+    service = population_service("fit-pace-group", topic=topic, svi=FAST_SVI)
+    service.owns = lambda measure: True  # type: ignore[method-assign]
+    service._owned.add(STREAM_MEASURE)
+    service.backlogged = lambda: False
+    evidence = _evidence(8, num_patients=30, num_cohorts=2, obs_per_patient=6)
+
+    def tick_with(items) -> int:
+        service.take(EvidenceBatch(measure=STREAM_MEASURE, items=items))
+        asyncio.run(service._tick_measure(STREAM_MEASURE))
+        return len(topic.sent)
+
+    assert tick_with(evidence[:10]) == 1
+    now, horizon = time.monotonic(), service.group.horizon
+    service.group.observe(now - horizon, {"raw-1": 900}, {"raw-1": 0})
+    service.group.observe(now, {"raw-1": 1000}, {"raw-1": 400})  # a peer replaying
+    assert tick_with(evidence[10:20]) == 1  # paced: waits
+    service.group.observe(time.monotonic(), {"raw-1": 1000}, {"raw-1": 1000})  # caught up
+    assert tick_with(evidence[20:]) == 2

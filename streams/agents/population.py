@@ -44,6 +44,7 @@ from monitoring.drift import (
 from streams.catalogue import Catalogue
 from streams.consumer_seek import fetched_since_rebalance
 from streams.fit_pace import FitPace
+from streams.group_backlog import GroupBacklog
 from streams.joint_stream import (
     POSTERIOR_VALUE_LIMIT,
     JointModel,
@@ -121,9 +122,11 @@ class PopulationService:
         backlogged: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
-        # Whether the patients agent has a backlog (PatientsService.backlogged):
-        # fits are then paced (streams.fit_pace).
+        # Whether the patients agent has a backlog (PatientsService.backlogged),
+        # or another worker of the group (``group``, polled by
+        # streams.group_offsets.watch): fits are then paced (streams.fit_pace).
         self.backlogged = backlogged
+        self.group = GroupBacklog(max(settings.group_backlog_horizon_seconds, 1.0))
         self.pace = FitPace(settings.population_backlog_share)
         self.catalogue = catalogue  # its subgroups are scored after every posterior
         self.subgroups: dict[str, dict[str, SubgroupScore]] = {}  # last published
@@ -202,6 +205,11 @@ class PopulationService:
             await delivered(await self.table.write_many(items, self.producer))
         except DeliveryFailed as error:
             stop_now(error)
+
+    def paced(self) -> bool:
+        """Whether fits are paced now: this worker or another of its group has
+        a backlog of raw records."""
+        return self.backlogged() or self.group.backlogged(time.monotonic())
 
     def owns(self, measure: str) -> bool:
         """This worker actively owns the measure's evidence partition."""
@@ -304,7 +312,7 @@ class PopulationService:
         await self.warm_up_recent_fits()
         for group in self.joint:
             key, started = posterior_key(group), time.monotonic()
-            if not self.pace.due(key, started, self.backlogged()):
+            if not self.pace.due(key, started, self.paced()):
                 continue
             try:
                 if await self.fit_joint(group) is not None:
@@ -418,7 +426,7 @@ class PopulationService:
         if book.num_patients < self.settings.population_min_patients:
             return
         started = time.monotonic()
-        if not self.pace.due(measure, started, self.backlogged()):
+        if not self.pace.due(measure, started, self.paced()):
             return
         try:
             await self.fit(measure, book)
