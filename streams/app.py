@@ -32,6 +32,7 @@ from streams.rescore_queue import RescoreQueue
 from streams.schemas import JointPosterior, PopulationPosterior
 from streams.scoring import compile_scoring
 from streams.settings import Settings
+from streams.stores import PartitionedByKey
 from streams.telemetry import Telemetry
 from streams.topics import MAX_MESSAGE_BYTES, Topics, declare_topics
 
@@ -119,8 +120,6 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         value_serializer="raw",
     )
     topics = declare_topics(app, settings)
-    # The patients agent takes the raw topics by fetched partition chunk.
-    app.chunked_topics = frozenset(topic.get_topic_name() for topic in topics.raw)
     telemetry = Telemetry(metrics)
     loop_lag.install(app, telemetry)
     models = measure_models(catalogue, settings)
@@ -141,6 +140,14 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
             app, offsets, population_service.group, telemetry,
             interval=settings.population_interval_seconds,
         )  # fmt: skip
+    # The patients agent takes the raw topics by fetched partition chunk, and the
+    # tables' recovery and standby copies their changelogs (streams.chunked_consumer).
+    changelogs = [
+        table.changelog_topic.get_topic_name()
+        for table in app.tables.values()
+        if isinstance(table, PartitionedByKey)
+    ]
+    app.chunked_topics = frozenset([topic.get_topic_name() for topic in topics.raw] + changelogs)
     patients.register(app, patients_service)
     population.register(app, population_service)
     drift.register(app, topics, telemetry)

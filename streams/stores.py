@@ -40,17 +40,28 @@ import itertools
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import faust
 from faust.stores import rocksdb
 from faust.types import TP
 from yarl import URL
 
+from streams.chunked_consumer import Chunk, ChunkRecord
 from streams.output import Outbound, Producer, SentBatch
 
 #: Keys that every JSON encoder writes as themselves in quotes.
 PLAIN_KEYS = ("patient-1", "resting_heart_rate/p-2", "x y:z.~")
+
+
+class ChangelogRecord(NamedTuple):
+    """One record of a changelog chunk, read as faust's stores read an event:
+    the decoded ``key`` and ``value`` (None where the store reads only the raw
+    ones), and ``message``: the raw key and value, partition, tp and offset."""
+
+    key: Any
+    value: Any
+    message: ChunkRecord
 
 
 def _quoted(key: str) -> bytes:
@@ -70,9 +81,44 @@ class PartitionedByKey(faust.Table):
         """A table of ``cls`` on ``app``: string keys, bytes values (the agents
         serialise their pydantic records themselves), no default."""
         table = cls(
-            app, name=name, default=None, key_type=str, value_type=bytes, partitions=partitions
-        )
+            app, name=name, default=None, key_type=str, value_type=bytes, partitions=partitions,
+            # in events of the changelog, which come by chunk (``changelog_records``,
+            # each at most a fetch of the partition, consumer_max_fetch_size); a
+            # standby copy applies every other chunk, its takeover reads the rest again
+            recovery_buffer_size=8, standby_buffer_size=2,
+        )  # fmt: skip
         return app.tables.add(table)
+
+    def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
+        """faust's, with each Chunk event expanded into its records
+        (``changelog_records``)."""
+        super().apply_changelog_batch(self.changelog_records(batch))
+
+    def changelog_records(self, batch: Iterable[Any]) -> Iterator[Any]:
+        """The changelog records of ``batch`` as faust's stores read events: a
+        Chunk event (the changelog delivered by chunk, streams.chunked_consumer)
+        as one ``ChangelogRecord`` per record, any other event as itself. The
+        RocksDB store reads the raw key and value of ``message``; the memory
+        store the decoded ``key`` and ``value``, decoded here as faust decodes a
+        changelog event."""
+        raw = isinstance(self.data, KeyPartitionedRocksDB)
+        serializers = self.app.serializers
+        for event in batch:
+            chunk = event.value
+            if not isinstance(chunk, Chunk):
+                yield event
+                continue
+            for record in chunk.records():
+                if raw:
+                    yield ChangelogRecord(None, None, record)
+                    continue
+                key = serializers.loads_key(
+                    self.key_type, record.key, serializer=self.key_serializer
+                )
+                value = serializers.loads_value(
+                    self.value_type, record.value, serializer=self.value_serializer
+                )
+                yield ChangelogRecord(key, value, record)
 
     async def write_many(
         self,

@@ -16,6 +16,7 @@ from faust.types import TP
 
 from streams.app import create_pipeline
 from streams.catalogue import Catalogue
+from streams.chunked_consumer import Chunk
 from streams.output import SentBatch
 from streams.partitioning import EvidencePartitions, key_partition
 from streams.settings import Settings
@@ -363,3 +364,43 @@ def test_a_changelog_delivery_after_its_partition_left_does_not_reopen_it(pipeli
     del in_use
     asyncio.get_event_loop().run_until_complete(store.on_rebalance(every, set(), gone))
     assert table.get("patient-1") == b"x"
+
+
+@pytest.mark.parametrize("store_url", ["rocksdb://", "memory://"])
+def test_a_changelog_delivered_by_chunk_restores_what_was_written(tmp_path, store_url, own_loop):
+    """A standby copy or a recovery reads the changelog by chunk
+    (streams.chunked_consumer): each chunk, applied as one event, puts every
+    record of it in the copy, with keys that JSON escapes decoded as faust
+    decodes them; a tombstone deletes; RocksDB keeps the chunk's last offset as
+    the partition's applied offset."""
+    writer = _pipeline(tmp_path / "writer", store_url).patients.table
+    keys = ["patient-1", 'quote"d', "back\\slash", "caf\u00e9", *(f"p-{i}" for i in range(40))]
+    written = {key: f'{{"k":{i}}}'.encode() for i, key in enumerate(keys)}
+    producer = _SendLog()
+    own_loop.run_until_complete(writer.write_many(written, producer))
+    topic = writer.changelog_topic.get_topic_name()
+    by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+    for key in keys:
+        raw_key = writer.key_bytes(key)
+        by_partition.setdefault(writer.partition_for_key(key), []).append((raw_key, written[key]))
+    gone = "p-3"
+    by_partition[writer.partition_for_key(gone)].append((writer.key_bytes(gone), None))
+    assert sorted((k, v) for _, k, v in producer.sent) == sorted(
+        (k, v) for rows in by_partition.values() for k, v in rows if v is not None
+    )  # the chunks hold what the writer sent
+
+    copy = _pipeline(tmp_path / "copy", store_url).patients.table
+    events = []
+    for partition, rows in sorted(by_partition.items()):
+        offsets = list(range(100, 100 + len(rows)))
+        keys_, values = [k for k, _ in rows], [v for _, v in rows]
+        chunk = Chunk(topic, partition, offsets, keys_, values, [None] * len(rows))
+        message = SimpleNamespace(tp=TP(topic, partition), partition=partition, offset=offsets[-1],
+                                  key=keys_[-1], value=chunk)  # fmt: skip
+        events.append(SimpleNamespace(key=None, value=chunk, message=message))
+    copy.apply_changelog_batch(events)
+    expected = {key: value for key, value in written.items() if key != gone}
+    assert copy.values_of(keys) == {**expected, gone: None}
+    if store_url.startswith("rocksdb"):
+        for partition, rows in by_partition.items():
+            assert copy.data.persisted_offset(TP(topic, partition)) == 100 + len(rows) - 1
