@@ -15,8 +15,8 @@ is *behind* when its committed offset has not reached the end offset the
 partition had ``horizon`` seconds ago, i.e. records older than the horizon
 still wait. A live worker commits its records within a commit interval plus a
 step's latency (seconds, under the horizon); a replay or a worker that cannot
-keep up does not. Pure bookkeeping: offsets and times in, decisions out (the
-patients agent's ``watch_group`` polls Kafka).
+keep up does not. Pure bookkeeping: offsets and times in, decisions out
+(``streams.group_offsets.watch`` polls Kafka).
 """
 
 from __future__ import annotations

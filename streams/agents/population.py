@@ -126,6 +126,7 @@ class PopulationService:
         # or another worker of the group (``group``, polled by
         # streams.group_offsets.watch): fits are then paced (streams.fit_pace).
         self.backlogged = backlogged
+        # (a horizon of 0 turns the poll off: nothing is observed, never behind)
         self.group = GroupBacklog(max(settings.group_backlog_horizon_seconds, 1.0))
         self.pace = FitPace(settings.population_backlog_share)
         self.catalogue = catalogue  # its subgroups are scored after every posterior
