@@ -133,8 +133,8 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         paused=lambda: population_service.taking_over,
     )  # fmt: skip
     population_service.backlogged = patients_service.backlogged
+    raw_names = [topic.get_topic_name() for topic in topics.raw]
     if settings.group_backlog_horizon_seconds > 0:
-        raw_names = [topic.get_topic_name() for topic in topics.raw]
         offsets = GroupOffsets(settings, settings.app_id, raw_names)
         group_offsets.watch(
             app, offsets, population_service.group, telemetry,
@@ -147,7 +147,7 @@ def create_pipeline(settings: Settings | None = None, metrics=None) -> Pipeline:
         for table in app.tables.values()
         if isinstance(table, PartitionedByKey)
     ]
-    app.chunked_topics = frozenset([topic.get_topic_name() for topic in topics.raw] + changelogs)
+    app.chunked_topics = frozenset(raw_names + changelogs)
     patients.register(app, patients_service)
     population.register(app, population_service)
     drift.register(app, topics, telemetry)
