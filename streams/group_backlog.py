@@ -4,8 +4,8 @@ A worker knows its own backlog (streams.rescore_queue.RawBacklog). But one
 worker fits a measure's population posterior for the whole group, and every
 posterior makes every worker rescore its patients: so the owner's fits are
 paced (streams.fit_pace) while *any* worker of the group has a backlog. Paced
-by its own backlog only, an owner that had caught up fitted every interval
-while its peer still replayed, and both rescored after every fit.
+by its own backlog only, an owner that has caught up would fit every interval
+while its peer still replays, and both would rescore after every fit.
 
 The group's progress is in Kafka: each raw partition's committed offset (the
 group's) and its log end offset. A committed offset trails its worker's
