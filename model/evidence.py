@@ -298,6 +298,82 @@ def add_reading(
     return update(gram, vector, old, new), reference
 
 
+def add_readings(
+    gram: bytes,
+    reference_time: float,
+    readings: Sequence[tuple[float, float, float, tuple[float, ...]]],
+    config: ModelConfig,
+) -> tuple[bytes, float]:
+    """``add_reading`` of each of ``readings`` — (exposure, time, outcome,
+    time_covariates) — in turn, bit for bit the same result
+    (``add_vectors`` of their ``reading_vectors``)."""
+    vectors = reading_vectors(readings, config)
+    return add_vectors(gram, reference_time, [r[1] for r in readings], vectors, config.half_life)
+
+
+def reading_vectors(
+    readings: Sequence[tuple[float, float, float, tuple[float, ...]]], config: ModelConfig
+) -> list[list[float]]:
+    """The standardised augmented vector v = (1, exposure, [time], [time
+    covariates], outcome) of each of ``readings`` — (exposure, time, outcome,
+    time_covariates), raw units — as ``add_reading`` computes it. The same for
+    every half-life: the all-time and recent-window statistics share them."""
+    std = config.standardization
+    locations = std.time_covariate_location
+    width = len(config.time_covariates)
+    vectors = []
+    for exposure, time, outcome, time_covariates in readings:
+        vector = [1.0, exposure / std.exposure_scale]
+        if config.time_trend:
+            vector.append((time - std.time_location) / std.time_scale)
+        if len(time_covariates) != width:
+            raise ValueError(f"the model needs time-varying covariates {config.time_covariates}")
+        if locations:
+            time_covariates = tuple(
+                (value - location) / scale
+                for value, location, scale in zip(
+                    time_covariates, locations, std.time_covariate_scale, strict=True
+                )
+            )
+        vector.extend(time_covariates)
+        vector.append((outcome - std.outcome_location) / std.outcome_scale)
+        vectors.append(vector)
+    return vectors
+
+
+def add_vectors(
+    gram: bytes,
+    reference_time: float,
+    times: Sequence[float],
+    vectors: Sequence[Sequence[float]],
+    half_life: float | None,
+) -> tuple[bytes, float]:
+    """One patient's statistics plus readings at ``times`` with augmented
+    vectors ``vectors`` (``reading_vectors``), in turn: the same products and
+    sums in the same order as ``add_reading`` of each, bit for bit, with the
+    matrix unpacked once and packed once instead of once per reading (a
+    backlog brings a patient's readings together; the packing and the call
+    were most of a reading). Forgetting at ``half_life`` (None: none)."""
+    if not vectors:
+        return gram, reference_time
+    d = len(vectors[0])
+    if len(gram) != 8 * d * d:
+        raise ValueError(f"statistics of {len(gram)} bytes, not a {d}² Gram matrix")
+    if half_life is None:
+        return _gram_updates(d, False)(gram, vectors, (), ()), max(reference_time, *times)
+    olds, news = [], []
+    for time in times:
+        reference = max(reference_time, time)
+        olds.append(
+            2.0 ** (-(reference - reference_time) / half_life)
+            if reference_time > -math.inf
+            else 1.0
+        )
+        news.append(2.0 ** (-(reference - time) / half_life))
+        reference_time = reference
+    return _gram_updates(d, True)(gram, vectors, olds, news), reference_time
+
+
 GramUpdate = Callable[[bytes, Sequence[float], float, float], bytes]
 
 
@@ -323,6 +399,38 @@ def _gram_update(d: int, decayed: bool) -> GramUpdate:
     namespace = {"unpack": layout.unpack, "pack": layout.pack}
     exec(source, namespace)  # the source is built above from integers only
     return namespace["update"]
+
+
+@functools.lru_cache(maxsize=16)
+def _gram_updates(d: int, decayed: bool) -> Callable[..., bytes]:
+    """``updates(gram, vectors, olds, news)``: ``_gram_update``'s arithmetic
+    for each vector (with its old and new weights when ``decayed``) in turn,
+    the entries kept in local variables between vectors (generated source, as
+    there)."""
+    layout = struct.Struct(f"<{d * d}d")
+    entries = ", ".join(f"g{k}" for k in range(d * d))
+    components = "(" + ", ".join(f"v{i}" for i in range(d)) + ",)"
+    term = "g{k} * old + v{i} * v{j} * new" if decayed else "g{k} + v{i} * v{j}"
+    loop = (
+        f"for {components}, old, new in zip(vectors, olds, news)"
+        if decayed
+        else f"for {components} in vectors"
+    )
+    body = "".join(
+        f"        g{i * d + j} = {term.format(k=i * d + j, i=i, j=j)}\n"
+        for i in range(d)
+        for j in range(d)
+    )
+    source = (
+        "def updates(gram, vectors, olds, news):\n"
+        f"    {entries} = unpack(gram)\n"
+        f"    {loop}:\n"
+        f"{body}"
+        f"    return pack({entries})\n"
+    )
+    namespace = {"unpack": layout.unpack, "pack": layout.pack}
+    exec(source, namespace)  # the source is built above from integers only
+    return namespace["updates"]
 
 
 def stats_from_events(

@@ -65,12 +65,14 @@ from model.evidence import (
     PatientStats,
     add_events,
     add_reading,
+    add_vectors,
     decay_to,
     empty_packed,
     empty_stats,
     gram_stats,
     merge_stats,
     packed,
+    reading_vectors,
     stacked,
     stats_from_events,
 )
@@ -742,6 +744,15 @@ def _add_observation(
     digest: bytes | None = None,
 ) -> None:
     """Apply a reading not seen before (``digest``: its event id's, when known)."""
+    _add_observation_stats(record, observation, model)
+    _remember(record, digest or event_digest(observation.event_id), observation.origin)
+    outcome.touched.add(observation.measure)
+
+
+def _add_observation_stats(
+    record: PatientRecord, observation: Observation, model: ModelConfig
+) -> None:
+    """A reading's statistics: all-time, sealed or recent, and window."""
     time = days(observation.event_time)
     stats = record.measures.get(observation.measure)
     if stats is None:
@@ -792,8 +803,108 @@ def _add_observation(
         _add_to_window(record, stats, window, exposure, time, observation.value, covariates)
     if stats.last_event_time is None or observation.event_time > stats.last_event_time:
         stats.last_event_time = observation.event_time
-    _remember(record, digest or event_digest(observation.event_id), observation.origin)
-    outcome.touched.add(observation.measure)
+
+
+def _add_observations(
+    record: PatientRecord, observations: list[Observation], model: ModelConfig
+) -> None:
+    """``_add_observation``'s statistics of each of ``observations`` (one
+    measure's, not seen before, in order), the same bit for bit: a run of
+    readings that neither seals nor starts the measure, in the recent part
+    with the window kept, goes through model.evidence.add_vectors at once;
+    any other reading (and every Bernoulli or Poisson one) one at a time."""
+    measure = observations[0].measure
+    stats = record.measures.get(measure)
+    window = model.recent_window
+    start = 0
+    if stats is None:  # the first reading makes the measure's statistics
+        _add_observation_stats(record, observations[0], model)
+        stats, start = record.measures[measure], 1
+    gaussian = model.family == "gaussian"
+    room = 2 * RECENT_KEEP - len(stats.recent)  # readings before _seal would fold any
+    keeps = window is None or stats.keeps_window(window)
+    batch: list[tuple[Observation, float]] = []
+    for observation in observations[start:]:
+        time = days(observation.event_time)
+        if gaussian and keeps and len(batch) < room and time >= stats.sealed_until:
+            batch.append((observation, time))
+            continue
+        _add_batch(record, stats, batch, model, window)
+        batch = []
+        _add_observation_stats(record, observation, model)
+        room = 2 * RECENT_KEEP - len(stats.recent)
+        keeps = window is None or stats.keeps_window(window)
+    _add_batch(record, stats, batch, model, window)
+
+
+def _add_batch(
+    record: PatientRecord,
+    stats: MeasureStats,
+    batch: list[tuple[Observation, float]],
+    model: ModelConfig,
+    window: ModelConfig | None,
+) -> None:
+    """The statistics of (reading, time in days) of the recent part that
+    leave it within 2·RECENT_KEEP (no sealing), all-time and ``window``
+    (model.recent_window), added at once."""
+    if not batch:
+        return
+    rows = []
+    times = []
+    exposed = 0
+    latest = stats.last_event_time
+    recent = stats.recent
+    for observation, time in batch:
+        exposure = record.exposure_at(time) * observation.adherence
+        covariates = observation.time_covariates
+        rows.append((exposure, time, observation.value, covariates))
+        times.append(time)
+        exposed += exposure != 0
+        recent.append(reading_of(time, observation.value, observation.adherence, covariates))
+        if latest is None or observation.event_time > latest:
+            latest = observation.event_time
+    vectors = reading_vectors(rows, model)  # the window's too: the same standardisation
+    stats.gram, stats.reference_time = add_vectors(
+        stats.gram, stats.reference_time, times, vectors, model.half_life
+    )
+    stats.count_exposed += exposed
+    stats.count_unexposed += len(batch) - exposed
+    if window is not None:
+        stats.window_gram, stats.window_reference_time = add_vectors(
+            stats.window_gram, stats.window_reference_time, times, vectors, window.half_life
+        )
+    stats.last_event_time = latest
+
+
+def apply_observations(
+    record: PatientRecord, observations: list[Observation], models: dict[str, ModelConfig]
+) -> tuple[Outcome, list[bool]]:
+    """``apply_event(record, o, models, copy=False)`` of each of an enrolled
+    patient's ``observations`` in turn, with one outcome for all: the same
+    record bit for bit, each reading's de-duplication in its turn, and each
+    measure's new readings added together (``_add_observations``). Returns
+    the outcome and whether each observation was applied (not a replay or a
+    duplicate). ``record`` is modified in place, and is in an undefined state
+    if this raises."""
+    if not record.enrolled:
+        raise ValueError("apply_observations is for an enrolled patient")
+    outcome = Outcome()
+    applied: list[bool] = []
+    by_measure: dict[str, list[Observation]] = {}
+    for observation in observations:
+        digest = event_digest(observation.event_id)
+        if _seen_before(record, digest, observation.event_id, observation.origin, outcome,
+                        observation):  # fmt: skip
+            applied.append(False)
+            continue
+        # remembered before its statistics are added: nothing reads the index there
+        _remember(record, digest, observation.origin)
+        by_measure.setdefault(observation.measure, []).append(observation)
+        applied.append(True)
+    for measure, readings in by_measure.items():
+        _add_observations(record, readings, models[measure])
+        outcome.touched.add(measure)
+    return outcome, applied
 
 
 def _change_exposure(
