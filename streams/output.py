@@ -21,6 +21,8 @@ from typing import NoReturn
 
 import faust
 
+from streams.partitioning import key_partition
+
 log = logging.getLogger(__name__)
 
 EXIT_DELIVERY_FAILED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
@@ -73,13 +75,21 @@ class Producer:
         producer = self.app.producer._ensure_producer()
         open_batches: dict[tuple[str, int], list] = {}  # (topic, partition) -> [builder, count]
         sent: list[SentBatch] = []
-        known_topics: set[str] = set()
+        partition_counts: dict[str, int] = {}
         for topic, key, value, partition in records:
             if partition is None:
-                if topic not in known_topics:
+                count = partition_counts.get(topic)
+                if count is None:
                     await producer.client._wait_on_metadata(topic)
-                    known_topics.add(topic)
-                partition = producer._partition(topic, None, key, value, key, value)
+                    count = len(producer.client.cluster.partitions_for_topic(topic))
+                    partition_counts[topic] = count
+                # the producer's partitioner on a key (key_partition: the same
+                # murmur2, remembered for the patients the step just routed)
+                partition = (
+                    key_partition(key, count)
+                    if key is not None
+                    else producer._partition(topic, None, key, value, key, value)
+                )
             entry = open_batches.get((topic, partition))
             if entry is None:
                 entry = open_batches[(topic, partition)] = [producer.create_batch(), 0]
