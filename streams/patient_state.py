@@ -654,6 +654,17 @@ def measure_evidence(
 ) -> list[PatientEvidence]:
     """``patient_evidence`` of every record that has one, in order (the
     recent-window statistics of all of them in one computation)."""
+    # Built without validation: every value comes from a validated record.
+    return [
+        trusted(PatientEvidence, **fields) for fields in evidence_fields(records, measure, model)
+    ]
+
+
+def evidence_fields(
+    records: list[PatientRecord], measure: str, model: ModelConfig
+) -> list[dict[str, object]]:
+    """The fields of ``measure_evidence``'s items, by name in PatientEvidence's
+    order: what streams.schemas.evidence_batch_json writes without the models."""
     items = [
         (record, record.measures[measure])
         for record in records
@@ -667,22 +678,22 @@ def measure_evidence(
         for k, gram in zip(complete, recent_windows.gram, strict=True):
             windows[k] = packed(gram)
     levels = model.grouping_levels
-    # Built without validation: every value comes from a validated record.
     return [
-        trusted(
-            PatientEvidence,
-            schema_version=SCHEMA_VERSION,
-            measure=measure,
-            patient_id=record.patient_id,
-            cohort=record.cohort,
-            gram=stats.gram,
-            reference_time=stats.reference_time,
-            count_exposed=stats.count_exposed,
-            count_unexposed=stats.count_unexposed,
-            covariates=record.covariates,
-            groups={level: record.groups[level] for level in levels if level in record.groups},
-            recent_gram=recent,
-        )
+        {
+            "schema_version": SCHEMA_VERSION,
+            "measure": measure,
+            "patient_id": record.patient_id,
+            "cohort": record.cohort,
+            "gram": stats.gram,
+            "reference_time": stats.reference_time,
+            "count_exposed": stats.count_exposed,
+            "count_unexposed": stats.count_unexposed,
+            "covariates": record.covariates,
+            "groups": {level: record.groups[level] for level in levels if level in record.groups}
+            if levels
+            else {},
+            "recent_gram": recent,
+        }
         for (record, stats), recent in zip(items, windows, strict=True)
     ]
 

@@ -43,17 +43,17 @@ from streams.patient_state import (
     PatientRecord,
     apply_event,
     apply_observations,
-    measure_evidence,
+    evidence_fields,
     origin_key,
 )
 from streams.posterior_feed import PosteriorBook
 from streams.schemas import (
     Alert,
     EnrollmentRecord,
-    EvidenceBatch,
     Observation,
     Origin,
     bounded_event_id,
+    evidence_batch_json,
     json_bytes,
     trusted,
 )
@@ -764,16 +764,10 @@ def _evidence(
             by_measure[measure].append(record)
     partition_of = context.evidence_partitions
     for measure, records in by_measure.items():
-        items = measure_evidence(records, measure, context.models[measure])
+        items = evidence_fields(records, measure, context.models[measure])
         for start in range(0, len(items), EVIDENCE_CHUNK):
-            batch = EvidenceBatch(measure=measure, items=items[start : start + EVIDENCE_CHUNK])
-            outputs.evidence.append(
-                Message(
-                    measure.encode(),
-                    json_bytes(batch),
-                    partition_of(measure),
-                )
-            )
+            batch = evidence_batch_json(measure, items[start : start + EVIDENCE_CHUNK])
+            outputs.evidence.append(Message(measure.encode(), batch, partition_of(measure)))
 
 
 def _by_measure(

@@ -35,6 +35,7 @@ from pydantic import (
     Tag,
     TypeAdapter,
 )
+from pydantic_core import to_json
 
 if TYPE_CHECKING:
     from streams.catalogue import Catalogue
@@ -414,6 +415,20 @@ class EvidenceBatch(BaseModel):
     )
     measure: str = Field(description="the measure of every item")
     items: list[PatientEvidence] = Field(description="one per patient the batch changed")
+
+
+def evidence_batch_json(measure: str, items: list[dict[str, object]]) -> bytes:
+    """``json_bytes(EvidenceBatch(measure=measure, items=[PatientEvidence(**i)
+    for i in items]))``, the same bytes, without the models: ``items`` hold
+    every PatientEvidence field, by name in its order, with its type (as
+    streams.patient_state.evidence_fields gives them), serialised by
+    pydantic's own serialiser with the models' settings (bytes as URL-safe
+    base64, non-finite numbers as null; tests/test_json_bytes.py checks it)."""
+    return to_json(
+        {"schema_version": SCHEMA_VERSION, "measure": measure, "items": items},
+        bytes_mode="base64",
+        inf_nan_mode="null",
+    )
 
 
 # --- outputs --------------------------------------------------------------------
