@@ -268,34 +268,8 @@ def add_reading(
     ``time_covariates``: the reading's time-varying covariates (natural units),
     one per config.time_covariates.
     """
-    std = config.standardization
-    vector = [1.0, exposure / std.exposure_scale]
-    if config.time_trend:
-        vector.append((time - std.time_location) / std.time_scale)
-    if len(time_covariates) != len(config.time_covariates):
-        raise ValueError(f"the model needs time-varying covariates {config.time_covariates}")
-    if std.time_covariate_location:
-        time_covariates = tuple(
-            (value - location) / scale
-            for value, location, scale in zip(
-                time_covariates, std.time_covariate_location, std.time_covariate_scale, strict=True
-            )
-        )
-    vector.extend(time_covariates)
-    vector.append((outcome - std.outcome_location) / std.outcome_scale)
-    update = _gram_update(len(vector), config.half_life is not None)
-    if len(gram) != 8 * len(vector) ** 2:
-        raise ValueError(f"statistics of {len(gram)} bytes, not a {len(vector)}² Gram matrix")
-    reference = max(reference_time, time)
-    if config.half_life is None:
-        return update(gram, vector, 1.0, 1.0), reference
-    old = (
-        2.0 ** (-(reference - reference_time) / config.half_life)
-        if reference_time > -math.inf
-        else 1.0
-    )
-    new = 2.0 ** (-(reference - time) / config.half_life)
-    return update(gram, vector, old, new), reference
+    vectors = reading_vectors([(exposure, time, outcome, time_covariates)], config)
+    return add_vectors(gram, reference_time, (time,), vectors, config.half_life)
 
 
 def add_readings(
@@ -374,39 +348,15 @@ def add_vectors(
     return _gram_updates(d, True)(gram, vectors, olds, news), reference_time
 
 
-GramUpdate = Callable[[bytes, Sequence[float], float, float], bytes]
-
-
-@functools.lru_cache(maxsize=16)
-def _gram_update(d: int, decayed: bool) -> GramUpdate:
-    """``update(gram, v, old, new)``: the packed d×d matrix G plus v vᵀ, entry by
-    entry G_ij + v_i v_j, or with forgetting G_ij·old + v_i v_j·new, as packed
-    bytes. Written out for each of the d² entries (generated source, like
-    ``collections.namedtuple``'s): a loop over the entries built a list of
-    pairs and one of sums per reading, ~5× the multiply-adds themselves. The
-    arithmetic is the expression above, in that order, for every entry."""
-    layout = struct.Struct(f"<{d * d}d")
-    entries = ", ".join(f"g{k}" for k in range(d * d))
-    components = ", ".join(f"v{i}" for i in range(d)) + ","
-    term = "g{k} * old + v{i} * v{j} * new" if decayed else "g{k} + v{i} * v{j}"
-    sums = ", ".join(term.format(k=i * d + j, i=i, j=j) for i in range(d) for j in range(d))
-    source = (
-        "def update(gram, vector, old, new):\n"
-        f"    {entries} = unpack(gram)\n"
-        f"    {components} = vector\n"
-        f"    return pack({sums})\n"
-    )
-    namespace = {"unpack": layout.unpack, "pack": layout.pack}
-    exec(source, namespace)  # the source is built above from integers only
-    return namespace["update"]
-
-
 @functools.lru_cache(maxsize=16)
 def _gram_updates(d: int, decayed: bool) -> Callable[..., bytes]:
-    """``updates(gram, vectors, olds, news)``: ``_gram_update``'s arithmetic
-    for each vector (with its old and new weights when ``decayed``) in turn,
-    the entries kept in local variables between vectors (generated source, as
-    there)."""
+    """``updates(gram, vectors, olds, news)``: the packed d×d matrix G plus
+    v vᵀ for each vector v in turn, entry by entry G_ij + v_i v_j, or with
+    forgetting G_ij·old + v_i v_j·new with the vector's old and new weights,
+    as packed bytes. Written out for each of the d² entries (generated
+    source, like ``collections.namedtuple``'s), the entries kept in local
+    variables between vectors: a loop over the entries built a list of pairs
+    and one of sums per reading, ~5× the multiply-adds themselves."""
     layout = struct.Struct(f"<{d * d}d")
     entries = ", ".join(f"g{k}" for k in range(d * d))
     components = "(" + ", ".join(f"v{i}" for i in range(d)) + ",)"

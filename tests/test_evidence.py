@@ -207,16 +207,19 @@ def test_add_reading_refuses_statistics_of_another_size() -> None:
     seed=st.integers(0, 2**32 - 1),
 )
 def test_unrolled_gram_update_is_the_entrywise_expression_bit_for_bit(d, decayed, seed) -> None:
-    """add_reading's generated per-entry update computes, for every entry,
-    G_ij·old + v_i v_j·new (or G_ij + v_i v_j) in that order: numpy's
-    elementwise operations in the same order give the same bits."""
-    from model.evidence import _gram_update
+    """add_reading's and add_vectors' generated per-entry update computes, for
+    every entry and each vector in turn, G_ij·old + v_i v_j·new (or
+    G_ij + v_i v_j) in that order: numpy's elementwise operations in the same
+    order give the same bits."""
+    from model.evidence import _gram_updates
 
     rng = np.random.default_rng(seed)
     gram = rng.normal(size=(d, d)) * 10.0 ** rng.integers(-3, 4, size=(d, d))
-    vector = rng.normal(size=d) * 10.0 ** rng.integers(-3, 4, size=d)
-    old, new = (float(w) for w in rng.uniform(0.0, 1.0, 2)) if decayed else (1.0, 1.0)
-    outer = vector[:, None] * vector[None, :]
-    expected = gram * old + outer * new if decayed else gram + outer
-    got = _gram_update(d, decayed)(packed(gram), vector.tolist(), old, new)
+    vectors = rng.normal(size=(3, d)) * 10.0 ** rng.integers(-3, 4, size=(3, d))
+    olds, news = rng.uniform(0.0, 1.0, (2, 3)) if decayed else (np.ones(3), np.ones(3))
+    expected = gram
+    for vector, old, new in zip(vectors, olds, news, strict=True):
+        outer = vector[:, None] * vector[None, :]
+        expected = expected * old + outer * new if decayed else expected + outer
+    got = _gram_updates(d, decayed)(packed(gram), vectors.tolist(), olds.tolist(), news.tolist())
     assert got == packed(expected)
