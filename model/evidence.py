@@ -272,19 +272,6 @@ def add_reading(
     return add_vectors(gram, reference_time, (time,), vectors, config.half_life)
 
 
-def add_readings(
-    gram: bytes,
-    reference_time: float,
-    readings: Sequence[tuple[float, float, float, tuple[float, ...]]],
-    config: ModelConfig,
-) -> tuple[bytes, float]:
-    """``add_reading`` of each of ``readings`` — (exposure, time, outcome,
-    time_covariates) — in turn, bit for bit the same result
-    (``add_vectors`` of their ``reading_vectors``)."""
-    vectors = reading_vectors(readings, config)
-    return add_vectors(gram, reference_time, [r[1] for r in readings], vectors, config.half_life)
-
-
 def reading_vectors(
     readings: Sequence[tuple[float, float, float, tuple[float, ...]]], config: ModelConfig
 ) -> list[list[float]]:

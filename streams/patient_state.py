@@ -689,9 +689,7 @@ def evidence_fields(
             "count_exposed": stats.count_exposed,
             "count_unexposed": stats.count_unexposed,
             "covariates": record.covariates,
-            "groups": {level: record.groups[level] for level in levels if level in record.groups}
-            if levels
-            else {},
+            "groups": {level: record.groups[level] for level in levels if level in record.groups},
             "recent_gram": recent,
         }
         for (record, stats), recent in zip(items, windows, strict=True)

@@ -589,7 +589,7 @@ def _apply(
 
     index, count = 0, len(valid)
     while index < count:
-        event, source, origin, parsed = valid[index]
+        parsed = valid[index][3]
         patient_id = parsed.patient_id
         end = index + 1
         if stride > 1 and isinstance(parsed, Observation):  # the patient's next readings

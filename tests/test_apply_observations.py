@@ -5,7 +5,7 @@ for bit, and the same outcome, whatever the run holds (replays, duplicates,
 readings older than the sealed evidence, runs long enough to seal and to
 forget event ids, adherence, time-varying covariates, Bernoulli and Poisson
 measures), and the statistics against the batch computation
-(``model.evidence.add_readings`` against ``add_reading``, exactly)."""
+(``model.evidence.add_vectors`` of a run against ``add_reading`` of each, exactly)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli.programme import SIMULATED_COVARIATES
-from model.evidence import add_reading, add_readings, empty_packed
+from model.evidence import add_reading, add_vectors, empty_packed, reading_vectors
 from streams.app import measure_models
 from streams.catalogue import DEFAULT_CATALOGUE, Catalogue
 from streams.patient_state import (
@@ -201,7 +201,7 @@ def test_observations_of_a_patient_not_enrolled_are_refused(gaussian):
 
 
 @pytest.mark.parametrize("half_life", ["all-time", "window"])
-def test_add_readings_is_add_reading_in_turn_bit_for_bit(gaussian, half_life):
+def test_add_vectors_of_a_run_is_add_reading_in_turn_bit_for_bit(gaussian, half_life):
     model = gaussian["resting_heart_rate"]
     config = model if half_life == "all-time" else model.recent_window
     rng = random.Random(3)
@@ -213,7 +213,9 @@ def test_add_readings_is_add_reading_in_turn_bit_for_bit(gaussian, half_life):
     gram, reference = empty_packed(config), float("-inf")
     for exposure, time, value, covariates in rows:
         gram, reference = add_reading(gram, reference, exposure, time, value, config, covariates)
-    assert add_readings(empty_packed(config), float("-inf"), rows, config) == (gram, reference)
-    assert add_readings(gram, reference, [], config) == (gram, reference)
+    vectors, times = reading_vectors(rows, config), [row[1] for row in rows]
+    together = add_vectors(empty_packed(config), float("-inf"), times, vectors, config.half_life)
+    assert together == (gram, reference)
+    assert add_vectors(gram, reference, [], [], config.half_life) == (gram, reference)
     with pytest.raises(ValueError, match="time-varying covariates"):
-        add_readings(gram, reference, [(1.0, 20454.0, 70.0, ())], config)
+        reading_vectors([(1.0, 20454.0, 70.0, ())], config)
