@@ -143,8 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # --quick changes the defaults only: --quick --repeats 0 is a quick latency run.
     # A repeat is a backlog of dozens of the worker's steps (10,000 patients: ~120k
-    # records, several seconds): a backlog of a few steps (2,000 patients) made the
-    # 10%→90% rate a measure of where the step boundaries fell.
+    # records, several seconds): over a few steps the 10%→90% rate measures where
+    # the step boundaries fall.
     defaults = (4000, 2, 20.0) if args.quick else (10000, 3, 40.0)
     for name, default in zip(("patients", "repeats", "latency_seconds"), defaults, strict=True):
         if getattr(args, name) is None:
