@@ -61,9 +61,11 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (s)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process so far (s); of one of its threads
+    with ``thread`` (its id: ``pid`` itself for the main thread)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -78,8 +78,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import cpu_seconds, machine, median, say, write_json
+from benchmarks.common import cpu_seconds, machine, median, say, scrape_metrics, write_json
 from streams.kafka_options import aiokafka_options
+from streams.patient_step import STAGES
 from streams.settings import Settings
 
 MEASURE = "resting_heart_rate"
@@ -357,16 +358,49 @@ def steady_rate(times: np.ndarray, done: np.ndarray, low=0.1, high=0.9) -> float
 # ------------------------------------------------------------------- phases
 
 
-async def throughput_phase(broker, prefix, prod, collector, tag, args, seed, pids) -> dict:
+class StageProbe:
+    """The worker's event-loop thread: its CPU (/proc) and the patients agent's
+    share of it by stage (``efficacy_step_cpu_seconds_total`` from the worker's
+    metrics endpoint), between two snapshots."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+
+    def snapshot(self) -> dict[str, float]:
+        metrics = scrape_metrics(self.worker.log_text())
+        pid = self.worker.process.pid
+        stages = {
+            stage: metrics.get(f'efficacy_step_cpu_seconds_total{{stage="{stage}"}}', 0.0)
+            for stage in STAGES
+        }
+        return {**stages, "main_thread": cpu_seconds(pid, thread=pid)}
+
+    @staticmethod
+    def per_record(before: dict[str, float], after: dict[str, float], records: int) -> dict:
+        """µs of the event loop's thread per record, by stage, and outside the
+        step (Kafka's clients, faust, the other agents, sending)."""
+        spent = {k: after[k] - before[k] for k in after}
+        step = sum(spent[stage] for stage in STAGES)
+        out = {stage: 1e6 * spent[stage] / records for stage in STAGES}
+        out["outside_the_step"] = 1e6 * (spent["main_thread"] - step) / records
+        out["main_thread"] = 1e6 * spent["main_thread"] / records
+        return out
+
+
+async def throughput_phase(
+    broker, prefix, prod, collector, tag, args, seed, pids, probe: StageProbe
+) -> dict:
     _, records = programme_records(tag, args.patients, args.obs_per_patient, seed)
     expected = expected_counts(records)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    stages_before = probe.snapshot()
     load_before = os.getloadavg()[0]
     started = time.time()
     await send_all(prod, prefix, records)
     produced = time.time()
     await collector.wait(expected, args.timeout)
     cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    stages = StageProbe.per_record(stages_before, probe.snapshot(), len(records))
     times, done = progress_curve(collector, set(expected))
     ends = [ts for p in expected for ts, _ in collector.scores.get(p, [])]
     ends += [ts for p in expected for ts, _ in collector.evidence.get(p, [])]
@@ -389,6 +423,7 @@ async def throughput_phase(broker, prefix, prod, collector, tag, args, seed, pid
         "cpu_seconds": cpu,
         "worker_cpu_share": cpu["worker"] / (end - started),
         "records_per_worker_cpu_s": len(records) / cpu["worker"],
+        "worker_main_thread_us_per_record": stages,
         "load_average_1m": [load_before, os.getloadavg()[0]],
     }
     say(
@@ -397,10 +432,17 @@ async def throughput_phase(broker, prefix, prod, collector, tag, args, seed, pid
         f"({result['records_produced']} records, produced in {result['produce_seconds']:.1f} s); "
         f"worker CPU {cpu['worker']:.1f} s = {result['records_per_worker_cpu_s']:,.0f} records/CPU-s"
     )
+    say(f"  {tag}: event loop µs a record: {stage_line(stages)}")
     return result
 
 
-async def latency_phase(broker, prefix, prod, collector, rate: float, args) -> dict:
+def stage_line(stages: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.1f}" for name, value in stages.items())
+
+
+async def latency_phase(
+    broker, prefix, prod, collector, rate: float, args, probe: StageProbe
+) -> dict:
     obs = args.latency_obs_per_patient
     readings_wanted = max(int(rate * args.latency_seconds), 200)
     patients = max(readings_wanted // obs, 20)
@@ -409,6 +451,7 @@ async def latency_phase(broker, prefix, prod, collector, rate: float, args) -> d
     readings = [r for r in records if r.topic != "enrollments"][:readings_wanted]
     await send_all(prod, prefix, enrol)
     await asyncio.sleep(max(3.0, 3 * len(enrol) / rate))  # enrolments processed
+    stages_before = probe.snapshot()
     position: collections.Counter[str] = collections.Counter()
     sent: list[tuple[str, int, float]] = []  # (patient, k, send wall time)
     futures = []
@@ -429,6 +472,7 @@ async def latency_phase(broker, prefix, prod, collector, rate: float, args) -> d
         await future
     expected = dict(position)
     await collector.wait(expected, args.timeout)
+    stages = StageProbe.per_record(stages_before, probe.snapshot(), len(readings))
     to_score, to_evidence, unpublished = [], [], 0
     for patient, k, t_sent in sent:
         evidence = sorted(collector.evidence[patient])
@@ -461,6 +505,7 @@ async def latency_phase(broker, prefix, prod, collector, rate: float, args) -> d
         "processed_p50_latency_s": float(np.quantile(ev_lat, 0.5)),
         "processed_p99_latency_s": float(np.quantile(ev_lat, 0.99)),
         "processed_median_latency_by_tenth_s": tenths,
+        "worker_main_thread_us_per_record": stages,
     }
     say(
         f"  latency at {rate:,.0f}/s: p50 {result['p50_latency_s']:.3f} s, "
@@ -468,6 +513,7 @@ async def latency_phase(broker, prefix, prod, collector, rate: float, args) -> d
         f"{unpublished} without); processed median by tenth of the phase: "
         + " ".join(f"{t:.2f}" for t in tenths)
     )
+    say(f"  event loop µs a reading: {stage_line(stages)}")
     return result
 
 
@@ -629,6 +675,7 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka) -> dict:
         await asyncio.to_thread(worker.wait_for_log, "compiled scoring for", 1, args.timeout)
         assert worker.alive(), worker.log_tail()
         pids = {"worker": worker.process.pid}
+        probe = StageProbe(worker)
         if kafka_pid:
             pids["broker"] = kafka_pid
         say("throughput")
@@ -643,7 +690,7 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka) -> dict:
                 expected_s = args.patients * args.obs_per_patient / 400.0
                 spy = start_py_spy(args.py_spy, worker.process.pid, args.profile_out, expected_s)
             phase = await throughput_phase(
-                broker, prefix, prod, collector, f"m{repeat}-", args, 100 + repeat, pids
+                broker, prefix, prod, collector, f"m{repeat}-", args, 100 + repeat, pids, probe
             )
             if profiling:  # an extra repeat, slowed by cProfile: not in the medians
                 os.kill(worker.process.pid, signal.SIGRTMIN + 2)
@@ -685,7 +732,7 @@ async def run(args: argparse.Namespace, bootstrap: str, kafka) -> dict:
             spy = start_py_spy(
                 args.py_spy, worker.process.pid, args.profile_out, args.latency_seconds
             )
-        latency = await latency_phase(broker, prefix, prod, collector, rate / 2, args)
+        latency = await latency_phase(broker, prefix, prod, collector, rate / 2, args, probe)
         if spy is not None:
             spy.wait(timeout=60)
         assert worker.alive(), worker.log_tail()

@@ -26,6 +26,7 @@ Label values used by the pipeline:
 - ``covariate`` / ``statistic`` (effect modifiers): a catalogue covariate's
   design column; ``mean``, ``q05`` or ``q95``.
 - ``group``: a catalogue joint group's name (``[joint.<group>]``).
+- ``stage``: a stage of the patients agent's step (streams.patient_step.STAGES).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Metrics(NamedTuple):
     events_rerouted: Counter  # efficacy_events_rerouted_total{source}
     # Latencies
     batch_seconds: Histogram  # efficacy_batch_processing_seconds (no labels)
+    step_cpu_seconds: Counter  # efficacy_step_cpu_seconds_total{stage}
     population_update_seconds: Histogram  # efficacy_population_update_seconds{measure}
     event_to_score_seconds: Histogram  # efficacy_event_to_score_seconds (no labels)
     event_loop_lag_seconds: Histogram  # efficacy_event_loop_lag_seconds (no labels)
@@ -210,6 +212,12 @@ def create_metrics(registry: CollectorRegistry) -> Metrics:
             "batch_processing_seconds",
             "Wall time to process one batch taken from the patients stream.",
             BATCH_LATENCY_BUCKETS,
+        ),
+        step_cpu_seconds=counter(
+            "step_cpu_seconds_total",
+            "CPU seconds of the event loop's thread in the patients agent's steps, by stage "
+            "(streams.patient_step.STAGES: parse, load, apply, score, evidence, save).",
+            ("stage",),
         ),
         event_loop_lag_seconds=histogram(
             "event_loop_lag_seconds",

@@ -330,6 +330,7 @@ def process_batch(
     now: datetime | None = None,
     times: dict[str, float] | None = None,
     cache: RecordCache | None = None,
+    clock: Callable[[], float] = time.process_time,
 ) -> tuple[dict[str, bytes], StepOutputs]:
     """Apply a batch of raw records to their patients' states.
 
@@ -346,11 +347,13 @@ def process_batch(
     and either may have been lost.
     An event whose application raises is dead-lettered as ``processing_error``
     and the patient continues from its state before that event.
-    ``times``: when given, the CPU seconds of each stage (STAGES) are added to
-    it (benchmarks/patients_path.py). ``cache``: parsed records of earlier steps
+    ``times``: when given, the seconds of each stage (STAGES) by ``clock`` are
+    added to it: the process's CPU by default (benchmarks/patients_path.py:
+    the device's threads count), the calling thread's for the worker's metric
+    (``time.thread_time``: what the event loop can do). ``cache``: parsed records of earlier steps
     (RecordCache; the same results, without parsing unchanged table values).
     """
-    lap = _Laps(times)
+    lap = _Laps(times, clock)
     now = now or datetime.now(UTC)
     outputs = StepOutputs()
     valid = _validate(events, context, now, outputs)
@@ -389,16 +392,17 @@ STAGES = ("parse", "load", "apply", "score", "evidence", "save")
 
 
 class _Laps:
-    """Adds the CPU seconds since the previous lap to ``times[stage]`` (the
-    benchmark's stage profile); does nothing without ``times``."""
+    """Adds the ``clock`` seconds since the previous lap to ``times[stage]``
+    (the stage profile); does nothing without ``times``."""
 
-    def __init__(self, times: dict[str, float] | None) -> None:
+    def __init__(self, times: dict[str, float] | None, clock: Callable[[], float]) -> None:
         self.times = times
-        self.last = time.process_time() if times is not None else 0.0
+        self.clock = clock
+        self.last = clock() if times is not None else 0.0
 
     def __call__(self, stage: str) -> None:
         if self.times is not None:
-            now = time.process_time()
+            now = self.clock()
             self.times[stage] = self.times.get(stage, 0.0) + now - self.last
             self.last = now
 

@@ -119,6 +119,13 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.batch_seconds.observe(seconds)
 
+    def step_stages(self, cpu_seconds: Mapping[str, float]) -> None:
+        """The CPU seconds of one step's stages (streams.patient_step.process_batch's
+        ``times``)."""
+        if self.metrics is not None:
+            for stage, seconds in cpu_seconds.items():
+                self.metrics.step_cpu_seconds.labels(stage=stage).inc(seconds)
+
     def event_to_score(self, latencies: list[float]) -> None:
         if self.metrics is not None:
             for latency in latencies:

@@ -37,6 +37,7 @@ EXPECTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "efficacy_events_accepted": (Counter, ("source",)),
     "efficacy_events_dead_lettered": (Counter, ("source", "reason")),
     "efficacy_batch_processing_seconds": (Histogram, ()),
+    "efficacy_step_cpu_seconds": (Counter, ("stage",)),
     "efficacy_population_update_seconds": (Histogram, ("measure",)),
     "efficacy_event_to_score_seconds": (Histogram, ()),
     "efficacy_population_elbo": (Gauge, ("measure",)),
@@ -119,6 +120,7 @@ def test_no_label_identifies_a_patient(registry: CollectorRegistry, metrics: Met
     allowed |= {"covariate", "statistic"}  # catalogue covariate names, mean/q05/q95
     allowed |= {"group"}  # catalogue joint group names
     allowed |= {"result"}  # hit / miss
+    allowed |= {"stage"}  # streams.patient_step.STAGES
     assert labels <= allowed
     for label in labels:
         assert not re.search(r"patient|subject|person|user|_id$|^id$", label), label
@@ -292,3 +294,20 @@ def test_the_record_cache_totals_become_counters_once(
     assert sample("efficacy_state_cache_lookups_total", result="hit") == 8
     assert sample("efficacy_state_cache_lookups_total", result="miss") == 3
     assert sample("efficacy_state_cache_bytes") == 5000
+
+
+def test_step_stages_add_up_per_stage(registry: CollectorRegistry, metrics: Metrics) -> None:
+    """Telemetry.step_stages adds each step's seconds to its stage's counter."""
+    from streams.telemetry import Telemetry
+
+    telemetry = Telemetry(metrics)
+    telemetry.step_stages({"parse": 0.25, "score": 0.5})
+    telemetry.step_stages({"parse": 0.125, "save": 0.0625})
+
+    def sample(stage: str) -> float | None:
+        return registry.get_sample_value("efficacy_step_cpu_seconds_total", {"stage": stage})
+
+    assert sample("parse") == 0.375
+    assert sample("score") == 0.5
+    assert sample("save") == 0.0625
+    assert sample("apply") is None

@@ -36,6 +36,7 @@ from cli.simulate import publish
 from cli.worker_process import WorkerProcess
 from streams.catalogue import DEFAULT_CATALOGUE, Catalogue
 from streams.kafka_options import aiokafka_options
+from streams.patient_step import STAGES
 from streams.schemas import StructureSelection
 from streams.settings import Settings
 
@@ -202,6 +203,9 @@ def test_prometheus_scrapes_a_running_worker(kafka_bootstrap, tmp_path):
         )
         assert hits >= PATIENTS, hits
         assert value(base, "efficacy_state_cache_bytes") > 0
+        # the event loop's CPU in the patients agent's steps, every stage of them
+        for stage in STAGES:
+            assert value(base, f'efficacy_step_cpu_seconds_total{{stage="{stage}"}}') > 0, stage
         for measure in MEASURES:
             assert value(base, f'sum(efficacy_selection_chosen{{measure="{measure}"}})') == 1
             diffs = query(base, f'efficacy_selection_elpd_diff{{measure="{measure}"}}')

@@ -194,7 +194,11 @@ class PatientsService:
         this batch has loaded but not yet saved."""
         started = time.perf_counter()
         states = self.table.values_of(batch_keys(events))
-        saves, outputs = process_batch(states, events, self.context, cache=self.cache)
+        stages: dict[str, float] = {}
+        saves, outputs = process_batch(
+            states, events, self.context, times=stages, cache=self.cache, clock=time.thread_time
+        )
+        self.telemetry.step_stages(stages)
         self.report_cache()
         self.held.added(key for key in saves if states.get(key) is None)
         settled = await self.send(saves, outputs, "evidence")
