@@ -486,6 +486,58 @@ async def send_evidence_updates(
     }
 
 
+async def seed_posteriors(
+    bootstrap: str, prefix: str, templates: list[Template], patients: int, cohorts: int
+) -> dict:
+    """Each measure's population posterior fitted here, as the population agent
+    fits a first one (fresh SVI, the worker's model), on ``patients`` clones of
+    the templates (another draw of the same population), and published on the
+    posterior topic: a worker that starts on the cloned state continues from it
+    (a warm update) instead of a cold fit of the whole population. What the
+    restarts measure does not change: they continue from what the worker
+    itself published."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.app import measure_models
+    from streams.catalogue import Catalogue
+    from streams.population_book import PopulationBook, PopulationModel
+    from streams.schemas import PatientEvidence
+    from streams.settings import Settings
+
+    models = measure_models(Catalogue.load(), Settings())
+    cloner = Cloner(templates, cohorts, 1, seed=23)
+    books = {measure: PopulationBook(measure, models[measure]) for measure in MEASURES}
+    for index in range(patients):
+        _, _, _, evidence = cloner.clone(index)
+        for measure, text in evidence.items():
+            books[measure].put_many([PatientEvidence.model_validate_json(text)])
+    producer = AIOKafkaProducer(
+        **aiokafka_options(bootstrap), acks="all", max_request_size=16 * 1024 * 1024
+    )
+    await producer.start()
+    fits = {}
+    try:
+        for measure, book in books.items():
+            started = time.perf_counter()
+            stats, cohort, names = book.snapshot()
+            result = PopulationModel(measure, models[measure]).fit(
+                stats, cohort, names, book.covariates_snapshot(), book.groups_snapshot()
+            )
+            await producer.send_and_wait(
+                f"{prefix}population-posterior",
+                result.message.model_dump_json().encode(),
+                key=measure.encode(),
+            )
+            fits[measure] = {
+                "seconds": time.perf_counter() - started,
+                "patients": book.num_patients,
+            }
+            say(f"  seeded {measure}: {fits[measure]}")
+    finally:
+        await producer.stop()
+    return {"patients": patients, "fits": fits}
+
+
 #: Worker log lines the phases time (regexes; the first occurrence counts).
 MARKS = {
     "restoring": r"Restoring state from changelog topics",
@@ -1038,6 +1090,7 @@ def end_to_end(args) -> dict:
             "partitions": args.partitions,
             "population_interval_seconds": args.population_interval,
             "observe_seconds": args.observe,
+            "seed_posteriors": args.seed_posteriors,
             "store": "rocksdb://",
             "broker": "configured" if kafka is None else "local",
             "producer": "aiokafka, acks=1, linger 50 ms, 1 MB batches, no compression",
@@ -1065,6 +1118,11 @@ def end_to_end(args) -> dict:
             f"{produced['evidence_bytes_mean']:,.0f} per evidence"
         )
         result["produced"] = produced
+        if args.seed_posteriors:
+            say(f"seeding the posteriors: fits on {args.seed_posteriors:,} other clones")
+            result["seeded_posteriors"] = asyncio.run(
+                seed_posteriors(bootstrap, prefix, templates, args.seed_posteriors, args.cohorts)
+            )
         topics = [produced["patients_topic"], produced["evidence_topic"]]
         result["broker_bytes_after_produce"] = kafka_topic_bytes(kafka, topics)
         phases = {}
@@ -1156,6 +1214,14 @@ def main(argv: list[str] | None = None) -> int:
         "--only-standby",
         action="store_true",
         help="skip the restarts: a first start fills the data dir, then the standby phase",
+    )
+    end.add_argument(
+        "--seed-posteriors",
+        type=int,
+        default=0,
+        metavar="N",
+        help="publish each measure's posterior fitted on N other clones before the first "
+        "start: it continues from them (warm) instead of cold fits of every patient",
     )
     end.add_argument("--data-root", help="folder for the worker's data dir (default: a temp dir)")
     end.add_argument("--keep", action="store_true", help="keep the data dir")
