@@ -1091,6 +1091,7 @@ def end_to_end(args) -> dict:
             "population_interval_seconds": args.population_interval,
             "observe_seconds": args.observe,
             "seed_posteriors": args.seed_posteriors,
+            "skip_first_update": args.skip_first_update,
             "store": "rocksdb://",
             "broker": "configured" if kafka is None else "local",
             "producer": "aiokafka, acks=1, linger 50 ms, 1 MB batches, no compression",
@@ -1136,7 +1137,12 @@ def end_to_end(args) -> dict:
             )
 
         phases["first_start"] = run_worker_phase(
-            "first start (empty data dir)", env, data_dir, wait_fits=True, args=args, update=update
+            "first start (empty data dir)",
+            env,
+            data_dir,
+            wait_fits=True,
+            args=args,
+            update=None if args.skip_first_update else update,
         )
         phases["first_start"]["store"] = check_store(data_dir, args.patients, written)
         say(f"  store: {phases['first_start']['store']}")
@@ -1205,6 +1211,13 @@ def main(argv: list[str] | None = None) -> int:
     end.add_argument("--observe", type=float, default=60.0, help="seconds after ready (and fits)")
     end.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker phase")
     end.add_argument("--skip-fresh-host", action="store_true")
+    end.add_argument(
+        "--skip-first-update",
+        action="store_true",
+        help="the first start stops after its first posteriors, without new evidence and "
+        "the warm update after it (at 1M patients the new owner's recent-window fits, "
+        "each cold, hold that update for tens of minutes)",
+    )
     end.add_argument(
         "--standby",
         action="store_true",
