@@ -258,3 +258,48 @@ def test_a_new_owner_publishes_before_its_cold_recent_window_fit():
     asyncio.run(service.fit(STREAM_MEASURE, service.book(STREAM_MEASURE)))
     v3 = PopulationPosterior.model_validate_json(published.sent[-1][1])
     assert v3.version == 3 and "window_shift" in v3.drift
+
+
+def test_a_new_owner_warms_up_one_recent_window_fit_a_tick():
+    """Each recent-window fit a new owner's posteriors went out without is cold:
+    one a tick (``warm_up_recent_fits``), so the all-time updates of the next
+    tick's new evidence wait for one of them, not for all."""
+    model = (
+        Catalogue.load()
+        .get(STREAM_MEASURE)
+        .model_config_for(
+            time_origin_days=0.0, time_scale_days=30.0, half_life_days=None,
+            recent_half_life_days=7.0,
+        )
+    )  # fmt: skip
+    measures = [STREAM_MEASURE, "second"]
+    evidence = [
+        item.model_copy(update={"recent_gram": item.gram})
+        for item in _evidence(9, num_patients=20, num_cohorts=2, obs_per_patient=8)
+    ]
+    published = FakeTopic()
+    first = population_service(
+        "first-owner-2", dict.fromkeys(measures, model), topic=published, svi=FAST_SVI
+    )
+    first.owns = lambda measure: True  # type: ignore[method-assign]
+    service = population_service(
+        "new-owner-2", dict.fromkeys(measures, model), topic=published, svi=FAST_SVI
+    )
+    service.owns = lambda measure: True  # type: ignore[method-assign]
+    for measure in measures:
+        items = [item.model_copy(update={"measure": measure}) for item in evidence]
+        first.take(EvidenceBatch(measure=measure, items=items[:16]))
+        asyncio.run(first.fit(measure, first.book(measure)))
+        service.posteriors.messages[measure] = PopulationPosterior.model_validate_json(
+            published.sent[-1][1]
+        )
+        service.take(EvidenceBatch(measure=measure, items=items))
+        asyncio.run(service.fit(measure, service.book(measure)))
+    assert set(service._recent_warmups) == set(measures)
+    asyncio.run(service.warm_up_recent_fits())
+    [waiting] = service._recent_warmups
+    fitted = [m for m in measures if service.recent_fits[m].state is not None]
+    assert fitted == [m for m in measures if m != waiting]
+    asyncio.run(service.warm_up_recent_fits())
+    assert not service._recent_warmups
+    assert all(service.recent_fits[m].state is not None for m in measures)

@@ -323,14 +323,18 @@ class PopulationService:
                 self._joint_fitted.pop(group, None)
 
     async def warm_up_recent_fits(self) -> None:
-        """The recent-window fits the tick's posteriors went out without (a
-        new owner's, ``fit``): fitted now, so the next update of the measure
-        compares windows again at the cost of a warm fit."""
+        """One of the recent-window fits the tick's posteriors went out without
+        (a new owner's, ``fit``), fitted now, so the next update of its measure
+        compares windows again at the cost of a warm fit. One a tick: each is
+        cold (a minute at 100k patients, a quarter of an hour at 1M), and the
+        next tick's all-time updates of new evidence go before the next one
+        (all of them in one tick held a 1M worker's next posteriors for most
+        of an hour)."""
         app = self.app
 
         def unless_stopping(*_: object) -> None:
-            # A cold fit takes a minute at 100k patients, and a stopping worker
-            # waits for its fit thread: this one's result is never published.
+            # A stopping worker waits for its fit thread, and this fit's result
+            # is never published.
             if app.should_stop:
                 raise FitAbandoned("the worker is stopping")
 
@@ -348,6 +352,7 @@ class PopulationService:
                 continue
             log.info("recent-window fit of %s warmed up in %.1f s", measure,
                      time.monotonic() - started)  # fmt: skip
+            return
 
     def joint_books(self, group: str) -> list[PopulationBook | None] | None:
         """The books of a joint group's measures (None for a measure without
