@@ -205,13 +205,9 @@ def test_a_restarted_workers_fit_loads_its_programs_instead_of_tracing_them(tmp_
     assert again.summary["effect"].sd == posterior.summary["effect"].sd
 
 
-def test_a_new_owner_publishes_before_its_cold_recent_window_fit():
-    """A new owner (a restart, a rebalance) continues the published posterior
-    warm, but its recent-window fit starts cold (a minute at 100k patients):
-    the posterior goes out without the window comparison, the window fit runs
-    after the tick's posteriors (``warm_up_recent_fits``), and the next update
-    compares windows again. A first owner fits both windows together."""
-    model = (
+def window_model():
+    """The stream measure's model with a recent-window fit (7-day half-life)."""
+    return (
         Catalogue.load()
         .get(STREAM_MEASURE)
         .model_config_for(
@@ -219,6 +215,15 @@ def test_a_new_owner_publishes_before_its_cold_recent_window_fit():
             recent_half_life_days=7.0,
         )
     )  # fmt: skip
+
+
+def test_a_new_owner_publishes_before_its_cold_recent_window_fit():
+    """A new owner (a restart, a rebalance) continues the published posterior
+    warm, but its recent-window fit starts cold (a minute at 100k patients):
+    the posterior goes out without the window comparison, the window fit runs
+    after the tick's posteriors (``warm_up_recent_fits``), and the next update
+    compares windows again. A first owner fits both windows together."""
+    model = window_model()
     evidence = [
         item.model_copy(update={"recent_gram": item.gram})  # every reading in the window
         for item in _evidence(9, num_patients=24, num_cohorts=2, obs_per_patient=8)
@@ -264,14 +269,7 @@ def test_a_new_owner_warms_up_one_recent_window_fit_a_tick():
     """Each recent-window fit a new owner's posteriors went out without is cold:
     one a tick (``warm_up_recent_fits``), so the all-time updates of the next
     tick's new evidence wait for one of them, not for all."""
-    model = (
-        Catalogue.load()
-        .get(STREAM_MEASURE)
-        .model_config_for(
-            time_origin_days=0.0, time_scale_days=30.0, half_life_days=None,
-            recent_half_life_days=7.0,
-        )
-    )  # fmt: skip
+    model = window_model()
     measures = [STREAM_MEASURE, "second"]
     evidence = [
         item.model_copy(update={"recent_gram": item.gram})
