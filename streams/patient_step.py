@@ -350,8 +350,9 @@ def process_batch(
     ``times``: when given, the seconds of each stage (STAGES) by ``clock`` are
     added to it: the process's CPU by default (benchmarks/patients_path.py:
     the device's threads count), the calling thread's for the worker's metric
-    (``time.thread_time``: what the event loop can do). ``cache``: parsed records of earlier steps
-    (RecordCache; the same results, without parsing unchanged table values).
+    (``time.thread_time``: what the event loop can do). ``cache``: parsed
+    records of earlier steps (RecordCache; the same results, without parsing
+    unchanged table values).
     """
     lap = _Laps(times, clock)
     now = now or datetime.now(UTC)

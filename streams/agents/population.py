@@ -328,8 +328,8 @@ class PopulationService:
         compares windows again at the cost of a warm fit. One a tick: each is
         cold (a minute at 100k patients, a quarter of an hour at 1M), and the
         next tick's all-time updates of new evidence go before the next one
-        (all of them in one tick held a 1M worker's next posteriors for most
-        of an hour)."""
+        (all of them in one tick held a 1M worker's next posteriors for over
+        14 minutes, benchmarks/README.md section 7)."""
         app = self.app
 
         def unless_stopping(*_: object) -> None:
