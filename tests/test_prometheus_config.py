@@ -56,6 +56,7 @@ from monitoring.metrics import (
     create_metrics,
     serve_metrics,
 )
+from streams.patient_step import STAGES
 
 
 def test_promtool_check_config() -> None:
@@ -217,6 +218,7 @@ def _populate(registry: CollectorRegistry) -> None:
         "statistic": ("mean", "q05", "q95"),
         "group": ("glycaemic",),
         "result": CACHE_RESULTS,
+        "stage": STAGES,
     }
     for metric in metrics:
         names = metric._labelnames
