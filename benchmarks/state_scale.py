@@ -506,11 +506,14 @@ async def seed_posteriors(
 
     models = measure_models(Catalogue.load(), Settings())
     cloner = Cloner(templates, cohorts, 1, seed=23)
-    books = {measure: PopulationBook(measure, models[measure]) for measure in MEASURES}
+    items: dict[str, list[PatientEvidence]] = {measure: [] for measure in MEASURES}
     for index in range(patients):
         _, _, _, evidence = cloner.clone(index)
         for measure, text in evidence.items():
-            books[measure].put_many([PatientEvidence.model_validate_json(text)])
+            items[measure].append(PatientEvidence.model_validate_json(text))
+    books = {measure: PopulationBook(measure, models[measure]) for measure in MEASURES}
+    for measure, book in books.items():
+        book.put_many(items[measure])
     producer = AIOKafkaProducer(
         **aiokafka_options(bootstrap), acks="all", max_request_size=16 * 1024 * 1024
     )
